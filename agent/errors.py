@@ -1,0 +1,72 @@
+"""The project's exceptions: one base per boundary, so callers catch one type per boundary.
+
+Every error carries a stable machine-readable ``code`` (used in MQTT results and CLI JSON)
+and a human message that says what to fix.
+"""
+
+from __future__ import annotations
+
+
+class EdgeAgentError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(EdgeAgentError):
+    """Configuration that cannot be loaded or validated. The message names file, key and fix."""
+
+    code = "config_invalid"
+
+
+class ModelError(EdgeAgentError):
+    """A model file that cannot be read, is outside the models folder, or is refused (not 4-bit)."""
+
+    code = "model_invalid"
+
+
+class EngineError(EdgeAgentError):
+    """Inference engine failures (load, generation)."""
+
+    code = "engine_error"
+
+
+class WillNotFit(EngineError):
+    """The load or request would exceed the memory budget. Do not retry on this board."""
+
+    code = "will_not_fit"
+
+
+class ContextTooLong(EngineError):
+    """prompt tokens + max_tokens exceed the loaded context."""
+
+    code = "context_too_long"
+
+
+class StoreError(EdgeAgentError):
+    """The durable job store failed."""
+
+    code = "store_error"
+
+
+class TransportError(EdgeAgentError):
+    """The MQTT connection failed or was refused."""
+
+    code = "transport_error"
+
+
+# Exit codes of the CLI. EXIT_CANNOT_START lets systemd's RestartPreventExitStatus stop a
+# crash loop on a configuration that will never work.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CANNOT_START = 78  # EX_CONFIG from sysexits.h

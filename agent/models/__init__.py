@@ -1,0 +1,1 @@
+"""GGUF models: where they may live, reading their headers, writing synthetic ones."""

@@ -1,0 +1,1 @@
+"""Fixtures that run private Mosquitto brokers (owner: transport)."""

@@ -1,0 +1,1 @@
+"""Fixtures that write synthetic GGUF models (owner: models)."""
