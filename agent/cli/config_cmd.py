@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc = csub.add_parser("schema", help="print the JSON Schema of the configuration")
     sc.set_defaults(handler=_schema)
 
+    d = csub.add_parser("docs", help="print the configuration reference (Markdown; docs/configuration.md)")
+    d.set_defaults(handler=_docs)
+
 
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
@@ -62,4 +65,11 @@ def _show(args: argparse.Namespace) -> int:
 def _schema(args: argparse.Namespace) -> int:
     json.dump(Settings.model_json_schema(), sys.stdout, indent=2)
     print()
+    return 0
+
+
+def _docs(args: argparse.Namespace) -> int:
+    from agent.config.reference import render_markdown
+
+    sys.stdout.write(render_markdown())
     return 0

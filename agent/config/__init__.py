@@ -134,17 +134,65 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
                 node[keys[-1]] = str((base / p).resolve())
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+def _field_path(loc: tuple[Any, ...]) -> tuple[tuple[str, ...], str | None]:
+    """The part of an error location that names settings fields, and that field's description.
+
+    Pydantic appends union member tags (``int``, ``literal['auto']``) to the location; they are
+    not keys a user can write, so they are cut off here.
+    """
+    model: Any = Settings
+    path: list[str] = []
+    info = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            if not path:
+                path.append(str(part))
+            break
+        path.append(str(part))
+        info = fields[part]
+        model = info.annotation
+    return tuple(path), (info.description if info is not None else None)
+
+
+def _env_name(loc: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "__".join(p.upper() for p in loc)
+
+
+def _format_validation(err: ValidationError, source: str, env_keys: set[tuple[str, ...]]) -> str:
+    problems: dict[tuple[str, ...], list[str]] = {}
+    hints: dict[tuple[str, ...], str | None] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        raw_loc = tuple(str(p) for p in e["loc"])
+        loc, hint = _field_path(raw_loc)
         if e["type"] == "extra_forbidden":
+            loc, hint = raw_loc, None
             msg = "unknown key; check the spelling against `edge-agent config schema` or docs/configuration.md"
-        elif "input" in e and not isinstance(e["input"], (dict, list)) and "password" not in key:
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], (dict, list)) and "password" not in loc:
+                msg = f"{msg} (got {e['input']!r})"
+        problems.setdefault(loc, []).append(msg)
+        hints[loc] = hint
+    lines = [f"{source}: {len(problems)} invalid setting(s)"]
+    for loc, msgs in problems.items():
+        key = ".".join(loc) or "(top level)"
+        where = next((f" [from {_env_name(k)}]" for k in env_keys if loc[: len(k)] == k), "")
+        text = "; or ".join(dict.fromkeys(msgs))
+        if hints.get(loc):
+            text += f". This key is: {hints[loc]}"
+        lines.append(f"  {key}{where}: {text}")
     return "\n".join(lines)
+
+
+def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    out: set[tuple[str, ...]] = set()
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            out |= _leaf_paths(v, prefix + (k,))
+        else:
+            out.add(prefix + (k,))
+    return out
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -187,7 +235,7 @@ def load_settings(
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, source)) from None
+        raise ConfigError(_format_validation(e, source, _leaf_paths(env))) from None
 
 
 def masked_dump(settings: Settings) -> dict[str, Any]:

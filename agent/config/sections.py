@@ -183,11 +183,11 @@ class EngineSettings(Section):
 class MemorySettings(Section):
     budget_mb: int | Literal["auto"] = Field(
         default="auto",
-        description="Memory the agent may plan for, MiB (32-1048576), or 'auto': the smaller of the memory cgroup "
-        "limit and MemTotal, less memory.reserve_mb.",
+        description="Memory the agent may plan for, MiB (32-1048576), or 'auto': the agent's own memory cgroup "
+        "limit when one is set, else MemTotal less memory.reserve_mb.",
     )
     reserve_mb: int = Field(
-        default=128, ge=0, le=65536, description="With budget 'auto': MiB left for the OS and other services."
+        default=128, ge=0, le=65536, description="With budget 'auto' and no cgroup limit: MiB of MemTotal left for the OS and other services."
     )
     headroom_pct: int = Field(
         default=15,

@@ -1,0 +1,88 @@
+"""Renders docs/configuration.md from the settings models, so the reference cannot drift from the code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from agent.config import ENV_PREFIX, Settings
+
+_HEADER = """# Configuration reference
+
+Generated from the pydantic models in `agent/config/` by `edge-agent config docs > docs/configuration.md`;
+a test fails when this file and the code disagree. Do not edit by hand.
+
+Settings come from, in order (later wins):
+1. built-in defaults (below);
+2. a TOML file: `--config PATH`, else `/etc/edge-agent/config.toml` if it exists. Board profiles live in
+   `firmware-config/`; relative paths in a file are resolved against the file's folder;
+3. environment variables `EDGE_AGENT__SECTION__KEY` (nested: `EDGE_AGENT__MQTT__TLS__ENABLED=true`;
+   values that parse as JSON are taken as JSON, so lists and numbers work);
+4. systemd credentials in `$CREDENTIALS_DIRECTORY`: `mqtt_password`, `mqtt_username`.
+
+Unknown keys are refused. `edge-agent config validate FILE...` checks files; `edge-agent config show` prints
+the effective settings with secrets masked; `edge-agent config schema` prints the JSON Schema.
+"""
+
+
+def _type_name(info: FieldInfo) -> str:
+    text = repr(info.annotation)
+    for noise in ("typing.", "pathlib.", "pydantic.types.", "<class '", "'>"):
+        text = text.replace(noise, "")
+    return text.replace("NoneType", "None").replace("PosixPath", "Path").replace(" | ", " or ")
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        return "(derived)"
+    if info.default is PydanticUndefined:
+        return "(required)"
+    value: Any = info.default
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if value is not None and not isinstance(value, (int, float, str, bool)):
+        value = str(value)
+    return "`" + json.dumps(value) + "`"
+
+
+def _bounds(info: FieldInfo) -> str:
+    parts = []
+    for m in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "len >="),
+                          ("max_length", "len <="), ("pattern", "matches")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} `{v}`")
+    return ", ".join(parts)
+
+
+def _section(name: str, model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    out = [f"## `[{'.'.join(path)}]`", ""]
+    doc = (model.__doc__ or "").strip()
+    if doc and not doc.startswith("!!!"):
+        out += [doc, ""]
+    out += ["| key | type | default | bounds | environment | description |", "|---|---|---|---|---|---|"]
+    nested: list[tuple[str, type[BaseModel]]] = []
+    for key, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            nested.append((key, ann))
+            continue
+        env = ENV_PREFIX + "__".join(p.upper() for p in path + (key,))
+        desc = (info.description or "").replace("|", "\\|")
+        out.append(f"| `{key}` | `{_type_name(info)}` | {_default(info)} | {_bounds(info)} | `{env}` | {desc} |")
+    out.append("")
+    for key, sub in nested:
+        out += _section(key, sub, path + (key,))
+    return out
+
+
+def render_markdown() -> str:
+    lines = [_HEADER]
+    for name, info in Settings.model_fields.items():
+        lines += _section(name, info.annotation, (name,))
+    return "\n".join(lines).rstrip() + "\n"
