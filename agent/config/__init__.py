@@ -19,6 +19,7 @@ from agent.config.sections import (
     ModelSettings,
     MQTTSettings,
     PrioritySettings,
+    ServiceSettings,
     StoreSettings,
     SwapSettings,
     TelemetrySettings,
@@ -46,6 +47,7 @@ class Settings(BaseModel):
     priority: PrioritySettings = Field(default_factory=PrioritySettings, description="Process priority.")
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Telemetry.")
     store: StoreSettings = Field(default_factory=StoreSettings, description="Durable job store.")
+    service: ServiceSettings = Field(default_factory=ServiceSettings, description="Daemon life cycle.")
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":

@@ -230,6 +230,21 @@ class TelemetrySettings(Section):
     interval_s: float = Field(default=30.0, ge=1, le=86400, description="Memory telemetry period, seconds.")
 
 
+class ServiceSettings(Section):
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, seconds the running job may take to finish before it is stopped and requeued. "
+        "Keep it below systemd's TimeoutStopSec.",
+    )
+    demo_broker: bool = Field(
+        default=False,
+        description="Start a private Mosquitto on mqtt.host:mqtt.port when nothing listens there (the demo; "
+        "never on a board).",
+    )
+
+
 class StoreSettings(Section):
     path: Path | None = Field(default=None, description="SQLite job store. Default: {device.state_dir}/jobs.db.")
     queue_max: int = Field(default=64, ge=1, le=100000, description="Jobs waiting at once; more are REJECTED queue_full.")
@@ -238,3 +253,6 @@ class StoreSettings(Section):
     )
     keep_finished: int = Field(default=1000, ge=10, le=1000000, description="Finished jobs kept, count.")
     keep_finished_days: float = Field(default=7.0, ge=0.01, le=3650, description="Finished jobs kept, days.")
+    prune_interval_s: float = Field(
+        default=600.0, ge=1, le=86400, description="How often retention limits are applied, seconds."
+    )
