@@ -261,7 +261,7 @@ class _Cursor:
     def string(self, what: str) -> str:
         n = self.take("Q")
         if self.pos + n > self.size:
-            raise ModelError(f"{what}: a string of {n} bytes at byte {self.pos} runs past the end of the file")
+            raise ModelError(f"the header is truncated: {what} ({n} bytes at byte {self.pos}) runs past the end of the file")
         raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         try:
@@ -378,14 +378,14 @@ def _read_value(c: _Cursor, key: str, vtype: int, array_lengths: dict[str, int])
     if etype in _SCALAR_FMT:
         s = struct.Struct(c.endian + _SCALAR_FMT[etype])
         if n * s.size > c.size - c.pos:
-            raise ModelError(f"array {key!r} of {n} items runs past the end of the file")
+            raise ModelError(f"the header is truncated: array {key!r} of {n} items runs past the end of the file")
         if not keep:
             c.skip(n * s.size)
             return None
         return [c.take(_SCALAR_FMT[etype]) for _ in range(n)]
     if etype == _V.STRING:
         if n > (c.size - c.pos) // 8:
-            raise ModelError(f"array {key!r} of {n} strings runs past the end of the file")
+            raise ModelError(f"the header is truncated: array {key!r} of {n} strings runs past the end of the file")
         if keep:
             return [c.string(f"item of {key!r}") for _ in range(n)]
         # Walk the length prefixes only: vocabularies are 30k-250k strings nobody here reads.
@@ -393,11 +393,11 @@ def _read_value(c: _Cursor, key: str, vtype: int, array_lengths: dict[str, int])
         buf, pos, end = c.buf, c.pos, c.size
         for _ in range(n):
             if pos + 8 > end:
-                raise ModelError(f"array {key!r} is truncated at byte {pos}")
+                raise ModelError(f"the header is truncated: array {key!r} stops at byte {pos}")
             (length,) = fmt.unpack_from(buf, pos)
             pos += 8 + length
         if pos > end:
-            raise ModelError(f"array {key!r} runs past the end of the file")
+            raise ModelError(f"the header is truncated: array {key!r} runs past the end of the file")
         c.pos = pos
         return None
     raise ModelError(f"array {key!r} has an element type ({etype}) this reader does not handle")
