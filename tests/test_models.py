@@ -17,7 +17,7 @@ import pytest
 from agent.cli import main
 from agent.errors import ModelError
 from agent.models.gguf_info import ModelInfo, check_quantization, is_4bit_type, read_model_info
-from agent.models.synth import BOS_ID, EOS_ID, PRESETS, build_vocab, synth_model
+from agent.models.synth import BOS_ID, EOS_ID, PRESETS, _tensor_chunks, build_vocab, synth_model
 
 
 def _sha256(path: Path) -> str:
@@ -67,6 +67,18 @@ def test_same_preset_and_seed_give_identical_bytes(tiny_model: Path, tmp_path: P
     assert _sha256(again) == _sha256(tiny_model)
     assert _sha256(other) != _sha256(tiny_model)
     assert again.stat().st_size == other.stat().st_size
+
+
+def test_large_tensors_are_generated_in_reproducible_chunks() -> None:
+    # tiny's tensors fit in one chunk; this covers the multi-chunk path the real-size presets take.
+    ne, q4 = (2048, 5632), gguf.GGMLQuantizationType.Q4_0
+    first = [c.copy() for c in _tensor_chunks(7, ne, q4, seed=0)]
+    again = np.concatenate(list(_tensor_chunks(7, ne, q4, seed=0)))
+    assert len(first) > 1
+    data = np.concatenate(first)
+    assert data.shape == (5632, 2048 // 32 * 18) and np.array_equal(data, again)
+    scales = data[:, :18].copy().view("<f2")[:, 0]
+    assert np.all(np.isfinite(scales)) and 0 < scales.min() and scales.max() < 0.01
 
 
 def test_synth_leaves_no_temporary_file_and_replaces_atomically(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -30,6 +31,7 @@ _QK4_0 = 32  # weights per Q4_0 block
 _Q4_0_BLOCK_BYTES = 18  # f16 scale + 16 bytes of nibbles
 # Standard deviation of (nibble - 8) for uniform nibbles 0..15: sqrt((16**2 - 1) / 12).
 _NIBBLE_STD = 4.61
+_CHUNK_BYTES = 4 << 20  # generated and written at a time
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 _SPECIAL = ("<unk>", "<s>", "</s>")
@@ -188,12 +190,18 @@ def _q4_0_bytes(rng: np.random.Generator, n_rows: int, row_len: int) -> np.ndarr
     return blocks.reshape(n_rows, -1)
 
 
-def _tensor_data(shape: ModelShape, index: int, ne: tuple[int, ...], qtype: gguf.GGMLQuantizationType, seed: int) -> np.ndarray:
+def _tensor_chunks(index: int, ne: tuple[int, ...], qtype: gguf.GGMLQuantizationType, seed: int) -> Iterator[np.ndarray]:
+    """A tensor's bytes in chunks of whole rows, so a 77 MB embedding never sits in memory at once."""
     if qtype == F32:
-        return np.ones(ne[::-1], dtype="<f4")  # RMS norm weights: identity
+        yield np.ones(ne[::-1], dtype="<f4")  # RMS norm weights: identity
+        return
     # One stream per tensor, so a tensor's bytes do not depend on how the others were generated.
+    # The chunk size is a constant, not a tuning knob: it is part of what makes the bytes reproducible.
     rng = np.random.default_rng([seed, index])
-    return _q4_0_bytes(rng, n_rows=int(np.prod(ne[1:])), row_len=ne[0])
+    row_len, n_rows = ne[0], int(np.prod(ne[1:]))
+    rows_per_chunk = max(1, _CHUNK_BYTES // (row_len // _QK4_0 * _Q4_0_BLOCK_BYTES))
+    for first in range(0, n_rows, rows_per_chunk):
+        yield _q4_0_bytes(rng, n_rows=min(rows_per_chunk, n_rows - first), row_len=row_len)
 
 
 def _tensor_nbytes(ne: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
@@ -201,11 +209,16 @@ def _tensor_nbytes(ne: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int
     return int(np.prod(ne)) // block * size
 
 
+def _pad(f: BinaryIO, alignment: int) -> None:
+    f.write(b"\0" * (-f.tell() % alignment))
+
+
 def synth_model(preset: str, out: Path, *, seed: int = 0, progress: bool = False) -> Path:
     """Write the preset's model to ``out`` (atomically: ``out.tmp`` then rename) and return ``out``.
 
-    Tensors are generated and written one at a time, so memory stays at about the largest tensor
-    (77 MB for qwen-0.5b's embedding) whatever the file size. ``progress`` shows a tqdm bar on stderr.
+    GGUFWriter writes the header and tensor table; the tensor data is then generated and appended
+    in chunks, so memory stays near 100 MB whatever the file size (the writer's own path needs
+    every tensor whole). ``progress`` shows a tqdm bar on stderr.
     """
     try:
         shape = PRESETS[preset]
@@ -229,19 +242,21 @@ def synth_model(preset: str, out: Path, *, seed: int = 0, progress: bool = False
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        writer.close()
 
         from tqdm import tqdm
 
         total = sum(_tensor_nbytes(ne, q) for _, ne, q in plan)
-        with tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"synth {preset}", file=sys.stderr, disable=not progress
-        ) as bar:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {preset}", file=sys.stderr, disable=not progress)
+        # Same layout as GGUFWriter.write_tensors_to_file: data aligned, each tensor padded to the alignment.
+        with bar, open(tmp, "ab") as f:
+            _pad(f, writer.data_alignment)
             for index, (_name, ne, qtype) in enumerate(plan):
-                data = _tensor_data(shape, index, ne, qtype, seed)
-                writer.write_tensor_data(data)
-                bar.update(data.nbytes)
-        writer.close()
-        with open(tmp, "rb+") as f:
+                for chunk in _tensor_chunks(index, ne, qtype, seed):
+                    f.write(memoryview(chunk).cast("B"))
+                    bar.update(chunk.nbytes)
+                _pad(f, writer.data_alignment)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:
