@@ -1,0 +1,954 @@
+"""The MQTT job protocol: topic names, payload models, job statuses and error codes.
+
+This module owns the wire format and nothing else: it does no I/O and knows nothing of the
+broker, the store or the engine. Inbound payloads (job submissions) are parsed by
+``parse_submit``, which turns every possible defect into one exception type, ``InvalidJob``.
+Outbound payloads are built from pydantic models whose ``to_payload()`` gives compact UTF-8
+JSON. The same models feed the JSON Schemas and tables in docs/protocol.md
+(``tools/gen_protocol_schemas.py``), so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+# Static ceilings that hold whatever the configuration says; the configured (smaller) limits
+# are passed to parse_submit. 131072 matches EngineSettings.max_tokens_limit's upper bound.
+MAX_TOKENS_CEILING = 131072
+# llama.cpp takes a uint32 seed and treats 0xFFFFFFFF as "pick a random seed": refusing it
+# keeps "same seed, same output" true for every seed a client can send.
+MAX_SEED = 2**32 - 2
+MAX_STOP = 8
+MAX_STOP_CHARS = 64
+MAX_TIMEOUT_S = 86400.0
+# JSON escaping can make a prompt up to 6 times longer on the wire ("\u0001" for one byte);
+# the slack covers the other fields. Payloads above this are refused without being parsed.
+PAYLOAD_ESCAPE_FACTOR = 6
+PAYLOAD_SLACK_BYTES = 65536
+
+
+def max_payload_bytes(max_prompt_bytes: int) -> int:
+    """The largest submit payload parse_submit will parse, bytes, for a given prompt limit."""
+    return max_prompt_bytes * PAYLOAD_ESCAPE_FACTOR + PAYLOAD_SLACK_BYTES
+
+
+# --------------------------------------------------------------------------------------------
+# Statuses and error codes
+
+
+class JobStatus(StrEnum):
+    """A job's state. Every status message and result carries one."""
+
+    def __new__(cls, value: str, doc: str) -> "JobStatus":
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.doc = doc  # type: ignore[attr-defined]
+        return obj
+
+    doc: str
+
+    QUEUED = "QUEUED", "Stored durably and waiting to run. The submit message was acknowledged only after this."
+    IN_PROGRESS = "IN_PROGRESS", "Running on the engine. `attempt` counts the runs started."
+    SUCCEEDED = "SUCCEEDED", "Finished; the result holds the text. Terminal."
+    FAILED = "FAILED", "Could not complete on this device this time (engine error, interrupted too often). " "Retrying, here later or elsewhere, may succeed. Terminal."
+    REJECTED = "REJECTED", "Will not be run: do not retry the same request on this device (invalid payload, " "queue full, context too long, will not fit memory, expired). Terminal."
+    CANCELED = "CANCELED", "Stopped by a cancel request; a partial text may be included. Terminal."
+    TIMED_OUT = "TIMED_OUT", "Ran longer than its timeout_s; a partial text may be included. Terminal."
+
+
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELED, JobStatus.TIMED_OUT}
+)
+
+
+class ErrorCode(StrEnum):
+    """Why a job did not succeed. Each code comes with the terminal status it is reported with."""
+
+    def __new__(cls, value: str, status: JobStatus, doc: str) -> "ErrorCode":
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.status = status  # type: ignore[attr-defined]
+        obj.doc = doc  # type: ignore[attr-defined]
+        return obj
+
+    status: JobStatus
+    doc: str
+
+    invalid_payload = (
+        "invalid_payload",
+        JobStatus.REJECTED,
+        "The submit payload is not a valid job: not UTF-8, not JSON, not an object, unknown or duplicate keys, "
+        "a missing field, a wrong type or a value out of bounds. The message names each field and what was wrong.",
+    )
+    payload_too_large = (
+        "payload_too_large",
+        JobStatus.REJECTED,
+        "The payload is larger than 6 x engine.max_prompt_bytes + 64 KiB and was refused without being parsed.",
+    )
+    prompt_too_large = (
+        "prompt_too_large",
+        JobStatus.REJECTED,
+        "The prompt is longer, in UTF-8 bytes, than engine.max_prompt_bytes (checked before tokenising).",
+    )
+    max_tokens_too_large = (
+        "max_tokens_too_large",
+        JobStatus.REJECTED,
+        "max_tokens is larger than engine.max_tokens_limit.",
+    )
+    expired = (
+        "expired",
+        JobStatus.REJECTED,
+        "expires_at passed before the job could start (on arrival, or while it waited in the queue).",
+    )
+    queue_full = (
+        "queue_full",
+        JobStatus.REJECTED,
+        "store.queue_max jobs were already waiting. Send it again later or to another device.",
+    )
+    context_too_long = (
+        "context_too_long",
+        JobStatus.REJECTED,
+        "Prompt tokens + max_tokens exceed the loaded context (engine.n_ctx) and engine.context_overflow is "
+        "'refuse'. Shorten the prompt or lower max_tokens.",
+    )
+    will_not_fit = (
+        "will_not_fit",
+        JobStatus.REJECTED,
+        "Running the job would exceed the memory budget of this board.",
+    )
+    model_not_loaded = (
+        "model_not_loaded",
+        JobStatus.FAILED,
+        "No model is loaded (loading failed, or the model is being replaced). This device may succeed later.",
+    )
+    memory_pressure = (
+        "memory_pressure",
+        JobStatus.FAILED,
+        "The job was stopped because the board ran short of memory while it ran; it may succeed later.",
+    )
+    engine_error = (
+        "engine_error",
+        JobStatus.FAILED,
+        "The inference engine failed while running the job. The message has the engine's reason.",
+    )
+    interrupted = (
+        "interrupted",
+        JobStatus.FAILED,
+        "The agent stopped (crash, power loss, OOM kill) while the job ran, store.max_attempts times in a row.",
+    )
+    timeout = (
+        "timeout",
+        JobStatus.TIMED_OUT,
+        "The job ran longer than its timeout_s (counted from the start of the run, not from arrival).",
+    )
+    canceled = (
+        "canceled",
+        JobStatus.CANCELED,
+        "A cancel request stopped the job, either while it waited or while it ran.",
+    )
+    internal = (
+        "internal",
+        JobStatus.FAILED,
+        "An unexpected error in the agent itself; the message has details. Please report it.",
+    )
+
+    @classmethod
+    def from_agent_error(cls, code: str) -> "ErrorCode":
+        """Map an ``agent.errors`` code (or any string) onto the protocol's codes.
+
+        Unknown codes become ``internal`` rather than failing: a result must always be publishable.
+        """
+        try:
+            return cls(code)
+        except ValueError:
+            return _AGENT_ERROR_CODES.get(code, cls.internal)
+
+
+_AGENT_ERROR_CODES: dict[str, ErrorCode] = {
+    "model_invalid": ErrorCode.model_not_loaded,
+    "store_error": ErrorCode.internal,
+    "config_invalid": ErrorCode.internal,
+    "transport_error": ErrorCode.internal,
+}
+
+
+class InvalidJob(Exception):
+    """A submit payload that cannot become a job. The only exception ``parse_submit`` raises.
+
+    ``job_id`` is the id the submitter used, when it could be read, so a REJECTED result can be
+    published for it; None when the payload gives no trustworthy id.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, job_id: str | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"InvalidJob(code={self.code.value!r}, message={self.message!r}, job_id={self.job_id!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Time
+
+
+def rfc3339(epoch: float) -> str:
+    """Epoch seconds as an RFC 3339 UTC timestamp with milliseconds: 2024-05-01T12:00:00.123Z."""
+    return _format_dt(datetime.fromtimestamp(epoch, tz=timezone.utc))
+
+
+def _format_dt(dt: datetime) -> str:
+    dt = dt.astimezone(timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+_RFC3339_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def _parse_rfc3339(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise PydanticCustomError("naive_datetime", "expires_at must carry a time zone")
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("datetime_type", "must be an RFC 3339 timestamp string")
+    if not _RFC3339_RE.match(value):
+        if re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?$", value):
+            raise PydanticCustomError("naive_datetime", "has no UTC offset; add Z or +hh:mm")
+        raise PydanticCustomError("datetime_format", "is not an RFC 3339 timestamp")
+    try:
+        # fromisoformat wants upper-case T and Z, which RFC 3339 says are case-insensitive.
+        return datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise PydanticCustomError("datetime_range", "is not a real date and time") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Inbound: job submission
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: str, what: str) -> str:
+    # JSON "\ud800" escapes decode to lone surrogates, which cannot be encoded as UTF-8: they
+    # would fail later in the store, the tokenizer or the result payload, so refuse them here.
+    m = _SURROGATE_RE.search(value)
+    if m:
+        raise PydanticCustomError(
+            "lone_surrogate",
+            "{what} contains an unpaired UTF-16 surrogate (\\u{cp:04x}) at character {pos}",
+            {"what": what, "cp": ord(m.group()), "pos": m.start()},
+        )
+    # NUL ends C strings: llama.cpp's text paths and many consumers would cut the text there.
+    pos = value.find("\x00")
+    if pos >= 0:
+        raise PydanticCustomError(
+            "nul_character", "{what} contains a NUL character (U+0000) at character {pos}", {"what": what, "pos": pos}
+        )
+    return value
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class JobSubmit(BaseModel):
+    """A generation job, as sent to {root}/jobs/submit."""
+
+    # strict: JSON has real types, and "5" for an integer or true for a number is a client bug
+    # worth reporting rather than guessing at.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job_id: str = Field(
+        pattern=JOB_ID_PATTERN,
+        description="Client-chosen id, unique per device: 1-64 of A-Z a-z 0-9 _ -. Resending the same id never "
+        "runs the job twice: the device answers with the stored outcome.",
+    )
+    kind: Literal["generate"] = Field(description="Job type. Only 'generate' (text completion) exists.")
+    prompt: str = Field(
+        min_length=1,
+        description="Prompt text, non-empty; at most engine.max_prompt_bytes UTF-8 bytes. No NUL characters, no "
+        "unpaired surrogate escapes.",
+    )
+    max_tokens: int = Field(
+        ge=1, le=MAX_TOKENS_CEILING, description="Most tokens to generate; at most engine.max_tokens_limit."
+    )
+    temperature: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature, 0 to 2; 0 is greedy. Default 0.8, llama.cpp's own default.",
+    )
+    top_p: float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling: keep the most likely tokens up to this probability mass, >0 to 1. "
+        "Default 0.95, llama.cpp's own default.",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description=f"Sampling seed, 0 to {MAX_SEED}; the same seed, prompt and settings give the same text on the "
+        "same build. null: random.",
+    )
+    stop: list[StopString] = Field(
+        default_factory=list,
+        max_length=MAX_STOP,
+        description=f"Up to {MAX_STOP} stop strings, each 1-{MAX_STOP_CHARS} characters. Generation ends before "
+        "the first one produced; it is not included in the text.",
+    )
+    stream: bool = Field(default=False, description="Also publish token pieces on {root}/jobs/{job_id}/stream.")
+    priority: int = Field(
+        default=0,
+        ge=-100,
+        le=100,
+        description="-100 to 100; higher runs first. Equal priorities run in arrival order. A running job is never "
+        "preempted.",
+    )
+    expires_at: AwareDatetime | None = Field(
+        default=None,
+        description="RFC 3339 timestamp with an offset (2024-05-01T12:00:00Z). A job not started by then is "
+        "REJECTED with 'expired'. null: no deadline.",
+    )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=MAX_TIMEOUT_S,
+        description="Longest run time, seconds (>0 to 86400), counted from the start of the run; queue time is "
+        "bounded by expires_at instead. Exceeded: TIMED_OUT. null: bounded by max_tokens only.",
+    )
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, v: Any) -> Any:
+        return None if v is None else _parse_rfc3339(v)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, v: str, info: ValidationInfo) -> str:
+        _check_text(v, "prompt")
+        limit = (info.context or {}).get("max_prompt_bytes")
+        if limit is not None:
+            n = len(v.encode("utf-8"))
+            if n > limit:
+                raise PydanticCustomError(
+                    "prompt_too_large",
+                    "prompt is {n} UTF-8 bytes, exceeds the limit {limit} (engine.max_prompt_bytes)",
+                    {"n": n, "limit": limit},
+                )
+        return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_limit(cls, v: int, info: ValidationInfo) -> int:
+        limit = (info.context or {}).get("max_tokens_limit")
+        if limit is not None and v > limit:
+            raise PydanticCustomError(
+                "max_tokens_too_large",
+                "max_tokens {v} exceeds the limit {limit} (engine.max_tokens_limit)",
+                {"v": v, "limit": limit},
+            )
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_text(cls, v: list[str]) -> list[str]:
+        for i, s in enumerate(v):
+            _check_text(s, f"stop[{i}]")
+        return v
+
+    @field_validator("temperature", "top_p", "timeout_s")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        # Python callers can pass nan/inf directly; JSON input never gets this far with them.
+        if v is not None and not math.isfinite(v):
+            raise PydanticCustomError("finite_number", "must be a finite number")
+        return v
+
+    @field_serializer("expires_at")
+    def _ser_expires(self, v: datetime | None) -> str | None:
+        return None if v is None else _format_dt(v)
+
+    def expires_epoch(self) -> float | None:
+        """expires_at as epoch seconds (None when there is no deadline)."""
+        return None if self.expires_at is None else self.expires_at.timestamp()
+
+    def to_payload(self) -> bytes:
+        """The submit payload a client publishes (compact UTF-8 JSON, defaults left out)."""
+        return self.model_dump_json(exclude_defaults=True).encode("utf-8")
+
+
+SUBMIT_KEYS: tuple[str, ...] = tuple(JobSubmit.model_fields)
+
+
+class _JSONObject(dict):  # type: ignore[type-arg]
+    """A decoded JSON object that remembers keys it saw more than once, with every value."""
+
+    __slots__ = ("duplicates",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__()
+        self.duplicates: dict[str, list[Any]] = {}
+        for k, v in pairs:
+            if k in self:
+                self.duplicates.setdefault(k, [self[k]]).append(v)
+            else:
+                self[k] = v
+
+
+class _Refuse(ValueError):
+    """Raised from the JSON decoder hooks with a finished message."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Refuse(f"payload contains {name}; JSON numbers must be finite")
+
+
+def _parse_float(s: str) -> float:
+    f = float(s)
+    if not math.isfinite(f):
+        raise _Refuse(f"number {s[:40]} is out of range")
+    return f
+
+
+def _parse_int(s: str) -> int:
+    # Python refuses ints over 4300 digits with a confusing message; nothing valid needs 40.
+    if len(s) > 40:
+        raise _Refuse(f"integer with {len(s.lstrip('-'))} digits is out of range")
+    return int(s)
+
+
+_decoder = json.JSONDecoder(
+    object_pairs_hook=_JSONObject, parse_constant=_refuse_constant, parse_float=_parse_float, parse_int=_parse_int
+)
+# Used only when the payload cannot be decoded at all: most clients serialise job_id first,
+# and then the rejection can still be addressed. Whitespace as JSON defines it.
+_LEADING_ID_RE = re.compile(rb'\A[ \t\n\r]*\{[ \t\n\r]*"job_id"[ \t\n\r]*:[ \t\n\r]*"([A-Za-z0-9_-]{1,64})"[ \t\n\r]*[,}]')
+
+
+def _leading_job_id(payload: bytes) -> str | None:
+    m = _LEADING_ID_RE.match(payload)
+    return m.group(1).decode("ascii") if m else None
+
+
+def _object_job_id(obj: _JSONObject) -> str | None:
+    values = obj.duplicates.get("job_id", [obj.get("job_id")])
+    first = values[0]
+    if isinstance(first, str) and _JOB_ID_RE.match(first) and all(v == first for v in values):
+        return first
+    return None
+
+
+_JSON_TYPE = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
+
+
+def _describe(v: Any) -> str:
+    """A short, printable description of a JSON value for an error message."""
+    if isinstance(v, (dict, list)):
+        return "an object" if isinstance(v, dict) else "an array"
+    kind = _JSON_TYPE.get(type(v), type(v).__name__)
+    if isinstance(v, bool):
+        return f"{kind} {'true' if v else 'false'}"
+    if v is None:
+        return "null"
+    return f"{kind} {_show(v)}"
+
+
+def _show(v: Any) -> str:
+    # repr escapes non-printable characters (lone surrogates included), so the message is
+    # always valid UTF-8 and one line.
+    if isinstance(v, str):
+        return repr(v) if len(v) <= 40 else repr(v[:40]) + f"... ({len(v)} characters)"
+    return repr(v)
+
+
+def _bound(v: Any) -> str:
+    # Limits such as le=2.0 read better as "2"; inputs keep their repr so 5.0 stays 5.0.
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e16:
+        return str(int(v))
+    return _show(v)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "payload"
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "an array",
+}
+_CODE_OF_ERROR = {
+    "prompt_too_large": ErrorCode.prompt_too_large,
+    "max_tokens_too_large": ErrorCode.max_tokens_too_large,
+}
+_MAX_LISTED = 10
+
+
+def _explain(e: Any) -> str:
+    """One pydantic error as a sentence naming the field, the problem and the limit."""
+    field, kind, ctx, value = _field(e["loc"]), e["type"], e.get("ctx") or {}, e.get("input")
+    if kind == "missing":
+        return f"missing required field {field!r}"
+    if kind in _EXPECTED:
+        extra = " (integers are written without a fraction or quotes)" if kind == "int_type" else ""
+        return f"{field} must be {_EXPECTED[kind]}, got {_describe(value)}{extra}"
+    if kind == "literal_error":
+        return f"{field} must be one of {ctx.get('expected')}, got {_describe(value)}"
+    if kind == "string_pattern_mismatch":
+        return f"{field} must be 1-64 characters from A-Z a-z 0-9 _ -, got {_describe(value)}"
+    if kind == "string_too_short":
+        return f"{field} must not be empty"
+    if kind == "string_too_long":
+        return f"{field} is {len(value)} characters, more than the maximum {ctx.get('max_length')}"
+    if kind == "too_long":
+        return f"{field} has {len(value)} entries, more than the maximum {ctx.get('max_length')}"
+    if kind == "greater_than_equal":
+        return f"{field} {_show(value)} is below the minimum {_bound(ctx.get('ge'))}"
+    if kind == "greater_than":
+        return f"{field} must be greater than {_bound(ctx.get('gt'))}, got {_show(value)}"
+    if kind == "less_than_equal":
+        return f"{field} {_show(value)} exceeds the maximum {_bound(ctx.get('le'))}"
+    if kind == "string_unicode" and isinstance(value, str):
+        # pydantic refuses lone surrogates before our own validator sees them.
+        m = _SURROGATE_RE.search(value)
+        if m:
+            return f"{field} contains an unpaired UTF-16 surrogate (\\u{ord(m.group()):04x}) at character {m.start()}"
+    if kind in ("naive_datetime", "datetime_type", "datetime_format", "datetime_range", "finite_number"):
+        return f"{field} {e['msg']}, got {_describe(value)}"
+    if kind in ("lone_surrogate", "nul_character", "prompt_too_large", "max_tokens_too_large"):
+        return str(e["msg"])
+    return f"{field}: {e['msg']}"
+
+
+def _from_validation_error(err: ValidationError, job_id: str | None) -> InvalidJob:
+    errors = err.errors(include_url=False)
+    unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and e["loc"]]
+    rest = [e for e in errors if e["type"] != "extra_forbidden"]
+    parts: list[str] = []
+    if unknown:
+        names = ", ".join(_show(k) for k in unknown[:_MAX_LISTED])
+        more = f" and {len(unknown) - _MAX_LISTED} more" if len(unknown) > _MAX_LISTED else ""
+        parts.append(f"unknown key(s) {names}{more}; allowed keys: {', '.join(SUBMIT_KEYS)}")
+    parts.extend(_explain(e) for e in rest[:_MAX_LISTED])
+    if len(rest) > _MAX_LISTED:
+        parts.append(f"and {len(rest) - _MAX_LISTED} more error(s)")
+    # A specific code only when it is the whole story: fixing the size alone must make the job
+    # valid, otherwise the client is told invalid_payload and reads the message.
+    codes = {_CODE_OF_ERROR.get(e["type"], ErrorCode.invalid_payload) for e in errors}
+    code = codes.pop() if len(codes) == 1 else ErrorCode.invalid_payload
+    return InvalidJob(code, "; ".join(parts), job_id)
+
+
+def parse_submit(
+    payload: bytes, *, max_prompt_bytes: int, max_tokens_limit: int, topic_job_id: str | None = None
+) -> JobSubmit:
+    """Turn a submit payload into a JobSubmit, or raise InvalidJob (and nothing else).
+
+    ``topic_job_id`` is for topics that carry the job id: it must then agree with the payload's
+    job_id (and fills it in when the payload has none), and it is the id reported on failure.
+
+    Decisions (see docs/protocol.md, "Parsing rules"): UTF-8 only, no byte-order mark; the top
+    level must be an object; duplicate keys are refused, because parsers disagree on which
+    copy wins and the submitter and the device must not read different jobs from one payload;
+    NaN and Infinity are refused; payloads above ``max_payload_bytes(max_prompt_bytes)`` are
+    refused unparsed.
+    """
+    try:
+        return _parse_submit(payload, max_prompt_bytes, max_tokens_limit, topic_job_id)
+    except InvalidJob:
+        raise
+    except Exception as e:  # the contract is "InvalidJob only": a parser bug must not kill the caller
+        raise InvalidJob(
+            ErrorCode.invalid_payload,
+            f"payload could not be validated (internal error {type(e).__name__}; please report it)",
+            topic_job_id if isinstance(topic_job_id, str) and _JOB_ID_RE.match(topic_job_id) else None,
+        ) from e
+
+
+def _parse_submit(payload: Any, max_prompt_bytes: int, max_tokens_limit: int, topic_job_id: str | None) -> JobSubmit:
+    if topic_job_id is not None and not (isinstance(topic_job_id, str) and _JOB_ID_RE.match(topic_job_id)):
+        raise InvalidJob(
+            ErrorCode.invalid_payload,
+            f"the job id in the topic, {_show(topic_job_id)}, is not 1-64 characters from A-Z a-z 0-9 _ -",
+            None,
+        )
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8", "surrogatepass")
+    elif isinstance(payload, (bytearray, memoryview)):
+        payload = bytes(payload)
+    elif not isinstance(payload, bytes):
+        raise InvalidJob(ErrorCode.invalid_payload, f"payload must be bytes, got {type(payload).__name__}", None)
+
+    def fallback_id() -> str | None:
+        return topic_job_id or _leading_job_id(payload)
+
+    cap = max_payload_bytes(max_prompt_bytes)
+    if len(payload) > cap:
+        raise InvalidJob(
+            ErrorCode.payload_too_large,
+            f"payload is {len(payload)} bytes, more than {cap} (6 x engine.max_prompt_bytes + 64 KiB)",
+            fallback_id(),
+        )
+    if not payload.strip():
+        raise InvalidJob(ErrorCode.invalid_payload, "payload is empty; expected a JSON object", topic_job_id)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidJob(
+            ErrorCode.invalid_payload,
+            f"payload is not valid UTF-8: byte 0x{payload[e.start]:02x} at offset {e.start}",
+            fallback_id(),
+        ) from None
+    if text.startswith("\ufeff"):
+        raise InvalidJob(
+            ErrorCode.invalid_payload, "payload starts with a byte-order mark; send plain UTF-8 JSON", fallback_id()
+        )
+    try:
+        data = _decoder.decode(text)
+    except _Refuse as e:
+        raise InvalidJob(ErrorCode.invalid_payload, str(e), fallback_id()) from None
+    except json.JSONDecodeError as e:
+        raise InvalidJob(
+            ErrorCode.invalid_payload, f"payload is not valid JSON: {e.msg} at offset {e.pos}", fallback_id()
+        ) from None
+    except RecursionError:
+        raise InvalidJob(ErrorCode.invalid_payload, "payload is nested too deeply", fallback_id()) from None
+    except ValueError as e:  # int/float conversion limits not caught by the hooks
+        raise InvalidJob(ErrorCode.invalid_payload, f"payload has an invalid number: {e}", fallback_id()) from None
+    if not isinstance(data, _JSONObject):
+        raise InvalidJob(
+            ErrorCode.invalid_payload, f"payload must be a JSON object, got {_describe(data)}", topic_job_id
+        )
+
+    job_id = _object_job_id(data)
+    if topic_job_id is not None:
+        if "job_id" in data and data.get("job_id") != topic_job_id:
+            raise InvalidJob(
+                ErrorCode.invalid_payload,
+                f"job_id {_show(data.get('job_id'))} does not match the job id in the topic {topic_job_id!r}",
+                topic_job_id,
+            )
+        job_id = topic_job_id
+    if data.duplicates:
+        names = ", ".join(_show(k) for k in list(data.duplicates)[:_MAX_LISTED])
+        raise InvalidJob(
+            ErrorCode.invalid_payload, f"duplicate key(s) {names}; each key may appear only once", job_id
+        )
+    fields = dict(data)
+    if topic_job_id is not None:
+        fields.setdefault("job_id", topic_job_id)
+    try:
+        return JobSubmit.model_validate(
+            fields, context={"max_prompt_bytes": max_prompt_bytes, "max_tokens_limit": max_tokens_limit}
+        )
+    except ValidationError as e:
+        raise _from_validation_error(e, job_id) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Outbound messages (device to clients)
+
+
+def _clean_text(v: Any) -> Any:
+    # Engines can emit half a multi-byte character at a token boundary, which Python decoders
+    # may leave as a lone surrogate; a payload must always encode, so replace rather than fail.
+    return _SURROGATE_RE.sub("\ufffd", v) if isinstance(v, str) else v
+
+
+class _Outbound(BaseModel):
+    """Messages the device publishes. Built by the daemon, so unknown fields are bugs."""
+
+    # Every key is always sent unless _omit_none: the serialization schema must say "required".
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+    _omit_none: ClassVar[bool] = False
+
+    @field_serializer("ts", check_fields=False)
+    def _ser_ts(self, v: datetime) -> str:
+        return _format_dt(v)
+
+    def to_payload(self) -> bytes:
+        """Compact UTF-8 JSON for MQTT."""
+        return self.model_dump_json(exclude_none=self._omit_none).encode("utf-8")
+
+
+_TS = Field(description="When this was produced: RFC 3339 UTC with milliseconds. Accepts epoch seconds in Python.")
+
+
+class StatusMessage(_Outbound):
+    """Published on {root}/jobs/{job_id}/status (QoS 1) at every state change."""
+
+    _omit_none: ClassVar[bool] = True
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN, description="The job.")
+    device_id: str = Field(description="The device that owns the job.")
+    status: JobStatus = Field(description="The new state.")
+    attempt: int = Field(ge=0, description="Runs started so far (0 while it never ran).")
+    ts: AwareDatetime = _TS
+    reason: ErrorCode | None = Field(default=None, description="Why, for FAILED, REJECTED, CANCELED, TIMED_OUT.")
+    message: str | None = Field(default=None, description="Human-readable detail.")
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _clean(cls, v: Any) -> Any:
+        return _clean_text(v)
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = Field(ge=0, description="Tokens in the prompt.")
+    completion_tokens: int = Field(ge=0, description="Tokens generated.")
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queue_ms: float | None = Field(default=None, ge=0, description="From acceptance to the start of the run, ms.")
+    prompt_ms: float | None = Field(default=None, ge=0, description="Prompt evaluation, ms.")
+    generation_ms: float | None = Field(default=None, ge=0, description="Token generation, ms.")
+    tokens_per_s: float | None = Field(default=None, ge=0, description="Generated tokens per second.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite_or_none(cls, v: Any) -> Any:
+        # A division by a zero duration must not make the result unpublishable.
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: ErrorCode = Field(description="Machine-readable reason; see the error code table.")
+    message: str = Field(description="Human-readable detail: what was wrong and the limit involved.")
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _clean(cls, v: Any) -> Any:
+        return _clean_text(v)
+
+
+class ResultMessage(_Outbound):
+    """Published on {root}/jobs/{job_id}/result (QoS 1): the one terminal outcome of a job.
+
+    It may arrive more than once (after reconnects or reboots); consumers dedupe by job_id.
+    """
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN, description="The job.")
+    device_id: str = Field(description="The device that ran (or refused) the job.")
+    status: JobStatus = Field(description="A terminal status: SUCCEEDED, FAILED, REJECTED, CANCELED, TIMED_OUT.")
+    attempt: int = Field(ge=0, description="Runs started (0 if refused before running).")
+    ts: AwareDatetime = Field(description="When the job reached its terminal status: RFC 3339 UTC.")
+    text: str | None = Field(
+        default=None, description="Generated text; partial for CANCELED and TIMED_OUT; null if nothing was generated."
+    )
+    finish_reason: Literal["stop", "length"] | None = Field(
+        default=None, description="stop: a stop string or end of text; length: max_tokens reached; null otherwise."
+    )
+    usage: Usage | None = Field(default=None, description="Token counts, null when the job never ran.")
+    timings: Timings | None = Field(default=None, description="Durations, null when the job never ran.")
+    error: ErrorInfo | None = Field(default=None, description="null on SUCCEEDED; the reason otherwise.")
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _clean(cls, v: Any) -> Any:
+        return _clean_text(v)
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> "ResultMessage":
+        if self.status not in TERMINAL:
+            raise ValueError(f"a result needs a terminal status, got {self.status.value}")
+        if (self.status is JobStatus.SUCCEEDED) != (self.error is None):
+            raise ValueError("error must be null exactly when status is SUCCEEDED")
+        return self
+
+
+class StreamChunk(_Outbound):
+    """Published on {root}/jobs/{job_id}/stream (QoS 0) when the job asked for stream: true.
+
+    Best effort: pieces can be lost; the result always holds the whole text.
+    """
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN, description="The job.")
+    index: int = Field(ge=0, description="0, 1, 2 ... in generation order; a gap means a lost piece.")
+    text: str = Field(description="The next piece of text (one or more tokens).")
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _clean(cls, v: Any) -> Any:
+        return _clean_text(v)
+
+
+class DeviceStatus(_Outbound):
+    """Retained on {root}/status; 'offline' is also the MQTT last will."""
+
+    _omit_none: ClassVar[bool] = True
+
+    state: Literal["online", "offline", "stopping"] = Field(
+        description="online: taking jobs; stopping: finishing the running job, taking no more; offline: gone."
+    )
+    device_id: str = Field(description="This device.")
+    agent_version: str | None = Field(default=None, description="edge-agent version.")
+    model: str | None = Field(default=None, description="Loaded model file name.")
+    ts: AwareDatetime = _TS
+
+
+# --------------------------------------------------------------------------------------------
+# Topics
+
+
+class Topics:
+    """Topic names for one device: ``{prefix}/{device_id}/...``."""
+
+    def __init__(self, prefix: str, device_id: str) -> None:
+        # Both end up inside topic filters: '+', '#', '/' or '$' would change what is matched.
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(f"topic prefix {prefix!r} must be 1-32 characters from A-Z a-z 0-9 _ -")
+        if not _JOB_ID_RE.match(device_id):
+            raise ValueError(f"device id {device_id!r} must be 1-64 characters from A-Z a-z 0-9 _ -")
+        self.prefix = prefix
+        self.device_id = device_id
+        self.root = f"{prefix}/{device_id}"
+
+    def __repr__(self) -> str:
+        return f"Topics({self.prefix!r}, {self.device_id!r})"
+
+    @property
+    def submit(self) -> str:
+        return f"{self.root}/jobs/submit"
+
+    @property
+    def cancel_filter(self) -> str:
+        """Subscription for cancel requests of any job."""
+        return f"{self.root}/jobs/+/cancel"
+
+    @property
+    def device_status(self) -> str:
+        return f"{self.root}/status"
+
+    def cancel(self, job_id: str) -> str:
+        return self._job(job_id, "cancel")
+
+    def status(self, job_id: str) -> str:
+        return self._job(job_id, "status")
+
+    def result(self, job_id: str) -> str:
+        return self._job(job_id, "result")
+
+    def stream(self, job_id: str) -> str:
+        return self._job(job_id, "stream")
+
+    def fleet_submit(self, group: str) -> str:
+        """Shared-subscription filter: each fleet job goes to one device of the group."""
+        if not _JOB_ID_RE.match(group):
+            raise ValueError(f"fleet group {group!r} must be 1-64 characters from A-Z a-z 0-9 _ -")
+        return f"$share/{group}/{self.fleet_publish}"
+
+    @property
+    def fleet_publish(self) -> str:
+        """Where clients publish fleet jobs (no $share part)."""
+        return f"{self.prefix}/fleet/jobs/submit"
+
+    # Filters for subscribers (clients and tests) that follow every job of this device.
+    @property
+    def status_filter(self) -> str:
+        return f"{self.root}/jobs/+/status"
+
+    @property
+    def result_filter(self) -> str:
+        return f"{self.root}/jobs/+/result"
+
+    @property
+    def stream_filter(self) -> str:
+        return f"{self.root}/jobs/+/stream"
+
+    def job_id_from_topic(self, topic: str, leaf: str) -> str | None:
+        """The job id in ``{root}/jobs/{job_id}/{leaf}``, or None if the topic is not one, or the id is invalid."""
+        head, tail = f"{self.root}/jobs/", f"/{leaf}"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        job_id = topic[len(head) : len(topic) - len(tail)]
+        return job_id if _JOB_ID_RE.match(job_id) else None
+
+    def job_id_from_cancel_topic(self, topic: str) -> str | None:
+        return self.job_id_from_topic(topic, "cancel")
+
+    def _job(self, job_id: str, leaf: str) -> str:
+        if not _JOB_ID_RE.match(job_id):
+            raise ValueError(f"job id {job_id!r} must be 1-64 characters from A-Z a-z 0-9 _ -")
+        return f"{self.root}/jobs/{job_id}/{leaf}"
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas for the documentation
+
+INBOUND_MODELS: tuple[type[BaseModel], ...] = (JobSubmit,)
+OUTBOUND_MODELS: tuple[type[BaseModel], ...] = (StatusMessage, ResultMessage, StreamChunk, DeviceStatus)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every payload, by model name: what is accepted (inbound) and what is sent (outbound)."""
+    out: dict[str, dict[str, Any]] = {}
+    for model in INBOUND_MODELS:
+        out[model.__name__] = model.model_json_schema(mode="validation")
+    for model in OUTBOUND_MODELS:
+        # Models that leave out null fields are described as a reader sees them (those keys
+        # optional); the others always send every key, which serialization mode says.
+        omits = getattr(model, "_omit_none", False)
+        out[model.__name__] = model.model_json_schema(mode="validation" if omits else "serialization")
+    return out
+
+
+__all__ = [
+    "JOB_ID_PATTERN",
+    "TERMINAL",
+    "DeviceStatus",
+    "ErrorCode",
+    "ErrorInfo",
+    "InvalidJob",
+    "JobStatus",
+    "JobSubmit",
+    "ResultMessage",
+    "StatusMessage",
+    "StreamChunk",
+    "Timings",
+    "Topics",
+    "Usage",
+    "json_schemas",
+    "max_payload_bytes",
+    "parse_submit",
+    "rfc3339",
+]

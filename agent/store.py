@@ -1,0 +1,683 @@
+"""The durable job store: every job's request, state and terminal outcome, in one SQLite file.
+
+The store owns the job life cycle on disk and the rules that make delivery dependable:
+
+* a job is stored before the submit message is acknowledged (``accept``), so a crash after
+  the acknowledgement cannot lose it;
+* a job has exactly one terminal outcome: every transition into a terminal status is a
+  guarded UPDATE that only succeeds on a non-terminal row;
+* a terminal outcome stays until it is delivered (``mark_delivered``); retention (``prune``)
+  only ever deletes rows that are terminal *and* delivered;
+* after a crash, ``recover`` puts interrupted jobs back in the queue, or fails them once they
+  have been interrupted ``max_attempts`` times.
+
+It knows nothing of MQTT or the engine. Every method takes ``now`` (epoch seconds; default:
+the injected clock) so tests need no sleeps. One connection is shared by the MQTT callback
+thread and the worker thread, serialised by a lock; every state change is one
+``BEGIN IMMEDIATE`` transaction. SQLite errors leave this module only as ``StoreError``.
+
+Result bodies (``JobRecord.result``) hold the ResultMessage fields that are not the envelope:
+``text``, ``finish_reason``, ``usage``, ``timings``, ``error``. The envelope (job_id,
+device_id, status, attempt, ts) comes from the record; see ``JobRecord.result_message``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+
+import sqlite_utils
+
+from agent.errors import StoreError
+from agent.protocol import TERMINAL, ErrorCode, JobStatus, JobSubmit, ResultMessage, StatusMessage, rfc3339
+
+if TYPE_CHECKING:
+    from agent.config.sections import StoreSettings
+
+SCHEMA_VERSION = 1
+# Enough of a refused payload to see what the client sent, without letting junk fill the card.
+RAW_KEEP_BYTES = 65536
+# After a checkpoint SQLite truncates the WAL back to this size instead of leaving it at its peak.
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+
+_TERMINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL)) + ")"
+_ALL_STATUSES_SQL = "(" + ", ".join(f"'{s.value}'" for s in JobStatus) + ")"
+
+_SCHEMA: tuple[str, ...] = (
+    f"""
+CREATE TABLE IF NOT EXISTS jobs (
+    seq         INTEGER PRIMARY KEY,  -- arrival order (rowid)
+    job_id      TEXT NOT NULL UNIQUE,
+    status      TEXT NOT NULL CHECK (status IN {_ALL_STATUSES_SQL}),
+    attempt     INTEGER NOT NULL DEFAULT 0 CHECK (attempt >= 0),
+    priority    INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    started_at  REAL,
+    finished_at REAL,
+    expires_at  REAL,
+    timeout_s   REAL,
+    request     TEXT,                 -- JobSubmit as JSON; NULL when refused before it became a job
+    raw         BLOB,                 -- payload as received, first {RAW_KEEP_BYTES} bytes, for diagnosis
+    result      TEXT,                 -- result body as JSON once terminal
+    delivered   INTEGER NOT NULL DEFAULT 0 CHECK (delivered IN (0, 1)),
+    error_code  TEXT,
+    -- the invariant everything else relies on: terminal <=> has an outcome
+    CHECK ((status IN {_TERMINAL_SQL}) = (result IS NOT NULL AND finished_at IS NOT NULL))
+)""",
+    "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, seq) WHERE status = 'QUEUED'",
+    "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status)",
+    "CREATE INDEX IF NOT EXISTS jobs_undelivered ON jobs (finished_at, seq) WHERE delivered = 0 AND finished_at IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS jobs_delivered ON jobs (finished_at, seq) WHERE delivered = 1",
+)
+
+Outcome = Literal["new", "duplicate_pending", "duplicate_finished", "rejected_queue_full", "rejected_expired", "rejected"]
+CancelOutcome = Literal["canceled_queued", "running", "finished", "unknown"]
+RecoverAction = Literal["requeued", "failed_interrupted", "undelivered"]
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_BODY_KEYS = ("text", "finish_reason", "usage", "timings", "error")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One row of the store, decoded."""
+
+    job_id: str
+    status: JobStatus
+    attempt: int
+    priority: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None
+    timeout_s: float | None
+    request: dict[str, Any] | None
+    result: dict[str, Any] | None
+    delivered: bool
+    error_code: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def job(self) -> JobSubmit | None:
+        """The stored request as a JobSubmit (None for payloads refused before they became one)."""
+        return None if self.request is None else JobSubmit.model_validate(self.request)
+
+    def status_message(self, device_id: str, ts: float) -> StatusMessage:
+        """The status message announcing this record's current state."""
+        reason, message = None, None
+        if self.result and isinstance(self.result.get("error"), dict):
+            reason = ErrorCode.from_agent_error(str(self.result["error"].get("code")))
+            message = self.result["error"].get("message")
+        return StatusMessage(
+            job_id=self.job_id, device_id=device_id, status=self.status, attempt=self.attempt, ts=ts,
+            reason=reason, message=message,
+        )  # fmt: skip
+
+    def result_message(self, device_id: str) -> ResultMessage:
+        """The result message for a terminal record; ts is when it became terminal, so resends are identical."""
+        if not self.terminal or self.result is None or self.finished_at is None:
+            raise ValueError(f"job {self.job_id} is {self.status.value}: it has no result yet")
+        body = {k: self.result[k] for k in _BODY_KEYS if k in self.result}
+        return ResultMessage(
+            job_id=self.job_id, device_id=device_id, status=self.status, attempt=self.attempt,
+            ts=self.finished_at, **body,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What ``accept`` (or ``reject``) did with a submission.
+
+    outcome:
+      new                 stored QUEUED: acknowledge, publish QUEUED.
+      duplicate_pending   the id is queued or running: acknowledge, publish nothing new.
+      duplicate_finished  the id already has an outcome: acknowledge, resend record.result_message().
+      rejected_queue_full stored REJECTED queue_full: acknowledge, publish REJECTED + result.
+      rejected_expired    stored REJECTED expired (expires_at already passed): same.
+      rejected            (reject only) stored REJECTED with the given code: same.
+    """
+
+    record: JobRecord
+    outcome: Outcome
+
+
+def error_body(code: ErrorCode, message: str) -> dict[str, Any]:
+    """A result body for an outcome without output."""
+    return {"text": None, "finish_reason": None, "usage": None, "timings": None,
+            "error": {"code": code.value, "message": message}}  # fmt: skip
+
+
+def _finite(obj: Any) -> Any:
+    # JSON has no NaN/Infinity and consumers choke on them: a rate over a zero duration
+    # becomes null rather than an unpublishable result.
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _dump(obj: Any) -> str:
+    text = json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    # A lone surrogate (half a character from a token boundary) cannot be stored as UTF-8.
+    return _SURROGATE_RE.sub("\ufffd", text)
+
+
+class JobStore:
+    """The SQLite job store. Thread-safe; one instance per process and file."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        queue_max: int = 64,
+        max_attempts: int = 3,
+        keep_finished: int = 1000,
+        keep_finished_days: float = 7.0,
+        clock: Callable[[], float] = time.time,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout_ms: int = 5000,
+    ) -> None:
+        self.path = Path(path)
+        self.queue_max = queue_max
+        self.max_attempts = max_attempts
+        self.keep_finished = keep_finished
+        self.keep_finished_days = keep_finished_days
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        if not self.path.parent.is_dir():
+            raise StoreError(
+                f"{self.path}: folder {self.path.parent} does not exist; create it or set store.path "
+                "(under systemd, StateDirectory= creates device.state_dir)",
+                code="store_cantopen",
+            )
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; the sqlite3 module's
+            # implicit transactions would start a deferred one and could fail to upgrade it.
+            conn = sqlite3.connect(
+                str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as e:
+            raise self._error(e, "opening the store") from e
+        self._conn = conn
+        try:
+            self._db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._open(synchronous, busy_timeout_ms)
+        except sqlite3.Error as e:
+            conn.close()
+            self._conn = None
+            raise self._error(e, "opening the store") from e
+        except StoreError:
+            conn.close()
+            self._conn = None
+            raise
+
+    @classmethod
+    def from_settings(cls, settings: "StoreSettings", *, clock: Callable[[], float] = time.time) -> "JobStore":
+        if settings.path is None:
+            raise StoreError("store.path is not set (Settings derives it from device.state_dir)", code="store_cantopen")
+        return cls(
+            settings.path,
+            queue_max=settings.queue_max,
+            max_attempts=settings.max_attempts,
+            keep_finished=settings.keep_finished,
+            keep_finished_days=settings.keep_finished_days,
+            clock=clock,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Opening, schema, errors
+
+    def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
+        c = self._connection()
+        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        check = c.execute("PRAGMA quick_check(1)").fetchone()
+        if check is None or check[0] != "ok":
+            raise StoreError(
+                f"{self.path}: the job store is damaged ({check[0] if check else 'no answer'}); stop the agent, move "
+                f"{self.path.name} and its -wal and -shm files aside, and start again with an empty store",
+                code="store_corrupt",
+            )
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} was written by a newer edge-agent (this one knows "
+                f"{SCHEMA_VERSION}); upgrade the agent or move the file aside",
+                code="store_version",
+            )
+        if c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+            # Only possible before the first table exists: lets prune() hand freed pages back
+            # to the filesystem instead of keeping the file at its high-water mark.
+            c.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"{self.path}: cannot use write-ahead logging (journal mode stayed {mode!r}); the filesystem must "
+                "support shared memory (not a network share)",
+                code="store_cantopen",
+            )
+        # FULL: in WAL mode every commit is fsynced, so a job that was acknowledged survives a
+        # power cut, not only a process crash. NORMAL would only sync at checkpoints.
+        c.execute(f"PRAGMA synchronous = {synchronous}")
+        c.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            # Not executescript(): it commits first, and the schema must appear all at once or not at all.
+            for stmt in _SCHEMA:
+                c.execute(stmt)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"{self.path}: the job store is closed", code="store_closed")
+        return self._conn
+
+    def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
+        name = getattr(e, "sqlite_errorname", "") or ""
+        where = f"{self.path}: {doing}"
+        if name.startswith("SQLITE_FULL"):
+            return StoreError(
+                f"{where}: the disk is full; free space on the filesystem holding {self.path.parent} (finished jobs "
+                "are kept until their results are delivered, then pruned)",
+                code="store_full",
+            )
+        if name.startswith("SQLITE_READONLY") or name.startswith("SQLITE_PERM") or name.startswith("SQLITE_AUTH"):
+            return StoreError(
+                f"{where}: the file is read-only ({e}); check that it and {self.path.parent} are writable by this "
+                "user and that the filesystem is not mounted read-only",
+                code="store_readonly",
+            )
+        if name.startswith("SQLITE_CORRUPT") or name.startswith("SQLITE_NOTADB"):
+            return StoreError(
+                f"{where}: the job store is damaged or not a database ({e}); stop the agent, move {self.path.name} "
+                "and its -wal and -shm files aside, and start again with an empty store",
+                code="store_corrupt",
+            )
+        if name.startswith("SQLITE_CANTOPEN"):
+            return StoreError(
+                f"{where}: cannot open the file ({e}); check that {self.path.parent} exists and is writable",
+                code="store_cantopen",
+            )
+        if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
+            return StoreError(
+                f"{where}: the file stayed locked by another process ({e}); is a second edge-agent using the same "
+                "store.path?",
+                code="store_busy",
+            )
+        if name.startswith("SQLITE_IOERR"):
+            return StoreError(
+                f"{where}: I/O error ({name}: {e}); the storage may be failing or was removed (check dmesg)",
+                code="store_io",
+            )
+        return StoreError(f"{where}: SQLite error {name or type(e).__name__}: {e}")
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One state change: lock, BEGIN IMMEDIATE, commit or roll back, errors as StoreError."""
+        with self._lock:
+            c = self._connection()
+            try:
+                # IMMEDIATE takes the write lock up front, so read-then-update inside the block
+                # cannot be interleaved with another writer (and never fails half-way with BUSY).
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    yield c
+                except BaseException:
+                    if c.in_transaction:
+                        c.execute("ROLLBACK")
+                    raise
+                c.execute("COMMIT")
+            except sqlite3.Error as e:
+                if c.in_transaction:
+                    try:
+                        c.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise self._error(e, doing) from e
+
+    @contextmanager
+    def _read(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            c = self._connection()
+            try:
+                yield c
+            except sqlite3.Error as e:
+                raise self._error(e, doing) from e
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+    # ----------------------------------------------------------------------------------------
+    # Rows
+
+    def _rows(self, sql: str, params: dict[str, Any] | tuple[Any, ...] = ()) -> list[JobRecord]:
+        return [_record(r) for r in self._db.query(sql, params)]
+
+    def _get(self, job_id: str) -> JobRecord | None:
+        rows = self._rows("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def _insert(self, **row: Any) -> None:
+        self._db["jobs"].insert(row)
+
+    def _terminate(self, job_id: str, status: JobStatus, body: dict[str, Any], now: float) -> bool:
+        """The only way a row becomes terminal: guarded, so a job gets one outcome, ever."""
+        error = body.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        cur = self._db.execute(
+            f"UPDATE jobs SET status = :status, result = :result, finished_at = :now, delivered = 0, "
+            f"error_code = :code WHERE job_id = :job_id AND status NOT IN {_TERMINAL_SQL}",
+            {"status": status.value, "result": _dump(body), "now": now, "code": code, "job_id": job_id},
+        )
+        return cur.rowcount == 1
+
+    # ----------------------------------------------------------------------------------------
+    # Transitions
+
+    def accept(self, job: JobSubmit, raw: bytes | None = None, now: float | None = None) -> Accepted:
+        """Store a submitted job durably (or find it already stored). Acknowledge the message only after this returns."""
+        now = self._now(now)
+        request = _dump(job.model_dump(mode="json"))
+        with self._write(f"accepting job {job.job_id}"):
+            existing = self._get(job.job_id)
+            if existing is not None:
+                return Accepted(existing, "duplicate_finished" if existing.terminal else "duplicate_pending")
+            row: dict[str, Any] = dict(
+                job_id=job.job_id, priority=job.priority, created_at=now, expires_at=job.expires_epoch(),
+                timeout_s=job.timeout_s, request=request, raw=_raw(raw), attempt=0, delivered=0,
+            )  # fmt: skip
+            outcome: Outcome = "new"
+            body: dict[str, Any] | None = None
+            expires = job.expires_epoch()
+            if expires is not None and expires <= now:
+                outcome = "rejected_expired"
+                body = error_body(ErrorCode.expired, f"expires_at {rfc3339(expires)} had passed when the job arrived")
+            elif self._queued_count() >= self.queue_max:
+                outcome = "rejected_queue_full"
+                body = error_body(
+                    ErrorCode.queue_full, f"{self.queue_max} jobs are already waiting (store.queue_max); try later"
+                )
+            if body is None:
+                self._insert(status=JobStatus.QUEUED.value, **row)
+            else:
+                self._insert(
+                    status=JobStatus.REJECTED.value, result=_dump(body), finished_at=now,
+                    error_code=body["error"]["code"], **row,
+                )  # fmt: skip
+            record = self._get(job.job_id)
+            assert record is not None
+            return Accepted(record, outcome)
+
+    def reject(
+        self, job_id: str, code: ErrorCode, message: str, now: float | None = None, raw: bytes | None = None
+    ) -> Accepted:
+        """Store a REJECTED outcome for a payload that could not become a job but whose id was readable.
+
+        An existing job with that id is never overwritten (it would give the id a second
+        outcome): the result then says duplicate_pending or duplicate_finished, and the caller
+        must not publish a rejection for it.
+        """
+        now = self._now(now)
+        body = error_body(ErrorCode(code), message)
+        with self._write(f"rejecting job {job_id}"):
+            existing = self._get(job_id)
+            if existing is not None:
+                return Accepted(existing, "duplicate_finished" if existing.terminal else "duplicate_pending")
+            self._insert(
+                job_id=job_id, status=JobStatus.REJECTED.value, priority=0, created_at=now, finished_at=now,
+                request=None, raw=_raw(raw), result=_dump(body), attempt=0, delivered=0, error_code=body["error"]["code"],
+            )  # fmt: skip
+            record = self._get(job_id)
+            assert record is not None
+            return Accepted(record, "rejected")
+
+    def claim_next(self, now: float | None = None) -> JobRecord | None:
+        """Start the next job: highest priority first, then arrival order. Expired jobs are skipped (see expire_queued)."""
+        now = self._now(now)
+        with self._write("claiming the next job"):
+            row = self._db.execute(
+                "SELECT seq FROM jobs WHERE status = 'QUEUED' AND (expires_at IS NULL OR expires_at > ?) "
+                "ORDER BY priority DESC, seq LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute(
+                "UPDATE jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, started_at = ? WHERE seq = ?",
+                (now, row[0]),
+            )
+            return self._rows("SELECT * FROM jobs WHERE seq = ?", (row[0],))[0]
+
+    def finish(self, job_id: str, status: JobStatus | str, result: dict[str, Any], now: float | None = None) -> bool:
+        """Record a job's terminal outcome. False (and nothing changed) if it already had one or is unknown."""
+        status = JobStatus(status)
+        if status not in TERMINAL:
+            raise ValueError(f"finish() needs a terminal status, got {status.value}")
+        if not isinstance(result, dict):
+            raise TypeError(f"result must be a dict (the result body), got {type(result).__name__}")
+        now = self._now(now)
+        with self._write(f"finishing job {job_id}"):
+            return self._terminate(job_id, status, result, now)
+
+    def requeue(self, job_id: str, now: float | None = None) -> bool:
+        """Put a running job back in the queue without counting the run (graceful shutdown). False if not running.
+
+        ``now`` is accepted for symmetry with the other transitions; nothing records it.
+        """
+        with self._write(f"requeueing job {job_id}"):
+            cur = self._db.execute(
+                "UPDATE jobs SET status = 'QUEUED', attempt = max(attempt - 1, 0), started_at = NULL "
+                "WHERE job_id = ? AND status = 'IN_PROGRESS'",
+                (job_id,),
+            )
+            return cur.rowcount == 1
+
+    def cancel(self, job_id: str, now: float | None = None) -> CancelOutcome:
+        """Cancel a job.
+
+        canceled_queued: it was waiting and is now CANCELED (publish status and result).
+        running:         the caller must stop the engine, then finish(job_id, CANCELED, ...).
+        finished:        it already had an outcome; nothing changed.
+        unknown:         no such job.
+        """
+        now = self._now(now)
+        with self._write(f"canceling job {job_id}"):
+            rec = self._get(job_id)
+            if rec is None:
+                return "unknown"
+            if rec.terminal:
+                return "finished"
+            if rec.status is JobStatus.IN_PROGRESS:
+                return "running"
+            self._terminate(job_id, JobStatus.CANCELED, error_body(ErrorCode.canceled, "canceled while queued"), now)
+            return "canceled_queued"
+
+    def expire_queued(self, now: float | None = None) -> list[JobRecord]:
+        """Reject (code expired) every queued job whose expires_at has passed; returns them, now terminal."""
+        now = self._now(now)
+        with self._write("expiring queued jobs"):
+            due = self._rows(
+                "SELECT * FROM jobs WHERE status = 'QUEUED' AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY seq",
+                (now,),
+            )
+            for rec in due:
+                assert rec.expires_at is not None
+                msg = f"expires_at {rfc3339(rec.expires_at)} passed while the job waited in the queue"
+                self._terminate(rec.job_id, JobStatus.REJECTED, error_body(ErrorCode.expired, msg), now)
+            return [r for r in (self._get(rec.job_id) for rec in due) if r is not None]
+
+    def recover(self, now: float | None = None) -> list[tuple[str, RecoverAction]]:
+        """Repair what a crash left behind; call once at start-up, before taking jobs.
+
+        Each job appears once:
+          requeued            was IN_PROGRESS, runs again (attempt < max_attempts): publish QUEUED.
+          failed_interrupted  was IN_PROGRESS for the max_attempts-th time: now FAILED 'interrupted';
+                              publish status and result.
+          undelivered         already terminal, result never confirmed delivered: resend the result.
+        """
+        now = self._now(now)
+        actions: list[tuple[str, RecoverAction]] = []
+        with self._write("recovering after start-up"):
+            for rec in self._rows("SELECT * FROM jobs WHERE status = 'IN_PROGRESS' ORDER BY seq"):
+                if rec.attempt < self.max_attempts:
+                    self._db.execute(
+                        "UPDATE jobs SET status = 'QUEUED', started_at = NULL WHERE job_id = ? AND status = 'IN_PROGRESS'",
+                        (rec.job_id,),
+                    )
+                    actions.append((rec.job_id, "requeued"))
+                else:
+                    msg = (
+                        f"the agent stopped while running this job {rec.attempt} time(s) (store.max_attempts "
+                        f"{self.max_attempts}); it may not fit this board"
+                    )
+                    self._terminate(rec.job_id, JobStatus.FAILED, error_body(ErrorCode.interrupted, msg), now)
+                    actions.append((rec.job_id, "failed_interrupted"))
+            failed = {job_id for job_id, action in actions if action == "failed_interrupted"}
+            for rec in self._undelivered(None):
+                if rec.job_id not in failed:
+                    actions.append((rec.job_id, "undelivered"))
+        return actions
+
+    def mark_delivered(self, job_id: str) -> bool:
+        """The result was acknowledged by the broker; it may now be pruned. False if not terminal or unknown."""
+        with self._write(f"marking job {job_id} delivered"):
+            cur = self._db.execute(
+                f"UPDATE jobs SET delivered = 1 WHERE job_id = ? AND status IN {_TERMINAL_SQL}", (job_id,)
+            )
+            return cur.rowcount == 1
+
+    # ----------------------------------------------------------------------------------------
+    # Queries
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._read(f"reading job {job_id}"):
+            return self._get(job_id)
+
+    def undelivered(self, limit: int | None = None) -> list[JobRecord]:
+        """Terminal jobs whose result is not yet confirmed delivered, oldest outcome first."""
+        with self._read("listing undelivered results"):
+            return self._undelivered(limit)
+
+    def _undelivered(self, limit: int | None) -> list[JobRecord]:
+        return self._rows(
+            "SELECT * FROM jobs WHERE delivered = 0 AND finished_at IS NOT NULL ORDER BY finished_at, seq LIMIT ?",
+            (-1 if limit is None else limit,),
+        )
+
+    def list_jobs(self, status: JobStatus | str | None = None, limit: int = 50) -> list[JobRecord]:
+        """Most recent jobs first, optionally of one status."""
+        with self._read("listing jobs"):
+            if status is None:
+                return self._rows("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+            return self._rows(
+                "SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ?", (JobStatus(status).value, limit)
+            )
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per status, every status present (zero included)."""
+        with self._read("counting jobs"):
+            out = {s.value: 0 for s in JobStatus}
+            for row in self._db.query("SELECT status, count(*) AS n FROM jobs GROUP BY status"):
+                out[row["status"]] = row["n"]
+            return out
+
+    def queued_count(self) -> int:
+        with self._read("counting queued jobs"):
+            return self._queued_count()
+
+    def _queued_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM jobs WHERE status = 'QUEUED'").fetchone()[0])
+
+    # ----------------------------------------------------------------------------------------
+    # Retention
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete delivered outcomes beyond keep_finished (newest kept) or older than keep_finished_days.
+
+        Never touches queued, running or undelivered jobs. Then hands freed pages back to the
+        filesystem and truncates the WAL, so the file does not stay at its high-water mark.
+        Returns the number of jobs deleted.
+        """
+        now = self._now(now)
+        cutoff = now - self.keep_finished_days * 86400.0
+        with self._write("pruning finished jobs"):
+            cur = self._db.execute(
+                f"""DELETE FROM jobs WHERE delivered = 1 AND status IN {_TERMINAL_SQL} AND (
+                        finished_at < :cutoff OR seq IN (
+                            SELECT seq FROM jobs WHERE delivered = 1 AND status IN {_TERMINAL_SQL}
+                            ORDER BY finished_at DESC, seq DESC LIMIT -1 OFFSET :keep))""",
+                {"cutoff": cutoff, "keep": self.keep_finished},
+            )
+            deleted = cur.rowcount
+        with self._read("compacting the store"):
+            c = self._connection()
+            if deleted:
+                # Each step of incremental_vacuum frees pages; fetchall runs it to the end.
+                c.execute("PRAGMA incremental_vacuum").fetchall()
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return deleted
+
+    def close(self) -> None:
+        """Checkpoint and close. Safe to call twice."""
+        with self._lock:
+            if self._conn is None:
+                return
+            conn, self._conn = self._conn, None
+            try:
+                conn.execute("PRAGMA optimize")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # closing must not fail; the WAL is replayed on the next open
+            finally:
+                conn.close()
+
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _record(row: dict[str, Any]) -> JobRecord:
+    return JobRecord(
+        job_id=row["job_id"],
+        status=JobStatus(row["status"]),
+        attempt=row["attempt"],
+        priority=row["priority"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        expires_at=row["expires_at"],
+        timeout_s=row["timeout_s"],
+        request=None if row["request"] is None else json.loads(row["request"]),
+        result=None if row["result"] is None else json.loads(row["result"]),
+        delivered=bool(row["delivered"]),
+        error_code=row["error_code"],
+    )
+
+
+def _raw(raw: bytes | None) -> bytes | None:
+    return None if raw is None else bytes(raw[:RAW_KEEP_BYTES])
+
+
+__all__ = ["Accepted", "JobRecord", "JobStore", "SCHEMA_VERSION", "error_body"]
