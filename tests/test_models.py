@@ -24,9 +24,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]]) -> Path:
+def write_gguf(
+    path: Path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]], split_count: int = 0
+) -> Path:
     """A minimal llama-architecture GGUF with the given tensors (header-level tests; not loadable by llama.cpp)."""
     w = gguf.GGUFWriter(path, "llama")
+    if split_count:
+        w.add_uint16("split.count", split_count)
     w.add_block_count(1)
     w.add_embedding_length(64)
     w.add_head_count(4)
@@ -245,6 +249,16 @@ def test_not_a_gguf_file_is_a_precise_model_error(tmp_path: Path, tiny_model: Pa
     with pytest.raises(ModelError) as e:
         read_model_info(tmp_path)
     assert e.value.code == "model_invalid"
+
+
+def test_split_and_tensorless_files_are_refused(tmp_path: Path) -> None:
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    part = write_gguf(tmp_path / "m-00001-of-00002.gguf", {"blk.0.ffn_up.weight": (_q_bytes(64, 64, q4), q4)}, 2)
+    with pytest.raises(ModelError, match="part 1 of a 2-part split GGUF; merge") as e:
+        read_model_info(part)
+    assert e.value.code == "model_invalid"
+    with pytest.raises(ModelError, match="no tensors"):
+        read_model_info(write_gguf(tmp_path / "vocab.gguf", {}))
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -264,10 +264,8 @@ class _Cursor:
             raise ModelError(f"the header is truncated: {what} ({n} bytes at byte {self.pos}) runs past the end of the file")
         raw = self.buf[self.pos : self.pos + n]
         self.pos += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ModelError(f"{what}: a string at byte {self.pos - n} is not valid UTF-8") from None
+        # Lenient: a stray byte in some token or description must not make the whole model unreadable.
+        return raw.decode("utf-8", errors="replace")
 
 
 @functools.cache
@@ -400,7 +398,12 @@ def _read_value(c: _Cursor, key: str, vtype: int, array_lengths: dict[str, int])
             raise ModelError(f"the header is truncated: array {key!r} runs past the end of the file")
         c.pos = pos
         return None
-    raise ModelError(f"array {key!r} has an element type ({etype}) this reader does not handle")
+    if etype == _V.ARRAY:
+        # Nested arrays are legal GGUF but unused by llama.cpp: walk past them.
+        for _ in range(n):
+            _read_value(c, key, _V.ARRAY, {})
+        return None
+    raise ModelError(f"array {key!r} has an unknown element type {etype}")
 
 
 def _gguf_version() -> str:
@@ -421,6 +424,16 @@ def _build_info(path: Path, size: int, h: _Header) -> ModelInfo:
     arch = kv.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise ModelError(f"{path} has no general.architecture key: not a llama.cpp model", code="model_invalid")
+    splits = kv.get("split.count", 1)
+    if isinstance(splits, int) and splits > 1:
+        # The other parts' tensors are not in this header: sizes and estimates would be too small.
+        raise ModelError(
+            f"{path} is part {int(kv.get('split.no', 0)) + 1} of a {splits}-part split GGUF; merge the parts "
+            "into one file first (llama-gguf-split --merge FIRST-PART OUT.gguf)",
+            code="model_invalid",
+        )
+    if not h.tensors:
+        raise ModelError(f"{path} holds no tensors (a vocabulary-only GGUF?): not a model", code="model_invalid")
 
     def num(key: str, default: int = 0) -> int:
         # Per-layer keys (arrays) keep their largest value: estimates built on them stay upper bounds.
@@ -442,7 +455,7 @@ def _build_info(path: Path, size: int, h: _Header) -> ModelInfo:
     )
     n_layer = num("block_count")
 
-    layers, other = _ranges(h.tensors, n_layer, path)
+    layers, other = _ranges(h.tensors)
     summary: dict[str, dict[str, int]] = {}
     for t in h.tensors:
         s = summary.setdefault(t.type_name, {"count": 0, "bytes": 0})
@@ -483,9 +496,7 @@ def _build_info(path: Path, size: int, h: _Header) -> ModelInfo:
     )
 
 
-def _ranges(
-    tensors: list[TensorEntry], n_layer: int, path: Path
-) -> tuple[tuple[LayerRange, ...], tuple[TensorRange, ...]]:
+def _ranges(tensors: list[TensorEntry]) -> tuple[tuple[LayerRange, ...], tuple[TensorRange, ...]]:
     spans: dict[int, tuple[int, int]] = {}
     other: list[TensorRange] = []
     for t in tensors:
@@ -496,10 +507,6 @@ def _ranges(
         i = int(m.group(1))
         lo, hi = spans.get(i, (t.offset, t.end))
         spans[i] = (min(lo, t.offset), max(hi, t.end))
-    if n_layer and spans and max(spans) >= n_layer:
-        raise ModelError(
-            f"{path} has tensors for block {max(spans)} but block_count is {n_layer}", code="model_invalid"
-        )
     layers = tuple(LayerRange(i, lo, hi - lo) for i, (lo, hi) in sorted(spans.items()))
     return layers, tuple(sorted(other, key=lambda r: r.offset))
 
