@@ -12,10 +12,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config.sections import EngineSettings
 from agent.errors import EXIT_OK, ModelError
+
+if TYPE_CHECKING:
+    from agent.models.gguf_info import ModelInfo
 
 # The estimate defaults are the daemon's own, so `inspect` without options shows what it would plan.
 _ENGINE_DEFAULTS = EngineSettings()
@@ -118,7 +121,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _report(info: Any, settings: dict[str, Any], components: dict[str, Any], anon: int, file_backed: int) -> str:
+def _report(info: ModelInfo, settings: dict[str, Any], components: dict[str, Any], anon: int, file_backed: int) -> str:
     lines: list[str] = []
 
     def row(label: str, text: str) -> None:
