@@ -295,7 +295,11 @@ class JobSubmit(BaseModel):
         "unpaired surrogate escapes.",
     )
     max_tokens: int = Field(
-        ge=1, le=MAX_TOKENS_CEILING, description="Most tokens to generate; at most engine.max_tokens_limit."
+        ge=1,
+        # The ceiling is checked in the validator, so that any value over the configured limit
+        # gets the same code and message; it is still stated in the schema.
+        json_schema_extra={"maximum": MAX_TOKENS_CEILING},
+        description="Most tokens to generate; at most engine.max_tokens_limit.",
     )
     temperature: float = Field(
         default=0.8,
@@ -318,7 +322,7 @@ class JobSubmit(BaseModel):
         "same build. null: random.",
     )
     stop: list[StopString] = Field(
-        default_factory=list,
+        default=[],  # pydantic copies mutable defaults per instance; a literal shows in the schema
         max_length=MAX_STOP,
         description=f"Up to {MAX_STOP} stop strings, each 1-{MAX_STOP_CHARS} characters. Generation ends before "
         "the first one produced; it is not included in the text.",
@@ -367,8 +371,8 @@ class JobSubmit(BaseModel):
     @field_validator("max_tokens")
     @classmethod
     def _max_tokens_limit(cls, v: int, info: ValidationInfo) -> int:
-        limit = (info.context or {}).get("max_tokens_limit")
-        if limit is not None and v > limit:
+        limit = min((info.context or {}).get("max_tokens_limit", MAX_TOKENS_CEILING), MAX_TOKENS_CEILING)
+        if v > limit:
             raise PydanticCustomError(
                 "max_tokens_too_large",
                 "max_tokens {v} exceeds the limit {limit} (engine.max_tokens_limit)",
@@ -703,7 +707,11 @@ class _Outbound(BaseModel):
         return self.model_dump_json(exclude_none=self._omit_none).encode("utf-8")
 
 
-_TS = Field(description="When this was produced: RFC 3339 UTC with milliseconds. Accepts epoch seconds in Python.")
+# Python callers may pass epoch seconds (pydantic converts them); the wire always has RFC 3339.
+_TS = Field(
+    description="When this was produced: RFC 3339 UTC with milliseconds, e.g. 2024-05-01T12:00:00.123Z.",
+    json_schema_extra={"format": "date-time"},
+)
 
 
 class StatusMessage(_Outbound):
@@ -726,14 +734,14 @@ class StatusMessage(_Outbound):
 
 
 class Usage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     prompt_tokens: int = Field(ge=0, description="Tokens in the prompt.")
     completion_tokens: int = Field(ge=0, description="Tokens generated.")
 
 
 class Timings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     queue_ms: float | None = Field(default=None, ge=0, description="From acceptance to the start of the run, ms.")
     prompt_ms: float | None = Field(default=None, ge=0, description="Prompt evaluation, ms.")
@@ -750,7 +758,7 @@ class Timings(BaseModel):
 
 
 class ErrorInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     code: ErrorCode = Field(description="Machine-readable reason; see the error code table.")
     message: str = Field(description="Human-readable detail: what was wrong and the limit involved.")
@@ -771,12 +779,17 @@ class ResultMessage(_Outbound):
     device_id: str = Field(description="The device that ran (or refused) the job.")
     status: JobStatus = Field(description="A terminal status: SUCCEEDED, FAILED, REJECTED, CANCELED, TIMED_OUT.")
     attempt: int = Field(ge=0, description="Runs started (0 if refused before running).")
-    ts: AwareDatetime = Field(description="When the job reached its terminal status: RFC 3339 UTC.")
+    ts: AwareDatetime = Field(
+        description="When the job reached its terminal status: RFC 3339 UTC, the same in every copy.",
+        json_schema_extra={"format": "date-time"},
+    )
     text: str | None = Field(
         default=None, description="Generated text; partial for CANCELED and TIMED_OUT; null if nothing was generated."
     )
-    finish_reason: Literal["stop", "length"] | None = Field(
-        default=None, description="stop: a stop string or end of text; length: max_tokens reached; null otherwise."
+    finish_reason: Literal["stop", "length", "canceled", "timeout"] | None = Field(
+        default=None,
+        description="stop: a stop string or end of text; length: max_tokens reached; canceled / timeout: generation "
+        "was cut short (status CANCELED / TIMED_OUT); null when nothing ran.",
     )
     usage: Usage | None = Field(default=None, description="Token counts, null when the job never ran.")
     timings: Timings | None = Field(default=None, description="Durations, null when the job never ran.")

@@ -1,0 +1,161 @@
+"""Regenerate the generated parts of docs/protocol.md from agent/protocol.py.
+
+The field tables, the status and error-code tables and the JSON Schemas are rendered from the
+pydantic models and enums, so the document cannot drift from the code. Hand-written text
+outside the ``<!-- BEGIN GENERATED: name -->`` / ``<!-- END GENERATED: name -->`` markers is
+left alone. tests/test_protocol.py fails when the file is out of date.
+
+    python tools/gen_protocol_schemas.py           # rewrite docs/protocol.md
+    python tools/gen_protocol_schemas.py --check   # exit 1 if it is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "protocol.md"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.protocol import TERMINAL, ErrorCode, JobStatus, json_schemas  # noqa: E402
+
+_BLOCK_RE = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _type(prop: dict[str, Any]) -> str:
+    if "$ref" in prop:
+        return prop["$ref"].rsplit("/", 1)[-1]
+    if "enum" in prop:
+        return " \\| ".join(json.dumps(v) for v in prop["enum"])
+    if "const" in prop:
+        return json.dumps(prop["const"])
+    if "anyOf" in prop:
+        return " \\| ".join(_type(p) for p in prop["anyOf"])
+    t = prop.get("type", "any")
+    if t == "array":
+        return f"array of {_type(prop.get('items', {}))}"
+    if t == "string" and prop.get("format") == "date-time":
+        return "string (RFC 3339)"
+    return str(t)
+
+
+def _bounds(prop: dict[str, Any]) -> str:
+    parts: list[str] = []
+    for p in [prop, *prop.get("anyOf", []), prop.get("items", {})]:
+        for key, label in (
+            ("minimum", ">= {}"),
+            ("exclusiveMinimum", "> {}"),
+            ("maximum", "<= {}"),
+            ("minLength", "length >= {}"),
+            ("maxLength", "length <= {}"),
+            ("maxItems", "at most {} items"),
+            ("pattern", "`{}`"),
+        ):
+            if key in p:
+                parts.append(label.format(p[key]))
+        if p is not prop and "items" in p:
+            parts.append(_bounds({"items": p["items"]}) or "")
+    return ", ".join(x for x in parts if x)
+
+
+def _fields_table(schema: dict[str, Any]) -> str:
+    required = set(schema.get("required", []))
+    rows = ["| field | type | required / default | bounds | meaning |", "|---|---|---|---|---|"]
+    for name, prop in schema["properties"].items():
+        if name in required:
+            need = "required"
+        elif "default" in prop:
+            need = f"default `{json.dumps(prop['default'])}`"
+        else:
+            need = "optional"
+        rows.append(
+            f"| `{name}` | {_type(prop)} | {need} | {_cell(_bounds(prop))} | {_cell(prop.get('description', ''))} |"
+        )
+    return "\n".join(rows)
+
+
+def _model_schema(name: str) -> dict[str, Any]:
+    schemas = json_schemas()
+    if name in schemas:
+        return schemas[name]
+    for s in schemas.values():
+        if name in s.get("$defs", {}):
+            return s["$defs"][name]
+    raise KeyError(name)
+
+
+def _statuses() -> str:
+    rows = ["| status | terminal | meaning |", "|---|---|---|"]
+    rows += [f"| `{s.value}` | {'yes' if s in TERMINAL else 'no'} | {_cell(s.doc)} |" for s in JobStatus]
+    return "\n".join(rows)
+
+
+def _error_codes() -> str:
+    rows = ["| code | reported with status | meaning |", "|---|---|---|"]
+    rows += [f"| `{c.value}` | {c.status.value} | {_cell(c.doc)} |" for c in ErrorCode]
+    return "\n".join(rows)
+
+
+def _schemas() -> str:
+    out = []
+    for name, schema in json_schemas().items():
+        out.append(f"### {name}\n\n```json\n{json.dumps(schema, indent=2, ensure_ascii=False)}\n```")
+    return "\n\n".join(out)
+
+
+def _renderers() -> dict[str, Callable[[], str]]:
+    r: dict[str, Callable[[], str]] = {"statuses": _statuses, "error-codes": _error_codes, "schemas": _schemas}
+    for model in ("JobSubmit", "StatusMessage", "ResultMessage", "Usage", "Timings", "ErrorInfo", "StreamChunk",
+                  "DeviceStatus"):  # fmt: skip
+        r[f"fields-{model}"] = lambda m=model: _fields_table(_model_schema(m))
+    return r
+
+
+def render(text: str) -> str:
+    """The document with every generated block brought up to date."""
+    renderers = _renderers()
+    seen: set[str] = set()
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(2)
+        if name not in renderers:
+            raise KeyError(f"docs/protocol.md has a generated block {name!r} that nothing renders")
+        seen.add(name)
+        return f"{m.group(1)}{renderers[name]()}\n{m.group(4)}"
+
+    out = _BLOCK_RE.sub(sub, text)
+    missing = set(renderers) - seen
+    if missing:
+        raise KeyError(f"docs/protocol.md lacks the generated block(s) {sorted(missing)}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only report whether the document is up to date")
+    args = ap.parse_args(argv)
+    current = DOC.read_text(encoding="utf-8")
+    wanted = render(current)
+    if args.check:
+        if wanted != current:
+            print(f"{DOC} is out of date: run python tools/gen_protocol_schemas.py", file=sys.stderr)
+            return 1
+        return 0
+    if wanted != current:
+        DOC.write_text(wanted, encoding="utf-8")
+        print(f"updated {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
