@@ -1,0 +1,673 @@
+"""The MQTT boundary: the only module that imports paho-mqtt.
+
+Owns the broker connection of one agent: a persistent MQTT 5 session (stable client id,
+clean_start=False, Session Expiry Interval), the retained last will, re-subscription on every
+connect, reconnection with jittered exponential backoff on its own network thread, TLS and
+user name/password set-up, manual acknowledgement of inbound jobs, and publish handles that
+report the broker's PUBACK. paho errors and reason codes become ``agent.errors.TransportError``
+here; nothing above this module sees a paho type.
+
+Delivery contract (at least once, bounded memory):
+
+* Inbound QoS 1 messages are acknowledged only when the daemon calls ``ack(msg)`` (after it
+  stored the job). A message never acknowledged is redelivered by the broker when the same
+  client id reconnects.
+* Outbound publishes are not kept across a connection loss. A publish while disconnected is
+  refused at once (its handle is failed), and when a connection drops, every publish still
+  waiting for its PUBACK is failed and dropped from paho's in-memory queue. The daemon's store
+  is the only resend queue: it republishes whatever is not yet delivered from ``on_connect``.
+  While connected, at most ``max_queued`` messages wait in RAM; beyond that publish fails fast.
+
+Threads: all callbacks (on_message, on_connect, on_disconnect, on_error, on_delivered) run on
+the network thread. They must be quick and must not wait on a PublishHandle (the thread that
+would resolve it is the one waiting). ``publish``, ``ack`` and ``stop`` may be called from any
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config.sections import MQTTSettings
+from agent.errors import TransportError
+
+log = logging.getLogger(__name__)
+# paho's own chatter (packet traces) goes here at DEBUG; it never contains the password.
+_paho_log = logging.getLogger(__name__ + ".paho")
+
+# Property names copied between paho and plain dicts on publish and receive.
+_MESSAGE_PROPERTIES = (
+    "ResponseTopic",
+    "CorrelationData",
+    "ContentType",
+    "MessageExpiryInterval",
+    "PayloadFormatIndicator",
+    "UserProperty",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Backoff (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def backoff_delays(min_s: float, max_s: float, rng: random.Random) -> Iterator[float]:
+    """Reconnect delays with "equal jitter": attempt n waits uniformly in [c/2, c] where
+    c = min(max_s, min_s * 2**(n+1)), never below min_s.
+
+    The floor grows with the ceiling, so a fleet that lost its broker at the same moment
+    spreads out and a device failing for hours retries no more often than every max_s/2,
+    unlike full jitter, which can draw near-zero delays forever.
+    """
+    if min_s <= 0 or max_s < min_s:
+        raise ValueError("backoff needs 0 < min_s <= max_s")
+    n = 0
+    while True:
+        ceiling = min(max_s, min_s * 2 ** min(n + 1, 62))
+        yield max(min_s, rng.uniform(ceiling / 2, ceiling))
+        n += 1
+
+
+class Backoff:
+    """Reconnect delay state: a fresh delay sequence once a connection stayed up ``stable_s``."""
+
+    def __init__(self, min_s: float, max_s: float, rng: random.Random, stable_s: float) -> None:
+        self.min_s, self.max_s, self.stable_s = min_s, max_s, stable_s
+        self._rng = rng
+        self._delays = backoff_delays(min_s, max_s, rng)
+
+    def next_delay(self, connected_for_s: float | None = None) -> float:
+        """The wait before the next attempt. ``connected_for_s``: how long the connection that
+        just ended was up (None: the attempt never connected)."""
+        # A connection that drops right after CONNACK (e.g. the broker kicks us for an ACL
+        # or a session takeover) must not reset the delay, or it would reconnect in a tight loop.
+        if connected_for_s is not None and connected_for_s >= self.stable_s:
+            self._delays = backoff_delays(self.min_s, self.max_s, self._rng)
+        return next(self._delays)
+
+
+# --------------------------------------------------------------------------------------------
+# Error mapping
+# --------------------------------------------------------------------------------------------
+
+# CONNACK reason codes (MQTT 5) that mean "this configuration will not connect".
+_CONNACK_ERRORS: dict[int, tuple[str, str]] = {
+    0x84: ("mqtt_protocol", "the broker does not speak MQTT 5: it must be mosquitto >= 1.6 or another MQTT 5 broker"),
+    0x85: ("mqtt_refused", "client id refused by the broker: check mqtt.client_id"),
+    0x86: ("mqtt_auth", "not authorised (bad user name or password): check mqtt.username/password"),
+    0x87: ("mqtt_auth", "not authorised: check mqtt.username/password, the client certificate and the broker's ACL"),
+    0x88: ("mqtt_refused", "broker unavailable"),
+    0x89: ("mqtt_refused", "broker busy"),
+    0x8A: ("mqtt_auth", "this client is banned by the broker"),
+    0x8C: ("mqtt_auth", "bad authentication method"),
+    0x95: ("mqtt_refused", "packet too large for the broker"),
+    0x97: ("mqtt_refused", "broker quota exceeded"),
+    0x9C: ("mqtt_refused", "broker asks to use another server"),
+    0x9D: ("mqtt_refused", "broker moved"),
+    0x9F: ("mqtt_refused", "connection rate exceeded: the broker limits reconnects"),
+}
+
+
+def connack_error(reason: ReasonCode | int, where: str) -> TransportError:
+    value = reason.value if isinstance(reason, ReasonCode) else int(reason)
+    code, text = _CONNACK_ERRORS.get(value, ("mqtt_refused", f"connection refused: {reason}"))
+    return TransportError(f"{where}: {text} (CONNACK 0x{value:02X})", code=code)
+
+
+def connect_error(exc: BaseException, where: str, ca_file: str | None) -> TransportError:
+    """A readable TransportError for an exception raised while opening the connection."""
+    ca = ca_file or "the system CA store"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or str(exc)
+        if "hostname" in detail.lower() or "ip address mismatch" in detail.lower():
+            hint = "the broker certificate does not name this host: check mqtt.host"
+        else:
+            hint = f"check mqtt.tls.ca_file (the broker's certificate is not signed by a CA in {ca})"
+        return TransportError(f"{where}: TLS certificate verification failed: {detail}; {hint}", code="mqtt_tls")
+    if isinstance(exc, ssl.CertificateError):  # hostname check done by paho itself
+        return TransportError(f"{where}: TLS host name check failed: {exc}; check mqtt.host", code="mqtt_tls")
+    if isinstance(exc, ssl.SSLError):
+        return tls_alert_error(str(exc.reason or exc), where)
+    if isinstance(exc, ConnectionRefusedError):
+        return TransportError(
+            f"{where}: connection refused: is the broker running and listening there? (check mqtt.host/port)",
+            code="mqtt_unreachable",
+        )
+    if isinstance(exc, socket.gaierror):
+        return TransportError(f"{where}: cannot resolve the host name: {exc.strerror}", code="mqtt_unreachable")
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return TransportError(f"{where}: timed out opening the connection", code="mqtt_unreachable")
+    if isinstance(exc, OSError):
+        return TransportError(f"{where}: {exc.strerror or exc}", code="mqtt_unreachable")
+    return TransportError(f"{where}: {type(exc).__name__}: {exc}", code="mqtt_unreachable")
+
+
+def tls_alert_error(detail: str, where: str) -> TransportError:
+    low = detail.lower()
+    if "certificate required" in low or "handshake failure" in low or "bad certificate" in low or "unknown ca" in low:
+        hint = "the broker refused our client certificate: check mqtt.tls.cert_file/key_file and the broker's cafile"
+    elif "wrong version" in low:
+        hint = "is this port a TLS listener? (check mqtt.port and mqtt.tls.enabled)"
+    else:
+        hint = "check mqtt.tls settings against the broker's listener"
+    return TransportError(f"{where}: TLS failed: {detail}; {hint}", code="mqtt_tls")
+
+
+# --------------------------------------------------------------------------------------------
+# Messages and handles
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A message from the broker. Pass it back to ``MqttTransport.ack`` once it is stored."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    dup: bool = False
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    # Which connection it arrived on: a PUBACK is only meaningful on that connection; after a
+    # reconnect the broker redelivers the message with a fresh chance to ack.
+    connection: int = 0
+
+
+class PublishHandle:
+    """The fate of one publish: delivered (PUBACK received, or QoS 0 written) or failed."""
+
+    def __init__(self, mid: int, topic: str, qos: int, on_delivered: Callable[[], None] | None = None) -> None:
+        self.mid = mid
+        self.topic = topic
+        self.qos = qos
+        self._on_delivered = on_delivered
+        self._done = threading.Event()
+        self._delivered = False
+        self._error: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self._delivered
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def error(self) -> str | None:
+        """Why the message will not be delivered by this transport (the daemon resends), or None."""
+        return self._error
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the broker acknowledged; False on failure or timeout."""
+        self._done.wait(timeout)
+        return self._delivered
+
+    def _resolve(self, delivered: bool, error: str | None = None) -> None:
+        if self._done.is_set():
+            return
+        self._delivered, self._error = delivered, error
+        self._done.set()
+        if delivered and self._on_delivered is not None:
+            try:
+                self._on_delivered()
+            except Exception:  # the network thread must survive a faulty callback
+                log.exception("on_delivered callback for %s (mid %d) failed", self.topic, self.mid)
+
+    def __repr__(self) -> str:
+        state = "delivered" if self._delivered else (f"failed: {self._error}" if self.done else "pending")
+        return f"PublishHandle(mid={self.mid}, topic={self.topic!r}, {state})"
+
+
+def _failed_handle(topic: str, qos: int, error: str) -> PublishHandle:
+    h = PublishHandle(0, topic, qos)
+    h._resolve(False, error)
+    return h
+
+
+def _to_paho_properties(props: Mapping[str, Any] | None) -> Properties | None:
+    if not props:
+        return None
+    out = Properties(PacketTypes.PUBLISH)
+    for name, value in props.items():
+        if name not in _MESSAGE_PROPERTIES:
+            raise TransportError(f"unsupported publish property {name!r} (use one of {', '.join(_MESSAGE_PROPERTIES)})")
+        setattr(out, name, value)
+    return out
+
+
+def _from_paho_properties(props: Properties | None) -> dict[str, Any]:
+    if props is None:
+        return {}
+    return {name: getattr(props, name) for name in _MESSAGE_PROPERTIES if hasattr(props, name)}
+
+
+# --------------------------------------------------------------------------------------------
+# The transport
+# --------------------------------------------------------------------------------------------
+
+
+class MqttTransport:
+    """One persistent MQTT 5 session to the broker, kept up by a network thread of its own.
+
+    Lifecycle: construct (validates TLS files; raises TransportError), ``start()`` once,
+    ``stop()`` once. A broker that is down at start-up is not an error: the thread keeps
+    retrying with backoff, and ``on_error`` / ``last_error`` say why it cannot connect.
+    """
+
+    def __init__(
+        self,
+        settings: MQTTSettings,
+        *,
+        will: tuple[str, bytes] | None,
+        on_message: Callable[[InboundMessage], None],
+        on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
+        on_error: Callable[[TransportError], None] | None = None,
+        subscriptions: Sequence[tuple[str, int]] = (),
+        manual_ack: bool = True,
+        max_queued: int = 256,
+        stable_after_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not settings.client_id:
+            # A random id would start a new session on every connect and lose queued jobs.
+            raise TransportError("mqtt.client_id must be set: the persistent session is keyed by it",
+                                 code="mqtt_config")
+        self.settings = settings
+        self.client_id: str = settings.client_id
+        self._where = f"MQTT {settings.host}:{settings.port}"
+        self._will = will
+        self._on_message_cb = on_message
+        self._on_connect_cb = on_connect
+        self._on_disconnect_cb = on_disconnect
+        self._on_error_cb = on_error
+        self._subscriptions = list(subscriptions)
+        self._manual_ack = manual_ack
+        self._max_queued = max(max_queued, settings.max_inflight)
+        self._clock = clock
+        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s, rng or random.Random(), stable_after_s)
+
+        self._lock = threading.Lock()
+        self._pending: dict[int, PublishHandle] = {}
+        # PUBACKs that overtook the registration of their handle (the network thread can see
+        # the PUBACK before publish() returns in the caller's thread).
+        self._early: dict[int, ReasonCode] = {}
+        self._sub_topics: dict[int, list[str]] = {}
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._generation = 0
+        self._connected_at: float | None = None
+        self._session_present = False
+        self._attempt_error: TransportError | None = None
+        self._last_error: TransportError | None = None
+        self._paho_error: str | None = None
+        self._disconnect_reason: str | None = None
+
+        self._client = self._make_client()
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=self._manual_ack,
+        )
+        # paho doubles 1 s..120 s without jitter and only inside loop_forever; we run our own
+        # loop and never let paho reconnect by itself.
+        client.reconnect_delay_set(1, 1)
+        client.max_inflight_messages_set(s.max_inflight)
+        client.max_queued_messages_set(self._max_queued)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password is not None else None)
+        if s.tls.enabled:
+            client.tls_set_context(self._tls_context())
+        if self._will is not None:
+            topic, payload = self._will
+            client.will_set(topic, payload, qos=1, retain=True)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = s.session_expiry_s
+        client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=False, properties=props)
+
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        client.on_log = self._handle_log
+        # With a register-write hook paho never writes from the publishing thread; every byte
+        # goes out on the network thread (publish() wakes it through paho's socket pair).
+        client.on_socket_register_write = lambda *_: None
+        client.on_socket_unregister_write = lambda *_: None
+        return client
+
+    def _tls_context(self) -> ssl.SSLContext:
+        tls = self.settings.tls
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+        except (OSError, ssl.SSLError) as e:
+            raise TransportError(f"mqtt.tls.ca_file {tls.ca_file}: cannot load CA bundle: {e}", code="mqtt_tls") from None
+        if tls.cert_file is not None and tls.key_file is not None:
+            try:
+                ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+            except (OSError, ssl.SSLError) as e:
+                raise TransportError(
+                    f"mqtt.tls.cert_file {tls.cert_file} / key_file {tls.key_file}: cannot load client certificate: {e}",
+                    code="mqtt_tls",
+                ) from None
+        if tls.insecure_skip_verify:
+            ctx.check_hostname = False
+            log.warning(
+                "mqtt.tls.insecure_skip_verify is on: the broker's host name is not checked "
+                "(any holder of a certificate from the CA can impersonate it); for lab use only"
+            )
+        return ctx
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def session_present(self) -> bool:
+        """Whether the broker resumed the previous session on the latest connect."""
+        return self._session_present
+
+    @property
+    def last_error(self) -> TransportError | None:
+        """Why the latest attempt failed or the latest connection was lost; None after success."""
+        return self._last_error
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("MqttTransport.start() may be called once")
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
+        self._thread.start()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        *,
+        on_delivered: Callable[[], None] | None = None,
+        properties: Mapping[str, Any] | None = None,
+    ) -> PublishHandle:
+        """Send a message. Never raises for connection state: a handle that will not be
+        delivered comes back failed (``handle.error`` says why) and the caller resends later.
+        ``on_delivered()`` runs on the network thread when the broker acknowledges."""
+        if self._stop.is_set():
+            return _failed_handle(topic, qos, "transport stopped")
+        if not self._connected.is_set():
+            return _failed_handle(topic, qos, "not connected: resend after reconnect")
+        props = _to_paho_properties(properties)
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except ValueError as e:  # bad topic, QoS or size: a caller bug, not a network state
+            raise TransportError(f"cannot publish to {topic!r}: {e}", code="mqtt_publish_invalid") from None
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            return _failed_handle(topic, qos, f"outgoing queue full ({self._max_queued} messages): resend later")
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+            return _failed_handle(topic, qos, "not connected: resend after reconnect")
+        # QoS>0 with NO_CONN stays in paho's queue until the loss handler drops it (or the next
+        # connection resends it): either way the handle is resolved, so register it.
+        handle = PublishHandle(info.mid, topic, qos, on_delivered)
+        with self._lock:
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = handle
+        if early is not None:
+            self._resolve_puback(handle, early)
+        return handle
+
+    def ack(self, msg: InboundMessage) -> bool:
+        """Acknowledge an inbound message (PUBACK). False when it cannot be acknowledged any
+        more (the connection it came on is gone): the broker will redeliver it."""
+        if not self._manual_ack or msg.qos == 0:
+            return True
+        if msg.connection != self._generation or not self._connected.is_set():
+            log.debug("not acking %s (mid %d): it arrived on an earlier connection; the broker redelivers it",
+                      msg.topic, msg.mid)
+            return False
+        return self._client.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def stop(self, publish: tuple[str, bytes] | None = None, timeout: float = 5.0) -> bool:
+        """Optionally publish a final retained QoS 1 message (the daemon's "stopping" status)
+        and wait for its PUBACK, then send a clean DISCONNECT and end the network thread.
+
+        A clean DISCONNECT does not fire the last will: the final message replaces it.
+        Returns whether the final message was acknowledged (True when none was asked for).
+        """
+        deadline = time.monotonic() + timeout
+        delivered = publish is None
+        if publish is not None:
+            if self._connected.is_set():
+                topic, payload = publish
+                delivered = self.publish(topic, payload, qos=1, retain=True).wait(timeout)
+                if not delivered:
+                    log.warning("final status on %s not acknowledged by the broker within %.1fs", topic, timeout)
+            else:
+                log.warning("not connected at stop: final status on %s not sent", publish[0])
+        # Set before disconnect(): the network thread checks it after each connect attempt, so
+        # a DISCONNECT that found no socket is sent by that thread instead.
+        self._stop.set()
+        self._client.disconnect()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+            if self._thread.is_alive():
+                log.warning("MQTT network thread did not end within %.1fs", timeout)
+        self._connected.clear()
+        self._fail_pending("transport stopped")
+        return delivered
+
+    # -- network thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connected_for, err = self._serve_one_connection()
+            except Exception:  # never let the thread die: the daemon would be deaf forever
+                log.exception("unexpected error in the MQTT network loop")
+                connected_for, err = self._connection_ended()
+            if self._stop.is_set():
+                break
+            delay = self._backoff.next_delay(connected_for)
+            # Log first, then tell the daemon: one WARNING per attempt, with the reason.
+            reason = err.message if err is not None else "connection closed"
+            if connected_for is None:
+                log.warning("%s; retrying in %.1fs", reason, delay)
+            else:
+                log.warning("%s (after %.0fs connected); reconnecting in %.1fs", reason, connected_for, delay)
+                if self._on_disconnect_cb is not None:
+                    try:
+                        self._on_disconnect_cb(reason)
+                    except Exception:
+                        log.exception("on_disconnect callback failed")
+            if err is not None and self._on_error_cb is not None:
+                try:
+                    self._on_error_cb(err)
+                except Exception:
+                    log.exception("on_error callback failed")
+            self._stop.wait(delay)
+        log.debug("MQTT network thread ends")
+
+    def _serve_one_connection(self) -> tuple[float | None, TransportError | None]:
+        """One attempt: open, serve until the socket closes. Returns how long it was
+        connected (None if it never got a CONNACK) and why it ended."""
+        self._attempt_error = None
+        self._paho_error = None
+        self._disconnect_reason = None
+        self._connected_at = None
+        try:
+            rc = self._client.reconnect()
+        except (OSError, ValueError) as e:  # ssl errors are OSError; CertificateError is ValueError
+            err = connect_error(e, f"cannot connect to {self._where}", self._ca_name())
+            self._last_error = err
+            return None, err
+        if self._stop.is_set():
+            self._client.disconnect()
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+            log.debug("CONNECT not sent: %s", mqtt.error_string(rc))
+        while self._client.loop(timeout=1.0) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            pass
+        return self._connection_ended()
+
+    def _ca_name(self) -> str | None:
+        tls = self.settings.tls
+        return str(tls.ca_file) if tls.enabled and tls.ca_file else None
+
+    def _connection_ended(self) -> tuple[float | None, TransportError | None]:
+        # paho's on_disconnect has already cleared _connected; _connected_at says whether
+        # this attempt ever got a CONNACK.
+        self._connected.clear()
+        connected_for = None
+        if self._connected_at is not None:
+            connected_for = max(0.0, self._clock() - self._connected_at)
+        # Our resend queue is the daemon's store, not paho's RAM: drop what paho would resend.
+        self._client.drop_out_messages()
+        self._sub_topics.clear()
+        self._fail_pending("connection lost before the broker acknowledged: resend after reconnect")
+        if self._stop.is_set():
+            if connected_for is not None:
+                log.info("disconnected from %s", self._where)
+            return connected_for, None
+        err = self._attempt_error or self._lost_error(connected_for is not None)
+        self._last_error = err
+        return connected_for, err
+
+    def _lost_error(self, was_connected: bool) -> TransportError:
+        detail = self._disconnect_reason or self._paho_error or "the broker closed the connection"
+        low = detail.lower()
+        if any(k in low for k in ("ssl", "tls", "certificate", "alert")):
+            return tls_alert_error(detail, f"{self._where}")
+        prefix = f"connection to {self._where} lost" if was_connected else f"cannot connect to {self._where}"
+        return TransportError(f"{prefix}: {detail}", code="mqtt_lost" if was_connected else "mqtt_unreachable")
+
+    def _fail_pending(self, reason: str) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for handle in pending.values():
+            handle._resolve(False, reason)
+
+    # -- paho callbacks (network thread) ---------------------------------------------------
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                        properties: Properties | None) -> None:
+        if reason.is_failure:
+            self._attempt_error = connack_error(reason, f"{self._where} refused the connection")
+            return
+        self._generation += 1
+        self._session_present = bool(flags.session_present)
+        self._connected_at = self._clock()
+        self._last_error = None
+        log.info("connected to %s as %s (%s)", self._where, self.client_id,
+                 "session resumed" if self._session_present else "new session")
+        if self._subscriptions:
+            # Even with a resumed session: the broker may have lost it (restart without
+            # persistence, expiry), and a duplicate SUBSCRIBE is harmless.
+            rc, mid = client.subscribe([(topic, qos) for topic, qos in self._subscriptions])
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._sub_topics[mid] = [topic for topic, _ in self._subscriptions]
+        self._connected.set()
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb()
+            except Exception:
+                log.exception("on_connect callback failed")
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                           properties: Properties | None) -> None:
+        if flags.is_disconnect_packet_from_server:
+            self._disconnect_reason = f"the broker disconnected us: {reason}"
+        self._connected.clear()
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            log.warning("dropped a message with a topic that is not UTF-8 (mid %d)", message.mid)
+            return
+        msg = InboundMessage(
+            topic=topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            retain=bool(message.retain),
+            mid=message.mid,
+            dup=bool(message.dup),
+            properties=_from_paho_properties(getattr(message, "properties", None)),
+            connection=self._generation,
+        )
+        try:
+            self._on_message_cb(msg)
+        except Exception:
+            # Not acked: the broker redelivers it on the next connection.
+            log.exception("on_message failed for %s (mid %d); left unacknowledged", topic, message.mid)
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                        properties: Properties | None) -> None:
+        with self._lock:
+            handle = self._pending.pop(mid, None)
+            if handle is None:
+                if len(self._early) >= 1024:  # only races leave entries behind: keep it bounded
+                    self._early.clear()
+                self._early[mid] = reason
+                return
+        self._resolve_puback(handle, reason)
+
+    def _resolve_puback(self, handle: PublishHandle, reason: ReasonCode) -> None:
+        # 0x10 "no matching subscribers" is a success: the broker has the message.
+        if reason.is_failure:
+            hint = " (the broker's ACL denies this topic)" if reason.value == 0x87 else ""
+            log.warning("broker refused publish to %s: %s%s", handle.topic, reason, hint)
+            handle._resolve(False, f"refused by the broker: {reason}{hint}")
+        else:
+            handle._resolve(True)
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
+                          properties: Properties | None) -> None:
+        topics = self._sub_topics.pop(mid, [])
+        for topic, reason in zip(topics, reasons):
+            if reason.is_failure:
+                log.warning("broker refused subscription to %s: %s", topic, reason)
+
+    def _handle_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            # Socket and TLS errors surface only here; keep the latest as the reason of a loss.
+            if "not connected" not in buf.lower():
+                self._paho_error = buf
+        _paho_log.debug("%s", buf)
+
+
+__all__ = [
+    "Backoff",
+    "InboundMessage",
+    "MqttTransport",
+    "PublishHandle",
+    "backoff_delays",
+    "connack_error",
+    "connect_error",
+]
