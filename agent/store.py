@@ -227,6 +227,28 @@ class JobStore:
             self._conn = None
             raise
 
+    def configure(
+        self,
+        *,
+        queue_max: int | None = None,
+        max_attempts: int | None = None,
+        keep_finished: int | None = None,
+        keep_finished_days: float | None = None,
+    ) -> None:
+        """Change limits in place (configuration reload); None keeps the current value.
+
+        Lowering queue_max never drops queued jobs: it only refuses new ones until the queue drains.
+        """
+        with self._lock:
+            if queue_max is not None:
+                self.queue_max = queue_max
+            if max_attempts is not None:
+                self.max_attempts = max_attempts
+            if keep_finished is not None:
+                self.keep_finished = keep_finished
+            if keep_finished_days is not None:
+                self.keep_finished_days = keep_finished_days
+
     @classmethod
     def from_settings(cls, settings: "StoreSettings", *, clock: Callable[[], float] = time.time) -> "JobStore":
         if settings.path is None:
@@ -632,8 +654,9 @@ class JobStore:
         with self._read("compacting the store"):
             c = self._connection()
             if deleted:
-                # Each step of incremental_vacuum frees pages; fetchall runs it to the end.
-                c.execute("PRAGMA incremental_vacuum").fetchall()
+                # execute() steps a statement once, and each step of incremental_vacuum frees a
+                # single page; executescript() steps it to the end in one transaction.
+                c.executescript("PRAGMA incremental_vacuum")
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return deleted
 
