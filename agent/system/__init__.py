@@ -1,0 +1,1 @@
+"""The system boundary: memory readings and budget (memory), process priority, service notification."""
