@@ -603,6 +603,13 @@ class MqttTransport:
                            properties: Properties | None) -> None:
         if flags.is_disconnect_packet_from_server:
             self._disconnect_reason = f"the broker disconnected us: {reason}"
+        elif reason.getName() == "Keep alive timeout":
+            self._disconnect_reason = (
+                f"no answer from the broker within the keep-alive ({self.settings.keepalive_s}s): "
+                "network lost or broker hung"
+            )
+        elif reason.getName() == "Protocol error":
+            self._disconnect_reason = "protocol error (malformed packet from the broker)"
         self._connected.clear()
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:

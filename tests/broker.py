@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +324,89 @@ class MosquittoBroker:
         }
         values.update(overrides)
         return MQTTSettings.model_validate(values)
+
+
+class TcpProxy:
+    """A loopback TCP relay in front of a broker that can simulate network loss.
+
+    ``partition()``: bytes in both directions are dropped and closes are not passed on, so
+    both ends see a silent, half-open connection (as when a Wi-Fi link goes away); new
+    connections are closed at once. ``heal()``: existing (now corrupt) streams are closed and
+    new connections pass again.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.host = HOST
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((HOST, 0))
+        self._listener.listen(16)
+        self.port = int(self._listener.getsockname()[1])
+        self._blocked = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept_loop, name="tcp-proxy", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._blocked.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                if not self._blocked.is_set():
+                    for s_ in (src, dst):
+                        try:
+                            s_.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                return
+            if self._blocked.is_set():
+                continue  # lost on the way
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def partition(self) -> None:
+        self._blocked.set()
+
+    def heal(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self._blocked.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        self.heal()
 
 
 class BrokerClient:

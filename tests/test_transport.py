@@ -20,7 +20,7 @@ import pytest
 
 from agent.errors import TransportError
 from agent.transport import Backoff, InboundMessage, MqttTransport, backoff_delays
-from tests.broker import BrokerClient, MosquittoBroker, TLSFiles, device_acl, make_tls_material
+from tests.broker import BrokerClient, MosquittoBroker, TcpProxy, TLSFiles, device_acl, make_tls_material
 
 T = 10.0  # deadline for anything that should happen promptly on loopback
 
@@ -297,6 +297,34 @@ def test_pending_publishes_fail_when_the_connection_drops(broker: MosquittoBroke
     assert rec.disconnects.get(timeout=T)
     h = t.publish("edge/drop/results/1", b"x")
     assert not h.wait(T) and "not connected" in (h.error or "")
+
+
+def test_silent_network_loss_is_detected_by_keepalive_and_recovered(broker: MosquittoBroker, transports: Any) -> None:
+    # Slowest test here (about 2 keep-alive periods): a half-open link only shows up that way.
+    proxy = TcpProxy(broker.host, broker.port)
+    try:
+        rec = Recorder()
+        settings = broker.settings("edge-agent-wifi", port=proxy.port, keepalive_s=5)
+        t = transports(make_transport(settings, rec, will=("edge/wifi/status", b"offline"),
+                                      subscriptions=[("edge/wifi/jobs/#", 1)]))
+        assert rec.connects.get(timeout=T) == 1
+        with BrokerClient(broker) as cloud:
+            cloud.subscribe("edge/wifi/status")
+            proxy.partition()
+            lost = t.publish("edge/wifi/results/1", b"r1")
+            # the broker notices after 1.5 keep-alives and publishes the will
+            assert cloud.expect("edge/wifi/status", timeout=20).payload == b"offline"
+            # the agent notices when its PINGREQ goes unanswered; the unacked result fails (daemon resends)
+            assert "keep-alive" in rec.disconnects.get(timeout=20)
+            assert lost.done and not lost.delivered
+            proxy.heal()
+            assert rec.connects.get(timeout=T) == 2
+            assert t.session_present
+            cloud.publish("edge/wifi/jobs/submit", b"after-heal")
+            assert rec.message().payload == b"after-heal"
+            t.stop()
+    finally:
+        proxy.close()
 
 
 # --------------------------------------------------------------------------------------------
