@@ -1,0 +1,650 @@
+"""The inference engine: the one owner of the llama.cpp model in this process.
+
+Owns ``Engine`` (load with a memory plan, generate with streaming, stop sequences, cancellation
+and deadlines, unload that gives memory back, page residency and warm-up) and its data types.
+llama-cpp-python's exceptions end here: callers see ``EngineError`` and its subclasses only.
+
+Threading: one thread generates at a time (a lock serialises ``generate``, ``load`` and
+``unload``); any other thread may cancel through the ``cancel`` event it passed in. Cancellation
+and deadlines act inside a running llama_decode through llama.cpp's abort callback, so a long
+prompt is stopped within one graph node, not after it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import llama_cpp.llama_cpp as C
+
+from agent.config.sections import EngineSettings, MemorySettings
+from agent.engine import llamacpp
+from agent.engine.estimate import (
+    CTX_PAD,
+    MemoryEstimate,
+    Mode,
+    choose_mode,
+    estimate_memory,
+    largest_ctx_that_fits,
+    pad_ctx,
+    ubatch_size,
+)
+from agent.engine.residency import LayerResidency, layer_residency, warm_up
+from agent.models.gguf_info import check_quantization, read_model_info
+from agent.errors import ContextTooLong, EdgeAgentError, EngineError, WillNotFit
+from agent.system.memory import MiB, Budget, PeakSampler, ProcStatus, process_cpu_count, proc_status, resolve_budget
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "canceled", "timeout"]
+TokenCallback = Callable[[int, str], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# data types
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int = 128
+    temperature: float = 0.7  # <= 0: greedy (deterministic)
+    top_p: float = 0.95
+    seed: int | None = None  # None: a random seed per request
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int  # tokens evaluated for the prompt (after keep_tail trimming)
+    completion_tokens: int
+    prompt_ms: float
+    generation_ms: float
+    tokens_per_s: float  # completion tokens / generation time
+    peak_rss_anon: int  # bytes, sampled during the run
+    prompt_tokens_dropped: int = 0  # context_overflow = keep_tail: tokens cut from the front
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    stats: GenerationStats
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "finish_reason": self.finish_reason, "stats": self.stats.as_dict()}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The per-request bounds; replaceable on a loaded engine (SIGHUP reload)."""
+
+    max_tokens_limit: int = 1024
+    max_prompt_bytes: int = 262144
+    context_overflow: Literal["refuse", "keep_tail"] = "refuse"
+
+    @classmethod
+    def from_settings(cls, s: EngineSettings) -> "RequestLimits":
+        return cls(s.max_tokens_limit, s.max_prompt_bytes, s.context_overflow)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What load() will do, decided from the GGUF header, the settings and the budget."""
+
+    mode: Mode
+    mode_reason: str
+    n_ctx: int
+    n_ctx_reason: str
+    estimate: MemoryEstimate
+    budget: Budget
+    info: Any  # agent.models.gguf_info.ModelInfo
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    model: str
+    mode: Mode
+    mode_reason: str
+    n_ctx: int
+    n_ctx_reason: str
+    n_batch: int
+    n_threads: int
+    budget: Budget
+    estimate: MemoryEstimate
+    before: ProcStatus  # this process just before the load
+    after: ProcStatus  # just after it
+    load_ms: float
+    llama_buffers: dict[str, int]  # llama.cpp's own buffer sizes from its load log, bytes
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{Path(self.model).name}: {self.mode} mode ({self.mode_reason}); n_ctx {self.n_ctx} ({self.n_ctx_reason}); "
+            f"{self.n_threads} threads; estimate {self.estimate.anon_bytes / MiB:.0f} MiB anonymous of budget "
+            f"{self.budget.bytes / MiB:.0f} MiB ({self.budget.source}); RssAnon {self.after.rss_anon / MiB:.0f} MiB, "
+            f"RssFile {self.after.rss_file / MiB:.0f} MiB after load; {self.load_ms:.0f} ms"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "n_ctx": self.n_ctx,
+            "n_ctx_reason": self.n_ctx_reason,
+            "n_batch": self.n_batch,
+            "n_threads": self.n_threads,
+            "budget": self.budget.as_dict(),
+            "estimate": {
+                "components": self.estimate.as_dict(),
+                "anon_bytes": self.estimate.anon_bytes,
+                "file_bytes": self.estimate.file_bytes,
+            },
+            "memory": {"before_load": self.before.as_dict(), "after_load": self.after.as_dict()},
+            "load_ms": round(self.load_ms, 1),
+            "llama_buffers": self.llama_buffers,
+            "notes": list(self.notes),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# one generation's stop state, read by the abort callback
+# ---------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """What decides that a running generation must stop. ``check`` is called from llama.cpp's
+    compute thread once per graph node, so it does as little as possible."""
+
+    __slots__ = ("cancel", "deadline", "clock", "closing", "reason")
+
+    def __init__(
+        self, cancel: threading.Event | None, deadline: float | None, clock: Callable[[], float], closing: threading.Event
+    ) -> None:
+        self.cancel = cancel
+        self.deadline = deadline
+        self.clock = clock
+        self.closing = closing
+        self.reason: FinishReason | None = None
+
+    def check(self) -> bool:
+        if self.reason is not None:
+            return True
+        if (self.cancel is not None and self.cancel.is_set()) or self.closing.is_set():
+            self.reason = "canceled"
+        elif self.deadline is not None and self.clock() >= self.deadline:
+            self.reason = "timeout"
+        return self.reason is not None
+
+
+class _Aborted(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# stop sequences over a stream
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopFilter:
+    """Holds back text that could be the start of a stop sequence, so neither the stream nor the
+    result ever contains any part of one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add decoded text; return (text safe to emit now, whether a stop sequence was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Owns one model. ``load()`` plans memory and loads; ``generate()`` runs one request;
+    ``unload()`` frees it all. Construct it unloaded, e.g. with ``Engine.from_settings``."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        *,
+        engine: EngineSettings | None = None,
+        memory: MemorySettings | None = None,
+        allow_non_4bit: bool = False,
+        budget: Budget | None = None,
+        force: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``budget`` overrides memory.budget_mb resolution (tests, the CLI); ``force`` loads even
+        when the estimate exceeds the budget (the report says so); ``clock`` is the monotonic clock
+        deadlines are measured on."""
+        self.model_path = Path(model_path)
+        self.settings = engine or EngineSettings()
+        self.memory_settings = memory or MemorySettings()
+        self.allow_non_4bit = allow_non_4bit
+        self.limits = RequestLimits.from_settings(self.settings)
+        self._budget_override = budget
+        self._force = force
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self._llama: Any = None
+        self._info: Any = None
+        self._report: LoadReport | None = None
+        self._run: _Run | None = None
+        # llama.cpp keeps only the function pointer: this object must live as long as the context.
+        self._abort_cfunc = llamacpp.AbortCallback(self._abort_check)
+        self._piece_buf = ctypes.create_string_buffer(64)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kw: Any) -> "Engine":
+        """The daemon's engine: the model from model.path, which must lie inside device.models_dir."""
+        return cls(
+            settings.model_file(),
+            engine=settings.engine,
+            memory=settings.memory,
+            allow_non_4bit=settings.model.allow_non_4bit,
+            **kw,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def loaded(self) -> bool:
+        return self._llama is not None
+
+    @property
+    def report(self) -> LoadReport | None:
+        return self._report
+
+    @property
+    def info(self) -> Any:
+        return self._info
+
+    @property
+    def n_ctx(self) -> int:
+        return self._require().n_ctx()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unload()
+
+    def _require(self) -> Any:
+        if self._llama is None:
+            raise EngineError("the model is not loaded", code="engine_not_loaded")
+        return self._llama
+
+    # ------------------------------------------------------------------ load / unload
+
+    def plan(self, *, runtime_bytes: int | None = None) -> LoadPlan:
+        """Decide mode and n_ctx for the current settings without loading anything. Raises
+        WillNotFit when nothing fits the budget (unless forced), ModelError for a bad file.
+        ``runtime_bytes``: the process's RssAnon now (default: the estimate's measured constant)."""
+        info = read_model_info(self.model_path)
+        check_quantization(info, self.allow_non_4bit)
+        s = self.settings
+        budget = self._budget_override or resolve_budget(self.memory_settings)
+        kw: dict[str, Any] = dict(
+            n_batch=s.n_batch, type_k=s.type_k, type_v=s.type_v, flash_attn=s.flash_attn, runtime_bytes=runtime_bytes
+        )
+        headroom = float(self.memory_settings.headroom_pct)
+        mode: Mode
+        if s.n_ctx == "auto":
+            cap = min(s.auto_ctx_max, info.n_ctx_train or s.auto_ctx_max)
+            cap_note = f"engine.auto_ctx_max {s.auto_ctx_max}" + (
+                f", training context {info.n_ctx_train}" if info.n_ctx_train and info.n_ctx_train < s.auto_ctx_max else ""
+            )
+            if s.load_mode == "auto":
+                choice = choose_mode(info, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=cap, **kw)
+                mode, mode_reason = choice.mode, choice.reason + f" at n_ctx {pad_ctx(cap)}"
+            else:
+                mode, mode_reason = s.load_mode, "engine.load_mode"
+            ctx = largest_ctx_that_fits(info, budget.bytes, mode, cap=cap, **kw)
+            if ctx is None:
+                if self._force:
+                    ctx = min(pad_ctx(cap), 256)
+                else:
+                    est = estimate_memory(info, n_ctx=256, mode=mode, **kw)
+                    raise WillNotFit(_will_not_fit(est, budget, "even the smallest context (256)"))
+            n_ctx = ctx
+            at_cap = ctx >= max(CTX_PAD, cap // CTX_PAD * CTX_PAD)
+            ctx_reason = f"auto: the cap ({cap_note})" if at_cap else f"auto: the largest that fits the budget (cap: {cap_note})"
+        else:
+            n_ctx = pad_ctx(int(s.n_ctx))
+            ctx_reason = "engine.n_ctx" + (f" {s.n_ctx} rounded up to a multiple of 256" if n_ctx != s.n_ctx else "")
+            if s.load_mode == "auto":
+                choice = choose_mode(info, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=n_ctx, **kw)
+                mode, mode_reason = choice.mode, choice.reason
+            else:
+                mode, mode_reason = s.load_mode, "engine.load_mode"
+        est = estimate_memory(info, n_ctx=n_ctx, mode=mode, **kw)
+        if est.anon_bytes > budget.bytes and not self._force:
+            raise WillNotFit(_will_not_fit(est, budget, f"n_ctx {n_ctx}"))
+        return LoadPlan(mode, mode_reason, n_ctx, ctx_reason, est, budget, info)
+
+    def load(self) -> LoadReport:
+        """Plan, then load the model (closing a loaded one first). Raises WillNotFit (nothing was
+        loaded), ModelError (bad file) or EngineError."""
+        with self._lock:
+            self.unload()
+            self._closing.clear()
+            llamacpp.LIBC.malloc_trim()
+            before = proc_status()
+            plan = self.plan(runtime_bytes=before.rss_anon)
+            mode, n_ctx, est, budget = plan.mode, plan.n_ctx, plan.estimate, plan.budget
+            s = self.settings
+            n_threads = s.n_threads if s.n_threads != "auto" else process_cpu_count()
+            n_batch = min(s.n_batch, n_ctx)
+            notes = list(budget.notes)
+            if est.anon_bytes > budget.bytes:
+                notes.append(f"forced: the estimate {est.anon_bytes / MiB:.0f} MiB exceeds the budget {budget.bytes / MiB:.0f} MiB")
+            if est.anon_bytes + est.file_bytes > budget.bytes:
+                notes.append(
+                    "the weights in use do not all fit in RAM next to the anonymous memory: the kernel will read "
+                    "them from storage during generation (slow, but not an OOM)"
+                )
+            t0 = time.monotonic()
+            try:
+                llama, lines = llamacpp.construct_llama(
+                    str(self.model_path),
+                    repack=(mode == "fast"),
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_ubatch=ubatch_size(n_ctx, n_batch),
+                    n_threads=n_threads,
+                    type_k=s.type_k,
+                    type_v=s.type_v,
+                    flash_attn=s.flash_attn,
+                )
+            except EdgeAgentError:
+                raise
+            except Exception as e:  # noqa: BLE001  llama-cpp-python raises ValueError/RuntimeError/OSError
+                raise EngineError(f"llama.cpp could not load {self.model_path}: {e}", code="engine_load_failed") from e
+            load_ms = (time.monotonic() - t0) * 1000
+            C.llama_set_abort_callback(llama.ctx, self._abort_cfunc, None)
+            self._llama, self._info = llama, plan.info
+            buffers = llamacpp.buffer_sizes(lines)
+            if mode == "fast" and not any("REPACK" in k for k in buffers):
+                notes.append("llama.cpp repacked nothing on this CPU: fast mode costs no extra memory here")
+            self._report = LoadReport(
+                model=str(self.model_path),
+                mode=mode,
+                mode_reason=plan.mode_reason,
+                n_ctx=llama.n_ctx(),
+                n_ctx_reason=plan.n_ctx_reason,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                budget=budget,
+                estimate=est,
+                before=before,
+                after=proc_status(),
+                load_ms=load_ms,
+                llama_buffers=buffers,
+                notes=notes,
+            )
+            log.info("loaded %s", self._report.summary())
+            if s.warmup:
+                self.warmup(progress=False)
+            return self._report
+
+    def unload(self) -> None:
+        """Free the model and give the memory back to the OS. A running generation is stopped
+        (finish_reason 'canceled') first. Safe to call when nothing is loaded."""
+        self._closing.set()
+        with self._lock:
+            llama, self._llama = self._llama, None
+            if llama is None:
+                return
+            llama.close()
+            del llama
+            # The numpy arrays of the Llama object go with its last reference; collect now so the
+            # heap is really free before trimming it.
+            gc.collect()
+            llamacpp.LIBC.malloc_trim()
+            self._report = None
+
+    # ------------------------------------------------------------------ generate
+
+    def _abort_check(self, _data: Any) -> bool:
+        # Called by llama.cpp between graph nodes, from its compute thread: never raise.
+        try:
+            run = self._run
+            return run is not None and run.check()
+        except Exception:  # noqa: BLE001
+            return False
+
+    def count_tokens(self, text: str) -> int:
+        with self._lock:
+            return len(self._require().tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def _check_request(self, req: GenerationRequest) -> None:
+        lim = self.limits
+        n_bytes = len(req.prompt.encode("utf-8"))
+        if n_bytes > lim.max_prompt_bytes:
+            raise EngineError(
+                f"prompt is {n_bytes} bytes, more than engine.max_prompt_bytes {lim.max_prompt_bytes}",
+                code="prompt_too_large",
+            )
+        if req.max_tokens < 1:
+            raise EngineError(f"max_tokens must be at least 1 (got {req.max_tokens})", code="max_tokens_too_large")
+        if req.max_tokens > lim.max_tokens_limit:
+            raise EngineError(
+                f"max_tokens {req.max_tokens} is more than engine.max_tokens_limit {lim.max_tokens_limit}",
+                code="max_tokens_too_large",
+            )
+
+    def _fit_context(self, tokens: list[int], max_tokens: int, n_ctx: int, bos: int) -> tuple[list[int], int]:
+        n = len(tokens)
+        if n + max_tokens <= n_ctx:
+            return tokens, 0
+        room = n_ctx - max_tokens
+        if self.limits.context_overflow == "keep_tail" and room >= 2:
+            head = [tokens[0]] if tokens and tokens[0] == bos else []
+            tail = tokens[len(tokens) - (room - len(head)) :]
+            return head + tail, n - len(head) - len(tail)
+        raise ContextTooLong(
+            f"prompt is {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} > n_ctx {n_ctx}. "
+            "Shorten the prompt, lower max_tokens, raise engine.n_ctx, or set engine.context_overflow = 'keep_tail'"
+        )
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        *,
+        on_token: TokenCallback | None = None,
+        cancel: threading.Event | None = None,
+        deadline: float | None = None,
+    ) -> GenerationResult:
+        """Run one request. ``on_token(index, text)`` is called for each piece of new text (index
+        0, 1, 2 ...; text never empty; the pieces add up to ``result.text``). ``cancel`` may be set
+        from any thread; ``deadline`` is a time on the engine's clock (time.monotonic by default).
+        Both stop prompt evaluation too. Raises ContextTooLong, EngineError."""
+        self._check_request(req)
+        with self._lock:
+            llama = self._require()
+            vocab = llama._model.vocab
+            n_ctx = llama.n_ctx()
+            bos = C.llama_vocab_bos(vocab)
+            try:
+                tokens = llama.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=True)
+            except Exception as e:  # noqa: BLE001
+                raise EngineError(f"tokenising the prompt failed: {e}") from e
+            tokens, dropped = self._fit_context(tokens, req.max_tokens, n_ctx, bos)
+            run = _Run(cancel, deadline, self._clock, self._closing)
+            sampler = _make_sampler(req)
+            peak = PeakSampler(interval_s=0.05).start()
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            stops = _StopFilter(req.stop)
+            parts: list[str] = []
+            n_out = 0
+            finish: FinishReason = "length"
+            completion = 0
+
+            def emit(text: str) -> None:
+                nonlocal n_out
+                if not text:
+                    return
+                parts.append(text)
+                if on_token is not None:
+                    on_token(n_out, text)
+                n_out += 1
+
+            t0 = time.monotonic()
+            t_prompt_end: float | None = None
+            hit_stop = False
+            self._run = run
+            try:
+                llama.reset()
+                if run.check():
+                    raise _Aborted
+                self._decode(llama, tokens, run)
+                t_prompt_end = time.monotonic()
+                while True:
+                    if run.check():
+                        raise _Aborted
+                    token = C.llama_sampler_sample(sampler, llama.ctx, -1)
+                    if C.llama_vocab_is_eog(vocab, token):
+                        finish = "stop"
+                        break
+                    completion += 1
+                    piece, self._piece_buf = llamacpp.token_piece(vocab, token, self._piece_buf)
+                    text, hit_stop = stops.push(decoder.decode(piece))
+                    emit(text)
+                    if hit_stop:
+                        finish = "stop"
+                        break
+                    if completion >= req.max_tokens:
+                        break
+                    self._decode(llama, [token], run)
+            except _Aborted:
+                finish = run.reason or "canceled"
+                # llama.cpp already dropped the aborted micro-batch from the KV cache; forget the
+                # rest too, so the next request starts from a state nobody has to reason about.
+                llama.reset()
+                mem = C.llama_get_memory(llama.ctx)
+                if mem is not None:
+                    C.llama_memory_clear(mem, False)
+            finally:
+                self._run = None
+                C.llama_sampler_free(sampler)
+                peak_anon = peak.stop()
+            if not hit_stop:
+                # Text held back because it might have begun a stop sequence is real output.
+                tail, hit_stop = stops.push(decoder.decode(b"", final=True))
+                emit(tail)
+                if not hit_stop:
+                    emit(stops.flush())
+            t_end = time.monotonic()
+            if t_prompt_end is None:
+                t_prompt_end = t_end
+            gen_s = t_end - t_prompt_end
+            stats = GenerationStats(
+                prompt_tokens=len(tokens),
+                completion_tokens=completion,
+                prompt_ms=(t_prompt_end - t0) * 1000,
+                generation_ms=gen_s * 1000,
+                tokens_per_s=completion / gen_s if completion and gen_s > 0 else 0.0,
+                peak_rss_anon=peak_anon,
+                prompt_tokens_dropped=dropped,
+            )
+            return GenerationResult("".join(parts), finish, stats)
+
+    def _decode(self, llama: Any, tokens: list[int], run: _Run) -> None:
+        try:
+            llama.eval(tokens)
+        except RuntimeError as e:
+            if run.reason is not None or f"returned {llamacpp.DECODE_ABORTED}" in str(e):
+                run.reason = run.reason or "canceled"
+                raise _Aborted from None
+            raise EngineError(f"llama_decode failed: {e}", code="engine_decode_failed") from e
+
+    # ------------------------------------------------------------------ residency / warm-up
+
+    def _model_info(self) -> Any:
+        # Reading the header maps the file's first pages (and the kernel reads ahead around them):
+        # read it once, so residency() does not disturb what it measures.
+        if self._info is None:
+            self._info = read_model_info(self.model_path)
+        return self._info
+
+    def residency(self) -> list[LayerResidency]:
+        """Per transformer layer, the share of its bytes in the page cache (mincore(2)). Does not
+        need the lock: it reads the file's page-cache state, not the model."""
+        return layer_residency(self.model_path, self._model_info().layers)
+
+    def warmup(self, progress: bool = False) -> float:
+        """Read every page of the weights, layer by layer in file order (tqdm bar on stderr with
+        ``progress``). Returns milliseconds taken."""
+        info = self._model_info()
+        ranges = [(r.name, r.offset, r.nbytes) for r in info.other_ranges] + [
+            (f"blk.{r.index}", r.offset, r.nbytes) for r in info.layers
+        ]
+        ranges.sort(key=lambda r: r[1])
+        t0 = time.monotonic()
+        warm_up(self.model_path, ranges, progress=progress)
+        return (time.monotonic() - t0) * 1000
+
+
+def _make_sampler(req: GenerationRequest) -> Any:
+    chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+    if req.temperature <= 0:
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
+    else:
+        if req.top_p < 1.0:
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(req.top_p, 1))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(req.temperature))
+        seed = C.LLAMA_DEFAULT_SEED if req.seed is None else req.seed & 0xFFFFFFFF
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
+    return chain
+
+
+def _will_not_fit(est: MemoryEstimate, budget: Budget, what: str) -> str:
+    msg = (
+        f"will not fit: {what} needs {est.anon_bytes / MiB:.0f} MiB of anonymous memory, the budget is "
+        f"{budget.bytes / MiB:.0f} MiB ({budget.source}). Estimate: {est.describe()}. "
+    )
+    if est.mode == "fast":
+        msg += "Use load_mode 'fit' or 'auto' (weights stay in the file cache), or a smaller n_ctx."
+    else:
+        msg += "Lower engine.n_ctx or engine.n_batch, use a smaller model, or raise memory.budget_mb."
+    return msg
