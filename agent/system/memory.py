@@ -240,7 +240,10 @@ def cgroup_memory(
         mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
         if mount is None:
             return CgroupMemory(None, path=v2_path, reason="cgroup2 is not mounted")
-        controllers = (mount.point / "cgroup.controllers").read_text().split() if (mount.point / "cgroup.controllers").exists() else []
+        try:
+            controllers = (mount.point / "cgroup.controllers").read_text().split()
+        except OSError:
+            controllers = []
         if "memory" not in controllers:
             return CgroupMemory(
                 None,
