@@ -339,16 +339,29 @@ class Engine:
                 mode, mode_reason = choice.mode, choice.reason + f" at n_ctx {pad_ctx(cap)}"
             else:
                 mode, mode_reason = s.load_mode, "engine.load_mode"
-            ctx = largest_ctx_that_fits(info, budget.bytes, mode, cap=cap, **kw)
+            # An automatic context leaves page cache for the weights inference keeps reading (up to
+            # half the budget): a KV cache that squeezes them out makes every token re-read the
+            # model from storage. Only if that leaves no context at all does it take the whole budget.
+            file_share = min(estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw).file_bytes, budget.bytes // 2)
+            ctx = largest_ctx_that_fits(info, budget.bytes - file_share, mode, cap=cap, **kw)
+            squeezed = ctx is None
+            if squeezed:
+                ctx = largest_ctx_that_fits(info, budget.bytes, mode, cap=cap, **kw)
             if ctx is None:
-                if self._force:
-                    ctx = min(pad_ctx(cap), 256)
-                else:
-                    est = estimate_memory(info, n_ctx=256, mode=mode, **kw)
-                    raise WillNotFit(_will_not_fit(est, budget, "even the smallest context (256)"))
+                if not self._force:
+                    est = estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw)
+                    raise WillNotFit(_will_not_fit(est, budget, f"even the smallest context ({CTX_PAD})"))
+                ctx = CTX_PAD
             n_ctx = ctx
-            at_cap = ctx >= max(CTX_PAD, cap // CTX_PAD * CTX_PAD)
-            ctx_reason = f"auto: the cap ({cap_note})" if at_cap else f"auto: the largest that fits the budget (cap: {cap_note})"
+            if ctx >= max(CTX_PAD, cap // CTX_PAD * CTX_PAD):
+                ctx_reason = f"auto: the cap ({cap_note})"
+            elif squeezed:
+                ctx_reason = "auto: the largest that fits the budget (no room left for the weights' page cache)"
+            else:
+                ctx_reason = (
+                    f"auto: the largest that fits the budget less {file_share / MiB:.0f} MiB of page cache for the "
+                    f"weights (cap: {cap_note})"
+                )
         else:
             n_ctx = pad_ctx(int(s.n_ctx))
             ctx_reason = "engine.n_ctx" + (f" {s.n_ctx} rounded up to a multiple of 256" if n_ctx != s.n_ctx else "")
