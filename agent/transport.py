@@ -221,12 +221,14 @@ class PublishHandle:
         if self._done.is_set():
             return
         self._delivered, self._error = delivered, error
-        self._done.set()
+        # The callback runs before waiters wake: whoever waits on the handle then sees its effect
+        # (the daemon's store row marked delivered), not a stale state.
         if delivered and self._on_delivered is not None:
             try:
                 self._on_delivered()
             except Exception:  # the network thread must survive a faulty callback
                 log.exception("on_delivered callback for %s (mid %d) failed", self.topic, self.mid)
+        self._done.set()
 
     def __repr__(self) -> str:
         state = "delivered" if self._delivered else (f"failed: {self._error}" if self.done else "pending")
