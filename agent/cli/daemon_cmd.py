@@ -1,5 +1,206 @@
-"""Placeholder until this command group lands; replaced by its owner."""
+"""`edge-agent run`, `edge-agent submit`, `edge-agent jobs list|show|cancel`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from agent.cli.config_cmd import add_config_option
+from agent.config import Settings, load_settings
+from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EdgeAgentError
 
 
-def register(sub):
-    pass
+def register(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("run", help="run the daemon (what systemd starts)")
+    add_config_option(r)
+    r.add_argument(
+        "--demo",
+        action="store_true",
+        help="embedded defaults: firmware-config/dev.toml, a generated demo model, a private broker if none runs",
+    )
+    r.set_defaults(handler=_run)
+
+    s = sub.add_parser("submit", help="publish a job to a device and print its statuses and result")
+    add_config_option(s)
+    s.add_argument("prompt")
+    s.add_argument("--device", help="target device id (default: device.id of the config)")
+    s.add_argument("--job-id", help="job id (default: a new unique id)")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    s.add_argument("--priority", type=int)
+    s.add_argument("--timeout", type=float, dest="timeout_s", help="job timeout_s on the device")
+    s.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    s.add_argument("--stream", action="store_true", help="ask for token streaming and print the pieces")
+    s.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the result (default 300)")
+    s.add_argument("--json", action="store_true", help="print the result message as JSON")
+    s.set_defaults(handler=_submit)
+
+    j = sub.add_parser("jobs", help="read the local job store")
+    jsub = j.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    jl = jsub.add_parser("list", help="recent jobs, newest first")
+    add_config_option(jl)
+    jl.add_argument("--status", help="only this status (QUEUED, IN_PROGRESS, SUCCEEDED, ...)")
+    jl.add_argument("--limit", type=int, default=50)
+    jl.set_defaults(handler=_jobs_list)
+    js = jsub.add_parser("show", help="one job with its request and result, as JSON")
+    add_config_option(js)
+    js.add_argument("job_id")
+    js.set_defaults(handler=_jobs_show)
+    jc = jsub.add_parser("cancel", help="cancel a job through the broker (the daemon owns running jobs)")
+    add_config_option(jc)
+    jc.add_argument("job_id")
+    jc.set_defaults(handler=_jobs_cancel)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    from agent.daemon import Daemon
+    from agent.engine import Engine
+
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.INFO)  # a service logs its life cycle to the journal
+    broker = None
+    try:
+        if args.demo:
+            from agent.demo import demo_settings, ensure_broker, ensure_demo_model
+
+            settings = demo_settings()
+            ensure_demo_model(settings)
+            broker = ensure_broker(settings)
+            config_path = None
+        else:
+            settings = _settings(args)
+            config_path = args.config
+        settings.device.state_dir.mkdir(parents=True, exist_ok=True)
+        engine = Engine.from_settings(settings)
+        daemon = Daemon(settings, engine=engine, config_path=config_path)
+    except EdgeAgentError as e:
+        print(f"edge-agent: cannot start [{e.code}]: {e}", file=sys.stderr)
+        if broker is not None:
+            broker.terminate()
+        return EXIT_CANNOT_START
+    if args.demo:
+        print(
+            f"edge-agent demo: device '{settings.device.id}' on {settings.mqtt.host}:{settings.mqtt.port}. "
+            f"Try, in another terminal:\n  .venv/bin/edge-agent submit 'Hello' --device {settings.device.id} "
+            "--wait --stream",
+            file=sys.stderr,
+        )
+    try:
+        return daemon.serve()
+    finally:
+        if broker is not None:
+            broker.terminate()
+            broker.wait(timeout=10)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from agent.client import JobClient
+
+    settings = _settings(args)
+    request: dict[str, Any] = {"prompt": args.prompt, "max_tokens": args.max_tokens}
+    for key in ("temperature", "seed", "stop", "priority", "timeout_s"):
+        if getattr(args, key) is not None:
+            request[key] = getattr(args, key)
+    if args.stream:
+        request["stream"] = True
+    with JobClient(settings, device_id=args.device or settings.device.id) as client:
+        job_id = client.submit(request, job_id=args.job_id)
+        print(f"submitted {job_id} to {client.topics.submit}", file=sys.stderr)
+        if not (args.wait or args.stream):
+            return 0
+        result = client.follow(
+            job_id,
+            timeout=args.wait_timeout,
+            on_status=lambda s: print(f"[{s['status']}]" + (f" {s['reason']}: {s.get('message')}" if s.get("reason") else ""),
+                                      file=sys.stderr),
+            on_piece=(lambda p: print(p["text"], end="", flush=True)) if args.stream else None,
+        )
+    if result is None:
+        print(f"\nno result within {args.wait_timeout:g} s (the job stays on the device)", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        if args.stream:
+            print()
+        else:
+            print(result.get("text", ""))
+        t, u = result.get("timings") or {}, result.get("usage") or {}
+        print(
+            f"{result['status']} finish={result.get('finish_reason')} prompt={u.get('prompt_tokens')} "
+            f"completion={u.get('completion_tokens')} queue={t.get('queue_ms', 0):.0f}ms "
+            f"prompt={t.get('prompt_ms', 0):.0f}ms gen={t.get('generation_ms', 0):.0f}ms "
+            f"{t.get('tokens_per_s', 0):.1f} tok/s",
+            file=sys.stderr,
+        )
+        if result.get("error"):
+            print(f"error {result['error']['code']}: {result['error']['message']}", file=sys.stderr)
+    return 0 if result["status"] == "SUCCEEDED" else EXIT_FAILURE
+
+
+def _open_store(settings: Settings):
+    from agent.store import JobStore
+
+    if not settings.store.path.exists():
+        raise EdgeAgentError(f"no job store at {settings.store.path} (has the daemon run with this config?)")
+    return JobStore(settings.store.path, queue_max=settings.store.queue_max, max_attempts=settings.store.max_attempts)
+
+
+def _ts(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    store = _open_store(_settings(args))
+    try:
+        rows = store.list_jobs(status=args.status.upper() if args.status else None, limit=args.limit)
+        counts = store.counts()
+    finally:
+        store.close()
+    print(f"{'JOB ID':<36} {'STATUS':<12} {'ATT':>3} {'PRI':>4} {'CREATED (UTC)':<19} {'DELIV':<5} ERROR")
+    for r in rows:
+        print(
+            f"{r.job_id:<36} {r.status:<12} {r.attempt:>3} {r.priority:>4} {_ts(r.created_at):<19} "
+            f"{'yes' if r.delivered else 'no':<5} {r.error_code or ''}"
+        )
+    print("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=sys.stderr)
+    return 0
+
+
+def _jobs_show(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    store = _open_store(_settings(args))
+    try:
+        rec = store.get(args.job_id)
+    finally:
+        store.close()
+    if rec is None:
+        print(f"edge-agent: no job {args.job_id!r} in the store", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(asdict(rec), indent=2, default=str))
+    return 0
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    from agent.client import JobClient
+
+    settings = _settings(args)
+    with JobClient(settings, device_id=settings.device.id) as client:
+        client.cancel(args.job_id)
+    print(f"cancel sent for {args.job_id}; the daemon publishes CANCELED if it was queued or running", file=sys.stderr)
+    return 0
