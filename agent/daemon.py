@@ -83,14 +83,22 @@ class Daemon:
         engine: Any,
         config_path: Path | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
     ) -> None:
+        """``clock`` is wall time (job timestamps, expiry); ``monotonic`` must be the engine's clock,
+        on which job deadlines are handed to it."""
         self.settings = settings
+        self.monotonic = monotonic
         self.engine = engine
         self.config_path = config_path
         self.clock = clock
         self.notifier = notifier or Notifier()
         self.topics = Topics(settings.mqtt.prefix, settings.device.id)
+        try:
+            settings.device.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create device.state_dir {settings.device.state_dir}: {e.strerror}") from None
         self.store = JobStore(
             settings.store.path,
             queue_max=settings.store.queue_max,
@@ -409,7 +417,7 @@ class Daemon:
             ends.append(job.expires_at.timestamp())
         if not ends:
             return None
-        return time.monotonic() + (min(ends) - self.clock())
+        return self.monotonic() + (min(ends) - self.clock())
 
     def _abort_running(self, why: str) -> None:
         with self._lock:

@@ -82,7 +82,6 @@ def _run(args: argparse.Namespace) -> int:
         else:
             settings = _settings(args)
             config_path = args.config
-        settings.device.state_dir.mkdir(parents=True, exist_ok=True)
         engine = Engine.from_settings(settings)
         daemon = Daemon(settings, engine=engine, config_path=config_path)
     except EdgeAgentError as e:

@@ -1,0 +1,246 @@
+"""Running real daemons in tests: a config writer, an in-process daemon and a subprocess daemon.
+
+Readiness and progress are observed through the broker (a live, non-retained "online" device
+status; job statuses and results), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from agent.config import Settings, load_settings
+from agent.daemon import Daemon
+from agent.engine import Engine
+from tests.broker import BrokerClient, MosquittoBroker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    out = []
+    if scalars:
+        if prefix:
+            out.append(f"[{prefix}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+        out.append("")
+    for k, v in tables.items():
+        out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
+    return "\n".join(out)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def write_daemon_config(
+    folder: Path, broker: MosquittoBroker, model: Path, *, device_id: str = "dev-a", **sections: dict[str, Any]
+) -> Path:
+    """A config for one daemon in ``folder``: its own state and models folders, the given broker,
+    the model copied in, fast reconnects; ``sections`` override (e.g. store={"queue_max": 2})."""
+    folder.mkdir(parents=True, exist_ok=True)
+    models = folder / "models"
+    models.mkdir(exist_ok=True)
+    if not (models / "model.gguf").exists():
+        shutil.copyfile(model, models / "model.gguf")
+    data: dict[str, Any] = {
+        "device": {"id": device_id, "state_dir": str(folder / "state"), "models_dir": str(models)},
+        "mqtt": {
+            "host": broker.host,
+            "port": broker.port,
+            "keepalive_s": 5,
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 1.0,
+        },
+        "model": {"path": "model.gguf"},
+        "engine": {"n_ctx": 512, "n_threads": 1, "n_batch": 64, "load_mode": "fit"},
+        "memory": {"budget_mb": 1024},
+        "priority": {"nice": 0, "oom_score_adj": 0},
+        "service": {"shutdown_grace_s": 10},
+    }
+    _merge(data, sections)
+    path = folder / "config.toml"
+    path.write_text(to_toml(data))
+    return path
+
+
+def wait_online(peer: BrokerClient, device_id: str, *, timeout: float = 30.0, prefix: str = "edge") -> dict:
+    """Wait for a live (non-retained) 'online' device status: the daemon (re)connected just now."""
+    topic = f"{prefix}/{device_id}/status"
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = peer.expect(topic, timeout=max(0.01, deadline - time.monotonic()))
+        data = json.loads(msg.payload)
+        if not msg.retain and data["state"] == "online":
+            return data
+
+
+class InProcessDaemon:
+    """A real Daemon (real store, engine and transport) served on a thread of the test process.
+
+    ``engine_wrapper`` may wrap the real engine (see GatedEngine); ``clock`` is the daemon's wall clock.
+    """
+
+    def __init__(
+        self,
+        config: Path,
+        *,
+        engine_wrapper: Callable[[Engine], Any] | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings: Settings = load_settings(config, environ={})
+        engine = Engine.from_settings(self.settings, clock=monotonic)
+        self.engine = engine_wrapper(engine) if engine_wrapper else engine
+        self.daemon = Daemon(self.settings, engine=self.engine, config_path=config, clock=clock, monotonic=monotonic)
+        self._thread: threading.Thread | None = None
+        self.exit_code: int | None = None
+
+    def start(self) -> "InProcessDaemon":
+        def serve() -> None:
+            self.exit_code = self.daemon.serve(install_signals=False)
+
+        self._thread = threading.Thread(target=serve, name="daemon-under-test", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        self.daemon.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            assert not self._thread.is_alive(), "daemon did not stop"
+        return self.exit_code
+
+    def __enter__(self) -> "InProcessDaemon":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.stop()
+
+
+class GatedEngine:
+    """The real engine, with a gate inside generation: the first token of each run signals
+    ``started`` and waits until the test opens ``gate``. Lets a test hold a job IN_PROGRESS
+    for exactly as long as it needs (cancel it, queue others behind it), with no sleeps."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("_engine", "started", "gate"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._engine, name, value)
+
+    def generate(self, req: Any, *, on_token: Any = None, **kw: Any) -> Any:
+        first = [True]
+
+        def gated(index: int, text: str) -> None:
+            if first[0]:
+                first[0] = False
+                self.started.set()
+                self.gate.wait()
+            if on_token is not None:
+                on_token(index, text)
+
+        try:
+            return self._engine.generate(req, on_token=gated, **kw)
+        finally:
+            self.started.clear()
+
+
+class DaemonProcess:
+    """`edge-agent run -c CONFIG` as a child process (what systemd runs), with its log in a file."""
+
+    def __init__(self, config: Path, *, log_name: str = "daemon.log") -> None:
+        self.config = config
+        self.log_path = config.parent / log_name
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> "DaemonProcess":
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== start {self.starts} =====\n".encode())
+        log.flush()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT__")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        return self.proc.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def __enter__(self) -> "DaemonProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.alive():
+            self.kill()
