@@ -137,7 +137,7 @@ class InProcessDaemon:
         return self.exit_code
 
     def __enter__(self) -> "InProcessDaemon":
-        return self.start()
+        return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -153,18 +153,20 @@ class GatedEngine:
         self._engine = engine
         self.started = threading.Event()
         self.gate = threading.Event()
+        self.cancel: threading.Event | None = None  # the running job's cancel event, set by the daemon
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("_engine", "started", "gate"):
+        if name in ("_engine", "started", "gate", "cancel"):
             object.__setattr__(self, name, value)
         else:
             setattr(self._engine, name, value)
 
     def generate(self, req: Any, *, on_token: Any = None, **kw: Any) -> Any:
         first = [True]
+        self.cancel = kw.get("cancel")
 
         def gated(index: int, text: str) -> None:
             if first[0]:
