@@ -5,7 +5,7 @@ broker, the store or the engine. Inbound payloads (job submissions) are parsed b
 ``parse_submit``, which turns every possible defect into one exception type, ``InvalidJob``.
 Outbound payloads are built from pydantic models whose ``to_payload()`` gives compact UTF-8
 JSON. The same models feed the JSON Schemas and tables in docs/protocol.md
-(``tools/gen_protocol_schemas.py``), so the documentation cannot drift from the code.
+(``agent/protocol_doc.py``), so the documentation cannot drift from the code.
 """
 
 from __future__ import annotations

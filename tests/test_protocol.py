@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from datetime import datetime, timezone
@@ -526,11 +525,9 @@ def test_json_schemas_cover_every_payload() -> None:
 
 
 def test_protocol_doc_is_up_to_date() -> None:
-    spec = importlib.util.spec_from_file_location("gen_protocol_schemas", ROOT / "tools" / "gen_protocol_schemas.py")
-    assert spec and spec.loader
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    from agent import protocol_doc as gen
+
     doc = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
-    assert gen.render(doc) == doc, "docs/protocol.md is out of date: run python tools/gen_protocol_schemas.py"
+    assert gen.render(doc) == doc, "docs/protocol.md is out of date: run python -m agent.protocol_doc"
     for name, schema in json_schemas().items():
         assert json.dumps(schema, indent=2, ensure_ascii=False) in doc, name

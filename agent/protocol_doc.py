@@ -5,8 +5,8 @@ pydantic models and enums, so the document cannot drift from the code. Hand-writ
 outside the ``<!-- BEGIN GENERATED: name -->`` / ``<!-- END GENERATED: name -->`` markers is
 left alone. tests/test_protocol.py fails when the file is out of date.
 
-    python tools/gen_protocol_schemas.py           # rewrite docs/protocol.md
-    python tools/gen_protocol_schemas.py --check   # exit 1 if it is out of date
+    python -m agent.protocol_doc           # rewrite docs/protocol.md (from a source checkout)
+    python -m agent.protocol_doc --check   # exit 1 if it is out of date
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "protocol.md"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from agent.protocol import TERMINAL, ErrorCode, JobStatus, json_schemas  # noqa: E402
+from agent.protocol import TERMINAL, ErrorCode, JobStatus, json_schemas
 
 _BLOCK_RE = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
 
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = render(current)
     if args.check:
         if wanted != current:
-            print(f"{DOC} is out of date: run python tools/gen_protocol_schemas.py", file=sys.stderr)
+            print(f"{DOC} is out of date: run python -m agent.protocol_doc", file=sys.stderr)
             return 1
         return 0
     if wanted != current:
