@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from agent import __version__
 from agent.config import Settings, load_settings
-from agent.errors import ContextTooLong, EngineError, StoreError, WillNotFit
+from agent.errors import EXIT_CANNOT_START, ContextTooLong, EdgeAgentError, EngineError, StoreError, WillNotFit
 from agent.engine import GenerationRequest, RequestLimits
 from agent.protocol import (
     DeviceStatus,
@@ -41,6 +41,7 @@ from agent.protocol import (
 from agent.store import Accepted, JobRecord, JobStore
 from agent.system.priority import apply_priority
 from agent.system.sdnotify import Notifier
+from agent.telemetry import collect as collect_telemetry
 from agent.transport import InboundMessage, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Daemon:
         self._reload_requested = False
         self._worker: threading.Thread | None = None
         self._last_prune = 0.0
+        self._last_telemetry = 0.0
         self._last_watchdog = 0.0
 
     # ----------------------------------------------------------------- life cycle
@@ -148,7 +150,13 @@ class Daemon:
         """Start, run the main loop until stopped (or for ``passes`` passes), shut down; returns the exit code."""
         if install_signals:
             self._install_signals()
-        self.start()
+        try:
+            self.start()
+        except EdgeAgentError as e:
+            # Model missing or will not fit, store unusable: a restart would fail the same way.
+            e.exit_code = EXIT_CANNOT_START  # type: ignore[attr-defined]
+            self._close_after_failed_start()
+            raise
         try:
             n = 0
             while self._stop_requested == 0 and (passes is None or n < passes):
@@ -158,9 +166,16 @@ class Daemon:
             self.shutdown()
         return 0
 
+    def _close_after_failed_start(self) -> None:
+        self._draining.set()
+        self._wake.set()
+        self.transport.stop()
+        self.engine.unload()
+        self.store.close()
+
     def main_pass(self, *, wait_s: float | None = None) -> None:
-        """One pass of the main loop: watchdog, reload, resend, retention. Waits for the next tick first."""
-        interval = self.notifier.watchdog_interval_s or 5.0
+        """One pass of the main loop: watchdog, reload, resend, retention, telemetry. Waits for the next tick first."""
+        interval = min(self.notifier.watchdog_interval_s or 5.0, self.settings.telemetry.interval_s)
         self._tick.wait(wait_s if wait_s is not None else interval)
         self._tick.clear()
         now = self.clock()
@@ -176,6 +191,17 @@ class Daemon:
             removed = self.store.prune(now)
             if removed:
                 log.info("retention: removed %d finished jobs", removed)
+        if now - self._last_telemetry >= self.settings.telemetry.interval_s and self.transport.connected:
+            self._last_telemetry = now
+            self.publish_telemetry(now)
+
+    def publish_telemetry(self, now: float) -> None:
+        with self._lock:
+            running = self._running.job_id if self._running else None
+        t = collect_telemetry(
+            self.settings.device.id, now, engine=self.engine, queue_depth=self.store.queued_count(), running_job=running
+        )
+        self.transport.publish(f"{self.topics.root}/telemetry", t.to_payload(), qos=0)
 
     def request_stop(self) -> None:
         self._stop_requested += 1

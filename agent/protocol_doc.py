@@ -115,6 +115,9 @@ def _renderers() -> dict[str, Callable[[], str]]:
     for model in ("JobSubmit", "StatusMessage", "ResultMessage", "Usage", "Timings", "ErrorInfo", "StreamChunk",
                   "DeviceStatus"):  # fmt: skip
         r[f"fields-{model}"] = lambda m=model: _fields_table(_model_schema(m))
+    from agent.telemetry import Telemetry
+
+    r["fields-Telemetry"] = lambda: _fields_table(Telemetry.model_json_schema())
     return r
 
 

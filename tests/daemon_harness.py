@@ -59,7 +59,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_daemon_config(
-    folder: Path, broker: MosquittoBroker, model: Path, *, device_id: str = "dev-a", **sections: dict[str, Any]
+    folder: Path, broker: MosquittoBroker, model_file: Path, *, device_id: str = "dev-a", **sections: dict[str, Any]
 ) -> Path:
     """A config for one daemon in ``folder``: its own state and models folders, the given broker,
     the model copied in, fast reconnects; ``sections`` override (e.g. store={"queue_max": 2})."""
@@ -67,7 +67,7 @@ def write_daemon_config(
     models = folder / "models"
     models.mkdir(exist_ok=True)
     if not (models / "model.gguf").exists():
-        shutil.copyfile(model, models / "model.gguf")
+        shutil.copyfile(model_file, models / "model.gguf")
     data: dict[str, Any] = {
         "device": {"id": device_id, "state_dir": str(folder / "state"), "models_dir": str(models)},
         "mqtt": {

@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--stream", action="store_true", help="ask for token streaming and print the pieces")
     s.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the result (default 300)")
     s.add_argument("--json", action="store_true", help="print the result message as JSON")
+    s.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker (default 10)")
     s.set_defaults(handler=_submit)
 
     j = sub.add_parser("jobs", help="read the local job store")
@@ -114,7 +115,7 @@ def _submit(args: argparse.Namespace) -> int:
             request[key] = getattr(args, key)
     if args.stream:
         request["stream"] = True
-    with JobClient(settings, device_id=args.device or settings.device.id) as client:
+    with JobClient(settings, device_id=args.device or settings.device.id, connect_timeout=args.connect_timeout) as client:
         job_id = client.submit(request, job_id=args.job_id)
         print(f"submitted {job_id} to {client.topics.submit}", file=sys.stderr)
         if not (args.wait or args.stream):
