@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.config import Settings, load_settings
+from agent.config import Settings, _merge, load_settings
 from agent.daemon import Daemon
 from agent.engine import Engine
 from tests.broker import BrokerClient, MosquittoBroker
@@ -47,15 +47,6 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     for k, v in tables.items():
         out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
     return "\n".join(out)
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 def write_daemon_config(
