@@ -31,8 +31,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# JOB_ID_PATTERN is for pydantic, whose "$" is the end of the string. Python's "$" also matches
+# before a final "\n", so the Python checks anchor with \Z: "abc\n" must not pass here and then
+# fail in the outbound models (or end up in a topic name).
+_JOB_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
+_PREFIX_RE = re.compile(r"\A[A-Za-z0-9_-]{1,32}\Z")
 
 # Static ceilings that hold whatever the configuration says; the configured (smaller) limits
 # are passed to parse_submit. 131072 matches EngineSettings.max_tokens_limit's upper bound.
