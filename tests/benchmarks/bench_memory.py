@@ -4,7 +4,8 @@ Run:  .venv/bin/python tests/benchmarks/bench_memory.py [--tinyllama] [--ctx 102
 
 Each case (preset x mode) runs in a fresh Python process, so nothing an earlier load left in the
 heap pollutes RssAnon. In the child: load (RssAnon before load is the estimate's runtime term),
-generate --tokens tokens greedily after a short prompt (tokens/s), then one generation whose
+generate --tokens tokens greedily after a short prompt, three times (tokens/s: the best run, since
+a shared machine only ever slows a run down), then one generation whose
 prompt fills the context to n_ctx - 16 tokens and generates 16 more: that touches the whole KV
 cache, the largest attention buffers and the CPU work buffer, so its peak RssAnon is the steady
 state the estimate plans for. "Measured" is that peak (PeakSampler, 50 ms, plus RssAnon read
@@ -38,13 +39,15 @@ def _child(model: str, mode: str, n_ctx: int, n_batch: int, tokens: int, threads
     engine = Engine(model, engine=settings)
     report = engine.load()
     ctx = report.n_ctx
-    speed = engine.generate(GenerationRequest("Once upon a time", max_tokens=tokens, temperature=0))
+    # Best of three: the CI machine is shared, and a busy neighbour only ever makes a run slower.
+    runs = [engine.generate(GenerationRequest("Once upon a time", max_tokens=tokens, temperature=0)) for _ in range(3)]
+    speed = max(runs, key=lambda r: r.stats.tokens_per_s)
     # A prompt longer than the context; keep_tail trims it to exactly n_ctx - 16 tokens.
     unit = " the quick brown fox"
     per = max(1, engine.count_tokens(unit * 8) - engine.count_tokens(unit * 7))
     full = engine.generate(GenerationRequest(unit * (ctx // per + 8), max_tokens=16, temperature=0))
     after_run = proc_status()
-    peak = max(speed.stats.peak_rss_anon, full.stats.peak_rss_anon, after_run.rss_anon)
+    peak = max(*(r.stats.peak_rss_anon for r in runs), full.stats.peak_rss_anon, after_run.rss_anon)
     est = report.estimate
     return {
         "model": Path(model).name,
@@ -62,6 +65,7 @@ def _child(model: str, mode: str, n_ctx: int, n_batch: int, tokens: int, threads
         "rss_file_after_run": after_run.rss_file,
         "full_ctx_prompt_tokens": full.stats.prompt_tokens,
         "tokens_per_s": speed.stats.tokens_per_s,
+        "tokens_per_s_runs": [r.stats.tokens_per_s for r in runs],
         "prompt_tokens_per_s": full.stats.prompt_tokens / (full.stats.prompt_ms / 1000) if full.stats.prompt_ms else 0.0,
         "load_ms": report.load_ms,
         "llama_buffers": report.llama_buffers,
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tinyllama", action="store_true", help="also tinyllama-1.1b (620 MB file)")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--tokens", type=int, default=64, help="generated tokens for tokens/s")
+    ap.add_argument("--tokens", type=int, default=128, help="generated tokens per speed run")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "edge-agent-bench-models")
     ap.add_argument("--json", action="store_true", help="print all measurements as JSON")
@@ -123,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
-    print(f"n_ctx {args.ctx}, n_batch {args.batch}, {rows[0]['n_threads']} threads, {os.cpu_count()} CPUs; "
-          f"RssAnon = peak during load + a full-context generation")
+    print(f"n_ctx {args.ctx}, n_batch {args.batch}, {rows[0]['n_threads']} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}; RssAnon = peak during load + a full-context generation; "
+          f"tok/s = best of 3 x {args.tokens} tokens")
     print()
     print("| preset | mode | estimate RssAnon | measured RssAnon | error | RssFile | load | tok/s | prompt tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
