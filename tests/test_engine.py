@@ -73,6 +73,11 @@ def test_greedy_generation_is_deterministic_and_streams_the_whole_text(tiny_engi
     assert s.peak_rss_anon >= proc_status().rss_anon * 0.5
 
 
+def test_empty_prompt_generates_from_bos(tiny_engine: Engine) -> None:
+    res = tiny_engine.generate(GenerationRequest("", max_tokens=4, **GREEDY))
+    assert res.stats.prompt_tokens == 1 and res.stats.completion_tokens == 4
+
+
 def test_sampling_with_a_seed_is_repeatable(tiny_engine: Engine) -> None:
     req = GenerationRequest("Hello", max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
     assert tiny_engine.generate(req).text == tiny_engine.generate(req).text

@@ -479,7 +479,7 @@ class Engine:
                 code="prompt_too_large",
             )
         if req.max_tokens < 1:
-            raise EngineError(f"max_tokens must be at least 1 (got {req.max_tokens})", code="max_tokens_too_large")
+            raise EngineError(f"max_tokens must be at least 1 (got {req.max_tokens})", code="invalid_request")
         if req.max_tokens > lim.max_tokens_limit:
             raise EngineError(
                 f"max_tokens {req.max_tokens} is more than engine.max_tokens_limit {lim.max_tokens_limit}",
@@ -522,6 +522,9 @@ class Engine:
                 tokens = llama.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=True)
             except Exception as e:  # noqa: BLE001
                 raise EngineError(f"tokenising the prompt failed: {e}") from e
+            if not tokens:
+                # Nothing to condition on and no BOS to add: llama.cpp would sample from no logits.
+                raise EngineError("the prompt is empty and the model adds no BOS token", code="invalid_request")
             tokens, dropped = self._fit_context(tokens, req.max_tokens, n_ctx, bos)
             run = _Run(cancel, deadline, self._clock, self._closing)
             sampler = _make_sampler(req)
