@@ -355,10 +355,19 @@ class Daemon:
     def _run(self, rec: JobRecord) -> None:
         running = _Running(rec.job_id)
         with self._lock:
-            self._running = running
-            if rec.job_id in self._cancel_requests:
-                running.why = "cancel"
-                running.cancel.set()
+            # A stop sets _draining before it aborts the running job under this lock: checked
+            # here, a job claimed as a stop began is not missed by that abort, and never starts
+            # (unless a cancel for it is pending: that runs to its CANCELED outcome at once).
+            stopping = self._draining.is_set() and rec.job_id not in self._cancel_requests
+            if not stopping:
+                self._running = running
+                if rec.job_id in self._cancel_requests:
+                    running.why = "cancel"
+                    running.cancel.set()
+        if stopping:
+            self.store.requeue(rec.job_id, self.clock())
+            log.info("job %s claimed as the agent began to stop: requeued without running", rec.job_id)
+            return
         self._publish_status(rec)
         job = rec.job()
         started = self.clock()
