@@ -446,8 +446,9 @@ def _parse_float(s: str) -> float:
 
 def _parse_int(s: str) -> int:
     # Python refuses ints over 4300 digits with a confusing message; nothing valid needs 40.
-    if len(s) > 40:
-        raise _Refuse(f"integer with {len(s.lstrip('-'))} digits is out of range")
+    digits = len(s.lstrip("-"))  # a minus sign is not a digit: -(40 digits) is still in range
+    if digits > 40:
+        raise _Refuse(f"integer with {digits} digits is out of range")
     return int(s)
 
 
