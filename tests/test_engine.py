@@ -416,3 +416,29 @@ def test_unload_while_generating_cancels_the_run(tiny_engine: Engine, tiny_model
     unloader.join(30)
     assert results and results[0].finish_reason == "canceled"
     assert not engine.loaded
+
+
+@pytest.mark.slow
+def test_cli_generate_streams_and_ctrl_c_cancels(qwen05_model: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "generate", "--model", str(qwen05_model), "--prompt", "Once upon a time",
+         "--max-tokens", "1000", "--ctx", "2048", "--mode", "fit"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.read1(64)  # returns as soon as the first streamed text arrives
+    assert first
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    text = err.decode()
+    assert proc.returncode == 130, text[-2000:]
+    assert "finish canceled" in text
+    # 1000 tokens take seconds: the run stopped long before that
+    import re
+
+    n = int(re.search(r", (\d+) tokens in \d+ ms", text).group(1))  # type: ignore[union-attr]
+    assert 1 <= n < 1000

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads it from stdin)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--mode", choices=["auto", "fit", "fast"], default=None, help="load mode (default: engine.load_mode)")
-    p.add_argument("--ctx", default=None, help="context size in tokens or 'auto' (default: engine.n_ctx)")
+    p.add_argument("--ctx", type=_ctx_arg, default=None, help="context size in tokens or 'auto' (default: engine.n_ctx)")
     p.add_argument("--batch", type=int, default=None, help="prompt batch size (default: engine.n_batch)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: engine.n_threads)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
@@ -54,12 +54,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_generate)
 
 
+def _ctx_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {text!r}") from None
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     eng: dict[str, Any] = {}
     if args.mode is not None:
         eng["load_mode"] = args.mode
     if args.ctx is not None:
-        eng["n_ctx"] = args.ctx if args.ctx == "auto" else int(args.ctx)
+        eng["n_ctx"] = args.ctx
     if args.batch is not None:
         eng["n_batch"] = args.batch
     if args.threads is not None:
