@@ -35,8 +35,9 @@ KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "f32": 4.0}
 # libllama's own data. Measured as RssAnon after `import agent.cli, llama_cpp` on x86-64 (33 MiB);
 # the engine replaces it with the process's real RssAnon before load.
 DEFAULT_RUNTIME_BYTES = 34 * MiB
-# What one model load adds regardless of shapes (backend registry, thread pool, graph metadata
-# actually touched): 1.8 MiB measured with the 512-token test model, rounded up.
+# What one model load and run add regardless of shapes (backend registry, thread pool, graph
+# metadata actually touched, the run's Python objects and sampler thread): 1.8 MiB right after
+# loading the 512-token test model, up to 2.5 MiB more at steady state in the calibration runs.
 LOAD_FIXED_BYTES = 3 * MiB
 # llama.cpp's vocabulary tables (token text, scores, token->id map, piece cache) per token.
 # Fitted on synthetic byte-fallback vocabularies of 512-152k tokens: 147 bytes per token.
