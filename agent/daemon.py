@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from agent import __version__
 from agent.config import Settings, load_settings
-from agent.errors import EXIT_CANNOT_START, ContextTooLong, EdgeAgentError, EngineError, StoreError, WillNotFit
+from agent.errors import EXIT_CANNOT_START, EdgeAgentError, EngineError, StoreError
 from agent.engine import GenerationRequest, RequestLimits
 from agent.protocol import (
     DeviceStatus,
@@ -64,9 +64,6 @@ RELOADABLE = {
 
 # Results resent per main-loop pass: the transport holds a bounded number of messages in RAM.
 RESEND_BATCH = 50
-
-# Engine errors that will fail the same way on any retry: the job is REJECTED ("do not retry").
-_REJECTING = {ContextTooLong: ErrorCode.context_too_long, WillNotFit: ErrorCode.will_not_fit}
 
 
 @dataclass
@@ -406,10 +403,11 @@ class Daemon:
                 status, error = JobStatus.TIMED_OUT, ErrorInfo(code=ErrorCode.timeout, message=self._timeout_text(job))
             else:
                 status = JobStatus.SUCCEEDED
-        except tuple(_REJECTING) as e:
-            status, error = JobStatus.REJECTED, ErrorInfo(code=_REJECTING[type(e)], message=str(e))
         except EngineError as e:
-            status, error = JobStatus.FAILED, ErrorInfo(code=ErrorCode.engine_error, message=str(e))
+            # The code decides the status: context_too_long, will_not_fit, prompt_too_large ... are
+            # REJECTED (the same request fails the same way on any retry); the rest FAILED.
+            code = ErrorCode.from_agent_error(e.code)
+            status, error = code.status, ErrorInfo(code=code, message=str(e))
         except MemoryError:
             status, error = JobStatus.REJECTED, ErrorInfo(code=ErrorCode.will_not_fit, message="out of memory")
         except Exception as e:  # a bug: the job still gets its one outcome instead of staying IN_PROGRESS

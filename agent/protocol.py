@@ -191,6 +191,10 @@ class ErrorCode(StrEnum):
 
 _AGENT_ERROR_CODES: dict[str, ErrorCode] = {
     "model_invalid": ErrorCode.model_not_loaded,
+    "engine_not_loaded": ErrorCode.model_not_loaded,
+    "engine_load_failed": ErrorCode.model_not_loaded,
+    "engine_decode_failed": ErrorCode.engine_error,
+    "invalid_request": ErrorCode.invalid_payload,
     "store_error": ErrorCode.internal,
     "config_invalid": ErrorCode.internal,
     "transport_error": ErrorCode.internal,
