@@ -552,10 +552,11 @@ class JobStore:
         """Repair what a crash left behind; call once at start-up, before taking jobs.
 
         Each job appears once:
-          requeued            was IN_PROGRESS, runs again (attempt < max_attempts): publish QUEUED.
-          failed_interrupted  was IN_PROGRESS for the max_attempts-th time: now FAILED 'interrupted';
-                              publish status and result.
-          undelivered         already terminal, result never confirmed delivered: resend the result.
+          requeued            was IN_PROGRESS, runs again (attempt < max_attempts); its next IN_PROGRESS
+                              status carries the new attempt.
+          failed_interrupted  was IN_PROGRESS for the max_attempts-th time: now FAILED 'interrupted',
+                              undelivered, so the daemon publishes it with the other undelivered results.
+          undelivered         already terminal, result never confirmed delivered: resent after connect.
         """
         now = self._now(now)
         actions: list[tuple[str, RecoverAction]] = []
