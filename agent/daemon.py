@@ -126,7 +126,6 @@ class Daemon:
         self._worker: threading.Thread | None = None
         self._last_prune = 0.0
         self._last_telemetry = 0.0
-        self._last_watchdog = 0.0
 
     # ----------------------------------------------------------------- life cycle
 

@@ -5,6 +5,7 @@ Nothing here runs on a board: a board has its profile in /etc/edge-agent and its
 
 from __future__ import annotations
 
+import getpass
 import logging
 import shutil
 import socket
@@ -23,7 +24,7 @@ DEV_PROFILE = REPO / "firmware-config" / "dev.toml"
 def demo_settings() -> Settings:
     if not DEV_PROFILE.is_file():
         raise ConfigError(f"--demo needs the source checkout's {DEV_PROFILE}; on a board use --config instead")
-    return load_settings(DEV_PROFILE, overrides={"service": {"demo_broker": True}})
+    return load_settings(DEV_PROFILE)
 
 
 def ensure_demo_model(settings: Settings) -> Path:
@@ -59,11 +60,15 @@ def ensure_broker(settings: Settings) -> subprocess.Popen | None:
     folder = settings.device.state_dir / "demo-broker"
     folder.mkdir(parents=True, exist_ok=True)
     conf = folder / "mosquitto.conf"
+    # Started as root, mosquitto would switch to its own user and lose access to this folder.
     conf.write_text(
-        f"listener {port} {host}\nallow_anonymous true\npersistence true\n"
-        f"persistence_location {folder}/\nlog_dest file {folder}/mosquitto.log\n"
+        f"user {getpass.getuser()}\nlistener {port} {host}\nallow_anonymous true\npersistence true\n"
+        f"persistence_location {folder}/\nlog_dest stderr\n"
     )
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    with open(folder / "mosquitto.log", "ab") as log_file:
+        proc = subprocess.Popen(
+            [exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+        )
     for _ in range(100):  # up to 10 s for the port to open
         if proc.poll() is not None:
             raise ConfigError(f"the demo broker exited with {proc.returncode}; see {folder}/mosquitto.log")

@@ -74,15 +74,18 @@ def _run(args: argparse.Namespace) -> int:
     broker = None
     try:
         if args.demo:
-            from agent.demo import demo_settings, ensure_broker, ensure_demo_model
+            from agent.demo import DEV_PROFILE, demo_settings, ensure_demo_model
 
             settings = demo_settings()
             ensure_demo_model(settings)
-            broker = ensure_broker(settings)
-            config_path = None
+            config_path = DEV_PROFILE
         else:
             settings = _settings(args)
             config_path = args.config
+        if settings.service.demo_broker:
+            from agent.demo import ensure_broker
+
+            broker = ensure_broker(settings)
         engine = Engine.from_settings(settings)
         daemon = Daemon(settings, engine=engine, config_path=config_path)
     except EdgeAgentError as e:
