@@ -111,3 +111,52 @@ def test_sighup_reloads_a_running_service(cfg, broker):
             assert result["error"]["code"] == "max_tokens_too_large", d.log_tail()
             assert d.terminate() == 0
     assert "reload: engine.max_tokens_limit = 3" in d.log_path.read_text()
+
+
+def test_demo_starts_its_own_broker_and_model_and_serves(tmp_path, monkeypatch, capsys):
+    """The README's main command, on a port where no broker runs: it must bring up everything itself."""
+    import queue
+
+    from agent.config import load_settings
+    from agent.demo import DEV_PROFILE
+    from agent.transport import MqttTransport
+    from tests.broker import free_port
+
+    env = {
+        "EDGE_AGENT__MQTT__PORT": str(free_port()),
+        "EDGE_AGENT__DEVICE__STATE_DIR": str(tmp_path / "var"),
+        "EDGE_AGENT__DEVICE__MODELS_DIR": str(tmp_path / "models"),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--demo"], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "demo.log", "wb"),
+    )  # fmt: skip
+    try:
+        settings = load_settings(DEV_PROFILE)
+        online: queue.Queue = queue.Queue()
+        watcher = MqttTransport(
+            settings.mqtt.model_copy(update={"client_id": "demo-watcher", "session_expiry_s": 0}),
+            will=None,
+            on_message=online.put,
+            subscriptions=[("edge/dev/status", 1)],
+            manual_ack=False,
+        )
+        watcher.start()  # retries until the demo's broker is up
+        try:
+            while json.loads(online.get(timeout=60).payload)["state"] != "online":
+                pass
+        finally:
+            watcher.stop()
+        assert (tmp_path / "models" / "demo-tiny.gguf").is_file()
+        rc = main(["submit", "-c", str(DEV_PROFILE), "Hello", "--max-tokens", "4", "--wait", "--json"])
+        out = capsys.readouterr().out
+        assert rc == 0 and json.loads(out)["status"] == "SUCCEEDED"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "demo.log").read_text()
+    assert "started a private demo broker" in log and "stopped" in log
