@@ -473,14 +473,20 @@ class Daemon:
         """Publish a stored terminal outcome (status, then result); the result's PUBACK marks it delivered.
 
         Returns the result's publish handle. A publish that fails (offline, queue full) is not retried
-        here: the result stays undelivered in the store and is resent after the next connect.
+        here: the result stays undelivered in the store and the main loop resends it (on its next pass
+        while connected, or after the next connect).
         """
         self._publish_status(rec)
         payload = rec.result_message(self.settings.device.id).to_payload()
         job_id = rec.job_id
-        return self.transport.publish(
+        handle = self.transport.publish(
             self.topics.result(job_id), payload, qos=1, on_delivered=lambda: self.store.mark_delivered(job_id)
         )
+        if handle.done and not handle.delivered:
+            # Refused at once. A full outgoing queue (a burst of jobs) is followed by no reconnect, so
+            # waiting for the next connect could leave the result undelivered for as long as the link holds.
+            self._resend.set()
+        return handle
 
     def resend_undelivered(self, *, wait_s: float = 10.0) -> int:
         """Publish undelivered results in batches, waiting for each batch's acknowledgements so the
