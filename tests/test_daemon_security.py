@@ -20,12 +20,15 @@ import itertools
 import json
 import logging
 import os
+import queue
 import random
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ from hypothesis import strategies as st
 from agent.client import JobClient
 from agent.config import Settings
 from tests.broker import BrokerClient, MosquittoBroker, TLSFiles, device_acl
-from tests.daemon_harness import ROOT, DaemonProcess, InProcessDaemon, wait_online, write_daemon_config
+from tests.daemon_harness import ROOT, DaemonProcess, GatedEngine, InProcessDaemon, wait_online, write_daemon_config
 
 T = 15.0  # deadline for anything that should happen promptly on loopback
 
@@ -416,11 +419,13 @@ class JobTopics:
         self.root = f"edge/{device}/jobs/"
         self.by_job: dict[str, list[tuple[str, dict]]] = {}
         self.odd: list[Any] = []  # anything under {root}/jobs/ that is not {root}/jobs/{id}/{leaf}
+        self.other: list[Any] = []  # messages on other topics, in arrival order
         peer.subscribe(f"edge/{device}/jobs/+/+")  # every job topic; not jobs/submit
 
     def _file(self, msg: Any) -> None:
         if not msg.topic.startswith(self.root):
-            return  # the device status the peer also follows
+            self.other.append(msg)  # the device status the peer also follows
+            return
         parts = msg.topic[len(self.root) :].split("/")
         if len(parts) == 2 and parts[1] in ("status", "result", "stream"):
             self.by_job.setdefault(parts[0], []).append((parts[1], json.loads(msg.payload)))
@@ -429,11 +434,23 @@ class JobTopics:
 
     def result(self, job_id: str, timeout: float = T, n: int = 1) -> dict:
         """The job's ``n``-th result, waiting for it."""
+        deadline = time.monotonic() + timeout
         while True:
             done = [m for leaf, m in self.by_job.get(job_id, []) if leaf == "result"]
             if len(done) >= n:
                 return done[n - 1]
-            self._file(self.peer.expect(timeout=timeout))
+            try:
+                self._file(self.peer.expect(timeout=max(0.0, deadline - time.monotonic())))
+            except (TimeoutError, queue.Empty):
+                raise AssertionError(f"result {n} of {job_id} did not arrive within {timeout:g} s") from None
+
+    def wait_status(self, job_id: str, status: str, timeout: float = T) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(m["status"] == status for leaf, m in self.by_job.get(job_id, []) if leaf == "status"):
+            try:
+                self._file(self.peer.expect(timeout=max(0.0, deadline - time.monotonic())))
+            except (TimeoutError, queue.Empty):
+                raise AssertionError(f"{job_id} was not {status} within {timeout:g} s") from None
 
     def settle(self) -> None:
         """File everything the broker routed to us so far (a barrier through the same broker)."""
@@ -690,6 +707,51 @@ def test_readable_id_rules_on_undecodable_payloads(fuzz_target: FuzzTarget) -> N
         t.expected.add(job_id)
         t.publish(payload)
         t.check_refused(job_id, "invalid_payload")
+
+
+# --------------------------------------------------------------------------------------------
+# A flood of jobs
+
+
+def test_a_flood_that_overflows_the_outgoing_queue_loses_no_result(
+    broker: MosquittoBroker, tiny_model: Path, tmp_path: Path
+) -> None:
+    """More outcomes than the transport holds in RAM (256 + the in-flight window) while the broker
+    is not acknowledging: the overflow is refused at once, and every result must still arrive
+    without waiting for a reconnect (which a full queue never causes)."""
+    k = 100  # 3 messages per job (IN_PROGRESS, SUCCEEDED, result): 300 > 256 + 20
+    cfg = write_daemon_config(tmp_path / "flood", broker, tiny_model, device_id="dev-flood",
+                              store={"queue_max": k}, telemetry={"interval_s": 3600})  # fmt: skip
+    gated: list[GatedEngine] = []
+    with BrokerClient(broker) as cloud:
+        cloud.subscribe("edge/dev-flood/status")
+        seen = JobTopics(cloud, "dev-flood")
+        with InProcessDaemon(cfg, engine_wrapper=lambda e: gated.append(GatedEngine(e)) or gated[0]) as d:
+            wait_online(cloud, "dev-flood")
+            ids = [f"flood-{i:03d}" for i in range(k)]
+            for job_id in ids:
+                cloud.publish("edge/dev-flood/jobs/submit", job(job_id, max_tokens=1))
+            assert gated[0].started.wait(T)  # the first runs and holds; the others are stored behind it
+            for job_id in ids:
+                seen.wait_status(job_id, "QUEUED")
+            os.kill(broker.pid, signal.SIGSTOP)  # the broker stops reading: nothing is acknowledged
+            try:
+                gated[0].gate.set()
+                store = d.daemon.store
+                deadline = time.monotonic() + 30
+                while store.counts()["SUCCEEDED"] < k:  # every outcome stored, and its publish attempted
+                    assert time.monotonic() < deadline, store.counts()
+                    threading.Event().wait(0.01)  # poll pacing; the loop ends on the condition
+                probe = d.daemon.transport.publish("edge/dev-flood/probe", b"", qos=1)
+                assert probe.done and "queue full" in (probe.error or ""), probe  # it did overflow
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            results = {job_id: seen.result(job_id, timeout=30) for job_id in ids}
+            assert all(r["status"] == "SUCCEEDED" for r in results.values())
+            # Delivered over the same connection: no reconnect (that would publish "online" again) did it.
+            seen.settle()
+            assert d.daemon.transport.connected
+            assert [m.payload for m in seen.other if m.topic == "edge/dev-flood/status"] == []
 
 
 # --------------------------------------------------------------------------------------------
