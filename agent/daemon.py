@@ -103,6 +103,7 @@ class Daemon:
             max_attempts=settings.store.max_attempts,
             keep_finished=settings.store.keep_finished,
             keep_finished_days=settings.store.keep_finished_days,
+            synchronous=settings.store.synchronous,
         )
         subs = [(self.topics.submit, 1), (self.topics.cancel_filter, 1)]
         if settings.mqtt.fleet_group:
@@ -117,6 +118,8 @@ class Daemon:
         self._lock = threading.Lock()
         self._running: _Running | None = None
         self._cancel_requests: set[str] = set()
+        # Results published and not yet acknowledged: a resend pass must not send them again.
+        self._inflight: dict[str, Any] = {}
         self._wake = threading.Event()  # the worker: a job may be waiting
         self._tick = threading.Event()  # the main loop: something to do now
         self._resend = threading.Event()
@@ -156,7 +159,11 @@ class Daemon:
         try:
             n = 0
             while self._stop_requested == 0 and (passes is None or n < passes):
-                self.main_pass()
+                try:
+                    self.main_pass()
+                except Exception:  # a bug in one pass (a resend, a prune) must not end the service
+                    log.exception("main loop error; carrying on")
+                    self._tick.wait(1.0)  # do not spin if the same error repeats every pass
                 n += 1
         finally:
             self.shutdown()
@@ -469,34 +476,49 @@ class Daemon:
         msg = rec.status_message(self.settings.device.id, self.clock())
         self.transport.publish(self.topics.status(rec.job_id), msg.to_payload(), qos=1)
 
-    def _publish_outcome(self, rec: JobRecord) -> Any:
+    def _publish_outcome(self, rec: JobRecord, *, resend: bool = False) -> Any:
         """Publish a stored terminal outcome (status, then result); the result's PUBACK marks it delivered.
 
         Returns the result's publish handle. A publish that fails (offline, queue full) is not retried
         here: the result stays undelivered in the store and the main loop resends it (on its next pass
-        while connected, or after the next connect).
+        while connected, or after the next connect). With ``resend``, a result still waiting for its
+        PUBACK is not sent again: its handle is returned instead.
         """
+        job_id = rec.job_id
+        with self._lock:
+            pending = self._inflight.get(job_id)
+        if resend and pending is not None and not pending.done:
+            return pending
         self._publish_status(rec)
         payload = rec.result_message(self.settings.device.id).to_payload()
-        job_id = rec.job_id
-        handle = self.transport.publish(
-            self.topics.result(job_id), payload, qos=1, on_delivered=lambda: self.store.mark_delivered(job_id)
-        )
+
+        def delivered() -> None:
+            self.store.mark_delivered(job_id)
+            with self._lock:
+                self._inflight.pop(job_id, None)
+
+        handle = self.transport.publish(self.topics.result(job_id), payload, qos=1, on_delivered=delivered)
+        with self._lock:
+            if not handle.done:
+                self._inflight[job_id] = handle
         if handle.done and not handle.delivered:
             # Refused at once. A full outgoing queue (a burst of jobs) is followed by no reconnect, so
             # waiting for the next connect could leave the result undelivered for as long as the link holds.
             self._resend.set()
+            self._tick.set()  # resend on the next pass, which paces itself on PUBACKs
         return handle
 
     def resend_undelivered(self, *, wait_s: float = 10.0) -> int:
         """Publish undelivered results in batches, waiting for each batch's acknowledgements so the
         transport's bounded queue is never overrun. Returns how many were published."""
         sent = 0
+        with self._lock:  # forget handles the transport failed (link lost): those results go again
+            self._inflight = {k: h for k, h in self._inflight.items() if not h.done}
         while self.transport.connected and self._stop_requested == 0:
             batch = self.store.undelivered(limit=RESEND_BATCH)
             if not batch:
                 break
-            handles = [self._publish_outcome(rec) for rec in batch]
+            handles = [self._publish_outcome(rec, resend=True) for rec in batch]
             sent += len(batch)
             if not all(h.wait(wait_s) for h in handles):
                 self._resend.set()  # link lost or broker slow: carry on after the next connect or pass

@@ -253,6 +253,12 @@ class StoreSettings(Section):
     )
     keep_finished: int = Field(default=1000, ge=10, le=1000000, description="Finished jobs kept, count.")
     keep_finished_days: float = Field(default=7.0, ge=0.01, le=3650, description="Finished jobs kept, days.")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL",
+        description="SQLite synchronous mode. FULL: an acknowledged job survives power loss (fsync per commit). "
+        "NORMAL: about 2x the intake rate (docs/benchmarks.md), but the last jobs acknowledged before a power cut "
+        "can be lost (a process crash loses nothing).",
+    )
     prune_interval_s: float = Field(
         default=600.0, ge=1, le=86400, description="How often retention limits are applied, seconds."
     )

@@ -15,16 +15,13 @@ and `edge-agent run` as a child process on the tiny synthetic model, then measur
     arriving at the peer (p50, p99). Baseline in the same run, through the same broker: a plain
     MQTT echo (the peer publishes at QoS 1, a separate echo process republishes at QoS 1).
 
-Each runs in four variants:
-- store synchronous FULL (as shipped) or NORMAL. There is no setting for it: the NORMAL daemon
-  is started with JobStore's default switched before `edge-agent run` begins, to show what such a
-  setting would buy;
-- TCP "default" as shipped (mosquitto's default set_tcp_nodelay false; paho 2.2 never sets
-  TCP_NODELAY); "clients": TCP_NODELAY on every client socket (the daemon's through a patch of
-  paho's socket creation, the peers' after connect), the broker as shipped; "nodelay": that and
-  mosquitto's set_tcp_nodelay true. Nagle's algorithm holds a small packet back until the previous
-  one is acknowledged, and the receiver delays that ACK (up to 40 ms on Linux): that wait is what
-  the "default" latencies measure.
+Each runs in variants:
+- store.synchronous FULL (the default: an acknowledged job survives power loss) or NORMAL;
+- TCP "default": the broker as shipped (mosquitto's set_tcp_nodelay false); "nodelay": mosquitto's
+  set_tcp_nodelay true. The daemon always sets TCP_NODELAY on its socket (agent/transport.py), and so
+  do the benchmark's peers. Nagle's algorithm holds a small packet back until the previous one is
+  acknowledged, and the receiver delays that ACK (up to 40 ms on Linux): with it on anywhere on the
+  path, that wait dominates every round trip.
 Not collected by pytest (the file name does not start with test_).
 """
 
@@ -55,36 +52,18 @@ from tests.daemon_harness import write_daemon_config  # noqa: E402
 
 T = 60.0  # give-up deadline for any single wait
 
-# `edge-agent run`, with the store's synchronous pragma and TCP_NODELAY chosen before it starts.
-DAEMON = (
-    "import socket, sys\n"
-    "import paho.mqtt.client as paho\n"
-    "from agent.store import JobStore\n"
-    "JobStore.__init__.__kwdefaults__['synchronous'] = sys.argv[1]\n"
-    "if sys.argv[2] in ('clients', 'nodelay'):\n"
-    "    plain = paho.Client._create_socket_connection\n"
-    "    def nodelay(self):\n"
-    "        sock = plain(self)\n"
-    "        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
-    "        return sock\n"
-    "    paho.Client._create_socket_connection = nodelay\n"
-    "from agent.cli import main\n"
-    "sys.exit(main(['run', '-c', sys.argv[3]]))\n"
-)
-
 # The echo: another process, plain paho, republishes every request at QoS 1.
 ECHO = (
     "import socket, sys\n"
     "import paho.mqtt.client as mqtt\n"
     "from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion\n"
-    "host, port, tcp = sys.argv[1], int(sys.argv[2]), sys.argv[3]\n"
+    "host, port = sys.argv[1], int(sys.argv[2])\n"
     "c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id='bench-echo', protocol=MQTTProtocolVersion.MQTTv5)\n"
     "c.on_subscribe = lambda c, u, mid, rcs, p: print('ready', flush=True)\n"
     "c.on_connect = lambda c, u, f, rc, p: c.subscribe('bench/echo/req', 1)\n"
     "c.on_message = lambda c, u, m: c.publish('bench/echo/resp', m.payload, qos=1)\n"
     "c.connect(host, port, keepalive=30)\n"
-    "if tcp in ('clients', 'nodelay'):\n"
-    "    c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
+    "c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
     "c.loop_forever()\n"
 )
 
@@ -92,7 +71,7 @@ ECHO = (
 class Peer:
     """A paho client that timestamps every message as it arrives (on paho's thread)."""
 
-    def __init__(self, broker: MosquittoBroker, tcp: str, inflight: int = 20) -> None:
+    def __init__(self, broker: MosquittoBroker, inflight: int = 20) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
@@ -106,8 +85,7 @@ class Peer:
         c.on_subscribe = lambda _c, _u, mid, rcs, _p: self._ready.put(mid)
         c.on_message = lambda _c, _u, m: self.inbox.put((time.perf_counter(), m))
         c.connect(broker.host, broker.port, keepalive=30)
-        if tcp in ("clients", "nodelay"):
-            c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c.loop_start()
         rc = self._ready.get(timeout=T)
         assert not rc.is_failure, rc
@@ -137,10 +115,10 @@ def job(job_id: str) -> bytes:
                        "temperature": 0}).encode()  # fmt: skip
 
 
-def start_daemon(cfg: Path, synchronous: str, tcp: str, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT__")}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-c", DAEMON, synchronous, tcp, str(cfg)], cwd=REPO, env=env,
+        return subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -237,13 +215,13 @@ def run_variant(broker: MosquittoBroker, work: Path, model: Path, synchronous: s
                 args: argparse.Namespace, echo_ms: list[float]) -> dict[str, Any]:  # fmt: skip
     device = f"bench-{synchronous.lower()}-{tcp}"
     cfg = write_daemon_config(work / device, broker, model, device_id=device,
-                              store={"queue_max": args.burst + 10},
+                              store={"queue_max": args.burst + 10, "synchronous": synchronous},
                               engine={"max_tokens_limit": 16, "n_threads": 1},
                               telemetry={"interval_s": 3600})  # fmt: skip
-    peer = Peer(broker, tcp, inflight=args.inflight)
+    peer = Peer(broker, inflight=args.inflight)
     peer.subscribe(f"edge/{device}/status", f"edge/{device}/jobs/+/status", f"edge/{device}/jobs/+/result")
     print(f"{device}: latency, then burst", file=sys.stderr)
-    proc = start_daemon(cfg, synchronous, tcp, work / f"{device}.log")
+    proc = start_daemon(cfg, work / f"{device}.log")
     try:
         wait_online(peer, device)
         # A few jobs first: the model's first evaluation and SQLite's first writes are not what is measured.
@@ -299,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=200, help="sequential jobs for the latency (default 200)")
     ap.add_argument("--inflight", type=int, default=20, help="the peer's QoS 1 window (paho's default 20)")
     ap.add_argument("--sync", default="FULL,NORMAL", help="store synchronous modes to run (default FULL,NORMAL)")
-    ap.add_argument("--tcp", default="default,clients,nodelay",
-                    help="TCP_NODELAY variants to run: default (as shipped), clients, nodelay (clients and broker)")
+    ap.add_argument("--tcp", default="default,nodelay",
+                    help="broker variants to run: default (mosquitto as shipped), nodelay (set_tcp_nodelay true)")
     ap.add_argument("--json", action="store_true", help="print the measurements as JSON too")
     args = ap.parse_args(argv)
 
@@ -313,11 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         for tcp in args.tcp.split(","):
             extra = "set_tcp_nodelay true" if tcp == "nodelay" else ""
             broker = MosquittoBroker(work / f"broker-{tcp}", persistence=False, extra_conf=extra).start()
-            echo = subprocess.Popen([sys.executable, "-c", ECHO, broker.host, str(broker.port), tcp],
+            echo = subprocess.Popen([sys.executable, "-c", ECHO, broker.host, str(broker.port)],
                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
             try:
                 assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
-                peer = Peer(broker, tcp)
+                peer = Peer(broker)
                 peer.subscribe("bench/echo/resp")
                 latency_echo(peer, 3, 160)
                 echo_ms = latency_echo(peer, args.jobs, 160)  # 160 bytes: about a submit payload's size
