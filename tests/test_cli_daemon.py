@@ -160,3 +160,24 @@ def test_demo_starts_its_own_broker_and_model_and_serves(tmp_path, monkeypatch, 
             proc.kill()
     log = (tmp_path / "demo.log").read_text()
     assert "started a private demo broker" in log and "stopped" in log
+
+
+def test_jobs_cancel_cancels_a_queued_job_through_the_broker(cfg, broker, capsys):
+    from tests.daemon_harness import GatedEngine
+
+    gated: list[GatedEngine] = []
+    with BrokerClient(broker) as peer:
+        peer.subscribe(f"edge/{DEV}/#")
+        with InProcessDaemon(cfg, engine_wrapper=lambda e: gated.append(GatedEngine(e)) or gated[0]):
+            wait_online(peer, DEV)
+            for job_id in ("hold", "victim"):
+                payload = {"job_id": job_id, "kind": "generate", "prompt": "x", "max_tokens": 2}
+                peer.publish(f"edge/{DEV}/jobs/submit", json.dumps(payload).encode())
+            assert gated[0].started.wait(30)
+            while json.loads(peer.expect(f"edge/{DEV}/jobs/victim/status").payload)["status"] != "QUEUED":
+                pass
+            assert main(["jobs", "cancel", "-c", str(cfg), "victim"]) == 0
+            result = json.loads(peer.expect(f"edge/{DEV}/jobs/victim/result", timeout=30).payload)
+            gated[0].gate.set()
+    assert result["status"] == "CANCELED" and result["error"]["code"] == "canceled"
+    assert "cancel sent for victim" in capsys.readouterr().err
