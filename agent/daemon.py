@@ -374,7 +374,7 @@ class Daemon:
         self._publish_status(rec)
         job = rec.job()
         started = self.clock()
-        deadline = self._deadline(rec, job, started)
+        deadline, timeout_text = self._deadline(job, started)
         stream_topic = self.topics.stream(rec.job_id)
 
         def on_token(index: int, text: str) -> None:
@@ -406,7 +406,7 @@ class Daemon:
             if finish == "canceled":
                 status, error = JobStatus.CANCELED, ErrorInfo(code=ErrorCode.canceled, message="canceled by request")
             elif finish == "timeout":
-                status, error = JobStatus.TIMED_OUT, ErrorInfo(code=ErrorCode.timeout, message=self._timeout_text(job))
+                status, error = JobStatus.TIMED_OUT, ErrorInfo(code=ErrorCode.timeout, message=timeout_text)
             else:
                 status = JobStatus.SUCCEEDED
         except EngineError as e:
@@ -441,22 +441,18 @@ class Daemon:
         else:  # e.g. canceled while queued in a race: the first outcome stands
             log.warning("job %s already had an outcome; this run's %s is dropped", rec.job_id, status)
 
-    @staticmethod
-    def _timeout_text(job: JobSubmit) -> str:
-        if job.timeout_s is not None:
-            return f"ran longer than timeout_s={job.timeout_s:g}"
-        return f"passed expires_at={job.expires_at.isoformat()}"
-
-    def _deadline(self, rec: JobRecord, job: JobSubmit, started: float) -> float | None:
-        """The engine's deadline on its monotonic clock, from expires_at and timeout_s."""
+    def _deadline(self, job: JobSubmit, started: float) -> tuple[float | None, str]:
+        """The engine's deadline on its monotonic clock (the earlier of timeout_s and expires_at),
+        and what a TIMED_OUT result says about it."""
         ends = []
         if job.timeout_s is not None:
-            ends.append(started + job.timeout_s)
+            ends.append((started + job.timeout_s, f"ran longer than timeout_s={job.timeout_s:g}"))
         if job.expires_at is not None:
-            ends.append(job.expires_at.timestamp())
+            ends.append((job.expires_at.timestamp(), f"passed expires_at={job.expires_at.isoformat()}"))
         if not ends:
-            return None
-        return self.monotonic() + (min(ends) - self.clock())
+            return None, ""
+        end, why = min(ends)
+        return self.monotonic() + (end - self.clock()), why
 
     def _abort_running(self, why: str) -> None:
         with self._lock:
