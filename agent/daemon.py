@@ -516,6 +516,7 @@ class Daemon:
                 break
             handles = [self._publish_outcome(rec, resend=True) for rec in batch]
             sent += len(batch)
+            self.notifier.watchdog()  # a long backlog must not look like a hung main loop
             if not all(h.wait(wait_s) for h in handles):
                 self._resend.set()  # link lost or broker slow: carry on after the next connect or pass
                 break
