@@ -470,25 +470,36 @@ def test_fleet_each_job_runs_on_exactly_one_device(broker, tiny_model, tmp_path)
 # 4. a job interrupted by a crash
 
 
+def prepare_long_job(
+    broker: MosquittoBroker, tiny_model: Path, tmp_path: Path, dev: str, **sections: Any
+) -> tuple[Path, Topics, Recorder, Peer, DaemonProcess]:
+    """A device with the long-generation engine, a peer recording its jobs and stream, its daemon (not started)."""
+    topics = Topics(PREFIX, dev)
+    cfg = write_daemon_config(tmp_path / dev, broker, tiny_model, device_id=dev, engine=LONG_ENGINE, **sections)
+    rec = Recorder()
+    peer = Peer(broker, rec).connect().follow(dev)
+    peer.subscribe(topics.stream_filter, qos=0)
+    return cfg, topics, rec, peer, DaemonProcess(cfg)
+
+
+def start_generating(daemon: DaemonProcess, peer: Peer, topics: Topics, job_id: str) -> None:
+    """Start the daemon, submit a long streamed job and return once it is generating (first piece seen)."""
+    daemon.start()
+    wait_online(peer, topics.device_id)
+    peer.publish(topics.submit, job_payload(job_id, LONG_TOKENS, stream=True))
+    peer.expect(topics.stream(job_id), timeout=30)
+
+
 @pytest.mark.parametrize("max_attempts", [3, 1])
 def test_job_interrupted_by_kill_is_retried_or_fails_interrupted(broker, tiny_model, tmp_path, max_attempts):
     """SIGKILL while a job generates: after the restart it runs again as attempt 2, or, with
     store.max_attempts 1, ends FAILED 'interrupted' without running again."""
-    dev = "dev-d"
-    topics = Topics(PREFIX, dev)
-    cfg = write_daemon_config(
-        tmp_path / dev, broker, tiny_model, device_id=dev, store={"max_attempts": max_attempts}, engine=LONG_ENGINE
+    cfg, topics, rec, peer, daemon = prepare_long_job(
+        broker, tiny_model, tmp_path, "dev-d", store={"max_attempts": max_attempts}
     )
-    rec = Recorder()
-    peer = Peer(broker, rec).connect().follow(dev)
-    peer.subscribe(topics.stream_filter, qos=0)
     job_id = "long-1"
-    daemon = DaemonProcess(cfg)
     with supervised(daemon):
-        daemon.start()
-        wait_online(peer, dev)
-        peer.publish(topics.submit, job_payload(job_id, LONG_TOKENS, stream=True))
-        peer.expect(topics.stream(job_id), timeout=30)  # it is generating
+        start_generating(daemon, peer, topics, job_id)
         daemon.kill()
         assert store_rows(cfg)[job_id] == ("IN_PROGRESS", 1, 0), "the kill came after the job had finished"
         assert not rec.results
@@ -522,20 +533,12 @@ def test_job_interrupted_by_kill_is_retried_or_fails_interrupted(broker, tiny_mo
 
 def test_sigterm_lets_the_running_job_finish_within_grace(broker, tiny_model, tmp_path):
     dev = "dev-e"
-    topics = Topics(PREFIX, dev)
-    cfg = write_daemon_config(
-        tmp_path / dev, broker, tiny_model, device_id=dev, engine=LONG_ENGINE, service={"shutdown_grace_s": 30}
+    cfg, topics, rec, peer, daemon = prepare_long_job(
+        broker, tiny_model, tmp_path, dev, service={"shutdown_grace_s": 30}
     )
-    rec = Recorder()
-    peer = Peer(broker, rec).connect().follow(dev)
-    peer.subscribe(topics.stream_filter, qos=0)
     job_id = "term-a"
-    daemon = DaemonProcess(cfg)
     with supervised(daemon):
-        daemon.start()
-        wait_online(peer, dev)
-        peer.publish(topics.submit, job_payload(job_id, LONG_TOKENS, stream=True))
-        peer.expect(topics.stream(job_id), timeout=30)
+        start_generating(daemon, peer, topics, job_id)
         t_term = time.time()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0
@@ -552,20 +555,12 @@ def test_sigterm_lets_the_running_job_finish_within_grace(broker, tiny_model, tm
 
 def test_sigterm_without_grace_requeues_the_running_job_and_it_completes_after_restart(broker, tiny_model, tmp_path):
     dev = "dev-f"
-    topics = Topics(PREFIX, dev)
-    cfg = write_daemon_config(
-        tmp_path / dev, broker, tiny_model, device_id=dev, engine=LONG_ENGINE, service={"shutdown_grace_s": 0}
+    cfg, topics, rec, peer, daemon = prepare_long_job(
+        broker, tiny_model, tmp_path, dev, service={"shutdown_grace_s": 0}
     )
-    rec = Recorder()
-    peer = Peer(broker, rec).connect().follow(dev)
-    peer.subscribe(topics.stream_filter, qos=0)
     job_id = "term-b"
-    daemon = DaemonProcess(cfg)
     with supervised(daemon):
-        daemon.start()
-        wait_online(peer, dev)
-        peer.publish(topics.submit, job_payload(job_id, LONG_TOKENS, stream=True))
-        peer.expect(topics.stream(job_id), timeout=30)
+        start_generating(daemon, peer, topics, job_id)
         assert daemon.terminate(timeout=30) == 0
         # Requeued without counting the run (JobStore.requeue gives the attempt back).
         assert store_rows(cfg)[job_id] == ("QUEUED", 0, 0)
@@ -585,21 +580,13 @@ def test_sigterm_without_grace_requeues_the_running_job_and_it_completes_after_r
 
 def test_second_sigterm_forces_the_stop(broker, tiny_model, tmp_path, monkeypatch):
     dev = "dev-g"
-    topics = Topics(PREFIX, dev)
-    cfg = write_daemon_config(
-        tmp_path / dev, broker, tiny_model, device_id=dev, engine=LONG_ENGINE, service={"shutdown_grace_s": 600}
+    notify = NotifySocket(monkeypatch)  # before the daemon starts: it passes NOTIFY_SOCKET on
+    cfg, topics, rec, peer, daemon = prepare_long_job(
+        broker, tiny_model, tmp_path, dev, service={"shutdown_grace_s": 600}
     )
-    notify = NotifySocket(monkeypatch)
-    rec = Recorder()
-    peer = Peer(broker, rec).connect().follow(dev)
-    peer.subscribe(topics.stream_filter, qos=0)
     job_id = "term-c"
-    daemon = DaemonProcess(cfg)
     with supervised(daemon):
-        daemon.start()
-        wait_online(peer, dev)
-        peer.publish(topics.submit, job_payload(job_id, LONG_TOKENS, stream=True))
-        peer.expect(topics.stream(job_id), timeout=30)
+        start_generating(daemon, peer, topics, job_id)
         daemon.signal(signal.SIGTERM)
         notify.expect("STOPPING=1")  # the first one is being handled: it waits for the job
         t0 = time.monotonic()
