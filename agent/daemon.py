@@ -385,14 +385,7 @@ class Daemon:
         status, text, finish, usage, stats, error = JobStatus.FAILED, "", None, None, None, None
         try:
             result = self.engine.generate(
-                GenerationRequest(
-                    prompt=job.prompt,
-                    max_tokens=job.max_tokens,
-                    temperature=job.temperature,
-                    top_p=job.top_p,
-                    seed=job.seed,
-                    stop=list(job.stop or []),
-                ),
+                GenerationRequest.from_job(job),
                 on_token=on_token,
                 cancel=running.cancel,
                 deadline=deadline,
@@ -412,7 +405,7 @@ class Daemon:
         except EngineError as e:
             # The code decides the status: context_too_long, will_not_fit, prompt_too_large ... are
             # REJECTED (the same request fails the same way on any retry); the rest FAILED.
-            code = ErrorCode.from_agent_error(e.code)
+            code = e.code if isinstance(e.code, ErrorCode) else ErrorCode.internal
             status, error = code.status, ErrorInfo(code=code, message=str(e))
         except MemoryError:
             status, error = JobStatus.REJECTED, ErrorInfo(code=ErrorCode.will_not_fit, message="out of memory")

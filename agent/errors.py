@@ -6,6 +6,8 @@ and a human message that says what to fix.
 
 from __future__ import annotations
 
+from agent.codes import ErrorCode
+
 
 class EdgeAgentError(Exception):
     """Base of every error this project raises on purpose."""
@@ -35,21 +37,25 @@ class ModelError(EdgeAgentError):
 
 
 class EngineError(EdgeAgentError):
-    """Inference engine failures (load, generation)."""
+    """Inference engine failures (load, generation). ``code`` is the job error code a run that
+    ends with this error is reported with (its status follows from the code)."""
 
-    code = "engine_error"
+    code: ErrorCode = ErrorCode.engine_error
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message, code=code)
 
 
 class WillNotFit(EngineError):
     """The load or request would exceed the memory budget. Do not retry on this board."""
 
-    code = "will_not_fit"
+    code = ErrorCode.will_not_fit
 
 
 class ContextTooLong(EngineError):
     """prompt tokens + max_tokens exceed the loaded context."""
 
-    code = "context_too_long"
+    code = ErrorCode.context_too_long
 
 
 class StoreError(EdgeAgentError):

@@ -14,7 +14,6 @@ import json
 import math
 import re
 from datetime import datetime, timezone
-from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -29,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from agent.codes import TERMINAL, ErrorCode, JobStatus
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # JOB_ID_PATTERN is for pydantic, whose "$" is the end of the string. Python's "$" also matches
@@ -57,148 +58,7 @@ def max_payload_bytes(max_prompt_bytes: int) -> int:
     return max_prompt_bytes * PAYLOAD_ESCAPE_FACTOR + PAYLOAD_SLACK_BYTES
 
 
-# --------------------------------------------------------------------------------------------
-# Statuses and error codes
-
-
-class JobStatus(StrEnum):
-    """A job's state. Every status message and result carries one."""
-
-    def __new__(cls, value: str, doc: str) -> "JobStatus":
-        obj = str.__new__(cls, value)
-        obj._value_ = value
-        obj.doc = doc  # type: ignore[attr-defined]
-        return obj
-
-    doc: str
-
-    QUEUED = "QUEUED", "Stored durably and waiting to run. The submit message was acknowledged only after this."
-    IN_PROGRESS = "IN_PROGRESS", "Running on the engine. `attempt` counts the runs started."
-    SUCCEEDED = "SUCCEEDED", "Finished; the result holds the text. Terminal."
-    FAILED = "FAILED", "Could not complete on this device this time (engine error, interrupted too often). " "Retrying, here later or elsewhere, may succeed. Terminal."
-    REJECTED = "REJECTED", "Will not be run: do not retry the same request on this device (invalid payload, " "queue full, context too long, will not fit memory, expired). Terminal."
-    CANCELED = "CANCELED", "Stopped by a cancel request; a partial text may be included. Terminal."
-    TIMED_OUT = "TIMED_OUT", "Ran longer than its timeout_s; a partial text may be included. Terminal."
-
-
-TERMINAL: frozenset[JobStatus] = frozenset(
-    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELED, JobStatus.TIMED_OUT}
-)
-
-
-class ErrorCode(StrEnum):
-    """Why a job did not succeed. Each code comes with the terminal status it is reported with."""
-
-    def __new__(cls, value: str, status: JobStatus, doc: str) -> "ErrorCode":
-        obj = str.__new__(cls, value)
-        obj._value_ = value
-        obj.status = status  # type: ignore[attr-defined]
-        obj.doc = doc  # type: ignore[attr-defined]
-        return obj
-
-    status: JobStatus
-    doc: str
-
-    invalid_payload = (
-        "invalid_payload",
-        JobStatus.REJECTED,
-        "The submit payload is not a valid job: not UTF-8, not JSON, not an object, unknown or duplicate keys, "
-        "a missing field, a wrong type or a value out of bounds. The message names each field and what was wrong.",
-    )
-    payload_too_large = (
-        "payload_too_large",
-        JobStatus.REJECTED,
-        "The payload is larger than 6 x engine.max_prompt_bytes + 64 KiB and was refused without being parsed.",
-    )
-    prompt_too_large = (
-        "prompt_too_large",
-        JobStatus.REJECTED,
-        "The prompt is longer, in UTF-8 bytes, than engine.max_prompt_bytes (checked before tokenising).",
-    )
-    max_tokens_too_large = (
-        "max_tokens_too_large",
-        JobStatus.REJECTED,
-        "max_tokens is larger than engine.max_tokens_limit.",
-    )
-    expired = (
-        "expired",
-        JobStatus.REJECTED,
-        "expires_at passed before the job could start (on arrival, or while it waited in the queue).",
-    )
-    queue_full = (
-        "queue_full",
-        JobStatus.REJECTED,
-        "store.queue_max jobs were already waiting. Send it again later or to another device.",
-    )
-    context_too_long = (
-        "context_too_long",
-        JobStatus.REJECTED,
-        "Prompt tokens + max_tokens exceed the loaded context (engine.n_ctx) and engine.context_overflow is "
-        "'refuse'. Shorten the prompt or lower max_tokens.",
-    )
-    will_not_fit = (
-        "will_not_fit",
-        JobStatus.REJECTED,
-        "Running the job would exceed the memory budget of this board.",
-    )
-    model_not_loaded = (
-        "model_not_loaded",
-        JobStatus.FAILED,
-        "No model is loaded (loading failed, or the model is being replaced). This device may succeed later.",
-    )
-    memory_pressure = (
-        "memory_pressure",
-        JobStatus.FAILED,
-        "The job was stopped because the board ran short of memory while it ran; it may succeed later.",
-    )
-    engine_error = (
-        "engine_error",
-        JobStatus.FAILED,
-        "The inference engine failed while running the job. The message has the engine's reason.",
-    )
-    interrupted = (
-        "interrupted",
-        JobStatus.FAILED,
-        "The agent stopped (crash, power loss, OOM kill) while the job ran, store.max_attempts times in a row.",
-    )
-    timeout = (
-        "timeout",
-        JobStatus.TIMED_OUT,
-        "The job ran longer than its timeout_s (counted from the start of the run, not from arrival).",
-    )
-    canceled = (
-        "canceled",
-        JobStatus.CANCELED,
-        "A cancel request stopped the job, either while it waited or while it ran.",
-    )
-    internal = (
-        "internal",
-        JobStatus.FAILED,
-        "An unexpected error in the agent itself; the message has details. Please report it.",
-    )
-
-    @classmethod
-    def from_agent_error(cls, code: str) -> "ErrorCode":
-        """Map an ``agent.errors`` code (or any string) onto the protocol's codes.
-
-        Unknown codes become ``internal`` rather than failing: a result must always be publishable.
-        """
-        try:
-            return cls(code)
-        except ValueError:
-            return _AGENT_ERROR_CODES.get(code, cls.internal)
-
-
-_AGENT_ERROR_CODES: dict[str, ErrorCode] = {
-    "model_invalid": ErrorCode.model_not_loaded,
-    "engine_not_loaded": ErrorCode.model_not_loaded,
-    "engine_load_failed": ErrorCode.model_not_loaded,
-    "engine_decode_failed": ErrorCode.engine_error,
-    "invalid_request": ErrorCode.invalid_payload,
-    "store_error": ErrorCode.internal,
-    "config_invalid": ErrorCode.internal,
-    "transport_error": ErrorCode.internal,
-}
+# Statuses and error codes live in agent.codes; re-exported here as part of the wire format.
 
 
 class InvalidJob(Exception):
@@ -777,20 +637,13 @@ class ErrorInfo(BaseModel):
         return _clean_text(v)
 
 
-class ResultMessage(_Outbound):
-    """Published on {root}/jobs/{job_id}/result (QoS 1): the one terminal outcome of a job.
+class JobOutcome(BaseModel):
+    """The one terminal outcome of a job: decided by the runner (agent.jobs.outcome), persisted by
+    the store, carried by ResultMessage. Every copy of a job's result is built from it."""
 
-    It may arrive more than once (after reconnects or reboots); consumers dedupe by job_id.
-    """
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
-    job_id: str = Field(pattern=JOB_ID_PATTERN, description="The job.")
-    device_id: str = Field(description="The device that ran (or refused) the job.")
     status: JobStatus = Field(description="A terminal status: SUCCEEDED, FAILED, REJECTED, CANCELED, TIMED_OUT.")
-    attempt: int = Field(ge=0, description="Runs started (0 if refused before running).")
-    ts: AwareDatetime = Field(
-        description="When the job reached its terminal status: RFC 3339 UTC, the same in every copy.",
-        json_schema_extra={"format": "date-time"},
-    )
     text: str | None = Field(
         default=None, description="Generated text; partial for CANCELED and TIMED_OUT; null if nothing was generated."
     )
@@ -809,12 +662,42 @@ class ResultMessage(_Outbound):
         return _clean_text(v)
 
     @model_validator(mode="after")
-    def _one_outcome(self) -> "ResultMessage":
+    def _one_outcome(self) -> "JobOutcome":
         if self.status not in TERMINAL:
-            raise ValueError(f"a result needs a terminal status, got {self.status.value}")
+            raise ValueError(f"an outcome needs a terminal status, got {self.status.value}")
         if (self.status is JobStatus.SUCCEEDED) != (self.error is None):
             raise ValueError("error must be null exactly when status is SUCCEEDED")
         return self
+
+    @classmethod
+    def refused(cls, code: ErrorCode, message: str) -> "JobOutcome":
+        """An outcome without output: the code decides the status."""
+        return cls(status=code.status, error=ErrorInfo(code=code, message=message))
+
+    def body(self) -> dict[str, Any]:
+        """Everything but the status, as JSON data (what the store keeps next to its status column)."""
+        return self.model_dump(mode="json", exclude={"status"})
+
+
+class _ResultEnvelope(_Outbound):
+    job_id: str = Field(pattern=JOB_ID_PATTERN, description="The job.")
+    device_id: str = Field(description="The device that ran (or refused) the job.")
+    attempt: int = Field(ge=0, description="Runs started (0 if refused before running).")
+    ts: AwareDatetime = Field(
+        description="When the job reached its terminal status: RFC 3339 UTC, the same in every copy.",
+        json_schema_extra={"format": "date-time"},
+    )
+
+
+class ResultMessage(JobOutcome, _ResultEnvelope):
+    """Published on {root}/jobs/{job_id}/result (QoS 1): the one terminal outcome of a job.
+
+    It may arrive more than once (after reconnects or reboots); consumers dedupe by job_id.
+    """
+
+    @classmethod
+    def of(cls, outcome: JobOutcome, *, job_id: str, device_id: str, attempt: int, ts: float) -> "ResultMessage":
+        return cls(job_id=job_id, device_id=device_id, attempt=attempt, ts=ts, **dict(outcome))
 
 
 class StreamChunk(_Outbound):
@@ -955,6 +838,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
 
 __all__ = [
     "JOB_ID_PATTERN",
+    "JobOutcome",
     "TERMINAL",
     "DeviceStatus",
     "ErrorCode",

@@ -116,7 +116,7 @@ class JobRecord:
         """The status message announcing this record's current state."""
         reason, message = None, None
         if self.result and isinstance(self.result.get("error"), dict):
-            reason = ErrorCode.from_agent_error(str(self.result["error"].get("code")))
+            reason = ErrorCode(self.result["error"].get("code"))
             message = self.result["error"].get("message")
         return StatusMessage(
             job_id=self.job_id, device_id=device_id, status=self.status, attempt=self.attempt, ts=ts,

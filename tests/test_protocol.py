@@ -395,7 +395,7 @@ def test_result_message_always_has_every_key() -> None:
 @pytest.mark.parametrize(
     ("status", "error", "why"),
     [
-        ("QUEUED", None, "a result needs a terminal status"),
+        ("QUEUED", None, "an outcome needs a terminal status"),
         ("SUCCEEDED", {"code": "engine_error", "message": "x"}, "error must be null exactly when status is SUCCEEDED"),
         ("FAILED", None, "error must be null exactly when status is SUCCEEDED"),
     ],
@@ -451,15 +451,14 @@ def test_every_error_code_is_documented_and_terminal() -> None:
     assert {"invalid_payload", "queue_full", "context_too_long", "will_not_fit", "expired"} <= rejected
 
 
-def test_agent_error_codes_map_onto_protocol_codes() -> None:
+def test_engine_errors_carry_a_protocol_code() -> None:
     from agent import errors
 
-    for cls in (errors.EdgeAgentError, errors.ConfigError, errors.ModelError, errors.EngineError, errors.WillNotFit,
-                errors.ContextTooLong, errors.StoreError, errors.TransportError):  # fmt: skip
-        assert isinstance(ErrorCode.from_agent_error(cls.code), ErrorCode)
-    assert ErrorCode.from_agent_error("will_not_fit") is ErrorCode.will_not_fit
-    assert ErrorCode.from_agent_error("model_invalid") is ErrorCode.model_not_loaded
-    assert ErrorCode.from_agent_error("something new") is ErrorCode.internal
+    for cls in (errors.EngineError, errors.WillNotFit, errors.ContextTooLong):
+        assert isinstance(cls.code, ErrorCode)
+        assert isinstance(cls("x").code, ErrorCode)
+    assert errors.EngineError("x", code=ErrorCode.prompt_too_large).code is ErrorCode.prompt_too_large
+    assert errors.WillNotFit("x").code.status is JobStatus.REJECTED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +518,7 @@ def test_json_schemas_cover_every_payload() -> None:
     assert sub["additionalProperties"] is False
     assert sub["required"] == ["job_id", "kind", "prompt", "max_tokens"]
     assert schemas["ResultMessage"]["required"] == [
-        "job_id", "device_id", "status", "attempt", "ts", "text", "finish_reason", "usage", "timings", "error"
+        "job_id", "device_id", "attempt", "ts", "status", "text", "finish_reason", "usage", "timings", "error"
     ]  # fmt: skip
     assert "reason" not in schemas["StatusMessage"]["required"]
 

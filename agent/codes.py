@@ -1,0 +1,136 @@
+"""Job statuses and error codes: the one definition of each, shared by every layer.
+
+No imports from the rest of the project, so the engine, the store, the protocol and the runner
+all speak the same enum without a mapping table between them. A code carries the terminal status
+it is reported with; an ``EngineError`` carries its code, so an outcome never re-parses a string.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    """A job's state. Every status message and result carries one."""
+
+    def __new__(cls, value: str, doc: str) -> "JobStatus":
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.doc = doc  # type: ignore[attr-defined]
+        return obj
+
+    doc: str
+
+    QUEUED = "QUEUED", "Stored durably and waiting to run. The submit message was acknowledged only after this."
+    IN_PROGRESS = "IN_PROGRESS", "Running on the engine. `attempt` counts the runs started."
+    SUCCEEDED = "SUCCEEDED", "Finished; the result holds the text. Terminal."
+    FAILED = "FAILED", "Could not complete on this device this time (engine error, interrupted too often). " "Retrying, here later or elsewhere, may succeed. Terminal."
+    REJECTED = "REJECTED", "Will not be run: do not retry the same request on this device (invalid payload, " "queue full, context too long, will not fit memory, expired). Terminal."
+    CANCELED = "CANCELED", "Stopped by a cancel request; a partial text may be included. Terminal."
+    TIMED_OUT = "TIMED_OUT", "Ran longer than its timeout_s; a partial text may be included. Terminal."
+
+
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELED, JobStatus.TIMED_OUT}
+)
+
+
+class ErrorCode(StrEnum):
+    """Why a job did not succeed. Each code comes with the terminal status it is reported with."""
+
+    def __new__(cls, value: str, status: JobStatus, doc: str) -> "ErrorCode":
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.status = status  # type: ignore[attr-defined]
+        obj.doc = doc  # type: ignore[attr-defined]
+        return obj
+
+    status: JobStatus
+    doc: str
+
+    invalid_payload = (
+        "invalid_payload",
+        JobStatus.REJECTED,
+        "The submit payload is not a valid job: not UTF-8, not JSON, not an object, unknown or duplicate keys, "
+        "a missing field, a wrong type or a value out of bounds. The message names each field and what was wrong.",
+    )
+    invalid_request = (
+        "invalid_request",
+        JobStatus.REJECTED,
+        "The job is well-formed but this model cannot run it as asked (for example an empty prompt with a model "
+        "that adds no BOS token). The message says what to change.",
+    )
+    payload_too_large = (
+        "payload_too_large",
+        JobStatus.REJECTED,
+        "The payload is larger than 6 x engine.max_prompt_bytes + 64 KiB and was refused without being parsed.",
+    )
+    prompt_too_large = (
+        "prompt_too_large",
+        JobStatus.REJECTED,
+        "The prompt is longer, in UTF-8 bytes, than engine.max_prompt_bytes (checked before tokenising).",
+    )
+    max_tokens_too_large = (
+        "max_tokens_too_large",
+        JobStatus.REJECTED,
+        "max_tokens is larger than engine.max_tokens_limit.",
+    )
+    expired = (
+        "expired",
+        JobStatus.REJECTED,
+        "expires_at passed before the job could start (on arrival, or while it waited in the queue).",
+    )
+    queue_full = (
+        "queue_full",
+        JobStatus.REJECTED,
+        "store.queue_max jobs were already waiting. Send it again later or to another device.",
+    )
+    context_too_long = (
+        "context_too_long",
+        JobStatus.REJECTED,
+        "Prompt tokens + max_tokens exceed the loaded context (engine.n_ctx) and engine.context_overflow is "
+        "'refuse'. Shorten the prompt or lower max_tokens.",
+    )
+    will_not_fit = (
+        "will_not_fit",
+        JobStatus.REJECTED,
+        "Running the job would exceed the memory budget of this board.",
+    )
+    model_not_loaded = (
+        "model_not_loaded",
+        JobStatus.FAILED,
+        "No model is loaded (loading failed, or the model is being replaced). This device may succeed later.",
+    )
+    memory_pressure = (
+        "memory_pressure",
+        JobStatus.FAILED,
+        "The job was stopped because the board ran short of memory while it ran; it may succeed later.",
+    )
+    engine_error = (
+        "engine_error",
+        JobStatus.FAILED,
+        "The inference engine failed while running the job. The message has the engine's reason.",
+    )
+    interrupted = (
+        "interrupted",
+        JobStatus.FAILED,
+        "The agent stopped (crash, power loss, OOM kill) while the job ran, store.max_attempts times in a row.",
+    )
+    timeout = (
+        "timeout",
+        JobStatus.TIMED_OUT,
+        "The job ran longer than its timeout_s (counted from the start of the run, not from arrival).",
+    )
+    canceled = (
+        "canceled",
+        JobStatus.CANCELED,
+        "A cancel request stopped the job, either while it waited or while it ran.",
+    )
+    internal = (
+        "internal",
+        JobStatus.FAILED,
+        "An unexpected error in the agent itself; the message has details. Please report it.",
+    )
+
+
+__all__ = ["ErrorCode", "JobStatus", "TERMINAL"]
