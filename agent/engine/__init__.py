@@ -1,28 +1,49 @@
 """The inference engine boundary: ``Engine`` owns the model; ``estimate`` plans its memory.
 
 Everything outside this package uses these names only; llama-cpp-python is not imported
-anywhere else.
+anywhere else. The data types (requests, results, reports) import without llama-cpp-python;
+``Engine`` itself loads it on first use of the name, so `model inspect`, the protocol and the
+job path's tests do not pay for libllama.
 """
 
-from agent.engine.engine import (
-    Engine,
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from agent.engine.estimate import MemoryEstimate, ModeChoice, choose_mode, estimate_memory, largest_ctx_that_fits
+from agent.engine.residency import LayerResidency
+from agent.engine.types import (
+    EngineLike,
     FinishReason,
     GenerationRequest,
     GenerationResult,
     GenerationStats,
+    LoadPlan,
     LoadReport,
     RequestLimits,
 )
-from agent.engine.estimate import MemoryEstimate, ModeChoice, choose_mode, estimate_memory, largest_ctx_that_fits
-from agent.engine.residency import LayerResidency
+
+if TYPE_CHECKING:
+    from agent.engine.engine import Engine
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from agent.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'agent.engine' has no attribute {name!r}")
+
 
 __all__ = [
     "Engine",
+    "EngineLike",
     "FinishReason",
     "GenerationRequest",
     "GenerationResult",
     "GenerationStats",
     "LayerResidency",
+    "LoadPlan",
     "LoadReport",
     "MemoryEstimate",
     "ModeChoice",

@@ -38,127 +38,22 @@ from agent.engine.estimate import (
     ubatch_size,
 )
 from agent.engine.residency import LayerResidency, layer_residency, warm_up
+from agent.engine.types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    GenerationStats,
+    LoadPlan,
+    LoadReport,
+    RequestLimits,
+    TokenCallback,
+)
 from agent.models.gguf_info import check_quantization, read_model_info
+from agent.codes import ErrorCode
 from agent.errors import ContextTooLong, EdgeAgentError, EngineError, WillNotFit
 from agent.system.memory import MiB, Budget, PeakSampler, ProcStatus, process_cpu_count, proc_status, resolve_budget
 
 log = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length", "canceled", "timeout"]
-TokenCallback = Callable[[int, str], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# data types
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    max_tokens: int = 128
-    temperature: float = 0.7  # <= 0: greedy (deterministic)
-    top_p: float = 0.95
-    seed: int | None = None  # None: a random seed per request
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    prompt_tokens: int  # tokens evaluated for the prompt (after keep_tail trimming)
-    completion_tokens: int
-    prompt_ms: float
-    generation_ms: float
-    tokens_per_s: float  # completion tokens / generation time
-    peak_rss_anon: int  # bytes, sampled during the run
-    prompt_tokens_dropped: int = 0  # context_overflow = keep_tail: tokens cut from the front
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    finish_reason: FinishReason
-    stats: GenerationStats
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "finish_reason": self.finish_reason, "stats": self.stats.as_dict()}
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """The per-request bounds; replaceable on a loaded engine (SIGHUP reload)."""
-
-    max_tokens_limit: int = 1024
-    max_prompt_bytes: int = 262144
-    context_overflow: Literal["refuse", "keep_tail"] = "refuse"
-
-    @classmethod
-    def from_settings(cls, s: EngineSettings) -> "RequestLimits":
-        return cls(s.max_tokens_limit, s.max_prompt_bytes, s.context_overflow)
-
-
-@dataclass(frozen=True)
-class LoadPlan:
-    """What load() will do, decided from the GGUF header, the settings and the budget."""
-
-    mode: Mode
-    mode_reason: str
-    n_ctx: int
-    n_ctx_reason: str
-    estimate: MemoryEstimate
-    budget: Budget
-    info: Any  # agent.models.gguf_info.ModelInfo
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    model: str
-    mode: Mode
-    mode_reason: str
-    n_ctx: int
-    n_ctx_reason: str
-    n_batch: int
-    n_threads: int
-    budget: Budget
-    estimate: MemoryEstimate
-    before: ProcStatus  # this process just before the load
-    after: ProcStatus  # just after it
-    load_ms: float
-    llama_buffers: dict[str, int]  # llama.cpp's own buffer sizes from its load log, bytes
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        return (
-            f"{Path(self.model).name}: {self.mode} mode ({self.mode_reason}); n_ctx {self.n_ctx} ({self.n_ctx_reason}); "
-            f"{self.n_threads} threads; estimate {self.estimate.anon_bytes / MiB:.0f} MiB anonymous of budget "
-            f"{self.budget.bytes / MiB:.0f} MiB ({self.budget.source}); RssAnon {self.after.rss_anon / MiB:.0f} MiB, "
-            f"RssFile {self.after.rss_file / MiB:.0f} MiB after load; {self.load_ms:.0f} ms"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "mode": self.mode,
-            "mode_reason": self.mode_reason,
-            "n_ctx": self.n_ctx,
-            "n_ctx_reason": self.n_ctx_reason,
-            "n_batch": self.n_batch,
-            "n_threads": self.n_threads,
-            "budget": self.budget.as_dict(),
-            "estimate": {
-                "components": self.estimate.as_dict(),
-                "anon_bytes": self.estimate.anon_bytes,
-                "file_bytes": self.estimate.file_bytes,
-            },
-            "memory": {"before_load": self.before.as_dict(), "after_load": self.after.as_dict()},
-            "load_ms": round(self.load_ms, 1),
-            "llama_buffers": self.llama_buffers,
-            "notes": list(self.notes),
-        }
-
 
 # ---------------------------------------------------------------------------------------------
 # one generation's stop state, read by the abort callback
@@ -183,8 +78,10 @@ class _Run:
     def check(self) -> bool:
         if self.reason is not None:
             return True
-        if (self.cancel is not None and self.cancel.is_set()) or self.closing.is_set():
+        if self.cancel is not None and self.cancel.is_set():
             self.reason = "canceled"
+        elif self.closing.is_set():
+            self.reason = "aborted"
         elif self.deadline is not None and self.clock() >= self.deadline:
             self.reason = "timeout"
         return self.reason is not None
@@ -311,7 +208,7 @@ class Engine:
 
     def _require(self) -> Any:
         if self._llama is None:
-            raise EngineError("the model is not loaded", code="engine_not_loaded")
+            raise EngineError("the model is not loaded", code=ErrorCode.model_not_loaded)
         return self._llama
 
     # ------------------------------------------------------------------ load / unload
@@ -412,7 +309,7 @@ class Engine:
             except EdgeAgentError:
                 raise
             except Exception as e:  # noqa: BLE001  llama-cpp-python raises ValueError/RuntimeError/OSError
-                raise EngineError(f"llama.cpp could not load {self.model_path}: {e}", code="engine_load_failed") from e
+                raise EngineError(f"llama.cpp could not load {self.model_path}: {e}", code=ErrorCode.model_not_loaded) from e
             load_ms = (time.monotonic() - t0) * 1000
             C.llama_set_abort_callback(llama.ctx, self._abort_cfunc, None)
             self._llama, self._info = llama, plan.info
@@ -476,14 +373,14 @@ class Engine:
         if n_bytes > lim.max_prompt_bytes:
             raise EngineError(
                 f"prompt is {n_bytes} bytes, more than engine.max_prompt_bytes {lim.max_prompt_bytes}",
-                code="prompt_too_large",
+                code=ErrorCode.prompt_too_large,
             )
         if req.max_tokens < 1:
-            raise EngineError(f"max_tokens must be at least 1 (got {req.max_tokens})", code="invalid_request")
+            raise EngineError(f"max_tokens must be at least 1 (got {req.max_tokens})", code=ErrorCode.invalid_request)
         if req.max_tokens > lim.max_tokens_limit:
             raise EngineError(
                 f"max_tokens {req.max_tokens} is more than engine.max_tokens_limit {lim.max_tokens_limit}",
-                code="max_tokens_too_large",
+                code=ErrorCode.max_tokens_too_large,
             )
 
     def _fit_context(self, tokens: list[int], max_tokens: int, n_ctx: int, bos: int) -> tuple[list[int], int]:
@@ -524,7 +421,7 @@ class Engine:
                 raise EngineError(f"tokenising the prompt failed: {e}") from e
             if not tokens:
                 # Nothing to condition on and no BOS to add: llama.cpp would sample from no logits.
-                raise EngineError("the prompt is empty and the model adds no BOS token", code="invalid_request")
+                raise EngineError("the prompt is empty and the model adds no BOS token", code=ErrorCode.invalid_request)
             tokens, dropped = self._fit_context(tokens, req.max_tokens, n_ctx, bos)
             run = _Run(cancel, deadline, self._clock, self._closing)
             sampler = _make_sampler(req)
@@ -612,7 +509,7 @@ class Engine:
             if run.reason is not None or f"returned {llamacpp.DECODE_ABORTED}" in str(e):
                 run.reason = run.reason or "canceled"
                 raise _Aborted from None
-            raise EngineError(f"llama_decode failed: {e}", code="engine_decode_failed") from e
+            raise EngineError(f"llama_decode failed: {e}", code=ErrorCode.engine_error) from e
 
     # ------------------------------------------------------------------ residency / warm-up
 

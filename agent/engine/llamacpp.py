@@ -2,7 +2,7 @@
 
 Owns: constructing ``Llama`` with the model/context parameters its constructor does not expose
 (``use_extra_bufts``, ``n_outputs_max``); routing llama.cpp's log into Python logging and
-capturing the buffer sizes it reports at load; the abort callback type; ``malloc_trim``.
+capturing the buffer sizes it reports at load; the abort callback type; ``malloc_trim`` (agent.system.libc, re-exported).
 
 Process-wide state lives here on purpose and only here: llama.cpp's log callback and
 llama-cpp-python's default-parameter functions are process-global by nature, so the objects that
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import io
 import logging
 import re
@@ -23,6 +22,8 @@ from typing import Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as C
+
+from agent.system.libc import LIBC
 
 log = logging.getLogger("agent.engine.llama")
 
@@ -189,28 +190,6 @@ def buffer_sizes(lines: list[str]) -> dict[str, int]:
     return out
 
 
-class _Libc:
-    def __init__(self) -> None:
-        name = ctypes.util.find_library("c") or "libc.so.6"
-        try:
-            self.lib: ctypes.CDLL | None = ctypes.CDLL(name, use_errno=True)
-        except OSError:
-            self.lib = None
-
-    def malloc_trim(self) -> bool:
-        """Return freed heap memory to the OS (glibc only; musl has no malloc_trim and returns it anyway).
-
-        Without it, the freed vocabulary tables and sampler arrays of an unloaded model stay in
-        the heap and RssAnon does not fall (llama-cpp-python #2003)."""
-        fn = getattr(self.lib, "malloc_trim", None)
-        if fn is None:
-            return False
-        fn.argtypes = [ctypes.c_size_t]
-        fn.restype = ctypes.c_int
-        return bool(fn(0))
-
-
-LIBC = _Libc()
 
 
 def token_piece(vocab: Any, token: int, buf: ctypes.Array[ctypes.c_char]) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:

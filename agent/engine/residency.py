@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.engine.llamacpp import LIBC
+from agent.system.libc import LIBC
 
 PAGE = mmap.PAGESIZE
 

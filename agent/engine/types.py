@@ -1,0 +1,168 @@
+"""The engine's data types: requests, results, load plans and reports.
+
+Importable without llama-cpp-python (nothing here touches it), so the protocol, the runner, the
+CLI's `model inspect` and the tests of the job path do not pay for loading libllama.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from agent.config.sections import EngineSettings
+from agent.engine.estimate import MemoryEstimate, Mode
+from agent.system.memory import MiB, Budget, ProcStatus
+
+# "aborted": stopped because the model was being unloaded, not by the job's own cancel event or
+# deadline; the runner requeues such a job instead of reporting it CANCELED.
+FinishReason = Literal["stop", "length", "canceled", "timeout", "aborted"]
+TokenCallback = Callable[[int, str], None]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int = 128
+    temperature: float = 0.7  # <= 0: greedy (deterministic)
+    top_p: float = 0.95
+    seed: int | None = None  # None: a random seed per request
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_job(cls, job: Any) -> "GenerationRequest":
+        """The engine's request for a job (an ``agent.protocol.JobSubmit``): every field the
+        engine acts on, and nothing of the job's delivery (ids, priority, expiry, streaming)."""
+        return cls(
+            prompt=job.prompt,
+            max_tokens=job.max_tokens,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            seed=job.seed,
+            stop=list(job.stop or []),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int  # tokens evaluated for the prompt (after keep_tail trimming)
+    completion_tokens: int
+    prompt_ms: float
+    generation_ms: float
+    tokens_per_s: float  # completion tokens / generation time
+    peak_rss_anon: int  # bytes, sampled during the run
+    prompt_tokens_dropped: int = 0  # context_overflow = keep_tail: tokens cut from the front
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    stats: GenerationStats
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "finish_reason": self.finish_reason, "stats": self.stats.as_dict()}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The per-request bounds; replaceable on a loaded engine (SIGHUP reload)."""
+
+    max_tokens_limit: int = 1024
+    max_prompt_bytes: int = 262144
+    context_overflow: Literal["refuse", "keep_tail"] = "refuse"
+
+    @classmethod
+    def from_settings(cls, s: EngineSettings) -> "RequestLimits":
+        return cls(s.max_tokens_limit, s.max_prompt_bytes, s.context_overflow)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What load() will do, decided from the GGUF header, the settings and the budget."""
+
+    mode: Mode
+    mode_reason: str
+    n_ctx: int
+    n_ctx_reason: str
+    estimate: MemoryEstimate
+    budget: Budget
+    info: Any  # agent.models.gguf_info.ModelInfo
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    model: str
+    mode: Mode
+    mode_reason: str
+    n_ctx: int
+    n_ctx_reason: str
+    n_batch: int
+    n_threads: int
+    budget: Budget
+    estimate: MemoryEstimate
+    before: ProcStatus  # this process just before the load
+    after: ProcStatus  # just after it
+    load_ms: float
+    llama_buffers: dict[str, int]  # llama.cpp's own buffer sizes from its load log, bytes
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{Path(self.model).name}: {self.mode} mode ({self.mode_reason}); n_ctx {self.n_ctx} ({self.n_ctx_reason}); "
+            f"{self.n_threads} threads; estimate {self.estimate.anon_bytes / MiB:.0f} MiB anonymous of budget "
+            f"{self.budget.bytes / MiB:.0f} MiB ({self.budget.source}); RssAnon {self.after.rss_anon / MiB:.0f} MiB, "
+            f"RssFile {self.after.rss_file / MiB:.0f} MiB after load; {self.load_ms:.0f} ms"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "n_ctx": self.n_ctx,
+            "n_ctx_reason": self.n_ctx_reason,
+            "n_batch": self.n_batch,
+            "n_threads": self.n_threads,
+            "budget": self.budget.as_dict(),
+            "estimate": {
+                "components": self.estimate.as_dict(),
+                "anon_bytes": self.estimate.anon_bytes,
+                "file_bytes": self.estimate.file_bytes,
+            },
+            "memory": {"before_load": self.before.as_dict(), "after_load": self.after.as_dict()},
+            "load_ms": round(self.load_ms, 1),
+            "llama_buffers": self.llama_buffers,
+            "notes": list(self.notes),
+        }
+
+
+@runtime_checkable
+class EngineLike(Protocol):
+    """What the job path needs from an engine. ``agent.engine.Engine`` is the real one; tests may
+    pass a fake that the same contract tests (tests/test_engine_contract.py) hold to it."""
+
+    limits: RequestLimits
+
+    @property
+    def loaded(self) -> bool: ...
+
+    @property
+    def report(self) -> LoadReport | None: ...
+
+    def load(self) -> LoadReport: ...
+
+    def unload(self) -> None: ...
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        *,
+        on_token: TokenCallback | None = None,
+        cancel: Any = None,
+        deadline: float | None = None,
+    ) -> GenerationResult: ...
