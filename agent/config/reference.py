@@ -24,6 +24,10 @@ Settings come from, in order (later wins):
    values that parse as JSON are taken as JSON, so lists and numbers work);
 4. systemd credentials in `$CREDENTIALS_DIRECTORY`: `mqtt_password`, `mqtt_username`.
 
+The **live** column says which settings change while the daemon runs (on SIGHUP, and through the device
+shadow): "in place", or "model reload" (the model is reloaded with the new value, and the previous one
+comes back if that fails). The others take effect at the next start.
+
 Unknown keys are refused. `edge-agent config validate FILE...` checks files; `edge-agent config show` prints
 the effective settings with secrets masked; `edge-agent config schema` prints the JSON Schema.
 """
@@ -60,12 +64,16 @@ def _bounds(info: FieldInfo) -> str:
     return ", ".join(parts)
 
 
+# The "live" column: how a change made while the daemon runs (SIGHUP, the device shadow) is applied.
+_LIVE = {"hot": "in place", "reload": "model reload", None: ""}
+
+
 def _section(name: str, model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     out = [f"## `[{'.'.join(path)}]`", ""]
     doc = (model.__doc__ or "").strip()
     if doc and not doc.startswith("!!!"):
         out += [doc, ""]
-    out += ["| key | type | default | bounds | environment | description |", "|---|---|---|---|---|---|"]
+    out += ["| key | type | default | bounds | live | environment | description |", "|---|---|---|---|---|---|---|"]
     nested: list[tuple[str, type[BaseModel]]] = []
     for key, info in model.model_fields.items():
         ann = info.annotation
@@ -74,7 +82,8 @@ def _section(name: str, model: type[BaseModel], path: tuple[str, ...]) -> list[s
             continue
         env = ENV_PREFIX + "__".join(p.upper() for p in path + (key,))
         desc = (info.description or "").replace("|", "\\|")
-        out.append(f"| `{key}` | `{_type_name(info)}` | {_default(info)} | {_bounds(info)} | `{env}` | {desc} |")
+        live = _LIVE.get((info.json_schema_extra or {}).get("live") if isinstance(info.json_schema_extra, dict) else None, "")
+        out.append(f"| `{key}` | `{_type_name(info)}` | {_default(info)} | {_bounds(info)} | {live} | `{env}` | {desc} |")
     out.append("")
     for key, sub in nested:
         out += _section(key, sub, path + (key,))

@@ -18,6 +18,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# Which settings may change while the daemon runs is declared on the field itself, and read by
+# agent.config.live (the one diff-and-apply path for SIGHUP and the device shadow):
+#   HOT    applied in place (a limit, a priority, an interval);
+#   RELOAD applied by the model supervisor reloading the model with the new value (rolled back if
+#          the new model does not load).
+# Fields without a marker need a restart (the broker connection, the device identity, paths).
+HOT = {"live": "hot"}
+RELOAD = {"live": "reload"}
+
+
 _ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -109,6 +119,14 @@ class ModelSettings(Section):
     path: Path = Field(
         default=Path("demo-tiny.gguf"),
         description="GGUF model file, relative to device.models_dir (or absolute, inside it).",
+        json_schema_extra=RELOAD,
+    )
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        json_schema_extra=RELOAD,
+        description="Expected SHA-256 of the model file (64 lower-case hex digits). When set, a file that does not "
+        "match is not loaded (the previous model keeps serving). None: not checked.",
     )
     allow_non_4bit: bool = Field(
         default=False,
@@ -124,15 +142,18 @@ class EngineSettings(Section):
         default="auto",
         description="fit: weights stay file-backed mmap pages (least memory). fast: weights repacked into anonymous "
         "memory (faster, costs about the weight size again). auto: fast only when the budget holds it with room.",
+        json_schema_extra=RELOAD,
     )
     n_ctx: int | Literal["auto"] = Field(
         default="auto",
         description="Context size in tokens (16-131072), or 'auto': the largest that fits the budget, capped at "
         "engine.auto_ctx_max and the model's training context.",
+        json_schema_extra=RELOAD,
     )
-    auto_ctx_max: int = Field(default=4096, ge=16, le=131072, description="Upper bound for n_ctx='auto', tokens.")
+    auto_ctx_max: int = Field(default=4096, ge=16, le=131072, json_schema_extra=RELOAD, description="Upper bound for n_ctx='auto', tokens.")
     n_threads: int | Literal["auto"] = Field(
-        default="auto", description="CPU threads for generation (1-64), or 'auto': the number of usable cores."
+        default="auto", description="CPU threads for generation (1-64), or 'auto': the number of usable cores.",
+        json_schema_extra=RELOAD,
     )
     n_batch: int = Field(
         default=128,
@@ -140,23 +161,27 @@ class EngineSettings(Section):
         le=2048,
         description="Prompt batch size, tokens. The compute buffer grows with n_batch x vocabulary size: keep it small "
         "on 512 MB boards.",
+        json_schema_extra=RELOAD,
     )
-    type_k: KVType = Field(default="f16", description="KV cache type for keys.")
-    type_v: KVType = Field(default="f16", description="KV cache type for values (quantised needs flash_attn).")
-    flash_attn: bool = Field(default=False, description="Use flash attention (needed for a quantised V cache).")
+    type_k: KVType = Field(default="f16", json_schema_extra=RELOAD, description="KV cache type for keys.")
+    type_v: KVType = Field(default="f16", json_schema_extra=RELOAD, description="KV cache type for values (quantised needs flash_attn).")
+    flash_attn: bool = Field(default=False, json_schema_extra=RELOAD, description="Use flash attention (needed for a quantised V cache).")
     context_overflow: Literal["refuse", "keep_tail"] = Field(
         default="refuse",
         description="When prompt tokens + max_tokens exceed n_ctx: refuse the request (context_too_long), or keep "
         "the prompt's last tokens.",
+        json_schema_extra=HOT,
     )
-    max_tokens_limit: int = Field(default=1024, ge=1, le=131072, description="Largest max_tokens a request may ask.")
+    max_tokens_limit: int = Field(default=1024, ge=1, le=131072, json_schema_extra=HOT, description="Largest max_tokens a request may ask.")
     max_prompt_bytes: int = Field(
-        default=262144, ge=16, le=16777216, description="Largest prompt accepted, UTF-8 bytes (checked before tokenising)."
+        default=262144, ge=16, le=16777216, description="Largest prompt accepted, UTF-8 bytes (checked before tokenising).",
+        json_schema_extra=HOT,
     )
     warmup: bool = Field(
         default=False,
         description="After load, read every layer's weights once (progress shown), so the first job is not slowed by "
         "page faults.",
+        json_schema_extra=RELOAD,
     )
 
     @field_validator("n_ctx")
@@ -185,15 +210,18 @@ class MemorySettings(Section):
         default="auto",
         description="Memory the agent may plan for, MiB (32-1048576), or 'auto': the agent's own memory cgroup "
         "limit when one is set, else MemTotal less memory.reserve_mb.",
+        json_schema_extra=RELOAD,
     )
     reserve_mb: int = Field(
-        default=128, ge=0, le=65536, description="With budget 'auto' and no cgroup limit: MiB of MemTotal left for the OS and other services."
+        default=128, ge=0, le=65536, description="With budget 'auto' and no cgroup limit: MiB of MemTotal left for the OS and other services.",
+        json_schema_extra=RELOAD,
     )
     headroom_pct: int = Field(
         default=15,
         ge=0,
         le=90,
         description="load_mode 'auto' picks fast only when the fast estimate stays this many percent under budget.",
+        json_schema_extra=RELOAD,
     )
 
     @field_validator("budget_mb")
@@ -209,25 +237,36 @@ class SwapSettings(Section):
         default="none",
         description="Swap the board should have. Validated and reported; applied by the root swap unit "
         "(not yet shipped: see docs/operations.md).",
+        json_schema_extra=HOT,
     )
-    zram_mb: int = Field(default=0, ge=0, le=65536, description="zram size, MiB (0: none).")
-    file_mb: int = Field(default=0, ge=0, le=65536, description="Swap file size, MiB (0: none).")
+    zram_mb: int = Field(default=0, ge=0, le=65536, json_schema_extra=HOT, description="zram size, MiB (0: none).")
+    file_mb: int = Field(default=0, ge=0, le=65536, json_schema_extra=HOT, description="Swap file size, MiB (0: none).")
     file_path: Path = Field(default=Path("/var/swap.edge-agent"), description="Swap file location.")
-    swappiness: int = Field(default=60, ge=0, le=200, description="vm.swappiness wanted.")
+    swappiness: int = Field(default=60, ge=0, le=200, json_schema_extra=HOT, description="vm.swappiness wanted.")
 
 
 class PrioritySettings(Section):
-    nice: int = Field(default=5, ge=-20, le=19, description="Process niceness applied at daemon start.")
+    nice: int = Field(default=5, ge=-20, le=19, json_schema_extra=HOT, description="Process niceness applied at daemon start.")
     oom_score_adj: int = Field(
         default=300,
         ge=-1000,
         le=1000,
         description="OOM-killer bias applied at daemon start: positive so the kernel picks the agent before sshd.",
+        json_schema_extra=HOT,
     )
 
 
 class TelemetrySettings(Section):
-    interval_s: float = Field(default=30.0, ge=1, le=86400, description="Memory telemetry period, seconds.")
+    interval_s: float = Field(default=30.0, ge=1, le=86400, json_schema_extra=HOT, description="Memory telemetry period, seconds.")
+
+
+class IntakeSettings(Section):
+    paused: bool = Field(
+        default=False,
+        json_schema_extra=HOT,
+        description="Start no new jobs: submitted jobs are still stored, acknowledged and QUEUED, and run once intake "
+        "is resumed. Cancels are still answered.",
+    )
 
 
 class ServiceSettings(Section):
@@ -237,6 +276,7 @@ class ServiceSettings(Section):
         le=3600,
         description="On SIGTERM, seconds the running job may take to finish before it is stopped and requeued. "
         "Keep it below systemd's TimeoutStopSec.",
+        json_schema_extra=HOT,
     )
     demo_broker: bool = Field(
         default=False,
@@ -247,12 +287,13 @@ class ServiceSettings(Section):
 
 class StoreSettings(Section):
     path: Path | None = Field(default=None, description="SQLite job store. Default: {device.state_dir}/jobs.db.")
-    queue_max: int = Field(default=64, ge=1, le=100000, description="Jobs waiting at once; more are REJECTED queue_full.")
+    queue_max: int = Field(default=64, ge=1, le=100000, json_schema_extra=HOT, description="Jobs waiting at once; more are REJECTED queue_full.")
     max_attempts: int = Field(
-        default=3, ge=1, le=100, description="Runs of a job interrupted by a crash before it FAILS with 'interrupted'."
+        default=3, ge=1, le=100, description="Runs of a job interrupted by a crash before it FAILS with 'interrupted'.",
+        json_schema_extra=HOT,
     )
-    keep_finished: int = Field(default=1000, ge=10, le=1000000, description="Finished jobs kept, count.")
-    keep_finished_days: float = Field(default=7.0, ge=0.01, le=3650, description="Finished jobs kept, days.")
+    keep_finished: int = Field(default=1000, ge=10, le=1000000, json_schema_extra=HOT, description="Finished jobs kept, count.")
+    keep_finished_days: float = Field(default=7.0, ge=0.01, le=3650, json_schema_extra=HOT, description="Finished jobs kept, days.")
     synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",
         description="SQLite synchronous mode. FULL: an acknowledged job survives power loss (fsync per commit). "
@@ -260,5 +301,6 @@ class StoreSettings(Section):
         "can be lost (a process crash loses nothing).",
     )
     prune_interval_s: float = Field(
-        default=600.0, ge=1, le=86400, description="How often retention limits are applied, seconds."
+        default=600.0, ge=1, le=86400, description="How often retention limits are applied, seconds.",
+        json_schema_extra=HOT,
     )
