@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent.client import JobClient
@@ -523,6 +523,30 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
 # Fuzzing
 
 
+def _base_fields(**over: Any) -> dict[str, Any]:
+    return {"job_id": JOB_ID, "kind": "generate", "prompt": "Hello", "max_tokens": 4, **over}
+
+
+# Fixed cases that always run next to the random ones, so the coverage the test asserts (each
+# refusal code a payload can earn, with and without a readable id) holds by construction, not by luck.
+COVERING_CASES = [
+    Case(_base_fields(), {"colour": "invalid_payload"}, unknown={"colour": "blue"}),
+    Case(_base_fields(prompt="x" * (MAX_PROMPT_BYTES + 1)), {"prompt": "prompt_too_large"}),
+    Case(_base_fields(max_tokens=MAX_TOKENS_LIMIT + 1), {"max_tokens": "max_tokens_too_large"}),
+    Case(_base_fields(expires_at="2020-01-01T00:00:00Z"), {"expires_at": "expired"}),
+    Case(_base_fields(), {}, damage=("oversize", 10)),
+    Case(_base_fields(), {}, top="array"),
+    Case(_base_fields(), {}, damage=("replace", b"")),
+    Case(_base_fields(), {}, id_first=False, damage=("truncate", 0.5)),
+]
+
+
+def _covering_examples(test: Any) -> Any:
+    for case in reversed(COVERING_CASES):
+        test = example(case=case)(test)
+    return test
+
+
 def test_fuzzed_payloads_are_refused_precisely_and_the_daemon_keeps_serving(fuzz_target: FuzzTarget) -> None:
     t = fuzz_target
     tally: Counter[str] = Counter()
@@ -530,6 +554,7 @@ def test_fuzzed_payloads_are_refused_precisely_and_the_daemon_keeps_serving(fuzz
     @settings(max_examples=150, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
     @given(case=cases())
+    @_covering_examples
     def one(case: Case) -> None:
         # Unique per run, never reused: hypothesis replays and shrinks, so ids cannot come from the case.
         uid = f"fz{next(t.ids):04d}-{case.order_seed:x}"
@@ -577,9 +602,10 @@ def test_fuzzed_payloads_are_refused_precisely_and_the_daemon_keeps_serving(fuzz
     for job_id, msgs in t.seen.by_job.items():
         assert [leaf for leaf, _ in msgs].count("result") == 1, (job_id, msgs)
     print("fuzz tally:", dict(sorted(tally.items())))
-    # Both branches, and several refusal codes, really ran.
+    # Both branches, and every refusal code a payload can earn, really ran (the covering cases
+    # guarantee it; the random cases add to it).
     assert tally["with_id"] >= 30 and tally["without_id"] >= 15, tally
-    assert sum(tally[c] > 0 for c in PAYLOAD_CODES) >= 3, tally
+    assert all(tally[c] > 0 for c in PAYLOAD_CODES), tally
     assert t.daemon.daemon.transport.connected
 
 
