@@ -2,3 +2,4 @@
 
 from tests.fixtures_broker import *  # noqa: F401,F403  private Mosquitto brokers on free ports
 from tests.fixtures_models import *  # noqa: F401,F403  synthetic GGUF models
+

