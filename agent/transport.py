@@ -312,6 +312,7 @@ class MqttTransport:
         self._early: dict[int, ReasonCode] = {}
         self._sub_topics: dict[int, list[str]] = {}
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # this connection's subscriptions are acknowledged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._generation = 0
@@ -321,6 +322,7 @@ class MqttTransport:
         self._last_error: TransportError | None = None
         self._paho_error: str | None = None
         self._disconnect_reason: str | None = None
+        self._reconnect_why: str | None = None
 
         self._client = self._make_client()
 
@@ -420,6 +422,11 @@ class MqttTransport:
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
 
+    def wait_subscribed(self, timeout: float | None = None) -> bool:
+        """Wait until the broker acknowledged this connection's subscriptions (messages published
+        by others before that may not reach this session, if it is new)."""
+        return self._subscribed.wait(timeout)
+
     def publish(
         self,
         topic: str,
@@ -456,6 +463,15 @@ class MqttTransport:
         if early is not None:
             self._resolve_puback(handle, early)
         return handle
+
+    def reconnect(self, why: str) -> None:
+        """Drop the connection and open a new one at once, resuming the session. MQTT 5 delivers
+        unacknowledged messages again only on a new connection: the daemon asks for one when it can
+        take the messages it had to leave unacknowledged."""
+        if self._stop.is_set() or not self._connected.is_set():
+            return
+        self._reconnect_why = why
+        self._client.disconnect()
 
     def ack(self, msg: InboundMessage) -> bool:
         """Acknowledge an inbound message (PUBACK). False when it cannot be acknowledged any
@@ -508,6 +524,10 @@ class MqttTransport:
                 connected_for, err = self._connection_ended()
             if self._stop.is_set():
                 break
+            why, self._reconnect_why = self._reconnect_why, None
+            if why is not None:
+                log.info("reconnecting to %s: %s", self._where, why)
+                continue
             delay = self._backoff.next_delay(connected_for)
             # Log first, then tell the daemon: one WARNING per attempt, with the reason.
             reason = err.message if err is not None else "connection closed"
@@ -557,6 +577,7 @@ class MqttTransport:
         # paho's on_disconnect has already cleared _connected; _connected_at says whether
         # this attempt ever got a CONNACK.
         self._connected.clear()
+        self._subscribed.clear()
         connected_for = None
         if self._connected_at is not None:
             connected_for = max(0.0, self._clock() - self._connected_at)
@@ -599,12 +620,15 @@ class MqttTransport:
         self._last_error = None
         log.info("connected to %s as %s (%s)", self._where, self.client_id,
                  "session resumed" if self._session_present else "new session")
+        self._subscribed.clear()
         if self._subscriptions:
             # Even with a resumed session: the broker may have lost it (restart without
             # persistence, expiry), and a duplicate SUBSCRIBE is harmless.
             rc, mid = client.subscribe([(topic, qos) for topic, qos in self._subscriptions])
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._sub_topics[mid] = [topic for topic, _ in self._subscriptions]
+        else:
+            self._subscribed.set()
         self._connected.set()
         if self._on_connect_cb is not None:
             try:
@@ -673,6 +697,8 @@ class MqttTransport:
         for topic, reason in zip(topics, reasons):
             if reason.is_failure:
                 log.warning("broker refused subscription to %s: %s", topic, reason)
+        if not self._sub_topics:
+            self._subscribed.set()
 
     def _handle_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:

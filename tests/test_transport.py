@@ -125,7 +125,7 @@ def test_backoff_resets_only_after_a_connection_that_stayed_up() -> None:
 def test_round_trip_publish_subscribe_ack_and_delivery_callback(broker: MosquittoBroker, transports: Any) -> None:
     rec = Recorder()
     t = transports(make_transport(broker.settings("edge-agent-dev1"), rec, subscriptions=[("edge/dev1/jobs/#", 1)]))
-    assert t.wait_connected(T)
+    assert t.wait_connected(T) and t.wait_subscribed(T)
     assert rec.connects.get(timeout=T) == 1
     with BrokerClient(broker) as cloud:
         cloud.subscribe("edge/dev1/results/#")
@@ -189,7 +189,7 @@ def test_missing_broker_at_startup_is_retried_until_it_appears(broker_factory: C
     assert rec.errors.get(timeout=T)  # a second attempt: it keeps trying
     assert not t.connected
     late.start()
-    assert t.wait_connected(T)
+    assert t.wait_connected(T) and t.wait_subscribed(T)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "retrying in" in r.getMessage()]
     assert warnings and all("connection refused" in r.getMessage() for r in warnings)
     assert any(r.levelno == logging.INFO and "connected to" in r.getMessage() for r in caplog.records)
@@ -206,7 +206,7 @@ def test_unacked_message_is_redelivered_after_reconnect_and_acked_one_is_not(bro
     subs = [("edge/ack/jobs/#", 1)]
     rec1 = Recorder()
     t1 = transports(make_transport(settings, rec1, subscriptions=subs))
-    assert t1.wait_connected(T)
+    assert t1.wait_connected(T) and t1.wait_subscribed(T)
     with BrokerClient(broker) as cloud:
         cloud.publish("edge/ack/jobs/submit", b"job-1")
         first = rec1.message()
@@ -224,7 +224,7 @@ def test_unacked_message_is_redelivered_after_reconnect_and_acked_one_is_not(bro
 
         rec3 = Recorder()
         t3 = transports(make_transport(settings, rec3, subscriptions=subs))
-        assert t3.wait_connected(T)
+        assert t3.wait_connected(T) and t3.wait_subscribed(T)
         cloud.publish("edge/ack/jobs/submit", b"job-2")
         # the acked job-1 does not come back: the next message is job-2
         assert rec3.message().payload == b"job-2"
@@ -235,7 +235,7 @@ def test_persistent_session_keeps_messages_published_while_offline(broker: Mosqu
     subs = [("edge/offline/jobs/#", 1)]
     rec1 = Recorder()
     t1 = transports(make_transport(settings, rec1, subscriptions=subs))
-    assert t1.wait_connected(T)
+    assert t1.wait_connected(T) and t1.wait_subscribed(T)
     t1.stop()
     with BrokerClient(broker) as cloud:
         for i in range(3):
@@ -292,7 +292,7 @@ def test_reconnects_by_itself_after_broker_restart_and_resubscribes(broker_facto
 def test_pending_publishes_fail_when_the_connection_drops(broker: MosquittoBroker, transports: Any) -> None:
     rec = Recorder()
     t = transports(make_transport(broker.settings("edge-agent-drop"), rec))
-    assert t.wait_connected(T)
+    assert t.wait_connected(T) and t.wait_subscribed(T)
     broker.kill()
     assert rec.disconnects.get(timeout=T)
     h = t.publish("edge/drop/results/1", b"x")
@@ -454,7 +454,7 @@ def test_mutual_tls_connects_and_acl_isolates_devices(broker_factory: Callable[.
     # dev-a also asks for dev-b's jobs: the broker must not hand them over
     t = transports(make_transport(_tls_settings(b, tls_material, "dev-a"), rec,
                                   subscriptions=[("edge/dev-b/jobs/#", 1), ("edge/dev-a/jobs/#", 1)]))
-    assert t.wait_connected(T)
+    assert t.wait_connected(T) and t.wait_subscribed(T)
     with BrokerClient(b, cert=tls_material.clients["cloud"]) as cloud:
         cloud.subscribe("edge/dev-a/results/#")
         cloud.subscribe("edge/dev-b/results/#")
@@ -513,7 +513,7 @@ def test_host_name_mismatch_is_refused_unless_insecure_skip_verify(broker_factor
 
     lax = Recorder()
     t = transports(make_transport(b.settings("edge-agent-lax", tls={**tls_cfg, "insecure_skip_verify": True}), lax))
-    assert t.wait_connected(T)
+    assert t.wait_connected(T) and t.wait_subscribed(T)
     assert any("insecure_skip_verify" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
@@ -535,7 +535,7 @@ def test_password_auth_and_the_secret_never_reaches_the_logs(broker_factory: Cal
 
     good = Recorder()
     t = transports(make_transport(b.settings("edge-agent-auth", username="dev-a", password=secret, tls=tls_cfg), good))
-    assert t.wait_connected(T)
+    assert t.wait_connected(T) and t.wait_subscribed(T)
     assert t.publish("edge/dev-a/status", b"online").wait(T)
 
     bad = Recorder()
