@@ -106,6 +106,12 @@ class ErrorCode(StrEnum):
         JobStatus.FAILED,
         "The job was stopped because the board ran short of memory while it ran; it may succeed later.",
     )
+    preempted = (
+        "preempted",
+        JobStatus.FAILED,
+        "The job was preempted (memory pressure, a model change) more often than store.max_preemptions allows, "
+        "and those runs used up store.max_attempts. It may succeed later or on another device.",
+    )
     engine_error = (
         "engine_error",
         JobStatus.FAILED,

@@ -16,15 +16,16 @@ the injected clock) so tests need no sleeps. One connection is shared by the MQT
 thread and the worker thread, serialised by a lock; every state change is one
 ``BEGIN IMMEDIATE`` transaction. SQLite errors leave this module only as ``StoreError``.
 
-Result bodies (``JobRecord.result``) hold the ResultMessage fields that are not the envelope:
-``text``, ``finish_reason``, ``usage``, ``timings``, ``error``. The envelope (job_id,
-device_id, status, attempt, ts) comes from the record; see ``JobRecord.result_message``.
+A terminal row holds its ``JobOutcome`` (agent.protocol): the status in its column, the rest of
+the outcome as JSON. The result message's envelope (job_id, device_id, attempt, ts) comes from the
+row; see ``JobRecord.result_message``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sqlite3
 import threading
@@ -32,17 +33,21 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import sqlite_utils
 
 from agent.errors import StoreError
-from agent.protocol import TERMINAL, ErrorCode, JobStatus, JobSubmit, ResultMessage, StatusMessage, rfc3339
+from agent.protocol import TERMINAL, ErrorCode, JobOutcome, JobStatus, JobSubmit, ResultMessage, StatusMessage, rfc3339
 
 if TYPE_CHECKING:
     from agent.config.sections import StoreSettings
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each schema version adds to the one before, applied in order by _open (safe to re-run).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0",),
+}
 # Enough of a refused payload to see what the client sent, without letting junk fill the card.
 RAW_KEEP_BYTES = 65536
 # After a checkpoint SQLite truncates the WAL back to this size instead of leaving it at its peak.
@@ -69,9 +74,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     result      TEXT,                 -- result body as JSON once terminal
     delivered   INTEGER NOT NULL DEFAULT 0 CHECK (delivered IN (0, 1)),
     error_code  TEXT,
+    preemptions INTEGER NOT NULL DEFAULT 0,  -- times the job was put back by a preemption
     -- the invariant everything else relies on: terminal <=> has an outcome
     CHECK ((status IN {_TERMINAL_SQL}) = (result IS NOT NULL AND finished_at IS NOT NULL))
 )""",
+    # Small facts about the store itself (the last write probe).
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
     "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, seq) WHERE status = 'QUEUED'",
     "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status)",
     "CREATE INDEX IF NOT EXISTS jobs_undelivered ON jobs (finished_at, seq) WHERE delivered = 0 AND finished_at IS NOT NULL",
@@ -81,9 +89,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 Outcome = Literal["new", "duplicate_pending", "duplicate_finished", "rejected_queue_full", "rejected_expired", "rejected"]
 CancelOutcome = Literal["canceled_queued", "running", "finished", "unknown"]
 RecoverAction = Literal["requeued", "failed_interrupted", "undelivered"]
+RequeueReason = Literal["shutdown", "preempt"]
+RequeueOutcome = Literal["requeued", "requeued_counted", "failed_preempted", "not_running"]
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
-_BODY_KEYS = ("text", "finish_reason", "usage", "timings", "error")
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,21 @@ class JobRecord:
     expires_at: float | None
     timeout_s: float | None
     request: dict[str, Any] | None
-    result: dict[str, Any] | None
+    outcome: JobOutcome | None
     delivered: bool
     error_code: str | None
+    preemptions: int = 0
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as JSON data (`edge-agent jobs show`): the outcome under "result"."""
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "outcome"}
+        out["status"] = self.status.value
+        out["result"] = self.outcome.model_dump(mode="json", exclude={"status"}) if self.outcome else None
+        return out
 
     def job(self) -> JobSubmit | None:
         """The stored request as a JobSubmit (None for payloads refused before they became one)."""
@@ -114,10 +131,8 @@ class JobRecord:
 
     def status_message(self, device_id: str, ts: float) -> StatusMessage:
         """The status message announcing this record's current state."""
-        reason, message = None, None
-        if self.result and isinstance(self.result.get("error"), dict):
-            reason = ErrorCode(self.result["error"].get("code"))
-            message = self.result["error"].get("message")
+        error = self.outcome.error if self.outcome is not None else None
+        reason, message = (error.code, error.message) if error is not None else (None, None)
         return StatusMessage(
             job_id=self.job_id, device_id=device_id, status=self.status, attempt=self.attempt, ts=ts,
             reason=reason, message=message,
@@ -125,13 +140,11 @@ class JobRecord:
 
     def result_message(self, device_id: str) -> ResultMessage:
         """The result message for a terminal record; ts is when it became terminal, so resends are identical."""
-        if not self.terminal or self.result is None or self.finished_at is None:
+        if not self.terminal or self.outcome is None or self.finished_at is None:
             raise ValueError(f"job {self.job_id} is {self.status.value}: it has no result yet")
-        body = {k: self.result[k] for k in _BODY_KEYS if k in self.result}
-        return ResultMessage(
-            job_id=self.job_id, device_id=device_id, status=self.status, attempt=self.attempt,
-            ts=self.finished_at, **body,
-        )  # fmt: skip
+        return ResultMessage.of(
+            self.outcome, job_id=self.job_id, device_id=device_id, attempt=self.attempt, ts=self.finished_at
+        )
 
 
 @dataclass(frozen=True)
@@ -149,12 +162,6 @@ class Accepted:
 
     record: JobRecord
     outcome: Outcome
-
-
-def error_body(code: ErrorCode, message: str) -> dict[str, Any]:
-    """A result body for an outcome without output."""
-    return {"text": None, "finish_reason": None, "usage": None, "timings": None,
-            "error": {"code": code.value, "message": message}}  # fmt: skip
 
 
 def _finite(obj: Any) -> Any:
@@ -184,15 +191,21 @@ class JobStore:
         *,
         queue_max: int = 64,
         max_attempts: int = 3,
+        max_preemptions: int = 3,
         keep_finished: int = 1000,
         keep_finished_days: float = 7.0,
         clock: Callable[[], float] = time.time,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         busy_timeout_ms: int = 5000,
+        readonly: bool = False,
     ) -> None:
+        """``readonly``: open an existing store for reading only (the CLI): no schema change, no
+        write lock, works while the daemon runs."""
         self.path = Path(path)
+        self.readonly = readonly
         self.queue_max = queue_max
         self.max_attempts = max_attempts
+        self.max_preemptions = max_preemptions
         self.keep_finished = keep_finished
         self.keep_finished_days = keep_finished_days
         self._clock = clock
@@ -206,11 +219,14 @@ class JobStore:
                 "(under systemd, StateDirectory= creates device.state_dir)",
                 code="store_cantopen",
             )
+        if readonly and not self.path.is_file():
+            raise StoreError(f"no job store at {self.path} (has the daemon run with this config?)", code="store_cantopen")
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; the sqlite3 module's
             # implicit transactions would start a deferred one and could fail to upgrade it.
+            target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
             conn = sqlite3.connect(
-                str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+                target, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False, uri=readonly
             )
         except sqlite3.Error as e:
             raise self._error(e, "opening the store") from e
@@ -227,39 +243,35 @@ class JobStore:
             self._conn = None
             raise
 
-    def configure(
-        self,
-        *,
-        queue_max: int | None = None,
-        max_attempts: int | None = None,
-        keep_finished: int | None = None,
-        keep_finished_days: float | None = None,
-    ) -> None:
-        """Change limits in place (configuration reload); None keeps the current value.
+    def configure(self, settings: "StoreSettings") -> None:
+        """Take the live limits from the settings (a reload or the device shadow).
 
         Lowering queue_max never drops queued jobs: it only refuses new ones until the queue drains.
         """
         with self._lock:
-            if queue_max is not None:
-                self.queue_max = queue_max
-            if max_attempts is not None:
-                self.max_attempts = max_attempts
-            if keep_finished is not None:
-                self.keep_finished = keep_finished
-            if keep_finished_days is not None:
-                self.keep_finished_days = keep_finished_days
+            self.queue_max = settings.queue_max
+            self.max_attempts = settings.max_attempts
+            self.max_preemptions = settings.max_preemptions
+            self.keep_finished = settings.keep_finished
+            self.keep_finished_days = settings.keep_finished_days
 
     @classmethod
-    def from_settings(cls, settings: "StoreSettings", *, clock: Callable[[], float] = time.time) -> "JobStore":
+    def from_settings(
+        cls, settings: "StoreSettings", *, clock: Callable[[], float] = time.time, readonly: bool = False
+    ) -> "JobStore":
+        """The one way the daemon and the CLI open the store."""
         if settings.path is None:
             raise StoreError("store.path is not set (Settings derives it from device.state_dir)", code="store_cantopen")
         return cls(
             settings.path,
             queue_max=settings.queue_max,
             max_attempts=settings.max_attempts,
+            max_preemptions=settings.max_preemptions,
             keep_finished=settings.keep_finished,
             keep_finished_days=settings.keep_finished_days,
+            synchronous=settings.synchronous,
             clock=clock,
+            readonly=readonly,
         )
 
     # ----------------------------------------------------------------------------------------
@@ -268,6 +280,12 @@ class JobStore:
     def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
         c = self._connection()
         c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if self.readonly:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {version} is newer than this edge-agent's "
+                                 f"{SCHEMA_VERSION}", code="store_version")  # fmt: skip
+            return
         check = c.execute("PRAGMA quick_check(1)").fetchone()
         if check is None or check[0] != "ok":
             raise StoreError(
@@ -300,6 +318,10 @@ class JobStore:
         c.execute("BEGIN IMMEDIATE")
         try:
             # Not executescript(): it commits first, and the schema must appear all at once or not at all.
+            if 0 < version < SCHEMA_VERSION:
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for stmt in _MIGRATIONS.get(v, ()):
+                        c.execute(stmt)
             for stmt in _SCHEMA:
                 c.execute(stmt)
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -402,15 +424,14 @@ class JobStore:
     def _insert(self, **row: Any) -> None:
         self._db["jobs"].insert(row)
 
-    def _terminate(self, job_id: str, status: JobStatus, body: dict[str, Any], now: float) -> bool:
+    def _terminate(self, job_id: str, outcome: JobOutcome, now: float) -> bool:
         """The only way a row becomes terminal: guarded, so a job gets one outcome, ever."""
-        error = body.get("error")
-        code = error.get("code") if isinstance(error, dict) else None
         cur = self._db.execute(
             f"UPDATE jobs SET status = :status, result = :result, finished_at = :now, delivered = 0, "
             f"error_code = :code WHERE job_id = :job_id AND status NOT IN {_TERMINAL_SQL}",
-            {"status": status.value, "result": _dump(body), "now": now, "code": code, "job_id": job_id},
-        )
+            {"status": outcome.status.value, "result": _dump(outcome.body()), "now": now,
+             "code": _code(outcome), "job_id": job_id},
+        )  # fmt: skip
         return cur.rowcount == 1
 
     # ----------------------------------------------------------------------------------------
@@ -429,22 +450,24 @@ class JobStore:
                 timeout_s=job.timeout_s, request=request, raw=_raw(raw), attempt=0, delivered=0,
             )  # fmt: skip
             outcome: Outcome = "new"
-            body: dict[str, Any] | None = None
+            refused: JobOutcome | None = None
             expires = job.expires_epoch()
             if expires is not None and expires <= now:
                 outcome = "rejected_expired"
-                body = error_body(ErrorCode.expired, f"expires_at {rfc3339(expires)} had passed when the job arrived")
+                refused = JobOutcome.refused(
+                    ErrorCode.expired, f"expires_at {rfc3339(expires)} had passed when the job arrived"
+                )
             elif self._queued_count() >= self.queue_max:
                 outcome = "rejected_queue_full"
-                body = error_body(
+                refused = JobOutcome.refused(
                     ErrorCode.queue_full, f"{self.queue_max} jobs are already waiting (store.queue_max); try later"
                 )
-            if body is None:
+            if refused is None:
                 self._insert(status=JobStatus.QUEUED.value, **row)
             else:
                 self._insert(
-                    status=JobStatus.REJECTED.value, result=_dump(body), finished_at=now,
-                    error_code=body["error"]["code"], **row,
+                    status=refused.status.value, result=_dump(refused.body()), finished_at=now,
+                    error_code=_code(refused), **row,
                 )  # fmt: skip
             record = self._get(job.job_id)
             assert record is not None
@@ -460,14 +483,15 @@ class JobStore:
         must not publish a rejection for it.
         """
         now = self._now(now)
-        body = error_body(ErrorCode(code), message)
+        refused = JobOutcome.refused(ErrorCode(code), message)
         with self._write(f"rejecting job {job_id}"):
             existing = self._get(job_id)
             if existing is not None:
                 return Accepted(existing, "duplicate_finished" if existing.terminal else "duplicate_pending")
             self._insert(
-                job_id=job_id, status=JobStatus.REJECTED.value, priority=0, created_at=now, finished_at=now,
-                request=None, raw=_raw(raw), result=_dump(body), attempt=0, delivered=0, error_code=body["error"]["code"],
+                job_id=job_id, status=refused.status.value, priority=0, created_at=now, finished_at=now,
+                request=None, raw=_raw(raw), result=_dump(refused.body()), attempt=0, delivered=0,
+                error_code=_code(refused),
             )  # fmt: skip
             record = self._get(job_id)
             assert record is not None
@@ -490,29 +514,43 @@ class JobStore:
             )
             return self._rows("SELECT * FROM jobs WHERE seq = ?", (row[0],))[0]
 
-    def finish(self, job_id: str, status: JobStatus | str, result: dict[str, Any], now: float | None = None) -> bool:
+    def finish(self, job_id: str, outcome: JobOutcome, now: float | None = None) -> bool:
         """Record a job's terminal outcome. False (and nothing changed) if it already had one or is unknown."""
-        status = JobStatus(status)
-        if status not in TERMINAL:
-            raise ValueError(f"finish() needs a terminal status, got {status.value}")
-        if not isinstance(result, dict):
-            raise TypeError(f"result must be a dict (the result body), got {type(result).__name__}")
+        if not isinstance(outcome, JobOutcome):
+            raise TypeError(f"finish() needs a JobOutcome, got {type(outcome).__name__}")
         now = self._now(now)
         with self._write(f"finishing job {job_id}"):
-            return self._terminate(job_id, status, result, now)
+            return self._terminate(job_id, outcome, now)
 
-    def requeue(self, job_id: str, now: float | None = None) -> bool:
-        """Put a running job back in the queue without counting the run (graceful shutdown). False if not running.
+    def requeue(self, job_id: str, reason: RequeueReason, now: float | None = None) -> RequeueOutcome:
+        """Put a running job back in the queue.
 
-        ``now`` is accepted for symmetry with the other transitions; nothing records it.
+        shutdown  the run is not counted (the attempt is given back): requeued.
+        preempt   the first store.max_preemptions preemptions are free (requeued); later ones count
+                  as an attempt (requeued_counted), and once attempts reach store.max_attempts the job
+                  ends FAILED 'preempted' (failed_preempted: publish its outcome). So a job preempted
+                  again and again always ends.
+        not_running: nothing changed.
         """
+        from agent.jobs.outcome import preempted_too_often
+
+        now = self._now(now)
         with self._write(f"requeueing job {job_id}"):
-            cur = self._db.execute(
-                "UPDATE jobs SET status = 'QUEUED', attempt = max(attempt - 1, 0), started_at = NULL "
-                "WHERE job_id = ? AND status = 'IN_PROGRESS'",
-                (job_id,),
+            rec = self._get(job_id)
+            if rec is None or rec.status is not JobStatus.IN_PROGRESS:
+                return "not_running"
+            preemptions = rec.preemptions + (reason == "preempt")
+            free = reason == "shutdown" or preemptions <= self.max_preemptions
+            if not free and rec.attempt >= self.max_attempts:
+                self._db.execute("UPDATE jobs SET preemptions = ? WHERE job_id = ?", (preemptions, job_id))
+                self._terminate(job_id, preempted_too_often(preemptions, rec.attempt), now)
+                return "failed_preempted"
+            self._db.execute(
+                "UPDATE jobs SET status = 'QUEUED', attempt = CASE WHEN :free THEN max(attempt - 1, 0) "
+                "ELSE attempt END, started_at = NULL, preemptions = :p WHERE job_id = :job_id",
+                {"free": free, "p": preemptions, "job_id": job_id},
             )
-            return cur.rowcount == 1
+            return "requeued" if free else "requeued_counted"
 
     def cancel(self, job_id: str, now: float | None = None) -> CancelOutcome:
         """Cancel a job.
@@ -531,7 +569,7 @@ class JobStore:
                 return "finished"
             if rec.status is JobStatus.IN_PROGRESS:
                 return "running"
-            self._terminate(job_id, JobStatus.CANCELED, error_body(ErrorCode.canceled, "canceled while queued"), now)
+            self._terminate(job_id, JobOutcome.refused(ErrorCode.canceled, "canceled while queued"), now)
             return "canceled_queued"
 
     def expire_queued(self, now: float | None = None) -> list[JobRecord]:
@@ -545,7 +583,7 @@ class JobStore:
             for rec in due:
                 assert rec.expires_at is not None
                 msg = f"expires_at {rfc3339(rec.expires_at)} passed while the job waited in the queue"
-                self._terminate(rec.job_id, JobStatus.REJECTED, error_body(ErrorCode.expired, msg), now)
+                self._terminate(rec.job_id, JobOutcome.refused(ErrorCode.expired, msg), now)
             return [r for r in (self._get(rec.job_id) for rec in due) if r is not None]
 
     def recover(self, now: float | None = None) -> list[tuple[str, RecoverAction]]:
@@ -573,13 +611,24 @@ class JobStore:
                         f"the agent stopped while running this job {rec.attempt} time(s) (store.max_attempts "
                         f"{self.max_attempts}); it may not fit this board"
                     )
-                    self._terminate(rec.job_id, JobStatus.FAILED, error_body(ErrorCode.interrupted, msg), now)
+                    self._terminate(rec.job_id, JobOutcome.refused(ErrorCode.interrupted, msg), now)
                     actions.append((rec.job_id, "failed_interrupted"))
             failed = {job_id for job_id, action in actions if action == "failed_interrupted"}
             for rec in self._undelivered(None):
                 if rec.job_id not in failed:
                     actions.append((rec.job_id, "undelivered"))
         return actions
+
+    def mark_delivered_many(self, job_ids: "Sequence[str]") -> int:
+        """mark_delivered for several jobs in one transaction; returns how many rows changed."""
+        with self._write(f"marking {len(job_ids)} job(s) delivered"):
+            n = 0
+            for job_id in job_ids:
+                cur = self._db.execute(
+                    f"UPDATE jobs SET delivered = 1 WHERE job_id = ? AND status IN {_TERMINAL_SQL}", (job_id,)
+                )
+                n += cur.rowcount
+            return n
 
     def mark_delivered(self, job_id: str) -> bool:
         """The result was acknowledged by the broker; it may now be pruned. False if not terminal or unknown."""
@@ -588,6 +637,25 @@ class JobStore:
                 f"UPDATE jobs SET delivered = 1 WHERE job_id = ? AND status IN {_TERMINAL_SQL}", (job_id,)
             )
             return cur.rowcount == 1
+
+    def probe(self, min_free_bytes: int = 0, now: float | None = None) -> None:
+        """Check that the store takes writes now: the filesystem has ``min_free_bytes`` free and a
+        small write commits. Raises StoreError otherwise. The daemon calls it while the store is
+        unwritable, to know when to take jobs again; the margin keeps a disk that is still almost
+        full from being declared writable by one lucky write."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as e:
+            raise StoreError(f"{self.path.parent}: cannot read filesystem usage: {e.strerror}", code="store_io") from None
+        free = st.f_bavail * st.f_frsize
+        if free < min_free_bytes:
+            raise StoreError(
+                f"{self.path}: {free // 1024} KiB free on its filesystem, less than store.min_free_kb "
+                f"{min_free_bytes // 1024}; free space on the filesystem holding {self.path.parent}",
+                code="store_full",
+            )
+        with self._write("checking that the store takes writes"):
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (self._now(now),))
 
     # ----------------------------------------------------------------------------------------
     # Queries
@@ -694,14 +762,21 @@ def _record(row: dict[str, Any]) -> JobRecord:
         expires_at=row["expires_at"],
         timeout_s=row["timeout_s"],
         request=None if row["request"] is None else json.loads(row["request"]),
-        result=None if row["result"] is None else json.loads(row["result"]),
+        outcome=None if row["result"] is None else JobOutcome.model_validate(
+            {**json.loads(row["result"]), "status": row["status"]}
+        ),
         delivered=bool(row["delivered"]),
         error_code=row["error_code"],
+        preemptions=row.get("preemptions") or 0,
     )
+
+
+def _code(outcome: JobOutcome) -> str | None:
+    return outcome.error.code.value if outcome.error is not None else None
 
 
 def _raw(raw: bytes | None) -> bytes | None:
     return None if raw is None else bytes(raw[:RAW_KEEP_BYTES])
 
 
-__all__ = ["Accepted", "JobRecord", "JobStore", "SCHEMA_VERSION", "error_body"]
+__all__ = ["Accepted", "JobRecord", "JobStore", "SCHEMA_VERSION"]

@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 
 from agent.errors import StoreError
-from agent.protocol import ErrorCode, JobStatus, JobSubmit, ResultMessage
-from agent.store import SCHEMA_VERSION, JobStore, error_body
+from pydantic import ValidationError
+
+from agent.config.sections import StoreSettings
+from agent.protocol import ErrorCode, ErrorInfo, JobOutcome, JobStatus, JobSubmit, Timings, Usage
+from agent.store import SCHEMA_VERSION, JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,9 +54,20 @@ def job(job_id: str, **over: Any) -> JobSubmit:
     return JobSubmit(**{"job_id": job_id, "kind": "generate", "prompt": f"prompt of {job_id}", "max_tokens": 8, **over})
 
 
-def ok_body(text: str = "done") -> dict[str, Any]:
-    return {"text": text, "finish_reason": "stop", "usage": {"prompt_tokens": 2, "completion_tokens": 1},
-            "timings": {"queue_ms": 1.0, "prompt_ms": 2.0, "generation_ms": 3.0, "tokens_per_s": 4.0}, "error": None}  # fmt: skip
+def ok(text: str = "done", tokens_per_s: float = 4.0) -> JobOutcome:
+    return JobOutcome(status=JobStatus.SUCCEEDED, text=text, finish_reason="stop",
+                      usage=Usage(prompt_tokens=2, completion_tokens=1),
+                      timings=Timings(queue_ms=1.0, prompt_ms=2.0, generation_ms=3.0, tokens_per_s=tokens_per_s))  # fmt: skip
+
+
+refused = JobOutcome.refused
+
+
+def configure(store: JobStore, **limits: Any) -> None:
+    """store.configure with the store's current limits, some changed."""
+    now = dict(queue_max=store.queue_max, max_attempts=store.max_attempts, max_preemptions=store.max_preemptions,
+               keep_finished=store.keep_finished, keep_finished_days=store.keep_finished_days)  # fmt: skip
+    store.configure(StoreSettings(**{**now, **limits}))
 
 
 def pragma(s: JobStore, name: str) -> Any:
@@ -139,7 +153,7 @@ def test_accept_stores_the_job_queued(store: JobStore, clock: Clock) -> None:
     assert acc.outcome == "new"
     assert (r.status, r.attempt, r.priority, r.created_at, r.timeout_s) == (JobStatus.QUEUED, 0, 3, clock.t, 9.5)
     assert r.expires_at == datetime(2099, 1, 1, tzinfo=timezone.utc).timestamp()
-    assert r.started_at is None and r.finished_at is None and r.result is None and not r.delivered
+    assert r.started_at is None and r.finished_at is None and r.outcome is None and not r.delivered
     assert r.job() == j
 
 
@@ -148,9 +162,9 @@ def test_duplicates_are_recognised_in_every_state(store: JobStore) -> None:
     assert store.accept(job("a")).outcome == "duplicate_pending"
     store.claim_next()
     assert store.accept(job("a")).outcome == "duplicate_pending"
-    store.finish("a", JobStatus.SUCCEEDED, ok_body())
+    store.finish("a", ok())
     dup = store.accept(job("a", prompt="something else"))
-    assert dup.outcome == "duplicate_finished" and dup.record.result == ok_body()
+    assert dup.outcome == "duplicate_finished" and dup.record.outcome == ok()
     assert store.counts()["SUCCEEDED"] == 1
 
 
@@ -163,11 +177,11 @@ def test_queue_full_is_stored_as_a_deliverable_rejection(store: JobStore, clock:
     assert acc.outcome == "rejected_queue_full"
     r = acc.record
     assert r.status is JobStatus.REJECTED and r.error_code == "queue_full" and r.finished_at == clock.t
-    assert r.result == error_body(ErrorCode.queue_full, "5 jobs are already waiting (store.queue_max); try later")
+    assert r.outcome == refused(ErrorCode.queue_full, "5 jobs are already waiting (store.queue_max); try later")
     assert [x.job_id for x in store.undelivered()] == ["over"]
     # The same submission again gets the same stored rejection, not a second outcome.
     again = store.accept(job("over"))
-    assert again.outcome == "duplicate_finished" and again.record.result == r.result
+    assert again.outcome == "duplicate_finished" and again.record.outcome == r.outcome
     msg = r.result_message("pi-1")
     assert msg.status is JobStatus.REJECTED and msg.error is not None and msg.error.code is ErrorCode.queue_full
 
@@ -176,14 +190,14 @@ def test_already_expired_job_is_rejected_on_arrival(store: JobStore, clock: Cloc
     past = datetime.fromtimestamp(clock.t - 1, tz=timezone.utc)
     acc = store.accept(job("late", expires_at=past))
     assert acc.outcome == "rejected_expired" and acc.record.error_code == "expired"
-    assert "had passed when the job arrived" in acc.record.result["error"]["message"]
+    assert "had passed when the job arrived" in acc.record.outcome.error.message
 
 
 def test_reject_stores_an_outcome_without_a_request(store: JobStore, clock: Clock) -> None:
     acc = store.reject("bad-1", ErrorCode.invalid_payload, "max_tokens must be an integer", raw=b"x" * 100000)
     r = acc.record
     assert acc.outcome == "rejected" and r.status is JobStatus.REJECTED and r.request is None and r.job() is None
-    assert r.result["error"] == {"code": "invalid_payload", "message": "max_tokens must be an integer"}
+    assert r.outcome.error == ErrorInfo(code=ErrorCode.invalid_payload, message="max_tokens must be an integer")
     raw = store._connection().execute("SELECT raw FROM jobs WHERE job_id = 'bad-1'").fetchone()[0]
     assert len(raw) == 65536  # a diagnosis sample, not the whole junk
     assert r.result_message("d").to_payload()
@@ -195,7 +209,7 @@ def test_reject_never_overwrites_an_existing_job(store: JobStore) -> None:
     assert acc.outcome == "duplicate_pending" and acc.record.status is JobStatus.QUEUED
     store.reject("b", ErrorCode.invalid_payload, "first")
     acc = store.reject("b", ErrorCode.prompt_too_large, "second")
-    assert acc.outcome == "duplicate_finished" and acc.record.result["error"]["message"] == "first"
+    assert acc.outcome == "duplicate_finished" and acc.record.outcome.error.message == "first"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,53 +240,69 @@ def test_finish_is_exactly_once(store: JobStore, clock: Clock) -> None:
     store.accept(job("a"))
     store.claim_next()
     clock.advance(2)
-    assert store.finish("a", JobStatus.SUCCEEDED, ok_body("first")) is True
+    assert store.finish("a", ok("first")) is True
     clock.advance(2)
-    assert store.finish("a", JobStatus.FAILED, error_body(ErrorCode.engine_error, "late")) is False
-    assert store.finish("a", "SUCCEEDED", ok_body("second")) is False
+    assert store.finish("a", refused(ErrorCode.engine_error, "late")) is False
+    assert store.finish("a", ok("second")) is False
     r = store.get("a")
-    assert r.status is JobStatus.SUCCEEDED and r.result["text"] == "first" and r.finished_at == clock.t - 2
-    assert store.finish("ghost", JobStatus.SUCCEEDED, ok_body()) is False
+    assert r.status is JobStatus.SUCCEEDED and r.outcome.text == "first" and r.finished_at == clock.t - 2
+    assert store.finish("ghost", ok()) is False
 
 
 def test_finish_checks_its_arguments(store: JobStore) -> None:
     store.accept(job("a"))
-    with pytest.raises(ValueError, match="terminal status"):
-        store.finish("a", JobStatus.IN_PROGRESS, {})
+    with pytest.raises(ValidationError, match="terminal status"):
+        JobOutcome(status=JobStatus.IN_PROGRESS)
     with pytest.raises(TypeError):
-        store.finish("a", JobStatus.FAILED, "oops")  # type: ignore[arg-type]
+        store.finish("a", {"status": "SUCCEEDED"})  # type: ignore[arg-type]
 
 
 def test_finish_stores_what_json_cannot_carry_as_publishable(store: JobStore) -> None:
     store.accept(job("a"))
     store.claim_next()
-    body = ok_body("half a char: \udc80")
-    body["timings"]["tokens_per_s"] = float("inf")
-    assert store.finish("a", JobStatus.SUCCEEDED, body)
+    assert store.finish("a", ok("half a char: \udc80", tokens_per_s=float("inf")))
     r = store.get("a")
-    assert r.result["text"] == "half a char: \ufffd" and r.result["timings"]["tokens_per_s"] is None
+    assert r.outcome.text == "half a char: \ufffd" and r.outcome.timings.tokens_per_s is None
     data = json.loads(r.result_message("pi-1").to_payload())
     assert data["status"] == "SUCCEEDED" and data["attempt"] == 1 and data["error"] is None
 
 
-def test_result_message_ignores_envelope_keys_in_the_body(store: JobStore, clock: Clock) -> None:
-    # The daemon may store a whole ResultMessage dump as the body; the record's envelope wins.
+def test_result_message_takes_its_envelope_from_the_record(store: JobStore, clock: Clock) -> None:
     store.accept(job("a"))
     store.claim_next()
-    full = ResultMessage(job_id="a", device_id="x", status="SUCCEEDED", attempt=1, ts=0, text="t").model_dump(mode="json")
-    store.finish("a", "SUCCEEDED", full)
+    store.finish("a", ok("t"))
+    finished_at = clock.t
+    clock.advance(30)
     msg = store.get("a").result_message("pi-1")
-    assert msg.device_id == "pi-1" and msg.ts.timestamp() == clock.t and msg.text == "t"
+    assert (msg.job_id, msg.device_id, msg.attempt, msg.text) == ("a", "pi-1", 1, "t")
+    assert msg.ts.timestamp() == finished_at  # every copy carries the same ts
 
 
-def test_requeue_does_not_count_the_run(store: JobStore) -> None:
+def test_requeue_for_a_shutdown_does_not_count_the_run(store: JobStore) -> None:
     store.accept(job("a"))
     store.claim_next()
-    assert store.requeue("a") is True
+    assert store.requeue("a", "shutdown") == "requeued"
     r = store.get("a")
-    assert (r.status, r.attempt, r.started_at) == (JobStatus.QUEUED, 0, None)
-    assert store.requeue("a") is False
+    assert (r.status, r.attempt, r.started_at, r.preemptions) == (JobStatus.QUEUED, 0, None, 0)
+    assert store.requeue("a", "shutdown") == "not_running"
     assert store.claim_next().attempt == 1
+
+
+def test_preemptions_are_free_up_to_the_limit_then_count_and_end_the_job(tmp_path: Path, clock: Clock) -> None:
+    with JobStore(tmp_path / "j.db", max_attempts=3, max_preemptions=2, clock=clock) as s:
+        s.accept(job("a"))
+        seen = []
+        for _ in range(10):
+            rec = s.claim_next()
+            if rec is None:
+                break
+            seen.append((s.requeue("a", "preempt"), rec.attempt))
+        # two free preemptions (attempt given back), then each run counts, until max_attempts
+        assert seen == [("requeued", 1), ("requeued", 1), ("requeued_counted", 1), ("requeued_counted", 2),
+                        ("failed_preempted", 3)]  # fmt: skip
+        r = s.get("a")
+        assert (r.status, r.error_code, r.preemptions, r.delivered) == (JobStatus.FAILED, "preempted", 5, False)
+        assert "preempted 5 time(s)" in r.outcome.error.message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +319,8 @@ def test_cancel_outcomes(store: JobStore, clock: Clock) -> None:
     assert store.cancel("queued") == "finished"
     assert store.cancel("running") == "running"
     assert store.get("running").status is JobStatus.IN_PROGRESS  # the caller stops the engine first
-    assert store.finish("running", JobStatus.CANCELED, {**ok_body("par"), "error": {"code": "canceled", "message": "x"}})
+    assert store.finish("running", JobOutcome(status=JobStatus.CANCELED, text="par", finish_reason="canceled",
+                                              error=ErrorInfo(code=ErrorCode.canceled, message="x")))  # fmt: skip
     assert store.cancel("running") == "finished"
     assert store.cancel("nobody") == "unknown"
 
@@ -306,7 +337,7 @@ def test_expire_queued(store: JobStore, clock: Clock) -> None:
     expired = store.expire_queued()
     assert [r.job_id for r in expired] == ["x5"]
     assert expired[0].status is JobStatus.REJECTED and expired[0].error_code == "expired"
-    assert "passed while the job waited in the queue" in expired[0].result["error"]["message"]
+    assert "passed while the job waited in the queue" in expired[0].outcome.error.message
     assert store.get("running").status is JobStatus.IN_PROGRESS  # started in time: it runs on
     assert store.expire_queued() == []
 
@@ -329,7 +360,7 @@ def test_recover_requeues_then_fails_after_max_attempts(tmp_path: Path, clock: C
         assert s.recover() == [("crashy", "failed_interrupted")]
         r = s.get("crashy")
         assert r.status is JobStatus.FAILED and r.error_code == "interrupted" and not r.delivered
-        assert "2 time(s) (store.max_attempts 2)" in r.result["error"]["message"]
+        assert "2 time(s) (store.max_attempts 2)" in r.outcome.error.message
     with JobStore(path, max_attempts=2, clock=clock) as s:
         assert s.recover() == [("crashy", "undelivered")]  # until the result is confirmed
         s.mark_delivered("crashy")
@@ -339,10 +370,10 @@ def test_recover_requeues_then_fails_after_max_attempts(tmp_path: Path, clock: C
 def test_recover_lists_each_job_once(store: JobStore) -> None:
     store.accept(job("done"))
     store.claim_next()
-    store.finish("done", JobStatus.SUCCEEDED, ok_body())
+    store.finish("done", ok())
     store.accept(job("sent"))
     store.claim_next()
-    store.finish("sent", JobStatus.SUCCEEDED, ok_body())
+    store.finish("sent", ok())
     store.mark_delivered("sent")
     store.accept(job("running"))
     store.claim_next()
@@ -361,7 +392,7 @@ def test_mark_delivered_and_undelivered_order(store: JobStore, clock: Clock) -> 
     clock.advance(1)
     store.cancel("c")
     clock.advance(1)
-    store.finish("a", JobStatus.SUCCEEDED, ok_body())
+    store.finish("a", ok())
     assert [r.job_id for r in store.undelivered()] == ["c", "a"]
     assert store.mark_delivered("b") is False  # not terminal: nothing to deliver yet
     assert store.mark_delivered("c") is True and store.get("c").delivered
@@ -395,10 +426,10 @@ def test_status_message_from_a_record(store: JobStore, clock: Clock) -> None:
 
 
 def test_configure_changes_limits_in_place(store: JobStore) -> None:
-    store.configure(queue_max=1)
+    configure(store, queue_max=1)
     assert store.accept(job("a")).outcome == "new"
     assert store.accept(job("b")).outcome == "rejected_queue_full"
-    store.configure(keep_finished=20)
+    configure(store, keep_finished=20)
     assert (store.queue_max, store.keep_finished, store.max_attempts) == (1, 20, 2)
 
 
@@ -439,7 +470,7 @@ def test_prune_by_age_never_touches_undelivered(store: JobStore, clock: Clock) -
 
 
 def test_prune_gives_space_back_and_truncates_the_wal(store: JobStore) -> None:
-    store.configure(queue_max=1000, keep_finished=10)
+    configure(store, queue_max=1000, keep_finished=10)
     for i in range(300):
         store.accept(JobSubmit(job_id=f"j{i}", kind="generate", prompt="x" * 4000, max_tokens=1))
         store.cancel(f"j{i}")
@@ -457,7 +488,7 @@ def test_prune_gives_space_back_and_truncates_the_wal(store: JobStore) -> None:
 
 
 def test_two_threads_share_the_store(store: JobStore) -> None:
-    store.configure(queue_max=10000)
+    configure(store, queue_max=10000)
     n = 200
     errors: list[BaseException] = []
     claimed: list[str] = []
@@ -476,7 +507,7 @@ def test_two_threads_share_the_store(store: JobStore) -> None:
                 if r is None:
                     continue
                 claimed.append(r.job_id)
-                assert store.finish(r.job_id, JobStatus.SUCCEEDED, ok_body())
+                assert store.finish(r.job_id, ok())
                 assert store.mark_delivered(r.job_id)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+
+def _int_or_auto(name: str, lo: int, hi: int) -> Any:
+    """An integer within [lo, hi], or the string 'auto'."""
+
+    def check(v: int | str) -> int | str:
+        if isinstance(v, int) and not lo <= v <= hi:
+            raise ValueError(f"{name} must be 'auto' or an integer from {lo} to {hi}")
+        return v
+
+    return Annotated[int | Literal["auto"], AfterValidator(check)]
 
 
 class Section(BaseModel):
@@ -144,14 +155,14 @@ class EngineSettings(Section):
         "memory (faster, costs about the weight size again). auto: fast only when the budget holds it with room.",
         json_schema_extra=RELOAD,
     )
-    n_ctx: int | Literal["auto"] = Field(
+    n_ctx: _int_or_auto("n_ctx", 16, 131072) = Field(  # type: ignore[valid-type]
         default="auto",
         description="Context size in tokens (16-131072), or 'auto': the largest that fits the budget, capped at "
         "engine.auto_ctx_max and the model's training context.",
         json_schema_extra=RELOAD,
     )
     auto_ctx_max: int = Field(default=4096, ge=16, le=131072, json_schema_extra=RELOAD, description="Upper bound for n_ctx='auto', tokens.")
-    n_threads: int | Literal["auto"] = Field(
+    n_threads: _int_or_auto("n_threads", 1, 64) = Field(  # type: ignore[valid-type]
         default="auto", description="CPU threads for generation (1-64), or 'auto': the number of usable cores.",
         json_schema_extra=RELOAD,
     )
@@ -184,20 +195,6 @@ class EngineSettings(Section):
         json_schema_extra=RELOAD,
     )
 
-    @field_validator("n_ctx")
-    @classmethod
-    def _ctx_bounds(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 16 <= v <= 131072:
-            raise ValueError("n_ctx must be 'auto' or an integer from 16 to 131072")
-        return v
-
-    @field_validator("n_threads")
-    @classmethod
-    def _threads_bounds(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 64:
-            raise ValueError("n_threads must be 'auto' or an integer from 1 to 64")
-        return v
-
     @model_validator(mode="after")
     def _quantised_v_needs_fa(self) -> "EngineSettings":
         if self.type_v != "f16" and not self.flash_attn:
@@ -206,7 +203,7 @@ class EngineSettings(Section):
 
 
 class MemorySettings(Section):
-    budget_mb: int | Literal["auto"] = Field(
+    budget_mb: _int_or_auto("budget_mb", 32, 1048576) = Field(  # type: ignore[valid-type]
         default="auto",
         description="Memory the agent may plan for, MiB (32-1048576), or 'auto': the agent's own memory cgroup "
         "limit when one is set, else MemTotal less memory.reserve_mb.",
@@ -223,13 +220,6 @@ class MemorySettings(Section):
         description="load_mode 'auto' picks fast only when the fast estimate stays this many percent under budget.",
         json_schema_extra=RELOAD,
     )
-
-    @field_validator("budget_mb")
-    @classmethod
-    def _budget_bounds(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 32 <= v <= 1048576:
-            raise ValueError("budget_mb must be 'auto' or an integer from 32 to 1048576")
-        return v
 
 
 class SwapSettings(Section):
@@ -290,6 +280,29 @@ class StoreSettings(Section):
     queue_max: int = Field(default=64, ge=1, le=100000, json_schema_extra=HOT, description="Jobs waiting at once; more are REJECTED queue_full.")
     max_attempts: int = Field(
         default=3, ge=1, le=100, description="Runs of a job interrupted by a crash before it FAILS with 'interrupted'.",
+        json_schema_extra=HOT,
+    )
+    max_preemptions: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Preemptions of a job (memory pressure, a model change) that do not count as an attempt; later "
+        "ones do, so a job preempted again and again ends FAILED 'preempted' after store.max_attempts.",
+        json_schema_extra=HOT,
+    )
+    min_free_kb: int = Field(
+        default=1024,
+        ge=0,
+        le=1048576,
+        description="After the store failed to write (full disk, read-only, I/O error), KiB its filesystem must have "
+        "free before jobs are taken again.",
+        json_schema_extra=HOT,
+    )
+    recheck_s: float = Field(
+        default=5.0,
+        ge=0.1,
+        le=3600,
+        description="While the store is unwritable, how often it is checked again, seconds.",
         json_schema_extra=HOT,
     )
     keep_finished: int = Field(default=1000, ge=10, le=1000000, json_schema_extra=HOT, description="Finished jobs kept, count.")

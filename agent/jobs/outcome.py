@@ -1,0 +1,93 @@
+"""How a run ends: the pure decision from what the engine returned (or raised) to one JobOutcome,
+or to putting the job back in the queue.
+
+Owns ``StopReason`` (why the runner asked a running job to stop) and ``conclude``. No I/O: the
+runner passes in what happened, the store persists the outcome, the protocol renders it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from agent.codes import ErrorCode, JobStatus
+from agent.engine.types import GenerationResult
+from agent.errors import EngineError
+from agent.protocol import ErrorInfo, JobOutcome, Timings, Usage
+
+
+class StopReason(str, Enum):
+    """Why the runner stopped a running job."""
+
+    CANCEL = "cancel"  # a cancel request: the job ends CANCELED
+    SHUTDOWN = "shutdown"  # the daemon stops: requeued, the run is not counted
+    PREEMPT = "preempt"  # memory pressure or a model change: requeued (store.max_preemptions free ones)
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """The job goes back to the queue instead of ending."""
+
+    reason: StopReason
+
+
+def conclude(
+    ended: GenerationResult | BaseException,
+    *,
+    stop: StopReason | None,
+    timings: Timings,
+    timeout_text: str = "",
+) -> JobOutcome | Requeue:
+    """Decide how a run ended.
+
+    ``ended`` is the engine's result or the exception it raised; ``stop`` is the reason the runner
+    asked the job to stop, if it did. A job the runner stopped for a shutdown or a preemption is
+    requeued unless it had already finished; a run cut short by the model being unloaded under it
+    ("aborted") is requeued as a preemption, never reported as CANCELED.
+    """
+    requeue_for = stop if stop in (StopReason.SHUTDOWN, StopReason.PREEMPT) else None
+    if isinstance(ended, BaseException):
+        if requeue_for is not None and isinstance(ended, EngineError) and ended.code is ErrorCode.model_not_loaded:
+            return Requeue(requeue_for)  # the model went away because of the stop itself
+        return _from_error(ended, timings)
+    result = ended
+    if result.finish_reason in ("canceled", "aborted") and (requeue_for or result.finish_reason == "aborted"):
+        return Requeue(requeue_for or StopReason.PREEMPT)
+    stats = result.stats
+    usage = Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens)
+    text = result.text or None
+    if result.finish_reason == "canceled":
+        error = ErrorInfo(code=ErrorCode.canceled, message="canceled by request")
+        return JobOutcome(status=JobStatus.CANCELED, text=text, finish_reason="canceled", usage=usage,
+                          timings=timings, error=error)  # fmt: skip
+    if result.finish_reason == "timeout":
+        error = ErrorInfo(code=ErrorCode.timeout, message=timeout_text or "ran longer than its time limit")
+        return JobOutcome(status=JobStatus.TIMED_OUT, text=text, finish_reason="timeout", usage=usage,
+                          timings=timings, error=error)  # fmt: skip
+    return JobOutcome(status=JobStatus.SUCCEEDED, text=text, finish_reason=result.finish_reason, usage=usage,
+                      timings=timings)  # fmt: skip
+
+
+def _from_error(e: BaseException, timings: Timings) -> JobOutcome:
+    if isinstance(e, EngineError):
+        # The code decides the status: context_too_long, will_not_fit, prompt_too_large ... are
+        # REJECTED (the same request fails the same way on any retry); the rest FAILED.
+        code = e.code if isinstance(e.code, ErrorCode) else ErrorCode.engine_error
+        message = str(e)
+    elif isinstance(e, MemoryError):
+        code, message = ErrorCode.will_not_fit, "out of memory while running the job"
+    else:  # a bug: the job still gets its one outcome instead of staying IN_PROGRESS
+        code, message = ErrorCode.internal, f"{type(e).__name__}: {e}"
+    return JobOutcome(status=code.status, timings=timings, error=ErrorInfo(code=code, message=message))
+
+
+def preempted_too_often(preemptions: int, attempts: int) -> JobOutcome:
+    """The outcome of a job whose preemptions used up its attempts (store.max_attempts)."""
+    return JobOutcome.refused(
+        ErrorCode.preempted,
+        f"preempted {preemptions} time(s) (memory pressure or a model change) and started {attempts} time(s) "
+        "(store.max_attempts); it may succeed later or on another device",
+    )
+
+
+__all__ = ["Requeue", "StopReason", "conclude", "preempted_too_often"]
