@@ -727,6 +727,11 @@ class DeviceStatus(_Outbound):
     device_id: str = Field(description="This device.")
     agent_version: str | None = Field(default=None, description="edge-agent version.")
     model: str | None = Field(default=None, description="Loaded model file name.")
+    store: Literal["writable", "unwritable"] | None = Field(
+        default=None,
+        description="Whether the job store takes writes. unwritable (a full disk, a read-only filesystem): the "
+        "device takes no new jobs; they stay with the broker and are taken once the store recovers.",
+    )
     ts: AwareDatetime = _TS
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from agent.config import Settings, _merge, load_settings
 from agent.daemon import Daemon
 from agent.engine import Engine
+from agent.engine.supervisor import EngineConfig
 from tests.broker import BrokerClient, MosquittoBroker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,9 +107,15 @@ class InProcessDaemon:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings: Settings = load_settings(config, environ={})
-        engine = Engine.from_settings(self.settings, clock=monotonic)
-        self.engine = engine_wrapper(engine) if engine_wrapper else engine
-        self.daemon = Daemon(self.settings, engine=self.engine, config_path=config, clock=clock, monotonic=monotonic)
+        self.engines: list[Any] = []  # every engine the daemon's supervisor made, in order
+
+        def factory(cfg: EngineConfig) -> Any:
+            engine = Engine(cfg.model_file(), engine=cfg.engine, memory=cfg.memory,
+                            allow_non_4bit=cfg.model.allow_non_4bit, clock=monotonic)  # fmt: skip
+            self.engines.append(engine_wrapper(engine) if engine_wrapper else engine)
+            return self.engines[-1]
+
+        self.daemon = Daemon(self.settings, engine_factory=factory, config_path=config, clock=clock, monotonic=monotonic)
         self._thread: threading.Thread | None = None
         self.exit_code: int | None = None
 

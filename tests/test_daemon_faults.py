@@ -301,13 +301,13 @@ def test_kill9_soak_every_job_gets_exactly_one_outcome_and_is_delivered(broker, 
     records = final_records(cfg)
     assert sorted(records) == sorted(jobs), "jobs lost or invented"
     for job_id, r in records.items():
-        assert r.status is JobStatus.SUCCEEDED, (job_id, r.status, r.result)
-        assert r.terminal and r.result is not None and r.finished_at is not None and r.delivered
+        assert r.status is JobStatus.SUCCEEDED, (job_id, r.status, r.outcome)
+        assert r.terminal and r.outcome is not None and r.finished_at is not None and r.delivered
         copies = {payload for _, payload in rec.results[job_id]}
         # One completion: every copy is the stored outcome, byte for byte (ts is finished_at).
         assert len(copies) == 1, (job_id, copies)
         msg = rec.result(job_id)
-        assert (msg["status"], msg["attempt"], msg["text"]) == ("SUCCEEDED", r.attempt, r.result["text"])
+        assert (msg["status"], msg["attempt"], msg["text"]) == ("SUCCEEDED", r.attempt, r.outcome.text)
         started = {s["attempt"] for s in rec.statuses[job_id] if s["status"] == "IN_PROGRESS"}
         assert r.attempt >= 1 and started <= set(range(1, r.attempt + 1)), (job_id, r.attempt, started)
     # A run that did not end in an outcome was cut short by a kill: one worker, one run at a time.
@@ -611,12 +611,13 @@ def test_job_claimed_while_a_stop_begins_is_requeued_not_run(broker, tiny_model,
     cfg = write_daemon_config(tmp_path / dev, broker, tiny_model, device_id=dev, service={"shutdown_grace_s": 0})
     d = InProcessDaemon(cfg)
     daemon = d.daemon
-    aborted = threading.Event()
-    real_abort, real_claim = daemon._abort_running, daemon.store.claim_next
+    aborted = threading.Event()  # shutdown looked for running jobs to stop
+    real_wait_idle, real_claim = daemon.runner._wait_idle, daemon.store.claim_next
 
-    def abort(why: str) -> None:
-        real_abort(why)
+    def wait_idle(timeout: float | None) -> bool:
+        idle = real_wait_idle(timeout)
         aborted.set()
+        return idle
 
     def claim(now: float | None = None) -> JobRecord | None:
         if daemon.store.queued_count() and daemon._stop_requested == 0:
@@ -624,7 +625,7 @@ def test_job_claimed_while_a_stop_begins_is_requeued_not_run(broker, tiny_model,
             aborted.wait(30)  # shutdown found no job running yet (grace 0) and moved on
         return real_claim(now)
 
-    daemon._abort_running = abort  # type: ignore[method-assign]
+    daemon.runner._wait_idle = wait_idle  # type: ignore[method-assign]
     rec = Recorder()
     peer = Peer(broker, rec).connect().follow(dev)
     with d:

@@ -497,7 +497,7 @@ class FuzzTarget:
 def fuzz_target(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[FuzzTarget]:
     broker = MosquittoBroker(tmp_path_factory.mktemp("fuzz-broker"), persistence=False).start()
     errors = LogWatch()
-    daemon_log = logging.getLogger("agent.daemon")
+    daemon_log = logging.getLogger("agent.jobs.intake")  # the part that refuses submissions
     level = daemon_log.level
     daemon_log.setLevel(logging.INFO)
     daemon_log.addHandler(errors)

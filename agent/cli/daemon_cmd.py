@@ -66,7 +66,6 @@ def _run(args: argparse.Namespace) -> int:
     import logging
 
     from agent.daemon import Daemon
-    from agent.engine import Engine
 
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)  # a service logs its life cycle to the journal
@@ -85,8 +84,7 @@ def _run(args: argparse.Namespace) -> int:
             from agent.demo import ensure_broker
 
             broker = ensure_broker(settings)
-        engine = Engine.from_settings(settings)
-        daemon = Daemon(settings, engine=engine, config_path=config_path)
+        daemon = Daemon(settings, config_path=config_path)
     except EdgeAgentError as e:
         print(f"edge-agent: cannot start [{e.code}]: {e}", file=sys.stderr)
         if broker is not None:
@@ -101,6 +99,13 @@ def _run(args: argparse.Namespace) -> int:
         )
     try:
         return daemon.serve()
+    except EdgeAgentError as e:
+        if getattr(e, "exit_code", None) != EXIT_CANNOT_START:
+            raise
+        # The model, the memory budget or the store: one line that says what to fix, and the exit
+        # status that makes systemd stop restarting (RestartPreventExitStatus=78).
+        print(f"edge-agent: cannot start [{e.code}]: {e}", file=sys.stderr)
+        return EXIT_CANNOT_START
     finally:
         if broker is not None:
             broker.terminate()
@@ -155,9 +160,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _open_store(settings: Settings):
     from agent.store import JobStore
 
-    if not settings.store.path.exists():
-        raise EdgeAgentError(f"no job store at {settings.store.path} (has the daemon run with this config?)")
-    return JobStore(settings.store.path, queue_max=settings.store.queue_max, max_attempts=settings.store.max_attempts)
+    return JobStore.from_settings(settings.store, readonly=True)
 
 
 def _ts(epoch: float | None) -> str:
@@ -184,8 +187,6 @@ def _jobs_list(args: argparse.Namespace) -> int:
 
 
 def _jobs_show(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     store = _open_store(_settings(args))
     try:
         rec = store.get(args.job_id)
@@ -194,7 +195,7 @@ def _jobs_show(args: argparse.Namespace) -> int:
     if rec is None:
         print(f"edge-agent: no job {args.job_id!r} in the store", file=sys.stderr)
         return EXIT_FAILURE
-    print(json.dumps(asdict(rec), indent=2, default=str))
+    print(json.dumps(rec.as_dict(), indent=2, default=str))
     return 0
 
 

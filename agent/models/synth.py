@@ -17,10 +17,11 @@ import itertools
 import os
 import string
 import sys
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
@@ -213,8 +214,11 @@ def _pad(f: BinaryIO, alignment: int) -> None:
     f.write(b"\0" * (-f.tell() % alignment))
 
 
-def synth_model(preset: str, out: Path, *, seed: int = 0, progress: bool = False) -> Path:
+def synth_model(
+    preset: str, out: Path, *, seed: int = 0, progress: bool = False, overrides: dict[str, Any] | None = None
+) -> Path:
     """Write the preset's model to ``out`` (atomically: ``out.tmp`` then rename) and return ``out``.
+    ``overrides`` changes fields of the preset's shape (tests that need two different shapes).
 
     GGUFWriter writes the header and tensor table; the tensor data is then generated and appended
     in chunks, so memory stays near 100 MB whatever the file size (the writer's own path needs
@@ -224,6 +228,8 @@ def synth_model(preset: str, out: Path, *, seed: int = 0, progress: bool = False
         shape = PRESETS[preset]
     except KeyError:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+    if overrides:
+        shape = dataclasses.replace(shape, **overrides)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     plan = shape.tensors()

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.errors import ConfigError
+
 MiB = 1024 * 1024
 
 # cgroup v1 reports "no limit" as the largest page-aligned signed 64-bit value; anything at or
@@ -379,7 +381,10 @@ def resolve_budget(
             return Budget(cg.limit, where, notes)
         notes.append(f"{where} is above MemTotal; using RAM instead")
     if from_ram <= 0:
-        raise ValueError(f"memory.reserve_mb {memory_settings.reserve_mb} is not below MemTotal {mi.mem_total // MiB} MiB")
+        raise ConfigError(
+            f"memory.reserve_mb {memory_settings.reserve_mb} is not below MemTotal {mi.mem_total // MiB} MiB: lower "
+            "memory.reserve_mb, or set memory.budget_mb"
+        )
     return Budget(from_ram, ram_source, notes)
 
 

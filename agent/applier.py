@@ -1,0 +1,120 @@
+"""The one diff-and-apply path for settings that change while the daemon runs.
+
+SIGHUP (a re-read config file) and the device shadow both hand ``LiveSettings.apply`` the settings
+tree they want in force. It diffs that tree against the one in force (``agent.config.live``), and
+applies what the fields declare live: HOT keys in place (limits, priorities, intervals, paused
+intake), RELOAD keys through the model supervisor as one model change, which rolls back if the new
+model does not load. Everything else is reported as needing a restart. The report says, per key,
+what happened; the settings object in force only ever holds values that really are in force.
+
+Order within one pass: pausing intake first (no job starts during the rest), then the other HOT
+keys, then the model change, then resuming intake last.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from typing import Any
+
+from agent.config import Settings
+from agent.config.live import ApplyReport, Change, diff
+from agent.engine.supervisor import Applied, EngineConfig, Supervisor
+from agent.store import JobStore
+from agent.system.priority import apply_priority
+
+log = logging.getLogger(__name__)
+
+PAUSED = "intake.paused"
+# Accepted, kept and reported, but acted on by nothing yet.
+_PENDING: dict[str, str] = {
+    "swap.": "not applied yet: the agent does not manage swap in this version (docs/operations.md)",
+}
+
+
+class LiveSettings:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        supervisor: Supervisor,
+        store: JobStore,
+        hold_intake: Callable[[bool], None],
+    ) -> None:
+        """``settings`` is the tree in force, updated in place; ``hold_intake(True)`` stops new job
+        starts (intake.paused), ``hold_intake(False)`` resumes them."""
+        self.settings = settings
+        self._supervisor = supervisor
+        self._store = store
+        self._hold_intake = hold_intake
+
+    def apply(self, target: Settings, keys: Collection[str] | None = None) -> ApplyReport:
+        """Bring the settings in force to ``target`` (only ``keys``, when given: dotted names)."""
+        changes = [c for c in diff(self.settings, target) if keys is None or c.key in keys]
+        report = ApplyReport()
+        report.restart = [c.key for c in changes if c.kind is None]
+        hot = [c for c in changes if c.kind == "hot"]
+        pause = [c for c in hot if c.key == PAUSED and c.new]
+        resume = [c for c in hot if c.key == PAUSED and not c.new]
+        others = [c for c in hot if c.key != PAUSED]
+        self._apply_hot(pause, report)
+        self._apply_hot(others, report)
+        self._apply_reload([c for c in changes if c.kind == "reload"], report)
+        self._apply_hot(resume, report)
+        return report
+
+    # ------------------------------------------------------------------ hot keys
+
+    def _apply_hot(self, changes: list[Change], report: ApplyReport) -> None:
+        if not changes:
+            return
+        for c in changes:
+            _set(self.settings, c.key, c.new)
+            note = next((text for prefix, text in _PENDING.items() if c.key.startswith(prefix)), None)
+            if note is not None:
+                report.pending[c.key] = note
+            else:
+                report.applied[c.key] = c.new
+        sections = {c.key.split(".", 1)[0] for c in changes}
+        s = self.settings
+        if "store" in sections:
+            self._store.configure(s.store)
+        if "engine" in sections:
+            self._supervisor.set_limits(s.engine)
+        if "intake" in sections:
+            self._hold_intake(s.intake.paused)
+        if "priority" in sections:
+            for note in apply_priority(s.priority.nice, s.priority.oom_score_adj):
+                key = "priority.nice" if note.startswith("nice") else "priority.oom_score_adj"
+                if "not applied" in note and key in report.applied:
+                    report.failed[key] = note
+                    del report.applied[key]
+                log.info("priority: %s", note)
+
+    # ------------------------------------------------------------------ model reload
+
+    def _apply_reload(self, changes: list[Change], report: ApplyReport) -> None:
+        if not changes:
+            return
+        candidate = self.settings.model_copy(deep=True)
+        for c in changes:
+            _set(candidate, c.key, c.new)
+        outcome = self._supervisor.apply(EngineConfig.from_settings(candidate))
+        if isinstance(outcome, Applied):
+            for c in changes:
+                _set(self.settings, c.key, c.new)
+                report.applied[c.key] = c.new
+        else:
+            for c in changes:
+                report.failed[c.key] = outcome.message
+
+
+def _set(settings: Settings, key: str, value: Any) -> None:
+    *path, name = key.split(".")
+    node: Any = settings
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, name, value)
+
+
+__all__ = ["LiveSettings"]

@@ -1,0 +1,214 @@
+"""The model supervisor: the only code that loads, swaps or unloads the model.
+
+``apply(EngineConfig)`` replaces the model in force by the one a new configuration describes: it
+asks the runner to let running jobs finish (within the grace period) or preempts them, unloads the
+old model (never two models in memory at once: a board has room for one), loads the new one and,
+when that fails (a corrupt or unknown file, a sha256 that does not match, a model that does not fit),
+loads the previous one again. The engine in force is read by the runner through ``engine``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from agent.config.sections import EngineSettings, MemorySettings, ModelSettings
+from agent.engine.types import EngineLike, LoadReport, RequestLimits
+from agent.errors import EdgeAgentError, EngineError, ModelError
+
+log = logging.getLogger(__name__)
+
+# The runner hold a model change takes while it swaps.
+HOLD = "model change"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the model owner needs to load a model: what changes here means a reload."""
+
+    model: ModelSettings
+    engine: EngineSettings
+    memory: MemorySettings
+    models_dir: Path
+    state_dir: Path
+
+    @classmethod
+    def from_settings(cls, settings: object) -> "EngineConfig":
+        s = settings  # an agent.config.Settings (not imported: keeps this module light)
+        return cls(
+            model=s.model.model_copy(), engine=s.engine.model_copy(), memory=s.memory.model_copy(),  # type: ignore[attr-defined]
+            models_dir=s.device.models_dir, state_dir=s.device.state_dir,  # type: ignore[attr-defined]
+        )  # fmt: skip
+
+    def model_file(self) -> Path:
+        """model.path resolved, inside models_dir (ModelError otherwise)."""
+        from agent.models.paths import resolve_model_path
+
+        return resolve_model_path(self.model.path, self.models_dir)
+
+    def same_model(self, other: "EngineConfig | None") -> bool:
+        """Whether ``other`` loads the same model the same way (only request limits may differ)."""
+        if other is None:
+            return False
+        limits = {"context_overflow", "max_tokens_limit", "max_prompt_bytes"}
+        return (
+            self.model == other.model
+            and self.memory == other.memory
+            and self.models_dir == other.models_dir
+            and self.engine.model_dump(exclude=limits) == other.engine.model_dump(exclude=limits)
+        )
+
+
+class RunnerControl(Protocol):
+    def quiesce(self, grace_s: float, reason: str) -> list[str]: ...
+
+    def release(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Applied:
+    report: LoadReport | None  # None when nothing needed loading
+    preempted: list[str] = field(default_factory=list)
+    took_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Refused:
+    error: EdgeAgentError
+    rolled_back: bool  # the previous model serves again
+    preempted: list[str] = field(default_factory=list)
+    took_s: float = 0.0
+
+    @property
+    def message(self) -> str:
+        back = "the previous model serves again" if self.rolled_back else "no model is loaded"
+        return f"{self.error} ({back})"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Supervisor:
+    def __init__(
+        self,
+        factory: Callable[[EngineConfig], EngineLike],
+        runner: RunnerControl,
+        *,
+        grace_s: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``factory`` makes an unloaded engine for a configuration; ``grace_s()`` is how long
+        running jobs may take to finish before a swap preempts them (read at each swap)."""
+        self._factory = factory
+        self._runner = runner
+        self._grace_s = grace_s
+        self._clock = clock
+        self._lock = threading.Lock()  # one load at a time
+        self._engine: EngineLike | None = None
+        self._config: EngineConfig | None = None
+        self.sha256: str | None = None  # of the file in force, when it was checked
+        self.load_s: float | None = None  # how long the model in force took to load
+
+    @property
+    def engine(self) -> EngineLike | None:
+        """The loaded engine, or None (nothing loaded, or a swap in progress)."""
+        e = self._engine
+        return e if e is not None and e.loaded else None
+
+    @property
+    def config(self) -> EngineConfig | None:
+        return self._config
+
+    def start(self, config: EngineConfig) -> LoadReport:
+        """The first load. Errors propagate: the daemon cannot start without a model."""
+        with self._lock:
+            engine, report = self._load(config)
+            self._engine, self._config = engine, config
+            return report
+
+    def set_limits(self, engine_settings: EngineSettings) -> None:
+        """Per-request limits change in place, without a reload."""
+        with self._lock:
+            if self._engine is not None:
+                self._engine.limits = RequestLimits.from_settings(engine_settings)
+            if self._config is not None:
+                self._config = EngineConfig(
+                    self._config.model, engine_settings.model_copy(), self._config.memory,
+                    self._config.models_dir, self._config.state_dir,
+                )  # fmt: skip
+
+    def apply(self, config: EngineConfig) -> Applied | Refused:
+        """Serve ``config``'s model. On failure the previous model is loaded again."""
+        with self._lock:
+            if config.same_model(self._config):
+                return Applied(None)
+            t0 = self._clock()
+            preempted = self._runner.quiesce(self._grace_s(), HOLD)
+            try:
+                old_engine, old_config, old_sha, old_load_s = self._engine, self._config, self.sha256, self.load_s
+                if old_engine is not None:
+                    old_engine.unload()
+                self._engine = None
+                try:
+                    engine, report = self._load(config)
+                except Exception as e:  # noqa: BLE001  every failure rolls back; the error says why
+                    err = e if isinstance(e, EdgeAgentError) else EngineError(f"{type(e).__name__}: {e}")
+                    log.error("model change to %s failed: %s; going back to %s", config.model.path, err,
+                              old_config.model.path if old_config else "nothing")  # fmt: skip
+                    rolled_back = self._roll_back(old_engine)
+                    self.sha256, self.load_s = old_sha, old_load_s
+                    return Refused(err, rolled_back, preempted, self._clock() - t0)
+                self._engine, self._config = engine, config
+                took = self._clock() - t0
+                log.info("model change to %s done in %.1fs (%d job(s) preempted)", config.model.path, took,
+                         len(preempted))  # fmt: skip
+                return Applied(report, preempted, took)
+            finally:
+                self._runner.release(HOLD)
+
+    def unload(self) -> None:
+        """Free the model (shutdown). The runner must have stopped using it."""
+        with self._lock:
+            if self._engine is not None:
+                self._engine.unload()
+
+    def _load(self, config: EngineConfig) -> tuple[EngineLike, LoadReport]:
+        path = config.model_file()
+        sha = None
+        if config.model.sha256 is not None:
+            sha = file_sha256(path)
+            if sha != config.model.sha256:
+                raise ModelError(
+                    f"{path.name}: sha256 {sha} does not match model.sha256 {config.model.sha256}",
+                    code="model_sha256_mismatch",
+                )
+        engine = self._factory(config)
+        t0 = self._clock()
+        report = engine.load()
+        self.sha256, self.load_s = sha, self._clock() - t0
+        return engine, report
+
+    def _roll_back(self, old: EngineLike | None) -> bool:
+        if old is None:
+            return False
+        try:
+            old.load()
+        except Exception:  # noqa: BLE001
+            log.exception("the previous model did not load again either: no model is loaded")
+            return False
+        self._engine = old
+        return True
+
+
+__all__ = ["Applied", "EngineConfig", "Refused", "Supervisor", "file_sha256"]

@@ -1,0 +1,131 @@
+"""Intake: job submissions and cancels, from message to store to acknowledgement.
+
+Owns the rule the whole delivery guarantee rests on: a message is acknowledged to the broker only
+after what it asked for is in the store. Anything that prevents the write (a full disk, a read-only
+filesystem) leaves the message unacknowledged, so the broker keeps it and delivers it again on the
+next connection; ``pause()`` makes that the rule for every message until ``resume()``. Refusals
+(invalid payloads, a full queue, expired jobs) are stored outcomes like any other and are
+published through the outbox.
+
+Handlers run on the transport's network thread: they do one store transaction and return.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.config.sections import EngineSettings
+from agent.errors import StoreError
+from agent.health import StoreHealth
+from agent.protocol import InvalidJob, Topics, parse_submit
+from agent.store import Accepted, JobRecord, JobStore
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(
+        self,
+        store: JobStore,
+        topics: Topics,
+        *,
+        limits: Callable[[], EngineSettings],
+        ack: Callable[[Any], bool],
+        publish: Callable[..., Any],
+        send_outcome: Callable[[JobRecord], Any],
+        cancel_running: Callable[[str], bool],
+        job_queued: Callable[[], None],
+        health: StoreHealth,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``limits()`` gives the engine settings in force (payload limits change live); ``ack``
+        acknowledges an inbound message; ``publish`` is the best-effort publish (QUEUED status);
+        ``send_outcome`` hands a stored terminal record to the outbox; ``cancel_running`` stops a
+        running job; ``job_queued`` wakes the runner."""
+        self._store = store
+        self._topics = topics
+        self._limits = limits
+        self._ack = ack
+        self._publish = publish
+        self._send_outcome = send_outcome
+        self._cancel_running = cancel_running
+        self._job_queued = job_queued
+        self._health = health
+        self._clock = clock
+        self._paused = threading.Event()
+
+    def pause(self) -> None:
+        """Acknowledge nothing until ``resume()``: messages stay with the broker."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def on_message(self, msg: Any) -> None:
+        """An inbound submit or cancel (an ``agent.transport.InboundMessage``)."""
+        if self._paused.is_set():
+            log.debug("intake paused: %s (mid %d) left unacknowledged", msg.topic, msg.mid)
+            return
+        try:
+            job_id = self._topics.job_id_from_cancel_topic(msg.topic)
+            if job_id is not None:
+                self.cancel(job_id)
+            else:
+                self.submit(msg.payload, msg.topic)
+        except StoreError as e:
+            # Not acknowledged: the broker keeps the message and delivers it again after the next
+            # connect, which the daemon makes once the store takes writes again.
+            self._health.failed(e)
+            return
+        self._ack(msg)
+
+    def submit(self, payload: bytes, topic: str) -> None:
+        now = self._clock()
+        limits = self._limits()
+        try:
+            job = parse_submit(
+                payload, max_prompt_bytes=limits.max_prompt_bytes, max_tokens_limit=limits.max_tokens_limit
+            )
+        except InvalidJob as e:
+            if e.job_id is None:
+                log.error("refused a message on %s with no readable job_id: %s [%s]", topic, e.message, e.code)
+                return
+            log.warning("job %s refused: %s [%s]", e.job_id, e.message, e.code.value)
+            self._after_accept(self._store.reject(e.job_id, e.code, e.message, now, raw=payload))
+            return
+        self._after_accept(self._store.accept(job, payload, now))
+
+    def _after_accept(self, accepted: Accepted) -> None:
+        rec = accepted.record
+        if accepted.outcome == "new":
+            msg = rec.status_message(self._topics.device_id, self._clock())
+            self._publish(self._topics.status(rec.job_id), msg.to_payload(), qos=1)
+            self._job_queued()
+        elif accepted.outcome == "duplicate_pending":
+            log.info("job %s received again while %s: ignored", rec.job_id, rec.status.value)
+        else:  # finished earlier, or refused now (invalid, queue full, expired): (re)send the stored outcome
+            if accepted.outcome != "duplicate_finished":
+                log.warning("job %s %s: %s", rec.job_id, rec.status.value, rec.error_code)
+            self._send_outcome(rec)
+
+    def cancel(self, job_id: str) -> str:
+        what = self._store.cancel(job_id, self._clock())
+        if what == "canceled_queued":
+            rec = self._store.get(job_id)
+            assert rec is not None
+            self._send_outcome(rec)
+        elif what == "running":
+            self._cancel_running(job_id)
+        log.info("cancel %s: %s", job_id, what)
+        return what
+
+
+__all__ = ["Intake"]
