@@ -567,3 +567,45 @@ def test_every_acknowledged_job_survives_sigkill(tmp_path: Path, kill_after: int
         actions = dict(s.recover())
         assert set(actions.values()) <= {"requeued"}
         assert s.counts()["IN_PROGRESS"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# schema migration, read-only opening, the write probe
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with JobStore(path) as s:
+        s.accept(job("kept"))
+    c = sqlite3.connect(path)
+    c.executescript("ALTER TABLE jobs DROP COLUMN preemptions; PRAGMA user_version = 1;")
+    c.close()
+    with JobStore(path) as s:
+        assert pragma(s, "user_version") == SCHEMA_VERSION
+        r = s.get("kept")
+        assert (r.status, r.preemptions) == (JobStatus.QUEUED, 0)
+        s.claim_next()
+        assert s.requeue("kept", "preempt") == "requeued" and s.get("kept").preemptions == 1
+
+
+def test_a_read_only_opening_reads_while_a_writer_works_and_never_writes(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    with pytest.raises(StoreError) as e:
+        JobStore(path, readonly=True)
+    assert e.value.code == "store_cantopen" and not path.exists()
+    with JobStore(path) as writer:
+        writer.accept(job("a"))
+        with JobStore(path, readonly=True) as reader:
+            assert [r.job_id for r in reader.list_jobs()] == ["a"]
+            writer.accept(job("b"))
+            assert reader.counts()["QUEUED"] == 2
+            with pytest.raises(StoreError) as e:
+                reader.accept(job("c"))
+            assert e.value.code == "store_readonly"
+
+
+def test_probe_needs_the_free_space_margin_and_a_real_write(store: JobStore) -> None:
+    store.probe(0)
+    with pytest.raises(StoreError) as e:
+        store.probe(1 << 62)
+    assert e.value.code == "store_full" and "store.min_free_kb" in str(e.value)
