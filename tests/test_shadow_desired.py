@@ -190,3 +190,10 @@ def test_an_update_with_bad_keys_changes_nothing(board):
     good = json.dumps({"state": {"desired": {"model": {"path": "other.gguf"}}}}).encode()
     r = handle_update(doc, good, validate, 1.0)
     assert isinstance(r, Accepted) and r.document.desired == {"engine": {"n_ctx": 512}, "model": {"path": "other.gguf"}}
+
+
+def test_every_stage_reports_its_keys_in_one_refusal(board):
+    # A type error, a settings-validator error and a board check, all in one update: three messages.
+    errors = errors_of(board, {"engine": {"n_batch": "x", "n_ctx": -3}, "model": {"path": "q8.gguf"}})
+    assert set(errors) == {"engine.n_batch", "engine.n_ctx", "model.path"}
+    assert "not 4-bit" in errors["model.path"] and "from 16 to 131072" in errors["engine.n_ctx"]

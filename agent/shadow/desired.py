@@ -113,21 +113,39 @@ def validate_desired(
     model file run only when the update sets model.path.
     """
     errors = _key_errors(merged)
-    known = {s: v for s, v in merged.items() if isinstance(v, Mapping) and s in _sections()}
-    known = {s: {k: x for k, x in v.items() if f"{s}.{k}" in live_keys()} for s, v in known.items()}
     normalised: Tree = {}
+    models = section_models()
+    for section, values in merged.items():
+        if section not in models or not isinstance(values, Mapping):
+            continue
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if key in errors or key not in live_keys():
+                continue
+            # One key at a time, so every bad key gets its message and the good ones are still checked
+            # together below.
+            try:
+                checked = models[section].model_validate_json(json.dumps({name: value}))
+            except ValidationError as e:
+                errors.update(_value_errors(e, section))
+                continue
+            normalised.setdefault(section, {}).update(checked.model_dump(mode="json", exclude_unset=True))
+    settings: Settings | None = None
     try:
-        checked = desired_model().model_validate_json(json.dumps(known))
-        normalised = checked.model_dump(mode="json", exclude_unset=True)
-    except ValidationError as e:
-        errors.update(_value_errors(e))
+        settings = effective_settings(base, normalised, touched=touched)
+    except DesiredInvalid as e:
+        errors.update(e.errors)
+    if check_board and MODEL_PATH in touched and MODEL_PATH not in errors:
+        try:
+            model_settings = settings or effective_settings(base, {"model": normalised.get("model", {})})
+        except DesiredInvalid as e:
+            errors.update(e.errors)
+        else:
+            problem = check_model_file(model_settings)
+            if problem is not None:
+                errors[MODEL_PATH] = problem
     if errors:
         raise DesiredInvalid(errors)
-    settings = effective_settings(base, normalised, touched=touched)
-    if check_board and MODEL_PATH in touched:
-        problem = check_model_file(settings)
-        if problem is not None:
-            raise DesiredInvalid({MODEL_PATH: problem})
     return normalised
 
 
@@ -180,16 +198,11 @@ _EXPECTED = {
 }
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
-    # loc is (section, field, [union member tag ...]): the tags are not keys anyone can write.
-    parts = [str(p) for p in loc[:2]]
-    return ".".join(parts)
-
-
-def _value_errors(err: ValidationError) -> dict[str, str]:
+def _value_errors(err: ValidationError, section: str) -> dict[str, str]:
     by_key: dict[str, list[dict[str, Any]]] = {}
     for e in err.errors(include_url=False):
-        by_key.setdefault(_dotted(e["loc"]), []).append(e)
+        # loc is (field, [union member tag ...]): the tags are not keys anyone can write.
+        by_key.setdefault(f"{section}.{e['loc'][0]}", []).append(e)
     return {key: _explain(errs) for key, errs in by_key.items()}
 
 
