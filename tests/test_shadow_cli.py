@@ -166,3 +166,13 @@ def test_values_are_json_when_they_parse_and_text_for_text_keys(text, value):
 def test_bad_assignments(text):
     with pytest.raises(argparse.ArgumentTypeError):
         _assignment(text)
+
+
+def test_reset_goes_back_to_the_config_file(cfg, board, capsys):
+    assert cli(capsys, "set", "-c", str(cfg), "engine.n_batch=64", "intake.paused=true", "--wait")[0] == 0
+    rc, out, err = cli(capsys, "set", "-c", str(cfg), "--reset", "--wait")
+    assert rc == 0, err
+    assert "accepted: version 2 (reset to the config file)" in out and "applied: version 2" in out
+    assert board.executor.settings.engine.n_batch == 128 and board.executor.settings.intake.paused is False
+    assert cli(capsys, "set", "-c", str(cfg), "--reset", "intake.paused=true")[0] == 2
+    assert cli(capsys, "set", "-c", str(cfg))[0] == 2

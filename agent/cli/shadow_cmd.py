@@ -40,8 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "only hold text (model.path, engine.load_mode) always take the text as it is, unless it is null.",
     )
     _common(s)
-    s.add_argument("assignments", nargs="+", metavar="KEY=VALUE", type=_assignment,
+    s.add_argument("assignments", nargs="*", metavar="KEY=VALUE", type=_assignment,
                    help="a dotted run-time setting and its value, e.g. engine.n_ctx=512 intake.paused=true")
+    s.add_argument("--reset", action="store_true",
+                   help="remove every desired key: the board goes back to its config file")
     s.add_argument("--version", type=int, default=None, metavar="N",
                    help="only if the document is at version N (else the board refuses with 409)")
     s.add_argument("--wait", action="store_true",
@@ -149,13 +151,16 @@ def _get(args: argparse.Namespace) -> int:
 def _set(args: argparse.Namespace) -> int:
     from agent.shadow.client import ShadowClient
 
+    if bool(args.assignments) == args.reset:
+        print("edge-agent: give KEY=VALUE assignments, or --reset alone", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        desired = _nest(args.assignments)
+        desired = None if args.reset else _nest(args.assignments)
     except _Usage as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
     settings, device = _settings(args)
-    wanted = ", ".join(f"{k}={json.dumps(v)}" for k, v in args.assignments)
+    wanted = "reset to the config file" if args.reset else ", ".join(f"{k}={json.dumps(v)}" for k, v in args.assignments)
     started = time.monotonic()
     with ShadowClient(settings, device_id=device, connect_timeout=args.connect_timeout) as client:
         kind, reply = client.update(desired, version=args.version, timeout=args.timeout, retain=args.retain)
@@ -170,9 +175,13 @@ def _set(args: argparse.Namespace) -> int:
         if kind == "rejected":
             if args.json:
                 _print_json({"reply": reply})
-            print(f"rejected {reply.get('code')}: {reply.get('message')}", file=sys.stderr)
-            for key, why in sorted((reply.get("errors") or {}).items()):
-                print(f"  {key}: {why}", file=sys.stderr)
+            errors = reply.get("errors") or {}
+            if errors:  # the message lists them too; one line per key reads better
+                print(f"rejected {reply.get('code')}, nothing changed:", file=sys.stderr)
+                for key, why in sorted(errors.items()):
+                    print(f"  {key}: {why}", file=sys.stderr)
+            else:
+                print(f"rejected {reply.get('code')}: {reply.get('message')}", file=sys.stderr)
             return EXIT_FAILURE
         version = reply["version"]
         if not args.json:
@@ -190,7 +199,7 @@ def _set(args: argparse.Namespace) -> int:
         print(f"edge-agent: {device} did not finish applying version {version} within {args.wait_timeout:g} s",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILURE
-    verdict = judge(doc, reply["state"]["desired"], [k for k, _ in args.assignments])
+    verdict = judge(doc, reply["state"]["desired"], None if args.reset else [k for k, _ in args.assignments])
     if args.json:
         _print_json({"reply": reply, "applied": not verdict["failed"], "errors": verdict["failed"], "document": doc})
     else:
@@ -207,9 +216,9 @@ def _set(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def judge(doc: dict[str, Any], desired_sent: dict[str, Any], keys: list[str]) -> dict[str, dict[str, Any]]:
-    """For the keys an update set: which failed (with why), which are pending (with the note), and
-    which a later update changed again. Keys removed with null count as applied once the pass ran."""
+def judge(doc: dict[str, Any], desired_sent: dict[str, Any], keys: list[str] | None) -> dict[str, dict[str, Any]]:
+    """For the keys an update set (None: every key, after a reset): which failed (with why), which
+    are pending (with the note), and which a later update changed again."""
     from agent.shadow.document import flatten
 
     state = doc.get("state", {})
@@ -219,7 +228,7 @@ def judge(doc: dict[str, Any], desired_sent: dict[str, Any], keys: list[str]) ->
     now_desired = flatten(state.get("desired", {}))
     sent = flatten(desired_sent)
     out: dict[str, dict[str, Any]] = {"failed": {}, "pending": {}, "superseded": {}}
-    for key in keys:
+    for key in keys if keys is not None else [*errors, *pending]:
         if key in sent and key in now_desired and now_desired[key] != sent[key]:
             out["superseded"][key] = doc.get("version")
         elif key in errors:
@@ -298,7 +307,7 @@ def render(doc: dict[str, Any], *, device: str, source: str, all_keys: bool = Fa
             lines.append(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]:<{w2}}  {r[3]}".rstrip())
     hidden = len(reported) - len([k for k in named if k in reported])
     if hidden > 0:
-        lines.append(f"({hidden} other run-time settings are at their config-file values; --all lists them)")
+        lines.append(f"({hidden} other run-time settings are not in desired: the config file's values; --all lists them)")
     lines += _facts(reported_all)
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import models_json_schema
 
 # The outbound conventions of the job protocol (RFC 3339 "ts", unknown fields are bugs).
 from agent.protocol import _TS, _Outbound, rfc3339
@@ -207,9 +208,13 @@ INBOUND_MODELS: tuple[type[BaseModel], ...] = (ShadowUpdate, ShadowGet)
 OUTBOUND_MODELS: tuple[type[BaseModel], ...] = (ShadowUpdateAccepted, ShadowRejected, ShadowDocumentMessage, ShadowDelta)
 
 
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schema of every shadow payload, by model name (validation mode: optional keys may be absent)."""
-    return {m.__name__: m.model_json_schema(mode="validation") for m in (*INBOUND_MODELS, *OUTBOUND_MODELS)}
+def json_schema() -> dict[str, Any]:
+    """One JSON Schema document with every shadow payload under $defs (the desired and reported
+    shapes are shared, not repeated per message). Validation mode: keys not set may be absent."""
+    _, schema = models_json_schema(
+        [(m, "validation") for m in (*INBOUND_MODELS, *OUTBOUND_MODELS)], title="edge-agent device shadow payloads"
+    )
+    return schema
 
 
 __all__ = [
@@ -224,5 +229,5 @@ __all__ = [
     "ShadowUpdate",
     "ShadowUpdateAccepted",
     "document_message",
-    "json_schemas",
+    "json_schema",
 ]
