@@ -324,3 +324,98 @@ def test_network_thread_never_runs_the_executor_even_while_a_swap_is_slow(broker
         release.set()
         peer.close()
         board.stop()
+
+
+def test_sighup_reload_changes_the_base_and_desired_still_wins(board, peer, settings, executor):
+    started(board, peer)
+    set_(peer, {"engine": {"n_ctx": 512}}, "d")
+    peer.doc(applied(1))
+    edited = settings.model_copy(deep=True)
+    edited.engine.n_ctx = 2048  # the file now says 2048: desired (512) still wins
+    edited.telemetry.interval_s = 12.0  # not in desired: the file's new value applies
+    edited.mqtt.keepalive_s = 99  # not a run-time setting
+    report = board.service.reload(edited)
+    assert report.applied == {"telemetry.interval_s": 12.0} and report.restart == ["mqtt.keepalive_s"]
+    assert executor.settings.engine.n_ctx == 512 and executor.settings.telemetry.interval_s == 12.0
+    # Removing the desired key now falls back to the edited file.
+    set_(peer, {"engine": {"n_ctx": None}}, "r")
+    assert peer.doc(applied(2))["state"]["reported"]["engine"]["n_ctx"] == 2048
+
+
+def test_facts_are_reported_and_republished_only_when_they_change(broker, settings):
+    facts = {"board": {"agent_version": "x", "llama_cpp_python": None, "board": "b", "machine": "aarch64",
+                       "cpu": {"model": None, "cores": 4, "features": ["neon", "dotprod"]}, "mem_total_bytes": 1,
+                       "cgroup_limit_bytes": None, "cgroup_note": None, "psi": False, "psi_note": "no psi",
+                       "swap": [], "models_free_bytes": 2**30},
+             "serving": {"file": "demo-tiny.gguf", "sha256": None, "load_mode": "fit", "n_ctx": 2048}}  # fmt: skip
+    board = ShadowBoard(broker, settings, facts=lambda: json.loads(json.dumps(facts)))
+    peer = ShadowPeer(broker, board.topics)
+    try:
+        doc = started(board, peer)
+        assert doc["state"]["reported"]["board"]["cpu"]["features"] == ["neon", "dotprod"]
+        assert doc["state"]["reported"]["serving"]["n_ctx"] == 2048
+        board.service.refresh_facts()  # unchanged: nothing published
+        facts["board"]["models_free_bytes"] = 2**29
+        board.service.refresh_facts()
+        doc = peer.doc()  # the next document is the changed one: the first refresh published nothing
+        assert doc["state"]["reported"]["board"]["models_free_bytes"] == 2**29
+        assert "board.models_free_bytes" in doc["metadata"]["reported"]
+    finally:
+        peer.close()
+        board.stop()
+
+
+def test_boot_settings_start_the_daemon_with_the_accepted_desired_state(broker, settings):
+    from agent.shadow.service import boot_settings
+
+    board = ShadowBoard(broker, settings)
+    peer = ShadowPeer(broker, board.topics)
+    try:
+        started(board, peer)
+        set_(peer, {"engine": {"n_ctx": 384, "type_v": "q8_0", "flash_attn": True}, "model": {"path": "other.gguf"}}, "b")
+        peer.doc(applied(1))
+        board.stop()
+        with ShadowStore.from_settings(settings) as store:
+            boot = boot_settings(settings, store)
+        assert boot.engine.n_ctx == 384 and str(boot.model.path) == "other.gguf" and boot.engine.type_v == "q8_0"
+        # Started with them, the daemon has nothing left to apply: no model is loaded twice.
+        ex = FakeExecutor(boot)
+        board = ShadowBoard(broker, settings, executor=ex)
+        board.start(connect=False, main_loop=False)
+        assert ex.calls == [] and board.service.document.reported["applied_version"] == 1
+    finally:
+        peer.close()
+        board.stop()
+
+
+def test_boot_settings_leave_out_a_desired_key_the_config_file_no_longer_allows(settings):
+    from agent.shadow.document import ShadowDocument
+    from agent.shadow.service import boot_settings
+
+    with_fa = settings.model_copy(deep=True)
+    with_fa.engine.flash_attn = True
+    with ShadowStore.from_settings(settings) as store:
+        store.save_desired(ShadowDocument(version=1, desired={"engine": {"n_ctx": 384, "type_v": "q8_0"}}))
+        assert boot_settings(with_fa, store).engine.type_v == "q8_0"
+        boot = boot_settings(settings, store)  # the file turned flash attention off since
+    assert boot.engine.n_ctx == 384 and boot.engine.type_v == "f16"
+
+
+def test_a_desired_key_the_edited_config_file_no_longer_allows_is_reported(broker, settings):
+    with_fa = settings.model_copy(deep=True)
+    with_fa.engine.flash_attn = True
+    ex = FakeExecutor(with_fa)
+    board = ShadowBoard(broker, with_fa, executor=ex)
+    peer = ShadowPeer(broker, board.topics)
+    try:
+        started(board, peer)
+        set_(peer, {"engine": {"type_v": "q8_0", "n_ctx": 384}}, "q")
+        assert peer.doc(applied(1))["state"]["reported"]["engine"]["type_v"] == "q8_0"
+        board.service.reload(settings)  # the file turned flash attention off
+        doc = peer.doc(lambda d: "engine.type_v" in d["state"]["reported"].get("errors", {}))
+        assert "cannot be applied with the board's config file" in doc["state"]["reported"]["errors"]["engine.type_v"]
+        assert ex.settings.engine.type_v == "f16" and ex.settings.engine.n_ctx == 384
+        assert doc["state"]["delta"] == {"engine": {"type_v": "q8_0"}}
+    finally:
+        peer.close()
+        board.stop()

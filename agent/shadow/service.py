@@ -406,20 +406,45 @@ class ShadowService:
             self._published_delta = d
 
 
+def boot_settings(file_settings: Settings, store: ShadowStore) -> Settings:
+    """The settings to start the daemon with: the board's config overlaid by the last accepted
+    desired state (keys that no longer fit the config file are left out; run_pending reports them).
+
+    Starting with these loads the desired model at once instead of the file's model and then the
+    desired one. If the model they name does not load at start, start with ``file_settings``
+    instead (a remote change must never stop the daemon from starting): ``run_pending()`` then tries
+    the desired model through the executor and reports the failure under its keys.
+    """
+    target, _ = _target(file_settings, store.load().desired)
+    return target
+
+
 def _target(base: Settings, desired: Tree) -> tuple[Settings, dict[str, str]]:
     """The settings wanted: base overlaid by desired. Desired keys that no longer fit the board's
-    config (the file changed since they were accepted) are left out, with why."""
+    config (the file changed since they were accepted) are left out, with why; a rule between keys
+    (a cross-field check) names them all, so each is tried back in and kept if it fits."""
     try:
         return effective_settings(base, desired), {}
     except DesiredInvalid as e:
-        conflicts = {k: f"cannot be applied with the board's config file: {m}" for k, m in e.errors.items()}
-    flat = {k: v for k, v in flatten(desired).items() if k not in conflicts}
+        suspects = dict(e.errors)
+    keep = {k: v for k, v in flatten(desired).items() if k not in suspects}
     try:
-        return effective_settings(base, unflatten(flat)), conflicts
-    except DesiredInvalid as e:
-        conflicts.update({k: f"cannot be applied with the board's config file: {m}" for k, m in e.errors.items()})
-        return base, {**conflicts, **{k: "not applied: desired conflicts with the board's config file" for k in flat
-                                      if k not in conflicts}}  # fmt: skip
+        target = effective_settings(base, unflatten(keep))
+    except DesiredInvalid as e:  # should not happen: every key at fault was left out
+        return base, {k: f"cannot be applied with the board's config file: {m}" for k, m in
+                      {**suspects, **e.errors}.items()}  # fmt: skip
+    conflicts: dict[str, str] = {}
+    for key, why in suspects.items():
+        value = flatten(desired).get(key)
+        if value is None:
+            conflicts[key] = f"cannot be applied with the board's config file: {why}"
+            continue
+        try:
+            target = effective_settings(base, unflatten({**keep, key: value}))
+            keep[key] = value
+        except DesiredInvalid:
+            conflicts[key] = f"cannot be applied with the board's config file: {why}"
+    return target, conflicts
 
 
 def _token(token: str | None) -> dict[str, str]:
@@ -444,4 +469,4 @@ def _log_report(report: ApplyReport) -> None:
         log.warning("shadow: %s takes effect only after a restart", key)
 
 
-__all__ = ["Publish", "ShadowService"]
+__all__ = ["Publish", "ShadowService", "boot_settings"]
