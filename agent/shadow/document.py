@@ -198,10 +198,6 @@ def json_size(tree: Any) -> int:
     return len(json.dumps(tree, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
-def state_size(desired: Any, reported: Any) -> int:
-    return json_size(desired) + json_size(reported)
-
-
 def _depth(v: Any) -> int:
     if isinstance(v, Mapping):
         return 1 + max((_depth(x) for x in v.values()), default=0)
@@ -451,7 +447,6 @@ __all__ = [
     "parse_update",
     "same",
     "set_reported",
-    "state_size",
     "summarise",
     "touched_keys",
     "unflatten",
