@@ -419,3 +419,23 @@ def test_a_desired_key_the_edited_config_file_no_longer_allows_is_reported(broke
     finally:
         peer.close()
         board.stop()
+
+
+def test_a_message_before_start_is_left_for_the_broker_to_redeliver(settings):
+    from agent.protocol import Topics
+    from agent.shadow.service import ShadowService
+    from agent.transport import InboundMessage
+
+    published, acked = [], []
+    with ShadowStore.from_settings(settings) as store:
+        service = ShadowService(
+            topics=Topics("edge", DEV), store=store, file_settings=settings, executor=FakeExecutor(settings),
+            publish=lambda *a: published.append(a), ack=acked.append,
+        )  # fmt: skip
+        msg = InboundMessage(topic=f"edge/{DEV}/shadow/update", payload=b'{"state": {"desired": {"a": 1}}}',
+                             qos=1, retain=False, mid=1)  # fmt: skip
+        service.on_message(msg)
+        assert published == [] and acked == []
+        service.start()
+        service.on_message(msg)
+        assert acked == [msg] and published[0][0] == f"edge/{DEV}/shadow/update/rejected"

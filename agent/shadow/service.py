@@ -133,10 +133,6 @@ class ShadowService:
         with self._lock:
             return self._doc
 
-    @property
-    def file_settings(self) -> Settings:
-        return self._file_settings
-
     # ------------------------------------------------------------------ main loop
 
     def start(self) -> None:
@@ -254,6 +250,11 @@ class ShadowService:
         """Network thread: an update or a get. Never raises. Every message is acknowledged once it
         is handled (an accepted update: once it is stored)."""
         if not self.handles(msg.topic):
+            return
+        if not self._started:
+            # Before start() the stored document is not loaded: merging into an empty one would
+            # lose it. Left unacknowledged, the broker delivers it again on the next connection.
+            log.error("shadow: a message on %s arrived before ShadowService.start(); not handled", msg.topic)
             return
         try:
             if msg.topic == self.topics.shadow_update:
