@@ -269,7 +269,7 @@ def effective_settings(
             key = ".".join(loc[:2])
             if len(loc) >= 2 and key in all_keys():
                 if "input" in err and not isinstance(err["input"], (dict, list)):
-                    msg = f"{msg} (got {_json_kind(err['input'])})"
+                    msg = f"{msg}, got {_json_kind(err['input'])}"
                 errors[key] = msg
                 continue
             section = loc[0] if loc else ""
