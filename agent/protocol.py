@@ -804,6 +804,40 @@ class Topics:
     def stream_filter(self) -> str:
         return f"{self.root}/jobs/+/stream"
 
+    # The device shadow (agent/shadow, docs/protocol.md "Device shadow").
+    @property
+    def shadow(self) -> str:
+        """The whole shadow document, retained."""
+        return f"{self.root}/shadow"
+
+    @property
+    def shadow_update(self) -> str:
+        return f"{self.root}/shadow/update"
+
+    @property
+    def shadow_update_accepted(self) -> str:
+        return f"{self.root}/shadow/update/accepted"
+
+    @property
+    def shadow_update_rejected(self) -> str:
+        return f"{self.root}/shadow/update/rejected"
+
+    @property
+    def shadow_get(self) -> str:
+        return f"{self.root}/shadow/get"
+
+    @property
+    def shadow_get_accepted(self) -> str:
+        return f"{self.root}/shadow/get/accepted"
+
+    @property
+    def shadow_get_rejected(self) -> str:
+        return f"{self.root}/shadow/get/rejected"
+
+    @property
+    def shadow_delta(self) -> str:
+        return f"{self.root}/shadow/delta"
+
     def job_id_from_topic(self, topic: str, leaf: str) -> str | None:
         """The job id in ``{root}/jobs/{job_id}/{leaf}``, or None if the topic is not one, or the id is invalid."""
         head, tail = f"{self.root}/jobs/", f"/{leaf}"

@@ -118,7 +118,35 @@ def _renderers() -> dict[str, Callable[[], str]]:
     from agent.telemetry import Telemetry
 
     r["fields-Telemetry"] = lambda: _fields_table(Telemetry.model_json_schema())
+    r.update(_shadow_renderers())
     return r
+
+
+def _shadow_renderers() -> dict[str, Callable[[], str]]:
+    """The device shadow's blocks: its payload models live in agent.shadow.messages."""
+    from agent.shadow import messages
+    from agent.shadow.facts import BoardFacts, ServingModel
+
+    r: dict[str, Callable[[], str]] = {}
+    for model in (*messages.INBOUND_MODELS, *messages.OUTBOUND_MODELS, messages.ReportedState, BoardFacts, ServingModel):
+        r[f"fields-{model.__name__}"] = lambda m=model: _fields_table(m.model_json_schema())
+    r["shadow-desired-keys"] = _desired_keys
+    r["shadow-schemas"] = lambda: f"```json\n{json.dumps(messages.json_schema(), indent=2, ensure_ascii=False)}\n```"
+    return r
+
+
+def _desired_keys() -> str:
+    from agent.shadow.desired import section_models
+
+    how = {"hot": "in place", "reload": "model reload"}
+    rows = ["| key | type | bounds | applied | meaning |", "|---|---|---|---|---|"]
+    for section, model in section_models().items():
+        for name, prop in model.model_json_schema()["properties"].items():
+            rows.append(
+                f"| `{section}.{name}` | {_type(prop)} | {_cell(_bounds(prop))} | {how[prop['live']]} | "
+                f"{_cell(prop.get('description', ''))} |"
+            )
+    return "\n".join(rows)
 
 
 def render(text: str) -> str:

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "agent.cli.model_cmd",
     "agent.cli.generate_cmd",
     "agent.cli.daemon_cmd",
+    "agent.cli.shadow_cmd",
 )
 
 

@@ -1,0 +1,473 @@
+"""The device shadow service: the shadow topics in, the document, replies and actions out.
+
+Owns the board's shadow at run time: it answers updates and gets, persists what it accepts
+(agent.shadow.store), keeps the retained document and the delta published, clears retained
+updates once handled, and, on the daemon's main loop, reconciles the settings in force with
+desired through the daemon's ``Executor`` and folds what happened into reported.
+
+Its dependencies are injected, so the daemon wires it with a few lines and tests run it against a
+real broker with a fake executor: ``publish(topic, payload, qos, retain)`` (MqttTransport.publish),
+``ack(msg)`` (MqttTransport.ack), the ``Executor`` (agent.applier.LiveSettings), ``facts()`` (the
+board and the model in force, for reported), a wall clock, and ``wake()`` (tick the main loop).
+
+Threads. ``on_message`` and ``on_connect`` run on the MQTT network thread: they validate, persist,
+acknowledge and reply, and never wait for a model swap; they only mark reconcile work as due and
+call ``wake()``. ``start``, ``run_pending``, ``reload`` and ``refresh_facts`` run on the daemon's
+main loop, which is where the executor is called. One lock guards the document; it is never held
+while the executor runs.
+
+Delivery: updates are at least once (an update stored but not yet acknowledged when the daemon dies
+is delivered again and merged again; one with a ``version`` is then refused 409). A retained update
+is handled once and then cleared with an empty retained message on the same topic; because MQTT
+does not tell a subscriber whether a live message was published retained, every handled update is
+followed by that clear, and a retained copy of an update already handled on the same connection
+(the broker can send both the queued and the retained copy after a reconnect) is only cleared, not
+merged twice, so an older retained update never overrides a newer one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, Protocol
+
+from agent.config import Settings
+from agent.config.live import ApplyReport, diff
+from agent.errors import StoreError
+from agent.protocol import Topics
+from agent.shadow.desired import effective_settings, live_values, validate_desired
+from agent.shadow.document import (
+    Accepted,
+    BadRequest,
+    DesiredInvalid,
+    Rejected,
+    ShadowDocument,
+    Tree,
+    flatten,
+    handle_update,
+    parse_get,
+    same,
+    set_reported,
+    unflatten,
+)
+from agent.shadow.messages import (
+    REPORTED_EXTRAS,
+    ShadowDelta,
+    ShadowRejected,
+    ShadowUpdateAccepted,
+    document_message,
+)
+from agent.shadow.reconcile import Action, Executor, Settled, plan, settle, tidy
+from agent.shadow.store import ShadowStore
+from agent.transport import InboundMessage
+
+log = logging.getLogger(__name__)
+
+# Retained copies remembered per connection, to merge an update once when the broker sends it twice.
+_SEEN_MAX = 64
+
+
+class Publish(Protocol):
+    def __call__(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any: ...
+
+
+class ShadowService:
+    def __init__(
+        self,
+        *,
+        topics: Topics,
+        store: ShadowStore,
+        file_settings: Settings,
+        executor: Executor,
+        publish: Publish,
+        ack: Callable[[InboundMessage], Any] | None = None,
+        facts: Callable[[], Mapping[str, Any]] | None = None,
+        clock: Callable[[], float] = time.time,
+        wake: Callable[[], None] | None = None,
+        check_board: bool = True,
+    ) -> None:
+        """``file_settings``: the board's own configuration (file, environment, credentials), which
+        desired is overlaid on; ``facts()`` returns reported's facts, {"board": ..., "serving": ...}
+        (agent.shadow.facts.reported_facts); ``check_board`` False skips the model file checks
+        (only for tests of the protocol)."""
+        self.topics = topics
+        self._store = store
+        self._file_settings = file_settings
+        self._executor = executor
+        self._publish = publish
+        self._ack = ack or (lambda msg: True)
+        self._facts = facts or (lambda: {})
+        self._clock = clock
+        self._wake = wake or (lambda: None)
+        self._check_board = check_board
+
+        self._lock = threading.Lock()
+        self._doc = ShadowDocument()
+        self._settled = Settled()
+        self._applied_version: int | None = None
+        self._fact_values: dict[str, Any] = {}
+        self._dirty = False
+        self._started = False
+        self._published_state: str | None = None
+        self._published_delta: Tree | None = None
+        self._seen_connection: int | None = None
+        self._seen: deque[str] = deque(maxlen=_SEEN_MAX)
+
+    # ------------------------------------------------------------------ wiring
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What the daemon's transport must subscribe to (topic filter, QoS)."""
+        return [(self.topics.shadow_update, 1), (self.topics.shadow_get, 1)]
+
+    def handles(self, topic: str) -> bool:
+        return topic in (self.topics.shadow_update, self.topics.shadow_get)
+
+    @property
+    def document(self) -> ShadowDocument:
+        with self._lock:
+            return self._doc
+
+    # ------------------------------------------------------------------ main loop
+
+    def start(self) -> None:
+        """Main thread, before the transport connects: read the stored document, report what is in
+        force, and mark a reconcile as due, so ``run_pending()`` applies the last accepted desired
+        state even when the broker cannot be reached."""
+        doc = self._store.load()
+        in_force = live_values(self._executor.settings)
+        stored_values = flatten({k: v for k, v in doc.reported.items() if k not in REPORTED_EXTRAS})
+        # "Not applied yet" notes hold as long as the value they were made for is still in force.
+        notes = doc.reported.get("pending") or {}
+        pending = {k: str(n) for k, n in notes.items() if k in in_force and same(stored_values.get(k), in_force[k])}
+        applied = doc.reported.get("applied_version")
+        fact_values = self._read_facts()
+        with self._lock:
+            self._doc = doc
+            self._settled = Settled(pending=pending)
+            self._applied_version = applied if isinstance(applied, int) else None
+            self._fact_values = fact_values
+            self._update_reported(self._clock(), publish=False)
+            self._dirty = True
+            self._started = True
+        log.info("shadow: version %d, %d desired key(s)", doc.version, len(flatten(doc.desired)))
+
+    def pending_work(self) -> bool:
+        """True when an accepted update (or a start, or a reload) has not been reconciled yet."""
+        return self._dirty
+
+    def run_pending(self) -> list[tuple[Action, ApplyReport]]:
+        """Main thread: bring the settings in force to the board's config overlaid by desired.
+
+        Calls the executor once per action (pause intake, in-place settings, one model reload,
+        resume intake), then updates reported, persists it and publishes the document and delta.
+        Returns what was done, for the daemon's log. Never raises for a failed apply: the failure
+        is reported under its key.
+        """
+        with self._lock:
+            if not self._dirty or not self._started:
+                return []
+            self._dirty = False
+            desired = copy.deepcopy(self._doc.desired)
+            version = self._doc.version
+            base = self._file_settings
+            settled = self._settled
+        target, conflicts = _target(base, desired)
+        want = live_values(target)
+        actions = plan(want, live_values(self._executor.settings), failed=settled.failed)
+        done: list[tuple[Action, ApplyReport]] = []
+        for action in actions:
+            try:
+                report = self._executor.apply(target, action.keys)
+            except Exception as e:  # the executor's bug must not end the main loop or hide the key
+                log.exception("shadow: applying %s failed", ", ".join(action.keys))
+                report = ApplyReport(failed={k: f"the daemon failed to apply it: {type(e).__name__}: {e}"
+                                             for k in action.keys})  # fmt: skip
+            settled = settle(settled, action, report, want, live_values(self._executor.settings))
+            done.append((action, report))
+            _log_report(report)
+        settled = tidy(settled, want, live_values(self._executor.settings))
+        if conflicts:
+            settled = Settled(
+                {**settled.failed, **{k: flatten(desired).get(k) for k in conflicts}},
+                {**settled.errors, **conflicts},
+                {k: v for k, v in settled.pending.items() if k not in conflicts},
+            )
+        fact_values = self._read_facts()
+        with self._lock:
+            self._settled = settled
+            self._applied_version = version
+            self._fact_values = fact_values
+            self._update_reported(self._clock())
+        return done
+
+    def reload(self, file_settings: Settings) -> ApplyReport:
+        """Main thread, on SIGHUP: the board's config file changed. Desired still wins over it; the
+        rest is applied through the executor. Returns one report of the whole reload (keys that need
+        a restart under ``restart``) for the daemon's log."""
+        with self._lock:
+            self._file_settings = file_settings
+            self._dirty = True
+            desired = copy.deepcopy(self._doc.desired)
+        done = self.run_pending()
+        out = ApplyReport()
+        for _action, report in done:
+            out.applied.update(report.applied)
+            out.failed.update(report.failed)
+            out.pending.update(report.pending)
+        target, _ = _target(file_settings, desired)
+        out.restart = [c.key for c in diff(self._executor.settings, target) if c.kind is None]
+        return out
+
+    def refresh_facts(self) -> None:
+        """Main thread, at a slow pace (free disk, swap devices and cgroup limit change): re-read the
+        facts and republish the document if they changed."""
+        fact_values = self._read_facts()
+        with self._lock:
+            if not self._started:
+                return
+            self._fact_values = fact_values
+            self._update_reported(self._clock())
+
+    # ------------------------------------------------------------------ network thread
+
+    def on_connect(self) -> None:
+        """Network thread, after every (re)connect: publish the document and delta again (publishes
+        made while disconnected were dropped by the transport)."""
+        with self._lock:
+            if not self._started:
+                return
+            self._published_state = None
+            self._published_delta = None
+            self._publish_state(self._clock())
+
+    def on_message(self, msg: InboundMessage) -> None:
+        """Network thread: an update or a get. Never raises. Every message is acknowledged once it
+        is handled (an accepted update: once it is stored)."""
+        if not self.handles(msg.topic):
+            return
+        if not self._started:
+            # Before start() the stored document is not loaded: merging into an empty one would
+            # lose it. Left unacknowledged, the broker delivers it again on the next connection.
+            log.error("shadow: a message on %s arrived before ShadowService.start(); not handled", msg.topic)
+            return
+        try:
+            if msg.topic == self.topics.shadow_update:
+                self._on_update(msg)
+            else:
+                self._on_get(msg)
+        except Exception:
+            log.exception("shadow: handling a message on %s failed", msg.topic)
+        finally:
+            self._ack(msg)
+
+    def _on_update(self, msg: InboundMessage) -> None:
+        if not msg.payload:
+            return  # the empty retained message that clears a handled update (ours, or an operator's)
+        digest = hashlib.sha256(msg.payload).hexdigest()
+        now = self._clock()
+        with self._lock:
+            if msg.retain and self._seen_before(msg.connection, digest):
+                log.info("shadow: a retained copy of an update already handled on this connection: cleared, not "
+                         "merged again")  # fmt: skip
+                self._publish(self.topics.shadow_update, b"", 1, True)
+                return
+            try:
+                result = handle_update(self._doc, msg.payload, self._validate, now)
+            except Exception as e:  # a bug in a check must still get the operator an answer
+                log.exception("shadow: checking an update failed")
+                result = Rejected(500, f"the device failed to check the update ({type(e).__name__}: {e}); nothing "
+                                  "changed", self._doc.version)  # fmt: skip
+            stored = True
+            if isinstance(result, Accepted):
+                result, stored = self._persist(result, now)
+            self._remember(msg.connection, digest)
+            if isinstance(result, Accepted):
+                self._doc = result.document
+                self._dirty = True
+                reply = ShadowUpdateAccepted.build(
+                    version=result.document.version, state={"desired": result.document.desired}, ts=now,
+                    **_token(result.client_token),
+                )  # fmt: skip
+                topic = self.topics.shadow_update_accepted
+                log.info("shadow: update accepted, version %d: %s", result.document.version,
+                         ", ".join(sorted(result.changed)))  # fmt: skip
+            else:
+                reply = _rejected(result, now)
+                topic = self.topics.shadow_update_rejected
+                log.warning("shadow: update rejected %d: %s", result.code, result.message)
+            self._publish(topic, reply.to_payload(), 1, False)
+            if isinstance(result, Accepted):
+                self._publish_state(now)
+            if stored:
+                self._publish(self.topics.shadow_update, b"", 1, True)
+        if isinstance(result, Accepted):
+            self._wake()
+
+    def _persist(self, result: Accepted, now: float) -> tuple[Accepted | Rejected, bool]:
+        """Store an accepted update before anyone hears of it. (result, whether the update was
+        handled: False only when it could not be stored, so a retained update is kept for later)."""
+        try:
+            won = self._store.save_desired(result.document, now)
+        except StoreError as e:
+            return (
+                Rejected(500, f"the device could not store the update, nothing changed: {e}", self._doc.version,
+                         client_token=result.client_token),
+                False,
+            )  # fmt: skip
+        if won:
+            return result, True
+        # Another writer stored this version or a newer one first: that document is the truth.
+        try:
+            latest = self._store.load()
+            self._doc = replace(self._doc, version=latest.version, desired=latest.desired,
+                                desired_meta=latest.desired_meta)  # fmt: skip
+        except StoreError as e:
+            log.error("shadow: cannot re-read the stored document: %s", e)
+        return (
+            Rejected(409, f"version conflict: version {self._doc.version} was stored by another writer first; get "
+                     "the document and send the update again", self._doc.version, client_token=result.client_token),
+            True,
+        )  # fmt: skip
+
+    def _on_get(self, msg: InboundMessage) -> None:
+        now = self._clock()
+        with self._lock:
+            try:
+                request = parse_get(msg.payload)
+            except BadRequest as e:
+                topic, payload = self.topics.shadow_get_rejected, _rejected(e.rejected(self._doc.version), now).to_payload()
+            else:
+                topic = self.topics.shadow_get_accepted
+                payload = document_message(self._doc, now, request.client_token).to_payload()
+            self._publish(topic, payload, 1, False)
+
+    def _validate(self, merged: Tree, touched: frozenset[str]) -> Tree:
+        return validate_desired(merged, touched, self._file_settings, check_board=self._check_board)
+
+    def _seen_before(self, connection: int, digest: str) -> bool:
+        return self._seen_connection == connection and digest in self._seen
+
+    def _remember(self, connection: int, digest: str) -> None:
+        if self._seen_connection != connection:
+            self._seen_connection = connection
+            self._seen.clear()
+        self._seen.append(digest)
+
+    # ------------------------------------------------------------------ reported and publishing (lock held)
+
+    def _read_facts(self) -> dict[str, Any]:
+        try:
+            values = dict(self._facts())
+        except Exception:  # facts are informative: a failing reader must not stop the shadow
+            log.exception("shadow: reading the board facts failed")
+            return dict(self._fact_values)
+        return {k: v for k, v in values.items() if k in ("board", "serving")}
+
+    def _reported(self) -> Tree:
+        reported = unflatten(live_values(self._executor.settings))
+        s = self._settled
+        if s.errors:
+            reported["errors"] = dict(sorted(s.errors.items()))
+        if s.pending:
+            reported["pending"] = dict(sorted(s.pending.items()))
+        if self._applied_version is not None:
+            reported["applied_version"] = self._applied_version
+        reported.update(copy.deepcopy(self._fact_values))
+        return reported
+
+    def _update_reported(self, now: float, *, publish: bool = True) -> None:
+        reported = self._reported()
+        if reported != self._doc.reported:
+            self._doc = set_reported(self._doc, reported, now)
+            try:
+                self._store.save_reported(self._doc, now)
+            except StoreError as e:  # reported is rebuilt at every start: losing a write loses nothing
+                log.warning("shadow: %s", e)
+        if publish:
+            self._publish_state(now)
+
+    def _publish_state(self, now: float) -> None:
+        """Publish the retained document if it changed, and the delta if that set changed and is not empty."""
+        doc = self._doc
+        key = repr((doc.version, doc.desired, doc.reported))
+        if key != self._published_state:
+            self._publish(self.topics.shadow, document_message(doc, now).to_payload(), 1, True)
+            self._published_state = key
+        d = doc.delta()
+        if d != self._published_delta:
+            if d:
+                self._publish(self.topics.shadow_delta, ShadowDelta.build(version=doc.version, state=d, ts=now)
+                              .to_payload(), 1, False)  # fmt: skip
+            self._published_delta = d
+
+
+def boot_settings(file_settings: Settings, store: ShadowStore) -> Settings:
+    """The settings to start the daemon with: the board's config overlaid by the last accepted
+    desired state (keys that no longer fit the config file are left out; run_pending reports them).
+
+    Starting with these loads the desired model at once instead of the file's model and then the
+    desired one. If the model they name does not load at start, start with ``file_settings``
+    instead (a remote change must never stop the daemon from starting): ``run_pending()`` then tries
+    the desired model through the executor and reports the failure under its keys.
+    """
+    target, _ = _target(file_settings, store.load().desired)
+    return target
+
+
+def _target(base: Settings, desired: Tree) -> tuple[Settings, dict[str, str]]:
+    """The settings wanted: base overlaid by desired. Desired keys that no longer fit the board's
+    config (the file changed since they were accepted) are left out, with why; a rule between keys
+    (a cross-field check) names them all, so each is tried back in and kept if it fits."""
+    try:
+        return effective_settings(base, desired), {}
+    except DesiredInvalid as e:
+        suspects = dict(e.errors)
+    keep = {k: v for k, v in flatten(desired).items() if k not in suspects}
+    try:
+        target = effective_settings(base, unflatten(keep))
+    except DesiredInvalid as e:  # should not happen: every key at fault was left out
+        return base, {k: f"cannot be applied with the board's config file: {m}" for k, m in
+                      {**suspects, **e.errors}.items()}  # fmt: skip
+    conflicts: dict[str, str] = {}
+    for key, why in suspects.items():
+        value = flatten(desired).get(key)
+        if value is None:
+            conflicts[key] = f"cannot be applied with the board's config file: {why}"
+            continue
+        try:
+            target = effective_settings(base, unflatten({**keep, key: value}))
+            keep[key] = value
+        except DesiredInvalid:
+            conflicts[key] = f"cannot be applied with the board's config file: {why}"
+    return target, conflicts
+
+
+def _token(token: str | None) -> dict[str, str]:
+    return {"client_token": token} if token is not None else {}
+
+
+def _rejected(r: Rejected, now: float) -> ShadowRejected:
+    extra: dict[str, Any] = _token(r.client_token)
+    if r.errors:
+        extra["errors"] = r.errors
+    return ShadowRejected.build(code=r.code, message=r.message, version=r.version, ts=now, **extra)
+
+
+def _log_report(report: ApplyReport) -> None:
+    for key, value in report.applied.items():
+        log.info("shadow: %s = %r", key, value)
+    for key, why in report.failed.items():
+        log.error("shadow: %s not applied: %s", key, why)
+    for key, why in report.pending.items():
+        log.warning("shadow: %s: %s", key, why)
+    for key in report.restart:
+        log.warning("shadow: %s takes effect only after a restart", key)
+
+
+__all__ = ["Publish", "ShadowService", "boot_settings"]

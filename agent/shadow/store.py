@@ -1,0 +1,283 @@
+"""Persistence of the device shadow: one SQLite file, ``{device.state_dir}/shadow.db``.
+
+Holds the last accepted desired state with its version and metadata, and the last reported state,
+so that after a restart the daemon applies what it accepted before it even connects (the broker may
+be down), and ``edge-agent shadow show`` can read the state without a broker.
+
+Same conventions as the job store (agent/store.py): WAL, a busy timeout, synchronous FULL (an
+accepted update is acknowledged to the operator, so it must survive a power cut), schema creation
+that is safe to re-run, one ``BEGIN IMMEDIATE`` transaction per write, SQLite errors leave only as
+``StoreError``. A stale version never wins: desired is written only over an older version, so a
+second writer (another process on the same file) cannot roll the state back.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from agent.errors import StoreError
+from agent.shadow.document import ShadowDocument
+
+if TYPE_CHECKING:
+    from agent.config import Settings
+
+SCHEMA_VERSION = 1
+FILE_NAME = "shadow.db"
+
+_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS shadow (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),  -- one document per board
+    version       INTEGER NOT NULL CHECK (version >= 0),
+    desired       TEXT NOT NULL,   -- nested JSON object
+    desired_meta  TEXT NOT NULL,   -- {dotted key: epoch seconds last set}
+    reported      TEXT NOT NULL,
+    reported_meta TEXT NOT NULL,
+    desired_at    REAL,            -- when desired was last written
+    reported_at   REAL
+)""",
+)
+
+
+class ShadowStore:
+    """The shadow's SQLite file. Thread-safe (one connection behind a lock); one per process and file."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        readonly: bool = False,
+        busy_timeout_ms: int = 5000,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        clock: Any = time.time,
+    ) -> None:
+        """``readonly``: read an existing file only (the CLI, while the daemon runs)."""
+        self.path = Path(path)
+        self.readonly = readonly
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        if not self.path.parent.is_dir():
+            raise StoreError(
+                f"{self.path}: folder {self.path.parent} does not exist; create it (under systemd, StateDirectory= "
+                "creates device.state_dir)",
+                code="store_cantopen",
+            )
+        if readonly and not self.path.is_file():
+            raise StoreError(
+                f"no shadow state at {self.path} (has the daemon run with this config, and received an update?)",
+                code="store_cantopen",
+            )
+        try:
+            target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
+            conn = sqlite3.connect(
+                target, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False, uri=readonly
+            )
+        except sqlite3.Error as e:
+            raise self._error(e, "opening the shadow state") from e
+        self._conn = conn
+        try:
+            self._open(synchronous, busy_timeout_ms)
+        except sqlite3.Error as e:
+            conn.close()
+            self._conn = None
+            raise self._error(e, "opening the shadow state") from e
+        except StoreError:
+            conn.close()
+            self._conn = None
+            raise
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", *, readonly: bool = False) -> "ShadowStore":
+        """The one way the daemon and the CLI open it: ``{device.state_dir}/shadow.db``."""
+        return cls(settings.device.state_dir / FILE_NAME, readonly=readonly)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
+        c = self._connection()
+        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} was written by a newer edge-agent (this one knows "
+                f"{SCHEMA_VERSION}); upgrade the agent or move the file aside",
+                code="store_version",
+            )
+        if self.readonly:
+            return
+        check = c.execute("PRAGMA quick_check(1)").fetchone()
+        if check is None or check[0] != "ok":
+            raise StoreError(
+                f"{self.path}: the shadow state is damaged ({check[0] if check else 'no answer'}); stop the agent and "
+                f"move {self.path.name} and its -wal and -shm files aside (the board then starts from its config file "
+                "and takes the next update)",
+                code="store_corrupt",
+            )
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"{self.path}: cannot use write-ahead logging (journal mode stayed {mode!r}); the filesystem must "
+                "support shared memory (not a network share)",
+                code="store_cantopen",
+            )
+        c.execute(f"PRAGMA synchronous = {synchronous}")
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA:
+                c.execute(stmt)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"{self.path}: the shadow state is closed", code="store_closed")
+        return self._conn
+
+    def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
+        name = getattr(e, "sqlite_errorname", "") or ""
+        where = f"{self.path}: {doing}"
+        if name.startswith("SQLITE_FULL"):
+            return StoreError(f"{where}: the disk is full; free space on the filesystem holding {self.path.parent}",
+                              code="store_full")  # fmt: skip
+        if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
+            return StoreError(
+                f"{where}: the file is read-only ({e}); check that it and {self.path.parent} are writable by this user",
+                code="store_readonly",
+            )
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            return StoreError(
+                f"{where}: the shadow state is damaged or not a database ({e}); stop the agent and move "
+                f"{self.path.name} and its -wal and -shm files aside",
+                code="store_corrupt",
+            )
+        if name.startswith("SQLITE_CANTOPEN"):
+            return StoreError(f"{where}: cannot open the file ({e}); check that {self.path.parent} exists and is "
+                              "writable", code="store_cantopen")  # fmt: skip
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return StoreError(f"{where}: the file stayed locked by another process ({e})", code="store_busy")
+        if name.startswith("SQLITE_IOERR"):
+            return StoreError(f"{where}: I/O error ({name}: {e}); the storage may be failing", code="store_io")
+        return StoreError(f"{where}: SQLite error {name or type(e).__name__}: {e}")
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            c = self._connection()
+            try:
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    yield c
+                except BaseException:
+                    if c.in_transaction:
+                        c.execute("ROLLBACK")
+                    raise
+                c.execute("COMMIT")
+            except sqlite3.Error as e:
+                if c.in_transaction:
+                    try:
+                        c.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise self._error(e, doing) from e
+
+    # ----------------------------------------------------------------------------------------
+
+    def load(self) -> ShadowDocument:
+        """The stored document; an empty one (version 0) when nothing was ever stored."""
+        with self._lock:
+            c = self._connection()
+            try:
+                row = c.execute(
+                    "SELECT version, desired, desired_meta, reported, reported_meta FROM shadow WHERE id = 1"
+                ).fetchone()
+            except sqlite3.Error as e:
+                raise self._error(e, "reading the shadow state") from e
+        if row is None:
+            return ShadowDocument()
+        try:
+            return ShadowDocument(
+                version=int(row[0]),
+                desired=json.loads(row[1]),
+                desired_meta=json.loads(row[2]),
+                reported=json.loads(row[3]),
+                reported_meta=json.loads(row[4]),
+            )
+        except (ValueError, TypeError) as e:
+            raise StoreError(f"{self.path}: the stored shadow document is not valid JSON ({e})",
+                             code="store_corrupt") from None  # fmt: skip
+
+    def save_desired(self, doc: ShadowDocument, now: float | None = None) -> bool:
+        """Store desired, its metadata and version, if ``doc.version`` is newer than the stored one.
+
+        Returns False (and changes nothing) when the stored version is the same or newer: a stale
+        version never wins.
+        """
+        now = self._clock() if now is None else now
+        with self._write("storing the desired state") as c:
+            cur = c.execute(
+                """
+                INSERT INTO shadow (id, version, desired, desired_meta, reported, reported_meta, desired_at)
+                VALUES (1, :version, :desired, :desired_meta, '{}', '{}', :now)
+                ON CONFLICT (id) DO UPDATE SET
+                    version = excluded.version, desired = excluded.desired,
+                    desired_meta = excluded.desired_meta, desired_at = excluded.desired_at
+                WHERE excluded.version > shadow.version
+                """,
+                {
+                    "version": doc.version,
+                    "desired": _dump(doc.desired),
+                    "desired_meta": _dump(doc.desired_meta),
+                    "now": now,
+                },
+            )
+            return cur.rowcount == 1
+
+    def save_reported(self, doc: ShadowDocument, now: float | None = None) -> None:
+        """Store the reported state and its metadata (the board's own; not versioned)."""
+        now = self._clock() if now is None else now
+        with self._write("storing the reported state") as c:
+            c.execute(
+                """
+                INSERT INTO shadow (id, version, desired, desired_meta, reported, reported_meta, reported_at)
+                VALUES (1, 0, '{}', '{}', :reported, :reported_meta, :now)
+                ON CONFLICT (id) DO UPDATE SET
+                    reported = excluded.reported, reported_meta = excluded.reported_meta,
+                    reported_at = excluded.reported_at
+                """,
+                {"reported": _dump(doc.reported), "reported_meta": _dump(doc.reported_meta), "now": now},
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                finally:
+                    self._conn = None
+
+    def __enter__(self) -> "ShadowStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+__all__ = ["FILE_NAME", "ShadowStore"]
