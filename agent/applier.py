@@ -63,6 +63,13 @@ class LiveSettings:
         self._apply_hot(resume, report)
         return report
 
+    def reset_reload_keys(self, source: Settings) -> None:
+        """Take every RELOAD key from ``source`` without applying anything (the daemon falls back
+        to the config file's model when the desired one does not load at start)."""
+        for c in diff(self.settings, source):
+            if c.kind == "reload":
+                _set(self.settings, c.key, c.new)
+
     # ------------------------------------------------------------------ hot keys
 
     def _apply_hot(self, changes: list[Change], report: ApplyReport) -> None:

@@ -5,9 +5,13 @@ intake, which stores it and only then acknowledges it; the runner claims it, run
 the supervisor keeps loaded, and settles its outcome in the store; the outbox publishes the result
 until the broker acknowledges it, and again after every reconnect and restart.
 
+The device shadow's service takes its messages on the network thread and reconciles on the main
+loop through the same live-settings path as SIGHUP.
+
 Threads: the transport's network thread (inbound messages, acknowledgements), the runner's worker
 thread, and the main thread, which handles signals (the handlers only set flags), the systemd
-watchdog, configuration reloads, the store's health, resends, retention and telemetry.
+watchdog, configuration reloads, the shadow's reconcile, the store's health, resends, retention and
+telemetry.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from agent.health import StoreHealth
 from agent.jobs.intake import Intake
 from agent.jobs.runner import Runner
 from agent.protocol import DeviceStatus, Topics
+from agent.shadow.facts import FactsReader, ServingModel, reported_facts
+from agent.shadow.service import ShadowService, boot_settings
+from agent.shadow.store import ShadowStore
 from agent.store import JobRecord, JobStore
 from agent.system.priority import apply_priority
 from agent.system.sdnotify import Notifier
@@ -59,17 +66,22 @@ class Daemon:
         monotonic: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
     ) -> None:
-        """``clock`` is wall time (job timestamps, expiry); ``monotonic`` must be the engine's clock,
-        on which job deadlines are handed to it."""
-        self.settings = s = settings
+        """``settings`` are the board's own (file, environment, credentials); the device shadow's last
+        accepted desired state is overlaid on them. ``clock`` is wall time (job timestamps, expiry);
+        ``monotonic`` must be the engine's clock, on which job deadlines are handed to it."""
+        self.file_settings = settings
         self.config_path = config_path
         self.clock = clock
         self.notifier = notifier or Notifier()
-        self.topics = Topics(s.mqtt.prefix, s.device.id)
+        self.topics = Topics(settings.mqtt.prefix, settings.device.id)
         try:
-            s.device.state_dir.mkdir(parents=True, exist_ok=True)
+            settings.device.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot create device.state_dir {s.device.state_dir}: {e.strerror}") from None
+            raise StoreError(f"cannot create device.state_dir {settings.device.state_dir}: {e.strerror}") from None
+        self.shadow_store = ShadowStore.from_settings(settings)
+        # The settings in force: the file's, overlaid by desired, so a board that restarts without its
+        # broker applies what it last accepted before it connects.
+        self.settings = s = boot_settings(settings, self.shadow_store)
         self.store = JobStore.from_settings(s.store, clock=clock)
         self.results = JobResults(self.store, self.topics, clock=clock)
         self._tick = threading.Event()  # the main loop: something to do now
@@ -101,6 +113,13 @@ class Daemon:
             health=self.health, clock=clock,
         )  # fmt: skip
         self.live = LiveSettings(s, supervisor=self.supervisor, store=self.store, hold_intake=self._hold_intake)
+        self._facts = FactsReader(board=s.device.board, models_dir=s.device.models_dir)
+        self.shadow = ShadowService(
+            topics=self.topics, store=self.shadow_store, file_settings=settings, executor=self.live,
+            publish=lambda t, p, q, r: self.transport.publish(t, p, qos=q, retain=r), ack=self.transport.ack,
+            facts=self._reported_facts, clock=clock, wake=self._tick.set,
+        )  # fmt: skip
+        self.transport.add_subscriptions(self.shadow.subscriptions())
         self._last_prune = 0.0
         self._last_telemetry = 0.0
 
@@ -112,8 +131,13 @@ class Daemon:
             log.info("priority: %s", note)
         for job_id, action in self.store.recover(self.clock()):
             log.warning("recovered job %s after an unclean stop: %s", job_id, action)
-        self.supervisor.start(EngineConfig.from_settings(self.settings))  # logs its plan and measured memory
+        desired = EngineConfig.from_settings(self.settings)
+        if self.supervisor.start(desired, fallback=EngineConfig.from_settings(self.file_settings)) is not desired:
+            self.live.reset_reload_keys(self.file_settings)  # the desired model failed: the file's serves
         self._hold_intake(self.settings.intake.paused)
+        self.shadow.start()
+        with self.notifier.keepalive():
+            self.shadow.run_pending()  # desired keys the boot settings left out, before any broker
         self.runner.start()
         self.transport.start()
         self.notifier.ready(f"serving {self.settings.model.path}")
@@ -129,6 +153,7 @@ class Daemon:
             e.exit_code = EXIT_CANNOT_START  # type: ignore[attr-defined]
             self.transport.stop()
             self.store.close()
+            self.shadow_store.close()
             raise
         try:
             n = 0
@@ -156,6 +181,9 @@ class Daemon:
         if self._reload_requested:
             self._reload_requested = False
             self.reload()
+        if self.shadow.pending_work():
+            with self.notifier.keepalive():
+                self.shadow.run_pending()
         self.health.recheck()
         self.outbox.run_pass(should_stop=lambda: self._stop_requested > 0)
         if self.health.writable and now - self._last_prune >= s.store.prune_interval_s:
@@ -170,6 +198,7 @@ class Daemon:
         if now - self._last_telemetry >= s.telemetry.interval_s and self.transport.connected:
             self._last_telemetry = now
             self.publish_telemetry(now)
+            self.shadow.refresh_facts()  # free disk, swap devices, the cgroup limit
 
     def publish_telemetry(self, now: float) -> None:
         running = self.runner.running
@@ -194,6 +223,7 @@ class Daemon:
         self.transport.stop(publish=(self.topics.device_status, self._device_status("stopping")))
         self.supervisor.unload()
         self.store.close()
+        self.shadow_store.close()
         log.info("stopped")
 
     def _install_signals(self) -> None:
@@ -215,7 +245,8 @@ class Daemon:
         except Exception as e:  # a bad edit must not take a running board down
             log.error("reload refused, keeping the running configuration: %s", e)
             return
-        report = self.live.apply(new)
+        with self.notifier.keepalive():
+            report = self.shadow.reload(new)  # desired keys still win over the file
         for key, value in report.applied.items():
             log.info("reload: %s = %r", key, value)
         for key, why in report.failed.items():
@@ -228,12 +259,28 @@ class Daemon:
     # ----------------------------------------------------------------- wiring callbacks
 
     def _on_message(self, msg: InboundMessage) -> None:
-        self.intake.on_message(msg)
+        if self.shadow.handles(msg.topic):
+            self.shadow.on_message(msg)
+        else:
+            self.intake.on_message(msg)
 
     def _on_connect(self) -> None:
         self.transport.publish(self.topics.device_status, self._device_status("online"), qos=1, retain=True)
+        self.shadow.on_connect()
         self.outbox.request_resend()
         self._tick.set()
+
+    def _reported_facts(self) -> dict[str, Any]:
+        cfg, engine = self.supervisor.config, self.supervisor.engine
+        serving = None
+        if cfg is not None and engine is not None and engine.report is not None:
+            r = engine.report
+            serving = ServingModel(
+                file=str(cfg.model.path), sha256=self.supervisor.sha256, load_mode=r.mode, n_ctx=r.n_ctx,
+                load_ms=r.load_ms, loaded_at=self.supervisor.loaded_at, swap_ms=self.supervisor.last_swap_ms,
+                preempted=self.supervisor.last_swap_preempted,
+            )  # fmt: skip
+        return reported_facts(self._facts.board_facts(), serving)
 
     def _send_outcome(self, rec: JobRecord) -> Any:
         return self.outbox.send(self.results, self.results.item(rec))

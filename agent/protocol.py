@@ -426,8 +426,15 @@ def _explain(e: Any) -> str:
 
 def _from_validation_error(err: ValidationError, job_id: str | None) -> InvalidJob:
     errors = err.errors(include_url=False)
+
+    def bad_key(e: Any) -> bool:
+        # A key that is not valid Unicode (a lone surrogate escape) is reported by pydantic at no
+        # location, with the key as input: it cannot be a known key, so it is named as unknown.
+        return e["type"] == "string_unicode" and not e["loc"] and isinstance(e.get("input"), str)
+
     unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and e["loc"]]
-    rest = [e for e in errors if e["type"] != "extra_forbidden"]
+    unknown += [e["input"] for e in errors if bad_key(e)]
+    rest = [e for e in errors if e["type"] != "extra_forbidden" and not bad_key(e)]
     parts: list[str] = []
     if unknown:
         names = ", ".join(_show(k) for k in unknown[:_MAX_LISTED])

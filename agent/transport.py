@@ -413,6 +413,12 @@ class MqttTransport:
         """Why the latest attempt failed or the latest connection was lost; None after success."""
         return self._last_error
 
+    def add_subscriptions(self, subscriptions: Sequence[tuple[str, int]]) -> None:
+        """More topic filters to subscribe to on every connect. Only before ``start()``."""
+        if self._thread is not None:
+            raise RuntimeError("subscriptions are fixed once the transport has started")
+        self._subscriptions.extend(subscriptions)
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("MqttTransport.start() may be called once")

@@ -116,6 +116,7 @@ class InProcessDaemon:
             return self.engines[-1]
 
         self.daemon = Daemon(self.settings, engine_factory=factory, config_path=config, clock=clock, monotonic=monotonic)
+        self.settings = self.daemon.settings  # the settings in force (the file's, overlaid by the shadow's desired)
         self._thread: threading.Thread | None = None
         self.exit_code: int | None = None
 

@@ -538,6 +538,9 @@ COVERING_CASES = [
     Case(_base_fields(), {}, top="array"),
     Case(_base_fields(), {}, damage=("replace", b"")),
     Case(_base_fields(), {}, id_first=False, damage=("truncate", 0.5)),
+    # found by the fuzzer: a key that is a lone surrogate escape must be named like any unknown key
+    Case(_base_fields(prompt="0", max_tokens=1), {"\ud800": "invalid_payload"}, unknown={"\ud800": None},
+         id_first=False),
 ]
 
 

@@ -530,3 +530,11 @@ def test_protocol_doc_is_up_to_date() -> None:
     assert gen.render(doc) == doc, "docs/protocol.md is out of date: run python -m agent.protocol_doc"
     for name, schema in json_schemas().items():
         assert json.dumps(schema, indent=2, ensure_ascii=False) in doc, name
+
+
+def test_a_key_that_is_not_valid_unicode_is_named_as_an_unknown_key() -> None:
+    payload = json.dumps({"job_id": "a", "kind": "generate", "prompt": "0", "max_tokens": 1, "\ud800": None}).encode()
+    with pytest.raises(InvalidJob) as e:
+        parse_submit(payload, max_prompt_bytes=100, max_tokens_limit=10)
+    assert e.value.code is ErrorCode.invalid_payload and e.value.job_id == "a"
+    assert e.value.message.startswith("unknown key(s) '\\ud800'; allowed keys: job_id, kind")

@@ -82,6 +82,16 @@ def test_the_same_model_with_other_request_limits_needs_no_reload(models: Path) 
     assert isinstance(out, Applied) and out.report is None and len(f.made) == 1 and runner.calls == []
 
 
+def test_at_start_a_failing_model_falls_back_to_the_config_files(models: Path) -> None:
+    f = Factory()
+    sup = Supervisor(f, RunnerLog(), grace_s=lambda: 1.0)
+    desired = EngineConfig.from_settings(settings(models, "broken.gguf"))
+    fallback = EngineConfig.from_settings(settings(models, "a.gguf"))
+    assert sup.start(desired, fallback=fallback) is fallback and f.loaded() == ["a.gguf"]
+    with pytest.raises(EngineError):  # without a different fallback the start fails
+        Supervisor(Factory(), RunnerLog(), grace_s=lambda: 1.0).start(desired, fallback=desired)
+
+
 def test_a_model_that_does_not_load_is_rolled_back(models: Path) -> None:
     f, runner = Factory(), RunnerLog()
     sup = Supervisor(f, runner, grace_s=lambda: 1.0)
@@ -128,7 +138,8 @@ def test_real_models_of_two_shapes_swap_and_roll_back(tmp_path: Path, tiny_model
     synth_model("tiny", models / "other.gguf", seed=3, overrides={"n_layer": 3, "n_embd": 128})
     runner = RunnerLog()
     sup = Supervisor(default_engine_factory, runner, grace_s=lambda: 1.0)
-    first = sup.start(EngineConfig.from_settings(settings(models, "tiny.gguf")))
+    sup.start(EngineConfig.from_settings(settings(models, "tiny.gguf")))
+    first = sup.engine.report
     out = sup.apply(EngineConfig.from_settings(settings(models, "other.gguf")))
     assert isinstance(out, Applied) and out.report.model.endswith("other.gguf")
     assert out.report.estimate.n_ctx == first.estimate.n_ctx

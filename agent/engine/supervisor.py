@@ -118,7 +118,9 @@ class Supervisor:
         self._engine: EngineLike | None = None
         self._config: EngineConfig | None = None
         self.sha256: str | None = None  # of the file in force, when it was checked
-        self.load_s: float | None = None  # how long the model in force took to load
+        self.loaded_at: float | None = None  # when the model in force was loaded, epoch seconds
+        self.last_swap_ms: float | None = None  # the last model change: quiesce + unload + load
+        self.last_swap_preempted: int | None = None  # jobs the last model change preempted
 
     @property
     def engine(self) -> EngineLike | None:
@@ -130,12 +132,22 @@ class Supervisor:
     def config(self) -> EngineConfig | None:
         return self._config
 
-    def start(self, config: EngineConfig) -> LoadReport:
-        """The first load. Errors propagate: the daemon cannot start without a model."""
+    def start(self, config: EngineConfig, *, fallback: EngineConfig | None = None) -> EngineConfig:
+        """The first load; returns the configuration in force. When ``config``'s model does not load
+        and ``fallback`` names another one, that is loaded instead (the daemon's config file, when the
+        shadow's desired model fails: a remote change must never keep a board from starting).
+        Errors propagate: the daemon cannot start without a model."""
         with self._lock:
-            engine, report = self._load(config)
+            try:
+                engine, _ = self._load(config)
+            except EdgeAgentError as e:
+                if fallback is None or fallback.same_model(config):
+                    raise
+                log.error("the desired model did not load at start (%s); starting with the config file's", e)
+                engine, _ = self._load(fallback)
+                config = fallback
             self._engine, self._config = engine, config
-            return report
+            return config
 
     def set_limits(self, engine_settings: EngineSettings) -> None:
         """Per-request limits change in place, without a reload."""
@@ -156,7 +168,7 @@ class Supervisor:
             t0 = self._clock()
             preempted = self._runner.quiesce(self._grace_s(), HOLD)
             try:
-                old_engine, old_config, old_sha, old_load_s = self._engine, self._config, self.sha256, self.load_s
+                old_engine, old_config, old_sha, old_loaded_at = self._engine, self._config, self.sha256, self.loaded_at
                 if old_engine is not None:
                     old_engine.unload()
                 self._engine = None
@@ -167,10 +179,11 @@ class Supervisor:
                     log.error("model change to %s failed: %s; going back to %s", config.model.path, err,
                               old_config.model.path if old_config else "nothing")  # fmt: skip
                     rolled_back = self._roll_back(old_engine)
-                    self.sha256, self.load_s = old_sha, old_load_s
+                    self.sha256, self.loaded_at = old_sha, old_loaded_at
                     return Refused(err, rolled_back, preempted, self._clock() - t0)
                 self._engine, self._config = engine, config
                 took = self._clock() - t0
+                self.last_swap_ms, self.last_swap_preempted = took * 1000, len(preempted)
                 log.info("model change to %s done in %.1fs (%d job(s) preempted)", config.model.path, took,
                          len(preempted))  # fmt: skip
                 return Applied(report, preempted, took)
@@ -194,9 +207,8 @@ class Supervisor:
                     code="model_sha256_mismatch",
                 )
         engine = self._factory(config)
-        t0 = self._clock()
         report = engine.load()
-        self.sha256, self.load_s = sha, self._clock() - t0
+        self.sha256, self.loaded_at = sha, time.time()
         return engine, report
 
     def _roll_back(self, old: EngineLike | None) -> bool:

@@ -95,6 +95,12 @@ class ServingModel(BaseModel):
     n_ctx: int = Field(ge=1, description="Context size in force, tokens.")
     load_ms: float | None = Field(default=None, ge=0, description="How long the load took, ms.")
     loaded_at: float | None = Field(default=None, description="When it was loaded, epoch seconds.")
+    swap_ms: float | None = Field(
+        default=None, ge=0,
+        description="The model change that brought it in: letting running jobs finish or preempting them, "
+        "unloading the previous model, loading this one, ms. Null for the model loaded at start.",
+    )  # fmt: skip
+    preempted: int | None = Field(default=None, ge=0, description="Jobs that model change preempted (requeued).")
 
 
 def read_cpuinfo(path: Path | str = "/proc/cpuinfo", machine: str | None = None) -> CpuInfo:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +49,22 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")
+
+    @contextmanager
+    def keepalive(self) -> Iterator[None]:
+        """Keep the watchdog fed from a helper thread while the main loop waits on something long
+        it knows about (a model change waits for running jobs up to service.shutdown_grace_s)."""
+        done = threading.Event()
+        period = max(1.0, (self.watchdog_interval_s or 5.0) / 2)
+
+        def ping() -> None:
+            while not done.wait(period):
+                self.watchdog()
+
+        t = threading.Thread(target=ping, name="edge-agent-keepalive", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
