@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "agent.cli.model_cmd",
     "agent.cli.generate_cmd",
     "agent.cli.daemon_cmd",
+    "agent.cli.telemetry_cmd",
+    "agent.cli.swap_cmd",
 )
 
 
