@@ -369,7 +369,7 @@ class TelemetrySettings(Section):
     )  # fmt: skip
     spool_max_mb: float = Field(
         default=8.0, ge=0.1, le=4096, json_schema_extra=HOT,
-        description="Most payload bytes kept in the spool, MiB (the file is about 1.3x this, docs/benchmarks.md).",
+        description="Most payload and topic bytes kept in the spool, MiB (the file is about 1.1x this, docs/benchmarks.md).",
     )  # fmt: skip
 
 
