@@ -415,3 +415,17 @@ def test_zram_is_created_and_removed_for_real(tmp_path, manager):
     r = manager.apply(SwapSettings(policy="none", swappiness=None))
     assert r.ok and active(rec.entries[0].path) is None
     assert not Path(f"/sys/block/zram{rec.entries[0].zram_index}").exists()  # hot-removed
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop capabilities")
+def test_status_without_the_right_to_read_the_record_still_lists_devices(tmp_path):
+    rec = tmp_path / "rec"
+    rec.mkdir(mode=0o700)
+    Record([ours()]).save(rec / "record.json")
+    os.chown(rec, 65534, 65534)  # someone else's folder: a process without CAP_DAC_* cannot enter it
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[swap]\nrecord_path = "{rec}/record.json"\n')
+    p = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m", "agent", "swap",
+                        "status", "-c", str(cfg)], capture_output=True, text=True, cwd=ROOT_DIR, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "only root may read the swap record" in p.stdout and "vm.swappiness" in p.stdout

@@ -121,6 +121,8 @@ class Record:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             return cls()
+        except PermissionError:
+            raise SwapError(f"{path}: only root may read the swap record") from None
         except (OSError, ValueError) as e:
             raise SwapError(
                 f"{path}: cannot read the swap record ({e}); fix or remove it only after checking `swapon --show` "
@@ -519,10 +521,8 @@ class SwapManager:
         note = None
         try:
             record = Record.load(self.record_path)
-        except PermissionError:
-            record, note = Record(), f"cannot read {self.record_path} (run as root to see which devices are the agent's)"
         except SwapError as e:
-            record, note = Record(), str(e)
+            record, note = Record(), f"{e}: devices are listed without marking the agent's"
         boot = self.boot_id()
         ours = {e.path: e for e in record.entries if e.kind == "file" or e.boot_id == boot}
         devices = []
