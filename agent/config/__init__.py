@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.config.sections import (
     DeviceSettings,
     EngineSettings,
+    GovernorSettings,
     IntakeSettings,
     MemorySettings,
     ModelSettings,
@@ -47,6 +48,7 @@ class Settings(BaseModel):
     swap: SwapSettings = Field(default_factory=SwapSettings, description="Swap policy.")
     priority: PrioritySettings = Field(default_factory=PrioritySettings, description="Process priority.")
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Telemetry.")
+    governor: GovernorSettings = Field(default_factory=GovernorSettings, description="Memory governor.")
     intake: IntakeSettings = Field(default_factory=IntakeSettings, description="Job intake.")
     store: StoreSettings = Field(default_factory=StoreSettings, description="Durable job store.")
     service: ServiceSettings = Field(default_factory=ServiceSettings, description="Daemon life cycle.")

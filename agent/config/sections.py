@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 def _int_or_auto(name: str, lo: int, hi: int) -> Any:
@@ -223,31 +223,204 @@ class MemorySettings(Section):
 
 
 class SwapSettings(Section):
+    """The swap this board should have. The daemon does not run as root: it writes these values to
+    {device.state_dir}/swap-desired.json, and the root unit edge-agent-swap.service (started by
+    edge-agent-swap.path) runs `edge-agent swap apply`. Swap it did not create is never touched."""
+
     policy: Literal["none", "zram", "file", "zram+file"] = Field(
         default="none",
-        description="Swap the board should have. Validated and reported; applied by the root swap unit "
-        "(not yet shipped: see docs/operations.md).",
+        description="zram: compressed swap in RAM (no flash wear). file: a swap file on disk. zram+file: zram "
+        "first, the file as low-priority overflow. none: remove the swap the agent created.",
         json_schema_extra=HOT,
     )
-    zram_mb: int = Field(default=0, ge=0, le=65536, json_schema_extra=HOT, description="zram size, MiB (0: none).")
-    file_mb: int = Field(default=0, ge=0, le=65536, json_schema_extra=HOT, description="Swap file size, MiB (0: none).")
-    file_path: Path = Field(default=Path("/var/swap.edge-agent"), description="Swap file location.")
-    swappiness: int = Field(default=60, ge=0, le=200, json_schema_extra=HOT, description="vm.swappiness wanted.")
+    zram_mb: _int_or_auto("swap.zram_mb", 0, 65536) = Field(  # type: ignore[valid-type]
+        default="auto",
+        json_schema_extra=HOT,
+        description="zram size (uncompressed), MiB (1-65536), or 'auto': half of MemTotal, at most 4096 "
+        "(zram-generator's rule).",
+    )
+    zram_algorithm: str = Field(
+        default="auto",
+        pattern=r"^[a-z0-9-]{1,32}$",
+        json_schema_extra=HOT,
+        description="zram compression algorithm (lz4, zstd, lzo-rle ...), or 'auto': lz4 when the kernel has it, "
+        "else the kernel's default.",
+    )
+    zram_priority: int = Field(default=100, ge=0, le=32767, json_schema_extra=HOT, description="swapon priority of zram.")
+    file_mb: _int_or_auto("swap.file_mb", 0, 65536) = Field(  # type: ignore[valid-type]
+        default="auto",
+        json_schema_extra=HOT,
+        description="Swap file size, MiB (1-65536), or 'auto': twice MemTotal, at most 2048 (dphys-swapfile's rule).",
+    )
+    file_path: Path = Field(
+        default=Path("/var/swap.edge-agent"),
+        description="Swap file location (absolute; a filesystem that supports swap files: ext4, xfs; not tmpfs). "
+        "Only the root configuration sets it: the desired-swap file the daemon writes cannot.",
+    )
+    file_priority: int = Field(
+        default=10, ge=0, le=32767, json_schema_extra=HOT,
+        description="swapon priority of the swap file; below zram_priority so the file is overflow.",
+    )  # fmt: skip
+    file_keep_free_mb: int = Field(
+        default=512, ge=0, le=1048576, json_schema_extra=HOT,
+        description="Free space the filesystem must keep after the swap file is created, MiB; creation is refused "
+        "otherwise.",
+    )  # fmt: skip
+    swappiness: int | None = Field(
+        default=60, ge=0, le=200, json_schema_extra=HOT,
+        description="vm.swappiness to set (0-200; 100 or more suits zram). null: leave it as it is.",
+    )  # fmt: skip
+    swapoff_min_available_pct: int = Field(
+        default=20, ge=0, le=90, json_schema_extra=HOT,
+        description="A swap device is only switched off (removed or resized) when MemAvailable would stay above "
+        "this share of MemTotal after its contents come back into RAM, percent.",
+    )  # fmt: skip
+    record_path: Path = Field(
+        default=Path("/var/lib/edge-agent-swap/record.json"),
+        description="Where `edge-agent swap apply` (root) records the swap it created; not writable by the daemon.",
+    )
+
+    @model_validator(mode="after")
+    def _sizes_for_policy(self) -> "SwapSettings":
+        if "zram" in self.policy and self.zram_mb == 0:
+            raise ValueError(f"swap.policy {self.policy!r} needs swap.zram_mb > 0 or 'auto'")
+        if "file" in self.policy:
+            if self.file_mb == 0:
+                raise ValueError(f"swap.policy {self.policy!r} needs swap.file_mb > 0 or 'auto'")
+            if not self.file_path.is_absolute():
+                raise ValueError("swap.file_path must be absolute")
+        return self
 
 
 class PrioritySettings(Section):
-    nice: int = Field(default=5, ge=-20, le=19, json_schema_extra=HOT, description="Process niceness applied at daemon start.")
+    """CPU, I/O and OOM priority of the agent. Applied at start and on change; a setting the kernel or the
+    unit refuses is reported with what to set in the unit instead (systemd Nice=, IOSchedulingClass=,
+    OOMScoreAdjust=, CPUAffinity=)."""
+
+    nice: int = Field(default=5, ge=-20, le=19, json_schema_extra=HOT, description="Niceness of the daemon's own threads.")
+    inference_nice: int | None = Field(
+        default=10,
+        ge=-20,
+        le=19,
+        json_schema_extra=HOT,
+        description="Niceness of the inference threads (llama.cpp's workers inherit it from the thread that runs "
+        "the job), so the MQTT, watchdog and governor threads stay responsive. null: same as nice.",
+    )
+    io_class: Literal["best-effort", "idle", "none"] = Field(
+        default="best-effort",
+        json_schema_extra=HOT,
+        description="I/O scheduling class. idle: disk I/O only when no one else wants the disk (slows job "
+        "acknowledgement on a busy card). none: leave it to the kernel.",
+    )
+    io_priority: int = Field(default=6, ge=0, le=7, json_schema_extra=HOT, description="I/O priority within best-effort (0 highest, 7 lowest).")
     oom_score_adj: int = Field(
         default=300,
         ge=-1000,
         le=1000,
-        description="OOM-killer bias applied at daemon start: positive so the kernel picks the agent before sshd.",
+        description="OOM-killer bias: positive so the kernel picks the agent before sshd and system services.",
         json_schema_extra=HOT,
     )
+    cpus: list[int] | Literal["all", "spare_one"] = Field(
+        default="all",
+        json_schema_extra=HOT,
+        description="CPUs the agent may run on: 'all'; 'spare_one': all but CPU 0 on boards with 4 or more CPUs "
+        "(keeps a core for the system; engine.n_threads 'auto' follows); or a list of CPU numbers.",
+    )
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_list(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, list):
+            if not v or len(v) > 1024 or any(c < 0 or c > 1023 for c in v):
+                raise ValueError("cpus must be 'all', 'spare_one' or a non-empty list of CPU numbers 0-1023")
+            return sorted(set(v))
+        return v
 
 
 class TelemetrySettings(Section):
-    interval_s: float = Field(default=30.0, ge=1, le=86400, json_schema_extra=HOT, description="Memory telemetry period, seconds.")
+    """Memory telemetry on {root}/telemetry, events on {root}/events, and the offline spool
+    ({device.state_dir}/telemetry.db, docs/telemetry.md)."""
+
+    interval_s: float = Field(default=30.0, ge=1, le=86400, json_schema_extra=HOT, description="Telemetry period, seconds.")
+    residency_interval_s: float = Field(
+        default=60.0, ge=1, le=86400, json_schema_extra=HOT,
+        description="How often the model's resident share is measured (mincore over the whole file), seconds.",
+    )  # fmt: skip
+    spool_max_rows: int = Field(
+        default=10000, ge=10, le=10000000, json_schema_extra=HOT,
+        description="Most readings and events kept while the broker is unreachable; the oldest readings go first.",
+    )  # fmt: skip
+    spool_max_mb: float = Field(
+        default=8.0, ge=0.1, le=4096, json_schema_extra=HOT,
+        description="Most payload and topic bytes kept in the spool, MiB (the file is about 1.1x this, docs/benchmarks.md).",
+    )  # fmt: skip
+
+
+class GovernorSettings(Section):
+    """The memory governor: levels ok / warn / critical from MemAvailable, PSI and the own memory cgroup,
+    and its ordered actions (docs/governor.md). Defaults follow earlyoom, nohang and systemd-oomd, acting
+    earlier and more gently: on the agent's own work, never by killing."""
+
+    enabled: bool = Field(default=True, json_schema_extra=HOT, description="Watch memory and act on pressure.")
+    interval_s: float = Field(default=1.0, ge=0.2, le=60, json_schema_extra=HOT, description="How often the governor samples, seconds.")
+    mem_available_warn_pct: float = Field(
+        default=20, ge=0, le=90, json_schema_extra=HOT, description="warn when MemAvailable falls below this share of MemTotal, percent."
+    )
+    mem_available_act_pct: float = Field(
+        default=10, ge=0, le=90, json_schema_extra=HOT, description="critical when MemAvailable falls below this share of MemTotal, percent."
+    )
+    psi_some_warn_pct: float = Field(
+        default=40, ge=0, le=100, json_schema_extra=HOT,
+        description="warn when PSI memory 'some' avg10 stays above this for psi_hold_s, percent (nohang: 40).",
+    )  # fmt: skip
+    psi_some_act_pct: float = Field(
+        default=90, ge=0, le=100, json_schema_extra=HOT,
+        description="critical when PSI memory 'some' avg10 stays above this for psi_hold_s, percent (nohang: 90).",
+    )  # fmt: skip
+    psi_full_act_pct: float = Field(
+        default=40, ge=0, le=100, json_schema_extra=HOT,
+        description="critical when PSI memory 'full' avg10 stays above this for psi_hold_s, percent (systemd-oomd "
+        "uses 60 for 30 s as a last resort).",
+    )  # fmt: skip
+    psi_hold_s: float = Field(default=10, ge=0, le=600, json_schema_extra=HOT, description="How long a PSI threshold must hold, seconds.")
+    cgroup_warn_pct: float = Field(
+        default=85, ge=1, le=100, json_schema_extra=HOT,
+        description="warn when the own cgroup's working set reaches this share of its limit (or high mark, the "
+        "smaller), percent.",
+    )  # fmt: skip
+    cgroup_act_pct: float = Field(
+        default=95, ge=1, le=100, json_schema_extra=HOT,
+        description="critical when the own cgroup's working set reaches this share of its limit or high mark, percent.",
+    )  # fmt: skip
+    hysteresis_pct: float = Field(
+        default=5, ge=0, le=50, json_schema_extra=HOT,
+        description="A signal leaves a level only this many percentage points past the threshold that raised it.",
+    )  # fmt: skip
+    cool_down_s: float = Field(default=15, ge=0, le=3600, json_schema_extra=HOT, description="Time between two actions, seconds.")
+    recover_s: float = Field(
+        default=60, ge=0, le=86400, json_schema_extra=HOT,
+        description="Pressure must stay below an action's level this long before the action is undone (the model "
+        "reloaded, jobs resumed), seconds.",
+    )  # fmt: skip
+    shrink_ctx_pct: int = Field(
+        default=50, ge=5, le=100, json_schema_extra=HOT,
+        description="Second action: new jobs run only when prompt + max_tokens fit this share of the context, percent.",
+    )  # fmt: skip
+    max_preemptions: int = Field(
+        default=2, ge=0, le=100, json_schema_extra=HOT,
+        description="A job preempted by memory pressure this many times FAILS with memory_pressure the next time "
+        "instead of being requeued (no endless cycle).",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "GovernorSettings":
+        if self.mem_available_act_pct >= self.mem_available_warn_pct:
+            raise ValueError("governor.mem_available_act_pct must be below governor.mem_available_warn_pct")
+        if self.psi_some_act_pct <= self.psi_some_warn_pct:
+            raise ValueError("governor.psi_some_act_pct must be above governor.psi_some_warn_pct")
+        if self.cgroup_act_pct <= self.cgroup_warn_pct:
+            raise ValueError("governor.cgroup_act_pct must be above governor.cgroup_warn_pct")
+        return self
 
 
 class IntakeSettings(Section):

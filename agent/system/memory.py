@@ -1,7 +1,8 @@
 """Process and system memory readings, and the memory budget the engine plans against.
 
-Owns: cheap readers of /proc/<pid>/status, /proc/meminfo, the own memory cgroup (v1 and v2) and
-memory PSI; ``resolve_budget`` (memory.budget_mb -> bytes, with where the number came from); and
+Owns: cheap readers of /proc/<pid>/status, /proc/<pid>/stat (fault counters), /proc/meminfo,
+/proc/vmstat, the own memory cgroup (v1 and v2, with its memory.pressure) and memory PSI;
+``resolve_budget`` (memory.budget_mb -> bytes, with where the number came from); and
 ``PeakSampler``, which follows RssAnon on a background thread during a run.
 
 Everything here avoids /proc/<pid>/smaps: reading it walks every mapping under the target's mmap
@@ -9,13 +10,16 @@ lock and stalls it (psutil #2173), which matters when the target holds a 600 MB 
 Raspberry Pi kernels ship without the memory cgroup controller and without PSI; the readers then
 return a value with ``available = False`` and a ``reason`` that says which kernel option is missing,
 instead of raising.
+
+Every reader takes the file or the root it reads from, so tests run them on fixture trees of boards
+this machine is not (tests/fixtures/system/).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,19 +65,38 @@ _STATUS_KEYS = {
 }
 
 
-def proc_status(pid: int | str = "self") -> ProcStatus:
+def proc_status(pid: int | str = "self", *, proc_root: Path = Path("/proc")) -> ProcStatus:
     """Read RssAnon, RssFile, RssShmem, VmSwap and VmHWM of ``pid`` (bytes).
 
     /proc/<pid>/status is produced from counters the kernel already keeps, so this costs
     microseconds and does not stall the target.
     """
     values = dict.fromkeys(_STATUS_KEYS.values(), 0)
-    with open(f"/proc/{pid}/status", "rb") as f:
+    with open(proc_root / str(pid) / "status", "rb") as f:
         for line in f:
             key = _STATUS_KEYS.get(line.split(None, 1)[0]) if line else None
             if key is not None:
                 values[key] = int(line.split()[1]) * 1024  # the kernel prints kB
     return ProcStatus(**values)
+
+
+@dataclass(frozen=True)
+class ProcFaults:
+    """Page-fault counters of one process since it started (/proc/<pid>/stat fields 10 and 12).
+    A major fault read a page from disk: for the mmap'd model that is a weight page the kernel
+    had dropped, so a rising rate is the model thrashing."""
+
+    minor: int
+    major: int
+
+
+def proc_faults(pid: int | str = "self", *, proc_root: Path = Path("/proc")) -> ProcFaults:
+    with open(proc_root / str(pid) / "stat", "rb") as f:
+        text = f.read()
+    # The command name (field 2) is in parentheses and may hold spaces and ')': split after the last one.
+    fields = text[text.rindex(b")") + 2 :].split()
+    # fields[0] is field 3 (state): minflt is field 10, majflt field 12.
+    return ProcFaults(minor=int(fields[7]), major=int(fields[9]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +137,25 @@ def meminfo(path: str | Path = "/proc/meminfo") -> MemInfo:
     )
 
 
+@dataclass(frozen=True)
+class VmStat:
+    """System-wide counters since boot from /proc/vmstat: pages swapped in and out, major faults."""
+
+    pswpin: int
+    pswpout: int
+    pgmajfault: int
+
+
+def vmstat(path: str | Path = "/proc/vmstat") -> VmStat:
+    raw: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            name, _, value = line.partition(b" ")
+            if name in (b"pswpin", b"pswpout", b"pgmajfault"):
+                raw[name] = int(value)
+    return VmStat(raw.get(b"pswpin", 0), raw.get(b"pswpout", 0), raw.get(b"pgmajfault", 0))
+
+
 # ---------------------------------------------------------------------------------------------
 # memory cgroup of a process
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +174,16 @@ class CgroupMemory:
     usage: int | None = None
     peak: int | None = None  # v1 memory.max_usage_in_bytes, v2 memory.peak (kernel >= 5.19)
     reason: str | None = None
+    # v2 memory.high (the kernel throttles and reclaims above it); v1 memory.soft_limit_in_bytes, the
+    # nearest v1 has (reclaimed down to it under global pressure). None when not set.
+    high: int | None = None
+    # usage less inactive file pages: what reclaim cannot simply drop (kubelet's working set). usage
+    # counts the mmap'd model's page cache, which the kernel can evict, so usage near the limit is
+    # normal in fit mode; the working set near the limit is not.
+    working_set: int | None = None
+    # memory.pressure of the process's cgroup in the v2 hierarchy (also on hybrid v1 systems), if any.
+    pressure_file: Path | None = None
+    mount_point: Path | None = None  # where the hierarchy is mounted (v2 limits are looked up to it)
 
     @property
     def available(self) -> bool:
@@ -140,6 +192,8 @@ class CgroupMemory:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["directory"] = str(self.directory) if self.directory else None
+        d["pressure_file"] = str(self.pressure_file) if self.pressure_file else None
+        d["mount_point"] = str(self.mount_point) if self.mount_point else None
         return d
 
 
@@ -187,17 +241,64 @@ def _cgroup_dir(mount: _Mount, cg_path: str) -> Path | None:
     return d if d.is_dir() else None
 
 
-def cgroup_memory(
+def _rebase(mounts: list[_Mount], root: Path) -> list[_Mount]:
+    """Mount points as seen under ``root`` (a fixture tree standing for /)."""
+    if root == Path("/"):
+        return mounts
+    return [_Mount(m.root, root / m.point.relative_to("/"), m.fstype, m.super_options) for m in mounts]
+
+
+def _stat_value(d: Path, *names: str) -> int | None:
+    """The first of ``names`` found in ``d``/memory.stat."""
+    try:
+        text = (d / "memory.stat").read_text()
+    except OSError:
+        return None
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key in names:
+            try:
+                found[key] = int(value)
+            except ValueError:
+                continue
+    return next((found[n] for n in names if n in found), None)
+
+
+def _working_set(usage: int | None, inactive_file: int | None) -> int | None:
+    if usage is None:
+        return None
+    return max(0, usage - (inactive_file or 0))
+
+
+def _v2_pressure_file(mounts: list[_Mount], v2_path: str | None) -> Path | None:
+    if v2_path is None:
+        return None
+    mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    if mount is None:
+        return None
+    d = _cgroup_dir(mount, v2_path)
+    if d is None or not (d / "memory.pressure").is_file():
+        return None
+    return d / "memory.pressure"
+
+
+def locate_cgroup(
     pid: int | str = "self",
     *,
-    proc_root: Path = Path("/proc"),
+    proc_root: Path | None = None,
+    root: Path = Path("/"),
 ) -> CgroupMemory:
-    """Find the memory cgroup of ``pid`` (v1 ``memory`` controller, or v2 unified) and read its
-    limit, usage and peak. Never raises for a missing controller: returns ``version=None`` and
-    the reason (Raspberry Pi OS kernels need ``cgroup_enable=memory`` on the command line)."""
+    """Find the memory cgroup of ``pid`` (v1 ``memory`` controller, or v2 unified) without reading its
+    numbers: version, path, directory, memory.pressure file, or why there is none. Parsing
+    mountinfo is most of the cost of a cgroup reading, and a service does not change cgroup, so a
+    sampler locates once and calls ``read_cgroup`` per reading. ``root`` stands for / (a fixture
+    tree): mount points are looked up under it."""
+    if proc_root is None:
+        proc_root = root / "proc"
     try:
         lines = (proc_root / str(pid) / "cgroup").read_text().splitlines()
-        mounts = _mounts(proc_root / str(pid) / "mountinfo")
+        mounts = _rebase(_mounts(proc_root / str(pid) / "mountinfo"), root)
     except OSError as e:
         return CgroupMemory(None, reason=f"cannot read /proc/{pid}/cgroup: {e.strerror}")
 
@@ -210,33 +311,22 @@ def cgroup_memory(
         elif "memory" in controllers.split(","):
             v1_path = path
 
+    pressure_file = _v2_pressure_file(mounts, v2_path)
+
     # Hybrid systems mount both; the memory controller lives in exactly one of them.
     if v1_path is not None:
         mount = next((m for m in mounts if m.fstype == "cgroup" and "memory" in m.super_options), None)
         if mount is None:
-            return CgroupMemory(None, path=v1_path, reason="cgroup v1 memory controller is not mounted")
+            return CgroupMemory(
+                None, path=v1_path, reason="cgroup v1 memory controller is not mounted", pressure_file=pressure_file
+            )
         d = _cgroup_dir(mount, v1_path)
         if d is None:
-            return CgroupMemory(1, path=v1_path, reason=f"cgroup directory for {v1_path} not found under {mount.point}")
-        # hierarchical_memory_limit already is the minimum over the ancestors.
-        limit = None
-        try:
-            for line in (d / "memory.stat").read_text().splitlines():
-                if line.startswith("hierarchical_memory_limit "):
-                    limit = int(line.split()[1])
-                    break
-        except OSError:
-            limit = _read_int(d / "memory.limit_in_bytes")
-        if limit is not None and limit >= _V1_UNLIMITED:
-            limit = None
-        return CgroupMemory(
-            1,
-            path=v1_path,
-            directory=d,
-            limit=limit,
-            usage=_read_int(d / "memory.usage_in_bytes"),
-            peak=_read_int(d / "memory.max_usage_in_bytes"),
-        )
+            return CgroupMemory(
+                1, path=v1_path, reason=f"cgroup directory for {v1_path} not found under {mount.point}",
+                pressure_file=pressure_file,
+            )  # fmt: skip
+        return CgroupMemory(1, path=v1_path, directory=d, pressure_file=pressure_file, mount_point=mount.point)
 
     if v2_path is not None:
         mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
@@ -252,34 +342,83 @@ def cgroup_memory(
                 path=v2_path,
                 reason="the kernel has no memory cgroup controller (on Raspberry Pi OS add "
                 "'cgroup_enable=memory' to /boot/firmware/cmdline.txt)",
+                pressure_file=pressure_file,
             )
         d = _cgroup_dir(mount, v2_path)
         if d is None:
-            return CgroupMemory(2, path=v2_path, reason=f"cgroup directory for {v2_path} not found under {mount.point}")
-        limit = None
-        node = d
-        # memory.max only bounds the cgroup itself; an ancestor's smaller limit wins.
-        while True:
-            lim = _read_int(node / "memory.max")
-            if lim is not None:
-                limit = lim if limit is None else min(limit, lim)
-            if node == mount.point or node.parent == node:
-                break
-            node = node.parent
-        return CgroupMemory(
-            2,
-            path=v2_path,
-            directory=d,
-            limit=limit,
-            usage=_read_int(d / "memory.current"),
-            peak=_read_int(d / "memory.peak"),
-        )
+            return CgroupMemory(
+                2, path=v2_path, reason=f"cgroup directory for {v2_path} not found under {mount.point}",
+                pressure_file=pressure_file,
+            )  # fmt: skip
+        return CgroupMemory(2, path=v2_path, directory=d, pressure_file=pressure_file, mount_point=mount.point)
 
     return CgroupMemory(
         None,
         reason="no memory cgroup controller (on Raspberry Pi OS add 'cgroup_enable=memory' to "
         "/boot/firmware/cmdline.txt)",
+        pressure_file=pressure_file,
     )
+
+
+def read_cgroup(where: CgroupMemory) -> CgroupMemory:
+    """The numbers of a located cgroup (``locate_cgroup``). A cgroup without a directory comes back
+    as it is; a file that cannot be read gives None for its value."""
+    d = where.directory
+    if d is None or where.version is None:
+        return where
+    if where.version == 1:
+        # hierarchical_memory_limit already is the minimum over the ancestors.
+        limit = _stat_value(d, "hierarchical_memory_limit")
+        if limit is None:
+            limit = _read_int(d / "memory.limit_in_bytes")
+        if limit is not None and limit >= _V1_UNLIMITED:
+            limit = None
+        high = _read_int(d / "memory.soft_limit_in_bytes")
+        if high is not None and high >= _V1_UNLIMITED:
+            high = None
+        usage = _read_int(d / "memory.usage_in_bytes")
+        return replace(
+            where,
+            limit=limit,
+            usage=usage,
+            peak=_read_int(d / "memory.max_usage_in_bytes"),
+            high=high,
+            working_set=_working_set(usage, _stat_value(d, "total_inactive_file", "inactive_file")),
+        )
+    limit = high = None
+    node = d
+    # memory.max and memory.high only bound the cgroup itself; an ancestor's smaller value wins.
+    while True:
+        lim = _read_int(node / "memory.max")
+        if lim is not None:
+            limit = lim if limit is None else min(limit, lim)
+        hi = _read_int(node / "memory.high")
+        if hi is not None:
+            high = hi if high is None else min(high, hi)
+        if node == where.mount_point or node.parent == node:
+            break
+        node = node.parent
+    usage = _read_int(d / "memory.current")
+    return replace(
+        where,
+        limit=limit,
+        usage=usage,
+        peak=_read_int(d / "memory.peak"),
+        high=high,
+        working_set=_working_set(usage, _stat_value(d, "inactive_file")),
+    )
+
+
+def cgroup_memory(
+    pid: int | str = "self",
+    *,
+    proc_root: Path | None = None,
+    root: Path = Path("/"),
+) -> CgroupMemory:
+    """Find the memory cgroup of ``pid`` and read its limit, high mark, usage, working set and peak.
+    Never raises for a missing controller: returns ``version=None`` and the reason (Raspberry Pi OS
+    kernels need ``cgroup_enable=memory`` on the command line)."""
+    return read_cgroup(locate_cgroup(pid, proc_root=proc_root, root=root))
 
 
 # ---------------------------------------------------------------------------------------------

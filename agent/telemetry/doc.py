@@ -1,0 +1,124 @@
+"""Regenerate the generated parts of docs/telemetry.md from the telemetry and event declarations.
+
+The fields table comes from ``agent.telemetry.fields.Telemetry`` (name, unit, group, description),
+the event table from ``agent.telemetry.events.Event``; text outside the
+``<!-- BEGIN GENERATED: name -->`` / ``<!-- END GENERATED: name -->`` markers is left alone.
+tests/test_telemetry.py fails when the file is out of date.
+
+    python -m agent.telemetry.doc           # rewrite docs/telemetry.md (from a source checkout)
+    python -m agent.telemetry.doc --check   # exit 1 if it is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from agent.telemetry.events import Event, EventKind
+from agent.telemetry.fields import GROUPS, Telemetry, field_meta
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DOC = ROOT / "docs" / "telemetry.md"
+_SCHEMA = Telemetry.model_json_schema()
+_BLOCK_RE = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
+
+_KIND_DOCS = {
+    EventKind.level_changed: "The governor's level went up or down; `reasons` name the signals and their values.",
+    EventKind.action: "The governor took an action or undid one (`details.undo`).",
+    EventKind.throttling_changed: "The Raspberry Pi firmware's throttling bits changed; the readings carry the "
+    "temperature, the CPU frequency and the last job's tokens/s.",
+    EventKind.spool_dropped: "The full offline spool dropped readings (or, once none were left, events); counts "
+    "since the last such event.",
+    EventKind.signals_missing: "At start: the governor works without these signals, and how to turn them on.",
+}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _json_type(prop: dict[str, Any]) -> str:
+    if "anyOf" in prop:
+        return " or ".join(_json_type(p) for p in prop["anyOf"])
+    t = prop.get("type", "any")
+    if t == "array":
+        return f"array of {_json_type(prop.get('items', {}))}"
+    if t == "string" and prop.get("format") == "date-time":
+        return "string (RFC 3339)"
+    return str(t)
+
+
+def _type(name: str) -> str:
+    return _cell(_json_type(_SCHEMA["properties"][name]))
+
+
+def fields_table() -> str:
+    rows = field_meta()
+    out = []
+    for group, title in GROUPS.items():
+        members = [r for r in rows if r[2] == group]
+        if not members:
+            continue
+        out += [f"**{title}**", "", "| field | unit | type | meaning |", "|---|---|---|---|"]
+        out += [f"| `{n}` | {u or ''} | {_type(n)} | {_cell(d)} |" for n, u, _, d in members]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def event_table() -> str:
+    out = ["| field | meaning |", "|---|---|"]
+    for name, info in Event.model_fields.items():
+        out.append(f"| `{name}` | {_cell(info.description or '')} |")
+    return "\n".join(out)
+
+
+def event_kinds() -> str:
+    out = ["| kind | when |", "|---|---|"]
+    out += [f"| `{k.value}` | {_cell(_KIND_DOCS[k])} |" for k in EventKind]
+    return "\n".join(out)
+
+
+def _renderers() -> dict[str, Callable[[], str]]:
+    return {"telemetry-fields": fields_table, "event-fields": event_table, "event-kinds": event_kinds}
+
+
+def render(text: str) -> str:
+    renderers = _renderers()
+    seen: set[str] = set()
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(2)
+        if name not in renderers:
+            raise KeyError(f"docs/telemetry.md has a generated block {name!r} that nothing renders")
+        seen.add(name)
+        return f"{m.group(1)}{renderers[name]()}\n{m.group(4)}"
+
+    out = _BLOCK_RE.sub(sub, text)
+    missing = set(renderers) - seen
+    if missing:
+        raise KeyError(f"docs/telemetry.md lacks the generated block(s) {sorted(missing)}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only report whether the document is up to date")
+    args = ap.parse_args(argv)
+    current = DOC.read_text(encoding="utf-8")
+    wanted = render(current)
+    if args.check:
+        if wanted != current:
+            print(f"{DOC} is out of date: run python -m agent.telemetry.doc", file=sys.stderr)
+            return 1
+        return 0
+    if wanted != current:
+        DOC.write_text(wanted, encoding="utf-8")
+        print(f"updated {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Events on ``{root}/events``: a change the operator should see at once, with the readings that
+caused it.
+
+One ``Event`` model for every kind (governor level changes and actions, throttling changes, spool
+drops, signals the board lacks); builders here make them from what the governor decided
+(``decision_events``) and from two consecutive readings (``throttling_event``). Events go out
+through the same ``Uplink`` as readings: published at once when online, spooled otherwise, and
+spooled events outlive spooled readings when the spool is full.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer
+
+from agent.telemetry.fields import Telemetry
+from agent.telemetry.heat import FREQ_CAPPED, NOW_MASK, SOFT_TEMP_LIMIT, THROTTLED, UNDER_VOLTAGE
+
+if TYPE_CHECKING:
+    from agent.governor.policy import Decision
+
+
+class EventKind(StrEnum):
+    level_changed = "level_changed"  # the governor's level went up or down
+    action = "action"  # the governor took or undid an action
+    throttling_changed = "throttling_changed"  # the Raspberry Pi firmware's throttling flags changed
+    spool_dropped = "spool_dropped"  # the full spool dropped readings or events
+    signals_missing = "signals_missing"  # the governor works without some signals (no PSI, no memory cgroup)
+
+
+class Event(BaseModel):
+    """Published on {root}/events (QoS 1) when it happens; spooled while offline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str = Field(description="This device.")
+    ts: AwareDatetime = Field(description="When it happened, RFC 3339 UTC.")
+    kind: EventKind = Field(description="What happened (level_changed, action, throttling_changed, spool_dropped, signals_missing).")
+    level: str | None = Field(default=None, description="The governor's level after the event: ok, warn or critical.")
+    previous_level: str | None = Field(default=None, description="level_changed: the level before.")
+    action: str | None = Field(
+        default=None,
+        description="action: what was done (hold_unfit, shrink_context, preempt, unload) or undone (release_hold, "
+        "restore_context, resume_jobs, reload).",
+    )
+    message: str = Field(description="One line for a human: what happened and why.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Kind-specific facts (the signals that crossed, counts).")
+    readings: Telemetry | None = Field(default=None, description="The readings that caused it (the Telemetry payload).")
+
+    @field_serializer("ts")
+    def _ser_ts(self, v: datetime) -> str:
+        return v.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    def to_payload(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def _when(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def decision_events(decision: "Decision", readings: Telemetry | None, *, device_id: str, ts: float) -> list[Event]:
+    """The events a governor decision calls for: a level change, then each action taken or undone."""
+    out: list[Event] = []
+    if decision.level_changed:
+        why = "; ".join(decision.reasons) or "all signals below their thresholds"
+        out.append(
+            Event(
+                device_id=device_id, ts=_when(ts), kind=EventKind.level_changed, level=decision.level.name,
+                previous_level=decision.previous_level.name,
+                message=f"memory level {decision.previous_level.name} -> {decision.level.name}: {why}",
+                details={"reasons": list(decision.reasons), "missing": list(decision.missing)}, readings=readings,
+            )  # fmt: skip
+        )
+    for step in decision.actions:
+        out.append(
+            Event(
+                device_id=device_id, ts=_when(ts), kind=EventKind.action, level=decision.level.name,
+                action=step.action.value, message=step.message,
+                details={"undo": step.undo, "rung": decision.posture.rung}, readings=readings,
+            )  # fmt: skip
+        )
+    return out
+
+
+def signals_missing_event(missing: dict[str, str], *, device_id: str, ts: float, level: str | None = None) -> Event | None:
+    """Once at start: the governor works without these signals, and how to enable them."""
+    if not missing:
+        return None
+    return Event(
+        device_id=device_id, ts=_when(ts), kind=EventKind.signals_missing, level=level,
+        message="memory governor works without: " + "; ".join(f"{k} ({v})" for k, v in sorted(missing.items())),
+        details={"missing": dict(sorted(missing.items()))},
+    )  # fmt: skip
+
+
+_FLAG_NAMES = ((UNDER_VOLTAGE, "under-voltage"), (FREQ_CAPPED, "frequency capped"), (THROTTLED, "throttled"),
+               (SOFT_TEMP_LIMIT, "soft temperature limit"))  # fmt: skip
+
+
+def _names(flags: int) -> list[str]:
+    return [name for bit, name in _FLAG_NAMES if flags & bit]
+
+
+def throttling_event(previous: Telemetry | None, current: Telemetry) -> Event | None:
+    """An event when the firmware's 'now' throttling bits differ from the previous reading's; it
+    carries the current readings, with the last job's tokens/s, so the cost is visible."""
+    if current.throttled_flags is None:
+        return None
+    now = current.throttled_flags & NOW_MASK
+    before = (previous.throttled_flags & NOW_MASK) if previous is not None and previous.throttled_flags is not None else 0
+    if now == before:
+        return None
+    started, ended = _names(now & ~before), _names(before & ~now)
+    parts = []
+    if started:
+        parts.append("now " + ", ".join(started))
+    if ended:
+        parts.append("no longer " + ", ".join(ended))
+    context = []
+    if current.soc_temp_c is not None:
+        context.append(f"SoC {current.soc_temp_c} °C")
+    if current.last_job_tokens_per_s is not None:
+        context.append(f"last job {current.last_job_tokens_per_s} tokens/s")
+    message = "; ".join(parts) + (f" ({', '.join(context)})" if context else "")
+    return Event(
+        device_id=current.device_id, ts=current.ts, kind=EventKind.throttling_changed,
+        level=current.governor_level, message=message,
+        details={"flags": now, "previous_flags": before, "started": started, "ended": ended,
+                 "since_boot": current.throttled_flags >> 16},
+        readings=current,
+    )  # fmt: skip
+
+
+def spool_dropped_event(readings: int, events: int, *, device_id: str, ts: float, level: str | None = None) -> Event | None:
+    """The spool ran full while offline: how many readings and events it dropped since the last report."""
+    if readings <= 0 and events <= 0:
+        return None
+    return Event(
+        device_id=device_id, ts=_when(ts), kind=EventKind.spool_dropped, level=level,
+        message=f"offline spool full: dropped {readings} oldest readings and {events} events "
+        "(telemetry.spool_max_rows / spool_max_mb)",
+        details={"readings": readings, "events": events},
+    )  # fmt: skip
+
+
+__all__ = ["Event", "EventKind", "decision_events", "signals_missing_event", "spool_dropped_event", "throttling_event"]
