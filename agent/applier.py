@@ -21,15 +21,17 @@ from agent.config import Settings
 from agent.config.live import ApplyReport, Change, diff
 from agent.engine.supervisor import Applied, EngineConfig, Supervisor
 from agent.store import JobStore
-from agent.system.priority import apply_priority
+from agent.system.priority import apply_inference_priority, apply_process_priority, process_threads
+from agent.system.swap import write_desired as write_desired_swap
 
 log = logging.getLogger(__name__)
 
 PAUSED = "intake.paused"
-# Accepted, kept and reported, but acted on by nothing yet.
-_PENDING: dict[str, str] = {
-    "swap.": "not applied yet: the agent does not manage swap in this version (docs/operations.md)",
-}
+# Swap needs root: the daemon writes what it wants and the root unit applies it (docs/governor.md).
+# What priority setting each result of agent.system.priority is about.
+_PRIORITY_KEYS = {"nice": "priority.nice", "inference_nice": "priority.inference_nice", "io": "priority.io_class",
+                  "oom_score_adj": "priority.oom_score_adj", "cpus": "priority.cpus"}  # fmt: skip
+SWAP_NOTE = "handed to the root swap unit (edge-agent swap apply); `edge-agent swap status` shows what is in force"
 
 
 class LiveSettings:
@@ -40,6 +42,8 @@ class LiveSettings:
         supervisor: Supervisor,
         store: JobStore,
         hold_intake: Callable[[bool], None],
+        spool: Any = None,
+        inference_threads: Callable[[], list[int]] = lambda: [],
     ) -> None:
         """``settings`` is the tree in force, updated in place; ``hold_intake(True)`` stops new job
         starts (intake.paused), ``hold_intake(False)`` resumes them."""
@@ -47,6 +51,8 @@ class LiveSettings:
         self._supervisor = supervisor
         self._store = store
         self._hold_intake = hold_intake
+        self._spool = spool
+        self._inference_threads = inference_threads
 
     def apply(self, target: Settings, keys: Collection[str] | None = None) -> ApplyReport:
         """Bring the settings in force to ``target`` (only ``keys``, when given: dotted names)."""
@@ -77,9 +83,8 @@ class LiveSettings:
             return
         for c in changes:
             _set(self.settings, c.key, c.new)
-            note = next((text for prefix, text in _PENDING.items() if c.key.startswith(prefix)), None)
-            if note is not None:
-                report.pending[c.key] = note
+            if c.key.startswith("swap."):
+                report.pending[c.key] = SWAP_NOTE
             else:
                 report.applied[c.key] = c.new
         sections = {c.key.split(".", 1)[0] for c in changes}
@@ -91,12 +96,18 @@ class LiveSettings:
         if "intake" in sections:
             self._hold_intake(s.intake.paused)
         if "priority" in sections:
-            for note in apply_priority(s.priority.nice, s.priority.oom_score_adj):
-                key = "priority.nice" if note.startswith("nice") else "priority.oom_score_adj"
-                if "not applied" in note and key in report.applied:
-                    report.failed[key] = note
+            results = apply_process_priority(s.priority, tids=process_threads()).results
+            results += apply_inference_priority(s.priority, tids=self._inference_threads()).results
+            for a in results:
+                key = _PRIORITY_KEYS[a.setting]
+                if not a.ok and key in report.applied:
+                    report.failed[key] = a.line()
                     del report.applied[key]
-                log.info("priority: %s", note)
+                log.info("priority: %s", a.line())
+        if "swap" in sections:
+            write_desired_swap(s.swap, s.device.state_dir)
+        if "telemetry" in sections and self._spool is not None:
+            self._spool.configure(max_rows=s.telemetry.spool_max_rows, max_bytes=int(s.telemetry.spool_max_mb * 1024 * 1024))
 
     # ------------------------------------------------------------------ model reload
 

@@ -96,15 +96,16 @@ class ErrorCode(StrEnum):
         JobStatus.REJECTED,
         "Running the job would exceed the memory budget of this board.",
     )
+    insufficient_memory = (
+        "insufficient_memory",
+        JobStatus.REJECTED,
+        "The job's memory (its KV cache for prompt + max_tokens, next to the model) can never fit this board's "
+        "memory budget. Lower max_tokens or the prompt, or send it to a larger board.",
+    )
     model_not_loaded = (
         "model_not_loaded",
         JobStatus.FAILED,
         "No model is loaded (loading failed, or the model is being replaced). This device may succeed later.",
-    )
-    memory_pressure = (
-        "memory_pressure",
-        JobStatus.FAILED,
-        "The job was stopped because the board ran short of memory while it ran; it may succeed later.",
     )
     preempted = (
         "preempted",

@@ -27,6 +27,7 @@ from typing import Any
 from agent import __version__
 from agent.applier import LiveSettings
 from agent.config import Settings, load_settings
+from agent.config.live import ApplyReport
 from agent.delivery.outbox import Outbox
 from agent.delivery.sources import JobResults
 from agent.engine.supervisor import EngineConfig, Supervisor
@@ -35,14 +36,19 @@ from agent.errors import EXIT_CANNOT_START, EdgeAgentError, StoreError
 from agent.health import StoreHealth
 from agent.jobs.intake import Intake
 from agent.jobs.runner import Runner
+from agent.governor.policy import Admission
+from agent.governor.watch import AgentActions, JobNeed, MemoryWatch
 from agent.protocol import DeviceStatus, Topics
 from agent.shadow.facts import FactsReader, ServingModel, reported_facts
-from agent.shadow.service import ShadowService, boot_settings
+from agent.shadow.service import ShadowService, boot_settings, log_report
 from agent.shadow.store import ShadowStore
 from agent.store import JobRecord, JobStore
-from agent.system.priority import apply_priority
+from agent.system.priority import apply_inference_priority, apply_process_priority
 from agent.system.sdnotify import Notifier
-from agent.telemetry import collect as collect_telemetry
+from agent.system.swap import write_desired as write_desired_swap
+from agent.telemetry.sampler import AgentState, Sampler, engine_residency
+from agent.telemetry.spool import TelemetrySpool
+from agent.telemetry.uplink import Uplink
 from agent.transport import InboundMessage, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -102,9 +108,11 @@ class Daemon:
             self.transport, on_store_error=self.health.failed, wake=self._tick.set, keepalive=self.notifier.watchdog
         )
         self.outbox.add_source(self.results)
+        self.spool = TelemetrySpool.from_settings(s, clock=clock)
+        self.outbox.add_source(self.spool)  # readings and events kept while offline, sent in order after
         self.runner = Runner(
             self.store, self.results, engine=lambda: self.supervisor.engine, publish=self.transport.publish,
-            send_outcome=self._send_outcome, health=self.health, clock=clock, monotonic=monotonic,
+            send_outcome=self._send_outcome, health=self.health, admit=self._admit, clock=clock, monotonic=monotonic,
         )  # fmt: skip
         self.supervisor = Supervisor(engine_factory, self.runner, grace_s=lambda: s.service.shutdown_grace_s)
         self.intake = Intake(
@@ -112,7 +120,8 @@ class Daemon:
             send_outcome=self._send_outcome, cancel_running=self.runner.cancel, job_queued=self.runner.wake,
             health=self.health, clock=clock,
         )  # fmt: skip
-        self.live = LiveSettings(s, supervisor=self.supervisor, store=self.store, hold_intake=self._hold_intake)
+        self.live = LiveSettings(s, supervisor=self.supervisor, store=self.store, hold_intake=self._hold_intake,
+                                 spool=self.spool, inference_threads=lambda: self.runner.thread_ids)  # fmt: skip
         self._facts = FactsReader(board=s.device.board, models_dir=s.device.models_dir)
         self.shadow = ShadowService(
             topics=self.topics, store=self.shadow_store, file_settings=settings, executor=self.live,
@@ -120,15 +129,23 @@ class Daemon:
             facts=self._reported_facts, clock=clock, wake=self._tick.set,
         )  # fmt: skip
         self.transport.add_subscriptions(self.shadow.subscriptions())
-        self._last_prune = 0.0
-        self._last_telemetry = 0.0
+        self.uplink = Uplink(self.spool, lambda t, p: self.transport.publish(t, p, qos=1), lambda: self.transport.connected)
+        sampler = Sampler(
+            s.device.id, agent_state=self._agent_state, residency=lambda: engine_residency(self.supervisor.engine)(),
+            residency_interval_s=s.telemetry.residency_interval_s, clock=clock,
+        )  # fmt: skip
+        self.memory = MemoryWatch(s, sampler=sampler, uplink=self.uplink, topics=self.topics,
+                                  actions=AgentActions(self.runner, self.supervisor), clock=clock)  # fmt: skip
+        self._last_prune = self._last_facts = 0.0
 
     # ----------------------------------------------------------------- life cycle
 
     def start(self) -> None:
         """Recover what a crash left, load the model, start the runner and the connection."""
-        for note in apply_priority(self.settings.priority.nice, self.settings.priority.oom_score_adj):
-            log.info("priority: %s", note)
+        # Before any other thread starts and before the engine counts usable cores (affinity).
+        for line in apply_process_priority(self.settings.priority).lines():
+            log.info("priority: %s", line)
+        write_desired_swap(self.settings.swap, self.settings.device.state_dir)  # for the root swap unit
         for job_id, action in self.store.recover(self.clock()):
             log.warning("recovered job %s after an unclean stop: %s", job_id, action)
         desired = EngineConfig.from_settings(self.settings)
@@ -138,7 +155,7 @@ class Daemon:
         self.shadow.start()
         with self.notifier.keepalive():
             self.shadow.run_pending()  # desired keys the boot settings left out, before any broker
-        self.runner.start()
+        self.runner.start(on_thread_start=lambda: apply_inference_priority(self.settings.priority))
         self.transport.start()
         self.notifier.ready(f"serving {self.settings.model.path}")
 
@@ -171,7 +188,7 @@ class Daemon:
     def main_pass(self, *, wait_s: float | None = None) -> None:
         """One pass: watchdog, reload, store health, resends, retention, telemetry. Waits for a tick first."""
         s = self.settings
-        interval = min(self.notifier.watchdog_interval_s or 5.0, s.telemetry.interval_s)
+        interval = min(self.notifier.watchdog_interval_s or 5.0, s.telemetry.interval_s, s.governor.interval_s)
         if not self.health.writable:
             interval = min(interval, s.store.recheck_s)
         self._tick.wait(wait_s if wait_s is not None else interval)
@@ -186,6 +203,13 @@ class Daemon:
                 self.shadow.run_pending()
         self.health.recheck()
         self.outbox.run_pass(should_stop=lambda: self._stop_requested > 0)
+        self.uplink.poll()  # failed telemetry publishes go to the spool, before the outbox resends it
+        level = self.memory.level
+        if self.memory.tick() and self.memory.level != level:
+            self.shadow.refresh_facts()  # the level in reported follows the governor at once
+        if now - self._last_facts >= s.telemetry.interval_s:
+            self._last_facts = now
+            self.shadow.refresh_facts()  # free disk, swap devices, the cgroup limit
         if self.health.writable and now - self._last_prune >= s.store.prune_interval_s:
             self._last_prune = now
             try:
@@ -195,18 +219,6 @@ class Daemon:
             else:
                 if removed:
                     log.info("retention: removed %d finished jobs", removed)
-        if now - self._last_telemetry >= s.telemetry.interval_s and self.transport.connected:
-            self._last_telemetry = now
-            self.publish_telemetry(now)
-            self.shadow.refresh_facts()  # free disk, swap devices, the cgroup limit
-
-    def publish_telemetry(self, now: float) -> None:
-        running = self.runner.running
-        t = collect_telemetry(
-            self.settings.device.id, now, engine=self.supervisor.engine, queue_depth=self.store.queued_count(),
-            running_job=running[0] if running else None,
-        )  # fmt: skip
-        self.transport.publish(f"{self.topics.root}/telemetry", t.to_payload(), qos=0)
 
     def request_stop(self) -> None:
         """What SIGTERM and SIGINT do: the first stops gracefully, a second forces running jobs to stop."""
@@ -224,6 +236,7 @@ class Daemon:
         self.supervisor.unload()
         self.store.close()
         self.shadow_store.close()
+        self.spool.close()
         log.info("stopped")
 
     def _install_signals(self) -> None:
@@ -246,15 +259,8 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
         with self.notifier.keepalive():
-            report = self.shadow.reload(new)  # desired keys still win over the file
-        for key, value in report.applied.items():
-            log.info("reload: %s = %r", key, value)
-        for key, why in report.failed.items():
-            log.error("reload: %s not applied: %s", key, why)
-        for key, why in report.pending.items():
-            log.warning("reload: %s: %s", key, why)
-        for key in report.restart:
-            log.warning("reload: %s changed; it takes effect after a restart", key)
+            report = self.shadow.reload(new)  # desired keys still win over the file; logs what it applied
+        log_report(ApplyReport(restart=report.restart), "reload")
 
     # ----------------------------------------------------------------- wiring callbacks
 
@@ -280,7 +286,34 @@ class Daemon:
                 load_ms=r.load_ms, loaded_at=self.supervisor.loaded_at, swap_ms=self.supervisor.last_swap_ms,
                 preempted=self.supervisor.last_swap_preempted,
             )  # fmt: skip
-        return reported_facts(self._facts.board_facts(), serving)
+        return {**reported_facts(self._facts.board_facts(), serving), "pressure": self.memory.describe()}
+
+    def _agent_state(self) -> AgentState:
+        engine, running = self.supervisor.engine, self.runner.running
+        report = engine.report if engine is not None else None
+        spool = self.spool.stats()
+        return AgentState(
+            model_loaded=engine is not None, kv_cache_bytes=report.estimate.kv_cache if report else None,
+            kv_cache_size_tokens=report.n_ctx if report else None, queue_depth=self.store.queued_count(),
+            jobs_running=len(running), running_job=running[0] if running else None,
+            last_job_tokens_per_s=self.runner.last_tokens_per_s, governor_level=self.memory.level,
+            governor_action=self.memory.describe().get("action"), store_writable=self.health.writable,
+            spool_rows=spool.rows, spool_dropped=spool.dropped,
+        )  # fmt: skip
+
+    def _admit(self, rec: JobRecord) -> Admission:
+        engine = self.supervisor.engine
+        job = rec.job()
+        if engine is None or engine.report is None or job is None:
+            return Admission("run", "no plan to judge by")
+        r = engine.report
+        text = job.prompt or ""
+        # Prompt tokens are estimated from its bytes (3 per token is an upper bound for most text):
+        # counting them exactly would need the tokenizer the running generation holds.
+        return self.memory.admit(JobNeed(
+            tokens=len(text.encode()) // 3 + 1 + job.max_tokens, kv_bytes_per_token=r.estimate.kv_cache // max(1, r.n_ctx),
+            model_anon_bytes=r.estimate.anon_bytes - r.estimate.kv_cache, budget_bytes=r.budget.bytes, n_ctx=r.n_ctx,
+        ))  # fmt: skip
 
     def _send_outcome(self, rec: JobRecord) -> Any:
         return self.outbox.send(self.results, self.results.item(rec))

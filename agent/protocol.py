@@ -811,6 +811,16 @@ class Topics:
     def stream_filter(self) -> str:
         return f"{self.root}/jobs/+/stream"
 
+    @property
+    def telemetry(self) -> str:
+        """Memory telemetry readings (agent/telemetry), QoS 1."""
+        return f"{self.root}/telemetry"
+
+    @property
+    def events(self) -> str:
+        """Governor level changes and actions, throttling, spool drops (agent/telemetry/events.py), QoS 1."""
+        return f"{self.root}/events"
+
     # The device shadow (agent/shadow, docs/protocol.md "Device shadow").
     @property
     def shadow(self) -> str:

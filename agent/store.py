@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 import sqlite_utils
 
 from agent.errors import StoreError
+from agent.sqlite import store_error, write_transaction
 from agent.protocol import TERMINAL, ErrorCode, JobOutcome, JobStatus, JobSubmit, ResultMessage, StatusMessage, rfc3339
 
 if TYPE_CHECKING:
@@ -337,67 +338,13 @@ class JobStore:
         return self._conn
 
     def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
-        name = getattr(e, "sqlite_errorname", "") or ""
-        where = f"{self.path}: {doing}"
-        if name.startswith("SQLITE_FULL"):
-            return StoreError(
-                f"{where}: the disk is full; free space on the filesystem holding {self.path.parent} (finished jobs "
-                "are kept until their results are delivered, then pruned)",
-                code="store_full",
-            )
-        if name.startswith("SQLITE_READONLY") or name.startswith("SQLITE_PERM") or name.startswith("SQLITE_AUTH"):
-            return StoreError(
-                f"{where}: the file is read-only ({e}); check that it and {self.path.parent} are writable by this "
-                "user and that the filesystem is not mounted read-only",
-                code="store_readonly",
-            )
-        if name.startswith("SQLITE_CORRUPT") or name.startswith("SQLITE_NOTADB"):
-            return StoreError(
-                f"{where}: the job store is damaged or not a database ({e}); stop the agent, move {self.path.name} "
-                "and its -wal and -shm files aside, and start again with an empty store",
-                code="store_corrupt",
-            )
-        if name.startswith("SQLITE_CANTOPEN"):
-            return StoreError(
-                f"{where}: cannot open the file ({e}); check that {self.path.parent} exists and is writable",
-                code="store_cantopen",
-            )
-        if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
-            return StoreError(
-                f"{where}: the file stayed locked by another process ({e}); is a second edge-agent using the same "
-                "store.path?",
-                code="store_busy",
-            )
-        if name.startswith("SQLITE_IOERR"):
-            return StoreError(
-                f"{where}: I/O error ({name}: {e}); the storage may be failing or was removed (check dmesg)",
-                code="store_io",
-            )
-        return StoreError(f"{where}: SQLite error {name or type(e).__name__}: {e}")
+        return store_error(e, self.path, doing, "the job store")
 
     @contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """One state change: lock, BEGIN IMMEDIATE, commit or roll back, errors as StoreError."""
-        with self._lock:
-            c = self._connection()
-            try:
-                # IMMEDIATE takes the write lock up front, so read-then-update inside the block
-                # cannot be interleaved with another writer (and never fails half-way with BUSY).
-                c.execute("BEGIN IMMEDIATE")
-                try:
-                    yield c
-                except BaseException:
-                    if c.in_transaction:
-                        c.execute("ROLLBACK")
-                    raise
-                c.execute("COMMIT")
-            except sqlite3.Error as e:
-                if c.in_transaction:
-                    try:
-                        c.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise self._error(e, doing) from e
+        """One state change: the lock, then one write transaction (agent.sqlite)."""
+        with self._lock, write_transaction(self._connection(), lambda e: self._error(e, doing)) as c:
+            yield c
 
     @contextmanager
     def _read(self, doing: str) -> Iterator[sqlite3.Connection]:
@@ -513,6 +460,28 @@ class JobStore:
                 (now, row[0]),
             )
             return self._rows("SELECT * FROM jobs WHERE seq = ?", (row[0],))[0]
+
+    def peek_next(self, now: float | None = None) -> JobRecord | None:
+        """The job claim_next would start now, without starting it (admission looks at it first)."""
+        now = self._now(now)
+        with self._read("looking at the next job"):
+            rows = self._rows(
+                "SELECT * FROM jobs WHERE status = 'QUEUED' AND (expires_at IS NULL OR expires_at > ?) "
+                "ORDER BY priority DESC, seq LIMIT 1",
+                (now,),
+            )
+            return rows[0] if rows else None
+
+    def claim(self, job_id: str, now: float | None = None) -> JobRecord | None:
+        """Start this queued job (IN_PROGRESS, attempt + 1). None if it is not queued any more."""
+        now = self._now(now)
+        with self._write(f"claiming job {job_id}"):
+            cur = self._db.execute(
+                "UPDATE jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, started_at = ? "
+                "WHERE job_id = ? AND status = 'QUEUED'",
+                (now, job_id),
+            )
+            return self._get(job_id) if cur.rowcount == 1 else None
 
     def finish(self, job_id: str, outcome: JobOutcome, now: float | None = None) -> bool:
         """Record a job's terminal outcome. False (and nothing changed) if it already had one or is unknown."""

@@ -26,7 +26,6 @@ from agent.governor.policy import (
     admit,
     available_to_agent,
     describe,
-    preempted_outcome,
     step,
 )
 from agent.telemetry import Sampler, Telemetry
@@ -299,11 +298,6 @@ def test_available_to_agent_counts_what_it_holds_and_its_cgroup_bound():
     assert available_to_agent(t) == 900 * MiB
     limited = t.model_copy(update={"cgroup_limit_bytes": 800 * MiB, "cgroup_working_set_bytes": 450 * MiB})
     assert available_to_agent(limited) == 800 * MiB - 50 * MiB  # 50 MiB of the working set is not the agent's
-
-
-def test_a_job_preempted_too_often_fails_instead_of_cycling():
-    assert [preempted_outcome(n, S) for n in (1, 2, 3)] == ["requeue", "requeue", "fail"]
-    assert preempted_outcome(1, GovernorSettings(max_preemptions=0)) == "fail"
 
 
 # ------------------------------------------------------------------------------- events and reporting

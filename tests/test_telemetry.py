@@ -16,7 +16,7 @@ import pytest
 
 from agent.cli import main
 from agent.system.memory import proc_faults, vmstat
-from agent.telemetry import AgentState, Sampler, Telemetry, collect, field_meta
+from agent.telemetry import AgentState, Sampler, Telemetry, field_meta
 from agent.telemetry.events import Event, EventKind, spool_dropped_event, throttling_event
 from agent.telemetry.fields import GROUPS
 from agent.telemetry.heat import HeatReader, decode
@@ -237,17 +237,6 @@ def test_a_failing_residency_reading_reports_null(tmp_path):
     s = Sampler("pi4", root=board(tmp_path, "pi4-stock"), agent_state=lambda: AgentState(model_loaded=True),
                 residency=broken)  # fmt: skip
     assert s.sample().model_resident_pct is None
-
-
-def test_the_collect_shim_keeps_the_daemon_payload(tmp_path):
-    class NoModel:
-        loaded = False
-
-    t = collect("dev", 1_700_000_000.0, engine=NoModel(), queue_depth=0, running_job=None)
-    d = json.loads(t.to_payload())
-    assert d["device_id"] == "dev" and d["rss_anon_bytes"] > 0 and d["mem_total_bytes"] > 0
-    assert d["queue_depth"] == 0 and d["running_job"] is None and d["jobs_running"] == 0
-    assert d["model_loaded"] is False and d["model_resident_pct"] is None
 
 
 def test_the_cgroup_is_found_again_when_it_moves(tmp_path):

@@ -406,11 +406,6 @@ class GovernorSettings(Section):
         default=50, ge=5, le=100, json_schema_extra=HOT,
         description="Second action: new jobs run only when prompt + max_tokens fit this share of the context, percent.",
     )  # fmt: skip
-    max_preemptions: int = Field(
-        default=2, ge=0, le=100, json_schema_extra=HOT,
-        description="A job preempted by memory pressure this many times FAILS with memory_pressure the next time "
-        "instead of being requeued (no endless cycle).",
-    )  # fmt: skip
 
     @model_validator(mode="after")
     def _ordered(self) -> "GovernorSettings":

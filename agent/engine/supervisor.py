@@ -24,8 +24,9 @@ from agent.errors import EdgeAgentError, EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
-# The runner hold a model change takes while it swaps.
+# The runner holds a model change and a memory unload take.
 HOLD = "model change"
+PARK = "model unloaded for memory"
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class Supervisor:
         self._lock = threading.Lock()  # one load at a time
         self._engine: EngineLike | None = None
         self._config: EngineConfig | None = None
+        self._parked = False  # unloaded under memory pressure; resume() loads it again
         self.sha256: str | None = None  # of the file in force, when it was checked
         self.loaded_at: float | None = None  # when the model in force was loaded, epoch seconds
         self.last_swap_ms: float | None = None  # the last model change: quiesce + unload + load
@@ -160,10 +162,19 @@ class Supervisor:
                     self._config.models_dir, self._config.state_dir,
                 )  # fmt: skip
 
+    @property
+    def parked(self) -> bool:
+        return self._parked
+
     def apply(self, config: EngineConfig) -> Applied | Refused:
-        """Serve ``config``'s model. On failure the previous model is loaded again."""
+        """Serve ``config``'s model. On failure the previous model is loaded again. While the model
+        is unloaded for memory, the change is only recorded: resume() loads it."""
         with self._lock:
             if config.same_model(self._config):
+                return Applied(None)
+            if self._parked:
+                log.info("model change to %s recorded: it loads when memory recovers", config.model.path)
+                self._config, self._engine = config, None
                 return Applied(None)
             t0 = self._clock()
             preempted = self._runner.quiesce(self._grace_s(), HOLD)
@@ -195,6 +206,44 @@ class Supervisor:
         with self._lock:
             if self._engine is not None:
                 self._engine.unload()
+
+    def park(self) -> list[str]:
+        """Unload the model under memory pressure: running jobs are preempted first (requeued), no
+        job starts until resume(). Returns the preempted ids."""
+        with self._lock:
+            if self._parked:
+                return []
+            preempted = self._runner.quiesce(0, PARK)
+            if self._engine is not None:
+                self._engine.unload()
+            self._parked = True
+            log.warning("model unloaded under memory pressure (%d job(s) preempted)", len(preempted))
+            return preempted
+
+    def resume(self) -> Applied | Refused:
+        """Load the model in force again after park(): the configuration recorded last (a model
+        change may have arrived meanwhile), else the previous model, else nothing."""
+        with self._lock:
+            if not self._parked:
+                return Applied(None)
+            t0 = self._clock()
+            try:
+                assert self._config is not None
+                engine = self._engine if self._engine is not None else None
+                if engine is not None:
+                    report = engine.load()
+                else:
+                    engine, report = self._load(self._config)
+                self._engine, self._parked = engine, False
+                log.info("model reloaded after memory pressure in %.1fs", self._clock() - t0)
+                return Applied(report, [], self._clock() - t0)
+            except Exception as e:  # noqa: BLE001
+                err = e if isinstance(e, EdgeAgentError) else EngineError(f"{type(e).__name__}: {e}")
+                log.error("reloading the model after memory pressure failed: %s", err)
+                return Refused(err, False, [], self._clock() - t0)
+            finally:
+                if not self._parked:
+                    self._runner.release(PARK)
 
     def _load(self, config: EngineConfig) -> tuple[EngineLike, LoadReport]:
         path = config.model_file()

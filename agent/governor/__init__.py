@@ -13,11 +13,10 @@ from agent.governor.policy import (
     admit,
     available_to_agent,
     describe,
-    preempted_outcome,
     step,
 )
 
 __all__ = [
     "Action", "Admission", "Decision", "Governor", "GovernorState", "Level", "Posture", "Signals", "admit",
-    "available_to_agent", "describe", "preempted_outcome", "step",
+    "available_to_agent", "describe", "step",
 ]  # fmt: skip

@@ -442,12 +442,6 @@ def admit(
     return Admission("run", "fits")
 
 
-def preempted_outcome(times_preempted: int, settings: "GovernorSettings") -> Literal["requeue", "fail"]:
-    """A job just preempted for memory, ``times_preempted`` times so far (this one included):
-    requeue it, or end it FAILED with memory_pressure so it cannot cycle forever."""
-    return "requeue" if times_preempted <= settings.max_preemptions else "fail"
-
-
 def describe(decision: Decision) -> dict[str, Any]:
     """The governor's part of the shadow's reported state."""
     return {
@@ -461,5 +455,5 @@ def describe(decision: Decision) -> dict[str, Any]:
 
 __all__ = [
     "Action", "Admission", "Decision", "Governor", "GovernorState", "LADDER", "Level", "Posture", "Signals",
-    "Step", "UNDO", "admit", "available_to_agent", "describe", "preempted_outcome", "step",
+    "Step", "UNDO", "admit", "available_to_agent", "describe", "step",
 ]  # fmt: skip

@@ -24,6 +24,7 @@ from agent.delivery.sources import JobResults
 from agent.engine.types import EngineLike, GenerationRequest, GenerationResult
 from agent.errors import EngineError, StoreError
 from agent.health import StoreHealth
+from agent.governor.policy import Admission
 from agent.jobs.outcome import Requeue, StopReason, conclude
 from agent.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
 from agent.store import JobRecord, JobStore
@@ -51,19 +52,23 @@ class Runner:
         publish: Callable[..., Any],
         send_outcome: Callable[[JobRecord], Any],
         health: StoreHealth,
+        admit: Callable[[JobRecord], Admission] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         slots: int = 1,
     ) -> None:
         """``engine()`` gives the engine in force (None while no model is loaded); ``publish`` is
         the transport's best-effort publish (statuses, stream pieces); ``send_outcome`` hands a
-        stored terminal record to the outbox. ``clock`` is wall time (timestamps, expiry);
+        stored terminal record to the outbox; ``admit`` (the memory governor) decides whether the
+        next job may start now, must wait in the queue, or can never fit this board. ``clock`` is
+        wall time (timestamps, expiry);
         ``monotonic`` is the engine's clock, on which deadlines are handed to it."""
         self._store = store
         self._results = results
         self._engine = engine
         self._publish = publish
         self._send_outcome = send_outcome
+        self._admit = admit
         self._health = health
         self._clock = clock
         self._monotonic = monotonic
@@ -76,12 +81,19 @@ class Runner:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.last_tokens_per_s: float | None = None  # of the last job that generated (telemetry)
 
     # ------------------------------------------------------------------ control
 
-    def start(self) -> None:
+    def start(self, *, on_thread_start: Callable[[], Any] = lambda: None) -> None:
+        """Start the worker threads; ``on_thread_start`` runs first on each (its priority)."""
+
+        def work() -> None:
+            on_thread_start()
+            self._work_loop()
+
         for i in range(self._n_slots):
-            t = threading.Thread(target=self._work_loop, name=f"edge-agent-runner-{i}", daemon=True)
+            t = threading.Thread(target=work, name=f"edge-agent-runner-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -97,6 +109,11 @@ class Runner:
         with self._lock:
             self._holds.discard(reason)
         self._wake.set()
+
+    @property
+    def thread_ids(self) -> list[int]:
+        """The workers' kernel thread ids (their priority is the inference priority)."""
+        return [t.native_id for t in self._threads if t.native_id is not None]
 
     @property
     def holds(self) -> frozenset[str]:
@@ -190,7 +207,7 @@ class Runner:
                     return False
             if self._engine() is None:
                 return False  # no model (a swap, or a failed load): jobs wait in the queue, they do not fail
-            rec = self._store.claim_next(now)
+            rec = self._admitted(now)
         except StoreError as e:
             self._health.failed(e)
             return False
@@ -198,6 +215,29 @@ class Runner:
             return False
         self._run(rec)
         return True
+
+    def _admitted(self, now: float) -> JobRecord | None:
+        """Claim the next job if memory admits it. One that must wait stays queued, and holds the
+        jobs behind it (queue order is kept); one that can never fit ends REJECTED."""
+        if self._admit is None:
+            return self._store.claim_next(now)
+        while True:
+            head = self._store.peek_next(now)
+            if head is None:
+                return None
+            verdict = self._admit(head)
+            if verdict.verdict == "wait":
+                log.debug("job %s waits for memory: %s", head.job_id, verdict.reason)
+                return None
+            if verdict.verdict == "reject":
+                outcome = JobOutcome.refused(verdict.code or ErrorCode.insufficient_memory, verdict.reason)
+                if self._store.finish(head.job_id, outcome, now):
+                    log.warning("job %s refused: %s", head.job_id, verdict.reason)
+                    self._send_outcome(self._stored(head.job_id))
+                continue
+            rec = self._store.claim(head.job_id, now)
+            if rec is not None:
+                return rec  # else canceled or claimed meanwhile: look again
 
     def _run(self, rec: JobRecord) -> None:
         slot = _Slot(rec.job_id)
@@ -237,6 +277,8 @@ class Runner:
                 log.exception("job %s failed unexpectedly", rec.job_id)
             ended = e
         stats = ended.stats if isinstance(ended, GenerationResult) else None
+        if stats is not None and stats.completion_tokens:
+            self.last_tokens_per_s = stats.tokens_per_s
         timings = Timings(
             queue_ms=max(0.0, ((rec.started_at or started) - rec.created_at) * 1000.0),
             prompt_ms=stats.prompt_ms if stats else 0.0,

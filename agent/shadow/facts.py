@@ -103,6 +103,18 @@ class ServingModel(BaseModel):
     preempted: int | None = Field(default=None, ge=0, description="Jobs that model change preempted (requeued).")
 
 
+class Pressure(BaseModel):
+    """The memory governor's state: reported under ``pressure`` in the shadow (docs/governor.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal["ok", "warn", "critical"] = Field(description="The governor's level.")
+    action: str | None = Field(default=None, description="The strongest action in force (hold_unfit, shrink_context, preempt, unload), or null.")
+    rung: int = Field(default=0, ge=0, le=4, description="How far up the ladder of actions: 0 (none) to 4 (model unloaded).")
+    reasons: list[str] = Field(default_factory=list, description="The signals that hold the level above ok, with their values.")
+    missing: list[str] = Field(default_factory=list, description="Signals this board lacks (psi, cgroup_memory, cgroup_limit).")
+
+
 def read_cpuinfo(path: Path | str = "/proc/cpuinfo", machine: str | None = None) -> CpuInfo:
     """CPU model, processor count and llama.cpp-relevant features from /proc/cpuinfo."""
     try:
@@ -221,6 +233,7 @@ def reported_facts(board: BoardFacts, serving: ServingModel | None) -> dict[str,
 
 __all__ = [
     "BoardFacts",
+    "Pressure",
     "CpuInfo",
     "FactsReader",
     "ServingModel",

@@ -20,7 +20,7 @@ from pydantic.json_schema import models_json_schema
 from agent.protocol import _TS, _Outbound, rfc3339
 from agent.shadow.document import MAX_CLIENT_TOKEN_BYTES, MAX_DEPTH, MAX_STATE_BYTES, ShadowDocument
 from agent.shadow.desired import desired_model, section_models
-from agent.shadow.facts import BoardFacts, ServingModel
+from agent.shadow.facts import BoardFacts, Pressure, ServingModel
 
 DesiredPatch = desired_model(nullable=True)
 DesiredState = desired_model(nullable=False)
@@ -55,6 +55,7 @@ def _reported_model() -> type[BaseModel]:
     fields["board"] = (BoardFacts | None, FieldInfo(default=None, description="Facts about the board."))
     fields["serving"] = (ServingModel | None, FieldInfo(default=None, description="The model in force; null while "
                                                                                   "none is loaded."))  # fmt: skip
+    fields["pressure"] = (Pressure | None, FieldInfo(default=None, description="The memory governor: level and action."))
     return create_model(  # type: ignore[call-overload]
         "ReportedState",
         __config__=ConfigDict(extra="forbid"),
@@ -65,7 +66,9 @@ def _reported_model() -> type[BaseModel]:
 
 ReportedState = _reported_model()
 # Names that reported uses besides the settings sections.
-REPORTED_EXTRAS = ("errors", "pending", "applied_version", "board", "serving")
+# Facts the daemon reports next to the settings in force (never desired keys).
+FACT_KEYS = ("board", "serving", "pressure")
+REPORTED_EXTRAS = ("errors", "pending", "applied_version", *FACT_KEYS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +223,7 @@ def json_schema() -> dict[str, Any]:
 __all__ = [
     "DesiredPatch",
     "DesiredState",
+    "FACT_KEYS",
     "REPORTED_EXTRAS",
     "ReportedState",
     "ShadowDelta",

@@ -57,6 +57,7 @@ from agent.shadow.document import (
     unflatten,
 )
 from agent.shadow.messages import (
+    FACT_KEYS,
     REPORTED_EXTRAS,
     ShadowDelta,
     ShadowRejected,
@@ -161,7 +162,7 @@ class ShadowService:
         """True when an accepted update (or a start, or a reload) has not been reconciled yet."""
         return self._dirty
 
-    def run_pending(self) -> list[tuple[Action, ApplyReport]]:
+    def run_pending(self, *, why: str = "shadow") -> list[tuple[Action, ApplyReport]]:
         """Main thread: bring the settings in force to the board's config overlaid by desired.
 
         Calls the executor once per action (pause intake, in-place settings, one model reload,
@@ -190,7 +191,7 @@ class ShadowService:
                                              for k in action.keys})  # fmt: skip
             settled = settle(settled, action, report, want, live_values(self._executor.settings))
             done.append((action, report))
-            _log_report(report)
+            log_report(report, why)
         settled = tidy(settled, want, live_values(self._executor.settings))
         if conflicts:
             settled = Settled(
@@ -214,7 +215,7 @@ class ShadowService:
             self._file_settings = file_settings
             self._dirty = True
             desired = copy.deepcopy(self._doc.desired)
-        done = self.run_pending()
+        done = self.run_pending(why="reload")
         out = ApplyReport()
         for _action, report in done:
             out.applied.update(report.applied)
@@ -367,7 +368,7 @@ class ShadowService:
         except Exception:  # facts are informative: a failing reader must not stop the shadow
             log.exception("shadow: reading the board facts failed")
             return dict(self._fact_values)
-        return {k: v for k, v in values.items() if k in ("board", "serving")}
+        return {k: v for k, v in values.items() if k in FACT_KEYS}
 
     def _reported(self) -> Tree:
         reported = unflatten(live_values(self._executor.settings))
@@ -459,15 +460,16 @@ def _rejected(r: Rejected, now: float) -> ShadowRejected:
     return ShadowRejected.build(code=r.code, message=r.message, version=r.version, ts=now, **extra)
 
 
-def _log_report(report: ApplyReport) -> None:
+def log_report(report: ApplyReport, why: str) -> None:
+    """One log line per key of an apply: ``why`` says what asked for it (shadow, reload)."""
     for key, value in report.applied.items():
-        log.info("shadow: %s = %r", key, value)
-    for key, why in report.failed.items():
-        log.error("shadow: %s not applied: %s", key, why)
-    for key, why in report.pending.items():
-        log.warning("shadow: %s: %s", key, why)
+        log.info("%s: %s = %r", why, key, value)
+    for key, reason in report.failed.items():
+        log.error("%s: %s not applied: %s", why, key, reason)
+    for key, reason in report.pending.items():
+        log.warning("%s: %s: %s", why, key, reason)
     for key in report.restart:
-        log.warning("shadow: %s takes effect only after a restart", key)
+        log.warning("%s: %s changed; it takes effect after a restart", why, key)
 
 
 __all__ = ["Publish", "ShadowService", "boot_settings"]

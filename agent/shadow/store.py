@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import StoreError
+from agent.sqlite import store_error, write_transaction
 from agent.shadow.document import ShadowDocument
 
 if TYPE_CHECKING:
@@ -148,51 +149,12 @@ class ShadowStore:
         return self._conn
 
     def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
-        name = getattr(e, "sqlite_errorname", "") or ""
-        where = f"{self.path}: {doing}"
-        if name.startswith("SQLITE_FULL"):
-            return StoreError(f"{where}: the disk is full; free space on the filesystem holding {self.path.parent}",
-                              code="store_full")  # fmt: skip
-        if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-            return StoreError(
-                f"{where}: the file is read-only ({e}); check that it and {self.path.parent} are writable by this user",
-                code="store_readonly",
-            )
-        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-            return StoreError(
-                f"{where}: the shadow state is damaged or not a database ({e}); stop the agent and move "
-                f"{self.path.name} and its -wal and -shm files aside",
-                code="store_corrupt",
-            )
-        if name.startswith("SQLITE_CANTOPEN"):
-            return StoreError(f"{where}: cannot open the file ({e}); check that {self.path.parent} exists and is "
-                              "writable", code="store_cantopen")  # fmt: skip
-        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            return StoreError(f"{where}: the file stayed locked by another process ({e})", code="store_busy")
-        if name.startswith("SQLITE_IOERR"):
-            return StoreError(f"{where}: I/O error ({name}: {e}); the storage may be failing", code="store_io")
-        return StoreError(f"{where}: SQLite error {name or type(e).__name__}: {e}")
+        return store_error(e, self.path, doing, "the shadow state")
 
     @contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            c = self._connection()
-            try:
-                c.execute("BEGIN IMMEDIATE")
-                try:
-                    yield c
-                except BaseException:
-                    if c.in_transaction:
-                        c.execute("ROLLBACK")
-                    raise
-                c.execute("COMMIT")
-            except sqlite3.Error as e:
-                if c.in_transaction:
-                    try:
-                        c.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise self._error(e, doing) from e
+        with self._lock, write_transaction(self._connection(), lambda e: self._error(e, doing)) as c:
+            yield c
 
     # ----------------------------------------------------------------------------------------
 

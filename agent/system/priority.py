@@ -267,14 +267,8 @@ def current_tid() -> int:
     return threading.get_native_id()
 
 
-def apply_priority(nice: int, oom_score_adj: int, *, pid: int = 0) -> list[str]:
-    """Niceness and oom_score_adj of the calling thread's process, as one line each (agent/daemon.py
-    calls this until it uses ``apply_process_priority``)."""
-    return [set_nice(nice, [pid]).line(), set_oom_score_adj(oom_score_adj, pid=pid or "self").line()]
-
-
 __all__ = [
-    "Applied", "PriorityReport", "apply_inference_priority", "apply_priority", "apply_process_priority",
+    "Applied", "PriorityReport", "apply_inference_priority", "apply_process_priority",
     "current_tid", "get_io", "get_nice", "online_cpus", "process_threads", "set_cpus", "set_io", "set_nice",
     "set_oom_score_adj", "wanted_cpus",
 ]  # fmt: skip

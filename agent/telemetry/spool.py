@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 from agent.delivery.outbox import Outgoing
 from agent.errors import StoreError
+from agent.sqlite import store_error, write_transaction
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -209,21 +210,7 @@ class TelemetrySpool:
         self.close()
 
     def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
-        name = getattr(e, "sqlite_errorname", "") or type(e).__name__
-        where = f"{self.path}: {doing}"
-        for prefix, code, hint in (
-            ("SQLITE_FULL", "store_full", "the disk is full"),
-            ("SQLITE_READONLY", "store_readonly", "the file or its folder is read-only"),
-            ("SQLITE_PERM", "store_readonly", "no permission"),
-            ("SQLITE_CORRUPT", "store_corrupt", "the spool is damaged"),
-            ("SQLITE_NOTADB", "store_corrupt", "not a database"),
-            ("SQLITE_CANTOPEN", "store_cantopen", "cannot open the file"),
-            ("SQLITE_BUSY", "store_busy", "locked by another process (a second agent on the same state_dir?)"),
-            ("SQLITE_IOERR", "store_io", "I/O error (check dmesg)"),
-        ):
-            if name.startswith(prefix):
-                return StoreError(f"{where}: {hint} ({e})", code=code)
-        return StoreError(f"{where}: SQLite error {name}: {e}")
+        return store_error(e, self.path, doing, "the telemetry spool")
 
     @contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
@@ -233,23 +220,10 @@ class TelemetrySpool:
                 raise StoreError(f"{self.path}: the spool is closed", code="store_closed")
             saved = (dict(self._n), dict(self._b))
             try:
-                c.execute("BEGIN IMMEDIATE")
-                try:
+                with write_transaction(c, lambda e: self._error(e, doing)):
                     yield c
-                except BaseException:
-                    if c.in_transaction:
-                        c.execute("ROLLBACK")
-                    raise
-                c.execute("COMMIT")
-            except BaseException as e:
+            except BaseException:
                 self._n, self._b = saved  # the rows did not change either
-                if c.in_transaction:
-                    try:
-                        c.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                if isinstance(e, sqlite3.Error):
-                    raise self._error(e, doing) from e
                 raise
 
     # ------------------------------------------------------------------------------------ writing
