@@ -135,7 +135,8 @@ class Daemon:
             residency_interval_s=s.telemetry.residency_interval_s, clock=clock,
         )  # fmt: skip
         self.memory = MemoryWatch(s, sampler=sampler, uplink=self.uplink, topics=self.topics,
-                                  actions=AgentActions(self.runner, self.supervisor), clock=clock)  # fmt: skip
+                                  actions=AgentActions(self.runner, self.supervisor),
+                                  parked_need=self.supervisor.parked_need, clock=clock)  # fmt: skip
         self._last_prune = self._last_facts = 0.0
 
     # ----------------------------------------------------------------- life cycle
@@ -292,8 +293,12 @@ class Daemon:
         engine, running = self.supervisor.engine, self.runner.running
         report = engine.report if engine is not None else None
         spool = self.spool.stats()
+        # The weights are a working set only in fit mode, and only when the plan expected them to fit.
+        in_ram = report is not None and report.mode == "fit" and not any("do not all fit" in n for n in report.notes)
         return AgentState(
             model_loaded=engine is not None, kv_cache_bytes=report.estimate.kv_cache if report else None,
+            weights_bytes=report.estimate.file_bytes if in_ram else None,
+            rss_file_before_load=report.before.rss_file if report else None,
             kv_cache_size_tokens=report.n_ctx if report else None, queue_depth=self.store.queued_count(),
             jobs_running=len(running), running_job=running[0] if running else None,
             last_job_tokens_per_s=self.runner.last_tokens_per_s, governor_level=self.memory.level,

@@ -392,6 +392,16 @@ class GovernorSettings(Section):
         default=95, ge=1, le=100, json_schema_extra=HOT,
         description="critical when the own cgroup's working set reaches this share of its limit or high mark, percent.",
     )  # fmt: skip
+    weights_warn_pct: float = Field(
+        default=90, ge=0, le=100, json_schema_extra=HOT,
+        description="warn when the share of the weights the plan keeps in RAM (fit mode) that is resident falls "
+        "below this for psi_hold_s, percent: the kernel is evicting them.",
+    )  # fmt: skip
+    weights_act_pct: float = Field(
+        default=75, ge=0, le=100, json_schema_extra=HOT,
+        description="critical when that share stays below this for psi_hold_s, percent: tokens wait on storage "
+        "(thrashing).",
+    )  # fmt: skip
     hysteresis_pct: float = Field(
         default=5, ge=0, le=50, json_schema_extra=HOT,
         description="A signal leaves a level only this many percentage points past the threshold that raised it.",
@@ -413,6 +423,8 @@ class GovernorSettings(Section):
             raise ValueError("governor.mem_available_act_pct must be below governor.mem_available_warn_pct")
         if self.psi_some_act_pct <= self.psi_some_warn_pct:
             raise ValueError("governor.psi_some_act_pct must be above governor.psi_some_warn_pct")
+        if self.weights_act_pct >= self.weights_warn_pct:
+            raise ValueError("governor.weights_act_pct must be below governor.weights_warn_pct")
         if self.cgroup_act_pct <= self.cgroup_warn_pct:
             raise ValueError("governor.cgroup_act_pct must be above governor.cgroup_warn_pct")
         return self

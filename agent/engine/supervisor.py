@@ -119,6 +119,7 @@ class Supervisor:
         self._engine: EngineLike | None = None
         self._config: EngineConfig | None = None
         self._parked = False  # unloaded under memory pressure; resume() loads it again
+        self._parked_need: tuple[int, int] | None = None
         self.sha256: str | None = None  # of the file in force, when it was checked
         self.loaded_at: float | None = None  # when the model in force was loaded, epoch seconds
         self.last_swap_ms: float | None = None  # the last model change: quiesce + unload + load
@@ -215,10 +216,18 @@ class Supervisor:
                 return []
             preempted = self._runner.quiesce(0, PARK)
             if self._engine is not None:
+                report = self._engine.report
                 self._engine.unload()
+                if report is not None:
+                    self._parked_need = (report.estimate.anon_bytes, report.estimate.file_bytes)
             self._parked = True
             log.warning("model unloaded under memory pressure (%d job(s) preempted)", len(preempted))
             return preempted
+
+    def parked_need(self) -> tuple[int, int] | None:
+        """While parked: the anonymous bytes and the weights (file pages kept in RAM) the model in
+        force needs when it is loaded again, from its last plan; None while it is loaded."""
+        return self._parked_need if self._parked else None
 
     def resume(self) -> Applied | Refused:
         """Load the model in force again after park(): the configuration recorded last (a model

@@ -80,6 +80,7 @@ class Signals:
     cgroup_working_set: int | None = None
     cgroup_limit: int | None = None
     cgroup_high: int | None = None
+    weights_in_ram_pct: float | None = None
 
     @property
     def mem_available_pct(self) -> float:
@@ -115,6 +116,7 @@ class Signals:
             cgroup_working_set=t.cgroup_working_set_bytes,
             cgroup_limit=t.cgroup_limit_bytes,
             cgroup_high=t.cgroup_high_bytes,
+            weights_in_ram_pct=getattr(t, "weights_in_ram_pct", None),
         )
 
 
@@ -271,6 +273,28 @@ def _levels(
                 f"PSI memory some {some:g} / full {full:g} % avg10 (warn: some {s.psi_some_warn_pct:g}; act: some "
                 f"{s.psi_some_act_pct:g} or full {s.psi_full_act_pct:g}, held {s.psi_hold_s:g} s)"
             )
+
+    w = sig.weights_in_ram_pct
+    if w is not None:
+        # Weights the plan keeps in RAM being evicted: every token reads them back (thrashing). The
+        # one signal that sees it on a kernel without PSI, or when PSI is diluted by other work.
+        warn_low = _held("weights_warn", w < s.weights_warn_pct, now, over, s.psi_hold_s)
+        act_low = _held("weights_act", w < s.weights_act_pct, now, over, s.psi_hold_s)
+        prev = state.latch("weights")
+        level = Level.ok
+        if act_low or (prev == Level.critical and w < s.weights_act_pct + hyst):
+            level = Level.critical
+        elif warn_low or (prev >= Level.warn and w < s.weights_warn_pct + hyst):
+            level = Level.warn
+        latches["weights"] = level
+        if level > Level.ok:
+            reasons.append(
+                f"weights in RAM {w:.0f} % (warn below {s.weights_warn_pct:g}, act below {s.weights_act_pct:g}, "
+                f"held {s.psi_hold_s:g} s)"
+            )
+    else:
+        for name in ("weights_warn", "weights_act"):
+            over.pop(name, None)
 
     cg = sig.cgroup_pct
     if cg is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agent.codes import ErrorCode
@@ -65,16 +65,20 @@ class MemoryWatch:
         uplink: Uplink,
         topics: Topics,
         actions: GovernorActions,
+        parked_need: Callable[[], tuple[int, int] | None] = lambda: None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``settings`` is the settings tree in force (read at each tick: live changes apply)."""
+        """``settings`` is the settings tree in force (read at each tick: live changes apply).
+        ``parked_need()``: while the model is unloaded for memory, the anonymous bytes and the weights
+        (file pages) loading it again would need; None while it is loaded."""
         self._s = settings
         self.governor = Governor(settings.governor)
         self._sampler = sampler
         self._uplink = uplink
         self._topics = topics
         self._actions = actions
+        self._parked_need = parked_need
         self._clock = clock
         self._mono = monotonic
         self.last: Telemetry | None = None
@@ -102,7 +106,7 @@ class MemoryWatch:
         now = self._clock()
         t = self._sampler.sample(now)
         self.governor.configure(s.governor)
-        decision = self.governor.observe(Signals.from_reading(t), mono)
+        decision = self.governor.observe(self._signals(t), mono)
         self.last_decision = decision
         for step in decision.actions:
             self._carry_out(step.action)
@@ -125,6 +129,19 @@ class MemoryWatch:
             self._last_sent = mono
             self._uplink.send("reading", self._topics.telemetry, t.to_payload(), ts=now)
         return True
+
+    def _signals(self, t: Telemetry) -> Signals:
+        sig = Signals.from_reading(t)
+        need = self._parked_need()
+        if need is None:
+            return sig
+        # Unloaded for memory, the weights cannot be measured: what counts is how much of them would
+        # stay in RAM if the model came back now. So the level stays up while the pressure lasts,
+        # instead of falling because the signal vanished and reloading into the same pressure.
+        anon, weights = need
+        room = available_to_agent(t) - anon
+        projected = 100.0 if weights <= 0 else max(0.0, min(100.0, 100.0 * room / weights))
+        return replace(sig, weights_in_ram_pct=projected)
 
     def _carry_out(self, action: Action) -> None:
         a = self._actions

@@ -45,6 +45,8 @@ class AgentState:
     """What only the daemon knows, asked for once per reading. None: not known (the CLI knows none)."""
 
     model_loaded: bool | None = None
+    weights_bytes: int | None = None  # weights the plan keeps in RAM as file pages (fit mode), when they fit
+    rss_file_before_load: int | None = None  # RssFile before the model was mapped (libraries)
     kv_cache_bytes: int | None = None
     kv_cache_size_tokens: int | None = None
     kv_cache_used_tokens: int | None = None
@@ -155,6 +157,9 @@ class Sampler:
         st = self._agent_state()
         resident = self._resident_pct(mono, st.model_loaded)
         kv_fill = _pct(st.kv_cache_used_tokens, st.kv_cache_size_tokens)
+        weights_in_ram = None
+        if st.weights_bytes and st.rss_file_before_load is not None:
+            weights_in_ram = min(100.0, _pct(max(0, proc.rss_file - st.rss_file_before_load), st.weights_bytes) or 0.0)
         self.unavailable = missing
 
         return Telemetry(
@@ -187,6 +192,7 @@ class Sampler:
             major_faults_per_s=majors,
             model_loaded=st.model_loaded,
             model_resident_pct=resident,
+            weights_in_ram_pct=weights_in_ram,
             kv_cache_bytes=st.kv_cache_bytes,
             kv_cache_size_tokens=st.kv_cache_size_tokens,
             kv_cache_used_tokens=st.kv_cache_used_tokens,
