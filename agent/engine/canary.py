@@ -24,7 +24,7 @@ from agent.engine.types import EngineLike, GenerationRequest, GenerationResult
 from agent.errors import EdgeAgentError
 
 # Output kept in reports: enough to see what the model said, small enough for the shadow's 8 KB.
-OUTPUT_MAX_CHARS = 400
+OUTPUT_MAX_CHARS = 200
 
 
 class CanaryFailed(EdgeAgentError):

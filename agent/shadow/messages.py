@@ -20,7 +20,7 @@ from pydantic.json_schema import models_json_schema
 from agent.protocol import _TS, _Outbound, rfc3339
 from agent.shadow.document import MAX_CLIENT_TOKEN_BYTES, MAX_DEPTH, MAX_STATE_BYTES, ShadowDocument
 from agent.shadow.desired import desired_model, section_models
-from agent.shadow.facts import BoardFacts, ServingModel
+from agent.shadow.facts import BoardFacts, DownloadReport, ModelChangeReport, ServingModel
 
 DesiredPatch = desired_model(nullable=True)
 DesiredState = desired_model(nullable=False)
@@ -55,6 +55,10 @@ def _reported_model() -> type[BaseModel]:
     fields["board"] = (BoardFacts | None, FieldInfo(default=None, description="Facts about the board."))
     fields["serving"] = (ServingModel | None, FieldInfo(default=None, description="The model in force; null while "
                                                                                   "none is loaded."))  # fmt: skip
+    fields["download"] = (DownloadReport | None, FieldInfo(default=None, description="The current or last model "
+                                                           "download (model.url); absent before the first."))  # fmt: skip
+    fields["model_change"] = (ModelChangeReport | None, FieldInfo(default=None, description="How the last model "
+                                                                  "change ended; absent before the first."))  # fmt: skip
     return create_model(  # type: ignore[call-overload]
         "ReportedState",
         __config__=ConfigDict(extra="forbid"),
@@ -65,7 +69,7 @@ def _reported_model() -> type[BaseModel]:
 
 ReportedState = _reported_model()
 # Names that reported uses besides the settings sections.
-REPORTED_EXTRAS = ("errors", "pending", "applied_version", "board", "serving")
+REPORTED_EXTRAS = ("errors", "pending", "applied_version", "board", "serving", "download", "model_change")
 
 
 # --------------------------------------------------------------------------------------------
