@@ -196,3 +196,17 @@ def test_a_server_that_ignores_range_starts_over_and_still_verifies(tmp_path: Pa
 
 def test_urls_are_reported_without_user_info_or_query() -> None:
     assert redact("https://u:p@host:8443/a/m.gguf?X-Sig=abc#f") == "https://host:8443/a/m.gguf"
+
+
+def test_credentials_come_from_systemd_credentials_and_are_masked(tmp_path: Path) -> None:
+    from agent.config import load_settings, masked_dump
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "model_download_token").write_text("tok-123\n")
+    s = load_settings(None, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert s.download.token is not None and s.download.token.get_secret_value() == "tok-123"
+    assert masked_dump(s)["download"]["token"] == "********"
+    assert "tok-123" not in repr(s) and "tok-123" not in str(masked_dump(s))
+    link = HttpLink.from_settings(s.download)
+    assert link._auth == {"Authorization": "Bearer tok-123"}

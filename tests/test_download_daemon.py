@@ -178,7 +178,11 @@ def test_a_model_that_fails_the_canary_is_rolled_back_by_itself(tmp_path: Path, 
         assert not change["canary"]["passed"] and "canary.pattern" in change["canary"]["reason"]
         assert rep["errors"]["model.path"].startswith("canary_failed: new.gguf")
         assert rep["serving"]["file"] == "model.gguf" and d.daemon.supervisor.engine is not None
-        assert json.dumps(doc["state"]).__len__() < 8192 + 4096  # reported stays compact
+        from agent.shadow.document import MAX_STATE_BYTES, json_size
+
+        size = json_size(doc["state"]["desired"]) + json_size(rep)
+        assert size < MAX_STATE_BYTES - 1024, f"desired + reported take {size} bytes"  # room left for updates
+        print(f"\nshadow state after a canary failure: {size} bytes of {MAX_STATE_BYTES}")
         # The downloaded file stays (named in desired), so putting it back in desired later costs no download.
         assert (tmp_path / "d" / "models" / "new.gguf").exists()
     print(f"\ncanary failed on new.gguf: rolled back to model.gguf in {change['rollback_ms']:.1f} ms "
