@@ -34,7 +34,7 @@ class DeviceInfo:
     agent_version: str | None
     shadow_version: int | None
     applied_version: int | None
-    level: str | None  # the memory governor's level when the device reports one
+    level: str | None  # the memory governor's level (reported.pressure.level) when the device reports one
     groups: tuple[str, ...]
     last_seen: float | None  # epoch seconds: the newest ts of its status or shadow document
     problem: str | None  # an error under model.path, or a model change that is pending
@@ -108,7 +108,7 @@ class FleetClient:
             device=device, state=(st or {}).get("state"), model=serving.get("file") or (st or {}).get("model"),
             sha256=serving.get("sha256"), agent_version=board.get("agent_version") or (st or {}).get("agent_version"),
             shadow_version=(doc or {}).get("version"), applied_version=reported.get("applied_version"),
-            level=reported.get("level") or (st or {}).get("level"),
+            level=(reported.get("pressure") or {}).get("level"),  # the memory governor's, where it reports one
             groups=tuple((reported.get("fleet") or {}).get("groups") or ()), last_seen=max(seen) if seen else None,
             problem=errors.get("model.path") or pending.get("model.path"),
         )  # fmt: skip
