@@ -9,6 +9,11 @@ what happened; the settings object in force only ever holds values that really a
 
 Order within one pass: pausing intake first (no job starts during the rest), then the other HOT
 keys, then the model change, then resuming intake last.
+
+A model change whose file has a source (model.url) goes through the model delivery first: while
+the file downloads (on its own thread), the RELOAD keys are reported pending and nothing else
+happens; once it is there the change goes to the supervisor; a failed download fails the keys.
+After a model change that took, the delivery removes downloaded models beyond model.keep_previous.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any
 
 from agent.config import Settings
 from agent.config.live import ApplyReport, Change, diff
+from agent.delivery.models import ModelDelivery
 from agent.engine.supervisor import Applied, EngineConfig, Supervisor
+from agent.errors import ModelError
 from agent.store import JobStore
 from agent.system.priority import apply_inference_priority, apply_process_priority, process_threads
 from agent.system.swap import write_desired as write_desired_swap
@@ -44,15 +51,18 @@ class LiveSettings:
         hold_intake: Callable[[bool], None],
         spool: Any = None,
         inference_threads: Callable[[], list[int]] = lambda: [],
+        delivery: ModelDelivery | None = None,
     ) -> None:
         """``settings`` is the tree in force, updated in place; ``hold_intake(True)`` stops new job
-        starts (intake.paused), ``hold_intake(False)`` resumes them."""
+        starts (intake.paused), ``hold_intake(False)`` resumes them; ``delivery`` fetches model
+        files that desired names with a model.url (None: such a change fails)."""
         self.settings = settings
         self._supervisor = supervisor
         self._store = store
         self._hold_intake = hold_intake
         self._spool = spool
         self._inference_threads = inference_threads
+        self._delivery = delivery
 
     def apply(self, target: Settings, keys: Collection[str] | None = None) -> ApplyReport:
         """Bring the settings in force to ``target`` (only ``keys``, when given: dotted names)."""
@@ -117,14 +127,53 @@ class LiveSettings:
         candidate = self.settings.model_copy(deep=True)
         for c in changes:
             _set(candidate, c.key, c.new)
+        blocked = self._deliver(candidate)
+        if blocked is not None:
+            kind, why = blocked
+            for c in changes:
+                (report.pending if kind == "pending" else report.failed)[c.key] = why
+            return
         outcome = self._supervisor.apply(EngineConfig.from_settings(candidate))
         if isinstance(outcome, Applied):
             for c in changes:
                 _set(self.settings, c.key, c.new)
                 report.applied[c.key] = c.new
+            if self._delivery is not None and outcome.report is not None:
+                self._delivery.after_change(candidate.model_file(), self.settings.model.keep_previous)
         else:
             for c in changes:
                 report.failed[c.key] = outcome.message
+
+    def _deliver(self, candidate: Settings) -> tuple[str, str] | None:
+        """Whether the candidate's model file is there to load: None (go ahead), or ("pending" |
+        "failed", why) while it downloads or when its download failed."""
+        m = candidate.model
+        if m.url is None:
+            if self._delivery is not None:
+                self._delivery.cancel()
+            return None
+        if self._delivery is None:
+            return "failed", "model.url is set but this daemon has no model delivery"
+        try:
+            path = candidate.model_file()
+        except ModelError as e:
+            if e.code != "model_not_found":
+                return "failed", str(e)
+            path = (candidate.device.models_dir / m.path).resolve()
+        try:
+            in_use = self.settings.model_file()
+        except ModelError:
+            in_use = None
+        if path == in_use:
+            if self.settings.model.sha256 in (None, m.sha256):
+                return None  # the file in force: the supervisor checks its sha256 if it must reload
+            return "failed", (f"download_refused: {path.name} is the model in force with another sha256; give the new "
+                              "model another file name")  # fmt: skip
+        sha = m.sha256 or ""  # model.url requires model.sha256 (settings validation)
+        status = self._delivery.ensure(path, url=m.url, sha256=sha, size=m.size)
+        if status.state == "ready":
+            return None
+        return ("pending" if status.state == "fetching" else "failed"), status.message
 
 
 def _set(settings: Settings, key: str, value: Any) -> None:

@@ -28,6 +28,7 @@ from agent import __version__
 from agent.applier import LiveSettings
 from agent.config import Settings, load_settings
 from agent.config.live import ApplyReport
+from agent.delivery.models import ModelDelivery
 from agent.delivery.outbox import Outbox
 from agent.delivery.sources import JobResults
 from agent.engine.supervisor import EngineConfig, Supervisor
@@ -114,14 +115,21 @@ class Daemon:
             self.store, self.results, engine=lambda: self.supervisor.engine, publish=self.transport.publish,
             send_outcome=self._send_outcome, health=self.health, admit=self._admit, clock=clock, monotonic=monotonic,
         )  # fmt: skip
-        self.supervisor = Supervisor(engine_factory, self.runner, grace_s=lambda: s.service.shutdown_grace_s)
+        self.supervisor = Supervisor(engine_factory, self.runner, grace_s=lambda: s.service.shutdown_grace_s,
+                                     canary=lambda: s.canary)  # fmt: skip
+        self.delivery = ModelDelivery(
+            models_dir=s.device.models_dir, state_dir=s.device.state_dir, settings=lambda: s.download,
+            protected=lambda: self.shadow.protected_models(), on_done=lambda: self.shadow.reconcile_soon(),
+            on_progress=self._tick.set,
+        )  # fmt: skip
         self.intake = Intake(
             self.store, self.topics, limits=lambda: s.engine, ack=self.transport.ack, publish=self.transport.publish,
             send_outcome=self._send_outcome, cancel_running=self.runner.cancel, job_queued=self.runner.wake,
             health=self.health, clock=clock,
         )  # fmt: skip
         self.live = LiveSettings(s, supervisor=self.supervisor, store=self.store, hold_intake=self._hold_intake,
-                                 spool=self.spool, inference_threads=lambda: self.runner.thread_ids)  # fmt: skip
+                                 spool=self.spool, inference_threads=lambda: self.runner.thread_ids,
+                                 delivery=self.delivery)  # fmt: skip
         self._facts = FactsReader(board=s.device.board, models_dir=s.device.models_dir)
         self.shadow = ShadowService(
             topics=self.topics, store=self.shadow_store, file_settings=settings, executor=self.live,
@@ -202,6 +210,8 @@ class Daemon:
         if self.shadow.pending_work():
             with self.notifier.keepalive():
                 self.shadow.run_pending()
+        if self.delivery.take_progress():
+            self.shadow.refresh_facts()  # a model download's progress, at a bounded rate
         self.health.recheck()
         self.outbox.run_pass(should_stop=lambda: self._stop_requested > 0)
         self.uplink.poll()  # failed telemetry publishes go to the spool, before the outbox resends it
@@ -234,6 +244,7 @@ class Daemon:
         self.notifier.stopping()
         self.runner.stop(self.settings.service.shutdown_grace_s, force=self._stop_requested > 1)
         self.transport.stop(publish=(self.topics.device_status, self._device_status("stopping")))
+        self.delivery.stop()  # its partial file stays: the next start resumes it
         self.supervisor.unload()
         self.store.close()
         self.shadow_store.close()
@@ -287,7 +298,10 @@ class Daemon:
                 load_ms=r.load_ms, loaded_at=self.supervisor.loaded_at, swap_ms=self.supervisor.last_swap_ms,
                 preempted=self.supervisor.last_swap_preempted,
             )  # fmt: skip
-        return {**reported_facts(self._facts.board_facts(), serving), "pressure": self.memory.describe()}
+        change = self.supervisor.last_change
+        facts = reported_facts(self._facts.board_facts(), serving, download=self.delivery.progress(),
+                               model_change=change.as_dict() if change else None)  # fmt: skip
+        return {**facts, "pressure": self.memory.describe()}
 
     def _agent_state(self) -> AgentState:
         engine, running = self.supervisor.engine, self.runner.running

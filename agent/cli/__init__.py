@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "agent.cli.generate_cmd",
     "agent.cli.daemon_cmd",
     "agent.cli.shadow_cmd",
+    "agent.cli.fleet_cmd",
     "agent.cli.telemetry_cmd",
     "agent.cli.swap_cmd",
 )

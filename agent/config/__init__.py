@@ -13,7 +13,10 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.config.sections import (
+    CanarySettings,
     DeviceSettings,
+    DownloadSettings,
+    FleetSettings,
     EngineSettings,
     GovernorSettings,
     IntakeSettings,
@@ -30,7 +33,13 @@ from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT__"
 # systemd LoadCredential= names read from $CREDENTIALS_DIRECTORY, and where they go.
-CREDENTIALS = {"mqtt_password": ("mqtt", "password"), "mqtt_username": ("mqtt", "username")}
+CREDENTIALS = {
+    "mqtt_password": ("mqtt", "password"),
+    "mqtt_username": ("mqtt", "username"),
+    "model_download_token": ("download", "token"),
+    "model_download_username": ("download", "username"),
+    "model_download_password": ("download", "password"),
+}
 # Searched when no --config is given.
 DEFAULT_CONFIG_PATHS = (Path("/etc/edge-agent/config.toml"),)
 
@@ -43,6 +52,8 @@ class Settings(BaseModel):
     device: DeviceSettings = Field(default_factory=DeviceSettings, description="This board.")
     mqtt: MQTTSettings = Field(default_factory=MQTTSettings, description="Broker connection and topics.")
     model: ModelSettings = Field(default_factory=ModelSettings, description="Which model to serve.")
+    download: DownloadSettings = Field(default_factory=DownloadSettings, description="Model downloads (model.url).")
+    canary: CanarySettings = Field(default_factory=CanarySettings, description="The check after every model change.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="llama.cpp engine.")
     memory: MemorySettings = Field(default_factory=MemorySettings, description="Memory budget.")
     swap: SwapSettings = Field(default_factory=SwapSettings, description="Swap policy.")
@@ -52,6 +63,7 @@ class Settings(BaseModel):
     intake: IntakeSettings = Field(default_factory=IntakeSettings, description="Job intake.")
     store: StoreSettings = Field(default_factory=StoreSettings, description="Durable job store.")
     service: ServiceSettings = Field(default_factory=ServiceSettings, description="Daemon life cycle.")
+    fleet: FleetSettings = Field(default_factory=FleetSettings, description="Fleet membership (rollouts).")
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
@@ -124,6 +136,7 @@ _PATH_KEYS = (
     ("mqtt", "tls", "ca_file"),
     ("mqtt", "tls", "cert_file"),
     ("mqtt", "tls", "key_file"),
+    ("download", "ca_file"),
     ("swap", "file_path"),
 )
 
@@ -176,7 +189,7 @@ def _format_validation(err: ValidationError, source: str, env_keys: set[tuple[st
             msg = "unknown key; check the spelling against `edge-agent config schema` or docs/configuration.md"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and not isinstance(e["input"], (dict, list)) and "password" not in loc:
+            if "input" in e and not isinstance(e["input"], (dict, list)) and not {"password", "token"} & set(loc):
                 msg = f"{msg} (got {e['input']!r})"
         problems.setdefault(loc, []).append(msg)
         hints[loc] = hint
@@ -249,6 +262,9 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     if settings.mqtt.password is not None:
         data["mqtt"]["password"] = "********"
+    for key in ("token", "password"):
+        if getattr(settings.download, key) is not None:
+            data["download"][key] = "********"
     return data
 
 

@@ -139,10 +139,43 @@ class ModelSettings(Section):
         description="Expected SHA-256 of the model file (64 lower-case hex digits). When set, a file that does not "
         "match is not loaded (the previous model keeps serving). None: not checked.",
     )
+    url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/@]+(/[^\s]*)?$",
+        json_schema_extra=RELOAD,
+        description="Where to download model.path from when it is not in the models folder yet (https://, or http:// "
+        "where the sha256 alone is trusted). Needs model.sha256. The file is fetched in the background, resumed "
+        "after an interruption, checked and only then swapped in (docs/operations.md). No credentials in the URL: "
+        "they would be published in the shadow; use the model_download_token credential.",
+    )
+    size: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**40,
+        json_schema_extra=RELOAD,
+        description="Size of the file at model.url, bytes: free space is checked before the download starts. "
+        "None: the server's Content-Length is used.",
+    )
+    keep_previous: int = Field(
+        default=1,
+        ge=0,
+        le=100,
+        json_schema_extra=HOT,
+        description="Downloaded models kept besides the one in force, most recently used first (the previous one "
+        "is the rollback). Older downloaded models are deleted after a model change; files copied in by hand, the "
+        "config file's model and files named in desired state are never deleted.",
+    )
     allow_non_4bit: bool = Field(
         default=False,
         description="Accept models whose weights are not 4-bit (they need more memory than the budget planning assumes).",
     )
+
+    @model_validator(mode="after")
+    def _url_needs_sha256(self) -> "ModelSettings":
+        if self.url is not None and self.sha256 is None:
+            raise ValueError("model.url needs model.sha256: a downloaded file is only used once its checksum matches")
+        return self
 
 
 KVType = Literal["f16", "q8_0", "q4_0"]
@@ -428,6 +461,138 @@ class GovernorSettings(Section):
         if self.cgroup_act_pct <= self.cgroup_warn_pct:
             raise ValueError("governor.cgroup_act_pct must be above governor.cgroup_warn_pct")
         return self
+
+
+class FleetSettings(Section):
+    """This board's place in the fleet, as operators' tools see it (edge-agent fleet, docs/operations.md)."""
+
+    groups: list[str] = Field(
+        default=[],  # pydantic copies it per instance
+        max_length=16,
+        json_schema_extra=HOT,
+        description="Fleet groups this board belongs to (names of letters, digits, '-', '_'; at most 16). Reported "
+        "in the shadow, where `edge-agent fleet list|rollout --group G` reads them; set them in the config file or "
+        "remotely through the shadow (fleet.groups). Unrelated to mqtt.fleet_group, which shares jobs.",
+    )
+
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, v: list[str]) -> list[str]:
+        import re
+
+        bad = [g for g in v if not re.fullmatch(_ID_PATTERN[1:-1], g)]
+        if bad:
+            raise ValueError(f"group names are 1-64 characters from A-Z a-z 0-9 _ -, got {bad[0]!r}")
+        return list(dict.fromkeys(v))
+
+
+class DownloadSettings(Section):
+    """How the board fetches a model named by model.url (agent/delivery/download.py). The credentials come from
+    systemd credentials ($CREDENTIALS_DIRECTORY: model_download_token, model_download_username,
+    model_download_password) or the environment, never from the shadow, and are never logged."""
+
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) to verify the model server. None: the system's CA store."
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token sent to the model server (Authorization: Bearer), over HTTPS only. Prefer the "
+        "systemd credential 'model_download_token'.",
+    )
+    username: str | None = Field(default=None, max_length=256, description="User for HTTP basic auth (HTTPS only).")
+    password: SecretStr | None = Field(
+        default=None, description="Password for HTTP basic auth. Prefer the systemd credential 'model_download_password'."
+    )
+    connect_timeout_s: float = Field(default=15.0, ge=0.1, le=600, description="Connecting to the model server, seconds.")
+    read_timeout_s: float = Field(
+        default=60.0, ge=0.1, le=3600, description="A read that brings no byte for this long fails the attempt, seconds."
+    )
+    retry_min_s: float = Field(default=2.0, ge=0.01, le=600, description="First wait before a failed attempt is retried, seconds (doubles).")
+    retry_max_s: float = Field(default=120.0, ge=0.01, le=3600, description="Longest wait between attempts, seconds.")
+    max_failures: int = Field(
+        default=12,
+        ge=1,
+        le=10000,
+        description="Attempts in a row that fail without bringing a new byte before the download is given up "
+        "(reported as failed; the partial file is kept, so the next try resumes).",
+    )
+    free_margin_mb: int = Field(
+        default=64, ge=0, le=1048576, description="Free space that must remain in the models folder after the download, MiB."
+    )
+    progress_interval_s: float = Field(
+        default=5.0, ge=0.1, le=3600, description="Download progress is reported in the shadow at most this often, seconds."
+    )
+
+    @model_validator(mode="after")
+    def _auth(self) -> "DownloadSettings":
+        if self.token is not None and (self.username is not None or self.password is not None):
+            raise ValueError("download.token and download.username/password exclude each other")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("download.username and download.password must be set together")
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError("download.retry_max_s must be >= download.retry_min_s")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who says it.")
+    content: str = Field(max_length=4096, description="What is said.")
+
+
+class CanarySettings(Section):
+    """The check every new model must pass before it is declared in force (agent/engine/canary.py). It runs on
+    the freshly loaded model, greedy, before any job; a failure loads the previous model again by itself and
+    is reported as canary_failed with the output. No prompt and no messages: no check."""
+
+    prompt: str | None = Field(default=None, max_length=4096, json_schema_extra=HOT, description="The canary prompt.")
+    messages: list[ChatMessage] | None = Field(
+        default=None, max_length=16, json_schema_extra=HOT,
+        description="Chat messages instead of a prompt (rendered with the model's chat template).",
+    )  # fmt: skip
+    max_tokens: int = Field(default=16, ge=1, le=1024, json_schema_extra=HOT, description="Tokens the canary may generate.")
+    min_tokens: int = Field(
+        default=1, ge=0, le=1024, json_schema_extra=HOT, description="Tokens the output must have at least."
+    )
+    timeout_s: float = Field(
+        default=60.0, ge=0.1, le=3600, json_schema_extra=HOT,
+        description="The canary must complete within this time (prompt and generation), seconds.",
+    )  # fmt: skip
+    pattern: str | None = Field(
+        default=None, max_length=1024, json_schema_extra=HOT,
+        description="A regular expression (Python re) the output must contain (re.search). None: not checked.",
+    )  # fmt: skip
+    json_schema: dict[str, Any] | None = Field(
+        default=None, json_schema_extra=HOT,
+        description="A JSON Schema (draft 7) the output must satisfy as JSON. None: not checked.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CanarySettings":
+        import re
+
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("canary.prompt and canary.messages exclude each other")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("canary.min_tokens must not exceed canary.max_tokens")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"canary.pattern is not a valid regular expression: {e}") from None
+        if self.json_schema is not None:
+            import fastjsonschema
+
+            try:
+                fastjsonschema.compile(self.json_schema)
+            except Exception as e:  # noqa: BLE001  a schema can fail to compile in many ways; each is the user's to fix
+                raise ValueError(f"canary.json_schema is not a valid JSON Schema: {e}") from None
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.prompt is not None or self.messages is not None
 
 
 class IntakeSettings(Section):

@@ -2,9 +2,12 @@
 
 ``apply(EngineConfig)`` replaces the model in force by the one a new configuration describes: it
 asks the runner to let running jobs finish (within the grace period) or preempts them, unloads the
-old model (never two models in memory at once: a board has room for one), loads the new one and,
-when that fails (a corrupt or unknown file, a sha256 that does not match, a model that does not fit),
-loads the previous one again. The engine in force is read by the runner through ``engine``.
+old model (never two models in memory at once: a board has room for one), loads the new one, runs
+the canary on it (agent/engine/canary.py) while no job can reach it yet and, when the load or the
+canary fails (a corrupt or unknown file, a sha256 that does not match, a model that does not fit, a
+model that answers wrongly), loads the previous one again and measures how long that took. The
+engine in force is read by the runner through ``engine``; ``last_change`` says how the last model
+change ended, for reported state.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from agent.config.sections import EngineSettings, MemorySettings, ModelSettings
+from agent.config.sections import CanarySettings, EngineSettings, MemorySettings, ModelSettings
+from agent.engine.canary import CanaryFailed, CanaryResult, run_canary
 from agent.engine.types import EngineLike, LoadReport, RequestLimits
 from agent.errors import EdgeAgentError, EngineError, ModelError
 
@@ -58,8 +62,10 @@ class EngineConfig:
         if other is None:
             return False
         limits = {"context_overflow", "max_tokens_limit", "max_prompt_bytes"}
+        # Where a file came from (url, size) and how many old ones are kept do not change what is loaded.
+        loaded = {"path", "sha256", "allow_non_4bit"}
         return (
-            self.model == other.model
+            self.model.model_dump(include=loaded) == other.model.model_dump(include=loaded)
             and self.memory == other.memory
             and self.models_dir == other.models_dir
             and self.engine.model_dump(exclude=limits) == other.engine.model_dump(exclude=limits)
@@ -85,11 +91,38 @@ class Refused:
     rolled_back: bool  # the previous model serves again
     preempted: list[str] = field(default_factory=list)
     took_s: float = 0.0
+    canary: CanaryResult | None = None  # when the new model loaded and failed the canary
+    rollback_s: float | None = None  # from the failure to the previous model serving again
 
     @property
     def message(self) -> str:
         back = "the previous model serves again" if self.rolled_back else "no model is loaded"
         return f"{self.error} ({back})"
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """How the last model change ended (reported under ``model_change`` in the shadow)."""
+
+    path: str
+    sha256: str | None  # asked for (model.sha256)
+    outcome: str  # applied | canary_failed | load_failed
+    message: str | None
+    at: float  # epoch seconds
+    took_ms: float  # quiesce + unload + load + canary (+ rollback)
+    preempted: int
+    canary: CanaryResult | None = None
+    rollback_ms: float | None = None  # failure -> the previous model serving again
+    rolled_back: bool | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "path": self.path, "sha256": self.sha256, "outcome": self.outcome, "message": self.message,
+            "at": self.at, "took_ms": round(self.took_ms, 1), "preempted": self.preempted,
+            "canary": self.canary.as_dict() if self.canary else None,
+            "rollback_ms": None if self.rollback_ms is None else round(self.rollback_ms, 1),
+            "rolled_back": self.rolled_back,
+        }  # fmt: skip
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -107,13 +140,16 @@ class Supervisor:
         runner: RunnerControl,
         *,
         grace_s: Callable[[], float],
+        canary: Callable[[], CanarySettings | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``factory`` makes an unloaded engine for a configuration; ``grace_s()`` is how long
-        running jobs may take to finish before a swap preempts them (read at each swap)."""
+        running jobs may take to finish before a swap preempts them (read at each swap); ``canary()``
+        is the check a new model must pass (read at each swap; None or not enabled: no check)."""
         self._factory = factory
         self._runner = runner
         self._grace_s = grace_s
+        self._canary = canary
         self._clock = clock
         self._lock = threading.Lock()  # one load at a time
         self._engine: EngineLike | None = None
@@ -124,6 +160,8 @@ class Supervisor:
         self.loaded_at: float | None = None  # when the model in force was loaded, epoch seconds
         self.last_swap_ms: float | None = None  # the last model change: quiesce + unload + load
         self.last_swap_preempted: int | None = None  # jobs the last model change preempted
+        self.last_change: ModelChange | None = None
+        self._last_canary: CanaryResult | None = None
 
     @property
     def engine(self) -> EngineLike | None:
@@ -141,11 +179,17 @@ class Supervisor:
         shadow's desired model fails: a remote change must never keep a board from starting).
         Errors propagate: the daemon cannot start without a model."""
         with self._lock:
+            engine: EngineLike | None = None
             try:
                 engine, _ = self._load(config)
+                if fallback is not None and not fallback.same_model(config):
+                    # A remote change that failed its canary before a restart must not come back unchecked.
+                    self._check(engine, config)
             except EdgeAgentError as e:
                 if fallback is None or fallback.same_model(config):
                     raise
+                if engine is not None:
+                    engine.unload()
                 log.error("the desired model did not load at start (%s); starting with the config file's", e)
                 engine, _ = self._load(fallback)
                 config = fallback
@@ -168,8 +212,8 @@ class Supervisor:
         return self._parked
 
     def apply(self, config: EngineConfig) -> Applied | Refused:
-        """Serve ``config``'s model. On failure the previous model is loaded again. While the model
-        is unloaded for memory, the change is only recorded: resume() loads it."""
+        """Serve ``config``'s model. On failure (load or canary) the previous model is loaded again.
+        While the model is unloaded for memory, the change is only recorded: resume() loads it."""
         with self._lock:
             if config.same_model(self._config):
                 return Applied(None)
@@ -184,18 +228,37 @@ class Supervisor:
                 if old_engine is not None:
                     old_engine.unload()
                 self._engine = None
+                engine: EngineLike | None = None
                 try:
                     engine, report = self._load(config)
+                    self._check(engine, config)
                 except Exception as e:  # noqa: BLE001  every failure rolls back; the error says why
                     err = e if isinstance(e, EdgeAgentError) else EngineError(f"{type(e).__name__}: {e}")
+                    t_fail = self._clock()
                     log.error("model change to %s failed: %s; going back to %s", config.model.path, err,
                               old_config.model.path if old_config else "nothing")  # fmt: skip
+                    if engine is not None:
+                        engine.unload()  # loaded, but failed the canary: never two models at once
                     rolled_back = self._roll_back(old_engine)
+                    back = self._clock()
                     self.sha256, self.loaded_at = old_sha, old_loaded_at
-                    return Refused(err, rolled_back, preempted, self._clock() - t0)
+                    canary = err.result if isinstance(err, _CanaryError) else None
+                    refused = Refused(err.error if isinstance(err, _CanaryError) else err, rolled_back, preempted,
+                                      back - t0, canary, back - t_fail)  # fmt: skip
+                    log.warning("model change to %s refused; %s in %.0f ms", config.model.path,
+                                "the previous model serves again" if rolled_back else "no model is loaded",
+                                (back - t_fail) * 1000)  # fmt: skip
+                    self.last_change = ModelChange(
+                        str(config.model.path), config.model.sha256,
+                        "canary_failed" if canary is not None else "load_failed", refused.message, time.time(),
+                        (back - t0) * 1000, len(preempted), canary, (back - t_fail) * 1000, rolled_back,
+                    )  # fmt: skip
+                    return refused
                 self._engine, self._config = engine, config
                 took = self._clock() - t0
                 self.last_swap_ms, self.last_swap_preempted = took * 1000, len(preempted)
+                self.last_change = ModelChange(str(config.model.path), config.model.sha256, "applied", None, time.time(),
+                                               took * 1000, len(preempted), self._last_canary)  # fmt: skip
                 log.info("model change to %s done in %.1fs (%d job(s) preempted)", config.model.path, took,
                          len(preempted))  # fmt: skip
                 return Applied(report, preempted, took)
@@ -269,6 +332,20 @@ class Supervisor:
         self.sha256, self.loaded_at = sha, time.time()
         return engine, report
 
+    def _check(self, engine: EngineLike, config: EngineConfig) -> None:
+        """Run the canary on a freshly loaded engine; raise _CanaryError when it fails."""
+        self._last_canary = None
+        c = self._canary()
+        if c is None or not c.enabled:
+            return
+        result = run_canary(engine, c)
+        self._last_canary = result
+        if result.passed:
+            log.info("canary passed on %s: %d token(s) in %.0f ms", config.model.path, result.tokens, result.took_ms)
+            return
+        error = CanaryFailed(f"canary_failed: {config.model.path}: {result.reason}; output: {result.output!r}")
+        raise _CanaryError(error, result)
+
     def _roll_back(self, old: EngineLike | None) -> bool:
         if old is None:
             return False
@@ -281,4 +358,15 @@ class Supervisor:
         return True
 
 
-__all__ = ["Applied", "EngineConfig", "Refused", "Supervisor", "file_sha256"]
+class _CanaryError(EdgeAgentError):
+    """Carries a canary failure through the rollback path (the error reported is ``error``)."""
+
+    code = "canary_failed"
+
+    def __init__(self, error: CanaryFailed, result: CanaryResult) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.result = result
+
+
+__all__ = ["Applied", "EngineConfig", "ModelChange", "Refused", "Supervisor", "file_sha256"]

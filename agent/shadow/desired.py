@@ -15,7 +15,8 @@ settings here. A desired state is checked in three steps, and every bad key gets
 and, when the update sets ``model.path``, the file is checked on the board: inside
 ``device.models_dir`` (``..`` and symlinks that escape are refused), present, a readable GGUF, and
 4-bit (``check_quantization``). A model that reads fine but does not load is found when it is
-loaded, and rolled back by the daemon.
+loaded, and rolled back by the daemon. A file that is not there yet but has a ``model.url`` is
+downloaded by the board (agent/delivery/models.py) and checked once it is there.
 """
 
 from __future__ import annotations
@@ -293,9 +294,21 @@ def check_model_file(settings: Settings) -> str | None:
         path = settings.model_file()  # inside device.models_dir, symlinks resolved, exists
         check_quantization(read_model_info(path), settings.model.allow_non_4bit)
     except ModelError as e:
+        if e.code == "model_not_found" and settings.model.url is not None:
+            return _download_target_problem(settings.model.path)  # the board fetches it, then checks it
         return str(e)
     except OSError as e:  # a name too long for the filesystem, a permission problem
         return f"cannot check the model file: {e.strerror or e}"
+    return None
+
+
+def _download_target_problem(path: Any) -> str | None:
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_absolute() or len(p.parts) != 1 or p.name.startswith("."):
+        return (f"with model.url, model.path must be a plain file name (the file is downloaded into "
+                f"device.models_dir), got {str(path)!r}")  # fmt: skip
     return None
 
 

@@ -115,6 +115,57 @@ class Pressure(BaseModel):
     missing: list[str] = Field(default_factory=list, description="Signals this board lacks (psi, cgroup_memory, cgroup_limit).")
 
 
+class DownloadReport(BaseModel):
+    """The current or last model download (model.url), reported under ``download``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="The model file being fetched, in device.models_dir.")
+    url: str = Field(description="Where from, without user info or query string.")
+    state: Literal["checking", "downloading", "retrying", "verifying", "done", "failed"] = Field(
+        description="checking: hashing what is already there; retrying: waiting after a failed attempt (the partial "
+        "file is kept); done: verified and in the models folder; failed: see message."
+    )
+    bytes: int = Field(ge=0, description="Bytes in the partial (or final) file.")
+    total: int | None = Field(default=None, ge=0, description="The file's size, bytes (null: not known yet).")
+    fetched: int = Field(ge=0, description="Bytes received from the network by this download (resumed bytes excluded).")
+    attempts: int = Field(ge=0, description="HTTP requests made (1 + retries).")
+    rate_bps: int | None = Field(default=None, ge=0, description="Recent transfer rate, bytes per second.")
+    eta_s: float | None = Field(default=None, ge=0, description="Estimated time left, seconds.")
+    message: str | None = Field(default=None, description="Why the last attempt failed, or why the download failed.")
+
+
+class CanaryReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    passed: bool = Field(description="Whether the model passed the canary.")
+    reason: str | None = Field(description="Why it failed; null when it passed.")
+    output: str = Field(description="What the model answered (cut to 200 characters).")
+    tokens: int = Field(ge=0, description="Tokens generated.")
+    took_ms: float = Field(ge=0, description="How long the canary ran, ms.")
+    finish_reason: str | None = Field(default=None, description="stop, length, timeout ...")
+
+
+class ModelChangeReport(BaseModel):
+    """How the last model change ended, reported under ``model_change``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="The model file the change asked for.")
+    sha256: str | None = Field(description="The checksum it asked for (model.sha256).")
+    outcome: Literal["applied", "canary_failed", "load_failed"] = Field(
+        description="applied: in force (and passed the canary, when one is configured); canary_failed / load_failed: "
+        "the previous model was loaded again by itself."
+    )
+    message: str | None = Field(description="Why it was refused; null when applied.")
+    at: float = Field(description="When it ended, epoch seconds.")
+    took_ms: float = Field(ge=0, description="The whole change: quiesce, unload, load, canary (and rollback), ms.")
+    preempted: int = Field(ge=0, description="Jobs it preempted (requeued).")
+    canary: CanaryReport | None = Field(description="The canary's result; null: no canary configured.")
+    rollback_ms: float | None = Field(description="From the failure to the previous model serving again, ms.")
+    rolled_back: bool | None = Field(description="Whether the previous model serves again (null when applied).")
+
+
 def read_cpuinfo(path: Path | str = "/proc/cpuinfo", machine: str | None = None) -> CpuInfo:
     """CPU model, processor count and llama.cpp-relevant features from /proc/cpuinfo."""
     try:
@@ -226,14 +277,31 @@ class FactsReader:
         )
 
 
-def reported_facts(board: BoardFacts, serving: ServingModel | None) -> dict[str, object]:
-    """The facts part of reported: {"board": ..., "serving": ...} as JSON values."""
-    return {"board": board.model_dump(mode="json"), "serving": serving.model_dump(mode="json") if serving else None}
+def reported_facts(
+    board: BoardFacts,
+    serving: ServingModel | None,
+    *,
+    download: dict[str, object] | None = None,
+    model_change: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """The facts part of reported: {"board", "serving", "download", "model_change"} as JSON values
+    (the last two are left out while there is nothing to say)."""
+    out: dict[str, object] = {
+        "board": board.model_dump(mode="json"), "serving": serving.model_dump(mode="json") if serving else None,
+    }  # fmt: skip
+    if download is not None:
+        out["download"] = DownloadReport.model_validate(download).model_dump(mode="json", exclude_none=True)
+    if model_change is not None:
+        out["model_change"] = ModelChangeReport.model_validate(model_change).model_dump(mode="json")
+    return out
 
 
 __all__ = [
     "BoardFacts",
     "Pressure",
+    "CanaryReport",
+    "DownloadReport",
+    "ModelChangeReport",
     "CpuInfo",
     "FactsReader",
     "ServingModel",

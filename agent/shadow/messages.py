@@ -20,7 +20,7 @@ from pydantic.json_schema import models_json_schema
 from agent.protocol import _TS, _Outbound, rfc3339
 from agent.shadow.document import MAX_CLIENT_TOKEN_BYTES, MAX_DEPTH, MAX_STATE_BYTES, ShadowDocument
 from agent.shadow.desired import desired_model, section_models
-from agent.shadow.facts import BoardFacts, Pressure, ServingModel
+from agent.shadow.facts import BoardFacts, DownloadReport, ModelChangeReport, Pressure, ServingModel
 
 DesiredPatch = desired_model(nullable=True)
 DesiredState = desired_model(nullable=False)
@@ -56,6 +56,10 @@ def _reported_model() -> type[BaseModel]:
     fields["serving"] = (ServingModel | None, FieldInfo(default=None, description="The model in force; null while "
                                                                                   "none is loaded."))  # fmt: skip
     fields["pressure"] = (Pressure | None, FieldInfo(default=None, description="The memory governor: level and action."))
+    fields["download"] = (DownloadReport | None, FieldInfo(default=None, description="The current or last model "
+                                                           "download (model.url); absent before the first."))  # fmt: skip
+    fields["model_change"] = (ModelChangeReport | None, FieldInfo(default=None, description="How the last model "
+                                                                  "change ended; absent before the first."))  # fmt: skip
     return create_model(  # type: ignore[call-overload]
         "ReportedState",
         __config__=ConfigDict(extra="forbid"),
@@ -67,7 +71,7 @@ def _reported_model() -> type[BaseModel]:
 ReportedState = _reported_model()
 # Names that reported uses besides the settings sections.
 # Facts the daemon reports next to the settings in force (never desired keys).
-FACT_KEYS = ("board", "serving", "pressure")
+FACT_KEYS = ("board", "serving", "pressure", "download", "model_change")
 REPORTED_EXTRAS = ("errors", "pending", "applied_version", *FACT_KEYS)
 
 

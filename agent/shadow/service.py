@@ -35,11 +35,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.config import Settings
 from agent.config.live import ApplyReport, diff
-from agent.errors import StoreError
+from agent.errors import ModelError, StoreError
 from agent.protocol import Topics
 from agent.shadow.desired import effective_settings, live_values, validate_desired
 from agent.shadow.document import (
@@ -223,6 +224,26 @@ class ShadowService:
             out.pending.update(report.pending)
         target, _ = _target(file_settings, desired)
         out.restart = [c.key for c in diff(self._executor.settings, target) if c.kind is None]
+        return out
+
+    def reconcile_soon(self) -> None:
+        """Any thread: something the last reconcile waited for is there (a model download ended):
+        run the reconcile again on the main loop."""
+        self._dirty = True
+        self._wake()
+
+    @property
+    def file_settings(self) -> Settings:
+        """The board's own configuration (file, environment, credentials) in force."""
+        return self._file_settings
+
+    def protected_models(self) -> list[Path]:
+        """Model files that must never be deleted: the config file's and the ones desired names."""
+        out = [Path(self._file_settings.model.path)]
+        with self._lock:
+            wanted = (self._doc.desired.get("model") or {}).get("path")
+        if isinstance(wanted, str):
+            out.append(Path(wanted))
         return out
 
     def refresh_facts(self) -> None:
@@ -415,9 +436,17 @@ def boot_settings(file_settings: Settings, store: ShadowStore) -> Settings:
     Starting with these loads the desired model at once instead of the file's model and then the
     desired one. If the model they name does not load at start, start with ``file_settings``
     instead (a remote change must never stop the daemon from starting): ``run_pending()`` then tries
-    the desired model through the executor and reports the failure under its keys.
+    the desired model through the executor and reports the failure under its keys. A desired model
+    with a model.url that is not downloaded yet is left to the reconcile the same way.
     """
     target, _ = _target(file_settings, store.load().desired)
+    m = target.model
+    if m.url is not None and m != file_settings.model:
+        try:
+            target.model_file()
+        except ModelError:
+            # Not downloaded yet: start with the file's model; the reconcile fetches the desired one.
+            return target.model_copy(update={"model": file_settings.model.model_copy()})
     return target
 
 
