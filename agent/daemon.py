@@ -47,6 +47,7 @@ from agent.store import JobRecord, JobStore
 from agent.system.priority import apply_inference_priority, apply_process_priority
 from agent.system.sdnotify import Notifier
 from agent.system.swap import write_desired as write_desired_swap
+from agent.telemetry.events import model_change_event
 from agent.telemetry.sampler import AgentState, Sampler, engine_residency
 from agent.telemetry.spool import TelemetrySpool
 from agent.telemetry.uplink import Uplink
@@ -146,6 +147,7 @@ class Daemon:
                                   actions=AgentActions(self.runner, self.supervisor),
                                   parked_need=self.supervisor.parked_need, clock=clock)  # fmt: skip
         self._last_prune = self._last_facts = 0.0
+        self._told_change: Any = None
 
     # ----------------------------------------------------------------- life cycle
 
@@ -210,6 +212,7 @@ class Daemon:
         if self.shadow.pending_work():
             with self.notifier.keepalive():
                 self.shadow.run_pending()
+        self._tell_model_change(now)
         if self.delivery.take_progress():
             self.shadow.refresh_facts()  # a model download's progress, at a bounded rate
         self.health.recheck()
@@ -302,6 +305,14 @@ class Daemon:
         facts = reported_facts(self._facts.board_facts(), serving, download=self.delivery.progress(),
                                model_change=change.as_dict() if change else None)  # fmt: skip
         return {**facts, "pressure": self.memory.describe()}
+
+    def _tell_model_change(self, now: float) -> None:
+        """Every model change that ended (the shadow, SIGHUP) is an event, rolled back or not."""
+        change = self.supervisor.last_change
+        if change is not None and change is not self._told_change:
+            self._told_change = change
+            event = model_change_event(change, device_id=self.topics.device_id, ts=now, level=self.memory.level)
+            self.uplink.send("event", self.topics.events, event.to_payload(), ts=now)
 
     def _agent_state(self) -> AgentState:
         engine, running = self.supervisor.engine, self.runner.running

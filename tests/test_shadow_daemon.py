@@ -155,7 +155,10 @@ def test_a_model_change_while_a_job_runs(board: Path, op: ShadowPeer, jobs, grac
     ({"model": {"path": "unknown-arch.gguf"}}, "model.path"),
     ({"model": {"path": "other.gguf", "sha256": "0" * 64}}, "model.sha256"),
 ], ids=["unknown-architecture", "sha256-mismatch"])  # fmt: skip
-def test_a_model_that_cannot_load_is_refused_or_rolled_back(board: Path, op: ShadowPeer, jobs, desired, key) -> None:
+def test_a_model_that_cannot_load_is_refused_or_rolled_back(board: Path, op: ShadowPeer, jobs, desired, key,
+                                                            broker: MosquittoBroker) -> None:
+    events = BrokerClient(broker).connect()
+    events.subscribe(T.events)
     with InProcessDaemon(board) as d:
         wait_online(jobs, DEV)
         kind, reply = update(op, desired, "bad-model")
@@ -170,6 +173,12 @@ def test_a_model_that_cannot_load_is_refused_or_rolled_back(board: Path, op: Sha
         submit(jobs, "old-model-serves")
         assert job_status(jobs, "old-model-serves", "SUCCEEDED")
         assert d.daemon.supervisor.engine.report.model.endswith("model.gguf")
+        while True:  # the rollback is an event too
+            event = json.loads(events.expect(T.events, timeout=30).payload)
+            if event["kind"] == "model_change":
+                break
+        events.close()
+        assert event["details"]["outcome"] == "load_failed" and event["details"]["rolled_back"] is True
 
 
 @pytest.mark.parametrize("desired,key", [

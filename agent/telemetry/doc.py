@@ -33,6 +33,8 @@ _KIND_DOCS = {
     EventKind.spool_dropped: "The full offline spool dropped readings (or, once none were left, events); counts "
     "since the last such event.",
     EventKind.signals_missing: "At start: the governor works without these signals, and how to turn them on.",
+    EventKind.model_change: "A model change (device shadow, SIGHUP) ended: applied, or rolled back after the new "
+    "model failed to load or failed the canary; `details` as the shadow's `reported.model_change`.",
 }
 
 

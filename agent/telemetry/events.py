@@ -29,6 +29,7 @@ class EventKind(StrEnum):
     throttling_changed = "throttling_changed"  # the Raspberry Pi firmware's throttling flags changed
     spool_dropped = "spool_dropped"  # the full spool dropped readings or events
     signals_missing = "signals_missing"  # the governor works without some signals (no PSI, no memory cgroup)
+    model_change = "model_change"  # a model change ended: applied, or rolled back (load or canary failed)
 
 
 class Event(BaseModel):
@@ -38,7 +39,10 @@ class Event(BaseModel):
 
     device_id: str = Field(description="This device.")
     ts: AwareDatetime = Field(description="When it happened, RFC 3339 UTC.")
-    kind: EventKind = Field(description="What happened (level_changed, action, throttling_changed, spool_dropped, signals_missing).")
+    kind: EventKind = Field(
+        description="What happened (level_changed, action, throttling_changed, spool_dropped, signals_missing, "
+        "model_change)."
+    )
     level: str | None = Field(default=None, description="The governor's level after the event: ok, warn or critical.")
     previous_level: str | None = Field(default=None, description="level_changed: the level before.")
     action: str | None = Field(
@@ -148,3 +152,14 @@ def spool_dropped_event(readings: int, events: int, *, device_id: str, ts: float
 
 
 __all__ = ["Event", "EventKind", "decision_events", "signals_missing_event", "spool_dropped_event", "throttling_event"]
+
+
+def model_change_event(change: Any, *, device_id: str, ts: float, level: str | None = None) -> Event:
+    """A model change ended (agent.engine.supervisor.ModelChange): applied, or rolled back."""
+    if change.outcome == "applied":
+        message = f"model {change.path} in force after {change.took_ms:.0f} ms ({change.preempted} job(s) preempted)"
+    else:
+        back = "the previous model serves again" if change.rolled_back else "no model is loaded"
+        message = f"model change to {change.path} failed ({change.outcome}): {change.message}; {back}"
+    return Event(device_id=device_id, ts=_when(ts), kind=EventKind.model_change, level=level, message=message,
+                 details=change.as_dict())  # fmt: skip
