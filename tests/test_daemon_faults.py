@@ -612,25 +612,25 @@ def test_job_claimed_while_a_stop_begins_is_requeued_not_run(broker, tiny_model,
     d = InProcessDaemon(cfg)
     daemon = d.daemon
     aborted = threading.Event()  # shutdown looked for running jobs to stop
-    real_wait_idle, real_claim = daemon.runner._wait_idle, daemon.store.claim_next
+    real_wait_idle, real_claim = daemon.runner._wait_idle, daemon.store.claim
 
     def wait_idle(timeout: float | None) -> bool:
         idle = real_wait_idle(timeout)
         aborted.set()
         return idle
 
-    def claim(now: float | None = None) -> JobRecord | None:
+    def claim(job_id: str, now: float | None = None) -> JobRecord | None:
         if daemon.store.queued_count() and daemon._stop_requested == 0:
             daemon.request_stop()  # what the SIGTERM handler does
             aborted.wait(30)  # shutdown found no job running yet (grace 0) and moved on
-        return real_claim(now)
+        return real_claim(job_id, now)
 
     daemon.runner._wait_idle = wait_idle  # type: ignore[method-assign]
     rec = Recorder()
     peer = Peer(broker, rec).connect().follow(dev)
     with d:
         wait_online(peer, dev)
-        daemon.store.claim_next = claim  # type: ignore[method-assign]
+        daemon.store.claim = claim  # type: ignore[method-assign]
         peer.publish(topics.submit, job_payload("race-1", 32))
         d._thread.join(30)  # not d.stop(): a second stop request would force, and hide the race
         assert not d._thread.is_alive() and d.exit_code == 0
