@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.config.sections import (
     DeviceSettings,
     EngineSettings,
+    HomeAssistantSettings,
     IntakeSettings,
     MemorySettings,
     ModelSettings,
@@ -50,6 +51,9 @@ class Settings(BaseModel):
     intake: IntakeSettings = Field(default_factory=IntakeSettings, description="Job intake.")
     store: StoreSettings = Field(default_factory=StoreSettings, description="Durable job store.")
     service: ServiceSettings = Field(default_factory=ServiceSettings, description="Daemon life cycle.")
+    homeassistant: HomeAssistantSettings = Field(
+        default_factory=HomeAssistantSettings, description="Home Assistant MQTT discovery (optional)."
+    )
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
