@@ -37,7 +37,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1" + MASK),
     # "password": "x"  /  'password': 'x'  (JSON, Python reprs)
     (
-        re.compile(r"(?i)([\"'](?:password|passwd|secret|token|api_key|access_token)[\"']\s*:\s*)([\"'])(?:\\.|(?!\2).)*\2"),
+        re.compile(r"(?i)([\"'](?:password|passwd|secret|token|api_key|access_token|authorization)[\"']\s*:\s*)([\"'])(?:\\.|(?!\2).)*\2"),
         r"\1\2" + MASK + r"\2",
     ),
     # password=x  password: x  (key=value, command lines, URLs' query strings)
