@@ -15,7 +15,9 @@ features against the llama.cpp build.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -120,15 +122,22 @@ def probe_broker(mqtt: Any, timeout: float) -> str | None:
                           manual_ack=False)  # fmt: skip
     except TransportError as e:
         return str(e)
+    # The transport's own retry warnings would repeat what this check reports.
+    tlog = logging.getLogger("agent.transport")
+    level = tlog.level
+    tlog.setLevel(logging.ERROR)
     t.start()
     try:
         done.wait(timeout)
         if t.connected:
             return None
         err = errors[0] if errors else t.last_error
-        return str(err) if err else f"no answer from {mqtt.host}:{mqtt.port} within {timeout:g} s"
+        if err is None:
+            return f"no answer within {timeout:g} s"
+        return re.sub(r"^(cannot connect to )?MQTT \S+: ", "", str(err))
     finally:
         t.stop(timeout=2.0)
+        tlog.setLevel(level)
 
 
 @dataclass
