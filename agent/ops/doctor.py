@@ -179,6 +179,9 @@ def check_config(path: Path | None, load: Callable[[Path | None], Any]) -> tuple
     except ConfigError as e:
         first = str(e).splitlines()
         summary = "; ".join(line.strip() for line in first[:4])
+        if "Permission denied" in summary:
+            return _fail("config", summary, "run doctor as root or as the service user: `sudo edge-agent doctor` or "
+                         "`sudo -u edge-agent edge-agent doctor`"), None  # fmt: skip
         return _fail("config", summary, f"edit {path or '/etc/edge-agent/config.toml'} and check it with "
                      "`edge-agent config validate FILE` (every key: docs/configuration.md)"), None  # fmt: skip
     return _ok("config", f"valid: {where}"), settings
@@ -418,6 +421,17 @@ def check_store(settings: Any) -> Check:
         finally:
             os.close(fd)
             os.unlink(tmp)
+    except PermissionError as e:
+        try:
+            owner = folder.stat().st_uid
+        except OSError:
+            owner = None
+        if os.geteuid() not in (0, owner):
+            return _warn("store", f"{folder}: {e.strerror} for this user: the service user may well write it",
+                         "run doctor as root or as the service user: `sudo edge-agent doctor`")  # fmt: skip
+        return _fail("store", f"{folder} is not writable: {e.strerror}",
+                     f"a read-only or full filesystem, or wrong owner: `mount | grep ' {_existing(folder)} '`, `df -h "
+                     f"{folder}`, `chown -R edge-agent: {folder}`")  # fmt: skip
     except OSError as e:
         return _fail("store", f"{folder} is not writable: {e.strerror}",
                      f"a read-only or full filesystem, or wrong owner: `mount | grep ' {_existing(folder)} '`, `df -h "
