@@ -24,8 +24,9 @@ For each model (the synthetic qwen-0.5b and tinyllama-1.1b presets, the real Gem
   listens on), RSS at idle right after READY, and the round trip of a 1-token job with the prompt
   "Hello" (submit -> result; three per daemon, all counted).
 
-Every figure is a median over --runs fresh processes, with min and max. The machine is shared:
-the load average is printed at the start and the end. The broker is a private mosquitto with
+Every figure is a median over --runs fresh processes, with min and max; the runs are interleaved
+(direct, fit, fast, then again) so that a busy neighbour on a shared machine slows all three alike.
+The load average is printed at the start and the end. The broker is a private mosquitto with
 set_tcp_nodelay (docs/operations.md asks deployments to set it; without it every round trip waits
 for a delayed ACK). Nothing here is collected by pytest.
 
@@ -406,9 +407,8 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-def measure_direct(model: Path, args: argparse.Namespace) -> Row:
-    row = Row()
-    for _ in range(args.runs):
+def measure_direct(model: Path, args: argparse.Namespace, row: Row, runs: int = 1) -> Row:
+    for _ in range(runs):
         r = run_direct(model, args.threads, args.tokens)
         if r.get("result") != "completed":
             row.notes.append(f"direct: {r.get('result')}: {r.get('stderr', '')[-200:]}")
@@ -425,9 +425,9 @@ def measure_direct(model: Path, args: argparse.Namespace) -> Row:
     return row
 
 
-def measure_daemon(model: Path, mode: str, broker: MosquittoBroker, work: Path, args: argparse.Namespace) -> Row:
-    row = Row()
-    for i in range(args.runs):
+def measure_daemon(model: Path, mode: str, broker: MosquittoBroker, work: Path, args: argparse.Namespace, row: Row,
+                   run: int) -> Row:  # fmt: skip
+    for i in (run,):
         device = f"rep-{mode}-{i}"
         d = Daemon(work / f"{model.stem}-{mode}-{i}", broker, model, mode=mode, threads=args.threads, budget=4096,
                    device=device)  # fmt: skip
@@ -674,12 +674,15 @@ def main() -> int:
             for name, path in models.items():
                 info = read_model_info(path)
                 print(f"== {name}: {path.stat().st_size / MiB:.0f} MiB, {info.architecture}", file=sys.stderr)
-                r: dict[str, Any] = {"file_mib": path.stat().st_size / MiB}
-                r["direct"] = measure_direct(path, args)
-                print(f"   direct: {r['direct'].tok_s.fmt()} tok/s", file=sys.stderr)
-                for mode in ("fit", "fast"):
-                    r[mode] = measure_daemon(path, mode, broker, work, args)
-                    print(f"   daemon {mode}: {r[mode].tok_s.fmt()} tok/s, ready {r[mode].ready_s.fmt(2)} s", file=sys.stderr)
+                r: dict[str, Any] = {"file_mib": path.stat().st_size / MiB, "direct": Row(), "fit": Row(), "fast": Row()}
+                # Interleaved (direct, fit, fast, then again): on a shared machine a busy neighbour then
+                # slows all three alike instead of one of them.
+                for i in range(args.runs):
+                    measure_direct(path, args, r["direct"])
+                    for mode in ("fit", "fast"):
+                        measure_daemon(path, mode, broker, work, args, r[mode], i)
+                    print(f"   run {i + 1}: direct {r['direct'].tok_s.values[-1:]}, fit {r['fit'].tok_s.values[-1:]}, "
+                          f"fast {r['fast'].tok_s.values[-1:]} tok/s; load {os.getloadavg()[0]:.1f}", file=sys.stderr)  # fmt: skip
                 if no_cgroup:
                     r["limit_skipped"] = no_cgroup
                 else:
