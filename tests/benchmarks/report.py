@@ -587,7 +587,7 @@ def render(results: dict[str, Any], m: dict[str, Any], args: argparse.Namespace)
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Linux {m['kernel']}, memory cgroup "
         f"{m['cgroup']}. Versions: edge-agent {m['edge_agent']}, llama-cpp-python {m['llama_cpp_python']}, Python "
         f"{m['python']}, paho-mqtt {m['paho_mqtt']}, {m['mosquitto']}. Load average {m['load_start']:.1f} at the "
-        f"start, {m['load_end']:.1f} at the end. {args.threads} threads, greedy, {args.tokens} tokens asked, the "
+        f"start, {m['load_end']:.1f} at the end. {args.threads} thread{'' if args.threads == 1 else 's'}, greedy, {args.tokens} tokens asked, the "
         f"same {len(PROMPT)}-character prompt; medians over {args.runs} fresh processes (min-max).",
         "",
         "**Speed** (TTFT: request to first token at the client; decode: tokens/s after the first; daemon = MQTT "
