@@ -38,6 +38,8 @@ from agent.health import StoreHealth
 from agent.jobs.intake import Intake
 from agent.jobs.runner import Runner
 from agent.governor.policy import Admission
+from agent.ha import DiscoveryPublisher
+from agent.ops.state import DaemonState, StateWriter, from_daemon, state_path
 from agent.governor.watch import AgentActions, JobNeed, MemoryWatch
 from agent.protocol import DeviceStatus, Topics
 from agent.shadow.facts import FactsReader, ServingModel, reported_facts
@@ -146,6 +148,10 @@ class Daemon:
         self.memory = MemoryWatch(s, sampler=sampler, uplink=self.uplink, topics=self.topics,
                                   actions=AgentActions(self.runner, self.supervisor),
                                   parked_need=self.supervisor.parked_need, clock=clock)  # fmt: skip
+        # What `edge-agent status` reads without a broker, and Home Assistant's entities (optional).
+        self.state_file = StateWriter(state_path(s), heartbeat_s=min(30.0, s.telemetry.interval_s))
+        self.ha = DiscoveryPublisher(s, self.transport.publish)
+        self._started_at, self._ready_at = clock(), None
         self._last_prune = self._last_facts = 0.0
         self._told_change: Any = None
 
@@ -153,6 +159,7 @@ class Daemon:
 
     def start(self) -> None:
         """Recover what a crash left, load the model, start the runner and the connection."""
+        self._write_state("starting", force=True)
         # Before any other thread starts and before the engine counts usable cores (affinity).
         for line in apply_process_priority(self.settings.priority).lines():
             log.info("priority: %s", line)
@@ -169,6 +176,8 @@ class Daemon:
         self.runner.start(on_thread_start=lambda: apply_inference_priority(self.settings.priority))
         self.transport.start()
         self.notifier.ready(f"serving {self.settings.model.path}")
+        self._ready_at = self.clock()
+        self._write_state("ready", force=True)
 
     def serve(self, *, passes: int | None = None, install_signals: bool = True) -> int:
         """Start, run the main loop until stopped (or for ``passes`` passes), shut down; returns the exit code."""
@@ -224,6 +233,7 @@ class Daemon:
         if now - self._last_facts >= s.telemetry.interval_s:
             self._last_facts = now
             self.shadow.refresh_facts()  # free disk, swap devices, the cgroup limit
+        self._write_state("ready")
         if self.health.writable and now - self._last_prune >= s.store.prune_interval_s:
             self._last_prune = now
             try:
@@ -245,6 +255,7 @@ class Daemon:
         """Take no more jobs, let running ones finish within the grace period (else requeue them),
         say goodbye to the broker, free the model, close the store."""
         self.notifier.stopping()
+        self._write_state("stopping", force=True)
         self.runner.stop(self.settings.service.shutdown_grace_s, force=self._stop_requested > 1)
         self.transport.stop(publish=(self.topics.device_status, self._device_status("stopping")))
         self.delivery.stop()  # its partial file stays: the next start resumes it
@@ -252,6 +263,7 @@ class Daemon:
         self.store.close()
         self.shadow_store.close()
         self.spool.close()
+        self._write_state("stopped", force=True)
         log.info("stopped")
 
     def _install_signals(self) -> None:
@@ -288,6 +300,7 @@ class Daemon:
     def _on_connect(self) -> None:
         self.transport.publish(self.topics.device_status, self._device_status("online"), qos=1, retain=True)
         self.shadow.on_connect()
+        self.ha.on_connect()
         self.outbox.request_resend()
         self._tick.set()
 
@@ -305,6 +318,18 @@ class Daemon:
         facts = reported_facts(self._facts.board_facts(), serving, download=self.delivery.progress(),
                                model_change=change.as_dict() if change else None)  # fmt: skip
         return {**facts, "pressure": self.memory.describe()}
+
+    def _write_state(self, state: DaemonState, *, force: bool = False) -> None:
+        """The state file `edge-agent status` reads (main thread; written on change or heartbeat)."""
+        doc, last = self.shadow.document, self.memory.last
+        snap = from_daemon(
+            self, state, started_at=self._started_at, ready_at=self._ready_at,
+            telemetry=last.model_dump(mode="json") if last else None, memory_level=self.memory.level,
+            memory_action=self.memory.describe().get("action"), shadow_version=doc.version,
+            shadow_applied_version=doc.reported.get("applied_version"),
+        )  # fmt: skip
+        if (err := self.state_file.update(snap, force=force)) is not None:
+            log.warning("state file: %s", err)
 
     def _tell_model_change(self, now: float) -> None:
         """Every model change that ended (the shadow, SIGHUP) is an event, rolled back or not."""

@@ -97,7 +97,6 @@ def test_the_governor_protects_the_daemon_and_its_jobs_under_a_memory_hog(
     seen = Seen()
     daemon = hog = None
     log = open(tmp_path / "daemon.log", "wb")
-    t0 = time.monotonic()
     try:
         with BrokerClient(broker) as peer:
             peer.client.on_message = lambda c, u, m: (seen.on(m), peer.messages.put(m))

@@ -10,13 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.cli import main
 from agent.models.synth import synth_model
 from agent.protocol import Topics
 from agent.shadow.store import ShadowStore

@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "agent.cli.fleet_cmd",
     "agent.cli.telemetry_cmd",
     "agent.cli.swap_cmd",
+    "agent.cli.ops_cmd",
+    "agent.cli.status_cmd",
 )
 
 
@@ -41,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: int) -> None:
+    """Text logs on stderr (no timestamps under journald, secrets masked); the daemon switches to
+    service.log_format once it has read its settings (agent.ops.logs.configure_from_settings)."""
+    from agent.ops.logs import configure_logging
+
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(level, "text", stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             settings = _settings(args)
             config_path = args.config
+        from agent.ops.logs import configure_from_settings
+
+        configure_from_settings(settings)  # service.log_format; the broker password masked in every line
         if settings.service.demo_broker:
             from agent.demo import ensure_broker
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -184,6 +185,9 @@ def _synth(args: argparse.Namespace) -> int:
         raise ModelError(f"{out} exists; pass --force to replace it", code="model_exists")
     if not out.parent.is_dir():
         raise ModelError(f"folder {out.parent} does not exist; create it first", code="model_write_failed")
+    # A bar on a terminal; piped or under systemd, progress lines every few seconds (agent.ops.progress),
+    # shown even without -v: writing a 600 MB model takes a while on a board.
+    logging.getLogger("agent.progress").setLevel(logging.INFO)
     start = time.monotonic()
     try:
         synth_model(args.preset, out, seed=args.seed, progress=True)

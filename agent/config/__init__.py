@@ -19,6 +19,7 @@ from agent.config.sections import (
     FleetSettings,
     EngineSettings,
     GovernorSettings,
+    HomeAssistantSettings,
     IntakeSettings,
     MemorySettings,
     ModelSettings,
@@ -64,6 +65,9 @@ class Settings(BaseModel):
     store: StoreSettings = Field(default_factory=StoreSettings, description="Durable job store.")
     service: ServiceSettings = Field(default_factory=ServiceSettings, description="Daemon life cycle.")
     fleet: FleetSettings = Field(default_factory=FleetSettings, description="Fleet membership (rollouts).")
+    homeassistant: HomeAssistantSettings = Field(
+        default_factory=HomeAssistantSettings, description="Home Assistant MQTT discovery (optional)."
+    )
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":

@@ -618,6 +618,12 @@ class ServiceSettings(Section):
         description="Start a private Mosquitto on mqtt.host:mqtt.port when nothing listens there (the demo; "
         "never on a board).",
     )
+    log_format: Literal["text", "kv", "json"] = Field(
+        default="text",
+        description="Log lines: text (readable), kv (key=value pairs: level, logger, msg and the line's fields) or "
+        "json (one object per line). Under systemd (JOURNAL_STREAM set) no timestamp is written: journald adds "
+        "its own. Secrets (the MQTT password, bearer tokens) are masked in every format.",
+    )
 
 
 class StoreSettings(Section):
@@ -661,4 +667,24 @@ class StoreSettings(Section):
     prune_interval_s: float = Field(
         default=600.0, ge=1, le=86400, description="How often retention limits are applied, seconds.",
         json_schema_extra=HOT,
+    )
+
+
+class HomeAssistantSettings(Section):
+    enabled: bool = Field(
+        default=False,
+        description="Publish Home Assistant MQTT discovery (retained config messages) on every connect: sensors for "
+        "memory, pressure, speed and the queue, a select for the model and a switch for paused intake. Turning it "
+        "off removes the entities (empty retained messages) at the next connect.",
+    )
+    discovery_prefix: str = Field(
+        default="homeassistant",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        max_length=64,
+        description="Home Assistant's discovery prefix (its MQTT integration setting; 'homeassistant' by default).",
+    )
+    name: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Device name shown in Home Assistant. Default: 'edge-agent {device.id}'.",
     )

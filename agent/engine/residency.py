@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,13 +86,12 @@ def warm_up(path: Path | str, ranges: list[tuple[str, int, int]], *, progress: b
     Reading through our own mapping fills the shared page cache, so llama.cpp's mapping then finds
     the pages there (a minor fault instead of a disk read in the middle of a generation).
     """
-    from tqdm import tqdm
+    from agent.ops.progress import progress as progress_of
 
     size = os.path.getsize(path)
     total = sum(n for _, _, n in ranges)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm, tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="warm-up", file=sys.stderr,
-        disable=not progress, leave=False,
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm, progress_of(
+        total, "warm-up", enabled=progress
     ) as bar:
         view = np.frombuffer(mm, dtype=np.uint8)
         try:

@@ -29,7 +29,7 @@ from agent.fleet.plan import (
     restore_observe,
     wave_sizes,
 )
-from agent.fleet.store import Device, Rollout, RolloutStore, Spec
+from agent.fleet.store import Rollout, RolloutStore, Spec
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import os
 import string
-import sys
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -222,7 +221,7 @@ def synth_model(
 
     GGUFWriter writes the header and tensor table; the tensor data is then generated and appended
     in chunks, so memory stays near 100 MB whatever the file size (the writer's own path needs
-    every tensor whole). ``progress`` shows a tqdm bar on stderr.
+    every tensor whole). ``progress`` shows progress (agent.ops.progress: a bar on a terminal, else log lines).
     """
     try:
         shape = PRESETS[preset]
@@ -250,10 +249,10 @@ def synth_model(
         writer.write_ti_data_to_file()
         writer.close()
 
-        from tqdm import tqdm
+        from agent.ops.progress import progress as progress_of
 
         total = sum(_tensor_nbytes(ne, q) for _, ne, q in plan)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {preset}", file=sys.stderr, disable=not progress)
+        bar = progress_of(total, f"synth {preset}", enabled=progress)
         # Same layout as GGUFWriter.write_tensors_to_file: data aligned, each tensor padded to the alignment.
         with bar, open(tmp, "ab") as f:
             _pad(f, writer.data_alignment)
