@@ -62,6 +62,9 @@ class _LogSink:
         # Sliding-window models (Gemma 3): llama.cpp warns that the full-size SWA cache is in use.
         # The engine keeps it on purpose (prefix reuse needs it) and plans for it.
         "using full-size SWA cache",
+        # A vocabulary quirk of some real files (Gemma 3: '</s>' typed as normal text), which
+        # llama.cpp corrects itself; nothing for the operator to do.
+        "was not control-type; this is probably a bug in the model",
     )
 
     def __init__(self) -> None:
