@@ -221,7 +221,7 @@ class Engine:
         EngineError when llama.cpp cannot read the model.
         ``runtime_bytes``: the process's RssAnon now (default: the estimate's measured constant).
         ``exact`` (default): plan with llama.cpp's own sizes (a no-alloc probe of the model and this
-        CPU's repacking, see _LlamaSizer); False: the header-only estimate."""
+        CPU's repacking, agent.engine.llamacpp.ExactSizer); False: the header-only estimate."""
         info = read_model_info(self.model_path)
         check_quantization(info, self.allow_non_4bit)
         if not exact:
@@ -262,27 +262,34 @@ class Engine:
                 mode, mode_reason = s.load_mode, "engine.load_mode"
             # An automatic context leaves page cache for the weights inference keeps reading (up to
             # half the budget): a KV cache that squeezes them out makes every token re-read the
-            # model from storage. Only if that leaves no context at all does it take the whole budget.
+            # model from storage. If that leaves no context at all, it still leaves the headroom:
+            # a cgroup charges the page cache and kernel memory too, and a process whose anonymous
+            # memory fills its limit while every token re-reads the weights gets OOM-killed (the
+            # real Gemma file planned at 98 % of a 145 MiB limit was; at 91 % it ran). Only if even that
+            # leaves nothing is the whole budget used.
             file_share = min(estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw).file_bytes, budget.bytes // 2)
-            ctx = largest_ctx_that_fits(info, budget.bytes - file_share, mode, cap=cap, **kw)
-            squeezed = ctx is None
-            if squeezed:
-                ctx = largest_ctx_that_fits(info, budget.bytes, mode, cap=cap, **kw)
+            headroom_share = int(budget.bytes * headroom / 100)
+            ctx, ctx_reason = None, ""
+            for reserve, why in (
+                (file_share, f"less {file_share / MiB:.0f} MiB of page cache for the weights"),
+                (headroom_share, f"less memory.headroom_pct ({headroom:g} %): no room for the weights' page cache"),
+                (0, "(no room left for the weights' page cache or the headroom)"),
+            ):
+                ctx = largest_ctx_that_fits(info, budget.bytes - reserve, mode, cap=cap, **kw)
+                if ctx is not None:
+                    ctx_reason = f"auto: the largest that fits the budget {why}"
+                    break
             if ctx is None:
                 if not self._force:
                     est = estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw)
                     raise WillNotFit(_will_not_fit(est, budget, f"even the smallest context ({CTX_PAD})"))
                 ctx = CTX_PAD
+                ctx_reason = "auto: the smallest context (forced: even it does not fit the budget)"
             n_ctx = ctx
             if ctx >= max(CTX_PAD, cap // CTX_PAD * CTX_PAD):
                 ctx_reason = f"auto: the cap ({cap_note})"
-            elif squeezed:
-                ctx_reason = "auto: the largest that fits the budget (no room left for the weights' page cache)"
             else:
-                ctx_reason = (
-                    f"auto: the largest that fits the budget less {file_share / MiB:.0f} MiB of page cache for the "
-                    f"weights (cap: {cap_note})"
-                )
+                ctx_reason += f" (cap: {cap_note})"
         else:
             n_ctx = pad_ctx(int(s.n_ctx))
             ctx_reason = "engine.n_ctx" + (f" {s.n_ctx} rounded up to a multiple of 256" if n_ctx != s.n_ctx else "")

@@ -118,7 +118,8 @@ class LoadReport:
     def summary(self) -> str:
         return (
             f"{Path(self.model).name}: {self.mode} mode ({self.mode_reason}); n_ctx {self.n_ctx} ({self.n_ctx_reason}); "
-            f"{self.n_threads} threads; estimate {self.estimate.anon_bytes / MiB:.0f} MiB anonymous of budget "
+            f"{self.n_threads} threads; {'planned' if self.estimate.source == 'llama.cpp' else 'estimated (header only)'} "
+            f"{self.estimate.anon_bytes / MiB:.0f} MiB anonymous of budget "
             f"{self.budget.bytes / MiB:.0f} MiB ({self.budget.source}); RssAnon {self.after.rss_anon / MiB:.0f} MiB, "
             f"RssFile {self.after.rss_file / MiB:.0f} MiB after load; {self.load_ms:.0f} ms"
             + (f" (plan {self.plan_ms:.0f} ms)" if self.plan_ms is not None else "")
