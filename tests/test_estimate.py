@@ -181,8 +181,8 @@ def test_estimate_matches_measured_rss_anon_qwen05(qwen05_model: Path, mode: str
 def test_plan_matches_measured_rss_anon_real_model(gemma_model: Path, mode: str) -> None:
     case = measure_case(gemma_model, mode, n_ctx=1024, n_batch=128, tokens=16)
     _check(case, f"gemma-3-270m Q4_K_M {mode}")
-    repack = case["llama_buffers"].get("CPU_REPACK model", 0)
-    assert case["components"]["repacked_weights"] == (repack if mode == "fast" else 0)
+    repack = case["llama_buffers"].get("CPU_REPACK model", 0)  # logged with 2 decimals of MiB
+    assert abs(case["components"]["repacked_weights"] - (repack if mode == "fast" else 0)) <= 0.006 * MiB
 
 
 @pytest.mark.slow
