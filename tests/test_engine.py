@@ -278,13 +278,77 @@ def test_load_report_fit_mode_keeps_weights_file_backed(tiny_model: Path) -> Non
         assert rep.estimate.repacked_weights > 0
 
 
-def test_compute_buffer_estimate_matches_llama_cpp(tiny_model: Path) -> None:
+def _assert_plan_is_what_llama_cpp_allocated(rep) -> None:
+    """The exact plan's llama.cpp components against the buffers the real load logged (both with 2
+    decimals of MiB), and no mismatch note."""
+    est, buffers = rep.estimate, rep.llama_buffers
+    assert est.source == "llama.cpp"
+    assert abs(est.compute_buffer - buffers["CPU compute"]) <= 0.006 * MiB
+    assert abs(est.kv_cache - buffers["CPU KV"]) <= 0.006 * MiB
+    assert abs(est.repacked_weights - buffers.get("CPU_REPACK model", 0)) <= 0.006 * MiB
+    assert not [n for n in rep.notes if "the plan said" in n], rep.notes
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(n_ctx=256, n_batch=32, load_mode="fit"),
+        dict(n_ctx=1024, n_batch=128, load_mode="fast"),
+        dict(n_ctx=2048, n_batch=512, load_mode="fast", flash_attn=True),
+        dict(n_ctx=768, n_batch=100, load_mode="fit", flash_attn=True),
+    ],
+)
+def test_exact_plan_is_what_llama_cpp_allocates(tiny_model: Path, settings: dict) -> None:
+    with _engine(tiny_model, **settings) as engine:
+        rep = engine.load()
+        _assert_plan_is_what_llama_cpp_allocated(rep)
+        assert rep.plan_ms is not None and rep.plan_ms > 0
+
+
+def test_header_only_plan_still_models_llama_cpp(tiny_model: Path) -> None:
+    """The header-only estimate (what `model inspect --header-only` shows) reproduces llama.cpp's
+    compute buffer and KV cache for the synthetic shapes; the engine itself plans exactly."""
     for n_ctx, n_batch in ((256, 32), (1024, 128), (2048, 512)):
         with _engine(tiny_model, n_ctx=n_ctx, n_batch=n_batch) as engine:
+            header = engine.plan(exact=False)
+            assert header.estimate.source == "header" and header.probe_ms is None
             rep = engine.load()
             llama_says = rep.llama_buffers["CPU compute"]  # printed with 2 decimals of MiB
-            assert abs(rep.estimate.compute_buffer - llama_says) <= 0.006 * MiB + 0.01 * llama_says
-            assert abs(rep.estimate.kv_cache - rep.llama_buffers["CPU KV"]) <= 0.006 * MiB
+            assert abs(header.estimate.compute_buffer - llama_says) <= 0.006 * MiB + 0.01 * llama_says
+            assert abs(header.estimate.kv_cache - rep.llama_buffers["CPU KV"]) <= 0.006 * MiB
+
+
+def test_a_file_llama_cpp_cannot_read_is_refused_at_planning(tmp_path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    w = gguf.GGUFWriter(tmp_path / "no-hparams.gguf", "llama")  # a valid GGUF header, but no llama hyper-parameters
+    w.add_block_count(1)
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((64, 64 // 32 * 18), dtype=np.uint8), raw_dtype=q4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    engine = _engine(tmp_path / "no-hparams.gguf")
+    with pytest.raises(EngineError) as err:
+        engine.load()
+    assert err.value.code == "model_not_loaded" and "key not found in model" in str(err.value)
+    assert not engine.loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "settings",
+    [dict(load_mode="fit"), dict(load_mode="fast"), dict(load_mode="fast", flash_attn=True, type_k="q8_0", type_v="q4_0")],
+)
+def test_exact_plan_on_the_real_model_is_what_llama_cpp_allocates(gemma_model: Path, settings: dict) -> None:
+    """Gemma 3: sliding-window attention (a KV cache llama.cpp sizes per layer type), a 262k
+    vocabulary and mixed Q8_0/Q5_0/Q4_K/Q6_K weights of which this CPU repacks only some."""
+    with _engine(gemma_model, n_ctx=1024, n_batch=128, **settings) as engine:
+        rep = engine.load()
+        _assert_plan_is_what_llama_cpp_allocated(rep)
+        print(f"\n{rep.summary()}")
 
 
 def test_will_not_fit_refuses_with_the_numbers_and_force_overrides(tiny_model: Path) -> None:

@@ -1,7 +1,8 @@
 """GGUF tooling: synthetic models, header reading, the 4-bit rule, `edge-agent model`.
 
 Everything runs on real files: models written by agent.models.synth and loaded by llama.cpp,
-small hand-written GGUFs for the refusal paths. Tests using the 0.5B preset are marked slow.
+small hand-written GGUFs for the refusal paths, the real Gemma 3 270M Q4_K_M file and
+llama.cpp's own requantisations of it. Tests using the 0.5B preset are marked slow.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ def _sha256(path: Path) -> str:
 
 
 def write_gguf(
-    path: Path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]], split_count: int = 0
+    path: Path,
+    tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]],
+    split_count: int = 0,
+    file_type: gguf.LlamaFileType | None = None,
 ) -> Path:
     """A minimal llama-architecture GGUF with the given tensors (header-level tests; not loadable by llama.cpp)."""
     w = gguf.GGUFWriter(path, "llama")
     if split_count:
         w.add_uint16("split.count", split_count)
+    if file_type is not None:
+        w.add_file_type(file_type)
     w.add_block_count(1)
     w.add_embedding_length(64)
     w.add_head_count(4)
@@ -228,6 +234,50 @@ def test_q8_0_model_is_refused_and_mixed_q4_model_accepted(tmp_path: Path) -> No
     check_quantization(info, allow_non_4bit=False)
 
 
+def _small_model_big_vocab(path: Path, block_type: gguf.GGMLQuantizationType, file_type: gguf.LlamaFileType | None) -> Path:
+    """The shape of a standard Q4_K_M file of a small model: a Q8_0 token embedding that holds most of
+    the bytes, and blocks of ``block_type``."""
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    tensors = {
+        "token_embd.weight": (_q_bytes(4096, 256, q8), q8),
+        "blk.0.attn_q.weight": (_q_bytes(256, 256, block_type), block_type),
+        "blk.0.ffn_up.weight": (_q_bytes(512, 256, block_type), block_type),
+        "blk.0.attn_norm.weight": (np.ones(256, dtype=np.float32), None),
+    }
+    return write_gguf(path, tensors, file_type=file_type)
+
+
+def test_the_rule_judges_the_blocks_not_the_embedding(tmp_path: Path) -> None:
+    q4, ft = gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType
+    info = read_model_info(_small_model_big_vocab(tmp_path / "q4.gguf", q4, None))
+    assert info.dominant_type == "Q8_0" and info.four_bit_bytes * 2 < info.weights_bytes  # most bytes are 8-bit
+    assert info.is_4bit and info.quant.rule == "blocks" and info.quant.block_dominant_type == "Q4_0"
+    assert info.quant.file_type is None
+    check_quantization(info, allow_non_4bit=False)
+
+
+def test_a_4bit_file_type_accepts_llama_cpp_fallbacks_but_not_a_wider_file(tmp_path: Path) -> None:
+    """Rows that are not a multiple of 256 make llama.cpp's Q4_K_M recipe fall back to Q5_0: the
+    blocks are then mostly 5.5-bit, and only general.file_type says what the file is."""
+    q5, f16, ft = gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.F16, gguf.LlamaFileType
+    info = read_model_info(_small_model_big_vocab(tmp_path / "k_m.gguf", q5, ft.MOSTLY_Q4_K_M))
+    assert info.is_4bit and info.quant.rule == "file_type" and info.quant.file_type == "Q4_K_M"
+    assert info.quant.block_bits_per_weight == 5.5 and "Q4_K_M" in info.quant.reason
+    # The same tensors without a file type, or calling themselves Q5_K_M: refused, saying why.
+    for file_type, says in ((None, "there is no general.file_type"), (ft.MOSTLY_Q5_K_M, "general.file_type is Q5_K_M")):
+        info = read_model_info(_small_model_big_vocab(tmp_path / f"q5-{file_type}.gguf", q5, file_type))
+        assert not info.is_4bit and info.quant.rule == "none"
+        with pytest.raises(ModelError) as e:
+            check_quantization(info, allow_non_4bit=False)
+        assert e.value.code == "model_not_4bit" and "mostly Q5_0" in str(e.value) and says in str(e.value)
+    # A file type is not believed over F16 blocks.
+    info = read_model_info(_small_model_big_vocab(tmp_path / "liar.gguf", f16, ft.MOSTLY_Q4_K_M))
+    assert not info.is_4bit and "says Q4_K_M, but its transformer blocks average 16.00 bits" in info.quant.reason
+    # llama.cpp's "guessed" flag does not hide the type.
+    info = read_model_info(_small_model_big_vocab(tmp_path / "guessed.gguf", q5, ft.MOSTLY_Q4_K_M | ft.GUESSED))
+    assert info.quant.file_type == "Q4_K_M" and info.is_4bit
+
+
 def test_not_a_gguf_file_is_a_precise_model_error(tmp_path: Path, tiny_model: Path) -> None:
     cases = {
         "text.gguf": (b"hello, I am not a model\n" * 10, "GGUF magic"),
@@ -268,8 +318,13 @@ def test_cli_inspect_prints_the_report(tiny_model: Path, capsys: pytest.CaptureF
     assert main(["model", "inspect", str(tiny_model), "--ctx", "256"]) == 0
     out = capsys.readouterr().out
     for needle in ("llama, 2 layers, embedding 64", "4 heads, 2 KV heads, head size 16",
-                   "512 tokens", "trained for 2048 tokens", "Q4_0", "blk.1", "output.weight", "n_ctx 256"):
+                   "512 tokens", "trained for 2048 tokens", "Q4_0", "blk.1", "output.weight", "n_ctx 256",
+                   "4-bit      yes (rule: blocks)", "memory (exact plan: llama.cpp's own buffer sizes on this CPU)",
+                   "on this CPU: CPU_REPACK repacks 15 tensors"):
         assert needle in out, needle
+    assert main(["model", "inspect", str(tiny_model), "--ctx", "256", "--header-only"]) == 0
+    out = capsys.readouterr().out
+    assert "memory (header-only estimate)" in out and "note: --header-only: llama.cpp was not asked" in out
 
 
 def test_cli_inspect_json_matches_read_model_info(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,8 +333,16 @@ def test_cli_inspect_json_matches_read_model_info(tiny_model: Path, capsys: pyte
     info = read_model_info(tiny_model)
     assert doc["model"]["n_layer"] == info.n_layer and doc["model"]["repackable_bytes"] == info.repackable_bytes
     assert doc["model"]["layers"][1]["offset"] == info.layers[1].offset
-    assert doc["estimate"]["settings"] == {"n_ctx": 2048, "mode": "fast", "n_batch": 32, "type_k": "f16", "type_v": "f16"}
+    assert doc["model"]["is_4bit"] is True and doc["model"]["quant"]["rule"] == "blocks"
+    assert doc["estimate"]["settings"] == {
+        "n_ctx": 2048, "mode": "fast", "n_batch": 32, "type_k": "f16", "type_v": "f16", "flash_attn": False,
+    }
+    assert doc["estimate"]["source"] == "llama.cpp"
     assert doc["estimate"]["anon_bytes"] > 0 and doc["estimate"]["file_bytes"] >= 0
+    assert main(["model", "inspect", str(tiny_model), "--json", "--header-only"]) == 0
+    assert json.loads(capsys.readouterr().out)["estimate"]["source"] == "header"
+    assert main(["model", "inspect", str(tiny_model), "--type-v", "q8_0"]) == 1
+    assert "needs --flash-attn" in capsys.readouterr().err
 
 
 def test_cli_inspect_refuses_non_4bit_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -338,3 +401,58 @@ def test_qwen05_loads_and_generates_in_llama_cpp(qwen05_model: Path) -> None:
         assert out["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         llm.close()
+
+
+# --- the real model: Gemma 3 270M Q4_K_M and llama.cpp's requantisations of it ------------------
+
+
+@pytest.mark.slow
+def test_real_q4_k_m_file_is_accepted_by_its_file_type(gemma_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "inspect", str(gemma_model), "--ctx", "1024", "--mode", "fast", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    m, est = doc["model"], doc["estimate"]
+    assert m["architecture"] == "gemma3" and m["n_vocab"] == 262144 and m["n_swa"] == 512
+    assert m["dominant_type"] == "Q8_0"  # the embedding: most of the file, and not what the rule judges
+    assert m["is_4bit"] and m["quant"]["rule"] == "file_type" and m["quant"]["file_type"] == "Q4_K_M"
+    assert est["source"] == "llama.cpp"
+    # llama.cpp repacks only the Q4_K tensors here (not the Q8_0 embedding or the Q5_0 fallbacks);
+    # the header's bound counts every type some CPU repacks.
+    q4k = m["quant_summary"]["Q4_K"]["bytes"]
+    assert est["components"]["repacked_weights"] in (0, q4k) and m["repackable_bytes"] > 10 * q4k
+    # The KV cache as llama.cpp allocates it: every layer at full size (swa_full), f16.
+    assert est["components"]["kv_cache"] == 1024 * 18 * 1 * (256 + 256) * 2
+
+
+@pytest.mark.slow
+def test_real_file_generates_english_with_default_settings(gemma_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["generate", "--model", str(gemma_model), "--prompt", "The capital of France is", "--max-tokens", "12",
+               "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["estimate"]["source"] == "llama.cpp" and doc["stats"]["completion_tokens"] >= 1
+    words = doc["text"].split()
+    # Real text: words of letters from a 262k-token vocabulary, not byte noise.
+    assert len(words) >= 3 and sum(w.strip(".,;:!?'\"").isalpha() for w in words) >= 0.6 * len(words), doc["text"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture, kind", [("gemma_q8_0_model", "Q8_0"), ("gemma_f16_model", "F16")])
+def test_real_8bit_and_f16_requantisations_are_refused(
+    request: pytest.FixtureRequest, fixture: str, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = request.getfixturevalue(fixture)
+    info = read_model_info(path)
+    assert info.quant.file_type == kind and info.quant.block_dominant_type == kind and not info.is_4bit
+    assert main(["model", "inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"[model_not_4bit]: model {path.name} is not 4-bit: its transformer blocks are mostly {kind}" in err
+    assert main(["generate", "--model", str(path), "--prompt", "x", "--max-tokens", "1"]) == 1
+    assert "[model_not_4bit]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_q4_0_requantisation_is_accepted_by_its_blocks(gemma_q4_0_model: Path) -> None:
+    info = read_model_info(gemma_q4_0_model)
+    assert info.is_4bit and info.quant.rule == "blocks" and info.quant.file_type == "Q4_0"
+    assert info.dominant_type == "Q8_0"  # llama.cpp's recipe keeps the embedding at Q8_0

@@ -1,7 +1,10 @@
 """`edge-agent model inspect|synth`: look inside a GGUF file, and write synthetic ones.
 
-``inspect`` reads only the header (agent.models.gguf_info) and asks the engine's estimator what
-loading it would cost; it never loads the model, so it is safe on a board that is short of memory.
+``inspect`` reads the header (agent.models.gguf_info), says whether and by which rule the file is
+4-bit, and plans what loading it would cost: by default the engine's exact plan (llama.cpp's own
+buffer sizes from a no-alloc probe, and the weights this CPU repacks), or with ``--header-only``
+(or where llama.cpp is not importable) the header-only estimate; the output says which. It never
+loads the weights, so it is safe on a board that is short of memory.
 ``synth`` writes a preset model with random 4-bit weights (agent.models.synth).
 """
 
@@ -16,14 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config.sections import EngineSettings
-from agent.errors import EXIT_OK, ModelError
+from agent.errors import EXIT_OK, ConfigError, ModelError
 
 if TYPE_CHECKING:
+    from agent.engine.estimate import MemoryEstimate
     from agent.models.gguf_info import ModelInfo
 
 # The estimate defaults are the daemon's own, so `inspect` without options shows what it would plan.
 _ENGINE_DEFAULTS = EngineSettings()
 _KV_TYPES = ("f16", "q8_0", "q4_0")
+_REPACK_NOTE = "fast mode on this CPU: "  # agent.engine.llamacpp.ExactSizer's note
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +60,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"prompt batch size for the estimate, tokens (default: {_ENGINE_DEFAULTS.n_batch})",
     )
     i.add_argument("--type-k", choices=_KV_TYPES, default=_ENGINE_DEFAULTS.type_k, help="KV cache key type")
-    i.add_argument("--type-v", choices=_KV_TYPES, default=_ENGINE_DEFAULTS.type_v, help="KV cache value type")
+    i.add_argument("--type-v", choices=_KV_TYPES, default=_ENGINE_DEFAULTS.type_v,
+                   help="KV cache value type (other than f16 needs --flash-attn)")
+    i.add_argument("--flash-attn", action="store_true", default=_ENGINE_DEFAULTS.flash_attn,
+                   help="plan with flash attention (engine.flash_attn)")
+    i.add_argument(
+        "--header-only",
+        action="store_true",
+        help="estimate from the header alone, without asking llama.cpp (no probe; repacking as an upper bound)",
+    )
     i.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
     i.add_argument(
         "--allow-non-4bit",
@@ -91,6 +104,8 @@ def _positive_int(text: str) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from agent.models.gguf_info import check_quantization, read_model_info
 
+    if args.type_v != "f16" and not args.flash_attn:
+        raise ConfigError("--type-v other than f16 needs --flash-attn (llama.cpp requirement)")
     info = read_model_info(args.file)
     try:
         check_quantization(info, allow_non_4bit=args.allow_non_4bit)
@@ -101,14 +116,38 @@ def _inspect(args: argparse.Namespace) -> int:
     from agent.engine.estimate import estimate_memory
 
     n_ctx = args.ctx or min(info.n_ctx_train or _ENGINE_DEFAULTS.auto_ctx_max, _ENGINE_DEFAULTS.auto_ctx_max)
-    est = estimate_memory(
-        info, n_ctx=n_ctx, mode=args.mode, n_batch=args.n_batch, type_k=args.type_k, type_v=args.type_v
+    kw: dict[str, Any] = dict(
+        n_ctx=n_ctx, mode=args.mode, n_batch=args.n_batch, type_k=args.type_k, type_v=args.type_v,
+        flash_attn=args.flash_attn,
     )
-    settings = {"n_ctx": n_ctx, "mode": args.mode, "n_batch": args.n_batch, "type_k": args.type_k, "type_v": args.type_v}
+    plan_notes: list[str] = []
+    est = None
+    if args.header_only:
+        plan_notes.append("--header-only: llama.cpp was not asked")
+    else:
+        try:
+            from agent.engine import llamacpp
+        except (ImportError, OSError) as e:
+            plan_notes.append(f"llama.cpp is not importable here ({e}): header-only estimate")
+        else:
+            try:
+                with llamacpp.ExactSizer(
+                    args.file, info, n_batch=args.n_batch, type_k=args.type_k, type_v=args.type_v,
+                    flash_attn=args.flash_attn,
+                ) as sizer:
+                    est = estimate_memory(info, **kw, sizer=sizer)
+                plan_notes += sizer.notes + [f"asking llama.cpp took {sizer.elapsed_ms():.0f} ms"]
+            except RuntimeError as e:
+                plan_notes.append(f"llama.cpp cannot load this file ({e}): header-only estimate; the engine will refuse it")
+    if est is None:
+        est = estimate_memory(info, **kw)
+    settings = {k: v for k, v in kw.items()}
     if args.json:
         doc = {
             "model": info.as_dict(),
             "estimate": {
+                "source": est.source,
+                "notes": plan_notes + list(est.notes),
                 "settings": settings,
                 "components": est.as_dict(),
                 "anon_bytes": est.anon_bytes,
@@ -118,11 +157,11 @@ def _inspect(args: argparse.Namespace) -> int:
         json.dump(doc, sys.stdout, indent=2)
         print()
     else:
-        print(_report(info, settings, est.as_dict(), est.anon_bytes, est.file_bytes))
+        print(_report(info, settings, est, plan_notes))
     return EXIT_OK
 
 
-def _report(info: ModelInfo, settings: dict[str, Any], components: dict[str, Any], anon: int, file_backed: int) -> str:
+def _report(info: ModelInfo, settings: dict[str, Any], est: MemoryEstimate, plan_notes: list[str]) -> str:
     lines: list[str] = []
 
     def row(label: str, text: str) -> None:
@@ -138,13 +177,18 @@ def _report(info: ModelInfo, settings: dict[str, Any], components: dict[str, Any
     row("context", f"trained for {info.n_ctx_train} tokens")
     share = 100.0 * info.four_bit_bytes / info.weights_bytes if info.weights_bytes else 0.0
     row("weights", f"{_size(info.weights_bytes)}, {info.n_params / 1e6:.1f} M parameters, "
-        f"{share:.1f}% in 4-bit or smaller types ({'4-bit' if info.is_4bit else 'NOT 4-bit'})")
+        f"{share:.1f}% in 4-bit or smaller types" + (f", general.file_type {info.quant.file_type}" if info.quant.file_type else ""))
+    q = info.quant
+    row("4-bit", f"{'yes' if q.is_4bit else 'NO'} (rule: {q.rule}): {q.reason}")
     first = True
     for type_name, s in info.quant_summary.items():
         row("types" if first else "", f"{type_name:<8}{s['count']:>5} tensors {_size(s['bytes']):>12}")
         first = False
-    row("repack", f"{_size(info.repackable_bytes)} copied into anonymous memory in fast mode (upper bound; "
-        "CPU dependent)")
+    row("repack", f"at most {_size(info.repackable_bytes)} copied into anonymous memory in fast mode (the header's "
+        "upper bound over CPUs)")
+    for note in plan_notes:
+        if note.startswith(_REPACK_NOTE):
+            row("", f"on this CPU: {note.removeprefix(_REPACK_NOTE)}")
 
     first = True
     for r in info.layers:
@@ -157,13 +201,15 @@ def _report(info: ModelInfo, settings: dict[str, Any], components: dict[str, Any
 
     lines.append("")
     lines.append(
-        f"memory estimate: n_ctx {settings['n_ctx']}, mode {settings['mode']}, n_batch {settings['n_batch']}, "
-        f"KV {settings['type_k']}/{settings['type_v']}"
+        f"memory ({est.source_text}): n_ctx {est.n_ctx}, mode {settings['mode']}, n_batch {settings['n_batch']}, "
+        f"KV {settings['type_k']}/{settings['type_v']}" + (", flash attention" if settings["flash_attn"] else "")
     )
-    for name, value in components.items():
-        lines.append(f"  {name:<22}{_size(value) if isinstance(value, int) else value:>12}")
-    lines.append(f"  {'anonymous (RAM/swap)':<22}{_size(anon):>12}")
-    lines.append(f"  {'file-backed (mmap)':<22}{_size(file_backed):>12}")
+    for name, value in est.as_dict().items():
+        lines.append(f"  {name:<22}{_size(value):>12}")
+    lines.append(f"  {'anonymous (RAM/swap)':<22}{_size(est.anon_bytes):>12}")
+    lines.append(f"  {'file-backed (mmap)':<22}{_size(est.file_bytes):>12}")
+    for note in [n for n in plan_notes if not n.startswith(_REPACK_NOTE)] + list(est.notes):
+        lines.append(f"  note: {note}")
     return "\n".join(lines)
 
 

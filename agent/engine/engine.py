@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import dataclasses
 import gc
 import logging
 import threading
@@ -29,6 +30,7 @@ from agent.config.sections import EngineSettings, MemorySettings
 from agent.engine import llamacpp
 from agent.engine.estimate import (
     CTX_PAD,
+    LOAD_FIXED_BYTES,
     MemoryEstimate,
     Mode,
     choose_mode,
@@ -213,16 +215,38 @@ class Engine:
 
     # ------------------------------------------------------------------ load / unload
 
-    def plan(self, *, runtime_bytes: int | None = None) -> LoadPlan:
+    def plan(self, *, runtime_bytes: int | None = None, exact: bool = True) -> LoadPlan:
         """Decide mode and n_ctx for the current settings without loading anything. Raises
-        WillNotFit when nothing fits the budget (unless forced), ModelError for a bad file.
-        ``runtime_bytes``: the process's RssAnon now (default: the estimate's measured constant)."""
+        WillNotFit when nothing fits the budget (unless forced), ModelError for a bad file,
+        EngineError when llama.cpp cannot read the model.
+        ``runtime_bytes``: the process's RssAnon now (default: the estimate's measured constant).
+        ``exact`` (default): plan with llama.cpp's own sizes (a no-alloc probe of the model and this
+        CPU's repacking, agent.engine.llamacpp.ExactSizer); False: the header-only estimate."""
         info = read_model_info(self.model_path)
         check_quantization(info, self.allow_non_4bit)
+        if not exact:
+            return self._plan(info, runtime_bytes, None)
+        s = self.settings
+        try:
+            sizer = llamacpp.ExactSizer(
+                self.model_path, info, n_batch=s.n_batch, type_k=s.type_k, type_v=s.type_v, flash_attn=s.flash_attn
+            )
+        except RuntimeError as e:  # llama.cpp's refusal of the file, for any reason
+            raise EngineError(f"llama.cpp cannot load {self.model_path}: {e}", code=ErrorCode.model_not_loaded) from e
+        try:
+            plan = self._plan(info, runtime_bytes, sizer)
+        except RuntimeError as e:
+            raise EngineError(f"llama.cpp cannot plan {self.model_path}: {e}", code=ErrorCode.model_not_loaded) from e
+        finally:
+            sizer.close()
+        return dataclasses.replace(plan, probe_ms=sizer.elapsed_ms(), notes=plan.notes + tuple(sizer.notes))
+
+    def _plan(self, info: Any, runtime_bytes: int | None, sizer: Any) -> LoadPlan:
         s = self.settings
         budget = self._budget_override or resolve_budget(self.memory_settings)
         kw: dict[str, Any] = dict(
-            n_batch=s.n_batch, type_k=s.type_k, type_v=s.type_v, flash_attn=s.flash_attn, runtime_bytes=runtime_bytes
+            n_batch=s.n_batch, type_k=s.type_k, type_v=s.type_v, flash_attn=s.flash_attn, runtime_bytes=runtime_bytes,
+            sizer=sizer,
         )
         headroom = float(self.memory_settings.headroom_pct)
         mode: Mode
@@ -238,27 +262,34 @@ class Engine:
                 mode, mode_reason = s.load_mode, "engine.load_mode"
             # An automatic context leaves page cache for the weights inference keeps reading (up to
             # half the budget): a KV cache that squeezes them out makes every token re-read the
-            # model from storage. Only if that leaves no context at all does it take the whole budget.
+            # model from storage. If that leaves no context at all, it still leaves the headroom:
+            # a cgroup charges the page cache and kernel memory too, and a process whose anonymous
+            # memory fills its limit while every token re-reads the weights gets OOM-killed (the
+            # real Gemma file planned at 98 % of a 145 MiB limit was; at 91 % it ran). Only if even that
+            # leaves nothing is the whole budget used.
             file_share = min(estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw).file_bytes, budget.bytes // 2)
-            ctx = largest_ctx_that_fits(info, budget.bytes - file_share, mode, cap=cap, **kw)
-            squeezed = ctx is None
-            if squeezed:
-                ctx = largest_ctx_that_fits(info, budget.bytes, mode, cap=cap, **kw)
+            headroom_share = int(budget.bytes * headroom / 100)
+            ctx, ctx_reason = None, ""
+            for reserve, why in (
+                (file_share, f"less {file_share / MiB:.0f} MiB of page cache for the weights"),
+                (headroom_share, f"less memory.headroom_pct ({headroom:g} %): no room for the weights' page cache"),
+                (0, "(no room left for the weights' page cache or the headroom)"),
+            ):
+                ctx = largest_ctx_that_fits(info, budget.bytes - reserve, mode, cap=cap, **kw)
+                if ctx is not None:
+                    ctx_reason = f"auto: the largest that fits the budget {why}"
+                    break
             if ctx is None:
                 if not self._force:
                     est = estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw)
                     raise WillNotFit(_will_not_fit(est, budget, f"even the smallest context ({CTX_PAD})"))
                 ctx = CTX_PAD
+                ctx_reason = "auto: the smallest context (forced: even it does not fit the budget)"
             n_ctx = ctx
             if ctx >= max(CTX_PAD, cap // CTX_PAD * CTX_PAD):
                 ctx_reason = f"auto: the cap ({cap_note})"
-            elif squeezed:
-                ctx_reason = "auto: the largest that fits the budget (no room left for the weights' page cache)"
             else:
-                ctx_reason = (
-                    f"auto: the largest that fits the budget less {file_share / MiB:.0f} MiB of page cache for the "
-                    f"weights (cap: {cap_note})"
-                )
+                ctx_reason += f" (cap: {cap_note})"
         else:
             n_ctx = pad_ctx(int(s.n_ctx))
             ctx_reason = "engine.n_ctx" + (f" {s.n_ctx} rounded up to a multiple of 256" if n_ctx != s.n_ctx else "")
@@ -279,13 +310,19 @@ class Engine:
             self.unload()
             self._closing.clear()
             llamacpp.LIBC.malloc_trim()
+            plan = self.plan(runtime_bytes=proc_status().rss_anon)
+            # The probe's tables are freed: give the heap back, then take the process as it is
+            # now (with what the probe could not give back) as the estimate's runtime term.
+            llamacpp.LIBC.malloc_trim()
             before = proc_status()
-            plan = self.plan(runtime_bytes=before.rss_anon)
-            mode, n_ctx, est, budget = plan.mode, plan.n_ctx, plan.estimate, plan.budget
+            est = dataclasses.replace(plan.estimate, runtime=before.rss_anon + LOAD_FIXED_BYTES)
+            mode, n_ctx, budget = plan.mode, plan.n_ctx, plan.budget
+            if est.anon_bytes > budget.bytes and not self._force:
+                raise WillNotFit(_will_not_fit(est, budget, f"n_ctx {n_ctx}"))
             s = self.settings
             n_threads = s.n_threads if s.n_threads != "auto" else process_cpu_count()
             n_batch = min(s.n_batch, n_ctx)
-            notes = list(budget.notes)
+            notes = list(budget.notes) + list(plan.notes)
             if est.anon_bytes > budget.bytes:
                 notes.append(f"forced: the estimate {est.anon_bytes / MiB:.0f} MiB exceeds the budget {budget.bytes / MiB:.0f} MiB")
             if est.anon_bytes + est.file_bytes > budget.bytes:
@@ -316,6 +353,7 @@ class Engine:
             buffers = llamacpp.buffer_sizes(lines)
             if mode == "fast" and not any("REPACK" in k for k in buffers):
                 notes.append("llama.cpp repacked nothing on this CPU: fast mode costs no extra memory here")
+            notes.extend(_plan_mismatches(est, buffers))
             self._report = LoadReport(
                 model=str(self.model_path),
                 mode=mode,
@@ -331,6 +369,7 @@ class Engine:
                 load_ms=load_ms,
                 llama_buffers=buffers,
                 notes=notes,
+                plan_ms=plan.probe_ms,
             )
             log.info("loaded %s", self._report.summary())
             if s.warmup:
@@ -549,6 +588,25 @@ def _make_sampler(req: GenerationRequest) -> Any:
         seed = C.LLAMA_DEFAULT_SEED if req.seed is None else req.seed & 0xFFFFFFFF
         C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
     return chain
+
+
+def _plan_mismatches(est: MemoryEstimate, buffers: dict[str, int]) -> list[str]:
+    """Where llama.cpp's real buffers differ from the plan by more than rounding: a note in the
+    report (and a warning in the log), because the next plan on this board would be as wrong."""
+    if est.source != "llama.cpp":
+        return []
+    real = {
+        "repacked weights": sum(v for k, v in buffers.items() if k.endswith(" model") and "_Mapped" not in k),
+        "KV cache": sum(v for k, v in buffers.items() if k.endswith(" KV")),
+        "compute buffer": sum(v for k, v in buffers.items() if k.endswith(" compute")),
+    }
+    planned = {"repacked weights": est.repacked_weights, "KV cache": est.kv_cache, "compute buffer": est.compute_buffer}
+    out = []
+    for name, value in real.items():
+        if abs(value - planned[name]) > 64 * 1024 + 0.01 * planned[name]:
+            out.append(f"llama.cpp allocated {value / MiB:.1f} MiB of {name}, the plan said {planned[name] / MiB:.1f} MiB")
+            log.warning("plan mismatch: %s", out[-1])
+    return out
 
 
 def _will_not_fit(est: MemoryEstimate, budget: Budget, what: str) -> str:

@@ -2,7 +2,9 @@
 
 Owns ``estimate_memory`` (named components, anonymous vs file-backed), ``largest_ctx_that_fits``
 (n_ctx = 'auto') and ``choose_mode`` (load_mode = 'auto'). Pure functions of the GGUF header
-(``ModelInfo``) and the settings, so `model inspect` and the engine plan with the same numbers.
+(``ModelInfo``), the settings and, for the exact plan, llama.cpp's own sizes (``LlamaSizes`` from
+a ``sizer``: the engine's no-alloc probe, agent.engine.llamacpp). Without a sizer the estimate
+is header-only: the hand model below, which `model inspect` can use without loading llama.cpp.
 
 The estimate is of the steady-state peak of anonymous memory (RssAnon): after load, with the
 context full and the largest prompt batch evaluated, because that is what the OOM killer and the
@@ -16,10 +18,12 @@ n_batch 32-512; docs/memory-modes.md has the formulas, the data and the command 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Mode = Literal["fit", "fast"]
+Source = Literal["llama.cpp", "header"]
 
 MiB = 1024 * 1024
 
@@ -43,9 +47,31 @@ LOAD_FIXED_BYTES = 3 * MiB
 # Fitted on synthetic byte-fallback vocabularies of 512-152k tokens: 147 bytes per token.
 # BPE vocabularies also load a merges table, which this does not model (see docs/memory-modes.md).
 VOCAB_BYTES_PER_TOKEN = 148
-# Per vocabulary entry for sampling: llama.cpp's output row (4 B float), llama-cpp-python's
-# candidate ids (4 B), the sampler chain's candidate array (12 B) that glibc keeps after use.
-LOGITS_BYTES_PER_TOKEN = 4 + 4 + 12
+# Per vocabulary entry for sampling: llama.cpp's output row (4 B float); llama-cpp-python's
+# Llama keeps a candidates record array (12 B), its ids (4 B) and zero probabilities (4 B); the
+# sampler chain's candidate array (12 B) that glibc keeps after use. Measured resident: 15.6-16.8
+# B per entry of llama-cpp-python's 20 right after load (Gemma 3 262k and qwen-0.5b 152k
+# vocabularies), the sampler's 12 after the first token.
+OUTPUT_ROW_BYTES_PER_TOKEN = 4
+SAMPLER_BYTES_PER_TOKEN = 12 + 4 + 4 + 12
+LOGITS_BYTES_PER_TOKEN = OUTPUT_ROW_BYTES_PER_TOKEN + SAMPLER_BYTES_PER_TOKEN
+
+
+@dataclass(frozen=True)
+class LlamaSizes:
+    """llama.cpp's own numbers for one context size (the engine's no-alloc probe): what its CPU
+    backend repacks on this CPU in fast mode, and the KV, compute and output buffers it allocates."""
+
+    repacked: int  # bytes of weights copied into repacking buffers in fast mode (0 on CPUs that repack nothing)
+    repacked_duplicates: int  # of which copies of a tensor that also stays in use from the file (tied output)
+    kv: int
+    compute: int
+    output: int
+    host_tables: int | None = None  # the model's vocabulary and metadata tables, measured; None: use the formula
+
+
+# padded n_ctx -> llama.cpp's sizes; the caller fixes batch sizes, KV types and flash attention.
+Sizer = Callable[[int], LlamaSizes]
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,7 @@ class MemoryEstimate:
     logits: int
     vocab: int
     runtime: int  # the process before load (Python, libraries) plus fixed per-load cost
+    source: Source = "header"  # llama.cpp: repacked, KV, compute and output buffers are llama.cpp's own sizes
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -102,10 +129,17 @@ class MemoryEstimate:
         """One line per anonymous component, for error messages and logs."""
         parts = [f"{k.replace('_', ' ')} {_mib(v)}" for k, v in self.as_dict().items() if k not in ("weights_mapped", "file_working_set")]
         return (
-            f"{self.mode} mode, n_ctx {self.n_ctx}, n_batch {self.n_batch}: anonymous {_mib(self.anon_bytes)} = "
+            f"{self.mode} mode, n_ctx {self.n_ctx}, n_batch {self.n_batch} ({self.source_text}): "
+            f"anonymous {_mib(self.anon_bytes)} = "
             + " + ".join(parts)
             + f" (plus {_mib(self.file_bytes)} of file-backed weights in use)"
         )
+
+    @property
+    def source_text(self) -> str:
+        if self.source == "llama.cpp":
+            return "exact plan: llama.cpp's own buffer sizes on this CPU"
+        return "header-only estimate"
 
 
 def pad_ctx(n_ctx: int) -> int:
@@ -180,11 +214,14 @@ def estimate_memory(
     type_v: str = "f16",
     flash_attn: bool = False,
     runtime_bytes: int | None = None,
+    sizer: Sizer | None = None,
 ) -> MemoryEstimate:
     """Estimate the steady-state memory of serving ``info`` with these settings.
 
     ``runtime_bytes`` is the process's anonymous memory before the load; the engine passes its own
-    RssAnon, `model inspect` leaves the measured default.
+    RssAnon, `model inspect` leaves the measured default. With ``sizer`` (the exact plan) the
+    repacked weights, KV cache, compute and output buffers are llama.cpp's own sizes for this CPU;
+    without it they come from the header by the formulas above, repacking as an upper bound.
     """
     if mode not in ("fit", "fast"):
         raise ValueError(f"mode must be 'fit' or 'fast', not {mode!r}")
@@ -193,26 +230,42 @@ def estimate_memory(
     ctx = pad_ctx(n_ctx)
     batch = max(1, min(n_batch, ctx))
     ub = ubatch_size(ctx, n_batch)
-    repacked = int(info.repackable_bytes) if mode == "fast" else 0
-    # A tied output matrix is repacked as a duplicate of token_embd; token_embd itself stays mapped.
-    tied_dup = _token_embd_bytes(info) if (mode == "fast" and getattr(info, "tied_embeddings", False)) else 0
     notes: list[str] = []
-    if mode == "fast":
-        notes.append("repacked bytes are an upper bound: CPUs without a repack kernel (e.g. Cortex-A72) copy nothing")
+    if sizer is not None:
+        sizes = sizer(ctx)
+        repacked = sizes.repacked if mode == "fast" else 0
+        # A repacked duplicate (the tied output matrix) leaves its source in use from the file.
+        leaves_file = repacked - (sizes.repacked_duplicates if mode == "fast" else 0)
+        kv, compute = sizes.kv, sizes.compute
+        logits = sizes.output + int(info.n_vocab) * SAMPLER_BYTES_PER_TOKEN
+        vocab = sizes.host_tables if sizes.host_tables is not None else int(info.n_vocab) * VOCAB_BYTES_PER_TOKEN
+        source: Source = "llama.cpp"
+    else:
+        repacked = int(info.repackable_bytes) if mode == "fast" else 0
+        tied_dup = _token_embd_bytes(info) if (mode == "fast" and getattr(info, "tied_embeddings", False)) else 0
+        leaves_file = repacked - tied_dup
+        kv = kv_cache_bytes(info, ctx, type_k, type_v)
+        compute = compute_buffer_bytes(info, ctx, ub, flash_attn=flash_attn)
+        logits = int(info.n_vocab) * LOGITS_BYTES_PER_TOKEN
+        vocab = int(info.n_vocab) * VOCAB_BYTES_PER_TOKEN
+        source = "header"
+        if mode == "fast":
+            notes.append("repacked bytes are an upper bound: CPUs without a repack kernel (e.g. Cortex-A72) copy nothing")
     return MemoryEstimate(
         mode=mode,
         n_ctx=ctx,
         n_batch=batch,
         n_ubatch=ub,
         weights_mapped=int(info.weights_bytes),
-        file_working_set=max(0, int(info.weights_bytes) - (repacked - tied_dup)),
+        file_working_set=max(0, int(info.weights_bytes) - leaves_file),
         repacked_weights=repacked,
-        kv_cache=kv_cache_bytes(info, ctx, type_k, type_v),
-        compute_buffer=compute_buffer_bytes(info, ctx, ub, flash_attn=flash_attn),
+        kv_cache=kv,
+        compute_buffer=compute,
         cpu_work_buffer=cpu_work_bytes(info, ctx, ub, flash_attn=flash_attn),
-        logits=int(info.n_vocab) * LOGITS_BYTES_PER_TOKEN,
-        vocab=int(info.n_vocab) * VOCAB_BYTES_PER_TOKEN,
+        logits=logits,
+        vocab=vocab,
         runtime=(DEFAULT_RUNTIME_BYTES if runtime_bytes is None else int(runtime_bytes)) + LOAD_FIXED_BYTES,
+        source=source,
         notes=tuple(notes),
     )
 
@@ -228,6 +281,7 @@ def largest_ctx_that_fits(
     *,
     flash_attn: bool = False,
     runtime_bytes: int | None = None,
+    sizer: Sizer | None = None,
 ) -> int | None:
     """The largest context (a multiple of 256, at most ``cap`` rounded down to 256, and at least
     256) whose anonymous estimate fits ``budget_bytes``; None when not even the smallest does.
@@ -239,7 +293,7 @@ def largest_ctx_that_fits(
     def fits(ctx: int) -> bool:
         est = estimate_memory(
             info, n_ctx=ctx, mode=mode, n_batch=n_batch, type_k=type_k, type_v=type_v,
-            flash_attn=flash_attn, runtime_bytes=runtime_bytes,
+            flash_attn=flash_attn, runtime_bytes=runtime_bytes, sizer=sizer,
         )
         return est.anon_bytes <= budget_bytes
 
@@ -275,6 +329,7 @@ def choose_mode(
     type_v: str = "f16",
     flash_attn: bool = False,
     runtime_bytes: int | None = None,
+    sizer: Sizer | None = None,
 ) -> ModeChoice:
     """load_mode 'auto': fast only when its estimate stays headroom_pct under the budget.
 
@@ -283,7 +338,8 @@ def choose_mode(
     costs speed, while choosing fast wrongly costs an OOM kill.
     """
     kw: dict[str, Any] = dict(
-        n_ctx=n_ctx, n_batch=n_batch, type_k=type_k, type_v=type_v, flash_attn=flash_attn, runtime_bytes=runtime_bytes
+        n_ctx=n_ctx, n_batch=n_batch, type_k=type_k, type_v=type_v, flash_attn=flash_attn, runtime_bytes=runtime_bytes,
+        sizer=sizer,
     )
     fast = estimate_memory(info, mode="fast", **kw)
     fit = estimate_memory(info, mode="fit", **kw)

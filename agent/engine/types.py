@@ -83,7 +83,8 @@ class RequestLimits:
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """What load() will do, decided from the GGUF header, the settings and the budget."""
+    """What load() will do, decided from the GGUF header, the settings, the budget and (the exact
+    plan, ``estimate.source == "llama.cpp"``) llama.cpp's own sizes from a no-alloc probe."""
 
     mode: Mode
     mode_reason: str
@@ -92,6 +93,8 @@ class LoadPlan:
     estimate: MemoryEstimate
     budget: Budget
     info: Any  # agent.models.gguf_info.ModelInfo
+    notes: tuple[str, ...] = ()  # what the probe found (repacking on this CPU, fallbacks)
+    probe_ms: float | None = None  # what asking llama.cpp cost; None for a header-only plan
 
 
 @dataclass(frozen=True)
@@ -110,13 +113,16 @@ class LoadReport:
     load_ms: float
     llama_buffers: dict[str, int]  # llama.cpp's own buffer sizes from its load log, bytes
     notes: list[str] = field(default_factory=list)
+    plan_ms: float | None = None  # the exact plan's probe, before load_ms
 
     def summary(self) -> str:
         return (
             f"{Path(self.model).name}: {self.mode} mode ({self.mode_reason}); n_ctx {self.n_ctx} ({self.n_ctx_reason}); "
-            f"{self.n_threads} threads; estimate {self.estimate.anon_bytes / MiB:.0f} MiB anonymous of budget "
+            f"{self.n_threads} threads; {'planned' if self.estimate.source == 'llama.cpp' else 'estimated (header only)'} "
+            f"{self.estimate.anon_bytes / MiB:.0f} MiB anonymous of budget "
             f"{self.budget.bytes / MiB:.0f} MiB ({self.budget.source}); RssAnon {self.after.rss_anon / MiB:.0f} MiB, "
             f"RssFile {self.after.rss_file / MiB:.0f} MiB after load; {self.load_ms:.0f} ms"
+            + (f" (plan {self.plan_ms:.0f} ms)" if self.plan_ms is not None else "")
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -130,10 +136,12 @@ class LoadReport:
             "n_threads": self.n_threads,
             "budget": self.budget.as_dict(),
             "estimate": {
+                "source": self.estimate.source,
                 "components": self.estimate.as_dict(),
                 "anon_bytes": self.estimate.anon_bytes,
                 "file_bytes": self.estimate.file_bytes,
             },
+            "plan_ms": None if self.plan_ms is None else round(self.plan_ms, 1),
             "memory": {"before_load": self.before.as_dict(), "after_load": self.after.as_dict()},
             "load_ms": round(self.load_ms, 1),
             "llama_buffers": self.llama_buffers,

@@ -1,6 +1,7 @@
 """Reading a GGUF model's header: shapes, tensor byte ranges, quantisation, without touching the weights.
 
-Owns ``read_model_info`` (file -> ``ModelInfo``) and ``check_quantization`` (the 4-bit rule).
+Owns ``read_model_info`` (file -> ``ModelInfo``) and ``check_quantization`` (the 4-bit rule:
+``QuantVerdict``, decided on the transformer blocks or on ``general.file_type``).
 Everything the agent plans before loading (memory estimate, context size, warm-up ranges, the
 refusal of non-4-bit files) comes from here, so the engine never has to load a model to learn
 what it is.
@@ -42,12 +43,25 @@ _T = gguf.GGMLQuantizationType
 _MAX_4BIT_BITS_PER_WEIGHT = 5.0
 _UNQUANTISED = {_T.F32, _T.F16, _T.BF16, _T.F64, _T.I8, _T.I16, _T.I32, _T.I64}
 
-# Types llama.cpp's CPU backend repacks into interleaved layouts, with the row-count multiple the
+# general.file_type values (llama.cpp's llama_ftype, gguf.LlamaFileType) that name a 4-bit-or-
+# smaller mix. llama.cpp's quantizer writes the type it was asked for; inside such a file some
+# tensors are wider by design (Q6_K/Q8_0 embeddings and output, Q6_K ffn_down in _M mixes) or by
+# necessity: a k-quant needs rows that are a multiple of 256, and where they are not (Gemma 3 270M:
+# 640) the quantizer falls back to Q5_0 for Q4_K and Q8_0 for Q6_K.
+_FOUR_BIT_FILE_TYPE = re.compile(r"^MOSTLY_(Q[1-4]_|IQ[1-4]_|TQ[12]_|MXFP4|NVFP4)")
+# llama.cpp ORs this flag into general.file_type when it guessed the type (LLAMA_FTYPE_GUESSED).
+_FILE_TYPE_GUESSED = 1024
+# A file_type can be wrong (a tool that rewrote tensors without updating it). It is believed only
+# while the blocks' average stays below this: between Q6_K (6.56 bits per weight) and Q8_0 (8.5).
+_FILE_TYPE_MAX_BLOCK_BITS = 7.0
+
+# Types llama.cpp's CPU backend may repack into interleaved layouts, with the row-count multiple the
 # kernel needs, taken from ggml-cpu/repack.cpp (ggml_repack_get_optimal_repack_type) as vendored in
 # llama-cpp-python 0.3.36. Which ones apply depends on the CPU: x86 AVX2 repacks Q4_0, Q4_K, IQ4_NL,
 # MXFP4 (8 rows); ARMv8.2 dotprod (Pi 5) also Q8_0, Q5_K, Q6_K and Q4_0/IQ4_NL/Q8_0 at 4 rows;
 # AVX-512 adds Q2_K; an ARM core without dotprod (Pi 4) repacks nothing. The table is the union,
-# with the smallest row multiple, so repackable_bytes is an upper bound on any CPU.
+# with the smallest row multiple, so repackable_bytes is an upper bound on any CPU. The engine does
+# not plan with it: it asks the CPU backend itself (agent.engine.llamacpp.cpu_repack).
 _REPACK_ROW_MULTIPLE: dict[str, int] = {
     "Q4_0": 4,
     "IQ4_NL": 4,
@@ -105,6 +119,27 @@ class TensorRange:
 
 
 @dataclass(frozen=True)
+class QuantVerdict:
+    """The 4-bit rule's decision and which rule made it.
+
+    ``rule``: ``"blocks"`` when the repeating transformer blocks' matrices are mostly (by bytes)
+    4-bit or smaller; ``"file_type"`` when they are not but ``general.file_type`` names a 4-bit mix
+    and the blocks average at most 7 bits per weight; ``"none"`` when neither holds (refused).
+    Embeddings and output are not judged: llama.cpp's recipes keep them at Q6_K/Q8_0, and in a small
+    model with a large vocabulary they are most of the file.
+    """
+
+    is_4bit: bool
+    rule: str
+    reason: str
+    block_bytes: int  # bytes of the blocks' matrices (2-D or more ``blk.N.*`` tensors)
+    block_four_bit_bytes: int
+    block_dominant_type: str
+    block_bits_per_weight: float  # the blocks' average, block scales included
+    file_type: str | None  # general.file_type as llama.cpp names it without MOSTLY_ (Q4_K_M, F16 ...)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the agent knows about a model file before loading it.
 
@@ -124,6 +159,8 @@ class ModelInfo:
     n_ff: int
     n_vocab: int
     n_ctx_train: int
+    n_swa: int  # sliding-window size of the SWA layers ({arch}.attention.sliding_window), 0 when none
+    n_expert_used: int  # experts per token ({arch}.expert_used_count), 0 for a dense model
     file_size: int
     gguf_version: int
     tensor_count: int
@@ -133,11 +170,15 @@ class ModelInfo:
     other_ranges: tuple[TensorRange, ...]
     weights_bytes: int
     repackable_bytes: int
-    is_4bit: bool
-    four_bit_bytes: int
-    dominant_type: str
+    four_bit_bytes: int  # the whole file's bytes in 4-bit or smaller types
+    dominant_type: str  # the whole file's largest type by bytes
+    quant: QuantVerdict
     tied_embeddings: bool
     tensors: tuple[TensorEntry, ...] = field(repr=False)
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.quant.is_4bit
 
     @property
     def n_params(self) -> int:
@@ -154,6 +195,7 @@ class ModelInfo:
         d = asdict(self)
         d["path"] = str(self.path)
         d["n_params"] = self.n_params
+        d["is_4bit"] = self.is_4bit
         if not with_tensors:
             del d["tensors"]
         return d
@@ -188,21 +230,18 @@ def read_model_info(path: Path | str) -> ModelInfo:
 
 
 def check_quantization(info: ModelInfo, allow_non_4bit: bool) -> None:
-    """Refuse a model whose weight bytes are not mostly 4-bit (or smaller), unless allowed.
+    """Refuse a model that is not 4-bit (``info.quant``), unless allowed.
 
     Memory planning, the default budgets and the docs assume 4-bit weights; an 8-bit or F16 file of
     the same model needs two to four times the memory and is the usual cause of OOM kills on small
     boards. The switch exists for users who know their budget holds it.
     """
-    if info.is_4bit or allow_non_4bit:
+    q = info.quant
+    if q.is_4bit or allow_non_4bit:
         return
-    share = 100.0 * info.four_bit_bytes / info.weights_bytes if info.weights_bytes else 0.0
-    dominant = info.quant_summary.get(info.dominant_type, {"bytes": 0})["bytes"]
     raise ModelError(
-        f"model {info.path.name} is not 4-bit: most of its weights are {info.dominant_type} "
-        f"({_mib(dominant)} of {_mib(info.weights_bytes)}; 4-bit or smaller types hold only {share:.0f}%). "
-        "Use a Q4_0/Q4_K_M/IQ4 quantisation of the model, or set model.allow_non_4bit = true "
-        "if the memory budget holds it",
+        f"model {info.path.name} is not 4-bit: {q.reason}. Use a Q4_0/Q4_K_M/IQ4 quantisation of the model, "
+        "or set model.allow_non_4bit = true if the memory budget holds it",
         code="model_not_4bit",
     )
 
@@ -479,6 +518,8 @@ def _build_info(path: Path, size: int, h: _Header) -> ModelInfo:
         n_ff=num("feed_forward_length"),
         n_vocab=n_vocab,
         n_ctx_train=num("context_length"),
+        n_swa=num("attention.sliding_window"),
+        n_expert_used=num("expert_used_count"),
         file_size=size,
         gguf_version=h.version,
         tensor_count=len(h.tensors),
@@ -488,11 +529,70 @@ def _build_info(path: Path, size: int, h: _Header) -> ModelInfo:
         other_ranges=other,
         weights_bytes=weights,
         repackable_bytes=_repackable_bytes(h.tensors, tied, embd),
-        is_4bit=weights > 0 and four_bit * 2 > weights,
         four_bit_bytes=four_bit,
         dominant_type=next(iter(summary), "none"),
+        quant=_quant_verdict(h.tensors, kv.get("general.file_type")),
         tied_embeddings=tied,
         tensors=tuple(h.tensors),
+    )
+
+
+def _file_type_name(value: Any) -> str | None:
+    if not isinstance(value, int):
+        return None
+    try:
+        return gguf.LlamaFileType(value & ~_FILE_TYPE_GUESSED).name
+    except ValueError:
+        return f"unknown ({value})"
+
+
+def _quant_verdict(tensors: list[TensorEntry], file_type_value: Any) -> QuantVerdict:
+    # The repeating blocks decide: that is where the per-layer weights and their bulk are once the
+    # vocabulary is small relative to the model. A file with no blk.N tensors is judged whole.
+    blocks = [t for t in tensors if _BLOCK_RE.match(t.name) and len(t.shape) >= 2]
+    judged = blocks or [t for t in tensors if len(t.shape) >= 2] or tensors
+    by_type: dict[str, int] = {}
+    elements = 0
+    for t in judged:
+        by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes
+        n = 1
+        for d in t.shape:
+            n *= d
+        elements += n
+    total = sum(by_type.values())
+    four_bit = sum(b for name, b in by_type.items() if is_4bit_type(name))
+    dominant = max(by_type, key=lambda k: by_type[k]) if by_type else "none"
+    bits = total * 8 / elements if elements else 0.0
+    ft_full = _file_type_name(file_type_value)
+    ft = ft_full.removeprefix("MOSTLY_") if ft_full else None
+    where = "its transformer blocks" if blocks else "its weights"
+    share = 100.0 * four_bit / total if total else 0.0
+    common = dict(
+        block_bytes=total, block_four_bit_bytes=four_bit, block_dominant_type=dominant,
+        block_bits_per_weight=round(bits, 3), file_type=ft,
+    )
+    if total and four_bit * 2 > total:
+        return QuantVerdict(True, "blocks", f"{share:.0f}% of {where}' weight bytes are in 4-bit or smaller types", **common)
+    ft_says_4bit = ft_full is not None and _FOUR_BIT_FILE_TYPE.match(ft_full) is not None
+    if ft_says_4bit and bits <= _FILE_TYPE_MAX_BLOCK_BITS:
+        return QuantVerdict(
+            True,
+            "file_type",
+            f"general.file_type is {ft}, a 4-bit mix ({where} average {bits:.2f} bits per weight: llama.cpp keeps "
+            "some tensors wider, and falls back to Q5_0/Q8_0 where rows are not a multiple of 256)",
+            **common,
+        )
+    dominant_bytes = by_type.get(dominant, 0)
+    if ft_says_4bit:
+        ft_text = f"general.file_type says {ft}, but {where} average {bits:.2f} bits per weight"
+    else:
+        ft_text = f"general.file_type is {ft}" if ft else "there is no general.file_type"
+    return QuantVerdict(
+        False,
+        "none",
+        f"{where} are mostly {dominant} ({_mib(dominant_bytes)} of {_mib(total)}; 4-bit or smaller types hold "
+        f"only {share:.0f}%), and {ft_text}",
+        **common,
     )
 
 
