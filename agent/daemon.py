@@ -391,7 +391,11 @@ class Daemon:
                 deadline=deadline,
             )
             text, finish, stats = result.text, result.finish_reason, result.stats
-            usage = Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens)
+            usage = Usage(
+                prompt_tokens=stats.prompt_tokens,
+                completion_tokens=stats.completion_tokens,
+                prompt_tokens_cached=stats.prompt_tokens_cached,
+            )
             if finish == "canceled" and running.why == "shutdown":
                 self.store.requeue(rec.job_id, self.clock())
                 log.warning("job %s stopped by shutdown: requeued", rec.job_id)
