@@ -238,3 +238,27 @@ def test_overridden_template_wins_over_the_files(tiny_chatml: Path) -> None:
     with engine_for(tiny_chatml, chat_template="{{ messages[0]['content'] }}!") as engine:
         res = engine.generate(GenerationRequest(messages=(ChatMessage("user", "abc"),), max_tokens=1))
         assert res.stats.prompt_tokens == engine.count_tokens("abc!")
+
+
+def test_cli_submit_sends_a_chat_job_with_a_schema(tmp_path: Path, broker: MosquittoBroker, tiny_chatml: Path, capsys) -> None:
+    from agent.cli import main
+
+    config = write_daemon_config(tmp_path / "cli", broker, tiny_chatml, device_id=DEV)
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"enum": ["yes", "no"]}))
+    with BrokerClient(broker) as peer:
+        peer.subscribe(f"{ROOT}/status")
+        with InProcessDaemon(config).start():
+            wait_online(peer, DEV)
+            rc = main(["submit", "-c", str(config), "Is it raining?", "--system", "Answer yes or no.",
+                       "--json-schema", str(schema), "--job-id", "cli-chat", "--max-tokens", "8", "--wait", "--json"])  # fmt: skip
+            out, err = capsys.readouterr()
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["status"] == "SUCCEEDED" and json.loads(result["text"]) in ("yes", "no")
+    assert main(["jobs", "show", "-c", str(config), "cli-chat"]) == 0
+    request = json.loads(capsys.readouterr().out)["request"]
+    assert request["kind"] == "chat" and [m["role"] for m in request["messages"]] == ["system", "user"]
+    assert request["response_format"] == {"type": "json_schema", "schema": {"enum": ["yes", "no"]}}
+    assert main(["submit", "-c", str(config), "x", "--json-schema", "{not json"]) == 1
+    assert "--json-schema '{not json': not a JSON Schema file or inline JSON object" in capsys.readouterr().err

@@ -259,20 +259,6 @@ def test_unsupported_schema_is_refused_before_anything_is_evaluated(tiny_engine:
         tiny_engine.generate(req)
 
 
-@pytest.mark.slow
-def test_schema_jobs_on_a_large_vocabulary(qwen05_model: Path) -> None:
-    """qwen-0.5b's 151,936 tokens: the draws the grammar refuses are drawn again under it."""
-    validator = jsonschema.Draft202012Validator(PERSON)
-    with Engine(qwen05_model, engine=EngineSettings(n_ctx=512, n_threads=2, load_mode="fit")) as engine:
-        engine.load()
-        for seed in range(3):
-            res = engine.generate(
-                GenerationRequest("Person:", max_tokens=200, temperature=0.8, seed=seed, response_format=schema_format(PERSON))
-            )
-            assert res.finish_reason == "stop", res.text
-            validator.validate(json.loads(res.text))
-
-
 # ------------------------------------------------------------------------------- through the daemon
 
 DEV = "dev-so"

@@ -462,10 +462,14 @@ class Engine:
         if prefix and self._state_dir is None:
             log.info("engine.prompt_cache is set but the engine has no state folder: the prefix is not persisted")
         elif prefix:
+            tokens = self._tokenize(llama, prefix)
             try:
-                pc = PromptCache.open(
-                    self._state_dir / "prompt-cache", llama, self.model_path, self._tokenize(llama, prefix)
-                )
+                if len(tokens) > llama.n_ctx() // 2:
+                    raise EngineError(
+                        f"the prefix is {len(tokens)} tokens, more than half of n_ctx {llama.n_ctx()}: it would leave "
+                        "little room for the jobs that start with it"
+                    )
+                pc = PromptCache.open(self._state_dir / "prompt-cache", llama, self.model_path, tokens)
             except (OSError, EngineError) as e:
                 log.warning("engine.prompt_cache is off for this load: %s", e)
             else:

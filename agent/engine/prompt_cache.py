@@ -47,6 +47,7 @@ def model_sha256(model: Path, folder: Path | None) -> str:
                 return str(data["sha256"])
         except (OSError, ValueError):
             pass
+    log.info("prompt cache: computing the sha256 of %s (once per model file)", model.name)
     with open(model, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if memo is not None:
