@@ -11,10 +11,13 @@ Every part runs in fresh Python processes, each model loaded with n_ctx 1024, n_
    token on. Per round: the cache is emptied, job 1 runs cold (the baseline: what every job cost
    when the engine reset its cache per job), jobs 2-6 follow. Reported: prompt_ms of each, the
    tokens reused, and warm/cold per round; the target is warm <= 15 % of cold.
-2. engine.prompt_cache across restarts. Process A (no state file yet) runs one job cold and saves
-   the prefix; processes B and C (fresh interpreters, as after a daemon restart) restore it at load
-   and run their first job. B/C's prompt_ms against A's is the figure; also the state file's size,
-   save and restore times.
+2. engine.prompt_cache across restarts. Per round, in a new state folder: process A (no state file
+   yet) runs one job cold and saves the prefix; processes B and C (fresh interpreters, as after a
+   daemon restart) restore it at load and run their first job. B/C's prompt_ms against A's is the
+   figure; also the state file's size and the restore time.
+
+The machine is shared: a busy neighbour only ever slows a run down, so the summaries take the
+best of the rounds for each job position (every round is printed as well).
 3. Grammar cost: converting a schema (first build and cache hit), compiling it in llama.cpp, and
    ms per generated token greedy with no grammar, with the engine's sampler (draw, then check the
    draw against the grammar) and with llama.cpp's chain applying the grammar to every token.
@@ -137,6 +140,7 @@ def _child_grammar(model: str, tokens: int) -> dict[str, Any]:
 
     from agent.engine import GenerationRequest, ResponseFormat
     from agent.engine.grammar import GrammarCache
+    from agent.errors import OutputTruncated
 
     engine = _engine(model)
     engine.load()
@@ -164,7 +168,11 @@ def _child_grammar(model: str, tokens: int) -> dict[str, Any]:
     constrained = []
     for _ in range(3):
         engine._kv.forget(llama.ctx)
-        constrained.append(engine.generate(GenerationRequest(prompt, max_tokens=tokens, temperature=0.0, response_format=rf)))
+        try:
+            res = engine.generate(GenerationRequest(prompt, max_tokens=tokens, temperature=0.0, response_format=rf))
+        except OutputTruncated as e:  # random weights fill the string up to maxLength: the speed still counts
+            res = e.result
+        constrained.append(res)
     # llama.cpp's chain with the grammar first: every token of the vocabulary checked at every step.
     naive_ms = []
     for _ in range(2):
@@ -236,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"load_average_start": os.getloadavg()[0], "models": {}}
     for name in [m for m in args.models.split(",") if m]:
         model = str(_model_path(name, args.models_dir))
-        r: dict[str, Any] = {"reuse": _run_child("_child_reuse", model, args.rounds, args.jobs)}
-        with tempfile.TemporaryDirectory() as state:
-            r["restart"] = [_run_child("_child_restart", model, state, k) for k in range(3)]
+        r: dict[str, Any] = {"reuse": _run_child("_child_reuse", model, args.rounds, args.jobs), "restart": []}
+        for _ in range(args.rounds):
+            with tempfile.TemporaryDirectory() as state:
+                r["restart"].append([_run_child("_child_restart", model, state, k) for k in range(3)])
         r["grammar"] = _run_child("_child_grammar", model, args.grammar_tokens)
         results["models"][name] = r
         print(f"# {name}: done", file=sys.stderr)
@@ -266,16 +275,27 @@ def _print(results: dict[str, Any], args: argparse.Namespace) -> None:
                   f"{warm_ms} | "
                   f"{min(w['cached'] for w in warm)}-{max(w['cached'] for w in warm)} of "
                   f"{warm[0]['prompt_tokens']} | {worst * 100:.1f} % |")  # fmt: skip
-    print("\n### engine.prompt_cache: first job of a fresh process\n")
-    print("| model | process | restored at load | prompt_ms (tokens reused) | vs process A | state file | restore |")
-    print("|---|---|---|---|---|---|---|")
     for name, r in results["models"].items():
-        a = r["restart"][0]
-        for label, x in zip("ABC", r["restart"]):
-            ratio = x["prompt_ms"] / a["prompt_ms"]
-            restore = f"{x['restore_ms']:.1f} ms" if x["restore_ms"] is not None else "-"
-            print(f"| {name} | {label} | {x['restored_at_load']} tokens | {x['prompt_ms']:.0f} ({x['cached']}) | "
-                  f"{ratio * 100:.1f} % | {x['kv_file_bytes'] / 1024 / 1024:.1f} MiB | {restore} |")  # fmt: skip
+        rounds = r["reuse"]["rounds"]
+        cold = min(runs[0]["prompt_ms"] for runs in rounds)
+        warm = [min(runs[k]["prompt_ms"] for runs in rounds) for k in range(1, len(rounds[0]))]
+        print(f"\n{name}, best of {len(rounds)} rounds per job: cold {cold:.0f} ms, warm "
+              f"{', '.join(f'{w:.0f}' for w in warm)} ms: worst warm / cold {max(warm) / cold * 100:.1f} %")  # fmt: skip
+    print("\n### engine.prompt_cache: first job of a fresh process\n")
+    print("A: first start, no state file (evaluates the prefix and saves it); B, C: restarts (restored at load).\n")
+    print("| model | round | process | restored at load | prompt_ms (tokens reused) | vs A | state file | restore |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results["models"].items():
+        for i, procs in enumerate(r["restart"], 1):
+            a = procs[0]
+            for label, x in zip("ABC", procs):
+                ratio = x["prompt_ms"] / a["prompt_ms"]
+                restore = f"{x['restore_ms']:.1f} ms" if x["restore_ms"] is not None else "-"
+                print(f"| {name} | {i} | {label} | {x['restored_at_load']} tokens | {x['prompt_ms']:.0f} ({x['cached']}) | "
+                      f"{ratio * 100:.1f} % | {x['kv_file_bytes'] / 1024 / 1024:.1f} MiB | {restore} |")  # fmt: skip
+        a = min(p[0]["prompt_ms"] for p in r["restart"])
+        bc = max(min(p[k]["prompt_ms"] for p in r["restart"]) for k in (1, 2))
+        print(f"\n{name}, best of {len(r['restart'])} rounds: A {a:.0f} ms, worst of B/C {bc:.0f} ms: {bc / a * 100:.1f} %\n")
     print("\n### Grammar cost (schema: object with a string <= 24, an integer, an enum)\n")
     print("| model | vocabulary | convert (first) | cache hit | llama.cpp compile | ms/token free | "
           "ms/token, draw then check | ms/token, grammar on every token |")  # fmt: skip
