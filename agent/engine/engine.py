@@ -431,7 +431,7 @@ class Engine:
                         code=ErrorCode.invalid_request,
                     )
         rf = req.response_format
-        if rf is not None and (rf.type not in ("json_object", "json_schema") or (rf.type == "json_schema") != (rf.schema is not None)):
+        if rf is not None and (rf.type, rf.schema is None) not in (("json_object", True), ("json_schema", False)):
             raise EngineError(
                 "response_format must be json_object, or json_schema with a schema", code=ErrorCode.invalid_request
             )
