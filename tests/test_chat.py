@@ -122,6 +122,13 @@ def test_gemma_chat_with_the_template_override(gemma_model: Path) -> None:
 
 
 @pytest.mark.slow
+def test_gemma_base_file_without_an_override_refuses_chat(gemma_model: Path) -> None:
+    with engine_for(gemma_model) as engine:
+        with pytest.raises(NoChatTemplate, match="this model has no chat template"):
+            engine.generate(GenerationRequest(messages=QUESTION, max_tokens=4))
+
+
+@pytest.mark.slow
 def test_gemma_chat_with_the_template_in_the_gguf_metadata(gemma_model: Path, tmp_path: Path) -> None:
     copy = with_chat_template(gemma_model, tmp_path / "gemma-3-270m-chat.gguf", GEMMA3_TEMPLATE)
     req = GenerationRequest(messages=QUESTION, max_tokens=12, temperature=0.0)
