@@ -91,6 +91,25 @@ class ErrorCode(StrEnum):
         "Prompt tokens + max_tokens exceed the loaded context (engine.n_ctx) and engine.context_overflow is "
         "'refuse'. Shorten the prompt or lower max_tokens.",
     )
+    no_chat_template = (
+        "no_chat_template",
+        JobStatus.REJECTED,
+        "A chat job for a model whose GGUF file has no chat template (tokenizer.chat_template), with no "
+        "engine.chat_template set on the device. Send a generate job, or configure a template.",
+    )
+    invalid_schema = (
+        "invalid_schema",
+        JobStatus.REJECTED,
+        "response_format.schema cannot be turned into a grammar that guarantees valid output: a keyword the "
+        "grammar converter does not enforce, or a schema it cannot convert. The message has the converter's reason.",
+    )
+    output_truncated = (
+        "output_truncated",
+        JobStatus.FAILED,
+        "A structured-output job ended before its JSON was complete (max_tokens reached, or a stop string "
+        "matched), so its text is not valid JSON. Raise max_tokens or bound the schema (maxLength, maxItems); "
+        "with greedy sampling the same request ends the same way.",
+    )
     will_not_fit = (
         "will_not_fit",
         JobStatus.REJECTED,

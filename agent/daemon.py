@@ -62,7 +62,7 @@ def default_engine_factory(config: EngineConfig) -> EngineLike:
     from agent.engine import Engine
 
     return Engine(config.model_file(), engine=config.engine, memory=config.memory,
-                  allow_non_4bit=config.model.allow_non_4bit)  # fmt: skip
+                  allow_non_4bit=config.model.allow_non_4bit, state_dir=config.state_dir)  # fmt: skip
 
 
 class Daemon:
@@ -362,7 +362,7 @@ class Daemon:
         if engine is None or engine.report is None or job is None:
             return Admission("run", "no plan to judge by")
         r = engine.report
-        text = job.prompt or ""
+        text = job.prompt if job.prompt is not None else "".join(m.content for m in job.messages or ())
         # Prompt tokens are estimated from its bytes (3 per token is an upper bound for most text):
         # counting them exactly would need the tokenizer the running generation holds.
         return self.memory.admit(JobNeed(

@@ -58,6 +58,29 @@ class ContextTooLong(EngineError):
     code = ErrorCode.context_too_long
 
 
+class NoChatTemplate(EngineError):
+    """A chat job for a model without a chat template, and no engine.chat_template."""
+
+    code = ErrorCode.no_chat_template
+
+
+class SchemaRefused(EngineError):
+    """response_format.schema cannot become a grammar that guarantees valid output."""
+
+    code = ErrorCode.invalid_schema
+
+
+class OutputTruncated(EngineError):
+    """Structured output ended (max_tokens, a stop string) before its JSON was complete.
+    ``result`` is the generation as it ended (partial text, finish_reason, stats), for the outcome."""
+
+    code = ErrorCode.output_truncated
+
+    def __init__(self, message: str, *, result: object) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class StoreError(EdgeAgentError):
     """The durable job store failed."""
 

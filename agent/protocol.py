@@ -47,6 +47,11 @@ MAX_SEED = 2**32 - 2
 MAX_STOP = 8
 MAX_STOP_CHARS = 64
 MAX_TIMEOUT_S = 86400.0
+MAX_MESSAGES = 256
+# A schema is compiled into a grammar on the device: bounded so that the payload's slack (below)
+# still holds one next to the other fields, and so that converting it stays cheap.
+MAX_SCHEMA_BYTES = 32768
+MAX_SCHEMA_DEPTH = 32
 # JSON escaping can make a prompt up to 6 times longer on the wire ("\u0001" for one byte);
 # the slack covers the other fields. Payloads above this are refused without being parsed.
 PAYLOAD_ESCAPE_FACTOR = 6
@@ -126,10 +131,11 @@ def _check_text(value: str, what: str) -> str:
     # would fail later in the store, the tokenizer or the result payload, so refuse them here.
     m = _SURROGATE_RE.search(value)
     if m:
+        # pydantic's message templates substitute names only (no format specs): escape it here.
         raise PydanticCustomError(
             "lone_surrogate",
-            "{what} contains an unpaired UTF-16 surrogate (\\u{cp:04x}) at character {pos}",
-            {"what": what, "cp": ord(m.group()), "pos": m.start()},
+            "{what} contains an unpaired UTF-16 surrogate ({escape}) at character {pos}",
+            {"what": what, "escape": f"\\u{ord(m.group()):04x}", "pos": m.start()},
         )
     # NUL ends C strings: llama.cpp's text paths and many consumers would cut the text there.
     pos = value.find("\x00")
@@ -143,23 +149,159 @@ def _check_text(value: str, what: str) -> str:
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+class ChatMessage(BaseModel):
+    """One message of a chat job."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    role: Literal["system", "user", "assistant"] = Field(
+        description="Who speaks: system (instructions), user, or assistant (earlier replies of the model)."
+    )
+    content: str = Field(
+        description="The message text; may be empty. No NUL characters, no unpaired surrogate escapes. The contents "
+        "of all messages together count against engine.max_prompt_bytes."
+    )
+
+
+def _schema_problem(value: Any, path: str, depth: int) -> PydanticCustomError | None:
+    """The first text or nesting problem inside a JSON Schema value, as the error to raise."""
+    if depth > MAX_SCHEMA_DEPTH:
+        return PydanticCustomError(
+            "schema_too_deep",
+            "response_format.schema is nested more than {limit} levels deep (at {path})",
+            {"limit": MAX_SCHEMA_DEPTH, "path": path or "the top"},
+        )
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            items.append((f"{path}/{k}", k))
+            items.append((f"{path}/{k}", v))
+    elif isinstance(value, list):
+        items = [(f"{path}/{i}", v) for i, v in enumerate(value)]
+    elif isinstance(value, str):
+        try:
+            _check_text(value, f"response_format.schema at {path or '/'}")
+        except PydanticCustomError as e:
+            return e
+        return None
+    for sub_path, v in items:
+        if isinstance(v, (dict, list, str)):
+            err = _schema_problem(v, sub_path, depth + (not isinstance(v, str)))
+            if err is not None:
+                return err
+    return None
+
+
+class ResponseFormat(BaseModel):
+    """Constrains the generated text to JSON: sampling follows a grammar built from the schema."""
+
+    # The wire name is "schema", which a pydantic field cannot be called (BaseModel.schema);
+    # dumps use the alias too, so the stored request validates again.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, serialize_by_alias=True)
+
+    type: Literal["json_object", "json_schema"] = Field(
+        description="json_object: the text is one JSON object. json_schema: the text is JSON valid against schema."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        alias="schema",
+        description=f"With type json_schema (required there, refused otherwise): a JSON Schema object, at most "
+        f"{MAX_SCHEMA_BYTES} bytes of JSON and {MAX_SCHEMA_DEPTH} levels deep. Keywords the grammar cannot enforce "
+        "(minimum, maximum, multipleOf, uniqueItems, not, if/then/else, allOf, oneOf, ...) make the job REJECTED "
+        "invalid_schema; see docs/models.md, Structured output.",
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_bounds(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        err = _schema_problem(v, "", 1)
+        if err is not None:
+            raise err
+        n = len(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        if n > MAX_SCHEMA_BYTES:
+            raise PydanticCustomError(
+                "schema_too_large",
+                "response_format.schema is {n} bytes of JSON, more than {limit}",
+                {"n": n, "limit": MAX_SCHEMA_BYTES},
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                "schema_required", "response_format.schema is required when response_format.type is 'json_schema'"
+            )
+        if self.type == "json_object" and self.json_schema is not None:
+            raise PydanticCustomError(
+                "schema_not_allowed",
+                "response_format.schema is only allowed with type 'json_schema' (json_object means any JSON object)",
+            )
+        return self
+
+
+def _kind_problems(kind: Any, has_prompt: bool, has_messages: bool) -> list[str]:
+    """What is wrong with the text fields for this kind: prompt and messages belong to one kind each."""
+    if kind == "generate":
+        return (["kind 'generate' needs 'prompt'"] if not has_prompt else []) + (
+            ["'messages' is only allowed with kind 'chat'"] if has_messages else []
+        )
+    if kind == "chat":
+        return (["kind 'chat' needs 'messages'"] if not has_messages else []) + (
+            ["'prompt' is not allowed with kind 'chat' (put the text in a user message)"] if has_prompt else []
+        )
+    if not has_prompt and not has_messages:
+        return ["the job needs 'prompt' (kind 'generate') or 'messages' (kind 'chat')"]
+    return []
+
+
 class JobSubmit(BaseModel):
     """A generation job, as sent to {root}/jobs/submit."""
 
     # strict: JSON has real types, and "5" for an integer or true for a number is a client bug
-    # worth reporting rather than guessing at.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # worth reporting rather than guessing at. The schema states which text field each kind needs.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"kind": {"const": "generate"}}},
+                    "then": {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+                },
+                {
+                    "if": {"properties": {"kind": {"const": "chat"}}},
+                    "then": {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+                },
+            ]
+        },
+    )
 
     job_id: str = Field(
         pattern=JOB_ID_PATTERN,
         description="Client-chosen id, unique per device: 1-64 of A-Z a-z 0-9 _ -. Resending the same id never "
         "runs the job twice: the device answers with the stored outcome.",
     )
-    kind: Literal["generate"] = Field(description="Job type. Only 'generate' (text completion) exists.")
-    prompt: str = Field(
+    kind: Literal["generate", "chat"] = Field(
+        description="generate: continue the text in prompt. chat: answer messages, rendered with the model's chat "
+        "template (engine.chat_template overrides it; a model with neither: REJECTED no_chat_template)."
+    )
+    prompt: str | None = Field(
+        default=None,
         min_length=1,
-        description="Prompt text, non-empty; at most engine.max_prompt_bytes UTF-8 bytes. No NUL characters, no "
-        "unpaired surrogate escapes.",
+        description="kind generate (required there, refused with chat): the prompt text, non-empty; at most "
+        "engine.max_prompt_bytes UTF-8 bytes. No NUL characters, no unpaired surrogate escapes.",
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description=f"kind chat (required there, refused with generate): 1-{MAX_MESSAGES} messages in conversation "
+        "order; their contents together at most engine.max_prompt_bytes UTF-8 bytes. The template may refuse an "
+        "order it does not support (REJECTED invalid_request with its reason). Usage counts the rendered prompt.",
     )
     max_tokens: int = Field(
         ge=1,
@@ -194,6 +336,12 @@ class JobSubmit(BaseModel):
         description=f"Up to {MAX_STOP} stop strings, each 1-{MAX_STOP_CHARS} characters. Generation ends before "
         "the first one produced; it is not included in the text.",
     )
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="Constrain the text to JSON (either kind). A result SUCCEEDED has text that parses, and validates "
+        "against the schema; output cut short by max_tokens or a stop string is FAILED output_truncated instead. "
+        "null: free text.",
+    )
     stream: bool = Field(default=False, description="Also publish token pieces on {root}/jobs/{job_id}/stream.")
     priority: int = Field(
         default=0,
@@ -222,7 +370,9 @@ class JobSubmit(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_text(cls, v: str, info: ValidationInfo) -> str:
+    def _prompt_text(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
         _check_text(v, "prompt")
         limit = (info.context or {}).get("max_prompt_bytes")
         if limit is not None:
@@ -234,6 +384,31 @@ class JobSubmit(BaseModel):
                     {"n": n, "limit": limit},
                 )
         return v
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_text(cls, v: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
+        if v is None:
+            return v
+        for i, m in enumerate(v):
+            _check_text(m.content, f"messages[{i}].content")
+        limit = (info.context or {}).get("max_prompt_bytes")
+        if limit is not None:
+            n = sum(len(m.content.encode("utf-8")) for m in v)
+            if n > limit:
+                raise PydanticCustomError(
+                    "prompt_too_large",
+                    "messages hold {n} UTF-8 bytes of content, exceeds the limit {limit} (engine.max_prompt_bytes)",
+                    {"n": n, "limit": limit},
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _text_of_its_kind(self) -> "JobSubmit":
+        problems = _kind_problems(self.kind, self.prompt is not None, self.messages is not None)
+        if problems:
+            raise PydanticCustomError("kind_fields", "{text}", {"text": "; ".join(problems)})
+        return self
 
     @field_validator("max_tokens")
     @classmethod
@@ -272,7 +447,7 @@ class JobSubmit(BaseModel):
 
     def to_payload(self) -> bytes:
         """The submit payload a client publishes (compact UTF-8 JSON, defaults left out)."""
-        return self.model_dump_json(exclude_defaults=True).encode("utf-8")
+        return self.model_dump_json(exclude_defaults=True, by_alias=True).encode("utf-8")
 
 
 SUBMIT_KEYS: tuple[str, ...] = tuple(JobSubmit.model_fields)
@@ -380,7 +555,11 @@ _EXPECTED = {
     "string_type": "a string",
     "bool_type": "true or false",
     "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
 }
+# The keys allowed inside the nested objects, for "unknown key" messages.
+_NESTED_KEYS = {"messages": ("role", "content"), "response_format": ("type", "schema")}
 _CODE_OF_ERROR = {
     "prompt_too_large": ErrorCode.prompt_too_large,
     "max_tokens_too_large": ErrorCode.max_tokens_too_large,
@@ -406,6 +585,12 @@ def _explain(e: Any) -> str:
         return f"{field} is {len(value)} characters, more than the maximum {ctx.get('max_length')}"
     if kind == "too_long":
         return f"{field} has {len(value)} entries, more than the maximum {ctx.get('max_length')}"
+    if kind == "too_short":
+        return f"{field} must have at least {ctx.get('min_length')} entry"
+    if kind == "extra_forbidden":
+        owner, key = _field(e["loc"][:-1]), e["loc"][-1]
+        allowed = _NESTED_KEYS.get(str(e["loc"][0]), ())
+        return f"{owner} has an unknown key {_show(key)}; allowed keys: {', '.join(allowed)}"
     if kind == "greater_than_equal":
         return f"{field} {_show(value)} is below the minimum {_bound(ctx.get('ge'))}"
     if kind == "greater_than":
@@ -419,22 +604,32 @@ def _explain(e: Any) -> str:
             return f"{field} contains an unpaired UTF-16 surrogate (\\u{ord(m.group()):04x}) at character {m.start()}"
     if kind in ("naive_datetime", "datetime_type", "datetime_format", "datetime_range", "finite_number"):
         return f"{field} {e['msg']}, got {_describe(value)}"
-    if kind in ("lone_surrogate", "nul_character", "prompt_too_large", "max_tokens_too_large"):
+    if kind in (
+        "lone_surrogate", "nul_character", "prompt_too_large", "max_tokens_too_large", "kind_fields",
+        "schema_required", "schema_not_allowed", "schema_too_large", "schema_too_deep",
+    ):  # fmt: skip
         return str(e["msg"])
     return f"{field}: {e['msg']}"
 
 
-def _from_validation_error(err: ValidationError, job_id: str | None) -> InvalidJob:
+def _from_validation_error(err: ValidationError, job_id: str | None, fields: dict[str, Any]) -> InvalidJob:
     errors = err.errors(include_url=False)
+    if not any(e["type"] == "kind_fields" for e in errors):
+        # The model-level check runs only once every field is valid: say now what it would say,
+        # so one answer lists every change the job needs.
+        for problem in _kind_problems(
+            fields.get("kind"), fields.get("prompt") is not None, fields.get("messages") is not None
+        ):
+            errors.append({"type": "kind_fields", "loc": (), "msg": problem, "input": None})
 
     def bad_key(e: Any) -> bool:
         # A key that is not valid Unicode (a lone surrogate escape) is reported by pydantic at no
         # location, with the key as input: it cannot be a known key, so it is named as unknown.
         return e["type"] == "string_unicode" and not e["loc"] and isinstance(e.get("input"), str)
 
-    unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and e["loc"]]
-    unknown += [e["input"] for e in errors if bad_key(e)]
-    rest = [e for e in errors if e["type"] != "extra_forbidden" and not bad_key(e)]
+    top_level = [e for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+    unknown = [str(e["loc"][0]) for e in top_level] + [e["input"] for e in errors if bad_key(e)]
+    rest = [e for e in errors if not any(e is t for t in top_level) and not bad_key(e)]
     parts: list[str] = []
     if unknown:
         names = ", ".join(_show(k) for k in unknown[:_MAX_LISTED])
@@ -553,7 +748,7 @@ def _parse_submit(payload: Any, max_prompt_bytes: int, max_tokens_limit: int, to
             fields, context={"max_prompt_bytes": max_prompt_bytes, "max_tokens_limit": max_tokens_limit}
         )
     except ValidationError as e:
-        raise _from_validation_error(e, job_id) from None
+        raise _from_validation_error(e, job_id, fields) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,8 +806,14 @@ class StatusMessage(_Outbound):
 class Usage(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
-    prompt_tokens: int = Field(ge=0, description="Tokens in the prompt.")
+    prompt_tokens: int = Field(ge=0, description="Tokens in the prompt (for chat: the rendered prompt).")
     completion_tokens: int = Field(ge=0, description="Tokens generated.")
+    prompt_tokens_cached: int = Field(
+        default=0,
+        ge=0,
+        description="Of prompt_tokens, those not evaluated again: their KV cache was kept from the previous job "
+        "(a shared prefix) or restored from engine.prompt_cache. timings.prompt_ms covers the others only.",
+    )
 
 
 class Timings(BaseModel):
@@ -899,9 +1100,11 @@ __all__ = [
     "DeviceStatus",
     "ErrorCode",
     "ErrorInfo",
+    "ChatMessage",
     "InvalidJob",
     "JobStatus",
     "JobSubmit",
+    "ResponseFormat",
     "ResultMessage",
     "StatusMessage",
     "StreamChunk",

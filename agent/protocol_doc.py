@@ -112,8 +112,8 @@ def _schemas() -> str:
 
 def _renderers() -> dict[str, Callable[[], str]]:
     r: dict[str, Callable[[], str]] = {"statuses": _statuses, "error-codes": _error_codes, "schemas": _schemas}
-    for model in ("JobSubmit", "StatusMessage", "ResultMessage", "Usage", "Timings", "ErrorInfo", "StreamChunk",
-                  "DeviceStatus"):  # fmt: skip
+    for model in ("JobSubmit", "ChatMessage", "ResponseFormat", "StatusMessage", "ResultMessage", "Usage", "Timings",
+                  "ErrorInfo", "StreamChunk", "DeviceStatus"):  # fmt: skip
         r[f"fields-{model}"] = lambda m=model: _fields_table(_model_schema(m))
     from agent.telemetry import Telemetry
 

@@ -114,7 +114,7 @@ class InProcessDaemon:
 
         def factory(cfg: EngineConfig) -> Any:
             engine = Engine(cfg.model_file(), engine=cfg.engine, memory=cfg.memory,
-                            allow_non_4bit=cfg.model.allow_non_4bit, clock=monotonic)  # fmt: skip
+                            allow_non_4bit=cfg.model.allow_non_4bit, clock=monotonic, state_dir=cfg.state_dir)  # fmt: skip
             self.engines.append(engine_wrapper(engine) if engine_wrapper else engine)
             return self.engines[-1]
 

@@ -143,7 +143,8 @@ def test_bytearray_and_memoryview_payloads() -> None:
         ({"priority": 1.5}, "invalid_payload", "priority must be an integer, got number 1.5 (integers are written without a fraction or quotes)"),
         ({"timeout_s": 0}, "invalid_payload", "timeout_s must be greater than 0, got 0"),
         ({"timeout_s": 86401}, "invalid_payload", "timeout_s 86401 exceeds the maximum 86400"),
-        ({"kind": "chat"}, "invalid_payload", "kind must be one of 'generate', got string 'chat'"),
+        ({"kind": "chats"}, "invalid_payload", "kind must be one of 'generate' or 'chat', got string 'chats'"),
+        ({"kind": "chat"}, "invalid_payload", "kind 'chat' needs 'messages'; 'prompt' is not allowed with kind 'chat' (put the text in a user message)"),
         ({"job_id": "has space"}, "invalid_payload", "job_id must be 1-64 characters from A-Z a-z 0-9 _ -, got string 'has space'"),
         ({"job_id": "x" * 65}, "invalid_payload", "job_id must be 1-64 characters from A-Z a-z 0-9 _ -, got string 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (65 characters)"),
         ({"job_id": 7}, "invalid_payload", "job_id must be a string, got integer 7"),
@@ -169,7 +170,10 @@ def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
 
 def test_missing_fields_are_named() -> None:
     e = refused({"job_id": "j-2"})
-    assert e.message == "missing required field 'kind'; missing required field 'prompt'; missing required field 'max_tokens'"
+    assert e.message == (
+        "missing required field 'kind'; missing required field 'max_tokens'; "
+        "the job needs 'prompt' (kind 'generate') or 'messages' (kind 'chat')"
+    )
     assert e.job_id == "j-2"
 
 
@@ -256,6 +260,10 @@ field_values = {
     "priority": st.integers(-150, 150) | json_values,
     "expires_at": st.datetimes(timezones=st.none() | st.timezones()).map(lambda d: d.isoformat()) | json_values,
     "timeout_s": st.floats(-1, 90000) | json_values,
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "bot"]) | json_values,
+                                                "content": odd_text | json_values}), max_size=3) | json_values,
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["json_object", "json_schema", "xml"]) | json_values},
+                                             optional={"schema": json_values}) | json_values,
 }
 random_submits = st.fixed_dictionaries({}, optional={**field_values, "extra": json_values, "": json_values})
 # Mostly-valid jobs with the occasional bad field, so the fuzzer also reaches the accepting path
@@ -279,7 +287,23 @@ near_valid_submits = st.fixed_dictionaries(
         "timeout_s": st.none() | st.floats(0, 90000),
     },
 )
-submits = random_submits | near_valid_submits
+near_valid_chats = st.fixed_dictionaries(
+    {
+        "job_id": valid_ids,
+        "kind": st.just("chat"),
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": odd_text}),
+            min_size=0, max_size=4,
+        ),
+        "max_tokens": st.integers(1, 1100),
+    },
+    optional={
+        "response_format": st.just({"type": "json_object"})
+        | st.fixed_dictionaries({"type": st.just("json_schema"), "schema": st.dictionaries(odd_text, json_values, max_size=3)}),
+        "prompt": odd_text,
+    },
+)  # fmt: skip
+submits = random_submits | near_valid_submits | near_valid_chats
 
 
 def expected_id(d: Any) -> str | None:
@@ -309,7 +333,12 @@ def test_fuzz_job_objects(d: dict[str, Any], ascii_only: bool) -> None:
     decodable = ascii_only or not any("\ud800" <= c <= "\udfff" for c in json.dumps(d, ensure_ascii=False))
     if isinstance(out, JobSubmit):
         assert out.job_id == d["job_id"] == expected_id(d)
-        assert out.kind == "generate" and 1 <= out.max_tokens <= 1024 and len(out.prompt.encode()) <= 1000
+        assert 1 <= out.max_tokens <= 1024
+        if out.kind == "generate":
+            assert out.messages is None and len(out.prompt.encode()) <= 1000
+        else:
+            assert out.kind == "chat" and out.prompt is None and out.messages
+            assert sum(len(m.content.encode()) for m in out.messages) <= 1000
     elif decodable:
         assert out.job_id == expected_id(d)
     else:  # lone surrogates written raw: invalid UTF-8, only a leading job_id is trusted
@@ -508,6 +537,114 @@ def test_topics_refuse_ids_that_would_change_what_is_matched(prefix: str, device
 
 
 # ---------------------------------------------------------------------------------------------
+# Chat jobs and structured output
+
+
+def chat(**over: Any) -> dict[str, Any]:
+    base = {"job_id": "c-1", "kind": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}
+    return {**base, **over}
+
+
+def test_chat_job_with_a_schema_round_trips_through_the_payload_and_the_store_dump() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "é\n"}, {"role": "assistant", "content": ""}]
+    j = parse(chat(messages=msgs, response_format={"type": "json_schema", "schema": schema}))
+    assert j.kind == "chat" and j.prompt is None and [m.role for m in j.messages] == ["system", "user", "assistant"]
+    assert j.response_format.type == "json_schema" and j.response_format.json_schema == schema
+    assert parse(j.to_payload()) == j
+    wire = json.loads(j.to_payload())
+    assert wire["response_format"] == {"type": "json_schema", "schema": schema} and "prompt" not in wire
+    # The store keeps model_dump(mode="json") and validates it again when the job runs.
+    assert JobSubmit.model_validate(j.model_dump(mode="json")) == j
+    g = parse(job(response_format={"type": "json_object"}))
+    assert g.response_format.type == "json_object" and g.response_format.json_schema is None
+
+
+def test_engine_request_from_a_chat_job() -> None:
+    from agent.engine.types import ChatMessage, GenerationRequest, ResponseFormat
+
+    j = parse(chat(messages=[{"role": "user", "content": "Hi"}], response_format={"type": "json_schema", "schema": {"type": "integer"}}))
+    req = GenerationRequest.from_job(j)
+    assert req.is_chat and req.messages == (ChatMessage("user", "Hi"),) and req.prompt == ""
+    assert req.response_format == ResponseFormat("json_schema", {"type": "integer"})
+    assert not GenerationRequest.from_job(parse(job())).is_chat
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "message"),
+    [
+        (chat(prompt="Hi"), "invalid_payload", "'prompt' is not allowed with kind 'chat' (put the text in a user message)"),
+        (job(messages=[{"role": "user", "content": "Hi"}]), "invalid_payload", "'messages' is only allowed with kind 'chat'"),
+        ({**chat(), "messages": None}, "invalid_payload", "kind 'chat' needs 'messages'"),
+        ({**job(), "prompt": None}, "invalid_payload", "kind 'generate' needs 'prompt'"),
+        (chat(messages=[]), "invalid_payload", "messages must have at least 1 entry"),
+        (chat(messages=[{"role": "user", "content": "x"}] * 257), "invalid_payload", "messages has 257 entries, more than the maximum 256"),
+        (chat(messages="Hi"), "invalid_payload", "messages must be an array, got string 'Hi'"),
+        (chat(messages=["Hi"]), "invalid_payload", "messages[0] must be an object, got string 'Hi'"),
+        (chat(messages=[{"role": "bot", "content": "x"}]), "invalid_payload",
+         "messages[0].role must be one of 'system', 'user' or 'assistant', got string 'bot'"),
+        (chat(messages=[{"role": "user"}]), "invalid_payload", "missing required field 'messages[0].content'"),
+        (chat(messages=[{"role": "user", "content": "x", "name": "bob"}]), "invalid_payload",
+         "messages[0] has an unknown key 'name'; allowed keys: role, content"),
+        (chat(messages=[{"role": "user", "content": 5}]), "invalid_payload", "messages[0].content must be a string, got integer 5"),
+        (chat(messages=[{"role": "user", "content": "ok"}, {"role": "user", "content": "a\x00"}]), "invalid_payload",
+         "messages[1].content contains a NUL character (U+0000) at character 1"),
+        (chat(messages=[{"role": "user", "content": "a\ud800"}]), "invalid_payload",
+         "messages[0].content contains an unpaired UTF-16 surrogate (\\ud800) at character 1"),
+        (chat(messages=[{"role": "system", "content": "x" * 600}, {"role": "user", "content": "é" * 201}]), "prompt_too_large",
+         "messages hold 1002 UTF-8 bytes of content, exceeds the limit 1000 (engine.max_prompt_bytes)"),
+        (job(response_format="json"), "invalid_payload", "response_format must be an object, got string 'json'"),
+        (job(response_format={"type": "xml"}), "invalid_payload",
+         "response_format.type must be one of 'json_object' or 'json_schema', got string 'xml'"),
+        (job(response_format={}), "invalid_payload", "missing required field 'response_format.type'"),
+        (job(response_format={"type": "json_schema"}), "invalid_payload",
+         "response_format.schema is required when response_format.type is 'json_schema'"),
+        (job(response_format={"type": "json_object", "schema": {}}), "invalid_payload",
+         "response_format.schema is only allowed with type 'json_schema' (json_object means any JSON object)"),
+        (job(response_format={"type": "json_schema", "schema": []}), "invalid_payload",
+         "response_format.schema must be an object, got an array"),
+        (job(response_format={"type": "json_schema", "json_schema": {}}), "invalid_payload",
+         "response_format has an unknown key 'json_schema'; allowed keys: type, schema"),
+        (job(response_format={"type": "json_schema", "schema": {"enum": ["a\x00"]}}), "invalid_payload",
+         "response_format.schema at /enum/0 contains a NUL character (U+0000) at character 1"),
+        (job(response_format={"type": "json_schema", "schema": {"description": "x" * 33000}}), "invalid_payload",
+         "response_format.schema is 33018 bytes of JSON, more than 32768"),
+        (job(response_format={"type": "json_schema", "schema": json.loads('{"items":' * 33 + "{}" + "}" * 33)}), "invalid_payload",
+         "response_format.schema is nested more than 32 levels deep (at /items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items/items)"),
+    ],
+)  # fmt: skip
+def test_chat_and_response_format_refusals(payload: dict[str, Any], code: str, message: str) -> None:
+    e = refused(payload)
+    assert (e.code, e.message) == (ErrorCode(code), message)
+    assert e.job_id == payload["job_id"]
+
+
+def test_new_codes_carry_their_status() -> None:
+    assert ErrorCode.no_chat_template.status is JobStatus.REJECTED
+    assert ErrorCode.invalid_schema.status is JobStatus.REJECTED
+    assert ErrorCode.output_truncated.status is JobStatus.FAILED
+
+
+def test_job_schema_says_which_text_field_each_kind_needs() -> None:
+    import jsonschema
+
+    schema = json_schemas()["JobSubmit"]
+    ok = [job(), chat(), chat(response_format={"type": "json_schema", "schema": {"type": "integer"}})]
+    bad = [chat(prompt="x"), job(messages=[{"role": "user", "content": "x"}]), {**job(), "kind": "chat"}, {k: v for k, v in job().items() if k != "prompt"}]
+    v = jsonschema.Draft202012Validator(schema)
+    assert [v.is_valid(p) for p in ok] == [True, True, True]
+    assert [v.is_valid(p) for p in bad] == [False, False, False, False]
+    # ... and agrees with the parser on each.
+    for p in bad:
+        refused(p)
+
+
+def test_usage_reports_cached_prompt_tokens_with_a_default() -> None:
+    assert Usage(prompt_tokens=5, completion_tokens=1).prompt_tokens_cached == 0  # results stored before it existed
+    assert "prompt_tokens_cached" in json_schemas()["ResultMessage"]["$defs"]["Usage"]["required"]
+
+
+# ---------------------------------------------------------------------------------------------
 # The document
 
 
@@ -516,7 +653,7 @@ def test_json_schemas_cover_every_payload() -> None:
     assert set(schemas) == {"JobSubmit", "StatusMessage", "ResultMessage", "StreamChunk", "DeviceStatus"}
     sub = schemas["JobSubmit"]
     assert sub["additionalProperties"] is False
-    assert sub["required"] == ["job_id", "kind", "prompt", "max_tokens"]
+    assert sub["required"] == ["job_id", "kind", "max_tokens"]  # prompt or messages: by kind, in allOf
     assert schemas["ResultMessage"]["required"] == [
         "job_id", "device_id", "attempt", "ts", "status", "text", "finish_reason", "usage", "timings", "error"
     ]  # fmt: skip

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from agent.cli.config_cmd import add_config_option
@@ -36,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--timeout", type=float, dest="timeout_s", help="job timeout_s on the device")
     s.add_argument("--wait", action="store_true", help="wait for the result and print it")
     s.add_argument("--stream", action="store_true", help="ask for token streaming and print the pieces")
+    s.add_argument("--chat", action="store_true", help="send a chat job: the prompt is the user's message")
+    s.add_argument("--system", help="system message of a chat job (implies --chat)")
+    fmt = s.add_mutually_exclusive_group()
+    fmt.add_argument("--json-object", action="store_true", help="constrain the answer to one JSON object")
+    fmt.add_argument(
+        "--json-schema", metavar="SCHEMA", help="constrain the answer to a JSON Schema: a file, or the schema inline"
+    )
     s.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the result (default 300)")
     s.add_argument("--json", action="store_true", help="print the result message as JSON")
     s.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker (default 10)")
@@ -119,7 +127,16 @@ def _submit(args: argparse.Namespace) -> int:
     from agent.client import JobClient
 
     settings = _settings(args)
-    request: dict[str, Any] = {"prompt": args.prompt, "max_tokens": args.max_tokens}
+    request: dict[str, Any] = {"max_tokens": args.max_tokens}
+    if args.chat or args.system is not None:
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        request.update(kind="chat", messages=[*system, {"role": "user", "content": args.prompt}])
+    else:
+        request["prompt"] = args.prompt
+    if args.json_object:
+        request["response_format"] = {"type": "json_object"}
+    elif args.json_schema is not None:
+        request["response_format"] = {"type": "json_schema", "schema": _schema_arg(args.json_schema)}
     for key in ("temperature", "seed", "stop", "priority", "timeout_s"):
         if getattr(args, key) is not None:
             request[key] = getattr(args, key)
@@ -158,6 +175,15 @@ def _submit(args: argparse.Namespace) -> int:
         if result.get("error"):
             print(f"error {result['error']['code']}: {result['error']['message']}", file=sys.stderr)
     return 0 if result["status"] == "SUCCEEDED" else EXIT_FAILURE
+
+
+def _schema_arg(value: str) -> Any:
+    """--json-schema: inline JSON when it starts with '{', else a file holding it."""
+    try:
+        text = value if value.lstrip().startswith("{") else Path(value).read_text(encoding="utf-8")
+        return json.loads(text)
+    except (OSError, ValueError) as e:
+        raise EdgeAgentError(f"--json-schema {value!r}: not a JSON Schema file or inline JSON object: {e}") from None
 
 
 def _open_store(settings: Settings):

@@ -227,6 +227,49 @@ class EngineSettings(Section):
         "page faults.",
         json_schema_extra=RELOAD,
     )
+    chat_template: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=65536,
+        json_schema_extra=RELOAD,
+        description="Jinja2 chat template for chat jobs, used instead of the model's own (GGUF tokenizer.chat_template), "
+        "in the Hugging Face format (messages, bos_token, eos_token, add_generation_prompt). None: the model's; a "
+        "model without one then refuses chat jobs (no_chat_template).",
+    )
+    prompt_cache: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=262144,
+        json_schema_extra=RELOAD,
+        description="A prompt prefix that many jobs share (a long system prompt, few-shot examples). Its KV cache is "
+        "evaluated once, saved under {device.state_dir}/prompt-cache and restored at load, so jobs whose prompt (or "
+        "rendered chat) starts with it skip evaluating it, even the first after a restart. None: off (jobs still "
+        "reuse the prefix they share with the previous job).",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_parses(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        # Parsed here so a typo stops the daemon at start with the line, not at the first chat job.
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class _Generation(jinja2.ext.Extension):
+            # Hugging Face's {% generation %} tag, which llama-cpp-python's formatter passes through.
+            tags = {"generation"}
+
+            def parse(self, parser):  # type: ignore[no-untyped-def]
+                parser.stream.skip(1)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+        try:
+            ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols", _Generation]).parse(v)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"engine.chat_template is not a valid Jinja2 template: {e.message} (line {e.lineno})") from None
+        return v
 
     @model_validator(mode="after")
     def _quantised_v_needs_fa(self) -> "EngineSettings":

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from agent.engine.estimate import MemoryEstimate, ModeChoice, choose_mode, estimate_memory, largest_ctx_that_fits
 from agent.engine.residency import LayerResidency
 from agent.engine.types import (
+    ChatMessage,
     EngineLike,
     FinishReason,
     GenerationRequest,
@@ -21,6 +22,7 @@ from agent.engine.types import (
     LoadPlan,
     LoadReport,
     RequestLimits,
+    ResponseFormat,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ChatMessage",
     "Engine",
     "EngineLike",
     "FinishReason",
@@ -48,6 +51,7 @@ __all__ = [
     "MemoryEstimate",
     "ModeChoice",
     "RequestLimits",
+    "ResponseFormat",
     "choose_mode",
     "estimate_memory",
     "largest_ctx_that_fits",

@@ -4,6 +4,12 @@ Owns ``Engine`` (load with a memory plan, generate with streaming, stop sequence
 and deadlines, unload that gives memory back, page residency and warm-up) and its data types.
 llama-cpp-python's exceptions end here: callers see ``EngineError`` and its subclasses only.
 
+Jobs: a completion of a prompt, or a chat rendered with the model's chat template
+(``agent.engine.chat``); either may be constrained to JSON by a grammar (``agent.engine.grammar``,
+sampled by ``agent.engine.sampling``). The KV cache is kept between jobs and only the part of a
+prompt after the prefix it shares with the cache is evaluated (``agent.engine.prefix``), with an
+optional prefix persisted across restarts (``agent.engine.prompt_cache``).
+
 Threading: one thread generates at a time (a lock serialises ``generate``, ``load`` and
 ``unload``); any other thread may cancel through the ``cancel`` event it passed in. Cancellation
 and deadlines act inside a running llama_decode through llama.cpp's abort callback, so a long
@@ -16,9 +22,11 @@ import codecs
 import ctypes
 import dataclasses
 import gc
+import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +47,12 @@ from agent.engine.estimate import (
     pad_ctx,
     ubatch_size,
 )
+from agent.engine.chat import template_for
+from agent.engine.grammar import GrammarCache
+from agent.engine.prefix import KVSequence, common_prefix
+from agent.engine.prompt_cache import PromptCache
 from agent.engine.residency import LayerResidency, layer_residency, warm_up
+from agent.engine.sampling import Sampler
 from agent.engine.types import (
     FinishReason,
     GenerationRequest,
@@ -52,7 +65,7 @@ from agent.engine.types import (
 )
 from agent.models.gguf_info import check_quantization, read_model_info
 from agent.codes import ErrorCode
-from agent.errors import ContextTooLong, EdgeAgentError, EngineError, WillNotFit
+from agent.errors import ContextTooLong, EdgeAgentError, EngineError, OutputTruncated, WillNotFit
 from agent.system.memory import MiB, Budget, PeakSampler, ProcStatus, process_cpu_count, proc_status, resolve_budget
 
 log = logging.getLogger(__name__)
@@ -91,6 +104,11 @@ class _Run:
 
 class _Aborted(Exception):
     pass
+
+
+# A prompt that starts with engine.prompt_cache's text may tokenize differently in the last few
+# tokens of the prefix (a merge across the boundary): it still counts as starting with it.
+_PREFIX_SLACK = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +169,12 @@ class Engine:
         budget: Budget | None = None,
         force: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        state_dir: Path | str | None = None,
     ) -> None:
         """``budget`` overrides memory.budget_mb resolution (tests, the CLI); ``force`` loads even
         when the estimate exceeds the budget (the report says so); ``clock`` is the monotonic clock
-        deadlines are measured on."""
+        deadlines are measured on; ``state_dir`` holds engine.prompt_cache's state file (None: the
+        prefix is kept in memory only)."""
         self.model_path = Path(model_path)
         self.settings = engine or EngineSettings()
         self.memory_settings = memory or MemorySettings()
@@ -172,6 +192,13 @@ class Engine:
         # llama.cpp keeps only the function pointer: this object must live as long as the context.
         self._abort_cfunc = llamacpp.AbortCallback(self._abort_check)
         self._piece_buf = ctypes.create_string_buffer(64)
+        self._state_dir = None if state_dir is None else Path(state_dir)
+        self.grammars = GrammarCache()
+        # The KV cache's bookkeeping belongs to one loaded Llama: a new load starts afresh. A weak
+        # reference, so that it never keeps an unloaded model alive.
+        self._kv: KVSequence | None = None
+        self._kv_llama: Callable[[], Any] = lambda: None
+        self._prompt_cache: PromptCache | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, **kw: Any) -> "Engine":
@@ -181,7 +208,7 @@ class Engine:
             engine=settings.engine,
             memory=settings.memory,
             allow_non_4bit=settings.model.allow_non_4bit,
-            **kw,
+            **{"state_dir": settings.device.state_dir, **kw},
         )
 
     # ------------------------------------------------------------------ state
@@ -350,6 +377,7 @@ class Engine:
             load_ms = (time.monotonic() - t0) * 1000
             C.llama_set_abort_callback(llama.ctx, self._abort_cfunc, None)
             self._llama, self._info = llama, plan.info
+            self._kv_for(llama)  # restores engine.prompt_cache's KV from its state file
             buffers = llamacpp.buffer_sizes(lines)
             if mode == "fast" and not any("REPACK" in k for k in buffers):
                 notes.append("llama.cpp repacked nothing on this CPU: fast mode costs no extra memory here")
@@ -404,14 +432,25 @@ class Engine:
 
     def count_tokens(self, text: str) -> int:
         with self._lock:
-            return len(self._require().tokenize(text.encode("utf-8"), add_bos=True, special=True))
+            return len(self._tokenize(self._require(), text))
+
+    def _tokenize(self, llama: Any, text: str) -> list[int]:
+        # Chat templates write the BOS text themselves ({{ bos_token }}); llama.cpp would add the
+        # model's BOS as well, and two BOS tokens degrade the output.
+        bos = llama.token_bos()
+        starts_with_bos = bos >= 0 and text.startswith(llama._model.token_get_text(bos) or "\x00")
+        try:
+            return llama.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos, special=True)
+        except Exception as e:  # noqa: BLE001
+            raise EngineError(f"tokenising the prompt failed: {e}") from e
 
     def _check_request(self, req: GenerationRequest) -> None:
         lim = self.limits
-        n_bytes = len(req.prompt.encode("utf-8"))
+        n_bytes = req.text_bytes()
         if n_bytes > lim.max_prompt_bytes:
+            what = "the messages' contents are" if req.is_chat else "prompt is"
             raise EngineError(
-                f"prompt is {n_bytes} bytes, more than engine.max_prompt_bytes {lim.max_prompt_bytes}",
+                f"{what} {n_bytes} bytes, more than engine.max_prompt_bytes {lim.max_prompt_bytes}",
                 code=ErrorCode.prompt_too_large,
             )
         if req.max_tokens < 1:
@@ -420,6 +459,20 @@ class Engine:
             raise EngineError(
                 f"max_tokens {req.max_tokens} is more than engine.max_tokens_limit {lim.max_tokens_limit}",
                 code=ErrorCode.max_tokens_too_large,
+            )
+        if req.messages is not None:
+            if not req.messages:
+                raise EngineError("a chat needs at least one message", code=ErrorCode.invalid_request)
+            for i, m in enumerate(req.messages):
+                if m.role not in ("system", "user", "assistant"):
+                    raise EngineError(
+                        f"messages[{i}].role must be system, user or assistant, got {m.role!r}",
+                        code=ErrorCode.invalid_request,
+                    )
+        rf = req.response_format
+        if rf is not None and (rf.type, rf.schema is None) not in (("json_object", True), ("json_schema", False)):
+            raise EngineError(
+                "response_format must be json_object, or json_schema with a schema", code=ErrorCode.invalid_request
             )
 
     def _fit_context(self, tokens: list[int], max_tokens: int, n_ctx: int, bos: int) -> tuple[list[int], int]:
@@ -436,6 +489,63 @@ class Engine:
             "Shorten the prompt, lower max_tokens, raise engine.n_ctx, or set engine.context_overflow = 'keep_tail'"
         )
 
+    def _kv_for(self, llama: Any) -> KVSequence:
+        """The KV bookkeeping of this loaded model, created on its first use; opening it restores
+        engine.prompt_cache's prefix from its state file when there is a valid one."""
+        if self._kv is not None and self._kv_llama() is llama:
+            return self._kv
+        kv = KVSequence(0, n_swa=int(C.llama_model_n_swa(llama._model.model)))
+        kv.forget(llama.ctx)
+        self._kv, self._kv_llama, self._prompt_cache = kv, weakref.ref(llama), None
+        prefix = self.settings.prompt_cache
+        if prefix and self._state_dir is None:
+            log.info("engine.prompt_cache is set but the engine has no state folder: the prefix is not persisted")
+        elif prefix:
+            tokens = self._tokenize(llama, prefix)
+            try:
+                if len(tokens) > llama.n_ctx() // 2:
+                    raise EngineError(
+                        f"the prefix is {len(tokens)} tokens, more than half of n_ctx {llama.n_ctx()}: it would leave "
+                        "little room for the jobs that start with it"
+                    )
+                pc = PromptCache.open(self._state_dir / "prompt-cache", llama, self.model_path, tokens)
+            except (OSError, EngineError) as e:
+                log.warning("engine.prompt_cache is off for this load: %s", e)
+            else:
+                self._prompt_cache = pc
+                if pc.restore(llama.ctx, kv):
+                    log.info("prompt cache: restored %d tokens of KV from %s", len(kv), pc.kv_path)
+        return kv
+
+    def _reuse(self, llama: Any, kv: KVSequence, tokens: list[int], run: _Run) -> int:
+        """Make the cache hold the longest prefix of ``tokens`` it can without evaluating it, and
+        return that length (the prompt tokens this job does not evaluate). engine.prompt_cache's
+        prefix is restored from its file when it gives more than the cache holds; when the job
+        starts with a prefix that has no valid file yet, the prefix is evaluated first and saved."""
+        n = kv.reuse(llama.ctx, tokens)
+        pc = self._prompt_cache
+        if pc is None or not pc.tokens:
+            return n
+        m = min(common_prefix(pc.tokens, tokens), len(tokens) - 1)
+        if m <= n:
+            return n
+        if pc.saved:
+            if pc.restore(llama.ctx, kv):
+                return kv.truncate(llama.ctx, m)
+            n = 0  # restore() emptied the sequence
+        if m >= len(pc.tokens) - _PREFIX_SLACK:
+            # The job starts with the prefix's text (its last tokens may merge differently with
+            # what follows): evaluate the prefix's own tokens, save them, keep what the job shares.
+            self._decode(llama, kv, pc.tokens[len(kv) :], run)
+            pc.save(llama.ctx, kv)
+            kv.truncate(llama.ctx, m)
+        return n
+
+    def _prompt_text(self, llama: Any, req: GenerationRequest) -> str:
+        if req.messages is None:
+            return req.prompt
+        return template_for(llama, self.settings.chat_template).render(req.messages)
+
     def generate(
         self,
         req: GenerationRequest,
@@ -447,23 +557,28 @@ class Engine:
         """Run one request. ``on_token(index, text)`` is called for each piece of new text (index
         0, 1, 2 ...; text never empty; the pieces add up to ``result.text``). ``cancel`` may be set
         from any thread; ``deadline`` is a time on the engine's clock (time.monotonic by default).
-        Both stop prompt evaluation too. Raises ContextTooLong, EngineError."""
+        Both stop prompt evaluation too. Raises ContextTooLong, NoChatTemplate, SchemaRefused,
+        OutputTruncated (structured output cut short: the partial result is attached), EngineError.
+
+        The prompt's longest prefix shared with what the KV cache holds (the previous job, or
+        engine.prompt_cache) is not evaluated again: ``stats.prompt_tokens_cached`` counts it."""
         self._check_request(req)
         with self._lock:
             llama = self._require()
+            kv = self._kv_for(llama)
             vocab = llama._model.vocab
             n_ctx = llama.n_ctx()
             bos = C.llama_vocab_bos(vocab)
-            try:
-                tokens = llama.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=True)
-            except Exception as e:  # noqa: BLE001
-                raise EngineError(f"tokenising the prompt failed: {e}") from e
+            # Everything that can refuse the request comes before any decode.
+            text = self._prompt_text(llama, req)
+            grammar = self.grammars.get(req.response_format) if req.response_format is not None else None
+            tokens = self._tokenize(llama, text)
             if not tokens:
                 # Nothing to condition on and no BOS to add: llama.cpp would sample from no logits.
                 raise EngineError("the prompt is empty and the model adds no BOS token", code=ErrorCode.invalid_request)
             tokens, dropped = self._fit_context(tokens, req.max_tokens, n_ctx, bos)
             run = _Run(cancel, deadline, self._clock, self._closing)
-            sampler = _make_sampler(req)
+            sampler = Sampler(req, vocab, grammar.sampler(vocab) if grammar is not None else None)
             peak = PeakSampler(interval_s=0.05).start()
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             stops = _StopFilter(req.stop)
@@ -471,6 +586,7 @@ class Engine:
             n_out = 0
             finish: FinishReason = "length"
             completion = 0
+            cached = 0
 
             def emit(text: str) -> None:
                 nonlocal n_out
@@ -486,15 +602,15 @@ class Engine:
             hit_stop = False
             self._run = run
             try:
-                llama.reset()
                 if run.check():
                     raise _Aborted
-                self._decode(llama, tokens, run)
+                cached = self._reuse(llama, kv, tokens, run)
+                self._decode(llama, kv, tokens[len(kv) :], run)
                 t_prompt_end = time.monotonic()
                 while True:
                     if run.check():
                         raise _Aborted
-                    token = C.llama_sampler_sample(sampler, llama.ctx, -1)
+                    token = sampler.sample(llama.ctx)
                     if C.llama_vocab_is_eog(vocab, token):
                         finish = "stop"
                         break
@@ -507,18 +623,19 @@ class Engine:
                         break
                     if completion >= req.max_tokens:
                         break
-                    self._decode(llama, [token], run)
+                    self._decode(llama, kv, [token], run)
             except _Aborted:
                 finish = run.reason or "canceled"
-                # llama.cpp already dropped the aborted micro-batch from the KV cache; forget the
-                # rest too, so the next request starts from a state nobody has to reason about.
-                llama.reset()
-                mem = C.llama_get_memory(llama.ctx)
-                if mem is not None:
-                    C.llama_memory_clear(mem, False)
+                # llama.cpp dropped the aborted micro-batch from the KV cache, but maybe not every
+                # micro-batch of that batch; the batches committed before it were fully decoded.
+                # Keep exactly those (or nothing, where the window cannot vouch for them).
+                kv.truncate(llama.ctx, len(kv))
+            except BaseException:
+                kv.forget(llama.ctx)
+                raise
             finally:
                 self._run = None
-                C.llama_sampler_free(sampler)
+                sampler.close()
                 peak_anon = peak.stop()
             if not hit_stop:
                 # Text held back because it might have begun a stop sequence is real output.
@@ -538,17 +655,29 @@ class Engine:
                 tokens_per_s=completion / gen_s if completion and gen_s > 0 else 0.0,
                 peak_rss_anon=peak_anon,
                 prompt_tokens_dropped=dropped,
+                prompt_tokens_cached=cached,
             )
-            return GenerationResult("".join(parts), finish, stats)
+            result = GenerationResult("".join(parts), finish, stats)
+            if grammar is not None and finish in ("stop", "length"):
+                _check_json(result, req, hit_stop)
+            return result
 
-    def _decode(self, llama: Any, tokens: list[int], run: _Run) -> None:
-        try:
-            llama.eval(tokens)
-        except RuntimeError as e:
-            if run.reason is not None or f"returned {llamacpp.DECODE_ABORTED}" in str(e):
-                run.reason = run.reason or "canceled"
-                raise _Aborted from None
-            raise EngineError(f"llama_decode failed: {e}", code=ErrorCode.engine_error) from e
+    def _decode(self, llama: Any, kv: KVSequence, tokens: list[int], run: _Run) -> None:
+        # One llama_decode per n_batch tokens, each committed when it returns: a prompt stopped
+        # halfway keeps the batches before the one that was aborted, for the next job to reuse.
+        step = llama.n_batch
+        for i in range(0, len(tokens), step):
+            batch = tokens[i : i + step]
+            # llama-cpp-python positions a batch at its own n_tokens: make it agree with the cache.
+            llama.n_tokens = len(kv)
+            try:
+                llama.eval(batch)
+            except RuntimeError as e:
+                if run.reason is not None or f"returned {llamacpp.DECODE_ABORTED}" in str(e):
+                    run.reason = run.reason or "canceled"
+                    raise _Aborted from None
+                raise EngineError(f"llama_decode failed: {e}", code=ErrorCode.engine_error) from e
+            kv.commit(batch)
 
     # ------------------------------------------------------------------ residency / warm-up
 
@@ -577,17 +706,25 @@ class Engine:
         return (time.monotonic() - t0) * 1000
 
 
-def _make_sampler(req: GenerationRequest) -> Any:
-    chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-    if req.temperature <= 0:
-        C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
-    else:
-        if req.top_p < 1.0:
-            C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(req.top_p, 1))
-        C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(req.temperature))
-        seed = C.LLAMA_DEFAULT_SEED if req.seed is None else req.seed & 0xFFFFFFFF
-        C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
-    return chain
+def _check_json(result: GenerationResult, req: GenerationRequest, hit_stop: bool) -> None:
+    """Structured output that ended before its grammar did is not valid JSON: never a success."""
+    try:
+        json.loads(result.text)
+        return
+    except ValueError:
+        pass
+    n = result.stats.completion_tokens
+    if hit_stop:
+        why = "a stop string ended the output before its JSON was complete (structured output seldom needs stop strings)"
+    elif result.finish_reason == "length":
+        why = (
+            f"max_tokens {req.max_tokens} ended the output before its JSON was complete: raise max_tokens, or bound "
+            "the schema's strings and arrays (maxLength, maxItems)"
+        )
+    else:  # the grammar allowed end-of-generation on incomplete JSON: a bug, but still not a success
+        why = "the output ended before its JSON was complete"
+    excerpt = result.text if len(result.text) <= 80 else result.text[:60] + f"... ({len(result.text)} characters)"
+    raise OutputTruncated(f"{why}; {n} tokens generated: {excerpt!r}", result=result)
 
 
 def _plan_mismatches(est: MemoryEstimate, buffers: dict[str, int]) -> list[str]:

@@ -6,6 +6,8 @@ CLI's `model inspect` and the tests of the job path do not pay for loading libll
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,40 +21,88 @@ from agent.system.memory import MiB, Budget, ProcStatus
 # deadline; the runner requeues such a job instead of reporting it CANCELED.
 FinishReason = Literal["stop", "length", "canceled", "timeout", "aborted"]
 TokenCallback = Callable[[int, str], None]
+ChatRole = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: ChatRole
+    content: str
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Constrained output: ``json_object`` (any JSON object) or ``json_schema`` (``schema`` a JSON Schema)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+
+    def effective_schema(self) -> dict[str, Any]:
+        """The schema the grammar is built from: json_object is the schema of any object."""
+        return {"type": "object"} if self.type == "json_object" else dict(self.schema or {})
+
+    def key(self) -> str:
+        """sha256 of the canonical JSON of the effective schema: the grammar cache's key."""
+        text = json.dumps(self.effective_schema(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str
+    """One generation. A completion of ``prompt``, or, when ``messages`` is set, a chat rendered with
+    the model's chat template (``prompt`` is then unused). ``response_format`` constrains either."""
+
+    prompt: str = ""
     max_tokens: int = 128
     temperature: float = 0.7  # <= 0: greedy (deterministic)
     top_p: float = 0.95
     seed: int | None = None  # None: a random seed per request
     stop: list[str] = field(default_factory=list)
+    messages: tuple[ChatMessage, ...] | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of the text the client sent: the prompt, or every message's content."""
+        if self.messages is not None:
+            return sum(len(m.content.encode("utf-8")) for m in self.messages)
+        return len(self.prompt.encode("utf-8"))
 
     @classmethod
     def from_job(cls, job: Any) -> "GenerationRequest":
         """The engine's request for a job (an ``agent.protocol.JobSubmit``): every field the
         engine acts on, and nothing of the job's delivery (ids, priority, expiry, streaming)."""
+        messages = None
+        if getattr(job, "messages", None) is not None:
+            messages = tuple(ChatMessage(m.role, m.content) for m in job.messages)
+        rf = getattr(job, "response_format", None)
         return cls(
-            prompt=job.prompt,
+            prompt=job.prompt or "",
             max_tokens=job.max_tokens,
             temperature=job.temperature,
             top_p=job.top_p,
             seed=job.seed,
             stop=list(job.stop or []),
+            messages=messages,
+            response_format=None if rf is None else ResponseFormat(rf.type, rf.json_schema),
         )
 
 
 @dataclass(frozen=True)
 class GenerationStats:
-    prompt_tokens: int  # tokens evaluated for the prompt (after keep_tail trimming)
+    prompt_tokens: int  # tokens of the prompt (after keep_tail trimming), cached ones included
     completion_tokens: int
     prompt_ms: float
     generation_ms: float
     tokens_per_s: float  # completion tokens / generation time
     peak_rss_anon: int  # bytes, sampled during the run
     prompt_tokens_dropped: int = 0  # context_overflow = keep_tail: tokens cut from the front
+    # Of prompt_tokens, those whose KV was already there (the previous job's shared prefix, or
+    # engine.prompt_cache restored from its file) and were not evaluated again.
+    prompt_tokens_cached: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,7 @@ from enum import Enum
 
 from agent.codes import ErrorCode, JobStatus
 from agent.engine.types import GenerationResult
-from agent.errors import EngineError
+from agent.errors import EngineError, OutputTruncated
 from agent.protocol import ErrorInfo, JobOutcome, Timings, Usage
 
 
@@ -53,8 +53,7 @@ def conclude(
     result = ended
     if result.finish_reason in ("canceled", "aborted") and (requeue_for or result.finish_reason == "aborted"):
         return Requeue(requeue_for or StopReason.PREEMPT)
-    stats = result.stats
-    usage = Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens)
+    usage = _usage(result)
     text = result.text or None
     if result.finish_reason == "canceled":
         error = ErrorInfo(code=ErrorCode.canceled, message="canceled by request")
@@ -68,7 +67,20 @@ def conclude(
                       timings=timings)  # fmt: skip
 
 
+def _usage(result: GenerationResult) -> Usage:
+    s = result.stats
+    return Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
+                 prompt_tokens_cached=s.prompt_tokens_cached)  # fmt: skip
+
+
 def _from_error(e: BaseException, timings: Timings) -> JobOutcome:
+    if isinstance(e, OutputTruncated) and isinstance(e.result, GenerationResult):
+        # Structured output cut short: not valid JSON, so not a success; what was generated and
+        # what it cost are still the client's to see.
+        r = e.result
+        finish = r.finish_reason if r.finish_reason in ("stop", "length") else None
+        return JobOutcome(status=e.code.status, text=r.text or None, finish_reason=finish, usage=_usage(r),
+                          timings=timings, error=ErrorInfo(code=e.code, message=str(e)))  # fmt: skip
     if isinstance(e, EngineError):
         # The code decides the status: context_too_long, will_not_fit, prompt_too_large ... are
         # REJECTED (the same request fails the same way on any retry); the rest FAILED.
