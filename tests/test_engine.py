@@ -15,7 +15,7 @@ import pytest
 
 from agent.config.sections import EngineSettings
 from agent.engine import Engine, GenerationRequest
-from agent.engine.engine import _StopFilter
+from agent.engine.batch import StopFilter as _StopFilter
 from agent.errors import ContextTooLong, EngineError, WillNotFit
 from agent.system.memory import MiB, Budget, proc_status
 

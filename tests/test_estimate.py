@@ -103,7 +103,7 @@ def test_exact_plan_takes_llama_cpp_sizes_per_context(tiny_info) -> None:
     qwen = _shaped(tiny_info, **QWEN05, repackable_bytes=278 * 10**6, weights_bytes=278 * 10**6)
     asked: list[int] = []
 
-    def sizer(n_ctx: int) -> LlamaSizes:
+    def sizer(n_ctx: int, slots: int = 1) -> LlamaSizes:
         asked.append(n_ctx)
         return LlamaSizes(repacked=100 * MiB, repacked_duplicates=30 * MiB, kv=n_ctx * 1000, compute=7 * MiB,
                           output=600_000, host_tables=20 * MiB)

@@ -28,7 +28,7 @@ PREFIX = "You are a terse assistant for a weather station. Answer in one line. "
 
 
 def make_engine(model: Path, state_dir: Path | None = None, **settings) -> Engine:
-    settings = {"n_ctx": 1024, "n_threads": 2, "n_batch": 64, **settings}
+    settings = {"n_ctx": 1024, "n_threads": 2, "n_batch": 64, "max_parallel": 1, **settings}
     # allow_non_4bit: the Gemma Q4_K_M file's Q8_0 embedding fails the old 4-bit rule (issue 6, item 1).
     engine = Engine(model, engine=EngineSettings(**settings), allow_non_4bit=True, state_dir=state_dir)
     engine.load()
@@ -54,7 +54,7 @@ def reference_logits(engine: Engine, first: list[int], second: list[int], keep: 
     """By hand with llama-cpp-python: evaluate ``first`` from an empty cache, keep ``keep`` of its
     cells, evaluate the rest of ``second``. ``keep`` 0: ``second`` from an empty cache."""
     llama = engine._llama
-    engine._kv.forget(llama.ctx)
+    engine._sched._slots[0].kv.forget(llama.ctx)
     llama.reset()
     if keep:
         llama.eval(first)
@@ -62,7 +62,7 @@ def reference_logits(engine: Engine, first: list[int], second: list[int], keep: 
         llama.n_tokens = keep
     llama.eval(second[keep:])
     out = last_logits(engine)
-    engine._kv.forget(llama.ctx)  # what ran here is not in the engine's bookkeeping
+    engine._sched._slots[0].kv.forget(llama.ctx)  # what ran here is not in the engine's bookkeeping
     return out
 
 
@@ -98,7 +98,7 @@ def test_reused_prefix_gives_the_same_logits_and_text(tiny: Engine) -> None:
     # And the greedy text matches a cold run (the tiny model's kernels do not depend on the batch split).
     tiny.generate(GenerationRequest(a, max_tokens=4, **GREEDY))
     warm_text = tiny.generate(GenerationRequest(b, max_tokens=24, **GREEDY)).text
-    tiny._kv.forget(tiny._llama.ctx)
+    tiny._sched._slots[0].kv.forget(tiny._llama.ctx)
     assert tiny.generate(GenerationRequest(b, max_tokens=24, **GREEDY)).text == warm_text
 
 
@@ -119,11 +119,11 @@ def test_cancel_inside_the_prompt_keeps_the_batches_evaluated_before(tiny: Engin
     prompt = PREFIX * 3 + "Status?"
     ref = tiny.generate(GenerationRequest(prompt, max_tokens=8, **GREEDY)).text
     tiny.generate(GenerationRequest("Unrelated.", max_tokens=2, **GREEDY))
-    assert len(tiny._kv) > 1
+    assert len(tiny._sched._slots[0].kv) > 1
     # n_batch 64: the BOS is reused; positions 1-64 are one batch, 65-128 the next, aborted.
     res = tiny.generate(GenerationRequest(prompt, max_tokens=8, **GREEDY), cancel=CancelWhenCacheReaches(tiny, 100))
     assert res.finish_reason == "canceled" and res.text == ""
-    assert len(tiny._kv) == 65
+    assert len(tiny._sched._slots[0].kv) == 65
     assert C.llama_memory_seq_pos_max(C.llama_get_memory(tiny._llama.ctx), 0) == 64  # the aborted cells are gone
     again = tiny.generate(GenerationRequest(prompt, max_tokens=8, **GREEDY))
     assert again.stats.prompt_tokens_cached == 65 and again.text == ref
@@ -137,7 +137,7 @@ def test_an_error_during_a_job_drops_the_cache(tiny: Engine) -> None:
 
     with pytest.raises(RuntimeError):
         tiny.generate(GenerationRequest(PREFIX + "x", max_tokens=4, **GREEDY), on_token=boom)
-    assert len(tiny._kv) == 0
+    assert len(tiny._sched._slots[0].kv) == 0
     assert tiny.generate(GenerationRequest(PREFIX + "y", max_tokens=2, **GREEDY)).stats.prompt_tokens_cached == 0
 
 
@@ -172,7 +172,7 @@ def test_sliding_window_model_reuses_only_what_its_window_still_holds(
     monkeypatch.setattr(C, "llama_context_default_params", params)
     with make_engine(gemma_model, n_batch=128) as engine:
         monkeypatch.undo()
-        assert engine._kv.n_swa == 512 and bool(engine._llama.context_params.swa_full) is swa_full
+        assert engine._sched._slots[0].kv.n_swa == 512 and bool(engine._llama.context_params.swa_full) is swa_full
         long_text = PREFIX * 13
         first = long_text + "Wind now?"
         assert 700 < len(tokens_of(engine, first)) < 800
@@ -219,7 +219,7 @@ def test_prompt_cache_is_saved_restored_after_a_restart_and_exact(tiny_model: Pa
         assert np.array_equal(last_logits(first), logits_first)
         n_cached = res.stats.prompt_tokens_cached
     with make_engine(tiny_model, state, prompt_cache=PREFIX) as restarted:
-        assert len(restarted._kv) > n_prefix  # restored at load
+        assert len(restarted._sched._slots[0].kv) > n_prefix  # restored at load
         res = restarted.generate(req)
         assert res.stats.prompt_tokens_cached == n_cached
         assert np.array_equal(last_logits(restarted), logits_first)

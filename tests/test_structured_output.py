@@ -43,7 +43,7 @@ def schema_format(schema: dict[str, Any]) -> ResponseFormat:
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_model: Path):
-    engine = Engine(tiny_model, engine=EngineSettings(n_ctx=1024, n_threads=2, max_tokens_limit=1024))
+    engine = Engine(tiny_model, engine=EngineSettings(n_ctx=1024, n_threads=2, max_tokens_limit=1024, max_parallel=1))
     engine.load()
     yield engine
     engine.unload()
@@ -179,7 +179,7 @@ def test_greedy_output_equals_the_grammar_applied_to_the_whole_vocabulary(gemma_
     rf = schema_format(PERSON)
     prompt = 'Records:\n{"name": "Ada", "age": 36, "color": "green"}\n{"name": "Bob", "age": 41, "color": "red"}\n'
     # allow_non_4bit: the Q4_K_M file's Q8_0 embedding fails the old 4-bit rule (issue 6, item 1).
-    with Engine(gemma_model, engine=EngineSettings(n_ctx=512, n_threads=2), allow_non_4bit=True) as engine:
+    with Engine(gemma_model, engine=EngineSettings(n_ctx=512, n_threads=2, max_parallel=1), allow_non_4bit=True) as engine:
         engine.load()
         ours = engine.generate(GenerationRequest(prompt, max_tokens=60, temperature=0.0, response_format=rf))
         llama = engine._llama
@@ -187,7 +187,7 @@ def test_greedy_output_equals_the_grammar_applied_to_the_whole_vocabulary(gemma_
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         C.llama_sampler_chain_add(chain, engine.grammars.get(rf).sampler(vocab))
         C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
-        engine._kv.forget(llama.ctx)
+        engine._sched._slots[0].kv.forget(llama.ctx)
         llama.reset()
         llama.eval(engine._tokenize(llama, prompt))
         out: list[int] = []
@@ -200,7 +200,7 @@ def test_greedy_output_equals_the_grammar_applied_to_the_whole_vocabulary(gemma_
                 llama.eval([token])
         finally:
             C.llama_sampler_free(chain)
-            engine._kv.forget(llama.ctx)  # the engine's bookkeeping no longer matches what ran here
+            engine._sched._slots[0].kv.forget(llama.ctx)  # the engine's bookkeeping no longer matches what ran here
         reference = llama.detokenize(out).decode("utf-8")
     assert ours.finish_reason == "stop"
     jsonschema.validate(json.loads(ours.text), PERSON)

@@ -195,6 +195,17 @@ class EngineSettings(Section):
         json_schema_extra=RELOAD,
     )
     auto_ctx_max: int = Field(default=4096, ge=16, le=131072, json_schema_extra=RELOAD, description="Upper bound for n_ctx='auto', tokens.")
+    max_parallel: _int_or_auto("max_parallel", 1, 16) = Field(  # type: ignore[valid-type]
+        default="auto",
+        description="Jobs decoded together in one llama.cpp batch (continuous batching), each with n_ctx of KV "
+        "cache of its own: 1-16, or 'auto': as many as the memory plan allows at n_ctx per job, up to "
+        "engine.auto_parallel_max. On CPUs decoding is bound by memory bandwidth, so a batch of jobs costs little "
+        "more than one (docs/benchmarks.md).",
+        json_schema_extra=RELOAD,
+    )
+    auto_parallel_max: int = Field(
+        default=4, ge=1, le=16, json_schema_extra=RELOAD, description="Upper bound for max_parallel='auto'."
+    )
     n_threads: _int_or_auto("n_threads", 1, 64) = Field(  # type: ignore[valid-type]
         default="auto", description="CPU threads for generation (1-64), or 'auto': the number of usable cores.",
         json_schema_extra=RELOAD,

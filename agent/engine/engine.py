@@ -10,27 +10,24 @@ sampled by ``agent.engine.sampling``). The KV cache is kept between jobs and onl
 prompt after the prefix it shares with the cache is evaluated (``agent.engine.prefix``), with an
 optional prefix persisted across restarts (``agent.engine.prompt_cache``).
 
-Threading: one thread generates at a time (a lock serialises ``generate``, ``load`` and
-``unload``); any other thread may cancel through the ``cancel`` event it passed in. Cancellation
-and deadlines act inside a running llama_decode through llama.cpp's abort callback, so a long
-prompt is stopped within one graph node, not after it.
+Several jobs at once: ``engine.max_parallel`` slots, each a llama.cpp sequence with a KV cache
+of its own, decoded together by one scheduler thread (``agent.engine.batch``, continuous
+batching). ``generate`` may be called from several threads: each call waits for its own job.
+``load`` and ``unload`` are serialised by a lock; any thread may cancel a job through the
+``cancel`` event it passed in.
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import dataclasses
 import gc
-import json
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import llama_cpp.llama_cpp as C
 
@@ -44,9 +41,11 @@ from agent.engine.estimate import (
     choose_mode,
     estimate_memory,
     largest_ctx_that_fits,
+    most_slots_that_fit,
     pad_ctx,
     ubatch_size,
 )
+from agent.engine.batch import Job, Run, Scheduler, Slot
 from agent.engine.chat import template_for
 from agent.engine.grammar import GrammarCache
 from agent.engine.prefix import KVSequence, common_prefix
@@ -54,10 +53,8 @@ from agent.engine.prompt_cache import PromptCache
 from agent.engine.residency import LayerResidency, layer_residency, warm_up
 from agent.engine.sampling import Sampler
 from agent.engine.types import (
-    FinishReason,
     GenerationRequest,
     GenerationResult,
-    GenerationStats,
     LoadPlan,
     LoadReport,
     RequestLimits,
@@ -65,89 +62,14 @@ from agent.engine.types import (
 )
 from agent.models.gguf_info import check_quantization, read_model_info
 from agent.codes import ErrorCode
-from agent.errors import ContextTooLong, EdgeAgentError, EngineError, OutputTruncated, WillNotFit
-from agent.system.memory import MiB, Budget, PeakSampler, ProcStatus, process_cpu_count, proc_status, resolve_budget
+from agent.errors import ContextTooLong, EdgeAgentError, EngineError, WillNotFit
+from agent.system.memory import MiB, Budget, process_cpu_count, proc_status, resolve_budget
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# one generation's stop state, read by the abort callback
-# ---------------------------------------------------------------------------------------------
-
-
-class _Run:
-    """What decides that a running generation must stop. ``check`` is called from llama.cpp's
-    compute thread once per graph node, so it does as little as possible."""
-
-    __slots__ = ("cancel", "deadline", "clock", "closing", "reason")
-
-    def __init__(
-        self, cancel: threading.Event | None, deadline: float | None, clock: Callable[[], float], closing: threading.Event
-    ) -> None:
-        self.cancel = cancel
-        self.deadline = deadline
-        self.clock = clock
-        self.closing = closing
-        self.reason: FinishReason | None = None
-
-    def check(self) -> bool:
-        if self.reason is not None:
-            return True
-        if self.cancel is not None and self.cancel.is_set():
-            self.reason = "canceled"
-        elif self.closing.is_set():
-            self.reason = "aborted"
-        elif self.deadline is not None and self.clock() >= self.deadline:
-            self.reason = "timeout"
-        return self.reason is not None
-
-
-class _Aborted(Exception):
-    pass
-
 
 # A prompt that starts with engine.prompt_cache's text may tokenize differently in the last few
 # tokens of the prefix (a merge across the boundary): it still counts as starting with it.
 _PREFIX_SLACK = 8
-
-
-# ---------------------------------------------------------------------------------------------
-# stop sequences over a stream
-# ---------------------------------------------------------------------------------------------
-
-
-class _StopFilter:
-    """Holds back text that could be the start of a stop sequence, so neither the stream nor the
-    result ever contains any part of one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Add decoded text; return (text safe to emit now, whether a stop sequence was hit)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out = self.pending[: min(hits)]
-            self.pending = ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,16 +110,12 @@ class Engine:
         self._llama: Any = None
         self._info: Any = None
         self._report: LoadReport | None = None
-        self._run: _Run | None = None
+        self._sched: Scheduler | None = None
         # llama.cpp keeps only the function pointer: this object must live as long as the context.
         self._abort_cfunc = llamacpp.AbortCallback(self._abort_check)
         self._piece_buf = ctypes.create_string_buffer(64)
         self._state_dir = None if state_dir is None else Path(state_dir)
         self.grammars = GrammarCache()
-        # The KV cache's bookkeeping belongs to one loaded Llama: a new load starts afresh. A weak
-        # reference, so that it never keeps an unloaded model alive.
-        self._kv: KVSequence | None = None
-        self._kv_llama: Callable[[], Any] = lambda: None
         self._prompt_cache: PromptCache | None = None
 
     @classmethod
@@ -227,7 +145,24 @@ class Engine:
 
     @property
     def n_ctx(self) -> int:
-        return self._require().n_ctx()
+        """The context of one slot, tokens."""
+        sched = self._sched
+        return self._require().n_ctx() // (sched.n_slots if sched is not None else 1)
+
+    @property
+    def slots(self) -> int:
+        """Jobs decoded together (0 when nothing is loaded)."""
+        sched = self._sched
+        return sched.n_slots if sched is not None else 0
+
+    def busy_slots(self) -> int:
+        sched = self._sched
+        return sched.busy() if sched is not None else 0
+
+    def kv_tokens(self) -> int:
+        """KV cells in use over every slot, tokens (telemetry)."""
+        sched = self._sched
+        return sched.kv_tokens() if sched is not None else 0
 
     def __enter__(self) -> "Engine":
         return self
@@ -325,10 +260,31 @@ class Engine:
                 mode, mode_reason = choice.mode, choice.reason
             else:
                 mode, mode_reason = s.load_mode, "engine.load_mode"
-        est = estimate_memory(info, n_ctx=n_ctx, mode=mode, **kw)
+        slots, slots_reason = self._plan_slots(info, mode, n_ctx, budget, kw)
+        est = estimate_memory(info, n_ctx=n_ctx, mode=mode, slots=slots, **kw)
         if est.anon_bytes > budget.bytes and not self._force:
-            raise WillNotFit(_will_not_fit(est, budget, f"n_ctx {n_ctx}"))
-        return LoadPlan(mode, mode_reason, n_ctx, ctx_reason, est, budget, info)
+            what = f"n_ctx {n_ctx}" + (f" x {slots} slots (engine.max_parallel)" if slots > 1 else "")
+            raise WillNotFit(_will_not_fit(est, budget, what))
+        return LoadPlan(mode, mode_reason, n_ctx, ctx_reason, est, budget, info, slots=slots, slots_reason=slots_reason)
+
+    def _plan_slots(self, info: Any, mode: Mode, n_ctx: int, budget: Budget, kw: dict[str, Any]) -> tuple[int, str]:
+        """How many jobs are decoded together: engine.max_parallel, or with 'auto' as many as fit
+        the budget at n_ctx each (leaving the weights their page cache, as an automatic context
+        does), up to engine.auto_parallel_max."""
+        s = self.settings
+        if s.max_parallel != "auto":
+            return int(s.max_parallel), "engine.max_parallel"
+        cap = s.auto_parallel_max
+        file_share = min(estimate_memory(info, n_ctx=n_ctx, mode=mode, **kw).file_bytes, budget.bytes // 2)
+        headroom_share = int(budget.bytes * float(self.memory_settings.headroom_pct) / 100)
+        for reserve in (max(file_share, headroom_share), headroom_share, 0):
+            best = most_slots_that_fit(info, budget.bytes - reserve, mode, n_ctx=n_ctx, cap=cap, **kw)
+            if best is not None:
+                break
+        best = best or 1
+        if best >= cap:
+            return best, f"auto: the cap (engine.auto_parallel_max {cap})"
+        return best, f"auto: the most that fit the budget at n_ctx {n_ctx} each (cap {cap})"
 
     def load(self) -> LoadReport:
         """Plan, then load the model (closing a loaded one first). Raises WillNotFit (nothing was
@@ -369,6 +325,7 @@ class Engine:
                     type_k=s.type_k,
                     type_v=s.type_v,
                     flash_attn=s.flash_attn,
+                    slots=plan.slots,
                 )
             except EdgeAgentError:
                 raise
@@ -377,7 +334,8 @@ class Engine:
             load_ms = (time.monotonic() - t0) * 1000
             C.llama_set_abort_callback(llama.ctx, self._abort_cfunc, None)
             self._llama, self._info = llama, plan.info
-            self._kv_for(llama)  # restores engine.prompt_cache's KV from its state file
+            self._sched = Scheduler(llama, self._slots_for(llama, plan.slots), n_batch=n_batch, closing=self._closing,
+                                    prepare=self._prepare)  # fmt: skip
             buffers = llamacpp.buffer_sizes(lines)
             if mode == "fast" and not any("REPACK" in k for k in buffers):
                 notes.append("llama.cpp repacked nothing on this CPU: fast mode costs no extra memory here")
@@ -386,7 +344,7 @@ class Engine:
                 model=str(self.model_path),
                 mode=mode,
                 mode_reason=plan.mode_reason,
-                n_ctx=llama.n_ctx(),
+                n_ctx=llama.n_ctx() // plan.slots,
                 n_ctx_reason=plan.n_ctx_reason,
                 n_batch=n_batch,
                 n_threads=n_threads,
@@ -398,6 +356,8 @@ class Engine:
                 llama_buffers=buffers,
                 notes=notes,
                 plan_ms=plan.probe_ms,
+                slots=plan.slots,
+                slots_reason=plan.slots_reason,
             )
             log.info("loaded %s", self._report.summary())
             if s.warmup:
@@ -409,6 +369,9 @@ class Engine:
         (finish_reason 'canceled') first. Safe to call when nothing is loaded."""
         self._closing.set()
         with self._lock:
+            sched, self._sched = self._sched, None
+            if sched is not None:
+                sched.close()  # jobs in flight end 'aborted'
             llama, self._llama = self._llama, None
             if llama is None:
                 return
@@ -425,14 +388,14 @@ class Engine:
     def _abort_check(self, _data: Any) -> bool:
         # Called by llama.cpp between graph nodes, from its compute thread: never raise.
         try:
-            run = self._run
-            return run is not None and run.check()
+            sched = self._sched
+            return self._closing.is_set() or (sched is not None and sched.abort_wanted())
         except Exception:  # noqa: BLE001
             return False
 
     def count_tokens(self, text: str) -> int:
-        with self._lock:
-            return len(self._tokenize(self._require(), text))
+        # The tokenizer reads the vocabulary only: safe next to a decode on the scheduler thread.
+        return len(self._tokenize(self._require(), text))
 
     def _tokenize(self, llama: Any, text: str) -> list[int]:
         # Chat templates write the BOS text themselves ({{ bos_token }}); llama.cpp would add the
@@ -489,39 +452,45 @@ class Engine:
             "Shorten the prompt, lower max_tokens, raise engine.n_ctx, or set engine.context_overflow = 'keep_tail'"
         )
 
-    def _kv_for(self, llama: Any) -> KVSequence:
-        """The KV bookkeeping of this loaded model, created on its first use; opening it restores
-        engine.prompt_cache's prefix from its state file when there is a valid one."""
-        if self._kv is not None and self._kv_llama() is llama:
-            return self._kv
-        kv = KVSequence(0, n_swa=int(C.llama_model_n_swa(llama._model.model)))
-        kv.forget(llama.ctx)
-        self._kv, self._kv_llama, self._prompt_cache = kv, weakref.ref(llama), None
+    def _slots_for(self, llama: Any, n: int) -> list[KVSequence]:
+        """One KV sequence per slot, emptied; slot 0 gets engine.prompt_cache's prefix back from its
+        state file when there is a valid one."""
+        n_swa = int(C.llama_model_n_swa(llama._model.model))
+        slots = [KVSequence(i, n_swa=n_swa) for i in range(n)]
+        for kv in slots:
+            kv.forget(llama.ctx)
+        self._prompt_cache = None
         prefix = self.settings.prompt_cache
         if prefix and self._state_dir is None:
             log.info("engine.prompt_cache is set but the engine has no state folder: the prefix is not persisted")
         elif prefix:
             tokens = self._tokenize(llama, prefix)
             try:
-                if len(tokens) > llama.n_ctx() // 2:
+                if len(tokens) > self.n_ctx_of(llama, n) // 2:
                     raise EngineError(
-                        f"the prefix is {len(tokens)} tokens, more than half of n_ctx {llama.n_ctx()}: it would leave "
-                        "little room for the jobs that start with it"
+                        f"the prefix is {len(tokens)} tokens, more than half of n_ctx {self.n_ctx_of(llama, n)}: it "
+                        "would leave little room for the jobs that start with it"
                     )
                 pc = PromptCache.open(self._state_dir / "prompt-cache", llama, self.model_path, tokens)
             except (OSError, EngineError) as e:
                 log.warning("engine.prompt_cache is off for this load: %s", e)
             else:
                 self._prompt_cache = pc
-                if pc.restore(llama.ctx, kv):
-                    log.info("prompt cache: restored %d tokens of KV from %s", len(kv), pc.kv_path)
-        return kv
+                if pc.restore(llama.ctx, slots[0]):
+                    log.info("prompt cache: restored %d tokens of KV from %s", len(slots[0]), pc.kv_path)
+        return slots
 
-    def _reuse(self, llama: Any, kv: KVSequence, tokens: list[int], run: _Run) -> int:
-        """Make the cache hold the longest prefix of ``tokens`` it can without evaluating it, and
-        return that length (the prompt tokens this job does not evaluate). engine.prompt_cache's
-        prefix is restored from its file when it gives more than the cache holds; when the job
-        starts with a prefix that has no valid file yet, the prefix is evaluated first and saved."""
+    @staticmethod
+    def n_ctx_of(llama: Any, slots: int) -> int:
+        return llama.n_ctx() // max(1, slots)
+
+    def _prepare(self, slot: Slot, job: Job) -> int:
+        """On the scheduler thread, when a job takes a slot: make the slot's cache hold the longest
+        prefix of the job's prompt it can without evaluating it, and return that length (the prompt
+        tokens the job does not evaluate). engine.prompt_cache's prefix is restored from its file
+        when it gives more than the cache holds; when the job starts with a prefix that has no valid
+        file yet, the prefix is evaluated first and saved."""
+        llama, kv, tokens = self._require(), slot.kv, job.tokens
         n = kv.reuse(llama.ctx, tokens)
         pc = self._prompt_cache
         if pc is None or not pc.tokens:
@@ -536,9 +505,11 @@ class Engine:
         if m >= len(pc.tokens) - _PREFIX_SLACK:
             # The job starts with the prefix's text (its last tokens may merge differently with
             # what follows): evaluate the prefix's own tokens, save them, keep what the job shares.
-            self._decode(llama, kv, pc.tokens[len(kv) :], run)
-            pc.save(llama.ctx, kv)
-            kv.truncate(llama.ctx, m)
+            assert self._sched is not None
+            if self._sched.decode_seq(kv, pc.tokens[len(kv) :], job.run):
+                pc.save(llama.ctx, kv)
+            # Evaluated for this job: only what the cache held before counts as cached.
+            return min(n, kv.truncate(llama.ctx, min(m, len(kv))))
         return n
 
     def _prompt_text(self, llama: Any, req: GenerationRequest) -> str:
@@ -554,130 +525,41 @@ class Engine:
         cancel: threading.Event | None = None,
         deadline: float | None = None,
     ) -> GenerationResult:
-        """Run one request. ``on_token(index, text)`` is called for each piece of new text (index
-        0, 1, 2 ...; text never empty; the pieces add up to ``result.text``). ``cancel`` may be set
-        from any thread; ``deadline`` is a time on the engine's clock (time.monotonic by default).
-        Both stop prompt evaluation too. Raises ContextTooLong, NoChatTemplate, SchemaRefused,
+        """Run one request; several may run at once (one per slot, from different threads).
+        ``on_token(index, text)`` is called for each piece of new text (index 0, 1, 2 ...; text
+        never empty; the pieces add up to ``result.text``), on the engine's scheduler thread: it
+        must be quick. ``cancel`` may be set from any thread; ``deadline`` is a time on the engine's
+        clock (time.monotonic by default). Raises ContextTooLong, NoChatTemplate, SchemaRefused,
         OutputTruncated (structured output cut short: the partial result is attached), EngineError.
 
-        The prompt's longest prefix shared with what the KV cache holds (the previous job, or
+        The prompt's longest prefix shared with what a slot's KV cache holds (an earlier job, or
         engine.prompt_cache) is not evaluated again: ``stats.prompt_tokens_cached`` counts it."""
         self._check_request(req)
         with self._lock:
-            llama = self._require()
-            kv = self._kv_for(llama)
-            vocab = llama._model.vocab
-            n_ctx = llama.n_ctx()
-            bos = C.llama_vocab_bos(vocab)
-            # Everything that can refuse the request comes before any decode.
-            text = self._prompt_text(llama, req)
-            grammar = self.grammars.get(req.response_format) if req.response_format is not None else None
-            tokens = self._tokenize(llama, text)
-            if not tokens:
-                # Nothing to condition on and no BOS to add: llama.cpp would sample from no logits.
-                raise EngineError("the prompt is empty and the model adds no BOS token", code=ErrorCode.invalid_request)
-            tokens, dropped = self._fit_context(tokens, req.max_tokens, n_ctx, bos)
-            run = _Run(cancel, deadline, self._clock, self._closing)
-            sampler = Sampler(req, vocab, grammar.sampler(vocab) if grammar is not None else None)
-            peak = PeakSampler(interval_s=0.05).start()
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            stops = _StopFilter(req.stop)
-            parts: list[str] = []
-            n_out = 0
-            finish: FinishReason = "length"
-            completion = 0
-            cached = 0
-
-            def emit(text: str) -> None:
-                nonlocal n_out
-                if not text:
-                    return
-                parts.append(text)
-                if on_token is not None:
-                    on_token(n_out, text)
-                n_out += 1
-
-            t0 = time.monotonic()
-            t_prompt_end: float | None = None
-            hit_stop = False
-            self._run = run
-            try:
-                if run.check():
-                    raise _Aborted
-                cached = self._reuse(llama, kv, tokens, run)
-                self._decode(llama, kv, tokens[len(kv) :], run)
-                t_prompt_end = time.monotonic()
-                while True:
-                    if run.check():
-                        raise _Aborted
-                    token = sampler.sample(llama.ctx)
-                    if C.llama_vocab_is_eog(vocab, token):
-                        finish = "stop"
-                        break
-                    completion += 1
-                    piece, self._piece_buf = llamacpp.token_piece(vocab, token, self._piece_buf)
-                    text, hit_stop = stops.push(decoder.decode(piece))
-                    emit(text)
-                    if hit_stop:
-                        finish = "stop"
-                        break
-                    if completion >= req.max_tokens:
-                        break
-                    self._decode(llama, kv, [token], run)
-            except _Aborted:
-                finish = run.reason or "canceled"
-                # llama.cpp dropped the aborted micro-batch from the KV cache, but maybe not every
-                # micro-batch of that batch; the batches committed before it were fully decoded.
-                # Keep exactly those (or nothing, where the window cannot vouch for them).
-                kv.truncate(llama.ctx, len(kv))
-            except BaseException:
-                kv.forget(llama.ctx)
-                raise
-            finally:
-                self._run = None
-                sampler.close()
-                peak_anon = peak.stop()
-            if not hit_stop:
-                # Text held back because it might have begun a stop sequence is real output.
-                tail, hit_stop = stops.push(decoder.decode(b"", final=True))
-                emit(tail)
-                if not hit_stop:
-                    emit(stops.flush())
-            t_end = time.monotonic()
-            if t_prompt_end is None:
-                t_prompt_end = t_end
-            gen_s = t_end - t_prompt_end
-            stats = GenerationStats(
-                prompt_tokens=len(tokens),
-                completion_tokens=completion,
-                prompt_ms=(t_prompt_end - t0) * 1000,
-                generation_ms=gen_s * 1000,
-                tokens_per_s=completion / gen_s if completion and gen_s > 0 else 0.0,
-                peak_rss_anon=peak_anon,
-                prompt_tokens_dropped=dropped,
-                prompt_tokens_cached=cached,
-            )
-            result = GenerationResult("".join(parts), finish, stats)
-            if grammar is not None and finish in ("stop", "length"):
-                _check_json(result, req, hit_stop)
-            return result
-
-    def _decode(self, llama: Any, kv: KVSequence, tokens: list[int], run: _Run) -> None:
-        # One llama_decode per n_batch tokens, each committed when it returns: a prompt stopped
-        # halfway keeps the batches before the one that was aborted, for the next job to reuse.
-        step = llama.n_batch
-        for i in range(0, len(tokens), step):
-            batch = tokens[i : i + step]
-            # llama-cpp-python positions a batch at its own n_tokens: make it agree with the cache.
-            llama.n_tokens = len(kv)
-            try:
-                llama.eval(batch)
-            except RuntimeError as e:
-                if run.reason is not None or f"returned {llamacpp.DECODE_ABORTED}" in str(e):
-                    run.reason = run.reason or "canceled"
-                    raise _Aborted from None
-                raise EngineError(f"llama_decode failed: {e}", code=ErrorCode.engine_error) from e
-            kv.commit(batch)
+            llama, sched = self._require(), self._sched
+        if sched is None:
+            raise EngineError("the model is not loaded", code=ErrorCode.model_not_loaded)
+        vocab = llama._model.vocab
+        # Everything that can refuse the request comes before it waits for a slot.
+        text = self._prompt_text(llama, req)
+        grammar = self.grammars.get(req.response_format) if req.response_format is not None else None
+        tokens = self._tokenize(llama, text)
+        if not tokens:
+            # Nothing to condition on and no BOS to add: llama.cpp would sample from no logits.
+            raise EngineError("the prompt is empty and the model adds no BOS token", code=ErrorCode.invalid_request)
+        tokens, dropped = self._fit_context(tokens, req.max_tokens, self.n_ctx_of(llama, sched.n_slots),
+                                            C.llama_vocab_bos(vocab))  # fmt: skip
+        job = Job(
+            req=req, tokens=tokens, dropped=dropped,
+            sampler=Sampler(req, vocab, grammar.sampler(vocab) if grammar is not None else None),
+            run=Run(cancel, deadline, self._clock, self._closing), on_token=on_token, structured=grammar is not None,
+        )  # fmt: skip
+        sched.submit(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
 
     # ------------------------------------------------------------------ residency / warm-up
 
@@ -704,27 +586,6 @@ class Engine:
         t0 = time.monotonic()
         warm_up(self.model_path, ranges, progress=progress)
         return (time.monotonic() - t0) * 1000
-
-
-def _check_json(result: GenerationResult, req: GenerationRequest, hit_stop: bool) -> None:
-    """Structured output that ended before its grammar did is not valid JSON: never a success."""
-    try:
-        json.loads(result.text)
-        return
-    except ValueError:
-        pass
-    n = result.stats.completion_tokens
-    if hit_stop:
-        why = "a stop string ended the output before its JSON was complete (structured output seldom needs stop strings)"
-    elif result.finish_reason == "length":
-        why = (
-            f"max_tokens {req.max_tokens} ended the output before its JSON was complete: raise max_tokens, or bound "
-            "the schema's strings and arrays (maxLength, maxItems)"
-        )
-    else:  # the grammar allowed end-of-generation on incomplete JSON: a bug, but still not a success
-        why = "the output ended before its JSON was complete"
-    excerpt = result.text if len(result.text) <= 80 else result.text[:60] + f"... ({len(result.text)} characters)"
-    raise OutputTruncated(f"{why}; {n} tokens generated: {excerpt!r}", result=result)
 
 
 def _plan_mismatches(est: MemoryEstimate, buffers: dict[str, int]) -> list[str]:

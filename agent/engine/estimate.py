@@ -71,7 +71,9 @@ class LlamaSizes:
 
 
 # padded n_ctx -> llama.cpp's sizes; the caller fixes batch sizes, KV types and flash attention.
-Sizer = Callable[[int], LlamaSizes]
+# (padded n_ctx per sequence, sequences) -> llama.cpp's sizes for a context of that many
+# sequences (slots) of that size each.
+Sizer = Callable[[int, int], LlamaSizes]
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class MemoryEstimate:
     n_ctx: int  # as llama.cpp will allocate it (padded to 256)
     n_batch: int
     n_ubatch: int
+    slots: int  # sequences decoded together (engine.max_parallel); n_ctx is each one's
     weights_mapped: int  # the whole weight data, mapped from the file (file-backed)
     file_working_set: int  # the mapped bytes still read during generation
     repacked_weights: int  # fast mode: the interleaved copy in anonymous memory
@@ -129,7 +132,8 @@ class MemoryEstimate:
         """One line per anonymous component, for error messages and logs."""
         parts = [f"{k.replace('_', ' ')} {_mib(v)}" for k, v in self.as_dict().items() if k not in ("weights_mapped", "file_working_set")]
         return (
-            f"{self.mode} mode, n_ctx {self.n_ctx}, n_batch {self.n_batch} ({self.source_text}): "
+            f"{self.mode} mode, n_ctx {self.n_ctx}" + (f" x {self.slots} slots" if self.slots > 1 else "")
+            + f", n_batch {self.n_batch} ({self.source_text}): "
             f"anonymous {_mib(self.anon_bytes)} = "
             + " + ".join(parts)
             + f" (plus {_mib(self.file_bytes)} of file-backed weights in use)"
@@ -215,8 +219,10 @@ def estimate_memory(
     flash_attn: bool = False,
     runtime_bytes: int | None = None,
     sizer: Sizer | None = None,
+    slots: int = 1,
 ) -> MemoryEstimate:
-    """Estimate the steady-state memory of serving ``info`` with these settings.
+    """Estimate the steady-state memory of serving ``info`` with these settings, ``slots`` jobs at
+    a time (each with its own ``n_ctx`` of KV cache and its own row of logits).
 
     ``runtime_bytes`` is the process's anonymous memory before the load; the engine passes its own
     RssAnon, `model inspect` leaves the measured default. With ``sizer`` (the exact plan) the
@@ -232,7 +238,7 @@ def estimate_memory(
     ub = ubatch_size(ctx, n_batch)
     notes: list[str] = []
     if sizer is not None:
-        sizes = sizer(ctx)
+        sizes = sizer(ctx, slots)
         repacked = sizes.repacked if mode == "fast" else 0
         # A repacked duplicate (the tied output matrix) leaves its source in use from the file.
         leaves_file = repacked - (sizes.repacked_duplicates if mode == "fast" else 0)
@@ -244,9 +250,9 @@ def estimate_memory(
         repacked = int(info.repackable_bytes) if mode == "fast" else 0
         tied_dup = _token_embd_bytes(info) if (mode == "fast" and getattr(info, "tied_embeddings", False)) else 0
         leaves_file = repacked - tied_dup
-        kv = kv_cache_bytes(info, ctx, type_k, type_v)
+        kv = kv_cache_bytes(info, ctx, type_k, type_v) * slots
         compute = compute_buffer_bytes(info, ctx, ub, flash_attn=flash_attn)
-        logits = int(info.n_vocab) * LOGITS_BYTES_PER_TOKEN
+        logits = int(info.n_vocab) * LOGITS_BYTES_PER_TOKEN * slots
         vocab = int(info.n_vocab) * VOCAB_BYTES_PER_TOKEN
         source = "header"
         if mode == "fast":
@@ -256,6 +262,7 @@ def estimate_memory(
         n_ctx=ctx,
         n_batch=batch,
         n_ubatch=ub,
+        slots=slots,
         weights_mapped=int(info.weights_bytes),
         file_working_set=max(0, int(info.weights_bytes) - leaves_file),
         repacked_weights=repacked,
@@ -282,6 +289,7 @@ def largest_ctx_that_fits(
     flash_attn: bool = False,
     runtime_bytes: int | None = None,
     sizer: Sizer | None = None,
+    slots: int = 1,
 ) -> int | None:
     """The largest context (a multiple of 256, at most ``cap`` rounded down to 256, and at least
     256) whose anonymous estimate fits ``budget_bytes``; None when not even the smallest does.
@@ -293,7 +301,7 @@ def largest_ctx_that_fits(
     def fits(ctx: int) -> bool:
         est = estimate_memory(
             info, n_ctx=ctx, mode=mode, n_batch=n_batch, type_k=type_k, type_v=type_v,
-            flash_attn=flash_attn, runtime_bytes=runtime_bytes, sizer=sizer,
+            flash_attn=flash_attn, runtime_bytes=runtime_bytes, sizer=sizer, slots=slots,
         )
         return est.anon_bytes <= budget_bytes
 
@@ -330,6 +338,7 @@ def choose_mode(
     flash_attn: bool = False,
     runtime_bytes: int | None = None,
     sizer: Sizer | None = None,
+    slots: int = 1,
 ) -> ModeChoice:
     """load_mode 'auto': fast only when its estimate stays headroom_pct under the budget.
 
@@ -339,7 +348,7 @@ def choose_mode(
     """
     kw: dict[str, Any] = dict(
         n_ctx=n_ctx, n_batch=n_batch, type_k=type_k, type_v=type_v, flash_attn=flash_attn, runtime_bytes=runtime_bytes,
-        sizer=sizer,
+        sizer=sizer, slots=slots,
     )
     fast = estimate_memory(info, mode="fast", **kw)
     fit = estimate_memory(info, mode="fit", **kw)
@@ -359,6 +368,24 @@ def choose_mode(
         fast,
         fit,
     )
+
+
+def most_slots_that_fit(
+    info: Any, budget_bytes: int, mode: Mode, *, n_ctx: int, cap: int, n_batch: int, type_k: str = "f16",
+    type_v: str = "f16", flash_attn: bool = False, runtime_bytes: int | None = None, sizer: Sizer | None = None,
+) -> int | None:
+    """engine.max_parallel 'auto': the most slots, up to ``cap``, whose estimate at ``n_ctx`` per
+    slot fits ``budget_bytes``; None when not even one does. The estimate grows with each slot."""
+    best = None
+    for slots in range(1, max(1, cap) + 1):
+        est = estimate_memory(
+            info, n_ctx=n_ctx, mode=mode, n_batch=n_batch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+            runtime_bytes=runtime_bytes, sizer=sizer, slots=slots,
+        )  # fmt: skip
+        if est.anon_bytes > budget_bytes:
+            break
+        best = slots
+    return best
 
 
 def _mib(n: float) -> str:

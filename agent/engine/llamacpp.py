@@ -118,7 +118,7 @@ _CONSTRUCT_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _default_params(*, use_extra_bufts: bool, n_outputs_max: int) -> Iterator[None]:
+def _default_params(*, use_extra_bufts: bool, n_outputs_max: int, n_seq_max: int = 1) -> Iterator[None]:
     """Make ``Llama.__init__`` start from our parameters.
 
     ``Llama()`` builds its structs with ``llama_cpp.llama_model_default_params()`` and
@@ -137,6 +137,10 @@ def _default_params(*, use_extra_bufts: bool, n_outputs_max: int) -> Iterator[No
     def context_params() -> Any:
         p = orig_context()
         p.n_outputs_max = n_outputs_max
+        # Several sequences (slots), each with a KV cache of its own of n_ctx / n_seq_max cells:
+        # llama.cpp's advice for sequences that do not share a long prefix, and what the plan sizes.
+        p.n_seq_max = n_seq_max
+        p.kv_unified = False
         return p
 
     C.llama_model_default_params = model_params
@@ -159,6 +163,7 @@ def construct_llama(
     type_k: str,
     type_v: str,
     flash_attn: bool,
+    slots: int = 1,
 ) -> tuple[llama_cpp.Llama, list[str]]:
     """Load ``path`` with mmap (never mlock) and return the Llama and llama.cpp's load log.
 
@@ -169,10 +174,11 @@ def construct_llama(
     """
     LOG_SINK.install()
     with _CONSTRUCT_LOCK, LOG_SINK.capture() as lines:
-        with _default_params(use_extra_bufts=repack, n_outputs_max=1), contextlib.redirect_stderr(io.StringIO()):
+        with _default_params(use_extra_bufts=repack, n_outputs_max=slots, n_seq_max=slots), \
+                contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
             llama = llama_cpp.Llama(
                 path,
-                n_ctx=n_ctx,
+                n_ctx=n_ctx * slots,
                 n_batch=n_batch,
                 n_ubatch=n_ubatch,
                 n_threads=n_threads,
@@ -290,13 +296,13 @@ class BufferProbe:
         self.context_ms: list[float] = []
 
     def context(
-        self, *, n_ctx: int, n_batch: int, n_ubatch: int, type_k: str, type_v: str, flash_attn: bool
+        self, *, n_ctx: int, n_batch: int, n_ubatch: int, type_k: str, type_v: str, flash_attn: bool, slots: int = 1
     ) -> ContextSizes:
         """Create and free one no_alloc context with the parameters ``construct_llama`` gives Llama()."""
         if self._model is None:
             raise RuntimeError("the probe is closed")
         cp = _context_params(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=self.n_threads,
-                             type_k=type_k, type_v=type_v, flash_attn=flash_attn)
+                             type_k=type_k, type_v=type_v, flash_attn=flash_attn, slots=slots)
         t0 = time.monotonic()
         with _CONSTRUCT_LOCK, LOG_SINK.capture(quiet=True) as lines:
             ctx = C.llama_init_from_model(self._model, cp)
@@ -326,7 +332,8 @@ class BufferProbe:
 
 
 def _context_params(
-    *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int, type_k: str, type_v: str, flash_attn: bool
+    *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int, type_k: str, type_v: str, flash_attn: bool,
+    slots: int = 1,
 ) -> Any:
     """The context parameters Llama() builds from construct_llama's arguments, as far as they decide
     memory (n_ctx, batch sizes, KV types, flash attention, one output row). Everything else keeps
@@ -334,7 +341,9 @@ def _context_params(
     layers, which prefix reuse needs). tests/test_estimate.py checks that the probe's sizes equal
     the real load's."""
     cp = C.llama_context_default_params()
-    cp.n_ctx = n_ctx
+    cp.n_ctx = n_ctx * slots
+    cp.n_seq_max = slots
+    cp.kv_unified = False
     cp.n_batch = min(n_ctx, n_batch)
     cp.n_ubatch = min(cp.n_batch, n_ubatch)
     cp.n_threads = n_threads
@@ -342,7 +351,7 @@ def _context_params(
     cp.type_k = GGML_TYPES[type_k]
     cp.type_v = GGML_TYPES[type_v]
     cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    cp.n_outputs_max = 1
+    cp.n_outputs_max = slots
     return cp
 
 
@@ -530,20 +539,21 @@ class ExactSizer:
         self._repack_ms = (time.monotonic() - t0) * 1000
         self._probe = BufferProbe(str(path))
 
-    def __call__(self, n_ctx: int) -> Any:
+    def __call__(self, n_ctx: int, slots: int = 1) -> Any:
         from agent.engine.estimate import LlamaSizes
 
-        if n_ctx not in self._cache:
+        if (n_ctx, slots) not in self._cache:
             n_batch = min(self._n_batch, n_ctx)
-            c = self._probe.context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=self._ubatch_size(n_ctx, n_batch), **self._kw)
+            c = self._probe.context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=self._ubatch_size(n_ctx, n_batch),
+                                    slots=slots, **self._kw)  # fmt: skip
             if self.repack is not None:
                 repacked, dup = self.repack.nbytes, self.repack.duplicate_bytes
             else:
                 repacked = int(self._info.repackable_bytes)
                 dup = next((r.nbytes for r in self._info.other_ranges if r.name == "token_embd.weight"), 0) \
                     if self._info.tied_embeddings else 0
-            self._cache[n_ctx] = LlamaSizes(repacked, dup, c.kv, c.compute, c.output, self._probe.host_bytes)
-        return self._cache[n_ctx]
+            self._cache[(n_ctx, slots)] = LlamaSizes(repacked, dup, c.kv, c.compute, c.output, self._probe.host_bytes)
+        return self._cache[(n_ctx, slots)]
 
     def elapsed_ms(self) -> float:
         """What asking llama.cpp cost so far: the repack query, the probe's model, its contexts."""

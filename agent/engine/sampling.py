@@ -103,8 +103,9 @@ class Sampler:
             self._piece_buf = ctypes.create_string_buffer(64)
             self._tail = b""
 
-    def sample(self, ctx: Any) -> int:
-        token = int(C.llama_sampler_sample(self._plain, ctx, -1))
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        """The next token from the logits at batch index ``idx`` (-1: the last output)."""
+        token = int(C.llama_sampler_sample(self._plain, ctx, idx))
         if self._constrained is None:
             return token
         if self._grammar_allows(token):
@@ -114,7 +115,7 @@ class Sampler:
                 self._tail = tail
                 return token
         self.resampled += 1
-        return self._constrained_draw(ctx)
+        return self._constrained_draw(ctx, idx)
 
     def _grammar_allows(self, token: int) -> bool:
         self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
@@ -128,10 +129,10 @@ class Sampler:
         piece, self._piece_buf = llamacpp.token_piece(self._vocab, token, self._piece_buf)
         return utf8_tail(self._tail, piece)
 
-    def _constrained_draw(self, ctx: Any) -> int:
+    def _constrained_draw(self, ctx: Any, idx: int) -> int:
         """Grammar over the whole vocabulary, then the chain; a draw that breaks UTF-8 is banned
         and the draw repeated. The grammar advances only with the token finally kept."""
-        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, -1), shape=(self._n_vocab,))
+        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
         banned: list[int] = []
         while True:
             self._cand["id"] = self._ids

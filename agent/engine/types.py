@@ -103,6 +103,9 @@ class GenerationStats:
     # Of prompt_tokens, those whose KV was already there (the previous job's shared prefix, or
     # engine.prompt_cache restored from its file) and were not evaluated again.
     prompt_tokens_cached: int = 0
+    slot_wait_ms: float = 0.0  # from the request to a free slot (every slot busy with other jobs)
+    time_to_first_token_ms: float | None = None  # from the start in a slot to the first generated text
+    slots_in_use: int = 1  # jobs in the engine's slots when this one took its slot, itself included
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +146,8 @@ class LoadPlan:
     estimate: MemoryEstimate
     budget: Budget
     info: Any  # agent.models.gguf_info.ModelInfo
+    slots: int = 1  # jobs decoded together (engine.max_parallel), each with n_ctx of its own
+    slots_reason: str = "engine.max_parallel"
     notes: tuple[str, ...] = ()  # what the probe found (repacking on this CPU, fallbacks)
     probe_ms: float | None = None  # what asking llama.cpp cost; None for a header-only plan
 
@@ -164,10 +169,13 @@ class LoadReport:
     llama_buffers: dict[str, int]  # llama.cpp's own buffer sizes from its load log, bytes
     notes: list[str] = field(default_factory=list)
     plan_ms: float | None = None  # the exact plan's probe, before load_ms
+    slots: int = 1  # jobs decoded together; n_ctx is each one's
+    slots_reason: str = "engine.max_parallel"
 
     def summary(self) -> str:
         return (
             f"{Path(self.model).name}: {self.mode} mode ({self.mode_reason}); n_ctx {self.n_ctx} ({self.n_ctx_reason}); "
+            f"{self.slots} slot(s) ({self.slots_reason}); "
             f"{self.n_threads} threads; {'planned' if self.estimate.source == 'llama.cpp' else 'estimated (header only)'} "
             f"{self.estimate.anon_bytes / MiB:.0f} MiB anonymous of budget "
             f"{self.budget.bytes / MiB:.0f} MiB ({self.budget.source}); RssAnon {self.after.rss_anon / MiB:.0f} MiB, "
@@ -182,6 +190,8 @@ class LoadReport:
             "mode_reason": self.mode_reason,
             "n_ctx": self.n_ctx,
             "n_ctx_reason": self.n_ctx_reason,
+            "slots": self.slots,
+            "slots_reason": self.slots_reason,
             "n_batch": self.n_batch,
             "n_threads": self.n_threads,
             "budget": self.budget.as_dict(),
@@ -211,6 +221,11 @@ class EngineLike(Protocol):
 
     @property
     def report(self) -> LoadReport | None: ...
+
+    @property
+    def slots(self) -> int:
+        """Jobs that run at once (``generate`` from that many threads); 0 when nothing is loaded."""
+        ...
 
     def load(self) -> LoadReport: ...
 
