@@ -117,6 +117,7 @@ class Daemon:
         self.runner = Runner(
             self.store, self.results, engine=lambda: self.supervisor.engine, publish=self.transport.publish,
             send_outcome=self._send_outcome, health=self.health, admit=self._admit, clock=clock, monotonic=monotonic,
+            capacity=self._parallel,
         )  # fmt: skip
         self.supervisor = Supervisor(engine_factory, self.runner, grace_s=lambda: s.service.shutdown_grace_s,
                                      canary=lambda: s.canary)  # fmt: skip
@@ -349,12 +350,20 @@ class Daemon:
             model_loaded=engine is not None, kv_cache_bytes=report.estimate.kv_cache if report else None,
             weights_bytes=report.estimate.file_bytes if in_ram else None,
             rss_file_before_load=report.before.rss_file if report else None,
-            kv_cache_size_tokens=report.n_ctx if report else None, queue_depth=self.store.queued_count(),
+            kv_cache_size_tokens=report.n_ctx * report.slots if report else None,
+            kv_cache_used_tokens=engine.kv_tokens() if engine is not None and hasattr(engine, "kv_tokens") else None,
+            slots=report.slots if report else None, queue_depth=self.store.queued_count(),
             jobs_running=len(running), running_job=running[0] if running else None,
-            last_job_tokens_per_s=self.runner.last_tokens_per_s, governor_level=self.memory.level,
+            last_job_tokens_per_s=self.runner.last_tokens_per_s, last_job_slot_wait_ms=self.runner.last_slot_wait_ms,
+            governor_level=self.memory.level,
             governor_action=self.memory.describe().get("action"), store_writable=self.health.writable,
             spool_rows=spool.rows, spool_dropped=spool.dropped,
         )  # fmt: skip
+
+    def _parallel(self) -> int:
+        """Jobs that may run at once: the loaded engine's slots, as the governor's posture allows."""
+        engine = self.supervisor.engine
+        return self.memory.governor.posture.parallel(engine.slots if engine is not None else 1)
 
     def _admit(self, rec: JobRecord) -> Admission:
         engine = self.supervisor.engine
@@ -366,7 +375,8 @@ class Daemon:
         # Prompt tokens are estimated from its bytes (3 per token is an upper bound for most text):
         # counting them exactly would need the tokenizer the running generation holds.
         return self.memory.admit(JobNeed(
-            tokens=len(text.encode()) // 3 + 1 + job.max_tokens, kv_bytes_per_token=r.estimate.kv_cache // max(1, r.n_ctx),
+            tokens=len(text.encode()) // 3 + 1 + job.max_tokens,
+            kv_bytes_per_token=r.estimate.kv_cache // max(1, r.n_ctx * r.slots),
             model_anon_bytes=r.estimate.anon_bytes - r.estimate.kv_cache, budget_bytes=r.budget.bytes, n_ctx=r.n_ctx,
         ))  # fmt: skip
 

@@ -820,6 +820,17 @@ class Timings(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     queue_ms: float | None = Field(default=None, ge=0, description="From acceptance to the start of the run, ms.")
+    slot_wait_ms: float | None = Field(
+        default=None, ge=0,
+        description="From the start of the run to a free slot of the engine (every slot busy with other jobs), ms.",
+    )  # fmt: skip
+    first_token_ms: float | None = Field(
+        default=None, ge=0, description="From a free slot to the first generated text (time to first token), ms.",
+    )  # fmt: skip
+    slots_in_use: int | None = Field(
+        default=None, ge=1,
+        description="Jobs decoding in the engine when this one took its slot, itself included (engine.max_parallel).",
+    )  # fmt: skip
     prompt_ms: float | None = Field(default=None, ge=0, description="Prompt evaluation, ms.")
     generation_ms: float | None = Field(default=None, ge=0, description="Token generation, ms.")
     tokens_per_s: float | None = Field(default=None, ge=0, description="Generated tokens per second.")

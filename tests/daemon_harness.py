@@ -70,7 +70,9 @@ def write_daemon_config(
             "reconnect_max_s": 1.0,
         },
         "model": {"path": "model.gguf"},
-        "engine": {"n_ctx": 512, "n_threads": 1, "n_batch": 64, "load_mode": "fit"},
+        # One job at a time unless a test is about several (tests/test_parallel_daemon.py): queue
+        # order, cancels and holds are asserted against a job that occupies the only slot.
+        "engine": {"n_ctx": 512, "n_threads": 1, "n_batch": 64, "load_mode": "fit", "max_parallel": 1},
         "memory": {"budget_mb": 1024},
         "priority": {"nice": 0, "oom_score_adj": 0},
         "service": {"shutdown_grace_s": 10},

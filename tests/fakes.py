@@ -24,8 +24,12 @@ class FakeEngine:
     """A deterministic engine. ``gate``: when set up, each run stops after its first token until the
     test sets it (``started`` tells the test the run got there). ``fail_with``: raised by generate."""
 
-    def __init__(self, *, n_ctx: int = 512, limits: RequestLimits | None = None, name: str = "fake") -> None:
+    def __init__(
+        self, *, n_ctx: int = 512, limits: RequestLimits | None = None, name: str = "fake", slots: int = 1
+    ) -> None:
         self.n_ctx = n_ctx
+        self._slots = slots
+        self._running = threading.BoundedSemaphore(slots)  # as many runs at once as the engine has slots
         self.limits = limits or RequestLimits()
         self.name = name
         self._loaded = False
@@ -46,6 +50,10 @@ class FakeEngine:
     def report(self) -> LoadReport | None:
         return None
 
+    @property
+    def slots(self) -> int:
+        return self._slots if self._loaded else 0
+
     def load(self) -> Any:
         if self.load_error is not None:
             raise self.load_error
@@ -56,8 +64,12 @@ class FakeEngine:
 
     def unload(self) -> None:
         self._closing.set()
+        for _ in range(self._slots):  # runs in flight end ("aborted") before the model goes
+            self._running.acquire()
         with self._lock:
             self._loaded = False
+        for _ in range(self._slots):
+            self._running.release()
 
     def generate(
         self,
@@ -78,6 +90,7 @@ class FakeEngine:
             self.runs.append(req)
             if self.fail_with is not None:
                 raise self.fail_with
+        with self._running:
             prompt_tokens = 1 + len(req.prompt.split())
             if prompt_tokens + req.max_tokens > self.n_ctx:
                 raise ContextTooLong(f"prompt is {prompt_tokens} tokens and max_tokens is {req.max_tokens}")

@@ -28,11 +28,11 @@ def engine(request: pytest.FixtureRequest, tiny_model: Path) -> EngineLike:
 
         e: EngineLike = Engine(
             tiny_model,
-            engine=EngineSettings(n_ctx=512, n_threads=1, n_batch=64, load_mode="fit", max_tokens_limit=400),
+            engine=EngineSettings(n_ctx=512, n_threads=1, n_batch=64, load_mode="fit", max_tokens_limit=400, max_parallel=2),
             memory=MemorySettings(budget_mb=1024),
         )
     else:
-        e = FakeEngine(n_ctx=512, limits=RequestLimits(max_tokens_limit=400))
+        e = FakeEngine(n_ctx=512, limits=RequestLimits(max_tokens_limit=400), slots=2)
     yield e
     e.unload()
 
@@ -120,3 +120,24 @@ def test_request_limits_and_their_codes(engine: EngineLike) -> None:
     with pytest.raises(EngineError) as e:
         engine.generate(greedy(prompt="hello " * 20, max_tokens=500))
     assert e.value.code is ErrorCode.context_too_long and e.value.code.status is JobStatus.REJECTED
+
+
+def test_runs_as_many_jobs_at_once_as_it_has_slots(engine: EngineLike) -> None:
+    assert engine.slots == 0  # nothing loaded
+    engine.load()
+    assert engine.slots == 2
+    results = []
+    with_both = threading.Barrier(2, timeout=60)
+
+    def run(prompt: str) -> None:
+        with_both.wait()
+        results.append(engine.generate(greedy(prompt, max_tokens=30)))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in ("Hello there", "Good morning")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2 and all(r.stats.completion_tokens == 30 for r in results)
+    engine.unload()
+    assert engine.slots == 0

@@ -409,7 +409,10 @@ def test_result_message_always_has_every_key() -> None:
     )  # fmt: skip
     data = json.loads(ok.to_payload())
     assert data["error"] is None and data["ts"] == "1970-01-01T00:00:00.000Z"
-    assert data["timings"] == {"queue_ms": 1.0, "prompt_ms": 2.5, "generation_ms": 3.0, "tokens_per_s": None}
+    assert data["timings"] == {
+        "queue_ms": 1.0, "slot_wait_ms": None, "first_token_ms": None, "slots_in_use": None, "prompt_ms": 2.5,
+        "generation_ms": 3.0, "tokens_per_s": None,
+    }  # fmt: skip
     bad = ResultMessage(
         job_id="j-1", device_id="pi-1", status="REJECTED", attempt=0, ts=0,
         error=ErrorInfo(code=ErrorCode.queue_full, message="64 waiting"),

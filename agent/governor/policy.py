@@ -17,7 +17,8 @@ Actions form a ladder, taken one rung at a time, each at least ``cool_down_s`` a
 one: warn climbs to rung 2, critical to rung 4.
 
   1 hold_unfit      jobs whose estimate does not fit what is available (less the warn reserve) wait
-  2 shrink_context  new jobs run only if prompt + max_tokens fit shrink_ctx_pct of the context
+  2 shrink_context  new jobs run only if prompt + max_tokens fit shrink_ctx_pct of the context,
+                    and one at a time (engine.max_parallel lowered to 1)
   3 preempt         running jobs are stopped and requeued; none start
   4 unload          the model is unloaded
 
@@ -146,6 +147,11 @@ class Posture:
     def action(self) -> Action | None:
         """The strongest action in force (for telemetry and the shadow), None at rung 0."""
         return LADDER[self.rung - 1] if self.rung else None
+
+    def parallel(self, slots: int) -> int:
+        """Jobs that may run at once: the engine's slots, one from shrink_context on (each running
+        job's KV pages grow as it generates; fewer at once is the other half of a smaller context)."""
+        return 1 if self.shrink_context else max(1, slots)
 
     def context_tokens(self, n_ctx: int, shrink_ctx_pct: int) -> int:
         """Largest prompt + max_tokens a new job may have now."""
@@ -315,7 +321,7 @@ def _levels(
 def _message(action: Action, level: Level, s: "GovernorSettings") -> str:
     return {
         Action.hold_unfit: "holding jobs whose memory estimate does not fit what is available; they stay queued",
-        Action.shrink_context: f"new jobs run only within {s.shrink_ctx_pct} % of the context",
+        Action.shrink_context: f"new jobs run only within {s.shrink_ctx_pct} % of the context, one at a time",
         Action.preempt: "preempting running jobs (requeued, no attempt lost); no job starts",
         Action.unload: "unloading the model",
         Action.reload: f"reloading the model: memory level {level.name} for {s.recover_s:g} s",

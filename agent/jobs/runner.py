@@ -6,8 +6,10 @@ run: the pure decision in ``agent.jobs.outcome``, persisted before it is publish
 cannot be written (a full disk) is kept and written again as soon as the store takes writes: a job
 never stays IN_PROGRESS while the daemon is up.
 
-The slot count is a constructor argument (1 today); the engine serialises generations, so more
-slots become parallel jobs without changes here once the engine batches them.
+Several jobs run at once, one worker thread each, up to ``capacity()`` (the engine's slots,
+engine.max_parallel, lowered by the memory governor). A worker claims a job only when a slot is
+free, and claims are made one at a time in queue order (priority, then arrival): the free slot
+goes to the most urgent queued job.
 """
 
 from __future__ import annotations
@@ -55,14 +57,15 @@ class Runner:
         admit: Callable[[JobRecord], Admission] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        slots: int = 1,
+        capacity: Callable[[], int] = lambda: 1,
     ) -> None:
         """``engine()`` gives the engine in force (None while no model is loaded); ``publish`` is
         the transport's best-effort publish (statuses, stream pieces); ``send_outcome`` hands a
         stored terminal record to the outbox; ``admit`` (the memory governor) decides whether the
         next job may start now, must wait in the queue, or can never fit this board. ``clock`` is
         wall time (timestamps, expiry);
-        ``monotonic`` is the engine's clock, on which deadlines are handed to it."""
+        ``monotonic`` is the engine's clock, on which deadlines are handed to it. ``capacity()``:
+        how many jobs may run at once now (read before every claim; workers are added as it grows)."""
         self._store = store
         self._results = results
         self._engine = engine
@@ -72,8 +75,10 @@ class Runner:
         self._health = health
         self._clock = clock
         self._monotonic = monotonic
-        self._n_slots = slots
+        self._capacity = capacity
         self._lock = threading.Lock()
+        self._claim_lock = threading.Lock()  # one claim at a time: slot count and queue order hold
+        self._on_thread_start: Callable[[], Any] = lambda: None
         self._idle = threading.Condition(self._lock)
         self._slots: dict[str, _Slot] = {}
         self._cancel_requests: set[str] = set()
@@ -82,20 +87,27 @@ class Runner:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.last_tokens_per_s: float | None = None  # of the last job that generated (telemetry)
+        self.last_slot_wait_ms: float | None = None  # of the last job the engine ran (telemetry)
 
     # ------------------------------------------------------------------ control
 
     def start(self, *, on_thread_start: Callable[[], Any] = lambda: None) -> None:
         """Start the worker threads; ``on_thread_start`` runs first on each (its priority)."""
+        self._on_thread_start = on_thread_start
+        self._add_workers(self._capacity())
+
+    def _add_workers(self, n: int) -> None:
+        """Have at least ``n`` worker threads (never fewer than one)."""
 
         def work() -> None:
-            on_thread_start()
+            self._on_thread_start()
             self._work_loop()
 
-        for i in range(self._n_slots):
-            t = threading.Thread(target=work, name=f"edge-agent-runner-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        with self._lock:
+            while len(self._threads) < max(1, n) and not self._stopping.is_set():
+                t = threading.Thread(target=work, name=f"edge-agent-runner-{len(self._threads)}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def wake(self) -> None:
         self._wake.set()
@@ -160,7 +172,9 @@ class Runner:
         if not self._wait_idle(0 if force else grace_s):
             log.warning("running job(s) did not finish within %.0f s: stopping them; they will be requeued", grace_s)
             self._stop_running(StopReason.SHUTDOWN, None)
-        for t in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join()
 
     def force_stop(self) -> None:
@@ -195,25 +209,31 @@ class Runner:
                 self._wake.clear()
 
     def work_once(self) -> bool:
-        """Expire what is due, then claim and run one job. False when nothing ran."""
+        """Expire what is due, then claim and run one job if a slot is free. False when nothing ran."""
         if self._stopping.is_set() or not self._health.writable:
             return False
-        now = self._clock()
-        try:
-            for rec in self._store.expire_queued(now):
-                self._send_outcome(rec)
+        with self._claim_lock:
+            capacity = max(1, self._capacity())
             with self._lock:
-                if self._holds:
+                if self._holds or len(self._slots) >= capacity:
                     return False
-            if self._engine() is None:
-                return False  # no model (a swap, or a failed load): jobs wait in the queue, they do not fail
-            rec = self._admitted(now)
-        except StoreError as e:
-            self._health.failed(e)
-            return False
-        if rec is None:
-            return False
-        self._run(rec)
+            now = self._clock()
+            try:
+                for rec in self._store.expire_queued(now):
+                    self._send_outcome(rec)
+                if self._engine() is None:
+                    return False  # no model (a swap, or a failed load): jobs wait in the queue, they do not fail
+                rec = self._admitted(now)
+            except StoreError as e:
+                self._health.failed(e)
+                return False
+            if rec is None:
+                return False
+            slot = self._take_slot(rec)
+        if capacity > 1:
+            self._add_workers(capacity)
+            self._wake.set()  # another worker may claim the next job for the next free slot
+        self._run(rec, slot)
         return True
 
     def _admitted(self, now: float) -> JobRecord | None:
@@ -239,7 +259,8 @@ class Runner:
             if rec is not None:
                 return rec  # else canceled or claimed meanwhile: look again
 
-    def _run(self, rec: JobRecord) -> None:
+    def _take_slot(self, rec: JobRecord) -> _Slot | None:
+        """Count the claimed job as running (None: it must go back without running)."""
         slot = _Slot(rec.job_id)
         with self._lock:
             # A stop or a hold set just before this claim: the job goes back without running
@@ -250,7 +271,10 @@ class Runner:
                 if rec.job_id in self._cancel_requests:
                     slot.stop = StopReason.CANCEL
                     slot.cancel.set()
-        if blocked:
+        return None if blocked else slot
+
+    def _run(self, rec: JobRecord, slot: _Slot | None) -> None:
+        if slot is None:
             self._settle(rec, Requeue(StopReason.SHUTDOWN))
             log.info("job %s claimed as new starts were stopped: requeued without running", rec.job_id)
             return
@@ -279,8 +303,13 @@ class Runner:
         stats = ended.stats if isinstance(ended, GenerationResult) else None
         if stats is not None and stats.completion_tokens:
             self.last_tokens_per_s = stats.tokens_per_s
+        if stats is not None and stats.slot_wait_ms is not None:
+            self.last_slot_wait_ms = round(stats.slot_wait_ms, 1)
         timings = Timings(
             queue_ms=max(0.0, ((rec.started_at or started) - rec.created_at) * 1000.0),
+            slot_wait_ms=stats.slot_wait_ms if stats else None,
+            first_token_ms=stats.time_to_first_token_ms if stats else None,
+            slots_in_use=stats.slots_in_use if stats else None,
             prompt_ms=stats.prompt_ms if stats else 0.0,
             generation_ms=stats.generation_ms if stats else 0.0,
             tokens_per_s=stats.tokens_per_s if stats else 0.0,

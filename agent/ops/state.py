@@ -43,7 +43,7 @@ class ModelState(_Part):
     mode: Literal["fit", "fast"] = Field(description="How the weights are held.")
     n_ctx: int = Field(ge=1, description="Context in force, tokens.")
     n_threads: int | None = Field(default=None, ge=1, description="Generation threads.")
-    slots: int = Field(default=1, ge=1, description="Jobs that can run at once (engine.max_parallel; 1 until it exists).")
+    slots: int = Field(default=1, ge=1, description="Jobs decoded together: the loaded plan's slots (engine.max_parallel).")
     load_ms: float | None = Field(default=None, ge=0, description="How long the load took, ms.")
     loaded_at: float | None = Field(default=None, description="When it was loaded, epoch seconds.")
     anon_estimate_bytes: int | None = Field(default=None, ge=0, description="The plan's anonymous memory, bytes.")
@@ -198,7 +198,7 @@ def liveness(
 # ------------------------------------------------------------------------------------ building
 
 
-def model_state(report: Any, models_dir: Path | None = None, *, loaded_at: float | None = None, slots: int = 1) -> ModelState:
+def model_state(report: Any, models_dir: Path | None = None, *, loaded_at: float | None = None) -> ModelState:
     """The model part from the engine's LoadReport."""
     path = Path(report.model)
     if models_dir is not None:
@@ -207,7 +207,7 @@ def model_state(report: Any, models_dir: Path | None = None, *, loaded_at: float
         except ValueError:
             pass
     return ModelState(
-        path=str(path), mode=report.mode, n_ctx=report.n_ctx, n_threads=report.n_threads, slots=slots,
+        path=str(path), mode=report.mode, n_ctx=report.n_ctx, n_threads=report.n_threads, slots=report.slots,
         load_ms=round(report.load_ms, 1), loaded_at=loaded_at, anon_estimate_bytes=report.estimate.anon_bytes,
         budget_bytes=report.budget.bytes,
     )  # fmt: skip

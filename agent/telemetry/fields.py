@@ -90,13 +90,15 @@ class Telemetry(BaseModel):
         "the kernel evicts weights under memory pressure: every token then reads them again (thrashing).",
     )  # fmt: skip
     kv_cache_bytes: int | None = _m("bytes", "model", "KV cache size as allocated, bytes.")
-    kv_cache_size_tokens: int | None = _m("tokens", "model", "KV cache capacity (the loaded context), tokens.")
+    kv_cache_size_tokens: int | None = _m("tokens", "model", "KV cache capacity over every slot (n_ctx x slots), tokens.")
     kv_cache_used_tokens: int | None = _m("tokens", "model", "KV cache cells in use, tokens.")
     kv_cache_fill_pct: float | None = _m("%", "model", "KV cache cells in use as a share of its capacity, percent.")
 
     # -- work
     queue_depth: int | None = _m("jobs", "work", "Jobs waiting (QUEUED).")
-    jobs_running: int | None = _m("jobs", "work", "Jobs IN_PROGRESS.")
+    jobs_running: int | None = _m("jobs", "work", "Jobs IN_PROGRESS: the slots in use.")
+    slots: int | None = _m("jobs", "work", "Jobs the loaded model decodes together (engine.max_parallel as planned); null when no model is loaded.")
+    last_job_slot_wait_ms: float | None = _m("ms", "work", "How long the last finished job waited for a free slot after it was claimed, milliseconds.")
     running_job: str | None = _m("", "work", "The job IN_PROGRESS (the oldest when several run); null when none.")
     last_job_tokens_per_s: float | None = _m("tokens/s", "work", "Generation speed of the last finished job, tokens per second (compare with the heat readings).")
 

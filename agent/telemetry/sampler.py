@@ -52,6 +52,8 @@ class AgentState:
     kv_cache_used_tokens: int | None = None
     queue_depth: int | None = None
     jobs_running: int | None = None
+    slots: int | None = None
+    last_job_slot_wait_ms: float | None = None
     running_job: str | None = None
     last_job_tokens_per_s: float | None = None
     governor_level: str | None = None
@@ -199,6 +201,8 @@ class Sampler:
             kv_cache_fill_pct=kv_fill,
             queue_depth=st.queue_depth,
             jobs_running=st.jobs_running,
+            slots=st.slots,
+            last_job_slot_wait_ms=st.last_job_slot_wait_ms,
             running_job=st.running_job,
             last_job_tokens_per_s=st.last_job_tokens_per_s,
             governor_level=st.governor_level,
