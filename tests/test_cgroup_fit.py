@@ -333,3 +333,49 @@ def test_real_model_planned_exactly_in_a_cgroup_of_60_percent_of_the_file(gemma_
         assert peak_anon <= est["anon_bytes"]
     finally:
         cg.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_max_parallel_auto_in_a_cgroup_plans_the_slots_and_their_memory(qwen05_model: Path) -> None:
+    """engine.max_parallel 'auto' under a memory cgroup: the plan takes as many slots as the
+    budget allows at n_ctx each (fewer than the cap: the limit decides), every slot runs a job at
+    once, and the measured peak RssAnon is within 10 % of the plan's anonymous memory."""
+    limit = 300 * MiB
+    cg = _Cgroup.create(f"edge-agent-test-slots-{os.getpid()}", limit)
+    script = (
+        "import json, sys, threading\n"
+        "from agent.config.sections import EngineSettings\n"
+        "from agent.engine import Engine, GenerationRequest\n"
+        "from agent.system.memory import PeakSampler\n"
+        "e = Engine(sys.argv[1], engine=EngineSettings(n_ctx=1024, n_batch=64, n_threads=2, load_mode='fit',\n"
+        "           max_parallel='auto', auto_parallel_max=16, warmup=False))\n"
+        "r = e.load()\n"
+        "peak = PeakSampler(interval_s=0.02).start()\n"
+        "out = []\n"
+        "def one(i):\n"
+        "    out.append(e.generate(GenerationRequest(f'Report {i}: ' + 'the pump ran fine. ' * 20, max_tokens=16,\n"
+        "                                            temperature=0.0)))\n"
+        "ts = [threading.Thread(target=one, args=(i,)) for i in range(r.slots)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(json.dumps({'slots': r.slots, 'reason': r.slots_reason, 'anon': r.estimate.anon_bytes,\n"
+        "                  'peak': peak.stop(), 'budget': r.budget.source, 'together': max(x.stats.slots_in_use for x in out),\n"
+        "                  'done': sum(x.stats.completion_tokens == 16 for x in out)}))\n"
+    )
+    try:
+        _drop_from_page_cache(qwen05_model)
+        cg.reset_peak()
+        proc = cg.run([sys.executable, "-c", script, str(qwen05_model)], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"\nmax_parallel auto in {limit / MiB:.0f} MiB: {doc['slots']} slots ({doc['reason']}); plan "
+              f"{doc['anon'] / MiB:.1f} MiB anonymous, peak RssAnon {doc['peak'] / MiB:.1f} MiB "
+              f"({doc['peak'] / doc['anon']:.3f}x); {doc['together']} jobs decoded together; cgroup peak "
+              f"{(cg.peak or 0) / MiB:.1f} MiB; budget: {doc['budget']}")  # fmt: skip
+        assert f"cgroup v{cg.version}" in doc["budget"]
+        assert 2 <= doc["slots"] < 16 and "the most that fit the budget" in doc["reason"]
+        assert doc["done"] == doc["slots"] and doc["together"] >= 2
+        assert abs(doc["peak"] - doc["anon"]) <= 0.10 * doc["anon"]
+        assert cg.oom_kills == 0
+    finally:
+        cg.remove()
