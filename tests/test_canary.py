@@ -11,7 +11,7 @@ import pytest
 
 from agent.config import Settings
 from agent.config.sections import CanarySettings
-from agent.engine.canary import judge, request, run_canary
+from agent.engine.canary import judge, request
 from agent.engine.supervisor import Applied, EngineConfig, Refused, Supervisor
 from agent.engine.types import GenerationResult, GenerationStats
 from agent.errors import ConfigError

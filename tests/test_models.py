@@ -248,7 +248,7 @@ def _small_model_big_vocab(path: Path, block_type: gguf.GGMLQuantizationType, fi
 
 
 def test_the_rule_judges_the_blocks_not_the_embedding(tmp_path: Path) -> None:
-    q4, ft = gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType
+    q4 = gguf.GGMLQuantizationType.Q4_0
     info = read_model_info(_small_model_big_vocab(tmp_path / "q4.gguf", q4, None))
     assert info.dominant_type == "Q8_0" and info.four_bit_bytes * 2 < info.weights_bytes  # most bytes are 8-bit
     assert info.is_4bit and info.quant.rule == "blocks" and info.quant.block_dominant_type == "Q4_0"

@@ -329,7 +329,8 @@ class Daemon:
             "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
             # The real Gemma file is mostly Q8_0 (its embedding): the daemon refuses it unless allowed.
             "model": {"path": model.name, "allow_non_4bit": True},
-            "engine": {"n_ctx": 512, "n_threads": threads, "load_mode": mode, "max_tokens_limit": 4096},
+            # One slot: the same single 512-token context as the direct runner (bench_parallel.py has several).
+            "engine": {"n_ctx": 512, "n_threads": threads, "load_mode": mode, "max_tokens_limit": 4096, "max_parallel": 1},
             "memory": {"budget_mb": budget},
             "priority": {"nice": 0, "oom_score_adj": 0},
             "service": {"shutdown_grace_s": 5},
@@ -610,9 +611,9 @@ def render(results: dict[str, Any], m: dict[str, Any], args: argparse.Namespace)
         f"{name} {ratio(r['fast'].tok_s, r['fit'].tok_s)}" for name, r in results.items()) + "."]  # fmt: skip
     lines += [
         "",
-        "**max_parallel 1 against 4**: not measured yet. It arrives with the parallel-slots issue; "
-        "`measure_parallel()` in tests/benchmarks/report.py is the place for it (aggregate tok/s and per-job TTFT "
-        "of 4 concurrent jobs, max_parallel 1 vs 4, same model and threads).",
+        "**max_parallel 1 against 4**: tests/benchmarks/bench_parallel.py, in its own section below (16 jobs "
+        "at once, aggregate tok/s and TTFT against llama-cpp-python and llama-server -np 4). The daemon runs "
+        "here are one job at a time.",
         "",
         "**Memory** (peak over the run; total = the kernel's VmHWM):",
         "",
@@ -720,13 +721,6 @@ def main() -> int:
         write_docs(table, cmd.strip())
         print(f"wrote {DOCS}", file=sys.stderr)
     return 0
-
-
-def measure_parallel(*_: Any) -> None:
-    """max_parallel 1 against 4: the place for it once the daemon runs jobs in parallel slots (another
-    issue). Submit 4 jobs at once to a daemon with engine.max_parallel 1, then 4; report aggregate
-    decode tok/s and each job's TTFT, same model, threads and prompt."""
-    raise NotImplementedError("max_parallel arrives with the parallel-slots issue")
 
 
 if __name__ == "__main__":
