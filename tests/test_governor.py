@@ -292,6 +292,11 @@ def test_admission_run_wait_reject():
     assert _admit(Posture(4), kv_bytes=1300 * MiB).verdict == "reject"
 
 
+def test_jobs_at_once_fall_to_one_from_shrink_context():
+    assert [Posture(r).parallel(4) for r in range(5)] == [4, 4, 1, 1, 1]
+    assert Posture(0).parallel(0) == 1  # no model loaded: one worker waits for it
+
+
 def test_available_to_agent_counts_what_it_holds_and_its_cgroup_bound():
     t = Telemetry.model_validate({"device_id": "d", "ts": "2025-01-01T00:00:00Z", "mem_available_bytes": 500 * MiB,
                                   "rss_anon_bytes": 100 * MiB, "rss_file_bytes": 300 * MiB})  # fmt: skip

@@ -87,14 +87,15 @@ def submit(peer: BrokerClient, job_id: str, **kw: Any) -> None:
 def test_live_keys_are_applied_and_reported_and_paused_jobs_wait(board: Path, op: ShadowPeer, jobs) -> None:
     with InProcessDaemon(board) as d:
         wait_online(jobs, DEV)
-        kind, reply = update(op, {"engine": {"n_ctx": 1024}, "telemetry": {"interval_s": 7},
+        kind, reply = update(op, {"engine": {"n_ctx": 1024, "max_parallel": 3}, "telemetry": {"interval_s": 7},
                                   "intake": {"paused": True}}, "t1")  # fmt: skip
         assert kind == "accepted" and reply["version"] == 1
         doc = applied(op, 1)
         rep = doc["state"]["reported"]
-        assert (rep["engine"]["n_ctx"], rep["telemetry"]["interval_s"], rep["intake"]["paused"]) == (1024, 7, True)
+        assert (rep["engine"]["n_ctx"], rep["engine"]["max_parallel"], rep["telemetry"]["interval_s"],
+                rep["intake"]["paused"]) == (1024, 3, 7, True)  # fmt: skip
         assert not doc["state"].get("delta")
-        assert d.daemon.supervisor.engine.report.n_ctx == 1024
+        assert (d.daemon.supervisor.engine.report.n_ctx, d.daemon.supervisor.engine.slots) == (1024, 3)
         submit(jobs, "waits")
         job_status(jobs, "waits", "QUEUED")
         assert d.daemon.store.get("waits").status.value == "QUEUED"
