@@ -155,6 +155,7 @@ class Daemon:
         self._started_at, self._ready_at = clock(), None
         self._last_prune = self._last_facts = 0.0
         self._told_change: Any = None
+        self._state_file_told = False
 
     # ----------------------------------------------------------------- life cycle
 
@@ -329,8 +330,16 @@ class Daemon:
             memory_action=self.memory.describe().get("action"), shadow_version=doc.version,
             shadow_applied_version=doc.reported.get("applied_version"),
         )  # fmt: skip
-        if (err := self.state_file.update(snap, force=force)) is not None:
+        err, changed = self.state_file.update(snap, force=force)
+        # Once per failure and once when it ends, not every pass; not at all while the job store
+        # is unwritable: the same full or read-only disk, already told once (agent.health).
+        if changed and err and self.health.writable:
+            self._state_file_told = True
             log.warning("state file: %s", err)
+        elif changed and not err and self._state_file_told:
+            self._state_file_told = False
+            if self.health.writable:  # else the store's own "writable again" says it
+                log.info("state file: written again")
 
     def _tell_model_change(self, now: float) -> None:
         """Every model change that ended (the shadow, SIGHUP) is an event, rolled back or not."""

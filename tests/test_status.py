@@ -58,7 +58,7 @@ def test_read_state_says_why_it_has_nothing(tmp_path: Path):
 def test_writer_writes_on_change_or_heartbeat_only(tmp_path: Path):
     now = [1000.0]
     w = StateWriter(tmp_path / "state.json", heartbeat_s=30, clock=lambda: now[0])
-    assert w.update(snap()) is None and w.writes == 1
+    assert w.update(snap()) == (None, False) and w.writes == 1
     now[0] += 5
     w.update(snap())  # same content, heartbeat not due
     assert w.writes == 1
@@ -67,8 +67,21 @@ def test_writer_writes_on_change_or_heartbeat_only(tmp_path: Path):
     now[0] += 31
     w.update(snap(queued=3))  # heartbeat
     assert w.writes == 3 and read_state(tmp_path / "state.json")[0].updated_at == now[0]
-    broken = StateWriter(tmp_path / "missing-dir" / "state.json")
-    assert "cannot write" in (broken.update(snap()) or "")  # reported, not raised
+
+
+def test_writer_reports_a_failure_once_retries_later_and_reports_its_end(tmp_path: Path):
+    now = [1000.0]
+    folder = tmp_path / "missing-dir"
+    broken = StateWriter(folder / "state.json", heartbeat_s=30, clock=lambda: now[0])
+    err, changed = broken.update(snap())  # reported, not raised
+    assert "cannot write" in err and changed
+    assert broken.update(snap(queued=2)) == (err, False)  # the same failure: not news
+    now[0] += StateWriter.RETRY_S
+    assert broken.update(snap(queued=2)) == (err, False)  # tried again, failed the same way
+    folder.mkdir()
+    now[0] += StateWriter.RETRY_S
+    assert broken.update(snap(queued=2)) == (None, True)  # its end is news once
+    assert broken.writes == 1 and read_state(folder / "state.json")[0].queued == 2
 
 
 def test_liveness_verdicts():

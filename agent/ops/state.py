@@ -130,28 +130,37 @@ class StateWriter:
     ``heartbeat_s`` passed since the last write. Errors (a full disk) are returned, not raised: the
     state file must never take the daemon down."""
 
+    RETRY_S = 5.0  # after a failed write (a full disk), the next try at the earliest
+
     def __init__(self, path: Path, *, heartbeat_s: float = 30.0, clock: Any = time.time) -> None:
         self.path = Path(path)
         self.heartbeat_s = heartbeat_s
         self._clock = clock
         self._last_body: str | None = None
         self._last_write = float("-inf")
+        self._failed_at: float | None = None
+        self.error: str | None = None  # why the last write failed; None once one succeeds
         self.writes = 0
 
-    def update(self, snapshot: StateSnapshot, *, force: bool = False) -> str | None:
-        """Write if due; returns an error message if the write failed, else None."""
+    def update(self, snapshot: StateSnapshot, *, force: bool = False) -> tuple[str | None, bool]:
+        """Write if due. Returns (the error if the file is not being written, whether that changed
+        with this call): the caller logs a failure once, and its end once, not every pass."""
         now = self._clock()
+        before = self.error
+        if self._failed_at is not None and now - self._failed_at < self.RETRY_S:
+            return self.error, False
         snapshot = snapshot.model_copy(update={"updated_at": now, "heartbeat_s": self.heartbeat_s})
         body = snapshot.model_dump_json(exclude={"updated_at"})
-        if not force and body == self._last_body and now - self._last_write < self.heartbeat_s:
-            return None
+        if self.error is None and not force and body == self._last_body and now - self._last_write < self.heartbeat_s:
+            return None, False
         try:
             write_state(self.path, snapshot)
         except OSError as e:
-            return f"cannot write {self.path}: {e.strerror or e}"
-        self._last_body, self._last_write = body, now
+            self.error, self._failed_at = f"cannot write {self.path}: {e.strerror or e}", now
+            return self.error, self.error != before
+        self._last_body, self._last_write, self.error, self._failed_at = body, now, None, None
         self.writes += 1
-        return None
+        return None, before is not None
 
 
 # ------------------------------------------------------------------------------------ liveness
