@@ -16,7 +16,9 @@ sequences costs little more than for one (docs/benchmarks.md).
 
 Cancellation and deadlines are checked before every step and end only their own job; llama.cpp's
 abort callback stops a decode in the middle when the model is being unloaded or when every job in
-the batch has asked to stop (a lone long prompt is then stopped within one graph node).
+the batch has asked to stop (a lone long prompt is then stopped within one graph node). The callback
+is installed only for steps that evaluate prompt tokens: llama.cpp calls it once per graph node, and
+a Python call per node costs several percent of a generation step, which lasts one token anyway.
 """
 
 from __future__ import annotations
@@ -191,6 +193,7 @@ class Scheduler:
         n_batch: int,
         closing: threading.Event,
         prepare: Callable[["Slot", Job], int],
+        abort_callback: Any = None,
     ) -> None:
         self._llama = llama
         self._ctx = llama.ctx
@@ -203,6 +206,8 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._batch = C.llama_batch_init(self._n_batch, 0, 1)
         self._batch_runs: list[Run] = []
+        self._abort_cb = abort_callback  # llama.cpp's ggml_abort_callback, or None
+        self._abort_on: bool | None = None
         self._piece_buf = ctypes.create_string_buffer(64)
         self._steps = 0
         self._thread = threading.Thread(target=self._loop, name="edge-agent-engine", daemon=True)
@@ -253,11 +258,7 @@ class Scheduler:
             for i, t in enumerate(chunk):
                 self._put(i, t, len(kv) + i, kv.seq_id, False)
             self._batch.n_tokens = len(chunk)
-            self._batch_runs = [run]
-            try:
-                rc = C.llama_decode(self._ctx, self._batch)
-            finally:
-                self._batch_runs = []
+            rc = self._decode([run], interruptible=True)
             if rc != 0:
                 kv.truncate(self._ctx, len(kv))
                 return False
@@ -350,11 +351,8 @@ class Scheduler:
         if n == 0:
             return
         b.n_tokens = n
-        self._batch_runs = [job.run for job, _, _ in entries]
-        try:
-            rc = C.llama_decode(self._ctx, b)
-        finally:
-            self._batch_runs = []
+        rc = self._decode([job.run for job, _, _ in entries], interruptible=any(len(a) > 1 or job.pending is None
+                                                                                  for job, a, _ in entries))  # fmt: skip
         if rc == llamacpp.DECODE_ABORTED:
             # llama.cpp dropped what it had not finished of this batch: nothing of it is committed;
             # each cache keeps what it held before (or nothing, where it cannot vouch for it).
@@ -385,6 +383,19 @@ class Scheduler:
                 self._next_token(job, idx)
             except BaseException as e:  # noqa: BLE001  one job's failure (a callback, a sampler) is its own
                 self._fail(job, e)
+
+    def _decode(self, runs: list[Run], *, interruptible: bool) -> int:
+        """llama_decode of the batch as filled; with the abort callback only when ``interruptible``
+        (prompt tokens in it: a step of generated tokens lasts one token)."""
+        want = interruptible and self._abort_cb is not None
+        if want != self._abort_on:
+            C.llama_set_abort_callback(self._ctx, self._abort_cb if want else C.ggml_abort_callback(), None)
+            self._abort_on = want
+        self._batch_runs = runs
+        try:
+            return C.llama_decode(self._ctx, self._batch)
+        finally:
+            self._batch_runs = []
 
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         b = self._batch

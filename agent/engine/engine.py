@@ -332,10 +332,9 @@ class Engine:
             except Exception as e:  # noqa: BLE001  llama-cpp-python raises ValueError/RuntimeError/OSError
                 raise EngineError(f"llama.cpp could not load {self.model_path}: {e}", code=ErrorCode.model_not_loaded) from e
             load_ms = (time.monotonic() - t0) * 1000
-            C.llama_set_abort_callback(llama.ctx, self._abort_cfunc, None)
             self._llama, self._info = llama, plan.info
             self._sched = Scheduler(llama, self._slots_for(llama, plan.slots), n_batch=n_batch, closing=self._closing,
-                                    prepare=self._prepare)  # fmt: skip
+                                    prepare=self._prepare, abort_callback=self._abort_cfunc)  # fmt: skip
             buffers = llamacpp.buffer_sizes(lines)
             if mode == "fast" and not any("REPACK" in k for k in buffers):
                 notes.append("llama.cpp repacked nothing on this CPU: fast mode costs no extra memory here")
