@@ -44,7 +44,7 @@ EDGE_AGENT = [sys.executable, "-m", "agent"]
 def test_proc_status_reads_this_process() -> None:
     st = proc_status()
     assert st.rss_anon > 1 * MiB and st.rss_file > 0 and st.vm_hwm >= st.rss_anon
-    blob = bytearray(32 * MiB)  # touched: bytearray zero-fills
+    blob = bytearray(b"\x01") * (32 * MiB)  # every page written (a zeroed bytearray may be untouched mmap pages)
     assert proc_status().rss_anon - st.rss_anon > 30 * MiB
     del blob
 
@@ -125,7 +125,7 @@ def test_peak_sampler_sees_a_short_allocation_and_stops() -> None:
     base = proc_status().rss_anon
     sampler = PeakSampler(interval_s=0.01)
     with sampler:
-        blob = bytearray(48 * MiB)
+        blob = bytearray(b"\x01") * (48 * MiB)  # every page written, so it is RssAnon
         sampler.sample()  # the peak is taken at the latest when the run ends; sample() is the same reading
         del blob
     assert sampler.peak_rss_anon - base > 40 * MiB

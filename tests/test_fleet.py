@@ -158,6 +158,15 @@ def test_a_rollout_where_two_devices_fail_aborts_and_restores_every_device_it_ch
         fleet.stop()
 
 
+# `python -m agent`, with Ctrl-C restored: a test run started in the background by a shell (`cmd &`)
+# ignores SIGINT, its children inherit that, and Python then installs no KeyboardInterrupt handler.
+AGENT_WITH_CTRL_C = [
+    sys.executable, "-c",
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('agent', run_name='__main__', alter_sys=True)",
+]  # fmt: skip
+
+
 def test_a_rollout_interrupted_with_sigint_resumes_and_finishes(tmp_path: Path, broker: MosquittoBroker,
                                                                 tiny_model: Path, new_model: Path,
                                                                 server: ModelServer, operator: Path, capsys) -> None:
@@ -169,7 +178,7 @@ def test_a_rollout_interrupted_with_sigint_resumes_and_finishes(tmp_path: Path, 
             peer.barrier()
             env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT__")}
             proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "fleet", *rollout_args(operator, db, server, new_model, "--devices",
+                [*AGENT_WITH_CTRL_C, "fleet", *rollout_args(operator, db, server, new_model, "--devices",
                                                                          "edge-*", "--waves", "25%,25%,50%", "--wait")],
                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
