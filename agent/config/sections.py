@@ -200,7 +200,8 @@ class EngineSettings(Section):
         description="Jobs decoded together in one llama.cpp batch (continuous batching), each with n_ctx of KV "
         "cache of its own: 1-16, or 'auto': as many as the memory plan allows at n_ctx per job, up to "
         "engine.auto_parallel_max. On CPUs decoding is bound by memory bandwidth, so a batch of jobs costs little "
-        "more than one (docs/benchmarks.md).",
+        "more than one (docs/benchmarks.md). Under memory pressure the governor runs one job at a time "
+        "(docs/governor.md).",
         json_schema_extra=RELOAD,
     )
     auto_parallel_max: int = Field(
