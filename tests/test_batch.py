@@ -205,3 +205,16 @@ def test_gemma_batched_jobs_each_continue_their_own_prompt(gemma_model: Path) ->
     assert len(set(together)) == 3
     # The lone runs agree with each other on their first words; so must the batch with them.
     assert all(t.split()[:2] == a.split()[:2] for t, a in zip(together, alone)), (together, alone)
+
+
+def test_more_jobs_than_a_batch_holds_take_turns(tiny_model: Path, single: Engine) -> None:
+    """12 slots and n_batch 8: no decode may carry more than 8 tokens, so the generating jobs take
+    turns; each still gets exactly its lone text."""
+    engine = _engine(tiny_model, 12, n_ctx=256, n_batch=8)
+    try:
+        reqs = [GenerationRequest(f"Unit {i} of the plant", max_tokens=20, **GREEDY) for i in range(12)]
+        together = at_once(engine, reqs)
+    finally:
+        engine.unload()
+    assert [r.text for r in together] == [single.generate(r).text for r in reqs]
+    assert all(r.stats.completion_tokens == 20 for r in together)

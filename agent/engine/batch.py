@@ -199,7 +199,7 @@ class Scheduler:
         self._ctx = llama.ctx
         self._vocab = llama._model.vocab
         self._slots = [Slot(kv) for kv in slots]
-        self._n_batch = max(n_batch, len(slots))
+        self._n_batch = n_batch  # llama.cpp's: no decode may carry more tokens
         self._closing = closing
         self._prepare = prepare
         self._cond = threading.Condition()
@@ -328,7 +328,12 @@ class Scheduler:
         n = 0
         entries: list[tuple[Job, list[int], int | None]] = []  # job, tokens added, batch index of its logits
         active = [s.job for s in self._slots if s.job is not None]
+        if len(active) > self._n_batch:  # more jobs than a batch holds: take turns
+            k = self._steps % len(active)
+            active = active[k:] + active[:k]
         for job in active:  # generating jobs first: one token each
+            if n == self._n_batch:
+                break
             if job.pending is not None:
                 assert job.slot is not None
                 self._put(n, job.pending, len(job.slot.kv), job.slot.kv.seq_id, True)
