@@ -10,6 +10,7 @@ charged to the child's cgroup, not found already cached and charged elsewhere.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -41,12 +42,21 @@ EDGE_AGENT = [sys.executable, "-m", "agent"]
 # ------------------------------------------------------------------------------- readers
 
 
+def _touched_anonymous(size: int) -> mmap.mmap:
+    """``size`` bytes of new anonymous memory, every page written: RssAnon grows by exactly that,
+    whatever malloc kept from earlier frees (a bytearray may reuse those, or be untouched pages)."""
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: RssAnon, not RssShmem
+    for off in range(0, size, mmap.PAGESIZE):
+        m[off] = 1
+    return m
+
+
 def test_proc_status_reads_this_process() -> None:
     st = proc_status()
     assert st.rss_anon > 1 * MiB and st.rss_file > 0 and st.vm_hwm >= st.rss_anon
-    blob = bytearray(b"\x01") * (32 * MiB)  # every page written (a zeroed bytearray may be untouched mmap pages)
+    blob = _touched_anonymous(32 * MiB)
     assert proc_status().rss_anon - st.rss_anon > 30 * MiB
-    del blob
+    blob.close()
 
 
 def test_meminfo_and_psi_parse(tmp_path: Path) -> None:
@@ -125,9 +135,9 @@ def test_peak_sampler_sees_a_short_allocation_and_stops() -> None:
     base = proc_status().rss_anon
     sampler = PeakSampler(interval_s=0.01)
     with sampler:
-        blob = bytearray(b"\x01") * (48 * MiB)  # every page written, so it is RssAnon
+        blob = _touched_anonymous(48 * MiB)
         sampler.sample()  # the peak is taken at the latest when the run ends; sample() is the same reading
-        del blob
+        blob.close()
     assert sampler.peak_rss_anon - base > 40 * MiB
     assert sampler.samples >= 2
     assert not any(t.name == "peak-sampler" for t in threading.enumerate())
