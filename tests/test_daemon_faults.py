@@ -238,17 +238,18 @@ class NotifySocket:
 # 1. kill -9 soak
 
 
-def test_kill9_soak_every_job_gets_exactly_one_outcome_and_is_delivered(broker, tiny_model, tmp_path):
-    """50 jobs, four at a time (engine.max_parallel 4), the daemon SIGKILLed at random moments and
-    restarted each time: no job lost, none completed twice, every result delivered at least once,
+@pytest.mark.parametrize("max_parallel", [1, 4])
+def test_kill9_soak_every_job_gets_exactly_one_outcome_and_is_delivered(broker, tiny_model, tmp_path, max_parallel):
+    """50 jobs, one or four at a time (engine.max_parallel), the daemon SIGKILLed at random moments
+    and restarted each time: no job lost, none completed twice, every result delivered at least once,
     attempts accounted for by the kills."""
-    rng = seeded_rng("soak")
+    rng = seeded_rng(f"soak-{max_parallel}")
     t_start = time.monotonic()
-    dev = "soak"
+    dev = f"soak{max_parallel}"
     topics = Topics(PREFIX, dev)
     cfg = write_daemon_config(
         tmp_path / dev, broker, tiny_model, device_id=dev,
-        store={"max_attempts": 10}, engine={"n_ctx": 2048, "max_tokens_limit": 2048, "max_parallel": 4},
+        store={"max_attempts": 10}, engine={"n_ctx": 2048, "max_tokens_limit": 2048, "max_parallel": max_parallel},
     )  # fmt: skip
     # Mostly short jobs, a quarter long enough (300-1500 tokens) for kills to land mid-generation.
     jobs = {
@@ -311,12 +312,12 @@ def test_kill9_soak_every_job_gets_exactly_one_outcome_and_is_delivered(broker, 
         assert (msg["status"], msg["attempt"], msg["text"]) == ("SUCCEEDED", r.attempt, r.outcome.text)
         started = {s["attempt"] for s in rec.statuses[job_id] if s["status"] == "IN_PROGRESS"}
         assert r.attempt >= 1 and started <= set(range(1, r.attempt + 1)), (job_id, r.attempt, started)
-    # A run that did not end in an outcome was cut short by a kill: at most four runs at a time.
+    # A run that did not end in an outcome was cut short by a kill: at most max_parallel runs at a time.
     interrupted_runs = sum(r.attempt - 1 for r in records.values())
-    assert interrupted_runs <= kills * 4
+    assert interrupted_runs <= kills * max_parallel
     copies_total = sum(len(rec.results[j]) for j in jobs)
     print(
-        f"soak: {len(jobs)} jobs, {kills} kills, {daemon.starts} daemon starts, "
+        f"soak at max_parallel {max_parallel}: {len(jobs)} jobs, {kills} kills, {daemon.starts} daemon starts, "
         f"{copies_total - len(jobs)} duplicate result deliveries, {interrupted_runs} interrupted runs, "
         f"attempts {dict(sorted(Counter(r.attempt for r in records.values()).items()))}, "
         f"{time.monotonic() - t_start:.1f}s"
