@@ -40,13 +40,7 @@ class JobClient:
         self._connect_timeout = connect_timeout
 
     def __enter__(self) -> "JobClient":
-        self.transport.start()
-        if not self.transport.wait_connected(self._connect_timeout):
-            self.transport.stop()
-            raise TransportError(
-                f"could not connect to the broker at {self.transport.settings.host}:{self.transport.settings.port} "
-                f"within {self._connect_timeout:g} s"
-            )
+        self.transport.connect_or_raise(self._connect_timeout)
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -428,6 +428,16 @@ class MqttTransport:
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
 
+    def connect_or_raise(self, timeout: float) -> None:
+        """For short-lived clients (the CLI): start, wait up to ``timeout`` for the connection, or stop
+        and raise ``TransportError`` naming the broker."""
+        self.start()
+        if not self.wait_connected(timeout):
+            self.stop()
+            raise TransportError(
+                f"could not connect to the broker at {self.settings.host}:{self.settings.port} within {timeout:g} s"
+            )
+
     def wait_subscribed(self, timeout: float | None = None) -> bool:
         """Wait until the broker acknowledged this connection's subscriptions (messages published
         by others before that may not reach this session, if it is new)."""

@@ -49,13 +49,7 @@ class ShadowClient:
         self.device_state: str | None = None  # from the retained {root}/status: online, offline, stopping
 
     def __enter__(self) -> "ShadowClient":
-        self.transport.start()
-        if not self.transport.wait_connected(self._connect_timeout):
-            self.transport.stop()
-            raise TransportError(
-                f"could not connect to the broker at {self.transport.settings.host}:{self.transport.settings.port} "
-                f"within {self._connect_timeout:g} s"
-            )
+        self.transport.connect_or_raise(self._connect_timeout)
         return self
 
     def __exit__(self, *exc: Any) -> None:
