@@ -11,18 +11,17 @@ left alone. tests/test_protocol.py fails when the file is out of date.
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "protocol.md"
+from agent.docgen import main as docgen_main
+from agent.docgen import render_blocks
 from agent.protocol import TERMINAL, ErrorCode, JobStatus, json_schemas
 
-_BLOCK_RE = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "protocol.md"
 
 
 def _cell(text: str) -> str:
@@ -151,38 +150,11 @@ def _desired_keys() -> str:
 
 def render(text: str) -> str:
     """The document with every generated block brought up to date."""
-    renderers = _renderers()
-    seen: set[str] = set()
-
-    def sub(m: re.Match[str]) -> str:
-        name = m.group(2)
-        if name not in renderers:
-            raise KeyError(f"docs/protocol.md has a generated block {name!r} that nothing renders")
-        seen.add(name)
-        return f"{m.group(1)}{renderers[name]()}\n{m.group(4)}"
-
-    out = _BLOCK_RE.sub(sub, text)
-    missing = set(renderers) - seen
-    if missing:
-        raise KeyError(f"docs/protocol.md lacks the generated block(s) {sorted(missing)}")
-    return out
+    return render_blocks(text, _renderers(), "docs/protocol.md")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only report whether the document is up to date")
-    args = ap.parse_args(argv)
-    current = DOC.read_text(encoding="utf-8")
-    wanted = render(current)
-    if args.check:
-        if wanted != current:
-            print(f"{DOC} is out of date: run python -m agent.protocol_doc", file=sys.stderr)
-            return 1
-        return 0
-    if wanted != current:
-        DOC.write_text(wanted, encoding="utf-8")
-        print(f"updated {DOC}")
-    return 0
+    return docgen_main(DOC, render, module="agent.protocol_doc", description=__doc__.splitlines()[0], argv=argv)
 
 
 if __name__ == "__main__":

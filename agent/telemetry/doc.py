@@ -11,19 +11,18 @@ tests/test_telemetry.py fails when the file is out of date.
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from agent.docgen import main as docgen_main
+from agent.docgen import render_blocks
 from agent.telemetry.events import Event, EventKind
 from agent.telemetry.fields import GROUPS, Telemetry, field_meta
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DOC = ROOT / "docs" / "telemetry.md"
 _SCHEMA = Telemetry.model_json_schema()
-_BLOCK_RE = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
 
 _KIND_DOCS = {
     EventKind.level_changed: "The governor's level went up or down; `reasons` name the signals and their values.",
@@ -88,38 +87,12 @@ def _renderers() -> dict[str, Callable[[], str]]:
 
 
 def render(text: str) -> str:
-    renderers = _renderers()
-    seen: set[str] = set()
-
-    def sub(m: re.Match[str]) -> str:
-        name = m.group(2)
-        if name not in renderers:
-            raise KeyError(f"docs/telemetry.md has a generated block {name!r} that nothing renders")
-        seen.add(name)
-        return f"{m.group(1)}{renderers[name]()}\n{m.group(4)}"
-
-    out = _BLOCK_RE.sub(sub, text)
-    missing = set(renderers) - seen
-    if missing:
-        raise KeyError(f"docs/telemetry.md lacks the generated block(s) {sorted(missing)}")
-    return out
+    """The document with every generated block brought up to date."""
+    return render_blocks(text, _renderers(), "docs/telemetry.md")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only report whether the document is up to date")
-    args = ap.parse_args(argv)
-    current = DOC.read_text(encoding="utf-8")
-    wanted = render(current)
-    if args.check:
-        if wanted != current:
-            print(f"{DOC} is out of date: run python -m agent.telemetry.doc", file=sys.stderr)
-            return 1
-        return 0
-    if wanted != current:
-        DOC.write_text(wanted, encoding="utf-8")
-        print(f"updated {DOC}")
-    return 0
+    return docgen_main(DOC, render, module="agent.telemetry.doc", description=__doc__.splitlines()[0], argv=argv)
 
 
 if __name__ == "__main__":
