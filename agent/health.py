@@ -15,9 +15,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from agent.errors import StoreError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,15 @@ class StoreHealth:
             error.code, error, self._recheck_s(),
         )  # fmt: skip
         self._notify(False)
+
+    def run(self, write: Callable[[], T]) -> T | None:
+        """Run a store write (main loop chores: retention); a ``StoreError`` marks the store
+        unwritable, is told once like any other, and returns None."""
+        try:
+            return write()
+        except StoreError as e:
+            self.failed(e)
+            return None
 
     def recheck(self, *, force: bool = False) -> bool:
         """Main loop: while unwritable, probe the store when the interval has passed (or ``force``).

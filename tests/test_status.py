@@ -140,7 +140,7 @@ def test_status_with_the_broker_down(tmp_path: Path, tiny_model: Path):
         while daemon.store.counts()["SUCCEEDED"] < 2:  # the runner takes them without a broker
             assert time.monotonic() < deadline, daemon.store.counts()
             daemon._tick.wait(0.05)
-        daemon._write_state("ready", force=True)  # what its main loop writes on change or heartbeat
+        daemon.reporter.write_state("ready", force=True)  # what its main loop writes on change or heartbeat
         p = subprocess.run([*EDGE_AGENT, "status", "-c", str(cfg), "--json"], capture_output=True, text=True,
                            timeout=60)  # fmt: skip
         text = subprocess.run([*EDGE_AGENT, "status", "-c", str(cfg)], capture_output=True, text=True, timeout=60)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.config.sections import CanarySettings, EngineSettings, MemorySettings, ModelSettings
 from agent.engine.canary import CanaryFailed, CanaryResult, run_canary
@@ -168,6 +168,18 @@ class Supervisor:
         """The loaded engine, or None (nothing loaded, or a swap in progress)."""
         e = self._engine
         return e if e is not None and e.loaded else None
+
+    @property
+    def report(self) -> Any:
+        """The loaded engine's ``LoadReport`` (its memory plan and slots), or None."""
+        e = self.engine
+        return e.report if e is not None else None
+
+    @property
+    def slots(self) -> int:
+        """Jobs the loaded engine can run at once (1 when nothing is loaded)."""
+        e = self.engine
+        return e.slots if e is not None else 1
 
     @property
     def config(self) -> EngineConfig | None:

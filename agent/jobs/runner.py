@@ -122,6 +122,9 @@ class Runner:
             self._holds.discard(reason)
         self._wake.set()
 
+    def set_hold(self, reason: str, on: bool) -> None:
+        (self.hold if on else self.release)(reason)
+
     @property
     def thread_ids(self) -> list[int]:
         """The workers' kernel thread ids (their priority is the inference priority)."""

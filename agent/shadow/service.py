@@ -208,6 +208,19 @@ class ShadowService:
             self._update_reported(self._clock())
         return done
 
+    def reload_file(self, path: Path | None) -> None:
+        """Main thread, on SIGHUP: re-read the board's config file and ``reload()`` it, logging what was
+        applied and what needs a restart. A file that does not load is refused whole, with its error."""
+        from agent.config import load_settings
+
+        try:
+            new = load_settings(path)
+        except Exception as e:  # a bad edit must not take a running board down
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        report = self.reload(new)  # desired keys still win over the file; logs what it applied
+        log_report(ApplyReport(restart=report.restart), "reload")
+
     def reload(self, file_settings: Settings) -> ApplyReport:
         """Main thread, on SIGHUP: the board's config file changed. Desired still wins over it; the
         rest is applied through the executor. Returns one report of the whole reload (keys that need

@@ -1,0 +1,136 @@
+"""What the daemon says about itself, read from its parts and never changing them.
+
+- ``agent_state()``: the agent's side of each telemetry reading (model, KV cache, slots, queue, spool);
+- ``reported_facts()``: the device shadow's reported facts (board, the model serving, a download's
+  progress, the last model change, the governor);
+- ``device_status(state)``: the retained ``edge/{device}/status`` payload;
+- ``write_state(state)``: the state file `edge-agent status` reads without a broker;
+- ``tell_model_change(now)``: an event for every model change that ended.
+
+The daemon's main thread calls all but ``agent_state`` (the sampler, on the main thread too) and
+``reported_facts`` (the shadow service).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.ops.state import DaemonState, StateWriter, from_daemon, state_path
+from agent.protocol import DeviceStatus, Topics
+from agent.shadow.facts import FactsReader, ServingModel, reported_facts
+from agent.telemetry.events import model_change_event
+from agent.telemetry.sampler import AgentState
+
+log = logging.getLogger(__name__)
+
+
+def device_status(settings: Any, state: str, *, store_writable: bool, ts: float) -> bytes:
+    """The retained device status; only ``online`` names the model and the store's state."""
+    online = state == "online"
+    return DeviceStatus(
+        state=state, device_id=settings.device.id, agent_version=__version__,
+        model=str(settings.model.path) if online else None,
+        store=("writable" if store_writable else "unwritable") if online else None, ts=ts,
+    ).to_payload()  # fmt: skip
+
+
+class Reporter:
+    def __init__(
+        self,
+        settings: Any,
+        *,
+        config_path: Path | None,
+        topics: Topics,
+        parts: Any,
+        shadow_document: Callable[[], Any],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``parts`` has the daemon's ``supervisor``, ``runner``, ``store``, ``spool``, ``health``,
+        ``memory``, ``delivery``, ``transport`` and ``uplink``; ``settings`` is the tree in force."""
+        self.settings, self.config_path, self.topics, self._parts = settings, config_path, topics, parts
+        self._shadow_document = shadow_document
+        self._clock = clock
+        self._facts = FactsReader(board=settings.device.board, models_dir=settings.device.models_dir)
+        self.state_file = StateWriter(state_path(settings), heartbeat_s=min(30.0, settings.telemetry.interval_s))
+        self.started_at, self.ready_at = clock(), None
+        self._told_change: Any = None
+        self._state_file_told = False
+
+    # from_daemon() reads these parts by name.
+    supervisor = property(lambda self: self._parts.supervisor)
+    runner = property(lambda self: self._parts.runner)
+    store = property(lambda self: self._parts.store)
+    health = property(lambda self: self._parts.health)
+    transport = property(lambda self: self._parts.transport)
+
+    def device_status(self, state: str) -> bytes:
+        return device_status(self.settings, state, store_writable=self.health.writable, ts=self._clock())
+
+    def reported_facts(self) -> dict[str, Any]:
+        sup, p = self.supervisor, self._parts
+        cfg, engine = sup.config, sup.engine
+        serving = None
+        if cfg is not None and engine is not None and engine.report is not None:
+            r = engine.report
+            serving = ServingModel(
+                file=str(cfg.model.path), sha256=sup.sha256, load_mode=r.mode, n_ctx=r.n_ctx, load_ms=r.load_ms,
+                loaded_at=sup.loaded_at, swap_ms=sup.last_swap_ms, preempted=sup.last_swap_preempted,
+            )  # fmt: skip
+        change = sup.last_change
+        facts = reported_facts(self._facts.board_facts(), serving, download=p.delivery.progress(),
+                               model_change=change.as_dict() if change else None)  # fmt: skip
+        return {**facts, "pressure": p.memory.describe()}
+
+    def agent_state(self) -> AgentState:
+        p = self._parts
+        engine, running = self.supervisor.engine, self.runner.running
+        report = engine.report if engine is not None else None
+        spool = p.spool.stats()
+        # The weights are a working set only in fit mode, and only when the plan expected them to fit.
+        in_ram = report is not None and report.mode == "fit" and not any("do not all fit" in n for n in report.notes)
+        return AgentState(
+            model_loaded=engine is not None, kv_cache_bytes=report.estimate.kv_cache if report else None,
+            weights_bytes=report.estimate.file_bytes if in_ram else None,
+            rss_file_before_load=report.before.rss_file if report else None,
+            kv_cache_size_tokens=report.n_ctx * report.slots if report else None,
+            kv_cache_used_tokens=engine.kv_tokens() if engine is not None and hasattr(engine, "kv_tokens") else None,
+            slots=report.slots if report else None, queue_depth=self.store.queued_count(),
+            jobs_running=len(running), running_job=running[0] if running else None,
+            last_job_tokens_per_s=self.runner.last_tokens_per_s, last_job_slot_wait_ms=self.runner.last_slot_wait_ms,
+            governor_level=p.memory.level, governor_action=p.memory.describe().get("action"),
+            store_writable=self.health.writable, spool_rows=spool.rows, spool_dropped=spool.dropped,
+        )  # fmt: skip
+
+    def write_state(self, state: DaemonState, *, force: bool = False) -> None:
+        """The state file (written on change or heartbeat)."""
+        doc, memory = self._shadow_document(), self._parts.memory
+        snap = from_daemon(
+            self, state, started_at=self.started_at, ready_at=self.ready_at,
+            telemetry=memory.last.model_dump(mode="json") if memory.last else None, memory_level=memory.level,
+            memory_action=memory.describe().get("action"), shadow_version=doc.version,
+            shadow_applied_version=doc.reported.get("applied_version"),
+        )  # fmt: skip
+        err, changed = self.state_file.update(snap, force=force)
+        # Once per failure and once when it ends, not every pass; not at all while the job store
+        # is unwritable: the same full or read-only disk, already told once (agent.health).
+        if changed and err and self.health.writable:
+            self._state_file_told = True
+            log.warning("state file: %s", err)
+        elif changed and not err and self._state_file_told:
+            self._state_file_told = False
+            if self.health.writable:  # else the store's own "writable again" says it
+                log.info("state file: written again")
+
+    def tell_model_change(self, now: float) -> None:
+        """Every model change that ended (the shadow, SIGHUP) is an event, rolled back or not."""
+        change = self.supervisor.last_change
+        if change is not None and change is not self._told_change:
+            self._told_change = change
+            memory = self._parts.memory
+            event = model_change_event(change, device_id=self.topics.device_id, ts=now, level=memory.level)
+            self._parts.uplink.send("event", self.topics.events, event.to_payload(), ts=now)
