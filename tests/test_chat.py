@@ -9,17 +9,19 @@ no template either, gets a ChatML one the same way for the daemon-level tests.
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from pathlib import Path
 
 import gguf
 import llama_cpp.llama_cpp as C
 import pytest
-from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
 from agent.config import load_settings
 from agent.config.sections import EngineSettings
 from agent.engine import ChatMessage, Engine, GenerationRequest, ResponseFormat
 from agent.errors import ConfigError, EngineError, NoChatTemplate
+from agent.models.gguf_info import _Cursor, _read_value, read_model_info
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, wait_online, write_daemon_config
 
@@ -77,16 +79,37 @@ QUESTION_RENDERED = (
 
 
 def with_chat_template(src: Path, dst: Path, template: str) -> Path:
-    """A copy of a GGUF file with tokenizer.chat_template set, written by the gguf package."""
-    reader = gguf.GGUFReader(src, "r")
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
-    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
-    if alignment is not None:
-        writer.data_alignment = alignment.contents()
-    copy_with_new_metadata(
-        reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(gguf.GGUFValueType.STRING, template)}, []
-    )
+    """A copy of a GGUF file with tokenizer.chat_template added, as gguf_new_metadata would write it.
+
+    Spliced at the byte level: the header with one more key, the key/value and tensor-info
+    sections copied as they are with the new key between them, and the tensor data copied whole
+    at the same alignment (tensor offsets are relative to it). The gguf package's reader and
+    rewrite take about 17 s each on Gemma's 262k-token vocabulary; this takes well under one."""
+    with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        c = _Cursor(buf, len(buf))
+        c.pos = 8
+        n_tensors, n_kv = c.take("Q"), c.take("Q")
+        kv_start, align = c.pos, gguf.GGUF_DEFAULT_ALIGNMENT
+        for _ in range(n_kv):
+            key = c.string("key")
+            value = _read_value(c, key, c.take("I"), {})
+            assert key != gguf.Keys.Tokenizer.CHAT_TEMPLATE, "the file has a chat template already"
+            align = value if key == gguf.Keys.General.ALIGNMENT else align
+        kv_end = c.pos
+        for _ in range(n_tensors):
+            c.string("tensor name")
+            c.skip(8 * c.take("I") + 4 + 8)  # dims, type, offset
+        key, value = gguf.Keys.Tokenizer.CHAT_TEMPLATE.encode(), template.encode()
+        with open(dst, "wb") as out:
+            out.write(buf[:8] + struct.pack("<QQ", n_tensors, n_kv + 1) + buf[kv_start:kv_end])
+            out.write(struct.pack("<Q", len(key)) + key + struct.pack("<IQ", gguf.GGUFValueType.STRING, len(value)) + value)
+            out.write(buf[kv_end : c.pos])
+            out.write(b"\0" * (-out.tell() % align))
+            out.write(buf[-(-c.pos // align) * align :])
+    before, after = read_model_info(src), read_model_info(dst)
+    assert [(t.name, t.nbytes, t.offset - before.data_offset) for t in before.tensors] == [
+        (t.name, t.nbytes, t.offset - after.data_offset) for t in after.tensors
+    ]
     return dst
 
 
