@@ -16,7 +16,7 @@ from tests.test_daemon_faults import Peer
 
 DEV = "dev-tel"
 T = Topics("edge", DEV)
-OUTAGE_S = 14.0  # the broker is down for this long: fourteen readings at a 1 s interval, the spool holds 10
+SPOOL_ROWS = 10  # the spool holds this many; the broker stays down until it is full and has dropped two
 
 
 class Readings:
@@ -42,7 +42,7 @@ def test_readings_are_spooled_while_the_broker_is_down_and_flushed_in_order(tmp_
                                                                             broker_factory) -> None:
     broker: MosquittoBroker = broker_factory("tel", persistence=True)
     cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, device_id=DEV,
-                              telemetry={"interval_s": 1, "spool_max_rows": 10})  # fmt: skip
+                              telemetry={"interval_s": 1, "spool_max_rows": SPOOL_ROWS})  # fmt: skip
     seen = Readings()
     peer = Peer(broker, session_expiry_s=600, client_id="tel-watcher")
     inner = peer.client.on_message
@@ -57,16 +57,19 @@ def test_readings_are_spooled_while_the_broker_is_down_and_flushed_in_order(tmp_
         before = len(seen.ts)
         peer.close()
         broker.stop()
-        time.sleep(OUTAGE_S)  # the scenario: the broker stays down for several intervals
-        stats = d.daemon.spool.stats()
-        assert stats.rows == 10 and stats.dropped >= 2, stats
+        # The scenario: the broker stays down for several intervals, until the spool is full and
+        # has dropped its oldest readings twice (a reading a second: about SPOOL_ROWS + 2 seconds).
+        deadline = time.monotonic() + 60
+        while not ((stats := d.daemon.spool.stats()).rows == SPOOL_ROWS and stats.dropped >= 2):
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.1)
         broker.start()
         peer = Peer(broker, session_expiry_s=600, client_id="tel-watcher")
         inner = peer.client.on_message
         peer.client.on_message = lambda c, u, m: (seen.on(m), inner(c, u, m))
         peer.connect()
         assert peer.session_present
-        seen.wait("the spooled readings and live ones after them", lambda: len(seen.ts) >= before + 10 + 2)
+        seen.wait("the spooled readings and live ones after them", lambda: len(seen.ts) >= before + SPOOL_ROWS + 2)
         seen.wait("the drops reported", lambda: any(e["kind"] == "spool_dropped" for e in seen.events))
         assert d.daemon.spool.stats().rows == 0
     peer.close()
