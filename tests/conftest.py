@@ -1,8 +1,12 @@
 """Shared fixtures, kept in one module per real part so each has one owner."""
 
+import logging
 import os
 
+import pytest
 from hypothesis import settings
+
+from agent.ops.logs import _AgentHandler
 
 from tests.fixtures_broker import *  # noqa: F401,F403  private Mosquitto brokers on free ports
 from tests.fixtures_models import *  # noqa: F401,F403  synthetic GGUF models
@@ -13,3 +17,17 @@ from tests.fixtures_models import *  # noqa: F401,F403  synthetic GGUF models
 settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored():  # type: ignore[no-untyped-def]
+    """A test that runs the CLI in-process installs the agent's log handler on pytest's capture
+    stream, which is closed after that test: take that handler off again, so a later test's
+    log lines never go to a closed stream."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if isinstance(h, _AgentHandler) and h not in before:
+            root.removeHandler(h)
+    root.setLevel(level)
