@@ -30,6 +30,25 @@ class JobStatus(StrEnum):
     TIMED_OUT = "TIMED_OUT", "Ran longer than its timeout_s; a partial text may be included. Terminal."
 
 
+class WaitReason(StrEnum):
+    """Why a queued job is not running yet: the ``waiting_for`` of its QUEUED status, ``jobs show`` and
+    ``status``. Every wait is bounded (docs/protocol.md, "Waiting")."""
+
+    def __new__(cls, value: str, doc: str) -> "WaitReason":
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.doc = doc  # type: ignore[attr-defined]
+        return obj
+
+    doc: str
+
+    slot = "slot", "Every slot of the engine (engine.max_parallel) is running a job, or a job ahead of it in the queue takes the next free one."
+    memory = "memory", "Its KV cache does not fit the memory available now, or the governor holds new jobs under memory pressure. Ends FAILED memory_wait_exceeded after governor.memory_wait_max_s with nothing else running."
+    reserved = "reserved", "A job ahead of it has waited for memory longer than governor.reserve_after_s: the next free capacity is kept for that job, so it is not starved by smaller ones."
+    model = "model", "No model is loaded: a model change, a canary, or a load that failed (the shadow's reported state says which)."
+    paused = "paused", "Intake is paused (intake.paused in the device shadow or the config): queued jobs start when it is resumed."
+
+
 TERMINAL: frozenset[JobStatus] = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELED, JobStatus.TIMED_OUT}
 )
@@ -88,8 +107,10 @@ class ErrorCode(StrEnum):
     context_too_long = (
         "context_too_long",
         JobStatus.REJECTED,
-        "Prompt tokens + max_tokens exceed the loaded context (engine.n_ctx) and engine.context_overflow is "
-        "'refuse'. Shorten the prompt or lower max_tokens.",
+        "The prompt alone fills the context of one slot (engine.n_ctx, per slot), counted with the loaded "
+        "model's tokenizer, and engine.context_overflow is 'refuse'. The message gives both numbers. A prompt "
+        "that fits runs even when prompt + max_tokens does not: it stops at the context's end (finish_reason "
+        "length). Shorten the prompt, or send it to a board with a larger context.",
     )
     no_chat_template = (
         "no_chat_template",
@@ -120,6 +141,13 @@ class ErrorCode(StrEnum):
         JobStatus.REJECTED,
         "The job's memory (its KV cache for prompt + max_tokens, next to the model) can never fit this board's "
         "memory budget. Lower max_tokens or the prompt, or send it to a larger board.",
+    )
+    memory_wait_exceeded = (
+        "memory_wait_exceeded",
+        JobStatus.FAILED,
+        "The job waited for memory longer than governor.memory_wait_max_s while nothing else ran here: the "
+        "board never had room for it. The message gives what it needed and what was available. It may "
+        "succeed later, with a smaller max_tokens or prompt, or on another device.",
     )
     model_not_loaded = (
         "model_not_loaded",
@@ -159,4 +187,4 @@ class ErrorCode(StrEnum):
     )
 
 
-__all__ = ["ErrorCode", "JobStatus", "TERMINAL"]
+__all__ = ["ErrorCode", "JobStatus", "TERMINAL", "WaitReason"]

@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.codes import TERMINAL, ErrorCode, JobStatus
+from agent.codes import TERMINAL, ErrorCode, JobStatus, WaitReason
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # JOB_ID_PATTERN is for pydantic, whose "$" is the end of the string. Python's "$" also matches
@@ -795,6 +795,11 @@ class StatusMessage(_Outbound):
     attempt: int = Field(ge=0, description="Runs started so far (0 while it never ran).")
     ts: AwareDatetime = _TS
     reason: ErrorCode | None = Field(default=None, description="Why, for FAILED, REJECTED, CANCELED, TIMED_OUT.")
+    waiting_for: WaitReason | None = Field(
+        default=None,
+        description="QUEUED only: what the job waits for (slot, memory, reserved, model, paused; see Waiting); a new "
+        "QUEUED status is sent when it changes, with the detail in message.",
+    )
     message: str | None = Field(default=None, description="Human-readable detail.")
 
     @field_validator("message", mode="before")
@@ -814,6 +819,16 @@ class Usage(BaseModel):
         description="Of prompt_tokens, those not evaluated again: their KV cache was kept from the previous job "
         "(a shared prefix) or restored from engine.prompt_cache. timings.prompt_ms covers the others only.",
     )
+    max_tokens_allowed: int | None = Field(
+        default=None,
+        ge=0,
+        description="The most tokens the job could generate: its max_tokens, or less when prompt + max_tokens "
+        "passes the end of the context (it then ends with finish_reason length at the context's end).",
+    )
+    prompt_tokens_dropped: int = Field(
+        default=0, ge=0,
+        description="Tokens cut from the front of a prompt that did not fit (engine.context_overflow = keep_tail).",
+    )  # fmt: skip
 
 
 class Timings(BaseModel):
@@ -868,8 +883,9 @@ class JobOutcome(BaseModel):
     )
     finish_reason: Literal["stop", "length", "canceled", "timeout"] | None = Field(
         default=None,
-        description="stop: a stop string or end of text; length: max_tokens reached; canceled / timeout: generation "
-        "was cut short (status CANCELED / TIMED_OUT); null when nothing ran.",
+        description="stop: a stop string or end of text; length: max_tokens reached, or the end of the context "
+        "(usage.max_tokens_allowed says which); canceled / timeout: generation was cut short (status CANCELED / "
+        "TIMED_OUT); null when nothing ran.",
     )
     usage: Usage | None = Field(default=None, description="Token counts, null when the job never ran.")
     timings: Timings | None = Field(default=None, description="Durations, null when the job never ran.")

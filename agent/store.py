@@ -44,10 +44,17 @@ from agent.protocol import TERMINAL, ErrorCode, JobOutcome, JobStatus, JobSubmit
 if TYPE_CHECKING:
     from agent.config.sections import StoreSettings
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # What each schema version adds to the one before, applied in order by _open (safe to re-run).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0",),
+    3: (
+        "ALTER TABLE jobs ADD COLUMN prompt_tokens INTEGER",
+        "ALTER TABLE jobs ADD COLUMN measured_for TEXT",
+        "ALTER TABLE jobs ADD COLUMN waiting_for TEXT",
+        "ALTER TABLE jobs ADD COLUMN waiting_since REAL",
+        "ALTER TABLE jobs ADD COLUMN waiting_detail TEXT",
+    ),
 }
 # Enough of a refused payload to see what the client sent, without letting junk fill the card.
 RAW_KEEP_BYTES = 65536
@@ -76,6 +83,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     delivered   INTEGER NOT NULL DEFAULT 0 CHECK (delivered IN (0, 1)),
     error_code  TEXT,
     preemptions INTEGER NOT NULL DEFAULT 0,  -- times the job was put back by a preemption
+    prompt_tokens INTEGER,            -- the prompt measured with the loaded model's tokenizer ...
+    measured_for  TEXT,               -- ... of this tokenizer and per-slot context (Engine.tokenizer_key)
+    waiting_for   TEXT,               -- QUEUED: why it does not run yet (agent.codes.WaitReason)
+    waiting_since REAL,               -- since when, for that reason
+    waiting_detail TEXT,              -- the wait in words
     -- the invariant everything else relies on: terminal <=> has an outcome
     CHECK ((status IN {_TERMINAL_SQL}) = (result IS NOT NULL AND finished_at IS NOT NULL))
 )""",
@@ -114,6 +126,11 @@ class JobRecord:
     delivered: bool
     error_code: str | None
     preemptions: int = 0
+    prompt_tokens: int | None = None
+    measured_for: str | None = None
+    waiting_for: str | None = None
+    waiting_since: float | None = None
+    waiting_detail: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -134,9 +151,10 @@ class JobRecord:
         """The status message announcing this record's current state."""
         error = self.outcome.error if self.outcome is not None else None
         reason, message = (error.code, error.message) if error is not None else (None, None)
+        waiting = self.waiting_for if self.status is JobStatus.QUEUED else None
         return StatusMessage(
             job_id=self.job_id, device_id=device_id, status=self.status, attempt=self.attempt, ts=ts,
-            reason=reason, message=message,
+            reason=reason, waiting_for=waiting, message=self.waiting_detail if waiting else message,
         )  # fmt: skip
 
     def result_message(self, device_id: str) -> ResultMessage:
@@ -456,29 +474,49 @@ class JobStore:
             if row is None:
                 return None
             self._db.execute(
-                "UPDATE jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, started_at = ? WHERE seq = ?",
+                "UPDATE jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, started_at = ?, waiting_for = NULL, "
+                "waiting_since = NULL, waiting_detail = NULL WHERE seq = ?",
                 (now, row[0]),
             )
             return self._rows("SELECT * FROM jobs WHERE seq = ?", (row[0],))[0]
 
-    def peek_next(self, now: float | None = None) -> JobRecord | None:
-        """The job claim_next would start now, without starting it (admission looks at it first)."""
+    def queued(self, now: float | None = None, limit: int = 1000) -> list[JobRecord]:
+        """The queued jobs in the order they start in (priority, then arrival), expired ones left out."""
         now = self._now(now)
-        with self._read("looking at the next job"):
-            rows = self._rows(
+        with self._read("reading the queue"):
+            return self._rows(
                 "SELECT * FROM jobs WHERE status = 'QUEUED' AND (expires_at IS NULL OR expires_at > ?) "
-                "ORDER BY priority DESC, seq LIMIT 1",
-                (now,),
+                "ORDER BY priority DESC, seq LIMIT ?",
+                (now, limit),
             )
-            return rows[0] if rows else None
+
+    def measured(self, job_id: str, prompt_tokens: int, key: str) -> None:
+        """Record a queued job's prompt tokens, counted with the tokenizer ``key`` names."""
+        with self._write(f"recording job {job_id}'s prompt tokens"):
+            self._db.execute(
+                "UPDATE jobs SET prompt_tokens = ?, measured_for = ? WHERE job_id = ? AND status = 'QUEUED'",
+                (prompt_tokens, key, job_id),
+            )
+
+    def waiting(self, job_id: str, reason: str | None, detail: str | None, now: float | None = None) -> bool:
+        """Record why a queued job waits (None: for nothing in particular). Written, and True returned
+        (the caller announces it), only when the reason changes: the detail is the one from then."""
+        now = self._now(now)
+        with self._write(f"recording why job {job_id} waits"):
+            cur = self._db.execute(
+                "UPDATE jobs SET waiting_for = :r, waiting_since = :now, waiting_detail = :d "
+                "WHERE job_id = :job_id AND status = 'QUEUED' AND waiting_for IS NOT :r",
+                {"r": reason, "d": detail, "now": now, "job_id": job_id},
+            )
+            return cur.rowcount == 1
 
     def claim(self, job_id: str, now: float | None = None) -> JobRecord | None:
         """Start this queued job (IN_PROGRESS, attempt + 1). None if it is not queued any more."""
         now = self._now(now)
         with self._write(f"claiming job {job_id}"):
             cur = self._db.execute(
-                "UPDATE jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, started_at = ? "
-                "WHERE job_id = ? AND status = 'QUEUED'",
+                "UPDATE jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, started_at = ?, waiting_for = NULL, "
+                "waiting_since = NULL, waiting_detail = NULL WHERE job_id = ? AND status = 'QUEUED'",
                 (now, job_id),
             )
             return self._get(job_id) if cur.rowcount == 1 else None
@@ -737,6 +775,11 @@ def _record(row: dict[str, Any]) -> JobRecord:
         delivered=bool(row["delivered"]),
         error_code=row["error_code"],
         preemptions=row.get("preemptions") or 0,
+        prompt_tokens=row.get("prompt_tokens"),
+        measured_for=row.get("measured_for"),
+        waiting_for=row.get("waiting_for"),
+        waiting_since=row.get("waiting_since"),
+        waiting_detail=row.get("waiting_detail"),
     )
 
 

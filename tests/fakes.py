@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.codes import ErrorCode
-from agent.engine.types import GenerationRequest, GenerationResult, GenerationStats, LoadReport, RequestLimits
+from agent.engine.types import (
+    GenerationRequest,
+    GenerationResult,
+    GenerationStats,
+    LoadReport,
+    RequestLimits,
+    fit_context,
+)
 from agent.errors import ContextTooLong, EngineError
 
 
@@ -53,6 +60,23 @@ class FakeEngine:
     @property
     def slots(self) -> int:
         return self._slots if self._loaded else 0
+
+    @property
+    def tokenizer_key(self) -> str:
+        return f"{self.name}:{self.n_ctx}"
+
+    def measure(self, req: GenerationRequest) -> int:
+        """One token per word, plus a BOS; a chat's messages are rendered one per line."""
+        with self._lock:
+            if not self._loaded:
+                raise EngineError("the model is not loaded", code=ErrorCode.model_not_loaded)
+        return 1 + len(self._text(req).split())
+
+    @staticmethod
+    def _text(req: GenerationRequest) -> str:
+        if req.messages is None:
+            return req.prompt
+        return "\n".join(f"{m.role}: {m.content}" for m in req.messages)
 
     def load(self) -> Any:
         if self.load_error is not None:
@@ -91,13 +115,15 @@ class FakeEngine:
             if self.fail_with is not None:
                 raise self.fail_with
         with self._running:
-            prompt_tokens = 1 + len(req.prompt.split())
-            if prompt_tokens + req.max_tokens > self.n_ctx:
-                raise ContextTooLong(f"prompt is {prompt_tokens} tokens and max_tokens is {req.max_tokens}")
+            measured = 1 + len(self._text(req).split())
+            fit = fit_context(measured, req.max_tokens, self.n_ctx, lim.context_overflow)
+            if not fit.fits:
+                raise ContextTooLong(fit.refusal(measured))
+            prompt_tokens = fit.keep
             parts: list[str] = []
             finish = "length"
             t0 = time.monotonic()
-            for i in range(req.max_tokens):
+            for i in range(fit.allowed):
                 if cancel is not None and cancel.is_set():
                     finish = "canceled"
                     break
@@ -122,6 +148,7 @@ class FakeEngine:
             stats = GenerationStats(
                 prompt_tokens=prompt_tokens, completion_tokens=n, prompt_ms=0.1, generation_ms=took * 1000,
                 tokens_per_s=n / took if n and took > 0 else 0.0, peak_rss_anon=0,
+                prompt_tokens_dropped=fit.dropped, max_tokens_allowed=fit.allowed,
             )  # fmt: skip
             return GenerationResult("".join(parts), finish, stats)  # type: ignore[arg-type]
 

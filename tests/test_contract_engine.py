@@ -117,9 +117,25 @@ def test_request_limits_and_their_codes(engine: EngineLike) -> None:
         engine.generate(greedy(prompt="x" * 65))
     assert e.value.code is ErrorCode.prompt_too_large and e.value.code.status is JobStatus.REJECTED
     engine.limits = RequestLimits(max_tokens_limit=1000)
-    with pytest.raises(EngineError) as e:
-        engine.generate(greedy(prompt="hello " * 20, max_tokens=500))
+    with pytest.raises(EngineError) as e:  # the prompt alone fills the context
+        engine.generate(greedy(prompt="hello " * 600, max_tokens=8))
     assert e.value.code is ErrorCode.context_too_long and e.value.code.status is JobStatus.REJECTED
+
+
+def test_a_prompt_that_fits_runs_to_the_end_of_the_context_and_is_measured_as_it_runs(engine: EngineLike) -> None:
+    """The context rule (docs/protocol.md): prompt + max_tokens past the context still runs, allowed
+    what is left of it; ``measure`` counts the prompt as the run does."""
+    engine.load()
+    engine.limits = RequestLimits(max_tokens_limit=1000)
+    req = greedy(prompt="hello " * 20, max_tokens=900)
+    n = engine.measure(req)
+    r = engine.generate(req)
+    assert r.stats.prompt_tokens == n and r.stats.max_tokens_allowed == engine.n_ctx - n
+    assert r.stats.completion_tokens <= engine.n_ctx - n
+    if r.finish_reason == "length":
+        assert r.stats.completion_tokens == engine.n_ctx - n
+    key = engine.tokenizer_key
+    assert key and key == engine.tokenizer_key and str(engine.n_ctx) in key
 
 
 def test_runs_as_many_jobs_at_once_as_it_has_slots(engine: EngineLike) -> None:

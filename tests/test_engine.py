@@ -225,8 +225,21 @@ def test_context_too_long_names_both_numbers_and_n_ctx(tiny_model: Path) -> None
         with pytest.raises(ContextTooLong) as err:
             engine.generate(GenerationRequest(prompt, max_tokens=100))
         msg = str(err.value)
-        assert str(n_prompt) in msg and "100" in msg and "n_ctx 256" in msg
+        assert f"the prompt is {n_prompt} tokens" in msg and "holds 256 per job" in msg and "engine.n_ctx" in msg
         assert err.value.code == "context_too_long"
+
+
+def test_a_prompt_that_fits_runs_to_the_end_of_the_context(tiny_model: Path) -> None:
+    """prompt + max_tokens past n_ctx: the job runs and stops at the context's end ("length")."""
+    with _engine(tiny_model, n_ctx=256) as engine:
+        engine.load()
+        prompt = "alpha beta gamma delta " * 10
+        n_prompt = engine.count_tokens(prompt)
+        assert 100 < n_prompt < 256
+        res = engine.generate(GenerationRequest(prompt, max_tokens=200, **GREEDY))
+        assert res.stats.prompt_tokens == n_prompt and res.stats.max_tokens_allowed == 256 - n_prompt
+        assert res.stats.completion_tokens <= 256 - n_prompt
+        assert res.finish_reason == "stop" or res.stats.completion_tokens == 256 - n_prompt
 
 
 def test_keep_tail_keeps_bos_and_the_last_tokens(tiny_model: Path) -> None:

@@ -141,22 +141,18 @@ def test_admission(rig) -> None:
     assert wait.verdict == "wait", wait
 
 
-def test_a_jobs_need_comes_from_its_text_and_the_plan_in_force(rig) -> None:
-    """JobNeed.of: prompt bytes / 3 + 1 + max_tokens tokens; KV bytes per token over every slot's
-    cells; the model's own anonymous memory is the plan's without its KV cache."""
+def test_a_jobs_need_comes_from_its_measured_tokens_and_the_plan_in_force(rig) -> None:
+    """JobNeed.of: the tokens the runner measured (prompt + what it may generate, within a slot's
+    context); KV bytes per token over every slot's cells; the model's own anonymous memory is the
+    plan's without its KV cache."""
     report = SimpleNamespace(
         n_ctx=512, slots=4, budget=SimpleNamespace(bytes=400 * MiB),
         estimate=SimpleNamespace(kv_cache=2048 * 4096, anon_bytes=2048 * 4096 + 60 * MiB),
     )  # fmt: skip
-    prompt = SimpleNamespace(prompt="x" * 300, messages=None, max_tokens=64)
-    chat = SimpleNamespace(prompt=None, messages=[SimpleNamespace(content="ab" * 75)] * 2, max_tokens=64)
-    for job in (prompt, chat):
-        need = JobNeed.of(job, report)
-        assert need == JobNeed(tokens=100 + 1 + 64, kv_bytes_per_token=4096, model_anon_bytes=60 * MiB,
-                               budget_bytes=400 * MiB, n_ctx=512)  # fmt: skip
-    assert rig.watch.admit_job(prompt, None).reason == "no plan to judge by"  # nothing loaded
-    huge = SimpleNamespace(prompt=None, messages=None, max_tokens=100_000)
-    assert JobNeed.of(huge, report).tokens == 100_001
-    assert rig.watch.admit_job(huge, report).verdict == "reject"  # 100k tokens x 4 KiB > 400 MiB - 60
+    need = JobNeed.of(165, report)
+    assert need == JobNeed(tokens=165, kv_bytes_per_token=4096, model_anon_bytes=60 * MiB,
+                           budget_bytes=400 * MiB, n_ctx=512)  # fmt: skip
+    assert rig.watch.admit_job(165, None).reason == "no plan to judge by"  # nothing loaded
+    assert rig.watch.admit_job(100_001, report).verdict == "reject"  # 100k tokens x 4 KiB > 400 MiB - 60
     assert rig.watch.parallel(4) == 4  # no pressure: every slot
 

@@ -578,12 +578,19 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
     with JobStore(path) as s:
         s.accept(job("kept"))
     c = sqlite3.connect(path)
-    c.executescript("ALTER TABLE jobs DROP COLUMN preemptions; PRAGMA user_version = 1;")
+    c.executescript(
+        "ALTER TABLE jobs DROP COLUMN preemptions; ALTER TABLE jobs DROP COLUMN prompt_tokens; "
+        "ALTER TABLE jobs DROP COLUMN measured_for; ALTER TABLE jobs DROP COLUMN waiting_for; "
+        "ALTER TABLE jobs DROP COLUMN waiting_since; ALTER TABLE jobs DROP COLUMN waiting_detail; "
+        "PRAGMA user_version = 1;"
+    )
     c.close()
     with JobStore(path) as s:
         assert pragma(s, "user_version") == SCHEMA_VERSION
         r = s.get("kept")
         assert (r.status, r.preemptions) == (JobStatus.QUEUED, 0)
+        assert (r.prompt_tokens, r.waiting_for) == (None, None)
+        assert s.waiting("kept", "slot", "busy") and s.get("kept").waiting_for == "slot"
         s.claim_next()
         assert s.requeue("kept", "preempt") == "requeued" and s.get("kept").preemptions == 1
 

@@ -224,8 +224,10 @@ class EngineSettings(Section):
     flash_attn: bool = Field(default=False, json_schema_extra=RELOAD, description="Use flash attention (needed for a quantised V cache).")
     context_overflow: Literal["refuse", "keep_tail"] = Field(
         default="refuse",
-        description="When prompt tokens + max_tokens exceed n_ctx: refuse the request (context_too_long), or keep "
-        "the prompt's last tokens.",
+        description="When the prompt alone fills the context of a slot (counted with the model's tokenizer): refuse "
+        "the job (REJECTED context_too_long), or keep the prompt's last tokens, leaving room for min(max_tokens, "
+        "n_ctx / 2) new ones. A prompt that fits always runs; if prompt + max_tokens passes the context's end, it "
+        "stops there (finish_reason length).",
         json_schema_extra=HOT,
     )
     max_tokens_limit: int = Field(default=1024, ge=1, le=131072, json_schema_extra=HOT, description="Largest max_tokens a request may ask.")
@@ -504,6 +506,16 @@ class GovernorSettings(Section):
         default=50, ge=5, le=100, json_schema_extra=HOT,
         description="Second action: new jobs run only when prompt + max_tokens fit this share of the context, percent.",
     )  # fmt: skip
+    reserve_after_s: float = Field(
+        default=30, ge=0, le=86400, json_schema_extra=HOT,
+        description="A queued job that has waited this long for memory takes the next free capacity: jobs behind it "
+        "wait (waiting_for 'reserved') until it starts, so smaller jobs cannot starve it, seconds.",
+    )  # fmt: skip
+    memory_wait_max_s: float = Field(
+        default=120, ge=1, le=86400, json_schema_extra=HOT,
+        description="A queued job that has waited this long for memory while no other job ran ends FAILED "
+        "memory_wait_exceeded (with what it needed and what was available), seconds.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _ordered(self) -> "GovernorSettings":
@@ -515,6 +527,8 @@ class GovernorSettings(Section):
             raise ValueError("governor.weights_act_pct must be below governor.weights_warn_pct")
         if self.cgroup_act_pct <= self.cgroup_warn_pct:
             raise ValueError("governor.cgroup_act_pct must be above governor.cgroup_warn_pct")
+        if self.reserve_after_s >= self.memory_wait_max_s:
+            raise ValueError("governor.reserve_after_s must be below governor.memory_wait_max_s")
         return self
 
 

@@ -126,6 +126,7 @@ class Job:
     req: GenerationRequest
     tokens: list[int]
     dropped: int
+    allowed: int  # tokens it may generate: max_tokens, or what is left of the slot's context
     sampler: Sampler
     run: Run
     on_token: TokenCallback | None
@@ -425,7 +426,7 @@ class Scheduler:
         if job.hit_stop:
             job.finish = "stop"
             self._finish(job)
-        elif job.completion >= job.req.max_tokens:
+        elif job.completion >= job.allowed:
             job.finish = "length"
             self._finish(job)
         else:
@@ -484,6 +485,7 @@ class Scheduler:
             slot_wait_ms=(start - job.t_submit) * 1000,
             time_to_first_token_ms=None if job.t_first_text is None else (job.t_first_text - start) * 1000,
             slots_in_use=job.slots_in_use,
+            max_tokens_allowed=job.allowed,
         )
         return GenerationResult("".join(job.parts), job.finish, stats)
 

@@ -59,6 +59,7 @@ from agent.engine.types import (
     LoadReport,
     RequestLimits,
     TokenCallback,
+    fit_context,
 )
 from agent.models.gguf_info import check_quantization, read_model_info
 from agent.codes import ErrorCode
@@ -145,9 +146,9 @@ class Engine:
 
     @property
     def n_ctx(self) -> int:
-        """The context of one slot, tokens."""
-        sched = self._sched
-        return self._require().n_ctx() // (sched.n_slots if sched is not None else 1)
+        """The context of one slot, tokens (0 while nothing is loaded)."""
+        llama, sched = self._llama, self._sched
+        return 0 if llama is None else llama.n_ctx() // (sched.n_slots if sched is not None else 1)
 
     @property
     def slots(self) -> int:
@@ -437,19 +438,31 @@ class Engine:
                 "response_format must be json_object, or json_schema with a schema", code=ErrorCode.invalid_request
             )
 
-    def _fit_context(self, tokens: list[int], max_tokens: int, n_ctx: int, bos: int) -> tuple[list[int], int]:
-        n = len(tokens)
-        if n + max_tokens <= n_ctx:
-            return tokens, 0
-        room = n_ctx - max_tokens
-        if self.limits.context_overflow == "keep_tail" and room >= 2:
-            head = [tokens[0]] if tokens and tokens[0] == bos else []
-            tail = tokens[len(tokens) - (room - len(head)) :]
-            return head + tail, n - len(head) - len(tail)
-        raise ContextTooLong(
-            f"prompt is {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} > n_ctx {n_ctx}. "
-            "Shorten the prompt, lower max_tokens, raise engine.n_ctx, or set engine.context_overflow = 'keep_tail'"
-        )
+    def _fit_context(self, tokens: list[int], max_tokens: int, n_ctx: int, bos: int) -> tuple[list[int], int, int]:
+        """The prompt's tokens as evaluated (keep_tail may cut its front, keeping a leading BOS),
+        the tokens dropped, and how many may be generated (agent.engine.types.fit_context)."""
+        fit = fit_context(len(tokens), max_tokens, n_ctx, self.limits.context_overflow)
+        if not fit.fits:
+            raise ContextTooLong(fit.refusal(len(tokens)))
+        if not fit.dropped:
+            return tokens, 0, fit.allowed
+        head = [tokens[0]] if tokens and tokens[0] == bos else []
+        tail = tokens[len(tokens) - (fit.keep - len(head)) :]
+        return head + tail, len(tokens) - len(head) - len(tail), fit.allowed
+
+    def measure(self, req: GenerationRequest) -> int:
+        """The request's prompt tokens with this model's tokenizer (a chat: its rendered template),
+        as generate() would evaluate them before any keep_tail cut. Safe next to a running decode.
+        Raises NoChatTemplate (a chat for a model without one) and EngineError."""
+        llama = self._require()
+        return len(self._tokenize(llama, self._prompt_text(llama, req)))
+
+    @property
+    def tokenizer_key(self) -> str:
+        """Names this load's tokenizer and per-slot context: a queued job's measure holds while it
+        is unchanged."""
+        st = self.model_path.stat()
+        return f"{self.model_path}:{st.st_size}:{st.st_mtime_ns}:{self.n_ctx}"
 
     def _slots_for(self, llama: Any, n: int) -> list[KVSequence]:
         """One KV sequence per slot, emptied; slot 0 gets engine.prompt_cache's prefix back from its
@@ -546,10 +559,10 @@ class Engine:
         if not tokens:
             # Nothing to condition on and no BOS to add: llama.cpp would sample from no logits.
             raise EngineError("the prompt is empty and the model adds no BOS token", code=ErrorCode.invalid_request)
-        tokens, dropped = self._fit_context(tokens, req.max_tokens, self.n_ctx_of(llama, sched.n_slots),
-                                            C.llama_vocab_bos(vocab))  # fmt: skip
+        tokens, dropped, allowed = self._fit_context(tokens, req.max_tokens, self.n_ctx_of(llama, sched.n_slots),
+                                                     C.llama_vocab_bos(vocab))  # fmt: skip
         job = Job(
-            req=req, tokens=tokens, dropped=dropped,
+            req=req, tokens=tokens, dropped=dropped, allowed=allowed,
             sampler=Sampler(req, vocab, grammar.sampler(vocab) if grammar is not None else None),
             run=Run(cancel, deadline, self._clock, self._closing), on_token=on_token, structured=grammar is not None,
         )  # fmt: skip

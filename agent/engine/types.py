@@ -92,6 +92,46 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class ContextFit:
+    """How a prompt of ``prompt_tokens`` tokens fits one slot's context (``fit_context``).
+
+    ``fits`` False: the prompt leaves no room to generate and engine.context_overflow is "refuse"
+    (the job is REJECTED context_too_long). Otherwise ``keep`` prompt tokens are evaluated (the last
+    ones, when ``dropped`` > 0) and at most ``allowed`` tokens are generated."""
+
+    fits: bool
+    keep: int
+    dropped: int
+    allowed: int
+    n_ctx: int
+
+    def refusal(self, prompt_tokens: int) -> str:
+        return (
+            f"the prompt is {prompt_tokens} tokens and the context holds {self.n_ctx} per job (engine.n_ctx, per "
+            "slot): nothing would be left to generate. Shorten the prompt, raise engine.n_ctx, or set "
+            "engine.context_overflow = 'keep_tail'"
+        )
+
+
+def fit_context(prompt_tokens: int, max_tokens: int, n_ctx: int, overflow: str) -> ContextFit:
+    """The one context rule, on the model's own token count (docs/protocol.md, "Context").
+
+    * prompt + max_tokens fits: runs as asked.
+    * the prompt fits (at least one token of room) but prompt + max_tokens does not: runs, and stops
+      at the end of the context with finish_reason "length" (as llama-server and Ollama do); the
+      result's usage says how many tokens it was allowed.
+    * the prompt does not fit: ``refuse`` rejects it; ``keep_tail`` keeps its last tokens (and a
+      leading BOS), leaving room for min(max_tokens, n_ctx // 2) new tokens.
+    """
+    if prompt_tokens < n_ctx:
+        return ContextFit(True, prompt_tokens, 0, max(0, min(max_tokens, n_ctx - prompt_tokens)), n_ctx)
+    if overflow == "keep_tail" and n_ctx >= 2:
+        room = max(1, min(max_tokens, n_ctx // 2))
+        return ContextFit(True, n_ctx - room, prompt_tokens - (n_ctx - room), room, n_ctx)
+    return ContextFit(False, prompt_tokens, 0, 0, n_ctx)
+
+
+@dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int  # tokens of the prompt (after keep_tail trimming), cached ones included
     completion_tokens: int
@@ -106,6 +146,9 @@ class GenerationStats:
     slot_wait_ms: float = 0.0  # from the request to a free slot (every slot busy with other jobs)
     time_to_first_token_ms: float | None = None  # from the start in a slot to the first generated text
     slots_in_use: int = 1  # jobs in the engine's slots when this one took its slot, itself included
+    # The most tokens this run could generate: max_tokens, or less when prompt + max_tokens would
+    # pass the end of the slot's context (the job then ends "length" at the context's end).
+    max_tokens_allowed: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +268,21 @@ class EngineLike(Protocol):
     @property
     def slots(self) -> int:
         """Jobs that run at once (``generate`` from that many threads); 0 when nothing is loaded."""
+        ...
+
+    @property
+    def n_ctx(self) -> int:
+        """The context of one slot, tokens (only while loaded)."""
+        ...
+
+    @property
+    def tokenizer_key(self) -> str:
+        """Names the loaded tokenizer and per-slot context: a queued job is measured again when it changes."""
+        ...
+
+    def measure(self, req: GenerationRequest) -> int:
+        """The request's prompt tokens with the loaded model's tokenizer (a chat: its rendered
+        template). Raises EngineError (no_chat_template, model_not_loaded ...)."""
         ...
 
     def load(self) -> LoadReport: ...

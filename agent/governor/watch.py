@@ -56,13 +56,12 @@ class JobNeed:
     n_ctx: int
 
     @classmethod
-    def of(cls, job: Any, report: Any) -> JobNeed:
-        """A job's need under the loaded engine's plan (its ``LoadReport``). Prompt tokens are estimated
-        from its bytes (3 per token is an upper bound for most text): counting them exactly would need
-        the tokenizer the running generation holds."""
-        text = job.prompt if job.prompt is not None else "".join(m.content for m in job.messages or ())
+    def of(cls, tokens: int, report: Any) -> JobNeed:
+        """The need of a job whose KV cache will hold ``tokens`` (its prompt measured with the loaded
+        tokenizer, plus what it may generate, within one slot's context) under the loaded engine's
+        plan (its ``LoadReport``)."""
         return cls(
-            tokens=len(text.encode()) // 3 + 1 + job.max_tokens,
+            tokens=tokens,
             kv_bytes_per_token=report.estimate.kv_cache // max(1, report.n_ctx * report.slots),
             model_anon_bytes=report.estimate.anon_bytes - report.estimate.kv_cache,
             budget_bytes=report.budget.bytes, n_ctx=report.n_ctx,
@@ -173,11 +172,12 @@ class MemoryWatch:
         """Jobs that may run at once: the engine's ``slots``, as the governor's posture allows."""
         return self.governor.posture.parallel(slots)
 
-    def admit_job(self, job: Any, report: Any) -> Admission:
-        """``admit()`` for a queued job under the loaded engine's plan (None: unloaded, nothing to judge)."""
-        if job is None or report is None:
+    def admit_job(self, tokens: int, report: Any) -> Admission:
+        """``admit()`` for a job whose KV cache will hold ``tokens``, under the loaded engine's plan
+        (None: unloaded, nothing to judge)."""
+        if report is None:
             return Admission("run", "no plan to judge by")
-        return self.admit(JobNeed.of(job, report))
+        return self.admit(JobNeed.of(tokens, report))
 
     def admit(self, need: JobNeed) -> Admission:
         """May a job start now? ``run``, ``wait`` (it stays queued and is asked again), or ``reject``

@@ -70,7 +70,8 @@ def conclude(
 def _usage(result: GenerationResult) -> Usage:
     s = result.stats
     return Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
-                 prompt_tokens_cached=s.prompt_tokens_cached)  # fmt: skip
+                 prompt_tokens_cached=s.prompt_tokens_cached, max_tokens_allowed=s.max_tokens_allowed,
+                 prompt_tokens_dropped=s.prompt_tokens_dropped)  # fmt: skip
 
 
 def _from_error(e: BaseException, timings: Timings) -> JobOutcome:

@@ -7,9 +7,10 @@ cannot be written (a full disk) is kept and written again as soon as the store t
 never stays IN_PROGRESS while the daemon is up.
 
 Several jobs run at once, one worker thread each, up to ``capacity()`` (the engine's slots,
-engine.max_parallel, lowered by the memory governor). A worker claims a job only when a slot is
-free, and claims are made one at a time in queue order (priority, then arrival): the free slot
-goes to the most urgent queued job.
+engine.max_parallel, lowered by the memory governor). Claims are made one at a time: each looks at
+the whole queue, judges every job on its own (its prompt measured with the loaded model's
+tokenizer, the context rule, its memory), and the pure queue policy (``agent.jobs.schedule``)
+picks the first one that can start; every other job gets a recorded, announced reason to wait.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.codes import ErrorCode
+from agent.codes import ErrorCode, JobStatus, WaitReason
+from agent.config.sections import GovernorSettings
 from agent.delivery.sources import JobResults
-from agent.engine.types import EngineLike, GenerationRequest, GenerationResult
-from agent.errors import EngineError, StoreError
+from agent.engine.types import EngineLike, GenerationRequest, GenerationResult, fit_context
+from agent.errors import EngineError, OutputTruncated, StoreError
 from agent.health import StoreHealth
 from agent.governor.policy import Admission
 from agent.jobs.outcome import Requeue, StopReason, conclude
+from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
 from agent.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
 from agent.store import JobRecord, JobStore
 
@@ -35,6 +38,14 @@ log = logging.getLogger(__name__)
 
 # How often an idle worker looks at the queue without being woken: expiries are due at their time.
 IDLE_POLL_S = 1.0
+# The most queued jobs one claim looks at (store.queue_max is usually far below).
+QUEUE_SCAN = 1000
+# What each hold of the runner means to a queued job.
+_HOLD_REASONS: dict[str, tuple[WaitReason, str]] = {
+    "intake.paused": (WaitReason.paused, "intake is paused (intake.paused); queued jobs start when it is resumed"),
+    "model change": (WaitReason.model, "the model is being changed; queued jobs start on the new one"),
+    "memory": (WaitReason.memory, "the memory governor holds new jobs under memory pressure"),
+}
 
 
 @dataclass
@@ -54,18 +65,20 @@ class Runner:
         publish: Callable[..., Any],
         send_outcome: Callable[[JobRecord], Any],
         health: StoreHealth,
-        admit: Callable[[JobRecord], Admission] | None = None,
+        admit: Callable[[int], Admission] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         capacity: Callable[[], int] = lambda: 1,
+        governor: Callable[[], GovernorSettings] = GovernorSettings,
     ) -> None:
         """``engine()`` gives the engine in force (None while no model is loaded); ``publish`` is
-        the transport's best-effort publish (statuses, stream pieces); ``send_outcome`` hands a
-        stored terminal record to the outbox; ``admit`` (the memory governor) decides whether the
-        next job may start now, must wait in the queue, or can never fit this board. ``clock`` is
-        wall time (timestamps, expiry);
-        ``monotonic`` is the engine's clock, on which deadlines are handed to it. ``capacity()``:
-        how many jobs may run at once now (read before every claim; workers are added as it grows)."""
+        the transport's publish (statuses, stream pieces); ``send_outcome`` hands a stored terminal
+        record to the outbox; ``admit(tokens)`` (the memory governor) decides whether a job whose KV
+        cache holds that many tokens may start now, must wait in the queue, or can never fit this
+        board. ``clock`` is wall time (timestamps, expiry); ``monotonic`` is the engine's clock, on
+        which deadlines are handed to it. ``capacity()``: how many jobs may run at once now (read
+        before every claim; workers are added as it grows). ``governor()``: the settings that bound
+        memory waits (reserve_after_s, memory_wait_max_s)."""
         self._store = store
         self._results = results
         self._engine = engine
@@ -76,6 +89,8 @@ class Runner:
         self._clock = clock
         self._monotonic = monotonic
         self._capacity = capacity
+        self._governor = governor
+        self._told: dict[str, set[WaitReason]] = {}  # the wait reasons logged per queued job
         self._lock = threading.Lock()
         self._claim_lock = threading.Lock()  # one claim at a time: slot count and queue order hold
         self._on_thread_start: Callable[[], Any] = lambda: None
@@ -212,21 +227,21 @@ class Runner:
                 self._wake.clear()
 
     def work_once(self) -> bool:
-        """Expire what is due, then claim and run one job if a slot is free. False when nothing ran."""
+        """Expire what is due, look at the queue, and claim and run one job if one can start now.
+        False when nothing ran."""
         if self._stopping.is_set() or not self._health.writable:
             return False
         with self._claim_lock:
             capacity = max(1, self._capacity())
             with self._lock:
-                if self._holds or len(self._slots) >= capacity:
-                    return False
+                holds, running = set(self._holds), list(self._slots)
             now = self._clock()
             try:
                 for rec in self._store.expire_queued(now):
                     self._send_outcome(rec)
-                if self._engine() is None:
-                    return False  # no model (a swap, or a failed load): jobs wait in the queue, they do not fail
-                rec = self._admitted(now)
+                if "store" in holds:
+                    return False  # nothing can be recorded; the device status says the store is unwritable
+                rec = self._schedule(now, holds, running, capacity)
             except StoreError as e:
                 self._health.failed(e)
                 return False
@@ -239,28 +254,82 @@ class Runner:
         self._run(rec, slot)
         return True
 
-    def _admitted(self, now: float) -> JobRecord | None:
-        """Claim the next job if memory admits it. One that must wait stays queued, and holds the
-        jobs behind it (queue order is kept); one that can never fit ends REJECTED."""
+    def _schedule(self, now: float, holds: set[str], running: list[str], capacity: int) -> JobRecord | None:
+        """Judge the queue, carry out the policy's pick (ends, waits), and claim the job it starts."""
+        queue = self._store.queued(now, QUEUE_SCAN)
+        if not queue:
+            return None
+        g = self._governor()
+        engine = self._engine()
+        hold = next((_HOLD_REASONS.get(h, (WaitReason.paused, f"new starts are held ({h})")) for h in sorted(holds)),
+                    None)  # fmt: skip
+        if hold is None and engine is None:
+            hold = (WaitReason.model, "no model is loaded (it is being loaded or replaced, or its load failed)")
+        items = [Queued(r.job_id, RUN if hold else self._judge(r, engine, now), _memory_wait(r, now)) for r in queue]
+        if hold is not None:
+            decided = held(items, hold[0], hold[1], running=len(running), memory_wait_max_s=g.memory_wait_max_s)
+        else:
+            busy = f"all {capacity} slot(s) are running jobs ({', '.join(running)})" if running else "the slots are busy"
+            decided = pick(items, free_slots=capacity - len(running), running=len(running),
+                           reserve_after_s=g.reserve_after_s, memory_wait_max_s=g.memory_wait_max_s,
+                           slot_detail=busy)  # fmt: skip
+        self._carry_out(decided, {r.job_id: r for r in queue}, now)
+        if decided.start is None:
+            return None
+        rec = self._store.claim(decided.start, now)
+        self._told.pop(decided.start, None)
+        if rec is None:
+            self._wake.set()  # canceled or claimed meanwhile: look again
+        return rec
+
+    def _judge(self, rec: JobRecord, engine: EngineLike | None, now: float) -> Verdict:
+        """One queued job on its own: measured with the loaded tokenizer (once per tokenizer and
+        context), the context rule, then memory."""
+        assert engine is not None
+        job = rec.job()
+        if job is None:
+            return Verdict.end(ErrorCode.internal, "the stored request is missing")
+        try:
+            key = engine.tokenizer_key
+            tokens = rec.prompt_tokens
+            if tokens is None or rec.measured_for != key:
+                tokens = engine.measure(GenerationRequest.from_job(job))
+                self._store.measured(rec.job_id, tokens, key)
+            fit = fit_context(tokens, job.max_tokens, engine.n_ctx, engine.limits.context_overflow)
+        except EngineError as e:
+            if e.code is ErrorCode.model_not_loaded:
+                return Verdict.wait(WaitReason.model, str(e))
+            return Verdict.end(e.code if isinstance(e.code, ErrorCode) else ErrorCode.engine_error, str(e))
+        if not fit.fits:
+            return Verdict.end(ErrorCode.context_too_long, fit.refusal(tokens))
         if self._admit is None:
-            return self._store.claim_next(now)
-        while True:
-            head = self._store.peek_next(now)
-            if head is None:
-                return None
-            verdict = self._admit(head)
-            if verdict.verdict == "wait":
-                log.debug("job %s waits for memory: %s", head.job_id, verdict.reason)
-                return None
-            if verdict.verdict == "reject":
-                outcome = JobOutcome.refused(verdict.code or ErrorCode.insufficient_memory, verdict.reason)
-                if self._store.finish(head.job_id, outcome, now):
-                    log.warning("job %s refused: %s", head.job_id, verdict.reason)
-                    self._send_outcome(self._stored(head.job_id))
+            return RUN
+        verdict = self._admit(fit.keep + fit.allowed)
+        if verdict.verdict == "reject":
+            return Verdict.end(verdict.code or ErrorCode.insufficient_memory, verdict.reason)
+        if verdict.verdict == "wait":
+            return Verdict.wait(WaitReason.memory, verdict.reason)
+        return RUN
+
+    def _carry_out(self, decided: Pick, records: dict[str, JobRecord], now: float) -> None:
+        for job_id, code, message in decided.ends:
+            if self._store.finish(job_id, JobOutcome.refused(code, message), now):
+                level = logging.ERROR if code.status is JobStatus.FAILED else logging.WARNING
+                log.log(level, "job %s %s %s: %s", job_id, code.status.value, code.value, message)
+                self._send_outcome(self._stored(job_id))
+            self._told.pop(job_id, None)
+        for job_id, reason, detail in decided.waits:
+            if not self._store.waiting(job_id, reason.value, detail, now):
                 continue
-            rec = self._store.claim(head.job_id, now)
-            if rec is not None:
-                return rec  # else canceled or claimed meanwhile: look again
+            told = self._told.setdefault(job_id, set())
+            if reason not in told:
+                told.add(reason)
+                log.info("job %s waits for %s: %s", job_id, reason.value, detail)
+            rec = self._store.get(job_id)
+            if rec is not None and rec.status is JobStatus.QUEUED:
+                self._publish_status(rec)
+        if len(self._told) > 4 * QUEUE_SCAN:  # jobs that ended elsewhere (canceled, expired)
+            self._told = {k: v for k, v in self._told.items() if k in records}
 
     def _take_slot(self, rec: JobRecord) -> _Slot | None:
         """Count the claimed job as running (None: it must go back without running)."""
@@ -303,7 +372,8 @@ class Runner:
             if not isinstance(e, EngineError):
                 log.exception("job %s failed unexpectedly", rec.job_id)
             ended = e
-        stats = ended.stats if isinstance(ended, GenerationResult) else None
+        produced = ended.result if isinstance(ended, OutputTruncated) else ended
+        stats = produced.stats if isinstance(produced, GenerationResult) else None
         if stats is not None and stats.completion_tokens:
             self.last_tokens_per_s = stats.tokens_per_s
         if stats is not None and stats.slot_wait_ms is not None:
@@ -383,6 +453,13 @@ class Runner:
             return None, ""
         end, why = min(ends)
         return self._monotonic() + (end - self._clock()), why
+
+
+def _memory_wait(rec: JobRecord, now: float) -> float:
+    """How long a queued job has been waiting for memory without a break (0: it is not)."""
+    if rec.waiting_for != WaitReason.memory.value or rec.waiting_since is None:
+        return 0.0
+    return max(0.0, now - rec.waiting_since)
 
 
 __all__ = ["Runner", "StopReason"]
