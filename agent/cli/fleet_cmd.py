@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from agent.cli.config_cmd import add_config_option
+from agent.cli.config_cmd import add_config_option, settings_from
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 INTERRUPTED = 130
@@ -83,10 +83,9 @@ def _broker(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from agent.config import load_settings
     from agent.fleet.client import FleetClient
 
-    return FleetClient(load_settings(args.config), prefix=args.prefix, connect_timeout=args.connect_timeout)
+    return FleetClient(settings_from(args), prefix=args.prefix, connect_timeout=args.connect_timeout)
 
 
 def _store(args: argparse.Namespace) -> Any:

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.cli.config_cmd import add_config_option
-from agent.config import load_settings
+from agent.cli.config_cmd import add_config_option, settings_from
 
 EXIT_CANCELED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
@@ -64,7 +63,9 @@ def _ctx_arg(text: str) -> int | str:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    eng: dict[str, Any] = {}
+    # One prompt: plan and load one slot, not the daemon's engine.max_parallel (whose 'auto' takes
+    # as many as the budget allows, each with a KV cache of its own).
+    eng: dict[str, Any] = {"max_parallel": 1}
     if args.mode is not None:
         eng["load_mode"] = args.mode
     if args.ctx is not None:
@@ -76,14 +77,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_tokens > 0:
         # The limit guards the daemon against remote requests; here the operator asks directly.
         eng["max_tokens_limit"] = args.max_tokens
-    return {"engine": eng} if eng else {}
+    return {"engine": eng}
 
 
 def _generate(args: argparse.Namespace) -> int:
     from agent.engine import Engine, GenerationRequest
     from agent.system.memory import proc_status
 
-    settings = load_settings(args.config, overrides=_overrides(args))
+    settings = settings_from(args, _overrides(args))
     model = args.model.expanduser().resolve() if args.model is not None else settings.model_file()
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = Engine(

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and the model's memory plan; or only a drop-in with the limits",
         description="MemoryMax = the budget (memory.budget_mb, or RAM - memory.reserve_mb with 'auto'); "
         "MemoryHigh = min(budget, max(budget - margin, planned anonymous memory + margin)), margin = max(16 MiB, "
-        "5 %% of the budget). See docs/operations.md.",
+        "5 % of the budget). See docs/operations.md.",
     )
     _profile_options(r)
     r.add_argument("--out", type=Path, help="folder to write the files to (default: print them)")
@@ -166,9 +166,11 @@ def _uninstall(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from agent.cli.config_cmd import settings_from
     from agent.ops.doctor import run_doctor
 
-    report = run_doctor(args.config, broker_timeout=args.timeout, check_sha=args.sha256)
+    report = run_doctor(args.config, load=lambda _path: settings_from(args), broker_timeout=args.timeout,
+                        check_sha=args.sha256)  # fmt: skip
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         print()

@@ -14,8 +14,8 @@ import sys
 import time
 from typing import Any
 
-from agent.cli.config_cmd import add_config_option
-from agent.config import Settings, load_settings
+from agent.cli.config_cmd import add_config_option, settings_from
+from agent.config import Settings
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 _WIDTH = 26
@@ -123,7 +123,7 @@ class _Usage(Exception):
 
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
-    settings = load_settings(args.config)
+    settings = settings_from(args)
     return settings, getattr(args, "device", None) or settings.device.id
 
 
@@ -242,7 +242,7 @@ def _show(args: argparse.Namespace) -> int:
     from agent.shadow.messages import document_message
     from agent.shadow.store import ShadowStore
 
-    settings = load_settings(args.config)
+    settings = settings_from(args)
     with ShadowStore.from_settings(settings, readonly=True) as store:
         stored = store.load()
     doc = json.loads(document_message(stored, time.time()).to_payload())

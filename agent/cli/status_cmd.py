@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from agent.cli.config_cmd import add_config_option
+from agent.cli.config_cmd import add_config_option, settings_from
 from agent.errors import EXIT_FAILURE, EXIT_OK
 
 
@@ -22,10 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from agent.config import load_settings
     from agent.ops.status import collect_status, render_status
 
-    doc = collect_status(load_settings(args.config), last_jobs=args.jobs)
+    doc = collect_status(settings_from(args), last_jobs=args.jobs)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()

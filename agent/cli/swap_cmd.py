@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from agent.cli.config_cmd import add_config_option
+from agent.cli.config_cmd import add_config_option, settings_from
 from agent.errors import EXIT_FAILURE, EXIT_USAGE
 
 MiB = 1024 * 1024
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "apply",
         help="create, resize or remove the agent's swap to match swap.* (root; run by edge-agent-swap.service)",
     )
-    add_config_option(ap)
+    add_config_option(ap, demo_fallback=False)  # a root service's command: its own -c, never a user's demo
     ap.add_argument(
         "--desired", type=Path, default=None, metavar="FILE",
         help="the daemon's desired-swap file ({device.state_dir}/swap-desired.json); its values override the "
@@ -52,9 +52,7 @@ def _manager(settings):  # type: ignore[no-untyped-def]
 
 
 def _status(args: argparse.Namespace) -> int:
-    from agent.config import load_settings
-
-    settings = load_settings(args.config)
+    settings = settings_from(args)
     status = _manager(settings).status()
     if args.json:
         json.dump(status, sys.stdout, indent=2)
@@ -77,10 +75,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from agent.config import load_settings
     from agent.system.swap import is_root, load_desired
 
-    settings = load_settings(args.config)
+    settings = settings_from(args)
     swap = settings.swap if args.desired is None else load_desired(args.desired, settings.swap)
     if not args.dry_run and not is_root():
         print(

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from agent.cli.config_cmd import add_config_option
+from agent.cli.config_cmd import add_config_option, settings_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,12 +49,11 @@ def _non_negative(text: str) -> float:
 
 
 def _telemetry(args: argparse.Namespace) -> int:
-    from agent.config import load_settings
     from agent.governor.policy import GovernorState, Signals, step
     from agent.telemetry import Sampler
     from agent.telemetry.table import render
 
-    settings = load_settings(args.config)
+    settings = settings_from(args)
     sampler = Sampler(settings.device.id, residency_interval_s=settings.telemetry.residency_interval_s)
 
     def show(first: bool) -> None:
