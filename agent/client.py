@@ -1,13 +1,16 @@
 """A small job client: publish a job to a device and follow its statuses, stream and result.
 
 Used by `edge-agent submit`, `edge-agent jobs cancel`, the tests and the benchmarks. It speaks only
-through agent.transport, like the daemon.
+through agent.transport, like the daemon. It also keeps the device's retained status and shadow
+document, so that a wait that ends without a result can say what is known (``silence_reason``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import queue
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -16,6 +19,8 @@ from agent.config import Settings
 from agent.errors import TransportError
 from agent.protocol import Topics
 from agent.transport import InboundMessage, MqttTransport
+
+_transport_log = logging.getLogger("agent.transport")
 
 
 class JobClient:
@@ -26,25 +31,69 @@ class JobClient:
             update={"client_id": f"edge-cli-{uuid.uuid4().hex[:12]}", "session_expiry_s": 0}
         )
         self._inbox: queue.Queue[InboundMessage] = queue.Queue()
+        self._settled = threading.Event()  # connected, or the first attempt failed
+        self._connect_error: TransportError | None = None
+        # The device's retained status and shadow document, as last received (None: none seen).
+        self.device_status: dict[str, Any] | None = None
+        self.shadow: dict[str, Any] | None = None
         self.transport = MqttTransport(
             mqtt,
             will=None,
-            on_message=self._inbox.put,
+            on_message=self._route,
+            on_connect=self._settled.set,
+            on_error=self._on_error,
             subscriptions=[
                 (self.topics.status_filter, 1),
                 (self.topics.result_filter, 1),
                 (self.topics.stream_filter, 0),
+                (self.topics.device_status, 1),
+                (self.topics.shadow, 1),
             ],
             manual_ack=False,
         )
         self._connect_timeout = connect_timeout
 
     def __enter__(self) -> "JobClient":
-        self.transport.connect_or_raise(self._connect_timeout)
+        self.connect()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.transport.stop()
+
+    def connect(self) -> None:
+        """Connect within the connect timeout, or raise TransportError at the first failed attempt
+        (nothing listens on the port, a refused login, TLS): a person is waiting, and the transport
+        would only retry the same thing."""
+        s = self.transport.settings
+        quiet = _DropThread(f"mqtt-{self.transport.client_id}")  # its "retrying in ..." would contradict us
+        _transport_log.addFilter(quiet)
+        try:
+            self.transport.start()
+            self._settled.wait(self._connect_timeout)
+        finally:
+            _transport_log.removeFilter(quiet)
+        if self.transport.connected:
+            return
+        self.transport.stop()
+        err = self._connect_error
+        if err is None:
+            within = f"within {self._connect_timeout:g} s"
+            raise TransportError(f"could not connect to the broker at {s.host}:{s.port} {within}", code="mqtt_unreachable")
+        detail = str(err).removeprefix(f"cannot connect to MQTT {s.host}:{s.port}: ")
+        raise TransportError(f"could not connect to the broker at {s.host}:{s.port}: {detail}", code=err.code)
+
+    def _on_error(self, err: TransportError) -> None:
+        if not self._settled.is_set():
+            self._connect_error = err
+            self._settled.set()
+
+    def _route(self, msg: InboundMessage) -> None:
+        if msg.topic == self.topics.device_status:
+            self.device_status = _json_object(msg.payload)
+        elif msg.topic == self.topics.shadow:
+            self.shadow = _json_object(msg.payload)
+        else:
+            self._inbox.put(msg)
 
     def submit(self, request: dict[str, Any], *, job_id: str | None = None, topic: str | None = None) -> str:
         """Publish a job (QoS 1) and wait for the broker's PUBACK. Returns the job id."""
@@ -89,3 +138,88 @@ class JobClient:
             elif msg.topic.endswith("/stream") and on_piece:
                 on_piece(data)
         return None
+
+    def obstacle(self) -> str | None:
+        """Why the device will not run a job now, as far as its retained status and shadow say (see
+        ``device_obstacle``); None when it is online and taking jobs, or when it says nothing wrong."""
+        return device_obstacle(self.topics, device_status=self.device_status, shadow=self.shadow)
+
+    def silence_reason(self, last_status: dict[str, Any] | None = None) -> str:
+        """What is known about a device that gave no result (see ``silence_reason``)."""
+        return silence_reason(
+            self.topics, device_status=self.device_status, shadow=self.shadow, last_status=last_status,
+            broker_error=None if self.transport.connected else (self.transport.last_error or "the connection is down"),
+        )  # fmt: skip
+
+
+def device_obstacle(
+    topics: Topics, *, device_status: dict[str, Any] | None, shadow: dict[str, Any] | None
+) -> str | None:
+    """Why a device will not run a job now, from its retained status ({root}/status) and its shadow's
+    reported intake.paused; None when neither says anything is in the way. Pure."""
+    device = topics.device_id
+    if device_status is None:
+        return (f"no device '{device}' has ever connected to this broker (no retained status on "
+                f"{topics.device_status}): nothing takes the job; check --device (or device.id) and "
+                "mqtt.prefix")  # fmt: skip
+    state, since = device_status.get("state"), device_status.get("ts", "?")
+    if state == "offline":
+        return (f"device '{device}' is offline (its retained status says so since {since}): the broker keeps the job "
+                "in the device's session, and it runs when the device reconnects (unless that session "
+                "expired)")  # fmt: skip
+    if state == "stopping":
+        return (f"device '{device}' stopped (its retained status says 'stopping' since {since}): the broker keeps the "
+                "job in the device's session until it starts again")  # fmt: skip
+    if device_status.get("store") == "unwritable":
+        return (f"device '{device}' is online but its job store is unwritable (a full or read-only disk): it takes no "
+                "new jobs until the store recovers; the broker keeps them")  # fmt: skip
+    reported = ((shadow or {}).get("state") or {}).get("reported") or {}
+    if (reported.get("intake") or {}).get("paused") is True:
+        return (f"device '{device}' has paused its intake (its shadow reports intake.paused = true): the job waits in "
+                f"its queue until `edge-agent shadow set intake.paused=false --device {device}`")  # fmt: skip
+    return None
+
+
+def silence_reason(
+    topics: Topics,
+    *,
+    device_status: dict[str, Any] | None,
+    shadow: dict[str, Any] | None,
+    last_status: dict[str, Any] | None = None,
+    broker_error: object | None = None,
+) -> str:
+    """Why a job's result may not have come, from what the broker told this client: the connection,
+    the device's status and shadow (``device_obstacle``) and the job's last status. Pure: one sentence."""
+    device = topics.device_id
+    if broker_error is not None:
+        return (f"the connection to the broker was lost ({broker_error}): a result published meanwhile did not "
+                f"reach this client; the device keeps it (`edge-agent jobs show JOB_ID` on the device)")  # fmt: skip
+    if (why := device_obstacle(topics, device_status=device_status, shadow=shadow)) is not None:
+        return why
+    if last_status is not None:
+        waiting = f", waiting for {last_status['waiting_for']}" if last_status.get("waiting_for") else ""
+        return (f"device '{device}' is online; the job's last status was {last_status.get('status')}{waiting}: it "
+                "goes on there; wait longer (--wait-timeout) or look with `edge-agent jobs show JOB_ID` on the "
+                "device")  # fmt: skip
+    return (f"device '{device}' is online but sent no status for the job: it may not have received it (a "
+            "device that was restarted with a new session, or a job id it refused to read)")  # fmt: skip
+
+
+def _json_object(payload: bytes) -> dict[str, Any] | None:
+    """A retained JSON object, or None for an empty (cleared) or unreadable one."""
+    try:
+        data = json.loads(payload) if payload else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class _DropThread(logging.Filter):
+    """Drops the records one thread logs (a client's network thread while it connects)."""
+
+    def __init__(self, thread_name: str) -> None:
+        super().__init__()
+        self._thread_name = thread_name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != self._thread_name

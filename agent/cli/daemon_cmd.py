@@ -9,14 +9,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.cli.config_cmd import add_config_option
-from agent.config import Settings, load_settings
+from agent.cli.config_cmd import add_config_option, settings_from
+from agent.config import Settings
 from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EdgeAgentError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run the daemon (what systemd starts)")
-    add_config_option(r)
+    add_config_option(r, demo_fallback=False)
     r.add_argument(
         "--demo",
         action="store_true",
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    return settings_from(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -102,10 +102,14 @@ def _run(args: argparse.Namespace) -> int:
             broker.terminate()
         return EXIT_CANNOT_START
     if args.demo:
+        from agent.demo import record_demo
+
+        # Where the operator commands without -c find this demo (status, jobs, doctor, shadow show ...).
+        record_demo(settings)
         print(
             f"edge-agent demo: device '{settings.device.id}' on {settings.mqtt.host}:{settings.mqtt.port}. "
-            f"Try, in another terminal:\n  .venv/bin/edge-agent submit 'Hello' --device {settings.device.id} "
-            "--wait --stream",
+            "Try, in another terminal:\n  .venv/bin/edge-agent submit 'The capital of France is' --wait --stream\n"
+            "  .venv/bin/edge-agent status; .venv/bin/edge-agent jobs list",
             file=sys.stderr,
         )
     try:
@@ -142,39 +146,65 @@ def _submit(args: argparse.Namespace) -> int:
             request[key] = getattr(args, key)
     if args.stream:
         request["stream"] = True
-    with JobClient(settings, device_id=args.device or settings.device.id, connect_timeout=args.connect_timeout) as client:
+    last: dict[str, Any] = {}
+
+    def on_status(status: dict[str, Any]) -> None:
+        last.update(status=status)
+        reason = f" {status['reason']}: {status.get('message')}" if status.get("reason") else ""
+        waiting = f" (waiting for {status['waiting_for']})" if status.get("waiting_for") else ""
+        print(f"[{status['status']}]{reason}{waiting}", file=sys.stderr)
+
+    device = args.device or settings.device.id
+    with JobClient(settings, device_id=device, connect_timeout=args.connect_timeout) as client:
         job_id = client.submit(request, job_id=args.job_id)
         print(f"submitted {job_id} to {client.topics.submit}", file=sys.stderr)
         if not (args.wait or args.stream):
             return 0
+        if (obstacle := client.obstacle()) is not None:
+            print(f"note: {obstacle}; waiting up to {args.wait_timeout:g} s anyway", file=sys.stderr)
         result = client.follow(
             job_id,
             timeout=args.wait_timeout,
-            on_status=lambda s: print(f"[{s['status']}]" + (f" {s['reason']}: {s.get('message')}" if s.get("reason") else ""),
-                                      file=sys.stderr),
+            on_status=on_status,
             on_piece=(lambda p: print(p["text"], end="", flush=True)) if args.stream else None,
         )
-    if result is None:
-        print(f"\nno result within {args.wait_timeout:g} s (the job stays on the device)", file=sys.stderr)
-        return EXIT_FAILURE
+        if result is None:
+            why = client.silence_reason(last.get("status")).replace("JOB_ID", job_id)
+            print(f"\nno result within {args.wait_timeout:g} s: {why}", file=sys.stderr)
+            return EXIT_FAILURE
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         if args.stream:
             print()
-        else:
-            print(result.get("text", ""))
-        t, u = result.get("timings") or {}, result.get("usage") or {}
-        print(
-            f"{result['status']} finish={result.get('finish_reason')} prompt={u.get('prompt_tokens')} "
-            f"completion={u.get('completion_tokens')} queue={t.get('queue_ms', 0):.0f}ms "
-            f"prompt={t.get('prompt_ms', 0):.0f}ms gen={t.get('generation_ms', 0):.0f}ms "
-            f"{t.get('tokens_per_s', 0):.1f} tok/s",
-            file=sys.stderr,
-        )
-        if result.get("error"):
-            print(f"error {result['error']['code']}: {result['error']['message']}", file=sys.stderr)
+        elif result.get("text") is not None:
+            print(result["text"])
+        for line in result_summary(result):
+            print(line, file=sys.stderr)
     return 0 if result["status"] == "SUCCEEDED" else EXIT_FAILURE
+
+
+def result_summary(result: dict[str, Any]) -> list[str]:
+    """What `submit --wait` prints on stderr under the text: the error, if any, then one line of what
+    is known (finish reason, token counts, durations); fields a result does not carry are left out."""
+    lines = []
+    if err := result.get("error"):
+        lines.append(f"{result['status']} {err.get('code')}: {err.get('message')}")
+    parts = [result["status"]]
+    if result.get("finish_reason"):
+        parts.append(f"finish={result['finish_reason']}")
+    u, t = result.get("usage") or {}, result.get("timings") or {}
+    for key, label in (("prompt_tokens", "prompt_tokens"), ("completion_tokens", "completion_tokens")):
+        if u.get(key) is not None:
+            parts.append(f"{label}={u[key]}")
+    for key, label in (("queue_ms", "queue"), ("prompt_ms", "prompt_eval"), ("generation_ms", "generation")):
+        if t.get(key) is not None:
+            parts.append(f"{label}={t[key]:.0f}ms")
+    if t.get("tokens_per_s") is not None:
+        parts.append(f"{t['tokens_per_s']:.1f} tok/s")
+    if len(parts) > 1 or not lines:
+        lines.append(" ".join(parts))
+    return lines
 
 
 def _schema_arg(value: str) -> Any:
