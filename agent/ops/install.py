@@ -383,6 +383,7 @@ def plan_install(opts: InstallOptions) -> list[Step]:
 
     if opts.model is not None and not opts.model.is_file():
         raise InstallError(f"--model {opts.model}: no such file")
+    secret = _password(opts.mqtt_password_file) if opts.mqtt_password_file is not None else None
     settings = load_settings(opts.profile, environ={})
     budget = profile_budget(settings, opts.ram_mb * 1024 * 1024 if opts.ram_mb else None)
     plan = plan_model(settings, opts.model, budget) if opts.model is not None else None
@@ -410,8 +411,7 @@ def plan_install(opts: InstallOptions) -> list[Step]:
             replace=opts.replace_config,
         )
     )  # fmt: skip
-    if opts.mqtt_password_file is not None:
-        secret = opts.mqtt_password_file.read_bytes().rstrip(b"\n") + b"\n"
+    if secret is not None:
         steps.append(WriteFile(f"broker password credential {CREDENTIAL_FILE} (0600 root)", path=CREDENTIAL_FILE,
                                content=secret, mode=0o600))  # fmt: skip
     else:
@@ -428,6 +428,17 @@ def plan_install(opts: InstallOptions) -> list[Step]:
     if opts.start:
         steps.append(Systemctl("systemctl restart edge-agent.service", args=("restart", "edge-agent.service")))
     return steps
+
+
+def _password(path: Path) -> bytes:
+    """The broker password file's content as the credential holds it (one line), read before any step
+    runs: a missing or unreadable file stops the install (or the dry run) with one line saying so."""
+    try:
+        secret = path.read_bytes()
+    except OSError as e:
+        raise InstallError(f"--mqtt-password-file {path}: cannot read it: {e.strerror or e}; give the file that "
+                           "holds the broker password (one line)") from None  # fmt: skip
+    return secret.rstrip(b"\n") + b"\n"
 
 
 def plan_uninstall(units: Iterable[str], *, purge: bool = False) -> list[Step]:
