@@ -38,18 +38,29 @@ def _store_summary(settings: Any, limit: int) -> dict[str, Any]:
     try:
         counts = store.counts()
         jobs = store.list_jobs(limit=limit)
+        queued = store.queued()
     except EdgeAgentError as e:
         return {"path": str(path), "error": str(e)}
     finally:
         store.close()
+    waiting: dict[str, int] = {}
+    for r in queued:
+        waiting[r.waiting_for or "nothing yet"] = waiting.get(r.waiting_for or "nothing yet", 0) + 1
     return {
         "path": str(path),
         "counts": counts,
+        "waiting": waiting,
+        "next_waits": [
+            {"job_id": r.job_id, "waiting_for": r.waiting_for, "since": _iso(r.waiting_since),
+             "detail": r.waiting_detail}
+            for r in queued[:limit] if r.waiting_for
+        ],
         "last_jobs": [
             {
                 "job_id": r.job_id, "status": r.status.value, "created_at": _iso(r.created_at),
                 "finished_at": _iso(r.finished_at), "error_code": r.error_code, "delivered": r.delivered,
                 "tokens_per_s": (r.outcome.timings.tokens_per_s if r.outcome and r.outcome.timings else None),
+                "waiting_for": r.waiting_for,
             }
             for r in jobs
         ],
@@ -118,9 +129,12 @@ def render_status(doc: dict[str, Any]) -> str:
     if d["verdict"] == "unknown":
         row("daemon", f"not known to be running: {d['detail']}")
     else:
-        head = {"running": "running", "stale": "NOT RESPONDING", "stopped": "stopped", "gone": "NOT RUNNING"}[d["verdict"]]
-        since = f" since {d['since']} (up {_duration(d['uptime_s'])})" if d.get("uptime_s") is not None else ""
-        row("daemon", f"{head}{since}; {d['state']}; {d['detail']}")
+        if d["verdict"] == "stopped":
+            row("daemon", f"{d['detail']} at {d['state_updated']}")  # its own last word: "stopped cleanly"
+        else:
+            head = {"running": "running", "stale": "NOT RESPONDING", "gone": "NOT RUNNING"}[d["verdict"]]
+            since = f" since {d['since']} (up {_duration(d['uptime_s'])})" if d.get("uptime_s") is not None else ""
+            row("daemon", "; ".join(dict.fromkeys((f"{head}{since}", d["state"], d["detail"]))))
         if d["start_to_ready_s"] is not None:
             row("", f"ready at {d['ready_at']} ({d['start_to_ready_s']:.1f} s after start); edge-agent {d['agent_version']}")
         row("", f"broker {'connected' if d['broker_connected'] else 'NOT connected'}; store "
@@ -142,6 +156,10 @@ def render_status(doc: dict[str, Any]) -> str:
         row("queue", f"{c.get('QUEUED', 0)} queued, {c.get('IN_PROGRESS', 0)} in progress"
             + (f" ({', '.join(running)})" if running else "")
             + "; finished: " + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("QUEUED", "IN_PROGRESS") and v))  # fmt: skip
+        if st.get("waiting"):
+            row("", "waiting for: " + ", ".join(f"{k} {v}" for k, v in sorted(st["waiting"].items())))
+        for w in st.get("next_waits") or []:
+            row("", f"{w['job_id'][:36]:<36} QUEUED      waiting for {w['waiting_for']} since {w['since']}: {w['detail']}")
         for j in st["last_jobs"]:
             speed = f" {j['tokens_per_s']:.1f} tok/s" if j.get("tokens_per_s") else ""
             err = f" {j['error_code']}" if j.get("error_code") else ""
@@ -157,8 +175,9 @@ def render_status(doc: dict[str, Any]) -> str:
             f"{_mib(t.get('rss_anon_bytes'))}, RssFile {_mib(t.get('rss_file_bytes'))}; PSI some10 "
             f"{'-' if psi is None else f'{psi:.1f} %'}")  # fmt: skip
     if t:
+        speed = t.get("last_job_tokens_per_s")
         row("telemetry", f"last reading {t.get('ts', '-')}; queue {t.get('queue_depth', '-')}; last job "
-            f"{t.get('last_job_tokens_per_s') or '-'} tok/s")  # fmt: skip
+            f"{'-' if speed is None else f'{speed:.1f}'} tok/s")  # fmt: skip
     sh = doc.get("shadow") or {}
     if sh:
         row("shadow", "no shadow" if sh.get("version") is None else
