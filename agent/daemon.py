@@ -239,6 +239,13 @@ class Daemon:
         say goodbye to the broker, free the model, close the store."""
         self.notifier.stopping()
         self.reporter.write_state("stopping", force=True)
+        if running := self.runner.running:  # say what the stop waits for, before it waits
+            if self._stop_requested > 1:
+                log.warning("stopping %d running job(s) now: %s; they are requeued", len(running), ", ".join(running))
+            else:
+                log.warning("waiting up to %g s (service.shutdown_grace_s) for %d running job(s) to finish: %s; "
+                            "then they are stopped and requeued (a second SIGTERM or SIGINT stops them now)",
+                            self.settings.service.shutdown_grace_s, len(running), ", ".join(running))  # fmt: skip
         self.runner.stop(self.settings.service.shutdown_grace_s, force=self._stop_requested > 1)
         self.transport.stop(publish=(self.topics.device_status, self.reporter.device_status("stopping")))
         self.delivery.stop()  # its partial file stays: the next start resumes it
@@ -252,6 +259,13 @@ class Daemon:
     def _install_signals(self) -> None:
         def on_stop(signum: int, _frame: Any) -> None:
             self.request_stop()
+            # At once: the main loop may be busy (a model swap) before shutdown() says what it waits for.
+            name = signal.Signals(signum).name
+            if self._stop_requested == 1:
+                log.info("%s: stopping: no new jobs; running ones get up to %g s (service.shutdown_grace_s)", name,
+                         self.settings.service.shutdown_grace_s)  # fmt: skip
+            else:
+                log.warning("%s again: stopping the running jobs now; they are requeued", name)
 
         def on_hup(signum: int, _frame: Any) -> None:
             self._reload_requested = True
