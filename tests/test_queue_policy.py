@@ -314,3 +314,37 @@ def test_the_queue_never_stalls_while_a_job_can_start(tmp_path_factory, jobs, ro
             assert len(rig.pub.on(rig.topics.result(f"j{i}"))) == 1  # one outcome each
     finally:
         rig.store.close()
+
+
+def test_status_counts_the_queue_by_what_it_waits_for(tmp_path: Path, tiny_model: Path) -> None:
+    """`edge-agent status` (text and --json) shows why queued jobs wait, from the store alone."""
+    import subprocess
+    import sys
+
+    from agent.config import load_settings
+    from tests.broker import free_port
+    from tests.daemon_harness import write_daemon_config
+
+    class DownBroker:
+        host, port = "127.0.0.1", free_port()
+
+    cfg = write_daemon_config(tmp_path / "dev", DownBroker(), tiny_model, device_id="st-w")  # type: ignore[arg-type]
+    settings = load_settings(cfg, environ={})
+    settings.device.state_dir.mkdir(parents=True, exist_ok=True)
+    rig = Rig(tmp_path)
+    rig.store.close()
+    from agent.store import JobStore
+
+    rig.store = JobStore.from_settings(settings.store, clock=rig.clock)
+    rig.runner = rig.make_runner()
+    for job_id in ("a", "b"):
+        rig.submit(job_id)
+    rig.runner.hold("intake.paused")
+    rig.runner.work_once()
+    rig.store.close()
+    run = [sys.executable, "-m", "agent", "status", "-c", str(cfg)]
+    doc = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert doc["store"]["waiting"] == {"paused": 2}
+    assert [(w["job_id"], w["waiting_for"]) for w in doc["store"]["next_waits"]] == [("a", "paused"), ("b", "paused")]
+    text = subprocess.run(run, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "waiting for: paused 2" in text and "waiting for paused since" in text and "intake is paused" in text
