@@ -294,3 +294,7 @@ def test_schema_jobs_through_the_daemon(tmp_path: Path, broker: MosquittoBroker,
     short = results["short"]
     assert short["status"] == "FAILED" and short["error"]["code"] == "output_truncated"
     assert "max_tokens 3 ended the output before its JSON was complete" in short["error"]["message"]
+    # Its tokens were generated: the result carries the run's real timings, not zeros.
+    assert short["usage"]["completion_tokens"] == 3
+    t = short["timings"]
+    assert t["prompt_ms"] > 0 and t["generation_ms"] > 0 and t["tokens_per_s"] > 0 and t["first_token_ms"] is not None
