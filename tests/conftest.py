@@ -31,3 +31,10 @@ def _root_logger_restored():  # type: ignore[no-untyped-def]
         if isinstance(h, _AgentHandler) and h not in before:
             root.removeHandler(h)
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _own_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --demo` records where it runs in $XDG_STATE_HOME, and commands without -c read that
+    record: each test gets its own, so no test reads or writes the person's own."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))

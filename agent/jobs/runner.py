@@ -405,7 +405,9 @@ class Runner:
                     if what == "failed_preempted":
                         self._send_outcome(self._stored(rec.job_id))
                     elif what != "not_running":
-                        log.warning("job %s stopped (%s): requeued (%s)", rec.job_id, decision.reason.value, what)
+                        log.warning("job %s stopped (%s): back in the queue, %s", rec.job_id, _STOPPED[decision.reason],
+                                    "this run counts as an attempt" if what == "requeued_counted"
+                                    else "this run does not count as an attempt")  # fmt: skip
                     return
                 if self._store.finish(rec.job_id, decision, self._clock()):
                     self._send_outcome(self._stored(rec.job_id))
@@ -453,6 +455,13 @@ class Runner:
             return None, ""
         end, why = min(ends)
         return self._monotonic() + (end - self._clock()), why
+
+
+_STOPPED = {
+    StopReason.SHUTDOWN: "the daemon is stopping; it runs again after the restart",
+    StopReason.PREEMPT: "preempted by a model change or memory pressure",
+    StopReason.CANCEL: "canceled",
+}
 
 
 def _memory_wait(rec: JobRecord, now: float) -> float:
