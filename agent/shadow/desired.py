@@ -7,7 +7,9 @@ settings here. A desired state is checked in three steps, and every bad key gets
 1. the keys: each must be a live setting (a known setting that is not live needs a restart, and
    is refused with that said);
 2. the values, strictly as JSON types (``"512"`` is not an integer, ``1`` is not ``true``), with
-   the field's bounds (``desired_model``);
+   the field's bounds (``desired_model``); file names and URLs (``NAME_KEYS``) without control
+   characters (NUL and unpaired surrogates, in any key or value, are refused earlier, when the
+   update is read: agent.shadow.document);
 3. the settings the board would run with, ``effective_settings``: the board's config file
    overlaid by desired, validated by Settings itself, so every validator and cross-field rule of
    the config file applies (negative n_ctx, a quantised V cache without flash attention);
@@ -35,6 +37,9 @@ from agent.errors import ModelError
 from agent.shadow.document import DesiredInvalid, Tree, flatten
 
 MODEL_PATH = "model.path"
+# A file name or a URL: no control characters. A newline or a tab in a name is never meant, and a URL
+# with one would be refused by the HTTP client much later, far from the update that set it.
+NAME_KEYS = (MODEL_PATH, "model.url")
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +128,9 @@ def validate_desired(
             key = f"{section}.{name}"
             if key in errors or key not in live_keys():
                 continue
+            if key in NAME_KEYS and isinstance(value, str) and (why := _control_chars(value)):
+                errors[key] = why
+                continue
             # One key at a time, so every bad key gets its message and the good ones are still checked
             # together below.
             try:
@@ -174,6 +182,13 @@ def _key_errors(merged: Mapping[str, Any]) -> dict[str, str]:
                 elif kinds[key] is None:
                     errors[key] = "takes effect only at a restart: change it in the board's config file"
     return errors
+
+
+def _control_chars(text: str) -> str | None:
+    for pos, ch in enumerate(text):
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
+            return f"contains the control character U+{ord(ch):04X} at character {pos}; a file name or URL has none"
+    return None
 
 
 def _json_kind(v: Any) -> str:
@@ -299,6 +314,8 @@ def check_model_file(settings: Settings) -> str | None:
         return str(e)
     except OSError as e:  # a name too long for the filesystem, a permission problem
         return f"cannot check the model file: {e.strerror or e}"
+    except ValueError as e:  # a name the OS cannot take (the update's reading refuses NUL before this)
+        return f"cannot check the model file: {e}"
     return None
 
 
@@ -324,6 +341,7 @@ def live_values(settings: Settings) -> dict[str, Any]:
 
 __all__ = [
     "MODEL_PATH",
+    "NAME_KEYS",
     "check_model_file",
     "desired_model",
     "section_models",

@@ -29,7 +29,7 @@ from typing import Any
 
 # The JSON decoder of the job protocol: duplicate keys are kept for refusal, NaN/Infinity and
 # absurd numbers are refused. One set of reading rules for everything the device takes in.
-from agent.protocol import _decoder, _describe, _JSONObject, _Refuse
+from agent.protocol import _SURROGATE_RE, _decoder, _describe, _JSONObject, _Refuse
 
 MAX_STATE_BYTES = 8192  # desired + reported, compact JSON (AWS: 8 KB)
 MAX_DEPTH = 6  # levels of keys below desired (AWS: 6)
@@ -319,6 +319,7 @@ def parse_update(payload: bytes) -> UpdateRequest:
             desired = _plain(state["desired"])
             if not desired:
                 errors["state.desired"] = "is empty: nothing to update (null removes every desired key)"
+            errors.update(_bad_text(desired))
             depth = _depth(desired)  # levels of keys below desired: {"engine": {"n_ctx": 1}} is 2
             if depth > MAX_DEPTH:
                 errors[_deepest_path(desired)] = f"nested {depth} levels deep, more than {MAX_DEPTH}"
@@ -338,6 +339,42 @@ def parse_get(payload: bytes) -> GetRequest:
     if errors:
         raise BadRequest(400, f"get refused: {summarise(errors)}", errors, token)
     return GetRequest(client_token=token)
+
+
+def _bad_text(v: Any, key: str = "") -> dict[str, str]:
+    """Keys and strings of desired that no setting may hold, by dotted key: a NUL character (C strings,
+    file names and llama.cpp's text paths end there) or an unpaired UTF-16 surrogate (a JSON "\\ud800"
+    escape: it cannot be encoded as UTF-8, so it could be neither stored nor published). The job
+    protocol refuses the same in prompts."""
+    out: dict[str, str] = {}
+    if isinstance(v, Mapping):
+        for k, child in v.items():
+            name = f"{key}.{_shown(k)}" if key else _shown(k)
+            if why := _bad_chars(k):
+                out[name] = f"the key {why}"
+            else:
+                out.update(_bad_text(child, name))
+    elif isinstance(v, list):
+        for i, child in enumerate(v):
+            for k, why in _bad_text(child, f"{key}[{i}]").items():
+                out.setdefault(key, f"{k[len(key):]} {why}")  # under its setting: "[0].content contains ..."
+    elif isinstance(v, str) and (why := _bad_chars(v)):
+        out[key] = why
+    return out
+
+
+def _bad_chars(text: str) -> str | None:
+    if (pos := text.find("\x00")) >= 0:
+        return f"contains a NUL character (U+0000) at character {pos}"
+    m = _SURROGATE_RE.search(text)
+    if m:
+        return f"contains an unpaired UTF-16 surrogate (\\u{ord(m.group()):04x}) at character {m.start()}"
+    return None
+
+
+def _shown(key: str) -> str:
+    """A key as it can be written back in a reply: NUL and surrogates as JSON escapes."""
+    return _SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", key).replace("\x00", "\\u0000")
 
 
 def _plain(v: Any) -> Any:
