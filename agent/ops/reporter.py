@@ -1,8 +1,9 @@
 """What the daemon says about itself, read from its parts and never changing them.
 
 - ``agent_state()``: the agent's side of each telemetry reading (model, KV cache, slots, queue, spool);
-- ``reported_facts()``: the device shadow's reported facts (board, the model serving, a download's
-  progress, the last model change, the governor);
+- ``reported_facts()``: the device shadow's reported facts (board, the model serving and its sha256,
+  computed in the background when model.sha256 does not give it, a download's progress, the last
+  model change, the governor);
 - ``device_status(state)``: the retained ``edge/{device}/status`` payload;
 - ``write_state(state)``: the state file `edge-agent status` reads without a broker;
 - ``tell_model_change(now)``: an event for every model change that ended.
@@ -22,7 +23,9 @@ from typing import Any
 from agent import __version__
 from agent.ops.state import DaemonState, StateWriter, from_daemon, state_path
 from agent.protocol import DeviceStatus, Topics
+from agent.errors import EdgeAgentError
 from agent.shadow.facts import FactsReader, ServingModel, reported_facts
+from agent.shadow.hashes import CACHE_FILE, FileHashes, Identity, identity
 from agent.telemetry.events import model_change_event
 from agent.telemetry.sampler import AgentState
 
@@ -51,11 +54,15 @@ class Reporter:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``parts`` has the daemon's ``supervisor``, ``runner``, ``store``, ``spool``, ``health``,
-        ``memory``, ``delivery``, ``transport`` and ``uplink``; ``settings`` is the tree in force."""
+        ``memory``, ``delivery``, ``transport``, ``uplink`` and ``shadow``; ``settings`` is the tree in force."""
         self.settings, self.config_path, self.topics, self._parts = settings, config_path, topics, parts
         self._shadow_document = shadow_document
         self._clock = clock
         self._facts = FactsReader(board=settings.device.board, models_dir=settings.device.models_dir)
+        # The model's sha256 when model.sha256 does not give it; once known, the shadow republishes.
+        self.hashes = FileHashes(cache_file=Path(settings.device.state_dir) / CACHE_FILE,
+                                  on_ready=lambda: self._parts.shadow.refresh_facts_soon())  # fmt: skip
+        self._loaded_file: tuple[float | None, Identity | None] = (None, None)  # (loaded_at, the file loaded)
         self.state_file = StateWriter(state_path(settings), heartbeat_s=min(30.0, settings.telemetry.interval_s))
         self.started_at, self.ready_at = clock(), None
         self._told_change: Any = None
@@ -77,14 +84,30 @@ class Reporter:
         serving = None
         if cfg is not None and engine is not None and engine.report is not None:
             r = engine.report
+            sha256, pending = (sup.sha256, False) if sup.sha256 is not None else self._model_sha256(cfg, sup.loaded_at)
             serving = ServingModel(
-                file=str(cfg.model.path), sha256=sup.sha256, load_mode=r.mode, n_ctx=r.n_ctx, load_ms=r.load_ms,
-                loaded_at=sup.loaded_at, swap_ms=sup.last_swap_ms, preempted=sup.last_swap_preempted,
+                file=str(cfg.model.path), sha256=sha256, sha256_pending=pending, load_mode=r.mode, n_ctx=r.n_ctx,
+                load_ms=r.load_ms, loaded_at=sup.loaded_at, swap_ms=sup.last_swap_ms, preempted=sup.last_swap_preempted,
             )  # fmt: skip
         change = sup.last_change
         facts = reported_facts(self._facts.board_facts(), serving, download=p.delivery.progress(),
                                model_change=change.as_dict() if change else None)  # fmt: skip
         return {**facts, "pressure": p.memory.describe()}
+
+    def _model_sha256(self, cfg: Any, loaded_at: float | None) -> tuple[str | None, bool]:
+        """(sha256, still computing) of the model file in force, from the background hashing. The file
+        is the one found at the first reading after each load: one replaced since (same path, another
+        file) is not the one that runs, so it is not reported."""
+        try:
+            path = cfg.model_file()
+            now = identity(path)
+        except (EdgeAgentError, OSError, ValueError):
+            return None, False
+        if self._loaded_file[0] != loaded_at or self._loaded_file[1] is None:
+            self._loaded_file = (loaded_at, now)
+        if now != self._loaded_file[1]:
+            return None, False
+        return self.hashes.get(path)
 
     def agent_state(self) -> AgentState:
         p = self._parts

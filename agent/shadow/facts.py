@@ -90,7 +90,16 @@ class ServingModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: str = Field(description="Model file name, relative to device.models_dir.")
-    sha256: str | None = Field(default=None, description="SHA-256 of the file when it was verified at load (model.sha256 set), else null.")
+    sha256: str | None = Field(
+        default=None,
+        description="SHA-256 of the file in force: model.sha256 when that is set (the load checked it), else "
+        "computed by the board in the background once per file (null until then: see sha256_pending).",
+    )
+    sha256_pending: bool = Field(
+        default=False,
+        description="The board is computing the file's SHA-256; the document is published again once it is known. "
+        "False with a null sha256: the file could not be read, or is not the one loaded any more (replaced on disk).",
+    )
     load_mode: Literal["fit", "fast"] = Field(description="How the weights are held: fit (file-backed) or fast (repacked).")
     n_ctx: int = Field(ge=1, description="Context size in force, tokens.")
     load_ms: float | None = Field(default=None, ge=0, description="How long the load took, ms.")

@@ -115,6 +115,7 @@ class ShadowService:
         self._applied_version: int | None = None
         self._fact_values: dict[str, Any] = {}
         self._dirty = False
+        self._facts_due = False  # a fact changed off the main loop (a model file's sha256 is known)
         self._started = False
         self._published_state: str | None = None
         self._published_delta: Tree | None = None
@@ -160,21 +161,26 @@ class ShadowService:
         log.info("shadow: version %d, %d desired key(s)", doc.version, len(flatten(doc.desired)))
 
     def pending_work(self) -> bool:
-        """True when an accepted update (or a start, or a reload) has not been reconciled yet."""
-        return self._dirty
+        """True when an accepted update (or a start, or a reload) has not been reconciled yet, or a
+        fact changed (``refresh_facts_soon``)."""
+        return self._dirty or self._facts_due
 
     def run_pending(self, *, why: str = "shadow") -> list[tuple[Action, ApplyReport]]:
         """Main thread: bring the settings in force to the board's config overlaid by desired.
 
         Calls the executor once per action (pause intake, in-place settings, one model reload,
-        resume intake), then updates reported, persists it and publishes the document and delta.
-        Returns what was done, for the daemon's log. Never raises for a failed apply: the failure
-        is reported under its key.
+        resume intake), then updates reported, persists it and publishes the document and delta
+        (with only ``refresh_facts_soon`` due: just that). Returns what was done, for the daemon's
+        log. Never raises for a failed apply: the failure is reported under its key.
         """
+        if self._facts_due and not self._dirty:
+            self.refresh_facts()
+            return []
         with self._lock:
             if not self._dirty or not self._started:
                 return []
             self._dirty = False
+            self._facts_due = False  # the facts are read again below
             desired = copy.deepcopy(self._doc.desired)
             version = self._doc.version
             base = self._file_settings
@@ -259,9 +265,16 @@ class ShadowService:
             out.append(Path(wanted))
         return out
 
+    def refresh_facts_soon(self) -> None:
+        """Any thread: a fact changed (the model file's sha256 is known): ``run_pending()`` re-reads
+        the facts on the main loop and republishes the document."""
+        self._facts_due = True
+        self._wake()
+
     def refresh_facts(self) -> None:
         """Main thread, at a slow pace (free disk, swap devices and cgroup limit change): re-read the
         facts and republish the document if they changed."""
+        self._facts_due = False
         fact_values = self._read_facts()
         with self._lock:
             if not self._started:
