@@ -6,7 +6,8 @@ The entities, all on one device (``edge-agent <device id>``):
 
 - sensors, from ``{root}/telemetry``: memory available, the agent's RssAnon, PSI some and full
   (avg10), the last job's tokens/s, queue depth, running jobs, and the memory governor's level;
-- a ``select`` of the models in ``device.models_dir``, which writes the device shadow
+- a ``select`` of the models in ``device.models_dir`` (its options follow the folder: see
+  agent.ha.publisher), which writes the device shadow
   (``{root}/shadow/update``, ``{"state": {"desired": {"model": {"path": ...}}}}``) and shows the model in
   force from the shadow document (``{root}/shadow``, retained);
 - a ``switch`` for ``intake.paused``, through the shadow in the same way.
@@ -118,6 +119,15 @@ def list_models(models_dir: Path) -> list[str]:
     )
 
 
+def select_options(settings: Any, models: Iterable[str]) -> list[str]:
+    """The model select's options: the models folder's files, and the model in force."""
+    options = list(models)
+    current = str(settings.model.path)
+    if current not in options and not Path(current).is_absolute():
+        options.append(current)  # the model in force, even if the folder cannot be listed from here
+    return options
+
+
 def _shadow_update(desired: dict[str, Any]) -> str:
     return json.dumps({"state": {"desired": desired}, "client_token": CLIENT_TOKEN}, separators=(",", ":"))
 
@@ -151,10 +161,7 @@ def _entities(settings: Any, models: Iterable[str]) -> list[tuple[str, dict[str,
 
     shadow_update, shadow_doc = _shadow_topics(topics)
     models_dir = str(Path(settings.device.models_dir)).rstrip("/") + "/"
-    options = list(models)
-    current = str(settings.model.path)
-    if current not in options and not Path(current).is_absolute():
-        options.append(current)  # the configured model, even if the folder cannot be listed from here
+    options = select_options(settings, models)
     out.append((_topic(settings, "select", "model"), {
         "name": "Model",
         "unique_id": f"{uid}_model",
@@ -187,6 +194,12 @@ def _entities(settings: Any, models: Iterable[str]) -> list[tuple[str, dict[str,
 def discovery_messages(settings: Any, models: Iterable[str]) -> list[tuple[str, bytes]]:
     """(topic, retained payload) for every entity; ``models``: the select's options (``list_models``)."""
     return [(t, json.dumps(cfg, separators=(",", ":")).encode()) for t, cfg in _entities(settings, models)]
+
+
+def model_select_message(settings: Any, models: Iterable[str]) -> tuple[str, bytes]:
+    """(topic, retained payload) of the model select alone: republished when its options change."""
+    topic = _topic(settings, "select", "model")
+    return next((t, p) for t, p in discovery_messages(settings, models) if t == topic)
 
 
 def removal_messages(settings: Any, models: Iterable[str] = ()) -> list[tuple[str, bytes]]:
