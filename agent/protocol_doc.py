@@ -1,9 +1,9 @@
 """Regenerate the generated parts of docs/protocol.md from agent/protocol.py.
 
-The field tables, the status and error-code tables and the JSON Schemas are rendered from the
-pydantic models and enums, so the document cannot drift from the code. Hand-written text
-outside the ``<!-- BEGIN GENERATED: name -->`` / ``<!-- END GENERATED: name -->`` markers is
-left alone. tests/test_protocol.py fails when the file is out of date.
+The topic table, the field tables, the status and error-code tables and the JSON Schemas are
+rendered from Topics, the pydantic models and the enums, so the document cannot drift from the
+code. Hand-written text outside the ``<!-- BEGIN GENERATED: name -->`` / ``<!-- END GENERATED:
+name -->`` markers is left alone. tests/test_protocol.py fails when the file is out of date.
 
     python -m agent.protocol_doc           # rewrite docs/protocol.md (from a source checkout)
     python -m agent.protocol_doc --check   # exit 1 if it is out of date
@@ -12,13 +12,15 @@ left alone. tests/test_protocol.py fails when the file is out of date.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from agent.docgen import main as docgen_main
 from agent.docgen import render_blocks
-from agent.protocol import TERMINAL, ErrorCode, JobStatus, json_schemas
+from agent.codes import WaitReason
+from agent.protocol import TERMINAL, ErrorCode, JobStatus, Topics, json_schemas
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "protocol.md"
@@ -102,6 +104,12 @@ def _error_codes() -> str:
     return "\n".join(rows)
 
 
+def _wait_reasons() -> str:
+    rows = ["| waiting_for | meaning |", "|---|---|"]
+    rows += [f"| `{w.value}` | {_cell(w.doc)} |" for w in WaitReason]
+    return "\n".join(rows)
+
+
 def _schemas() -> str:
     out = []
     for name, schema in json_schemas().items():
@@ -109,8 +117,68 @@ def _schemas() -> str:
     return "\n\n".join(out)
 
 
+# The topic table: one row per topic, each cell ``<name>`` spelled by ``Topics.name`` (the one place
+# topics are built), then (direction, QoS, retained, payload). Every topic Topics builds needs a row:
+# one without is a render error, so the staleness test catches a topic added without its doc.
+_TOPIC_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("<submit>", "client to device", "1", "no", "[JobSubmit](#submitting-a-job)"),
+    ("<fleet_submit> (subscription; clients publish to <fleet_publish>)", "client to one device of the group", "1",
+     "no", "JobSubmit"),
+    ("<cancel>", "client to device", "1", "no", "anything, usually empty (ignored)"),
+    ("<status>", "device to clients", "1", "no", "[StatusMessage](#status-messages)"),
+    ("<result>", "device to clients", "1", "no", "[ResultMessage](#result-messages)"),
+    ("<stream>", "device to clients", "0", "no",
+     "[StreamChunk](#stream-chunks), only when the job asked for `\"stream\": true`"),
+    ("<device_status>", "device to clients", "1", "yes",
+     "[DeviceStatus](#device-status); `offline` is also the MQTT last will"),
+    ("<telemetry>", "device to clients", "1", "no", "[Telemetry](#telemetry), every `telemetry.interval_s`"),
+    ("<events>", "device to clients", "1", "no",
+     "an event ([telemetry.md](telemetry.md#events)): memory governor levels and actions, throttling, spool drops, "
+     "model changes; at once"),
+    ("<shadow_update>", "operators to device", "1", "may be",
+     "[ShadowUpdate](#device-shadow): a partial desired state; a retained one is applied once, then cleared"),
+    ("<shadow_update_accepted>", "device to operators", "1", "no", "ShadowUpdateAccepted"),
+    ("<shadow_update_rejected>", "device to operators", "1", "no", "ShadowRejected (400, 409, 413, 500)"),
+    ("<shadow_get>", "operators to device", "1", "no", "empty, or ShadowGet"),
+    ("<shadow_get_accepted>", "device to operators", "1", "no", "ShadowDocumentMessage with the get's client_token"),
+    ("<shadow_get_rejected>", "device to operators", "1", "no", "ShadowRejected (400)"),
+    ("<shadow>", "device to clients", "1", "yes", "ShadowDocumentMessage, republished whenever the document changes"),
+    ("<shadow_delta>", "device to clients", "1", "no",
+     "ShadowDelta, whenever the set of differing keys changes and is not empty"),
+)  # fmt: skip
+# What Topics builds that is not a topic of its own: subscription filters (named below the table) and parsers.
+_NOT_TOPICS = {"cancel_filter", "status_filter", "result_filter", "stream_filter", "job_id_from_topic",
+               "job_id_from_cancel_topic"}  # fmt: skip
+_CELL_RE = re.compile(r"<(\w+)>")
+
+
+def _topic(name: str) -> str:
+    """``Topics.name`` with its parts as placeholders: {root}, {prefix}, {job_id}, {group}."""
+    t = Topics("PREFIX", "DEVICE")
+    member = getattr(t, name)
+    if callable(member):  # the topics of one job, or of one fleet group
+        member = member("GROUP" if name == "fleet_submit" else "JOB")
+    out = str(member).replace("PREFIX/DEVICE", "{root}").replace("PREFIX", "{prefix}")
+    return out.replace("JOB", "{job_id}").replace("GROUP", "{group}")
+
+
+def _topics() -> str:
+    named = {n for row in _TOPIC_ROWS for n in _CELL_RE.findall(row[0])}
+    built = {n for n in dir(Topics) if not n.startswith("_")}
+    if missing := sorted(built - named - _NOT_TOPICS):
+        raise KeyError(f"docs/protocol.md: Topics builds {missing} but the topic table (agent/protocol_doc.py "
+                       "_TOPIC_ROWS) has no row for it")  # fmt: skip
+    rows = ["| topic | direction | QoS | retained | payload |", "|---|---|---|---|---|"]
+    for cell, direction, qos, retained, payload in _TOPIC_ROWS:
+        topic = _CELL_RE.sub(lambda m: f"`{_topic(m.group(1))}`", cell)
+        rows.append(f"| {topic} | {direction} | {qos} | {retained} | {payload} |")
+    return "\n".join(rows)
+
+
 def _renderers() -> dict[str, Callable[[], str]]:
-    r: dict[str, Callable[[], str]] = {"statuses": _statuses, "error-codes": _error_codes, "schemas": _schemas}
+    r: dict[str, Callable[[], str]] = {"statuses": _statuses, "error-codes": _error_codes, "schemas": _schemas,
+                                        "wait-reasons": _wait_reasons,
+                                        "topics": _topics}  # fmt: skip
     for model in ("JobSubmit", "ChatMessage", "ResponseFormat", "StatusMessage", "ResultMessage", "Usage", "Timings",
                   "ErrorInfo", "StreamChunk", "DeviceStatus"):  # fmt: skip
         r[f"fields-{model}"] = lambda m=model: _fields_table(_model_schema(m))
