@@ -106,8 +106,8 @@ class Daemon:
         self.runner = Runner(
             self.store, self.results, engine=lambda: self.supervisor.engine, publish=self.transport.publish,
             send_outcome=self._send_outcome, health=self.health, clock=clock, monotonic=monotonic,
-            admit=lambda rec: self.memory.admit_job(rec.job(), self.supervisor.report),
-            capacity=lambda: self.memory.parallel(self.supervisor.slots),
+            admit=lambda tokens: self.memory.admit_job(tokens, self.supervisor.report),
+            capacity=lambda: self.memory.parallel(self.supervisor.slots), governor=lambda: s.governor,
         )  # fmt: skip
         self.supervisor = Supervisor(engine_factory, self.runner, grace_s=lambda: s.service.shutdown_grace_s,
                                      canary=lambda: s.canary)  # fmt: skip
@@ -206,6 +206,7 @@ class Daemon:
         if self._reload_requested:
             self._reload_requested = False
             self.reload()
+        self.ha.refresh()  # the model select's options, before the reconcile reports a model they lack
         if self.shadow.pending_work():
             with self.notifier.keepalive():
                 self.shadow.run_pending()
@@ -290,8 +291,8 @@ class Daemon:
 
     def _on_connect(self) -> None:
         self.transport.publish(self.topics.device_status, self.reporter.device_status("online"), qos=1, retain=True)
+        self.ha.on_connect()  # before the shadow document: Home Assistant checks its model against the options
         self.shadow.on_connect()
-        self.ha.on_connect()
         self.outbox.request_resend()
         self._tick.set()
 
