@@ -22,6 +22,7 @@ from typing import Any
 from agent.config import Settings
 from agent.config.live import ApplyReport, diff
 from agent.models.synth import sha256_file
+from agent.applier import SWAP_NOTE
 from agent.protocol import Topics
 from agent.shadow.desired import check_model_file
 from agent.shadow.service import ShadowService
@@ -29,7 +30,8 @@ from agent.shadow.store import ShadowStore
 from agent.transport import MqttTransport
 from tests.broker import MosquittoBroker
 
-PENDING_NOTE = "not applied yet: the agent does not manage swap in this version"
+# What the real executor (agent.applier.LiveSettings) reports for a swap key: the fake says the same.
+PENDING_NOTE = SWAP_NOTE
 
 
 def _set(settings: Settings, key: str, value: Any) -> None:

@@ -95,7 +95,7 @@ def test_version_conflict_exits_1(cfg, board, capsys):
 def test_pending_keys_are_applied_with_a_note(cfg, board, capsys):
     rc, out, err = cli(capsys, "set", "-c", str(cfg), "swap.policy=zram", "--wait")
     assert rc == 0, err
-    assert "note: swap.policy: not applied yet" in out and "applied: version 1" in out
+    assert "note: swap.policy: handed to the root swap unit" in out and "applied: version 1" in out
 
 
 def test_null_removes_and_the_json_output(cfg, board, capsys):
