@@ -16,12 +16,21 @@ Delivery contract (at least once, bounded memory):
   refused at once (its handle is failed), and when a connection drops, every publish still
   waiting for its PUBACK is failed and dropped from paho's in-memory queue. The daemon's store
   is the only resend queue: it republishes whatever is not yet delivered from ``on_connect``.
-  While connected, at most ``max_queued`` messages wait in RAM; beyond that publish fails fast.
+* A burst is slowed down, not dropped. While connected, paho holds at most ``max_queued`` QoS 1
+  messages; past that, publishes wait in the transport's backlog, in order, and the network
+  thread hands them to paho as PUBACKs free room. An ``ack(msg)`` made while the backlog is not
+  empty waits behind it: an inbound message is acknowledged only once the replies published
+  before its ack are queued. Inbound messages that arrive while the backlog is not empty are
+  held, unacknowledged, and handed to ``on_message`` in order once it is sent; unacknowledged
+  messages keep the broker from sending more (``RECEIVE_MAXIMUM``). The network thread never
+  waits for room (it is the one that makes it); another thread waits when the backlog holds
+  ``max_queued`` messages, up to ``queue_wait_s``, and only then is its publish refused
+  ("queue full"): a broker that stops reading without closing the link cannot hang the daemon.
 
 Threads: all callbacks (on_message, on_connect, on_disconnect, on_error, on_delivered) run on
 the network thread. They must be quick and must not wait on a PublishHandle (the thread that
-would resolve it is the one waiting). ``publish``, ``ack`` and ``stop`` may be called from any
-thread.
+would resolve it is the one waiting); they may publish and ack. ``publish``, ``ack`` and
+``stop`` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -47,6 +57,13 @@ from agent.errors import TransportError
 log = logging.getLogger(__name__)
 # paho's own chatter (packet traces) goes here at DEBUG; it never contains the password.
 _paho_log = logging.getLogger(__name__ + ".paho")
+
+# MQTT 5 Receive Maximum sent in CONNECT: the broker keeps at most this many inbound QoS 1 messages
+# unacknowledged, so holding acknowledgements stops the inbound side. Mosquitto's own default for
+# clients that do not say is the same; the MQTT default when absent is 65,535. (Mosquitto 2.0.11
+# lets more through after a PUBACK on a persistent session: up to 81 were held in a test of 300
+# messages at once. They wait in RAM unacknowledged, as they would in paho's socket buffer.)
+RECEIVE_MAXIMUM = 20
 
 # Property names copied between paho and plain dicts on publish and receive.
 _MESSAGE_PROPERTIES = (
@@ -241,6 +258,27 @@ def _failed_handle(topic: str, qos: int, error: str) -> PublishHandle:
     return h
 
 
+@dataclass
+class _Deferred:
+    """A QoS 1 publish waiting in the backlog for room in paho's queue."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: Properties | None
+    handle: PublishHandle
+
+
+def _check_publish(topic: str, qos: int) -> None:
+    """What paho would refuse with ValueError, checked before a publish waits in the backlog (a
+    caller bug must raise in the caller, not surface later on the network thread)."""
+    if not topic or "+" in topic or "#" in topic:
+        raise TransportError(f"cannot publish to {topic!r}: not a valid topic name", code="mqtt_publish_invalid")
+    if qos not in (0, 1, 2):
+        raise TransportError(f"cannot publish to {topic!r}: QoS {qos} is not 0, 1 or 2", code="mqtt_publish_invalid")
+
+
 def _to_paho_properties(props: Mapping[str, Any] | None) -> Properties | None:
     if not props:
         return None
@@ -283,6 +321,7 @@ class MqttTransport:
         subscriptions: Sequence[tuple[str, int]] = (),
         manual_ack: bool = True,
         max_queued: int = 256,
+        queue_wait_s: float = 10.0,
         stable_after_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -302,6 +341,7 @@ class MqttTransport:
         self._subscriptions = list(subscriptions)
         self._manual_ack = manual_ack
         self._max_queued = max(max_queued, settings.max_inflight)
+        self._queue_wait_s = queue_wait_s
         self._clock = clock
         self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s, rng or random.Random(), stable_after_s)
 
@@ -310,6 +350,17 @@ class MqttTransport:
         # PUBACKs that overtook the registration of their handle (the network thread can see
         # the PUBACK before publish() returns in the caller's thread).
         self._early: dict[int, ReasonCode] = {}
+        # PUBACKs read during one loop pass, resolved after it: paho calls on_publish holding its
+        # queue lock, and an on_delivered callback must be free to publish.
+        self._acked: list[tuple[int, ReasonCode]] = []
+        # Publishes waiting for room in paho's queue, and acks waiting behind them, in order.
+        # Guarded by _out, which also orders every hand-off to paho against them.
+        self._out = threading.Condition()
+        self._backlog: deque[_Deferred | InboundMessage] = deque()
+        self._stalled = False  # a publisher waited queue_wait_s in vain: refuse at once until it drains
+        # Inbound messages that arrived while publishes waited: handed to on_message, in order, once
+        # the backlog is sent. Network thread only.
+        self._held: deque[InboundMessage] = deque()
         self._sub_topics: dict[int, list[str]] = {}
         self._connected = threading.Event()
         self._subscribed = threading.Event()  # this connection's subscriptions are acknowledged
@@ -350,6 +401,7 @@ class MqttTransport:
             client.will_set(topic, payload, qos=1, retain=True)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = s.session_expiry_s
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=False, properties=props)
 
         client.on_connect = self._handle_connect
@@ -455,30 +507,83 @@ class MqttTransport:
     ) -> PublishHandle:
         """Send a message. Never raises for connection state: a handle that will not be
         delivered comes back failed (``handle.error`` says why) and the caller resends later.
-        ``on_delivered()`` runs on the network thread when the broker acknowledges."""
+        ``on_delivered()`` runs on the network thread when the broker acknowledges.
+
+        When paho's queue is full the message waits in the backlog and its handle stays pending.
+        Called from another thread than the network thread while the backlog is full too, this
+        waits for room, at most ``queue_wait_s``."""
         if self._stop.is_set():
             return _failed_handle(topic, qos, "transport stopped")
         if not self._connected.is_set():
             return _failed_handle(topic, qos, "not connected: resend after reconnect")
+        _check_publish(topic, qos)
         props = _to_paho_properties(properties)
-        try:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        except ValueError as e:  # bad topic, QoS or size: a caller bug, not a network state
-            raise TransportError(f"cannot publish to {topic!r}: {e}", code="mqtt_publish_invalid") from None
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            return _failed_handle(topic, qos, f"outgoing queue full ({self._max_queued} messages): resend later")
+        on_network_thread = threading.current_thread() is self._thread
+        deadline: float | None = None
+        with self._out:
+            while True:
+                if self._stop.is_set():
+                    return _failed_handle(topic, qos, "transport stopped")
+                if not self._connected.is_set():
+                    return _failed_handle(topic, qos, "not connected: resend after reconnect")
+                if qos == 0 or not self._backlog:
+                    # QoS 0 never waits: paho does not count it against its queue.
+                    info = self._paho_publish(topic, payload, qos, retain, props)
+                    if info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                        break
+                if on_network_thread or len(self._backlog) < self._max_queued:
+                    handle = PublishHandle(0, topic, qos, on_delivered)
+                    return self._defer(_Deferred(topic, payload, qos, retain, props, handle))
+                # Another thread, and the backlog is full: wait for the network thread to move it.
+                if self._stalled:
+                    return _failed_handle(topic, qos, self._full_error())
+                if deadline is None:
+                    deadline = time.monotonic() + self._queue_wait_s
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._stalled = True
+                    log.warning("the broker took no message for %.0fs with %d waiting: publishes from other "
+                                "threads are refused until half of them are sent", self._queue_wait_s,
+                                len(self._backlog))  # fmt: skip
+                    return _failed_handle(topic, qos, self._full_error())
+                self._out.wait(left)
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
             return _failed_handle(topic, qos, "not connected: resend after reconnect")
         # QoS>0 with NO_CONN stays in paho's queue until the loss handler drops it (or the next
         # connection resends it): either way the handle is resolved, so register it.
-        handle = PublishHandle(info.mid, topic, qos, on_delivered)
+        return self._register(PublishHandle(info.mid, topic, qos, on_delivered))
+
+    def _full_error(self) -> str:
+        return f"outgoing queue full ({self._max_queued} queued, {len(self._backlog)} waiting): resend later"
+
+    def _paho_publish(self, topic: str, payload: bytes, qos: int, retain: bool,
+                      props: Properties | None) -> mqtt.MQTTMessageInfo:  # fmt: skip
+        try:
+            return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except ValueError as e:  # bad topic, QoS or size: a caller bug, not a network state
+            raise TransportError(f"cannot publish to {topic!r}: {e}", code="mqtt_publish_invalid") from None
+
+    def _register(self, handle: PublishHandle) -> PublishHandle:
         with self._lock:
-            early = self._early.pop(info.mid, None)
+            early = self._early.pop(handle.mid, None)
             if early is None:
-                self._pending[info.mid] = handle
+                self._pending[handle.mid] = handle
         if early is not None:
             self._resolve_puback(handle, early)
         return handle
+
+    def _defer(self, entry: _Deferred) -> PublishHandle:
+        """Into the backlog (``_out`` held). Past a hard bound only a broker that ignores our
+        Receive Maximum, or a callback publishing in a loop, gets here: memory stays bounded."""
+        if len(self._backlog) >= 4 * self._max_queued:
+            log.warning("outgoing backlog at its bound (%d messages): publish to %s refused", len(self._backlog),
+                        entry.topic)  # fmt: skip
+            return _failed_handle(entry.topic, entry.qos, self._full_error())
+        if not self._backlog:
+            log.debug("%d messages queued: publishes wait in the backlog, in order, acknowledgements behind them",
+                      self._max_queued)  # fmt: skip
+        self._backlog.append(entry)
+        return entry.handle
 
     def reconnect(self, why: str) -> None:
         """Drop the connection and open a new one at once, resuming the session. MQTT 5 delivers
@@ -491,14 +596,20 @@ class MqttTransport:
 
     def ack(self, msg: InboundMessage) -> bool:
         """Acknowledge an inbound message (PUBACK). False when it cannot be acknowledged any
-        more (the connection it came on is gone): the broker will redeliver it."""
+        more (the connection it came on is gone): the broker will redeliver it. While publishes
+        wait in the backlog, the PUBACK is sent once they are handed to paho (True: it will be)."""
         if not self._manual_ack or msg.qos == 0:
             return True
         if msg.connection != self._generation or not self._connected.is_set():
             log.debug("not acking %s (mid %d): it arrived on an earlier connection; the broker redelivers it",
                       msg.topic, msg.mid)
             return False
-        return self._client.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
+        with self._out:
+            if self._backlog:
+                # Behind the replies published before it: the broker sends nothing new meanwhile.
+                self._backlog.append(msg)
+                return True
+            return self._client.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def stop(self, publish: tuple[str, bytes] | None = None, timeout: float = 5.0) -> bool:
         """Optionally publish a final retained QoS 1 message (the daemon's "stopping" status)
@@ -520,12 +631,15 @@ class MqttTransport:
         # Set before disconnect(): the network thread checks it after each connect attempt, so
         # a DISCONNECT that found no socket is sent by that thread instead.
         self._stop.set()
+        with self._out:
+            self._out.notify_all()  # publishers waiting for room give up
         self._client.disconnect()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
             if self._thread.is_alive():
                 log.warning("MQTT network thread did not end within %.1fs", timeout)
         self._connected.clear()
+        self._fail_backlog("transport stopped")
         self._fail_pending("transport stopped")
         return delivered
 
@@ -582,7 +696,9 @@ class MqttTransport:
         if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
             log.debug("CONNECT not sent: %s", mqtt.error_string(rc))
         while self._client.loop(timeout=1.0) == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            pass
+            self._resolve_acked()
+            self._drain_backlog()
+            self._deliver_held()
         return self._connection_ended()
 
     def _ca_name(self) -> str | None:
@@ -598,8 +714,11 @@ class MqttTransport:
         if self._connected_at is not None:
             connected_for = max(0.0, self._clock() - self._connected_at)
         # Our resend queue is the daemon's store, not paho's RAM: drop what paho would resend.
+        self._resolve_acked()  # acknowledged before the loss: delivered
         self._client.drop_out_messages()
         self._sub_topics.clear()
+        self._held.clear()  # never acknowledged: the broker delivers them again
+        self._fail_backlog("connection lost before the broker acknowledged: resend after reconnect")
         self._fail_pending("connection lost before the broker acknowledged: resend after reconnect")
         if self._stop.is_set():
             if connected_for is not None:
@@ -616,6 +735,69 @@ class MqttTransport:
             return tls_alert_error(detail, f"{self._where}")
         prefix = f"connection to {self._where} lost" if was_connected else f"cannot connect to {self._where}"
         return TransportError(f"{prefix}: {detail}", code="mqtt_lost" if was_connected else "mqtt_unreachable")
+
+    def _drain_backlog(self) -> None:
+        """Network thread, after each loop pass: hand waiting publishes to paho while it takes them,
+        and send the acknowledgements queued behind them."""
+        with self._out:
+            if not self._backlog:
+                return
+            moved = 0
+            while self._backlog and self._connected.is_set():
+                entry = self._backlog[0]
+                if isinstance(entry, InboundMessage):
+                    if entry.connection == self._generation:
+                        self._client.ack(entry.mid, entry.qos)
+                else:
+                    try:
+                        info = self._client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain,
+                                                    properties=entry.properties)  # fmt: skip
+                    except ValueError as e:  # checked before it waited; paho's own size limit is left
+                        entry.handle._resolve(False, f"cannot publish to {entry.topic!r}: {e}")
+                    else:
+                        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                            break
+                        entry.handle.mid = info.mid
+                        self._register(entry.handle)
+                self._backlog.popleft()
+                moved += 1
+            if self._stalled and len(self._backlog) <= self._max_queued // 2:
+                self._stalled = False
+                log.info("outgoing backlog down to %d messages: publishes are taken again", len(self._backlog))
+            if moved:
+                self._out.notify_all()
+
+    def _deliver_held(self) -> None:
+        """Network thread: hand held inbound messages to on_message while no publish waits."""
+        while self._held and self._connected.is_set():
+            with self._out:
+                if self._backlog:
+                    return
+            self._deliver(self._held.popleft())
+
+    def _fail_backlog(self, reason: str) -> None:
+        """The connection is gone: waiting publishes fail (the daemon resends), waiting acks are
+        dropped (the broker redelivers those messages), waiting publishers give up."""
+        with self._out:
+            backlog, self._backlog = self._backlog, deque()
+            self._stalled = False
+            self._out.notify_all()
+        for entry in backlog:
+            if isinstance(entry, _Deferred):
+                entry.handle._resolve(False, reason)
+
+    def _resolve_acked(self) -> None:
+        with self._lock:
+            acked, self._acked = self._acked, []
+        for mid, reason in acked:
+            with self._lock:
+                handle = self._pending.pop(mid, None)
+                if handle is None:
+                    if len(self._early) >= 1024:  # only races leave entries behind: keep it bounded
+                        self._early.clear()
+                    self._early[mid] = reason
+                    continue
+            self._resolve_puback(handle, reason)
 
     def _fail_pending(self, reason: str) -> None:
         with self._lock:
@@ -681,22 +863,28 @@ class MqttTransport:
             properties=_from_paho_properties(getattr(message, "properties", None)),
             connection=self._generation,
         )
+        with self._out:
+            busy = bool(self._held or self._backlog)
+        if busy:
+            # Its replies would only lengthen the backlog: it waits, unacknowledged, until the
+            # backlog is sent (_deliver_held). Unacknowledged, it also keeps the broker from
+            # sending more (Receive Maximum).
+            self._held.append(msg)
+            return
+        self._deliver(msg)
+
+    def _deliver(self, msg: InboundMessage) -> None:
         try:
             self._on_message_cb(msg)
         except Exception:
             # Not acked: the broker redelivers it on the next connection.
-            log.exception("on_message failed for %s (mid %d); left unacknowledged", topic, message.mid)
+            log.exception("on_message failed for %s (mid %d); left unacknowledged", msg.topic, msg.mid)
 
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                         properties: Properties | None) -> None:
+        # Resolved after this loop pass (_resolve_acked), outside paho's locks.
         with self._lock:
-            handle = self._pending.pop(mid, None)
-            if handle is None:
-                if len(self._early) >= 1024:  # only races leave entries behind: keep it bounded
-                    self._early.clear()
-                self._early[mid] = reason
-                return
-        self._resolve_puback(handle, reason)
+            self._acked.append((mid, reason))
 
     def _resolve_puback(self, handle: PublishHandle, reason: ReasonCode) -> None:
         # 0x10 "no matching subscribers" is a success: the broker has the message.
