@@ -7,7 +7,10 @@ next connection; ``pause()`` makes that the rule for every message until ``resum
 (invalid payloads, a full queue, expired jobs) are stored outcomes like any other and are
 published through the outbox.
 
-Handlers run on the transport's network thread: they do one store transaction and return.
+Handlers run on the transport's network thread: they do one store transaction and return. The
+QUEUED status is published before the message is acknowledged, and the transport keeps that order
+when its outgoing queue is full: the acknowledgement waits until the status is queued, so a burst
+of jobs slows the broker down instead of losing statuses (docs/mqtt-transport.md, Bursts).
 """
 
 from __future__ import annotations
