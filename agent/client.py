@@ -120,9 +120,9 @@ class JobClient:
         job_id: str,
         *,
         timeout: float,
-        on_status: Callable[[dict], None] | None = None,
-        on_piece: Callable[[dict], None] | None = None,
-    ) -> dict | None:
+        on_status: Callable[[dict[str, Any]], None] | None = None,
+        on_piece: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any] | None:
         """Print-free follower: calls back on statuses and stream pieces; returns the result, or None at timeout."""
         end = time.monotonic() + timeout
         want = {self.topics.status(job_id), self.topics.result(job_id), self.topics.stream(job_id)}
@@ -130,7 +130,7 @@ class JobClient:
             msg = self.messages(left)
             if msg is None or msg.topic not in want:
                 continue
-            data = json.loads(msg.payload)
+            data: dict[str, Any] = json.loads(msg.payload)
             if msg.topic.endswith("/result"):
                 return data
             if msg.topic.endswith("/status") and on_status:

@@ -13,10 +13,12 @@ from enum import StrEnum
 class JobStatus(StrEnum):
     """A job's state. Every status message and result carries one."""
 
-    def __new__(cls, value: str, doc: str) -> "JobStatus":
+    # The defaults only let a type checker see ``JobStatus("QUEUED")`` (a lookup by value, which
+    # never calls this) as valid; every member gives its doc.
+    def __new__(cls, value: str, doc: str = "") -> "JobStatus":
         obj = str.__new__(cls, value)
         obj._value_ = value
-        obj.doc = doc  # type: ignore[attr-defined]
+        obj.doc = doc
         return obj
 
     doc: str
@@ -34,10 +36,10 @@ class WaitReason(StrEnum):
     """Why a queued job is not running yet: the ``waiting_for`` of its QUEUED status, ``jobs show`` and
     ``status``. Every wait is bounded (docs/protocol.md, "Waiting")."""
 
-    def __new__(cls, value: str, doc: str) -> "WaitReason":
+    def __new__(cls, value: str, doc: str = "") -> "WaitReason":
         obj = str.__new__(cls, value)
         obj._value_ = value
-        obj.doc = doc  # type: ignore[attr-defined]
+        obj.doc = doc
         return obj
 
     doc: str
@@ -57,11 +59,11 @@ TERMINAL: frozenset[JobStatus] = frozenset(
 class ErrorCode(StrEnum):
     """Why a job did not succeed. Each code comes with the terminal status it is reported with."""
 
-    def __new__(cls, value: str, status: JobStatus, doc: str) -> "ErrorCode":
+    def __new__(cls, value: str, status: JobStatus = JobStatus.FAILED, doc: str = "") -> "ErrorCode":
         obj = str.__new__(cls, value)
         obj._value_ = value
-        obj.status = status  # type: ignore[attr-defined]
-        obj.doc = doc  # type: ignore[attr-defined]
+        obj.status = status
+        obj.doc = doc
         return obj
 
     status: JobStatus

@@ -128,7 +128,7 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
-def ensure_broker(settings: Settings) -> subprocess.Popen | None:
+def ensure_broker(settings: Settings) -> subprocess.Popen[bytes] | None:
     """Start a private Mosquitto on mqtt.host:mqtt.port when nothing listens there; the caller stops it."""
     host, port = settings.mqtt.host, settings.mqtt.port
     if _listening(host, port):

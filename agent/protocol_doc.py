@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel
+
 from agent.docgen import main as docgen_main
 from agent.docgen import render_blocks
 from agent.codes import WaitReason
@@ -32,7 +34,7 @@ def _cell(text: str) -> str:
 
 def _type(prop: dict[str, Any]) -> str:
     if "$ref" in prop:
-        return prop["$ref"].rsplit("/", 1)[-1]
+        return str(prop["$ref"]).rsplit("/", 1)[-1]
     if "enum" in prop:
         return " \\| ".join(json.dumps(v) for v in prop["enum"])
     if "const" in prop:
@@ -87,8 +89,9 @@ def _model_schema(name: str) -> dict[str, Any]:
     if name in schemas:
         return schemas[name]
     for s in schemas.values():
-        if name in s.get("$defs", {}):
-            return s["$defs"][name]
+        defs: dict[str, dict[str, Any]] = s.get("$defs", {})
+        if name in defs:
+            return defs[name]
     raise KeyError(name)
 
 
@@ -175,13 +178,21 @@ def _topics() -> str:
     return "\n".join(rows)
 
 
+def _named_fields(name: str) -> Callable[[], str]:
+    return lambda: _fields_table(_model_schema(name))
+
+
+def _model_fields(model: type[BaseModel]) -> Callable[[], str]:
+    return lambda: _fields_table(model.model_json_schema())
+
+
 def _renderers() -> dict[str, Callable[[], str]]:
     r: dict[str, Callable[[], str]] = {"statuses": _statuses, "error-codes": _error_codes, "schemas": _schemas,
                                         "wait-reasons": _wait_reasons,
                                         "topics": _topics}  # fmt: skip
     for model in ("JobSubmit", "ChatMessage", "ResponseFormat", "StatusMessage", "ResultMessage", "Usage", "Timings",
                   "ErrorInfo", "StreamChunk", "DeviceStatus"):  # fmt: skip
-        r[f"fields-{model}"] = lambda m=model: _fields_table(_model_schema(m))
+        r[f"fields-{model}"] = _named_fields(model)
     from agent.telemetry import Telemetry
 
     r["fields-Telemetry"] = lambda: _fields_table(Telemetry.model_json_schema())
@@ -195,8 +206,10 @@ def _shadow_renderers() -> dict[str, Callable[[], str]]:
     from agent.shadow.facts import BoardFacts, ServingModel
 
     r: dict[str, Callable[[], str]] = {}
-    for model in (*messages.INBOUND_MODELS, *messages.OUTBOUND_MODELS, messages.ReportedState, BoardFacts, ServingModel):
-        r[f"fields-{model.__name__}"] = lambda m=model: _fields_table(m.model_json_schema())
+    models: tuple[type[BaseModel], ...] = (*messages.INBOUND_MODELS, *messages.OUTBOUND_MODELS, messages.ReportedState,
+                                           BoardFacts, ServingModel)  # fmt: skip
+    for model in models:
+        r[f"fields-{model.__name__}"] = _model_fields(model)
     r["shadow-desired-keys"] = _desired_keys
     r["shadow-schemas"] = lambda: f"```json\n{json.dumps(messages.json_schema(), indent=2, ensure_ascii=False)}\n```"
     return r

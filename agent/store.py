@@ -387,7 +387,7 @@ class JobStore:
         return rows[0] if rows else None
 
     def _insert(self, **row: Any) -> None:
-        self._db["jobs"].insert(row)
+        self._db.table("jobs").insert(row)
 
     def _terminate(self, job_id: str, outcome: JobOutcome, now: float) -> bool:
         """The only way a row becomes terminal: guarded, so a job gets one outcome, ever."""
@@ -448,7 +448,7 @@ class JobStore:
         must not publish a rejection for it.
         """
         now = self._now(now)
-        refused = JobOutcome.refused(ErrorCode(code), message)
+        refused = JobOutcome.refused(code, message)
         with self._write(f"rejecting job {job_id}"):
             existing = self._get(job_id)
             if existing is not None:

@@ -63,7 +63,7 @@ def settings_from(args: argparse.Namespace, overrides: Mapping[str, Any] | None 
     return load_settings(args.config, overrides=merged or None)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("config", help="validate, show and describe the configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
 

@@ -7,14 +7,17 @@ import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli.config_cmd import add_config_option, settings_from
 from agent.config import Settings
 from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EdgeAgentError
 
+if TYPE_CHECKING:
+    from agent.store import JobStore
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     r = sub.add_parser("run", help="run the daemon (what systemd starts)")
     add_config_option(r, demo_fallback=False)
     r.add_argument(
@@ -216,7 +219,7 @@ def _schema_arg(value: str) -> Any:
         raise EdgeAgentError(f"--json-schema {value!r}: not a JSON Schema file or inline JSON object: {e}") from None
 
 
-def _open_store(settings: Settings):
+def _open_store(settings: Settings) -> JobStore:
     from agent.store import JobStore
 
     return JobStore.from_settings(settings.store, readonly=True)

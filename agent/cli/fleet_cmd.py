@@ -25,7 +25,7 @@ from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 INTERRUPTED = 130
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("fleet", help="list a fleet's devices; roll a model out in waves with automatic rollback")
     fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
 
@@ -193,6 +193,7 @@ def _rollout(args: argparse.Namespace) -> int:
                 if not devices:
                     print(f"edge-agent: no device matches {selection} (see `edge-agent fleet list`)", file=sys.stderr)
                     return EXIT_FAILURE
+                assert target is not None and policy is not None  # a new rollout (not --resume) has both
                 r = driver.create(target, policy, devices, selection)
                 rid = r.id
                 if not args.json:

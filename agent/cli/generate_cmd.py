@@ -25,7 +25,7 @@ from agent.cli.config_cmd import add_config_option, settings_from
 EXIT_CANCELED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "generate",
         help="load the model and generate text for one prompt (diagnostic: mode, memory, speed)",

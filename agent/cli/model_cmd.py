@@ -31,7 +31,7 @@ _KV_TYPES = ("f16", "q8_0", "q4_0")
 _REPACK_NOTE = "fast mode on this CPU: "  # agent.engine.llamacpp.ExactSizer's note
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("model", help="inspect GGUF models and write synthetic ones")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
@@ -195,8 +195,8 @@ def _report(info: ModelInfo, settings: dict[str, Any], est: MemoryEstimate, plan
         row("layers" if first else "", f"blk.{r.index:<4} bytes {r.offset:>12} - {r.end:<12} {_size(r.nbytes):>12}")
         first = False
     first = True
-    for r in info.other_ranges:
-        row("other" if first else "", f"{r.name:<24} bytes {r.offset:>12} - {r.end:<12} {_size(r.nbytes):>12}")
+    for t in info.other_ranges:
+        row("other" if first else "", f"{t.name:<24} bytes {t.offset:>12} - {t.end:<12} {_size(t.nbytes):>12}")
         first = False
 
     lines.append("")

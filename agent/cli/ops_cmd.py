@@ -15,7 +15,7 @@ from agent.cli.config_cmd import add_config_option
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from agent.ops.units import DEFAULT_UNITS_DIR
 
     s = sub.add_parser("systemd", help="render the systemd units for a board profile and a model")

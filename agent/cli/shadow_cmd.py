@@ -21,7 +21,7 @@ from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 _WIDTH = 26
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("shadow", help="read and change a board's desired state (the device shadow)")
     ssub = p.add_subparsers(dest="shadow_command", metavar="ACTION", required=True)
 

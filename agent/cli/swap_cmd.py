@@ -14,14 +14,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.cli.config_cmd import add_config_option, settings_from
+from agent.config import Settings
 from agent.errors import EXIT_FAILURE, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from agent.system.swap import SwapManager
 
 MiB = 1024 * 1024
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("swap", help="list swap devices; apply the swap policy (root)")
     ssub = p.add_subparsers(dest="swap_command", metavar="ACTION", required=True)
 
@@ -45,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ap.set_defaults(handler=_apply)
 
 
-def _manager(settings):  # type: ignore[no-untyped-def]
+def _manager(settings: Settings) -> SwapManager:
     from agent.system.swap import SwapManager
 
     return SwapManager(settings.swap.record_path)

@@ -14,7 +14,7 @@ import time
 from agent.cli.config_cmd import add_config_option, settings_from
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "telemetry",
         help="print the current memory, pressure and heat readings (no broker needed)",

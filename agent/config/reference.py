@@ -82,7 +82,8 @@ def _section(name: str, model: type[BaseModel], path: tuple[str, ...]) -> list[s
             continue
         env = ENV_PREFIX + "__".join(p.upper() for p in path + (key,))
         desc = (info.description or "").replace("|", "\\|")
-        live = _LIVE.get((info.json_schema_extra or {}).get("live") if isinstance(info.json_schema_extra, dict) else None, "")
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        live = _LIVE.get(str(extra.get("live")), "")
         out.append(f"| `{key}` | `{_type_name(info)}` | {_default(info)} | {_bounds(info)} | {live} | `{env}` | {desc} |")
     out.append("")
     for key, sub in nested:
@@ -93,5 +94,7 @@ def _section(name: str, model: type[BaseModel], path: tuple[str, ...]) -> list[s
 def render_markdown() -> str:
     lines = [_HEADER]
     for name, info in Settings.model_fields.items():
-        lines += _section(name, info.annotation, (name,))
+        section = info.annotation
+        assert isinstance(section, type) and issubclass(section, BaseModel), name
+        lines += _section(name, section, (name,))
     return "\n".join(lines).rstrip() + "\n"

@@ -35,8 +35,8 @@ class Section(BaseModel):
 #   RELOAD applied by the model supervisor reloading the model with the new value (rolled back if
 #          the new model does not load).
 # Fields without a marker need a restart (the broker connection, the device identity, paths).
-HOT = {"live": "hot"}
-RELOAD = {"live": "reload"}
+HOT: dict[str, Any] = {"live": "hot"}
+RELOAD: dict[str, Any] = {"live": "reload"}
 
 
 _ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

@@ -497,7 +497,8 @@ def _hash_file(path: Path, cancel: threading.Event) -> Any:
 
 
 def _sha256(path: Path, cancel: threading.Event) -> str:
-    return _hash_file(path, cancel).hexdigest()
+    digest: str = _hash_file(path, cancel).hexdigest()
+    return digest
 
 
 def _discard(path: Path) -> None:

@@ -177,7 +177,8 @@ class ModelDelivery:
             job = self._job
         if job is not None:
             job.cancel.set()
-            job.thread.join(timeout)
+            if job.thread is not None:
+                job.thread.join(timeout)
 
     # ------------------------------------------------------------------ the download thread
 
@@ -290,7 +291,7 @@ class _Job:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.cancel = threading.Event()
-        self.thread: threading.Thread = None  # type: ignore[assignment]  set right after
+        self.thread: threading.Thread | None = None  # set right after
         self.progress = Progress("checking", total=source.size)
         self.done = False
         self.error: DownloadError | None = None

@@ -399,7 +399,7 @@ class Scheduler:
             self._abort_on = want
         self._batch_runs = runs
         try:
-            return C.llama_decode(self._ctx, self._batch)
+            return int(C.llama_decode(self._ctx, self._batch))
         finally:
             self._batch_runs = []
 

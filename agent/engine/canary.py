@@ -10,7 +10,6 @@ runs and judges (``judge`` is pure).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -20,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from agent.config.sections import CanarySettings
-from agent.engine.types import EngineLike, GenerationRequest, GenerationResult
+from agent.engine.types import ChatMessage, EngineLike, GenerationRequest, GenerationResult
 from agent.errors import EdgeAgentError
 
 # Output kept in reports: enough to see what the model said, small enough for the shadow's 8 KB.
@@ -50,12 +49,8 @@ class CanaryResult:
 def request(c: CanarySettings) -> GenerationRequest:
     """The canary's request: greedy, seed 0, no stop strings."""
     if c.messages is not None:
-        messages = [{"role": m.role, "content": m.content} for m in c.messages]
-        if "messages" in {f.name for f in dataclasses.fields(GenerationRequest)}:
-            return GenerationRequest(prompt="", messages=messages, max_tokens=c.max_tokens, temperature=0.0, seed=0)  # type: ignore[call-arg]
-        # Until the engine renders chat templates itself: the conventional plain transcript.
-        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return GenerationRequest(prompt=prompt, max_tokens=c.max_tokens, temperature=0.0, seed=0)
+        messages = tuple(ChatMessage(m.role, m.content) for m in c.messages)
+        return GenerationRequest(prompt="", messages=messages, max_tokens=c.max_tokens, temperature=0.0, seed=0)
     return GenerationRequest(prompt=c.prompt or "", max_tokens=c.max_tokens, temperature=0.0, seed=0)
 
 
@@ -80,8 +75,9 @@ def _schema_problem(schema: dict[str, Any], text: str) -> str | None:
 
     try:
         value = json.loads(text)
-    except ValueError as e:
-        return f"the output is not JSON ({e.msg} at character {e.pos}), as canary.json_schema requires"
+    except ValueError as e:  # JSONDecodeError, or an integer longer than Python parses
+        why = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else str(e)
+        return f"the output is not JSON ({why}), as canary.json_schema requires"
     try:
         _validator(json.dumps(schema, sort_keys=True))(value)
     except fastjsonschema.JsonSchemaValueException as e:

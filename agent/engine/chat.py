@@ -36,7 +36,7 @@ class ChatTemplate:
         A template that refuses the messages (``raise_exception``, e.g. roles that do not
         alternate) is an ``invalid_request`` with the template's own words."""
         try:
-            out = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+            out = self._formatter(messages=[_message(m) for m in messages])
         except Exception as e:  # noqa: BLE001  ValueError from raise_exception, jinja2 errors, TypeError
             raise EngineError(
                 f"the chat template ({self.source}) refused the messages: {e}", code=ErrorCode.invalid_request
@@ -55,7 +55,7 @@ def template_for(llama: Any, override: str | None) -> ChatTemplate:
     if override:
         template, source = override, "engine.chat_template"
     else:
-        template = (getattr(llama, "metadata", None) or {}).get("tokenizer.chat_template")
+        template = str((getattr(llama, "metadata", None) or {}).get("tokenizer.chat_template") or "")
         source = "the model's tokenizer.chat_template"
         if not template:
             raise NoChatTemplate(
@@ -68,4 +68,8 @@ def template_for(llama: Any, override: str | None) -> ChatTemplate:
 def _token_text(llama: Any, token: int) -> str:
     if token < 0:
         return ""
-    return llama._model.token_get_text(token)
+    return str(llama._model.token_get_text(token))
+
+
+def _message(m: ChatMessage) -> Any:  # llama-cpp-python's TypedDict for the role; the JSON is the same
+    return {"role": m.role, "content": m.content}

@@ -64,6 +64,7 @@ from agent.engine.types import (
 from agent.models.gguf_info import check_quantization, read_model_info
 from agent.codes import ErrorCode
 from agent.errors import ContextTooLong, EdgeAgentError, EngineError, WillNotFit
+from agent.system.libc import LIBC
 from agent.system.memory import MiB, Budget, process_cpu_count, proc_status, resolve_budget
 
 log = logging.getLogger(__name__)
@@ -293,11 +294,11 @@ class Engine:
         with self._lock:
             self.unload()
             self._closing.clear()
-            llamacpp.LIBC.malloc_trim()
+            LIBC.malloc_trim()
             plan = self.plan(runtime_bytes=proc_status().rss_anon)
             # The probe's tables are freed: give the heap back, then take the process as it is
             # now (with what the probe could not give back) as the estimate's runtime term.
-            llamacpp.LIBC.malloc_trim()
+            LIBC.malloc_trim()
             before = proc_status()
             est = dataclasses.replace(plan.estimate, runtime=before.rss_anon + LOAD_FIXED_BYTES)
             mode, n_ctx, budget = plan.mode, plan.n_ctx, plan.budget
@@ -380,7 +381,7 @@ class Engine:
             # The numpy arrays of the Llama object go with its last reference; collect now so the
             # heap is really free before trimming it.
             gc.collect()
-            llamacpp.LIBC.malloc_trim()
+            LIBC.malloc_trim()
             self._report = None
 
     # ------------------------------------------------------------------ generate
@@ -403,7 +404,7 @@ class Engine:
         bos = llama.token_bos()
         starts_with_bos = bos >= 0 and text.startswith(llama._model.token_get_text(bos) or "\x00")
         try:
-            return llama.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos, special=True)
+            return list(llama.tokenize(text.encode("utf-8"), add_bos=not starts_with_bos, special=True))
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"tokenising the prompt failed: {e}") from e
 
@@ -472,10 +473,10 @@ class Engine:
         for kv in slots:
             kv.forget(llama.ctx)
         self._prompt_cache = None
-        prefix = self.settings.prompt_cache
-        if prefix and self._state_dir is None:
+        prefix, state_dir = self.settings.prompt_cache, self._state_dir
+        if prefix and state_dir is None:
             log.info("engine.prompt_cache is set but the engine has no state folder: the prefix is not persisted")
-        elif prefix:
+        elif prefix and state_dir is not None:
             tokens = self._tokenize(llama, prefix)
             try:
                 if len(tokens) > self.n_ctx_of(llama, n) // 2:
@@ -483,7 +484,7 @@ class Engine:
                         f"the prefix is {len(tokens)} tokens, more than half of n_ctx {self.n_ctx_of(llama, n)}: it "
                         "would leave little room for the jobs that start with it"
                     )
-                pc = PromptCache.open(self._state_dir / "prompt-cache", llama, self.model_path, tokens)
+                pc = PromptCache.open(state_dir / "prompt-cache", llama, self.model_path, tokens)
             except (OSError, EngineError) as e:
                 log.warning("engine.prompt_cache is off for this load: %s", e)
             else:
@@ -494,7 +495,7 @@ class Engine:
 
     @staticmethod
     def n_ctx_of(llama: Any, slots: int) -> int:
-        return llama.n_ctx() // max(1, slots)
+        return int(llama.n_ctx()) // max(1, slots)
 
     def _prepare(self, slot: Slot, job: Job) -> int:
         """On the scheduler thread, when a job takes a slot: make the slot's cache hold the longest

@@ -195,10 +195,10 @@ def cpu_work_bytes(info: Any, n_ctx: int, n_ubatch: int, *, flash_attn: bool = F
     """ggml-cpu's work buffer, allocated on first use and kept: for KQV = V x softmax(KQ) the f32
     scores are converted to the f16 of the V cache (n_ubatch x n_kv x n_head x 2 bytes); every
     matrix product also quantises its input activations to q8_0 (n_ubatch x max(n_ff, n_embd) x 34/32)."""
-    act = n_ubatch * max(info.n_ff, info.n_embd) * 34 // 32
+    act = int(n_ubatch * max(info.n_ff, info.n_embd) * 34 // 32)
     if flash_attn:
         return act
-    return max(act, n_ubatch * pad_ctx(n_ctx) * info.n_head * 2)
+    return max(act, int(n_ubatch * pad_ctx(n_ctx) * info.n_head * 2))
 
 
 def _token_embd_bytes(info: Any) -> int:

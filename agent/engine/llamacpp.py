@@ -483,7 +483,8 @@ def cpu_repack(tensors: Iterable[Any], *, tied_embeddings: bool, n_expert_used: 
 
     g = _ggml()
     names = tuple(g.buft_name(b).decode() for b in g.extra_bufts)
-    total, count, duplicates, by_type = 0, 0, 0, {}
+    total, count, duplicates = 0, 0, 0
+    by_type: dict[str, int] = {}
 
     def ask(t: Any, op: str, *, duplicate: bool = False) -> None:
         nonlocal total, count, duplicates
@@ -522,9 +523,9 @@ class ExactSizer:
 
         self._ubatch_size = ubatch_size
         self._info = info
-        self._kw = dict(type_k=type_k, type_v=type_v, flash_attn=flash_attn)
+        self._type_k, self._type_v, self._flash_attn = type_k, type_v, flash_attn
         self._n_batch = n_batch
-        self._cache: dict[int, Any] = {}
+        self._cache: dict[tuple[int, int], Any] = {}
         self.notes: list[str] = []
         t0 = time.monotonic()
         self.repack: RepackPlan | None
@@ -545,7 +546,8 @@ class ExactSizer:
         if (n_ctx, slots) not in self._cache:
             n_batch = min(self._n_batch, n_ctx)
             c = self._probe.context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=self._ubatch_size(n_ctx, n_batch),
-                                    slots=slots, **self._kw)  # fmt: skip
+                                    slots=slots, type_k=self._type_k, type_v=self._type_v,
+                                    flash_attn=self._flash_attn)  # fmt: skip
             if self.repack is not None:
                 repacked, dup = self.repack.nbytes, self.repack.duplicate_bytes
             else:
@@ -575,4 +577,4 @@ def token_piece(vocab: Any, token: int, buf: ctypes.Array[ctypes.c_char]) -> tup
     if n < 0:
         buf = ctypes.create_string_buffer(-n)
         n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-    return bytes(buf[:n]), buf
+    return buf.raw[:n], buf

@@ -118,7 +118,7 @@ class Sampler:
         return self._constrained_draw(ctx, idx)
 
     def _grammar_allows(self, token: int) -> bool:
-        self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
+        self._one.id, self._one.logit, self._one.p = C.llama_token(token), 1.0, 0.0
         self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
         C.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
         return not math.isinf(self._one.logit)

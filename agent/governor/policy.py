@@ -336,12 +336,12 @@ def step(state: GovernorState, signals: Signals, now: float, settings: "Governor
     previous = state.level
     if not settings.enabled:
         # Disabled: undo everything at once (the operator asked for it), report ok.
-        actions = tuple(
+        undone = tuple(
             Step(UNDO[r - 1], True, _message(UNDO[r - 1], Level.ok, settings) + "; governor disabled")
             for r in range(state.rung, 0, -1)
         )
-        new = GovernorState(last_action_at=now if actions else state.last_action_at)
-        return new, Decision(Level.ok, previous, new.posture, actions)
+        new = GovernorState(last_action_at=now if undone else state.last_action_at)
+        return new, Decision(Level.ok, previous, new.posture, undone)
 
     latches, over, reasons, missing = _levels(state, signals, now, settings)
     level = max(latches.values(), default=Level.ok)

@@ -218,10 +218,10 @@ class AgentActions:
         (self._runner.hold if hold else self._runner.release)(self.HOLD)
 
     def preempt_jobs(self) -> list[str]:
-        return self._runner.preempt()
+        return list(self._runner.preempt())
 
     def unload_model(self) -> list[str]:
-        return self._supervisor.park()
+        return list(self._supervisor.park())
 
     def reload_model(self) -> bool:
         from agent.engine.supervisor import Applied

@@ -32,7 +32,7 @@ from agent.governor.policy import Admission
 from agent.jobs.outcome import Requeue, StopReason, conclude
 from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
 from agent.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
-from agent.store import JobRecord, JobStore
+from agent.store import JobRecord, JobStore, RequeueReason
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,8 @@ class Runner:
                 holds, running = set(self._holds), list(self._slots)
             now = self._clock()
             try:
-                for rec in self._store.expire_queued(now):
-                    self._send_outcome(rec)
+                for expired in self._store.expire_queued(now):
+                    self._send_outcome(expired)
                 if "store" in holds:
                     return False  # nothing can be recorded; the device status says the store is unwritable
                 rec = self._schedule(now, holds, running, capacity)
@@ -401,7 +401,8 @@ class Runner:
         while True:
             try:
                 if isinstance(decision, Requeue):
-                    what = self._store.requeue(rec.job_id, decision.reason.value, self._clock())
+                    why: RequeueReason = "shutdown" if decision.reason is StopReason.SHUTDOWN else "preempt"
+                    what = self._store.requeue(rec.job_id, why, self._clock())
                     if what == "failed_preempted":
                         self._send_outcome(self._stored(rec.job_id))
                     elif what != "not_running":

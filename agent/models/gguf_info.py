@@ -34,7 +34,7 @@ _DEFAULT_ALIGNMENT = 32
 # Arrays longer than this are walked but not kept: only their length is needed (vocabularies, merges).
 _KEEP_ARRAY_MAX = 4096
 
-_T = gguf.GGMLQuantizationType
+_T: Any = gguf.GGMLQuantizationType  # indexed by type name, not a generic
 
 # Weight types that count as "4-bit or smaller": at most 5.0 stored bits per weight including
 # block scales (Q4_1 is exactly 5.0; Q5_0 is 5.5). Smaller types (Q2_K, Q3_K, IQ1-IQ3, TQ) are
@@ -567,32 +567,30 @@ def _quant_verdict(tensors: list[TensorEntry], file_type_value: Any) -> QuantVer
     ft = ft_full.removeprefix("MOSTLY_") if ft_full else None
     where = "its transformer blocks" if blocks else "its weights"
     share = 100.0 * four_bit / total if total else 0.0
-    common = dict(
-        block_bytes=total, block_four_bit_bytes=four_bit, block_dominant_type=dominant,
-        block_bits_per_weight=round(bits, 3), file_type=ft,
-    )
+    def verdict(is_4bit: bool, rule: str, reason: str) -> QuantVerdict:
+        return QuantVerdict(is_4bit, rule, reason, block_bytes=total, block_four_bit_bytes=four_bit,
+                            block_dominant_type=dominant, block_bits_per_weight=round(bits, 3), file_type=ft)  # fmt: skip
+
     if total and four_bit * 2 > total:
-        return QuantVerdict(True, "blocks", f"{share:.0f}% of {where}' weight bytes are in 4-bit or smaller types", **common)
+        return verdict(True, "blocks", f"{share:.0f}% of {where}' weight bytes are in 4-bit or smaller types")
     ft_says_4bit = ft_full is not None and _FOUR_BIT_FILE_TYPE.match(ft_full) is not None
     if ft_says_4bit and bits <= _FILE_TYPE_MAX_BLOCK_BITS:
-        return QuantVerdict(
+        return verdict(
             True,
             "file_type",
             f"general.file_type is {ft}, a 4-bit mix ({where} average {bits:.2f} bits per weight: llama.cpp keeps "
             "some tensors wider, and falls back to Q5_0/Q8_0 where rows are not a multiple of 256)",
-            **common,
         )
     dominant_bytes = by_type.get(dominant, 0)
     if ft_says_4bit:
         ft_text = f"general.file_type says {ft}, but {where} average {bits:.2f} bits per weight"
     else:
         ft_text = f"general.file_type is {ft}" if ft else "there is no general.file_type"
-    return QuantVerdict(
+    return verdict(
         False,
         "none",
         f"{where} are mostly {dominant} ({_mib(dominant_bytes)} of {_mib(total)}; 4-bit or smaller types hold "
         f"only {share:.0f}%), and {ft_text}",
-        **common,
     )
 
 

@@ -258,7 +258,7 @@ def synth_model(
             _pad(f, writer.data_alignment)
             for index, (_name, ne, qtype) in enumerate(plan):
                 for chunk in _tensor_chunks(index, ne, qtype, seed):
-                    f.write(memoryview(chunk).cast("B"))
+                    f.write(chunk.tobytes())
                     bar.update(chunk.nbytes)
                 _pad(f, writer.data_alignment)
             f.flush()

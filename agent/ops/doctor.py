@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.system import memory
+
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
 MiB = 1024 * 1024
 PI_CMDLINE = "/boot/firmware/cmdline.txt"
@@ -76,7 +78,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _systemctl(args: list[str]) -> subprocess.CompletedProcess | None:
+def _systemctl(args: list[str]) -> subprocess.CompletedProcess[str] | None:
     """None when this machine has no running systemd (a container, a chroot)."""
     if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
         return None
@@ -98,7 +100,7 @@ def _llama_system_info() -> str | None:
     try:
         import llama_cpp
 
-        return llama_cpp.llama_print_system_info().decode(errors="replace")
+        return str(llama_cpp.llama_print_system_info().decode(errors="replace"))
     except Exception:  # not installed, or a build that cannot load here: the CPU check says so
         return None
 
@@ -150,9 +152,9 @@ def probe_broker(mqtt: Any, timeout: float) -> str | None:
 class Readers:
     """Everything the checks read from the machine; tests pass fixtures."""
 
-    psi: Callable[[], Any] = field(default=None)  # type: ignore[assignment]
-    cgroup: Callable[[int | str], Any] = field(default=None)  # type: ignore[assignment]
-    meminfo: Callable[[], Any] = field(default=None)  # type: ignore[assignment]
+    psi: Callable[[], Any] = lambda: memory.psi_memory()
+    cgroup: Callable[[int | str], Any] = lambda pid: memory.cgroup_memory(pid)
+    meminfo: Callable[[], Any] = lambda: memory.meminfo()
     swaps: Callable[[], str | None] = lambda: _read("/proc/swaps")
     cmdline: Callable[[], str | None] = lambda: _read("/proc/cmdline")
     cpuinfo: Callable[[], str | None] = lambda: _read("/proc/cpuinfo")
@@ -164,17 +166,10 @@ class Readers:
     llama_variant: Callable[[], str | None] = lambda: _cpu().llama_cpu_variant()
     now: Callable[[], float] = time.time
     ntp_synchronized: Callable[[], bool | None] = _ntp_synchronized
-    systemctl: Callable[[list[str]], subprocess.CompletedProcess | None] = _systemctl
+    systemctl: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = _systemctl
     disk_free: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free
     broker: Callable[[Any, float], str | None] = probe_broker
     geteuid: Callable[[], int] = os.geteuid
-
-    def __post_init__(self) -> None:
-        from agent.system import memory
-
-        self.psi = self.psi or memory.psi_memory
-        self.cgroup = self.cgroup or (lambda pid: memory.cgroup_memory(pid))
-        self.meminfo = self.meminfo or memory.meminfo
 
 
 # ------------------------------------------------------------------------------------ checks

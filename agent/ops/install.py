@@ -52,7 +52,7 @@ class Context:
 
     root: Path = Path("/")
     dry_run: bool = False
-    run: Callable[[list[str]], subprocess.CompletedProcess] = field(
+    run: Callable[[list[str]], subprocess.CompletedProcess[str]] = field(
         default=lambda argv: subprocess.run(argv, capture_output=True, text=True, check=False)
     )
 

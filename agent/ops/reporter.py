@@ -64,7 +64,8 @@ class Reporter:
                                   on_ready=lambda: self._parts.shadow.refresh_facts_soon())  # fmt: skip
         self._loaded_file: tuple[float | None, Identity | None] = (None, None)  # (loaded_at, the file loaded)
         self.state_file = StateWriter(state_path(settings), heartbeat_s=min(30.0, settings.telemetry.interval_s))
-        self.started_at, self.ready_at = clock(), None
+        self.started_at: float = clock()
+        self.ready_at: float | None = None
         self._told_change: Any = None
         self._state_file_told = False
 
@@ -118,7 +119,7 @@ class Reporter:
         in_ram = report is not None and report.mode == "fit" and not any("do not all fit" in n for n in report.notes)
         return AgentState(
             model_loaded=engine is not None, kv_cache_bytes=report.estimate.kv_cache if report else None,
-            weights_bytes=report.estimate.file_bytes if in_ram else None,
+            weights_bytes=report.estimate.file_bytes if report is not None and in_ram else None,
             rss_file_before_load=report.before.rss_file if report else None,
             kv_cache_size_tokens=report.n_ctx * report.slots if report else None,
             kv_cache_used_tokens=engine.kv_tokens() if engine is not None and hasattr(engine, "kv_tokens") else None,

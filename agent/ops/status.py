@@ -175,9 +175,9 @@ def render_status(doc: dict[str, Any]) -> str:
             f"{_mib(t.get('rss_anon_bytes'))}, RssFile {_mib(t.get('rss_file_bytes'))}; PSI some10 "
             f"{'-' if psi is None else f'{psi:.1f} %'}")  # fmt: skip
     if t:
-        speed = t.get("last_job_tokens_per_s")
+        last_speed = t.get("last_job_tokens_per_s")
         row("telemetry", f"last reading {t.get('ts', '-')}; queue {t.get('queue_depth', '-')}; last job "
-            f"{'-' if speed is None else f'{speed:.1f}'} tok/s")  # fmt: skip
+            f"{'-' if last_speed is None else f'{last_speed:.1f}'} tok/s")  # fmt: skip
     sh = doc.get("shadow") or {}
     if sh:
         row("shadow", "no shadow" if sh.get("version") is None else

@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from agent.config import Settings, _merge
 from agent.config.live import all_keys, live_keys
@@ -99,7 +100,7 @@ def desired_model(nullable: bool = False) -> type[BaseModel]:
         if nullable
         else "The desired state: the live settings an operator set, by section."
     )
-    return create_model(  # type: ignore[call-overload]
+    return create_model(
         name, __config__=ConfigDict(extra="forbid", strict=True), __doc__=doc, **sections
     )
 
@@ -215,14 +216,14 @@ _EXPECTED = {
 
 
 def _value_errors(err: ValidationError, section: str) -> dict[str, str]:
-    by_key: dict[str, list[dict[str, Any]]] = {}
+    by_key: dict[str, list[ErrorDetails]] = {}
     for e in err.errors(include_url=False):
         # loc is (field, [union member tag ...]): the tags are not keys anyone can write.
         by_key.setdefault(f"{section}.{e['loc'][0]}", []).append(e)
     return {key: _explain(errs) for key, errs in by_key.items()}
 
 
-def _explain(errs: list[dict[str, Any]]) -> str:
+def _explain(errs: list[ErrorDetails]) -> str:
     value = errs[0].get("input")
     got = f", got {_json_kind(value)}"
     kinds = [e["type"] for e in errs]

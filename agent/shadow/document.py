@@ -403,7 +403,8 @@ def apply_update(doc: ShadowDocument, update: UpdateRequest, validate: Validator
     patch = update.desired
     if patch is None:
         merged: Tree = {}
-        sets, removes = set(), set(flatten(doc.desired))
+        sets: set[str] = set()
+        removes = set(flatten(doc.desired))
     else:
         merged = merge(doc.desired, patch)
         sets, removes = touched_keys(patch)

@@ -10,7 +10,7 @@ with its type, bounds and meaning. Fields that are not set are left out of the p
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
@@ -60,7 +60,7 @@ def _reported_model() -> type[BaseModel]:
                                                            "download (model.url); absent before the first."))  # fmt: skip
     fields["model_change"] = (ModelChangeReport | None, FieldInfo(default=None, description="How the last model "
                                                                   "change ended; absent before the first."))  # fmt: skip
-    return create_model(  # type: ignore[call-overload]
+    return create_model(
         "ReportedState",
         __config__=ConfigDict(extra="forbid"),
         __doc__="What the board really runs: every run-time setting's value in force, errors, notes, facts.",
@@ -117,7 +117,7 @@ class ShadowGet(BaseModel):
 
 class _ShadowOutbound(_Outbound):
     @classmethod
-    def build(cls, **fields: Any) -> Any:
+    def build(cls, **fields: Any) -> Self:
         # The desired/reported models validate strictly (JSON types, for operators' input); the
         # device's own JSON values (paths as strings) go through the lax mode.
         return cls.model_validate(fields, strict=False)

@@ -332,11 +332,12 @@ def locate_cgroup(
         mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
         if mount is None:
             return CgroupMemory(None, path=v2_path, reason="cgroup2 is not mounted")
+        enabled: list[str]
         try:
-            controllers = (mount.point / "cgroup.controllers").read_text().split()
+            enabled = (mount.point / "cgroup.controllers").read_text().split()
         except OSError:
-            controllers = []
-        if "memory" not in controllers:
+            enabled = []
+        if "memory" not in enabled:
             return CgroupMemory(
                 None,
                 path=v2_path,

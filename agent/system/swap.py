@@ -524,11 +524,11 @@ class SwapManager:
         except SwapError as e:
             record, note = Record(), f"{e}: devices are listed without marking the agent's"
         boot = self.boot_id()
-        ours = {e.path: e for e in record.entries if e.kind == "file" or e.boot_id == boot}
+        ours = {r.path: r for r in record.entries if r.kind == "file" or r.boot_id == boot}
         devices = []
         for d in swaps(self.proc / "swaps"):
-            e = ours.get(d.path)
-            mine = e is not None and (e.kind == "zram" or self._same_file(e))
+            entry = ours.get(d.path)
+            mine = entry is not None and (entry.kind == "zram" or self._same_file(entry))
             devices.append({**asdict(d), "agent": mine, "kind": "zram" if d.path.startswith("/dev/zram") else d.type})
         active = {d["path"] for d in devices}
         inactive = [asdict(e) for e in record.entries if e.path not in active]

@@ -130,6 +130,8 @@ class Sampler:
         mem = meminfo(self._proc / "meminfo")
         proc = proc_status(proc_root=self._proc)
         faults = proc_faults(proc_root=self._proc)
+        pswpin: int | None
+        pswpout: int | None
         try:
             vm = vmstat(self._proc / "vmstat")
             pswpin, pswpout = vm.pswpin, vm.pswpout
@@ -246,7 +248,7 @@ def engine_residency(engine: object) -> Callable[[], float | None]:
         total = sum(layer.nbytes for layer in layers)
         if not total:
             return None
-        return round(100.0 * sum(layer.resident_bytes for layer in layers) / total, 1)
+        return round(100.0 * float(sum(layer.resident_bytes for layer in layers)) / float(total), 1)
 
     return read
 
