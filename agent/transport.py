@@ -573,8 +573,9 @@ class MqttTransport:
         return handle
 
     def _defer(self, entry: _Deferred) -> PublishHandle:
-        """Into the backlog (``_out`` held). Past a hard bound only a broker that ignores our
-        Receive Maximum, or a callback publishing in a loop, gets here: memory stays bounded."""
+        """Into the backlog (``_out`` held). Other threads stop at ``max_queued`` and inbound messages
+        are held while it is not empty, so only a callback publishing in a loop reaches the hard
+        bound: memory stays bounded."""
         if len(self._backlog) >= 4 * self._max_queued:
             log.warning("outgoing backlog at its bound (%d messages): publish to %s refused", len(self._backlog),
                         entry.topic)  # fmt: skip
