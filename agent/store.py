@@ -167,6 +167,24 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class QueuedJob:
+    """A queued job as the queue policy sees it (``JobStore.queue_view``)."""
+
+    job_id: str
+    max_tokens: int
+    prompt_tokens: int | None
+    measured_for: str | None
+    waiting_for: str | None
+    waiting_since: float | None
+
+    def memory_wait_s(self, now: float) -> float:
+        """How long it has been waiting for memory without a break (0: it is not)."""
+        if self.waiting_for != "memory" or self.waiting_since is None:
+            return 0.0
+        return max(0.0, now - self.waiting_since)
+
+
+@dataclass(frozen=True)
 class Accepted:
     """What ``accept`` (or ``reject``) did with a submission.
 
@@ -490,6 +508,19 @@ class JobStore:
                 (now, limit),
             )
 
+    def queue_view(self, now: float | None = None, limit: int = 1000) -> list[QueuedJob]:
+        """What the queue policy needs of each queued job, in start order, without decoding requests
+        (the runner looks at the whole queue before every claim)."""
+        now = self._now(now)
+        with self._read("reading the queue"):
+            rows = self._db.execute(
+                "SELECT job_id, json_extract(request, '$.max_tokens'), prompt_tokens, measured_for, waiting_for, "
+                "waiting_since FROM jobs WHERE status = 'QUEUED' AND (expires_at IS NULL OR expires_at > ?) "
+                "ORDER BY priority DESC, seq LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [QueuedJob(*r) for r in rows]
+
     def measured(self, job_id: str, prompt_tokens: int, key: str) -> None:
         """Record a queued job's prompt tokens, counted with the tokenizer ``key`` names."""
         with self._write(f"recording job {job_id}'s prompt tokens"):
@@ -791,4 +822,4 @@ def _raw(raw: bytes | None) -> bytes | None:
     return None if raw is None else bytes(raw[:RAW_KEEP_BYTES])
 
 
-__all__ = ["Accepted", "JobRecord", "JobStore", "SCHEMA_VERSION"]
+__all__ = ["Accepted", "JobRecord", "JobStore", "QueuedJob", "SCHEMA_VERSION"]

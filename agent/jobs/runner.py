@@ -32,7 +32,7 @@ from agent.governor.policy import Admission
 from agent.jobs.outcome import Requeue, StopReason, conclude
 from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
 from agent.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
-from agent.store import JobRecord, JobStore, RequeueReason
+from agent.store import JobRecord, JobStore, QueuedJob, RequeueReason
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class Runner:
 
     def _schedule(self, now: float, holds: set[str], running: list[str], capacity: int) -> JobRecord | None:
         """Judge the queue, carry out the policy's pick (ends, waits), and claim the job it starts."""
-        queue = self._store.queued(now, QUEUE_SCAN)
+        queue = self._store.queue_view(now, QUEUE_SCAN)
         if not queue:
             return None
         g = self._governor()
@@ -265,7 +265,12 @@ class Runner:
                     None)  # fmt: skip
         if hold is None and engine is None:
             hold = (WaitReason.model, "no model is loaded (it is being loaded or replaced, or its load failed)")
-        items = [Queued(r.job_id, RUN if hold else self._judge(r, engine, now), _memory_wait(r, now)) for r in queue]
+        ctx = None
+        if hold is None:
+            assert engine is not None
+            ctx = _Context(engine.tokenizer_key, engine.n_ctx, engine.limits.context_overflow)
+        items = [Queued(q.job_id, RUN if ctx is None else self._judge(q, engine, ctx), q.memory_wait_s(now))
+                 for q in queue]  # fmt: skip
         if hold is not None:
             decided = held(items, hold[0], hold[1], running=len(running), memory_wait_max_s=g.memory_wait_max_s)
         else:
@@ -273,7 +278,7 @@ class Runner:
             decided = pick(items, free_slots=capacity - len(running), running=len(running),
                            reserve_after_s=g.reserve_after_s, memory_wait_max_s=g.memory_wait_max_s,
                            slot_detail=busy)  # fmt: skip
-        self._carry_out(decided, {r.job_id: r for r in queue}, now)
+        self._carry_out(decided, {q.job_id: q.waiting_for for q in queue}, now)
         if decided.start is None:
             return None
         rec = self._store.claim(decided.start, now)
@@ -282,20 +287,21 @@ class Runner:
             self._wake.set()  # canceled or claimed meanwhile: look again
         return rec
 
-    def _judge(self, rec: JobRecord, engine: EngineLike | None, now: float) -> Verdict:
+    def _judge(self, q: QueuedJob, engine: EngineLike | None, ctx: _Context) -> Verdict:
         """One queued job on its own: measured with the loaded tokenizer (once per tokenizer and
         context), the context rule, then memory."""
         assert engine is not None
-        job = rec.job()
-        if job is None:
-            return Verdict.end(ErrorCode.internal, "the stored request is missing")
+        key = ctx.tokenizer_key
         try:
-            key = engine.tokenizer_key
-            tokens = rec.prompt_tokens
-            if tokens is None or rec.measured_for != key:
+            tokens = q.prompt_tokens
+            if tokens is None or q.measured_for != key:
+                rec = self._store.get(q.job_id)
+                job = rec.job() if rec is not None else None
+                if job is None:
+                    return Verdict.end(ErrorCode.internal, "the stored request is missing")
                 tokens = engine.measure(GenerationRequest.from_job(job))
-                self._store.measured(rec.job_id, tokens, key)
-            fit = fit_context(tokens, job.max_tokens, engine.n_ctx, engine.limits.context_overflow)
+                self._store.measured(q.job_id, tokens, key)
+            fit = fit_context(tokens, q.max_tokens, ctx.n_ctx, ctx.overflow)
         except EngineError as e:
             if e.code is ErrorCode.model_not_loaded:
                 return Verdict.wait(WaitReason.model, str(e))
@@ -311,7 +317,8 @@ class Runner:
             return Verdict.wait(WaitReason.memory, verdict.reason)
         return RUN
 
-    def _carry_out(self, decided: Pick, records: dict[str, JobRecord], now: float) -> None:
+    def _carry_out(self, decided: Pick, queued: dict[str, str | None], now: float) -> None:
+        """End what the policy ended; record, announce and log each wait whose reason changed."""
         for job_id, code, message in decided.ends:
             if self._store.finish(job_id, JobOutcome.refused(code, message), now):
                 level = logging.ERROR if code.status is JobStatus.FAILED else logging.WARNING
@@ -319,7 +326,7 @@ class Runner:
                 self._send_outcome(self._stored(job_id))
             self._told.pop(job_id, None)
         for job_id, reason, detail in decided.waits:
-            if not self._store.waiting(job_id, reason.value, detail, now):
+            if queued.get(job_id) == reason.value or not self._store.waiting(job_id, reason.value, detail, now):
                 continue
             told = self._told.setdefault(job_id, set())
             if reason not in told:
@@ -329,7 +336,7 @@ class Runner:
             if rec is not None and rec.status is JobStatus.QUEUED:
                 self._publish_status(rec)
         if len(self._told) > 4 * QUEUE_SCAN:  # jobs that ended elsewhere (canceled, expired)
-            self._told = {k: v for k, v in self._told.items() if k in records}
+            self._told = {k: v for k, v in self._told.items() if k in queued}
 
     def _take_slot(self, rec: JobRecord) -> _Slot | None:
         """Count the claimed job as running (None: it must go back without running)."""
@@ -458,18 +465,20 @@ class Runner:
         return self._monotonic() + (end - self._clock()), why
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What one look at the queue judges every job by: the loaded tokenizer and its context."""
+
+    tokenizer_key: str
+    n_ctx: int
+    overflow: str
+
+
 _STOPPED = {
     StopReason.SHUTDOWN: "the daemon is stopping; it runs again after the restart",
     StopReason.PREEMPT: "preempted by a model change or memory pressure",
     StopReason.CANCEL: "canceled",
 }
-
-
-def _memory_wait(rec: JobRecord, now: float) -> float:
-    """How long a queued job has been waiting for memory without a break (0: it is not)."""
-    if rec.waiting_for != WaitReason.memory.value or rec.waiting_since is None:
-        return 0.0
-    return max(0.0, now - rec.waiting_since)
 
 
 __all__ = ["Runner", "StopReason"]
