@@ -84,10 +84,13 @@ def test_an_inbound_burst_whose_replies_overflow_the_queue_loses_none_in_order_a
             for i in range(n):  # at once: paho sends them as the broker's window allows
                 cloud.client.publish("edge/burst/in", str(i).encode(), qos=1)
             got = [cloud.expect(timeout=T).topic for _ in range(n * k)]
+        # The subscriber has them all; the broker's PUBACKs to the transport may still be on the
+        # way: wait for them before stopping (a stop fails what is still unacknowledged).
+        delivered = all(h.wait(T) for h in replier.handles)
     finally:
         t.stop()
     assert got == [f"edge/burst/out/{i}/{j}" for i in range(n) for j in range(k)]
-    assert all(h.wait(T) for h in replier.handles)
+    assert delivered
     # A message was handed to the handler only once the replies before it were queued in paho.
     assert all(replier.earlier_replies_queued)
     assert replier.seen == [str(i).encode() for i in range(n)]
@@ -103,9 +106,7 @@ def test_an_inbound_burst_whose_replies_overflow_the_queue_loses_none_in_order_a
     assert again.get(timeout=T).payload == b"marker"
 
 
-def test_publishers_on_other_threads_wait_for_room_and_lose_nothing(
-    broker: MosquittoBroker, transports: Any
-) -> None:
+def test_publishers_on_other_threads_wait_for_room_and_lose_nothing(broker: MosquittoBroker, transports: Any) -> None:
     threads_n, per_thread = 4, 150
     t = transports(MqttTransport(broker.settings("edge-agent-threads"), will=None, on_message=lambda m: None,
                                  max_queued=4))  # fmt: skip
@@ -130,9 +131,7 @@ def test_publishers_on_other_threads_wait_for_room_and_lose_nothing(
     assert got == {f"edge/threads/{w}": [str(i).encode() for i in range(per_thread)] for w in range(threads_n)}
 
 
-def test_a_broker_that_stops_reading_bounds_the_wait_of_other_threads(
-    broker: MosquittoBroker, transports: Any
-) -> None:
+def test_a_broker_that_stops_reading_bounds_the_wait_of_other_threads(broker: MosquittoBroker, transports: Any) -> None:
     t = transports(MqttTransport(broker.settings("edge-agent-stall", max_inflight=1), will=None,
                                  on_message=lambda m: None, max_queued=4, queue_wait_s=0.5))  # fmt: skip
     with BrokerClient(broker) as cloud:
