@@ -117,7 +117,9 @@ class LiveSettings:
         if "swap" in sections:
             write_desired_swap(s.swap, s.device.state_dir)
         if "telemetry" in sections and self._spool is not None:
-            self._spool.configure(max_rows=s.telemetry.spool_max_rows, max_bytes=int(s.telemetry.spool_max_mb * 1024 * 1024))
+            self._spool.configure(
+                max_rows=s.telemetry.spool_max_rows, max_bytes=int(s.telemetry.spool_max_mb * 1024 * 1024)
+            )
 
     # ------------------------------------------------------------------ model reload
 

@@ -13,7 +13,8 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from agent.config import Settings
 from agent.errors import TransportError
@@ -53,7 +54,7 @@ class JobClient:
         )
         self._connect_timeout = connect_timeout
 
-    def __enter__(self) -> "JobClient":
+    def __enter__(self) -> JobClient:
         self.connect()
         return self
 
@@ -78,7 +79,9 @@ class JobClient:
         err = self._connect_error
         if err is None:
             within = f"within {self._connect_timeout:g} s"
-            raise TransportError(f"could not connect to the broker at {s.host}:{s.port} {within}", code="mqtt_unreachable")
+            raise TransportError(
+                f"could not connect to the broker at {s.host}:{s.port} {within}", code="mqtt_unreachable"
+            )
         detail = str(err).removeprefix(f"cannot connect to MQTT {s.host}:{s.port}: ")
         raise TransportError(f"could not connect to the broker at {s.host}:{s.port}: {detail}", code=err.code)
 

@@ -15,7 +15,7 @@ class JobStatus(StrEnum):
 
     # The defaults only let a type checker see ``JobStatus("QUEUED")`` (a lookup by value, which
     # never calls this) as valid; every member gives its doc.
-    def __new__(cls, value: str, doc: str = "") -> "JobStatus":
+    def __new__(cls, value: str, doc: str = "") -> JobStatus:
         obj = str.__new__(cls, value)
         obj._value_ = value
         obj.doc = doc
@@ -26,8 +26,16 @@ class JobStatus(StrEnum):
     QUEUED = "QUEUED", "Stored durably and waiting to run. The submit message was acknowledged only after this."
     IN_PROGRESS = "IN_PROGRESS", "Running on the engine. `attempt` counts the runs started."
     SUCCEEDED = "SUCCEEDED", "Finished; the result holds the text. Terminal."
-    FAILED = "FAILED", "Could not complete on this device this time (engine error, interrupted too often). " "Retrying, here later or elsewhere, may succeed. Terminal."
-    REJECTED = "REJECTED", "Will not be run: do not retry the same request on this device (invalid payload, " "queue full, context too long, will not fit memory, expired). Terminal."
+    FAILED = (
+        "FAILED",
+        "Could not complete on this device this time (engine error, interrupted too often). "
+        "Retrying, here later or elsewhere, may succeed. Terminal.",
+    )
+    REJECTED = (
+        "REJECTED",
+        "Will not be run: do not retry the same request on this device (invalid payload, "
+        "queue full, context too long, will not fit memory, expired). Terminal.",
+    )
     CANCELED = "CANCELED", "Stopped by a cancel request; a partial text may be included. Terminal."
     TIMED_OUT = "TIMED_OUT", "Ran longer than its timeout_s; a partial text may be included. Terminal."
 
@@ -36,7 +44,7 @@ class WaitReason(StrEnum):
     """Why a queued job is not running yet: the ``waiting_for`` of its QUEUED status, ``jobs show`` and
     ``status``. Every wait is bounded (docs/protocol.md, "Waiting")."""
 
-    def __new__(cls, value: str, doc: str = "") -> "WaitReason":
+    def __new__(cls, value: str, doc: str = "") -> WaitReason:
         obj = str.__new__(cls, value)
         obj._value_ = value
         obj.doc = doc
@@ -44,11 +52,26 @@ class WaitReason(StrEnum):
 
     doc: str
 
-    slot = "slot", "Every slot of the engine (engine.max_parallel) is running a job, or a job ahead of it in the queue takes the next free one."
-    memory = "memory", "Its KV cache does not fit the memory available now, or the governor holds new jobs under memory pressure. Ends FAILED memory_wait_exceeded after governor.memory_wait_max_s with nothing else running."
-    reserved = "reserved", "A job ahead of it has waited for memory longer than governor.reserve_after_s: the next free capacity is kept for that job, so it is not starved by smaller ones."
-    model = "model", "No model is loaded: a model change, a canary, or a load that failed (the shadow's reported state says which)."
-    paused = "paused", "Intake is paused (intake.paused in the device shadow or the config): queued jobs start when it is resumed."
+    slot = (
+        "slot",
+        "Every slot of the engine (engine.max_parallel) is running a job, or a job ahead of it in the queue takes the next free one.",
+    )
+    memory = (
+        "memory",
+        "Its KV cache does not fit the memory available now, or the governor holds new jobs under memory pressure. Ends FAILED memory_wait_exceeded after governor.memory_wait_max_s with nothing else running.",
+    )
+    reserved = (
+        "reserved",
+        "A job ahead of it has waited for memory longer than governor.reserve_after_s: the next free capacity is kept for that job, so it is not starved by smaller ones.",
+    )
+    model = (
+        "model",
+        "No model is loaded: a model change, a canary, or a load that failed (the shadow's reported state says which).",
+    )
+    paused = (
+        "paused",
+        "Intake is paused (intake.paused in the device shadow or the config): queued jobs start when it is resumed.",
+    )
 
 
 TERMINAL: frozenset[JobStatus] = frozenset(
@@ -59,7 +82,7 @@ TERMINAL: frozenset[JobStatus] = frozenset(
 class ErrorCode(StrEnum):
     """Why a job did not succeed. Each code comes with the terminal status it is reported with."""
 
-    def __new__(cls, value: str, status: JobStatus = JobStatus.FAILED, doc: str = "") -> "ErrorCode":
+    def __new__(cls, value: str, status: JobStatus = JobStatus.FAILED, doc: str = "") -> ErrorCode:
         obj = str.__new__(cls, value)
         obj._value_ = value
         obj.status = status

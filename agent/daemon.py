@@ -124,7 +124,9 @@ class Daemon:
         self.live = LiveSettings(s, supervisor=self.supervisor, store=self.store, hold_intake=lambda on: self.runner.set_hold("intake.paused", on),
                                  spool=self.spool, inference_threads=lambda: self.runner.thread_ids,
                                  delivery=self.delivery)  # fmt: skip
-        self.uplink = Uplink(self.spool, lambda t, p: self.transport.publish(t, p, qos=1), lambda: self.transport.connected)
+        self.uplink = Uplink(
+            self.spool, lambda t, p: self.transport.publish(t, p, qos=1), lambda: self.transport.connected
+        )
         sampler = Sampler(
             s.device.id, agent_state=lambda: self.reporter.agent_state(), clock=clock,
             residency=lambda: engine_residency(self.supervisor.engine)(),
@@ -304,7 +306,9 @@ class Daemon:
             self.intake.resume()
             self.runner.release("store")
             self.outbox.request_resend()
-            self.transport.reconnect("the job store takes writes again: the broker delivers what was left unacknowledged")
+            self.transport.reconnect(
+                "the job store takes writes again: the broker delivers what was left unacknowledged"
+            )
         else:
             self.intake.pause()
             self.runner.hold("store")

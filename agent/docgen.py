@@ -32,7 +32,9 @@ def render_blocks(text: str, renderers: Mapping[str, Callable[[], str]], doc_nam
     return out
 
 
-def main(doc: Path, render: Callable[[str], str], *, module: str, description: str, argv: list[str] | None = None) -> int:
+def main(
+    doc: Path, render: Callable[[str], str], *, module: str, description: str, argv: list[str] | None = None
+) -> int:
     """``python -m {module} [--check]``: rewrite ``doc`` when it is out of date, or only say so."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--check", action="store_true", help="only report whether the document is up to date")

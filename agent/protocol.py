@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -89,17 +89,15 @@ class InvalidJob(Exception):
 
 def rfc3339(epoch: float) -> str:
     """Epoch seconds as an RFC 3339 UTC timestamp with milliseconds: 2024-05-01T12:00:00.123Z."""
-    return _format_dt(datetime.fromtimestamp(epoch, tz=timezone.utc))
+    return _format_dt(datetime.fromtimestamp(epoch, tz=UTC))
 
 
 def _format_dt(dt: datetime) -> str:
-    dt = dt.astimezone(timezone.utc)
+    dt = dt.astimezone(UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
-_RFC3339_RE = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
-)
+_RFC3339_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
 
 def _parse_rfc3339(value: Any) -> datetime:
@@ -229,7 +227,7 @@ class ResponseFormat(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _schema_with_its_type(self) -> "ResponseFormat":
+    def _schema_with_its_type(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise PydanticCustomError(
                 "schema_required", "response_format.schema is required when response_format.type is 'json_schema'"
@@ -270,11 +268,17 @@ class JobSubmit(BaseModel):
             "allOf": [
                 {
                     "if": {"properties": {"kind": {"const": "generate"}}},
-                    "then": {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+                    "then": {
+                        "required": ["prompt"],
+                        "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}},
+                    },
                 },
                 {
                     "if": {"properties": {"kind": {"const": "chat"}}},
-                    "then": {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+                    "then": {
+                        "required": ["messages"],
+                        "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}},
+                    },
                 },
             ]
         },
@@ -404,7 +408,7 @@ class JobSubmit(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _text_of_its_kind(self) -> "JobSubmit":
+    def _text_of_its_kind(self) -> JobSubmit:
         problems = _kind_problems(self.kind, self.prompt is not None, self.messages is not None)
         if problems:
             raise PydanticCustomError("kind_fields", "{text}", {"text": "; ".join(problems)})
@@ -496,7 +500,9 @@ _decoder = json.JSONDecoder(
 )
 # Used only when the payload cannot be decoded at all: most clients serialise job_id first,
 # and then the rejection can still be addressed. Whitespace as JSON defines it.
-_LEADING_ID_RE = re.compile(rb'\A[ \t\n\r]*\{[ \t\n\r]*"job_id"[ \t\n\r]*:[ \t\n\r]*"([A-Za-z0-9_-]{1,64})"[ \t\n\r]*[,}]')
+_LEADING_ID_RE = re.compile(
+    rb'\A[ \t\n\r]*\{[ \t\n\r]*"job_id"[ \t\n\r]*:[ \t\n\r]*"([A-Za-z0-9_-]{1,64})"[ \t\n\r]*[,}]'
+)
 
 
 def _leading_job_id(payload: bytes) -> str | None:
@@ -737,9 +743,7 @@ def _parse_submit(payload: Any, max_prompt_bytes: int, max_tokens_limit: int, to
         job_id = topic_job_id
     if data.duplicates:
         names = ", ".join(_show(k) for k in list(data.duplicates)[:_MAX_LISTED])
-        raise InvalidJob(
-            ErrorCode.invalid_payload, f"duplicate key(s) {names}; each key may appear only once", job_id
-        )
+        raise InvalidJob(ErrorCode.invalid_payload, f"duplicate key(s) {names}; each key may appear only once", job_id)
     fields = dict(data)
     if topic_job_id is not None:
         fields.setdefault("job_id", topic_job_id)
@@ -897,7 +901,7 @@ class JobOutcome(BaseModel):
         return _clean_text(v)
 
     @model_validator(mode="after")
-    def _one_outcome(self) -> "JobOutcome":
+    def _one_outcome(self) -> JobOutcome:
         if self.status not in TERMINAL:
             raise ValueError(f"an outcome needs a terminal status, got {self.status.value}")
         if (self.status is JobStatus.SUCCEEDED) != (self.error is None):
@@ -905,7 +909,7 @@ class JobOutcome(BaseModel):
         return self
 
     @classmethod
-    def refused(cls, code: ErrorCode, message: str) -> "JobOutcome":
+    def refused(cls, code: ErrorCode, message: str) -> JobOutcome:
         """An outcome without output: the code decides the status."""
         return cls(status=code.status, error=ErrorInfo(code=code, message=message))
 
@@ -931,7 +935,7 @@ class ResultMessage(JobOutcome, _ResultEnvelope):
     """
 
     @classmethod
-    def of(cls, outcome: JobOutcome, *, job_id: str, device_id: str, attempt: int, ts: float) -> "ResultMessage":
+    def of(cls, outcome: JobOutcome, *, job_id: str, device_id: str, attempt: int, ts: float) -> ResultMessage:
         return cls(job_id=job_id, device_id=device_id, attempt=attempt, ts=ts, **dict(outcome))
 
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel
 
+from agent.codes import WaitReason
 from agent.docgen import main as docgen_main
 from agent.docgen import render_blocks
-from agent.codes import WaitReason
 from agent.protocol import TERMINAL, ErrorCode, JobStatus, Topics, json_schemas
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -52,7 +52,9 @@ def store_error(e: sqlite3.Error, path: Path, doing: str, what: str) -> StoreErr
 
 
 @contextmanager
-def write_transaction(conn: sqlite3.Connection, error: Callable[[sqlite3.Error], StoreError]) -> Iterator[sqlite3.Connection]:
+def write_transaction(
+    conn: sqlite3.Connection, error: Callable[[sqlite3.Error], StoreError]
+) -> Iterator[sqlite3.Connection]:
     """One state change: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on any exception; SQLite errors
     leave as ``error(e)``. IMMEDIATE takes the write lock up front, so a read-then-update inside the
     block cannot be interleaved with another writer (and never fails half-way with BUSY)."""

@@ -30,16 +30,17 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlite_utils
 
 from agent.errors import StoreError
-from agent.sqlite import store_error, write_transaction
 from agent.protocol import TERMINAL, ErrorCode, JobOutcome, JobStatus, JobSubmit, ResultMessage, StatusMessage, rfc3339
+from agent.sqlite import store_error, write_transaction
 
 if TYPE_CHECKING:
     from agent.config.sections import StoreSettings
@@ -99,7 +100,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     "CREATE INDEX IF NOT EXISTS jobs_delivered ON jobs (finished_at, seq) WHERE delivered = 1",
 )
 
-Outcome = Literal["new", "duplicate_pending", "duplicate_finished", "rejected_queue_full", "rejected_expired", "rejected"]
+Outcome = Literal[
+    "new", "duplicate_pending", "duplicate_finished", "rejected_queue_full", "rejected_expired", "rejected"
+]
 CancelOutcome = Literal["canceled_queued", "running", "finished", "unknown"]
 RecoverAction = Literal["requeued", "failed_interrupted", "undelivered"]
 RequeueReason = Literal["shutdown", "preempt"]
@@ -257,7 +260,9 @@ class JobStore:
                 code="store_cantopen",
             )
         if readonly and not self.path.is_file():
-            raise StoreError(f"no job store at {self.path} (has the daemon run with this config?)", code="store_cantopen")
+            raise StoreError(
+                f"no job store at {self.path} (has the daemon run with this config?)", code="store_cantopen"
+            )
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; the sqlite3 module's
             # implicit transactions would start a deferred one and could fail to upgrade it.
@@ -280,7 +285,7 @@ class JobStore:
             self._conn = None
             raise
 
-    def configure(self, settings: "StoreSettings") -> None:
+    def configure(self, settings: StoreSettings) -> None:
         """Take the live limits from the settings (a reload or the device shadow).
 
         Lowering queue_max never drops queued jobs: it only refuses new ones until the queue drains.
@@ -294,8 +299,8 @@ class JobStore:
 
     @classmethod
     def from_settings(
-        cls, settings: "StoreSettings", *, clock: Callable[[], float] = time.time, readonly: bool = False
-    ) -> "JobStore":
+        cls, settings: StoreSettings, *, clock: Callable[[], float] = time.time, readonly: bool = False
+    ) -> JobStore:
         """The one way the daemon and the CLI open the store."""
         if settings.path is None:
             raise StoreError("store.path is not set (Settings derives it from device.state_dir)", code="store_cantopen")
@@ -657,7 +662,7 @@ class JobStore:
                     actions.append((rec.job_id, "undelivered"))
         return actions
 
-    def mark_delivered_many(self, job_ids: "Sequence[str]") -> int:
+    def mark_delivered_many(self, job_ids: Sequence[str]) -> int:
         """mark_delivered for several jobs in one transaction; returns how many rows changed."""
         with self._write(f"marking {len(job_ids)} job(s) delivered"):
             n = 0
@@ -684,7 +689,9 @@ class JobStore:
         try:
             st = os.statvfs(self.path.parent)
         except OSError as e:
-            raise StoreError(f"{self.path.parent}: cannot read filesystem usage: {e.strerror}", code="store_io") from None
+            raise StoreError(
+                f"{self.path.parent}: cannot read filesystem usage: {e.strerror}", code="store_io"
+            ) from None
         free = st.f_bavail * st.f_frsize
         if free < min_free_bytes:
             raise StoreError(
@@ -781,7 +788,7 @@ class JobStore:
             finally:
                 conn.close()
 
-    def __enter__(self) -> "JobStore":
+    def __enter__(self) -> JobStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -800,9 +807,9 @@ def _record(row: dict[str, Any]) -> JobRecord:
         expires_at=row["expires_at"],
         timeout_s=row["timeout_s"],
         request=None if row["request"] is None else json.loads(row["request"]),
-        outcome=None if row["result"] is None else JobOutcome.model_validate(
-            {**json.loads(row["result"]), "status": row["status"]}
-        ),
+        outcome=None
+        if row["result"] is None
+        else JobOutcome.model_validate({**json.loads(row["result"]), "status": row["status"]}),
         delivered=bool(row["delivered"]),
         error_code=row["error_code"],
         preemptions=row.get("preemptions") or 0,

@@ -42,8 +42,9 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -328,8 +329,9 @@ class MqttTransport:
     ) -> None:
         if not settings.client_id:
             # A random id would start a new session on every connect and lose queued jobs.
-            raise TransportError("mqtt.client_id must be set: the persistent session is keyed by it",
-                                 code="mqtt_config")
+            raise TransportError(
+                "mqtt.client_id must be set: the persistent session is keyed by it", code="mqtt_config"
+            )
         self.settings = settings
         self.client_id: str = settings.client_id
         self._where = f"MQTT {settings.host}:{settings.port}"
@@ -343,7 +345,9 @@ class MqttTransport:
         self._max_queued = max(max_queued, settings.max_inflight)
         self._queue_wait_s = queue_wait_s
         self._clock = clock
-        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s, rng or random.Random(), stable_after_s)
+        self._backoff = Backoff(
+            settings.reconnect_min_s, settings.reconnect_max_s, rng or random.Random(), stable_after_s
+        )
 
         self._lock = threading.Lock()
         self._pending: dict[int, PublishHandle] = {}
@@ -432,7 +436,9 @@ class MqttTransport:
         try:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
         except (OSError, ssl.SSLError) as e:
-            raise TransportError(f"mqtt.tls.ca_file {tls.ca_file}: cannot load CA bundle: {e}", code="mqtt_tls") from None
+            raise TransportError(
+                f"mqtt.tls.ca_file {tls.ca_file}: cannot load CA bundle: {e}", code="mqtt_tls"
+            ) from None
         if tls.cert_file is not None and tls.key_file is not None:
             try:
                 ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
@@ -602,8 +608,11 @@ class MqttTransport:
         if not self._manual_ack or msg.qos == 0:
             return True
         if msg.connection != self._generation or not self._connected.is_set():
-            log.debug("not acking %s (mid %d): it arrived on an earlier connection; the broker redelivers it",
-                      msg.topic, msg.mid)
+            log.debug(
+                "not acking %s (mid %d): it arrived on an earlier connection; the broker redelivers it",
+                msg.topic,
+                msg.mid,
+            )
             return False
         with self._out:
             if self._backlog:
@@ -808,8 +817,9 @@ class MqttTransport:
 
     # -- paho callbacks (network thread) ---------------------------------------------------
 
-    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                        properties: Properties | None) -> None:
+    def _handle_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         if reason.is_failure:
             self._attempt_error = connack_error(reason, f"{self._where} refused the connection")
             return
@@ -817,8 +827,12 @@ class MqttTransport:
         self._session_present = bool(flags.session_present)
         self._connected_at = self._clock()
         self._last_error = None
-        log.info("connected to %s as %s (%s)", self._where, self.client_id,
-                 "session resumed" if self._session_present else "new session")
+        log.info(
+            "connected to %s as %s (%s)",
+            self._where,
+            self.client_id,
+            "session resumed" if self._session_present else "new session",
+        )
         self._subscribed.clear()
         if self._subscriptions:
             # Even with a resumed session: the broker may have lost it (restart without
@@ -835,8 +849,9 @@ class MqttTransport:
             except Exception:
                 log.exception("on_connect callback failed")
 
-    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                           properties: Properties | None) -> None:
+    def _handle_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         if flags.is_disconnect_packet_from_server:
             self._disconnect_reason = f"the broker disconnected us: {reason}"
         elif reason.getName() == "Keep alive timeout":
@@ -881,8 +896,9 @@ class MqttTransport:
             # Not acked: the broker redelivers it on the next connection.
             log.exception("on_message failed for %s (mid %d); left unacknowledged", msg.topic, msg.mid)
 
-    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
-                        properties: Properties | None) -> None:
+    def _handle_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         # Resolved after this loop pass (_resolve_acked), outside paho's locks.
         with self._lock:
             self._acked.append((mid, reason))
@@ -896,10 +912,11 @@ class MqttTransport:
         else:
             handle._resolve(True)
 
-    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
-                          properties: Properties | None) -> None:
+    def _handle_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Properties | None
+    ) -> None:
         topics = self._sub_topics.pop(mid, [])
-        for topic, reason in zip(topics, reasons):
+        for topic, reason in zip(topics, reasons, strict=False):
             if reason.is_failure:
                 log.warning("broker refused subscription to %s: %s", topic, reason)
         if not self._sub_topics:

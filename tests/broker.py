@@ -207,7 +207,7 @@ class MosquittoBroker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> "MosquittoBroker":
+    def start(self) -> MosquittoBroker:
         if self.running:
             return self
         # A free port can be taken by someone else between choosing and binding it; with a
@@ -244,15 +244,14 @@ class MosquittoBroker:
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
-                raise BrokerError(
-                    f"mosquitto exited with {self._proc.returncode} during start-up\n{self.log_tail()}"
-                )
+                raise BrokerError(f"mosquitto exited with {self._proc.returncode} during start-up\n{self.log_tail()}")
             if port_accepts(self.host, self.port, timeout=0.2):
                 return
             # Poll pacing only: the loop exits on readiness, not on this delay.
             time.sleep(0.02)
-        raise BrokerError(f"mosquitto did not accept connections on {self.port} within {self.start_timeout_s}s\n"
-                          f"{self.log_tail()}")
+        raise BrokerError(
+            f"mosquitto did not accept connections on {self.port} within {self.start_timeout_s}s\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM and wait: mosquitto saves its database on the way out."""
@@ -283,7 +282,7 @@ class MosquittoBroker:
             self._proc.wait()
             self._proc = None
 
-    def restart(self) -> "MosquittoBroker":
+    def restart(self) -> MosquittoBroker:
         """Stop (saving state) and start again on the same port."""
         self.stop()
         self._fixed_port = True  # clients are configured with this port: keep it
@@ -296,7 +295,7 @@ class MosquittoBroker:
                 out += p.read_text(errors="replace").splitlines()[-lines:]
         return "\n".join(out)
 
-    def __enter__(self) -> "MosquittoBroker":
+    def __enter__(self) -> MosquittoBroker:
         return self.start()
 
     def __exit__(
@@ -306,7 +305,6 @@ class MosquittoBroker:
 
     def __repr__(self) -> str:
         return f"MosquittoBroker({self.host}:{self.port}, dir={self.dir}, running={self.running})"
-
 
     # -- helpers for tests ------------------------------------------------------------------
 
@@ -454,7 +452,7 @@ class BrokerClient:
         c.on_subscribe = lambda _c, _u, mid, rcs, props: self._subacks.setdefault(mid, queue.Queue()).put(rcs)
         self.client = c
 
-    def connect(self, timeout: float = 10.0) -> "BrokerClient":
+    def connect(self, timeout: float = 10.0) -> BrokerClient:
         self.client.connect(self.broker.host, self.broker.port, keepalive=30, clean_start=self._clean_start)
         self.client.loop_start()
         rc = self._connack.get(timeout=timeout)
@@ -509,7 +507,7 @@ class BrokerClient:
         finally:
             self.client.loop_stop()
 
-    def __enter__(self) -> "BrokerClient":
+    def __enter__(self) -> BrokerClient:
         return self.connect()
 
     def __exit__(self, *exc: object) -> None:

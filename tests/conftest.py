@@ -7,7 +7,6 @@ import pytest
 from hypothesis import settings
 
 from agent.ops.logs import _AgentHandler
-
 from tests.fixtures_broker import *  # noqa: F401,F403  private Mosquitto brokers on free ports
 from tests.fixtures_models import *  # noqa: F401,F403  synthetic GGUF models
 

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.config import Settings, _merge, load_settings
 from agent.daemon import Daemon
@@ -120,12 +121,14 @@ class InProcessDaemon:
             self.engines.append(engine_wrapper(engine) if engine_wrapper else engine)
             return self.engines[-1]
 
-        self.daemon = Daemon(self.settings, engine_factory=factory, config_path=config, clock=clock, monotonic=monotonic)
+        self.daemon = Daemon(
+            self.settings, engine_factory=factory, config_path=config, clock=clock, monotonic=monotonic
+        )
         self.settings = self.daemon.settings  # the settings in force (the file's, overlaid by the shadow's desired)
         self._thread: threading.Thread | None = None
         self.exit_code: int | None = None
 
-    def start(self) -> "InProcessDaemon":
+    def start(self) -> InProcessDaemon:
         def serve() -> None:
             self.exit_code = self.daemon.serve(install_signals=False)
 
@@ -140,7 +143,7 @@ class InProcessDaemon:
             assert not self._thread.is_alive(), "daemon did not stop"
         return self.exit_code
 
-    def __enter__(self) -> "InProcessDaemon":
+    def __enter__(self) -> InProcessDaemon:
         return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -195,7 +198,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         self.starts += 1
         log = open(self.log_path, "ab")
         log.write(f"\n===== start {self.starts} =====\n".encode())
@@ -244,7 +247,7 @@ class DaemonProcess:
         except FileNotFoundError:
             return "(no log)"
 
-    def __enter__(self) -> "DaemonProcess":
+    def __enter__(self) -> DaemonProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

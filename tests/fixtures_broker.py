@@ -8,8 +8,9 @@ made here is stopped at teardown, whether the test passed or not.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 

@@ -18,8 +18,14 @@ import pytest
 from agent.models.synth import synth_model
 
 __all__ = [
-    "tiny_model", "qwen05_model", "gemma_model", "gemma_q4_0_model", "gemma_q8_0_model", "gemma_f16_model",
-    "models_dir", "requantize",
+    "tiny_model",
+    "qwen05_model",
+    "gemma_model",
+    "gemma_q4_0_model",
+    "gemma_q8_0_model",
+    "gemma_f16_model",
+    "models_dir",
+    "requantize",
 ]
 
 # The default of model.path in the settings: a models_dir holding this name works with default settings.

@@ -77,7 +77,7 @@ class ModelServer:
 
     # ------------------------------------------------------------------ life cycle
 
-    def start(self) -> "ModelServer":
+    def start(self) -> ModelServer:
         server = self
 
         class Handler(_Handler):
@@ -126,7 +126,7 @@ class ModelServer:
 
         threading.Thread(target=stop, daemon=True).start()
 
-    def __enter__(self) -> "ModelServer":
+    def __enter__(self) -> ModelServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -19,10 +19,10 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from agent.applier import SWAP_NOTE
 from agent.config import Settings
 from agent.config.live import ApplyReport, diff
 from agent.models.synth import sha256_file
-from agent.applier import SWAP_NOTE
 from agent.protocol import Topics
 from agent.shadow.desired import check_model_file
 from agent.shadow.service import ShadowService
@@ -147,7 +147,7 @@ class ShadowBoard:
             on_connect=self.service.on_connect, subscriptions=self.service.subscriptions(),
         )  # fmt: skip
 
-    def start(self, *, connect: bool = True, main_loop: bool = True) -> "ShadowBoard":
+    def start(self, *, connect: bool = True, main_loop: bool = True) -> ShadowBoard:
         """Like the daemon: start the service and reconcile before connecting."""
         self.service.start()
         self.service.run_pending()
@@ -175,7 +175,7 @@ class ShadowBoard:
         self.transport.stop()
         self.store.close()
 
-    def __enter__(self) -> "ShadowBoard":
+    def __enter__(self) -> ShadowBoard:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

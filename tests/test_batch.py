@@ -126,7 +126,10 @@ def test_a_deadline_ends_its_own_job_only(four: Engine) -> None:
     try:
         res = at_once(
             four,
-            [GenerationRequest(PROMPTS[0], max_tokens=150, **GREEDY), GenerationRequest(PROMPTS[1], max_tokens=150, **GREEDY)],
+            [
+                GenerationRequest(PROMPTS[0], max_tokens=150, **GREEDY),
+                GenerationRequest(PROMPTS[1], max_tokens=150, **GREEDY),
+            ],
             deadline=[50.0, None],
             on_token=[late, None],
         )
@@ -175,7 +178,8 @@ def test_auto_takes_as_many_slots_as_the_budget_allows(tiny_model: Path) -> None
     from agent.config.sections import MemorySettings
 
     engine = Engine(
-        tiny_model, engine=EngineSettings(n_ctx=512, max_parallel="auto", auto_parallel_max=3),
+        tiny_model,
+        engine=EngineSettings(n_ctx=512, max_parallel="auto", auto_parallel_max=3),
         memory=MemorySettings(budget_mb=1024),
     )
     try:
@@ -204,7 +208,7 @@ def test_gemma_batched_jobs_each_continue_their_own_prompt(gemma_model: Path) ->
     assert [t.split()[0] for t in together] == [t.split()[0] for t in alone], (together, alone)
     assert len(set(together)) == 3
     # The lone runs agree with each other on their first words; so must the batch with them.
-    assert all(t.split()[:2] == a.split()[:2] for t, a in zip(together, alone)), (together, alone)
+    assert all(t.split()[:2] == a.split()[:2] for t, a in zip(together, alone, strict=False)), (together, alone)
 
 
 def test_more_jobs_than_a_batch_holds_take_turns(tiny_model: Path, single: Engine) -> None:

@@ -24,8 +24,9 @@ pytestmark = [
     pytest.mark.arm64,
     pytest.mark.skipif(not BUNDLE, reason="opt-in: set EDGE_AGENT_ARM64_BUNDLE to a bundle .tar (packaging/bundle.py)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, mounts, unshare)"),
-    pytest.mark.skipif(not (ROOT / "usr/bin/python3").exists(), reason=f"no arm64 root at {ROOT} "
-                       "(packaging/build-arm64-root.sh)"),  # fmt: skip
+    pytest.mark.skipif(
+        not (ROOT / "usr/bin/python3").exists(), reason=f"no arm64 root at {ROOT} (packaging/build-arm64-root.sh)"
+    ),  # fmt: skip
 ]
 
 

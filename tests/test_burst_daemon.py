@@ -16,8 +16,9 @@ import json
 import logging
 import queue
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -73,8 +74,12 @@ def test_300_shadow_updates_at_once_get_300_replies(
         peer.subscribe(t.shadow_update_accepted)
         peer.subscribe(t.shadow_update_rejected)
         updates = [
-            (t.shadow_update, json.dumps({"state": {"desired": {"telemetry": {"interval_s": 100 + i}}},
-                                          "client_token": f"u{i:03d}"}).encode())  # fmt: skip
+            (
+                t.shadow_update,
+                json.dumps(
+                    {"state": {"desired": {"telemetry": {"interval_s": 100 + i}}}, "client_token": f"u{i:03d}"}
+                ).encode(),
+            )  # fmt: skip
             for i in range(n)
         ]
         replies: dict[str, tuple[str, dict]] = {}

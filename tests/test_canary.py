@@ -129,8 +129,10 @@ def test_the_real_engine_rolls_back_by_itself_and_the_rollback_is_timed(tmp_path
     assert sup.engine is not None and str(sup.config.model.path) == "a.gguf"
     after = sup.engine.generate(request(CanarySettings(prompt="Say OK.", max_tokens=8)))
     assert after.text == before.text  # the same model serves again (greedy: the same answer)
-    print(f"\ncanary failed on b.gguf; back to a.gguf in {out.rollback_s * 1000:.1f} ms "
-          f"(whole change {out.took_s * 1000:.1f} ms, canary {out.canary.took_ms:.1f} ms)")
+    print(
+        f"\ncanary failed on b.gguf; back to a.gguf in {out.rollback_s * 1000:.1f} ms "
+        f"(whole change {out.took_s * 1000:.1f} ms, canary {out.canary.took_ms:.1f} ms)"
+    )
 
 
 def test_canary_settings_errors_name_the_key(tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ from agent.config.sections import MemorySettings
 from agent.engine.residency import layer_residency
 from agent.models.gguf_info import read_model_info
 from agent.system.memory import (
-    MiB,
     CgroupMemory,
     MemInfo,
+    MiB,
     PeakSampler,
     cgroup_memory,
     meminfo,
@@ -63,7 +63,9 @@ def test_meminfo_and_psi_parse(tmp_path: Path) -> None:
     mi = meminfo()
     assert mi.mem_total > mi.mem_available > 0
     psi = tmp_path / "memory"
-    psi.write_text("some avg10=1.50 avg60=0.20 avg300=0.00 total=12345\nfull avg10=0.50 avg60=0.00 avg300=0.00 total=99\n")
+    psi.write_text(
+        "some avg10=1.50 avg60=0.20 avg300=0.00 total=12345\nfull avg10=0.50 avg60=0.00 avg300=0.00 total=99\n"
+    )
     p = psi_memory(psi)
     assert p.available and p.some_avg10 == 1.5 and p.full_total_us == 99
     missing = psi_memory(tmp_path / "nope")
@@ -127,7 +129,9 @@ def test_resolve_budget_sources() -> None:
     assert no_cg.bytes == 896 * MiB and "MemTotal" in no_cg.source and any("no controller" in n for n in no_cg.notes)
     unlimited = resolve_budget(MemorySettings(reserve_mb=128), mem=mem, cgroup=CgroupMemory(1, path="/", limit=None))
     assert unlimited.bytes == 896 * MiB
-    above_ram = resolve_budget(MemorySettings(reserve_mb=0), mem=mem, cgroup=CgroupMemory(1, path="/b", limit=8192 * MiB))
+    above_ram = resolve_budget(
+        MemorySettings(reserve_mb=0), mem=mem, cgroup=CgroupMemory(1, path="/b", limit=8192 * MiB)
+    )
     assert above_ram.bytes == 1024 * MiB and any("above MemTotal" in n for n in above_ram.notes)
 
 
@@ -154,7 +158,7 @@ class _Cgroup:
     path: Path
 
     @classmethod
-    def create(cls, name: str, limit: int) -> "_Cgroup":
+    def create(cls, name: str, limit: int) -> _Cgroup:
         if os.geteuid() != 0:
             pytest.skip("needs root to create a memory cgroup")
         v1 = Path("/sys/fs/cgroup/memory")
@@ -239,8 +243,17 @@ def test_qwen05_in_a_cgroup_of_60_percent_of_the_file(qwen05_model: Path, tmp_pa
     cg = _Cgroup.create(f"edge-agent-test-{os.getpid()}", limit)
     model = qwen05_model
     try:
-        common = [*EDGE_AGENT, "generate", "--model", str(model), "--prompt", "Hello there, how are you?",
-                  "--max-tokens", "16", "--json"]
+        common = [
+            *EDGE_AGENT,
+            "generate",
+            "--model",
+            str(model),
+            "--prompt",
+            "Hello there, how are you?",
+            "--max-tokens",
+            "16",
+            "--json",
+        ]
         results = {}
         for mode in ("fit", "auto"):
             _drop_from_page_cache(model)
@@ -297,8 +310,20 @@ def test_forced_fast_mode_in_the_same_cgroup_is_oom_killed(qwen05_model: Path) -
     try:
         _drop_from_page_cache(qwen05_model)
         proc = cg.run(
-            [*EDGE_AGENT, "generate", "--model", str(qwen05_model), "--prompt", "Hello", "--max-tokens", "16",
-             "--mode", "fast", "--force", "--json"],
+            [
+                *EDGE_AGENT,
+                "generate",
+                "--model",
+                str(qwen05_model),
+                "--prompt",
+                "Hello",
+                "--max-tokens",
+                "16",
+                "--mode",
+                "fast",
+                "--force",
+                "--json",
+            ],
             timeout=1800,
         )
         print(f"\n--mode fast --force: exit {proc.returncode}, cgroup oom_kill {cg.oom_kills}")
@@ -323,8 +348,21 @@ def test_real_model_planned_exactly_in_a_cgroup_of_60_percent_of_the_file(gemma_
         proc = cg.run(
             # Few tokens: with the tied 170 MiB output matrix read for every token and 145 MiB for
             # everything, each token re-reads most of the file from storage (about 0.2-1 tok/s).
-            [*EDGE_AGENT, "generate", "--model", str(gemma_model), "--prompt", "The capital of France is",
-             "--max-tokens", "4", "--mode", "auto", "--ctx", "auto", "--json"],
+            [
+                *EDGE_AGENT,
+                "generate",
+                "--model",
+                str(gemma_model),
+                "--prompt",
+                "The capital of France is",
+                "--max-tokens",
+                "4",
+                "--mode",
+                "auto",
+                "--ctx",
+                "auto",
+                "--json",
+            ],
             timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-2000:]

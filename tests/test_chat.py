@@ -102,7 +102,9 @@ def with_chat_template(src: Path, dst: Path, template: str) -> Path:
         key, value = gguf.Keys.Tokenizer.CHAT_TEMPLATE.encode(), template.encode()
         with open(dst, "wb") as out:
             out.write(buf[:8] + struct.pack("<QQ", n_tensors, n_kv + 1) + buf[kv_start:kv_end])
-            out.write(struct.pack("<Q", len(key)) + key + struct.pack("<IQ", gguf.GGUFValueType.STRING, len(value)) + value)
+            out.write(
+                struct.pack("<Q", len(key)) + key + struct.pack("<IQ", gguf.GGUFValueType.STRING, len(value)) + value
+            )
             out.write(buf[kv_end : c.pos])
             out.write(b"\0" * (-out.tell() % align))
             out.write(buf[-(-c.pos // align) * align :])
@@ -176,7 +178,9 @@ def test_gemma_chat_ends_at_an_end_of_generation_token_under_a_grammar(gemma_mod
 def test_template_refusal_is_an_invalid_request_with_its_words(gemma_model: Path) -> None:
     with engine_for(gemma_model, chat_template=GEMMA3_TEMPLATE) as engine:
         with pytest.raises(EngineError) as info:
-            engine.generate(GenerationRequest(messages=(ChatMessage("user", "a"), ChatMessage("user", "b")), max_tokens=4))
+            engine.generate(
+                GenerationRequest(messages=(ChatMessage("user", "a"), ChatMessage("user", "b")), max_tokens=4)
+            )
     assert info.value.code.value == "invalid_request"
     assert str(info.value) == (
         "the chat template (engine.chat_template) refused the messages: "
@@ -198,7 +202,12 @@ def test_no_template_and_no_override_is_refused(tiny_model: Path) -> None:
 
 
 def test_the_files_template_renders_the_messages(tiny_chatml: Path) -> None:
-    msgs = (ChatMessage("system", "Be terse."), ChatMessage("user", "Hi"), ChatMessage("assistant", ""), ChatMessage("user", "Again"))
+    msgs = (
+        ChatMessage("system", "Be terse."),
+        ChatMessage("user", "Hi"),
+        ChatMessage("assistant", ""),
+        ChatMessage("user", "Again"),
+    )
     rendered = (
         "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n"
         "<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n"
@@ -213,7 +222,9 @@ def test_the_files_template_renders_the_messages(tiny_chatml: Path) -> None:
 def test_chat_content_counts_against_max_prompt_bytes(tiny_chatml: Path) -> None:
     with engine_for(tiny_chatml, max_prompt_bytes=16) as engine:
         with pytest.raises(EngineError) as info:
-            engine.generate(GenerationRequest(messages=(ChatMessage("user", "x" * 10), ChatMessage("user", "y" * 7)), max_tokens=2))
+            engine.generate(
+                GenerationRequest(messages=(ChatMessage("user", "x" * 10), ChatMessage("user", "y" * 7)), max_tokens=2)
+            )
     assert info.value.code.value == "prompt_too_large"
     assert str(info.value) == "the messages' contents are 17 bytes, more than engine.max_prompt_bytes 16"
 
@@ -245,9 +256,13 @@ def run_jobs(config: Path, broker: MosquittoBroker, jobs: dict[str, dict]) -> di
     return results
 
 
-def test_chat_jobs_through_the_daemon(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, tiny_chatml: Path) -> None:
+def test_chat_jobs_through_the_daemon(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, tiny_chatml: Path
+) -> None:
     chat = {"kind": "chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0.0}
-    no_template = run_jobs(write_daemon_config(tmp_path / "plain", broker, tiny_model, device_id=DEV), broker, {"c-1": chat})
+    no_template = run_jobs(
+        write_daemon_config(tmp_path / "plain", broker, tiny_model, device_id=DEV), broker, {"c-1": chat}
+    )
     r = no_template["c-1"]
     assert r["status"] == "REJECTED" and r["error"]["code"] == "no_chat_template" and r["text"] is None
 
@@ -259,7 +274,9 @@ def test_chat_jobs_through_the_daemon(tmp_path: Path, broker: MosquittoBroker, t
     ok = with_template["c-2"]
     assert ok["status"] == "SUCCEEDED" and ok["finish_reason"] in ("stop", "length")
     with engine_for(tiny_chatml) as engine:
-        assert ok["usage"]["prompt_tokens"] == engine.count_tokens("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+        assert ok["usage"]["prompt_tokens"] == engine.count_tokens(
+            "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+        )
     constrained = with_template["c-3"]
     assert constrained["status"] == "SUCCEEDED" and json.loads(constrained["text"]) in ("yes", "no")
 
@@ -270,7 +287,9 @@ def test_overridden_template_wins_over_the_files(tiny_chatml: Path) -> None:
         assert res.stats.prompt_tokens == engine.count_tokens("abc!")
 
 
-def test_cli_submit_sends_a_chat_job_with_a_schema(tmp_path: Path, broker: MosquittoBroker, tiny_chatml: Path, capsys) -> None:
+def test_cli_submit_sends_a_chat_job_with_a_schema(
+    tmp_path: Path, broker: MosquittoBroker, tiny_chatml: Path, capsys
+) -> None:
     from agent.cli import main
 
     config = write_daemon_config(tmp_path / "cli", broker, tiny_chatml, device_id=DEV)

@@ -148,8 +148,17 @@ def test_cli_show_masks_secrets(capsys, monkeypatch):
 def test_cli_schema_is_json_schema(capsys):
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) >= {"device", "mqtt", "model", "engine", "memory", "swap", "priority",
-                                         "telemetry", "store"}
+    assert set(schema["properties"]) >= {
+        "device",
+        "mqtt",
+        "model",
+        "engine",
+        "memory",
+        "swap",
+        "priority",
+        "telemetry",
+        "store",
+    }
 
 
 def test_every_field_has_a_description():
@@ -167,4 +176,6 @@ def test_every_field_has_a_description():
 
 def test_configuration_doc_is_generated_from_the_models():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    assert doc == render_markdown(), "docs/configuration.md is stale: run `edge-agent config docs > docs/configuration.md`"
+    assert doc == render_markdown(), (
+        "docs/configuration.md is stale: run `edge-agent config docs > docs/configuration.md`"
+    )

@@ -28,7 +28,9 @@ def engine(request: pytest.FixtureRequest, tiny_model: Path) -> EngineLike:
 
         e: EngineLike = Engine(
             tiny_model,
-            engine=EngineSettings(n_ctx=512, n_threads=1, n_batch=64, load_mode="fit", max_tokens_limit=400, max_parallel=2),
+            engine=EngineSettings(
+                n_ctx=512, n_threads=1, n_batch=64, load_mode="fit", max_tokens_limit=400, max_parallel=2
+            ),
             memory=MemorySettings(budget_mb=1024),
         )
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -199,11 +199,11 @@ def test_queue_full_is_rejected_and_resent_on_duplicate(config, peer):
 
 
 def test_expired_on_arrival_and_while_queued(config, peer):
-    clock = FakeClock(datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp())
+    clock = FakeClock(datetime(2030, 1, 1, tzinfo=UTC).timestamp())
     gated: list[GatedEngine] = []
 
     def rfc(dt_s: float) -> str:
-        return datetime.fromtimestamp(dt_s, tz=timezone.utc).isoformat()
+        return datetime.fromtimestamp(dt_s, tz=UTC).isoformat()
 
     with run_daemon(config(), peer, clock=clock, engine_wrapper=lambda e: gated.append(GatedEngine(e)) or gated[0]):
         peer.publish(f"{ROOT}/jobs/submit", job("late", expires_at=rfc(clock.now - 1)))

@@ -21,10 +21,11 @@ import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -127,7 +128,7 @@ class Peer(BrokerClient):
         self.client.on_message = on_message
         self.client.on_connect = on_connect
 
-    def connect(self, timeout: float = 10.0) -> "Peer":
+    def connect(self, timeout: float = 10.0) -> Peer:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
@@ -143,7 +144,7 @@ class Peer(BrokerClient):
             raise ConnectionError(f"test peer refused: {rc}")
         return self
 
-    def follow(self, device: str) -> "Peer":
+    def follow(self, device: str) -> Peer:
         t = Topics(PREFIX, device)
         for topic in (t.status_filter, t.result_filter, t.device_status):
             self.subscribe(topic)
@@ -282,7 +283,7 @@ def test_kill9_soak_every_job_gets_exactly_one_outcome_and_is_delivered(broker, 
         target = rng.randint(6, 8)
         while kills < target:
             threshold = rec.events + rng.randint(1, 20)
-            rec.wait("progress", lambda: rec.events >= threshold or rec.have_results(jobs), 60)
+            rec.wait("progress", lambda t=threshold: rec.events >= t or rec.have_results(jobs), 60)
             if rec.have_results(jobs):
                 break
             assert daemon.alive(), f"daemon died on its own:\n{daemon.log_tail()}"
@@ -443,7 +444,7 @@ def test_fleet_each_job_runs_on_exactly_one_device(broker, tiny_model, tmp_path)
         for payload in jobs.values():
             watch.publish(Topics(PREFIX, devices[0]).fleet_publish, payload)
         rec.wait("a result for every job", lambda: rec.have_results(jobs), 60)
-        for d, p in zip(devices, procs):
+        for d, p in zip(devices, procs, strict=False):
             poll_store(cfgs[d], f"{d}: results confirmed delivered",
                        lambda rows: all(delivered for _, _, delivered in rows.values()))  # fmt: skip
             assert p.terminate() == 0

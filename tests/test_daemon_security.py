@@ -31,9 +31,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -50,9 +51,26 @@ T = 15.0  # deadline for anything that should happen promptly on loopback
 MAX_PROMPT_BYTES = 4096
 MAX_TOKENS_LIMIT = 64
 MAX_PAYLOAD_BYTES = 6 * MAX_PROMPT_BYTES + 64 * 1024  # "6 x engine.max_prompt_bytes + 64 KiB"
-SUBMIT_KEYS = ("job_id", "kind", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop",
-               "response_format", "stream", "priority", "expires_at", "timeout_s")  # fmt: skip  (the documented field table, in order)
-CHAT_KEYS = ("messages", "response_format")  # a generate job's fuzzing leaves them out: tests/test_protocol.py fuzzes them
+SUBMIT_KEYS = (
+    "job_id",
+    "kind",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "response_format",
+    "stream",
+    "priority",
+    "expires_at",
+    "timeout_s",
+)  # fmt: skip  (the documented field table, in order)
+CHAT_KEYS = (
+    "messages",
+    "response_format",
+)  # a generate job's fuzzing leaves them out: tests/test_protocol.py fuzzes them
 PAYLOAD_CODES = {"invalid_payload", "payload_too_large", "prompt_too_large", "max_tokens_too_large", "expired"}
 
 FZ = "dev-fz"
@@ -142,8 +160,10 @@ OTHER_ID = _Sentinel("OTHER_ID")  # a second unique id (for a duplicate job_id k
 MISSING = _Sentinel("MISSING")  # the field is left out
 DEEP = _Sentinel("DEEP")  # a value nested too deeply for any JSON parser's recursion limit
 
-ODD = ("\u202e\u200f\u2066\u0627\u0644\u05d0\U0001f600\U0001f469\u200d\U0001f4bb\u0301\ufeff\u2028\u2029"
-       "\ufffd\x7f\x01\t\n\"\\/\u00e9")  # fmt: skip  RTL marks, Arabic, Hebrew, emoji, ZWJ, combining, BOM, separators
+ODD = (
+    "\u202e\u200f\u2066\u0627\u0644\u05d0\U0001f600\U0001f469\u200d\U0001f4bb\u0301\ufeff\u2028\u2029"
+    '\ufffd\x7f\x01\t\n"\\/\u00e9'
+)  # fmt: skip  RTL marks, Arabic, Hebrew, emoji, ZWJ, combining, BOM, separators
 
 good_text = st.text(
     alphabet=st.characters(exclude_categories=["Cs"], exclude_characters=["\x00"]) | st.sampled_from(ODD),
@@ -151,8 +171,9 @@ good_text = st.text(
     max_size=120,
 )
 stop_text = st.text(alphabet=st.sampled_from(ODD + "abc \u00e9"), min_size=1, max_size=64)
-junk_text = st.text(alphabet=st.characters(exclude_categories=[]) | st.sampled_from(ODD + "\x00\ud800\udfff"),
-                    max_size=20)  # fmt: skip  lone surrogates and NUL included
+junk_text = st.text(
+    alphabet=st.characters(exclude_categories=[]) | st.sampled_from(ODD + "\x00\ud800\udfff"), max_size=20
+)  # fmt: skip  lone surrogates and NUL included
 json_junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | junk_text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(junk_text, inner, max_size=3),
@@ -166,31 +187,65 @@ def _oneof(*values: Any) -> st.SearchStrategy[Any]:
 
 # Values that are wrong for each field, by the documented bounds and strict types.
 WRONG: dict[str, st.SearchStrategy[Any]] = {
-    "job_id": _oneof(None, 7, "", "a" * 65, "a/b", "a+b", "#", "$SYS", "abc\n", "\nabc", "a b", "\u00e9t\u00e9",
-                     "ab\ud800", "ab\x00", ["a"], {"id": "a"}),
+    "job_id": _oneof(
+        None,
+        7,
+        "",
+        "a" * 65,
+        "a/b",
+        "a+b",
+        "#",
+        "$SYS",
+        "abc\n",
+        "\nabc",
+        "a b",
+        "\u00e9t\u00e9",
+        "ab\ud800",
+        "ab\x00",
+        ["a"],
+        {"id": "a"},
+    ),
     "kind": _oneof("chat", "Generate", "generate ", "", None, 1, ["generate"], {"generate": True}),
-    "prompt": _oneof(None, 0, True, [], {}, ["Hi"], "") | junk_text.map(lambda s: s + "\x00")
+    "prompt": _oneof(None, 0, True, [], {}, ["Hi"], "")
+    | junk_text.map(lambda s: s + "\x00")
     | junk_text.map(lambda s: "\ud800" + s),
-    "max_tokens": _oneof("5", 5.0, True, None, [5], {"n": 5}) | st.integers(max_value=0)
+    "max_tokens": _oneof("5", 5.0, True, None, [5], {"n": 5})
+    | st.integers(max_value=0)
     | st.floats(allow_nan=False, allow_infinity=False),
-    "temperature": _oneof("0.5", True, None, [0.5]) | st.floats(min_value=2.0, exclude_min=True, allow_infinity=False)
-    | st.floats(max_value=-1e-9, allow_infinity=False) | st.integers(min_value=3)
+    "temperature": _oneof("0.5", True, None, [0.5])
+    | st.floats(min_value=2.0, exclude_min=True, allow_infinity=False)
+    | st.floats(max_value=-1e-9, allow_infinity=False)
+    | st.integers(min_value=3)
     | st.integers(max_value=-1),
-    "top_p": _oneof(0, 0.0, "0.9", True, None) | st.floats(min_value=1.0, exclude_min=True, allow_infinity=False)
-    | st.integers(min_value=2) | st.integers(max_value=-1),
+    "top_p": _oneof(0, 0.0, "0.9", True, None)
+    | st.floats(min_value=1.0, exclude_min=True, allow_infinity=False)
+    | st.integers(min_value=2)
+    | st.integers(max_value=-1),
     "seed": _oneof(1.5, "1", True, [1]) | st.integers(min_value=2**32 - 1) | st.integers(max_value=-1),
     "stop": _oneof("x", 1, None, [1], [""], ["a"] * 9, ["x" * 65], ["a\x00"], ["\udfff"], {"a": 1}),
     "stream": _oneof(1, 0, "true", None, [True]),
     "priority": _oneof(1.0, "1", None, True) | st.integers(min_value=101) | st.integers(max_value=-101),
-    "expires_at": _oneof(1700000000, "2024-05-01T12:00:00", "2024-05-01", "yesterday", "2024-13-01T00:00:00Z",
-                         "2030-05-01T12:00:00Z\n", True, []),
-    "timeout_s": _oneof(0, -1, 86401, "5", True, [1]) | st.floats(min_value=86400, exclude_min=True,
-                                                                    allow_infinity=False),
+    "expires_at": _oneof(
+        1700000000,
+        "2024-05-01T12:00:00",
+        "2024-05-01",
+        "yesterday",
+        "2024-13-01T00:00:00Z",
+        "2030-05-01T12:00:00Z\n",
+        True,
+        [],
+    ),
+    "timeout_s": _oneof(0, -1, 86401, "5", True, [1])
+    | st.floats(min_value=86400, exclude_min=True, allow_infinity=False),
 }
 # Defects with a code of their own (when nothing else is wrong).
 SIZED: dict[str, tuple[str, st.SearchStrategy[Any]]] = {
-    "prompt": ("prompt_too_large", st.tuples(st.sampled_from("xé\u05d0\U0001f600"), st.integers(1, 4000)).map(
-        lambda t: t[0] * (-(-(MAX_PROMPT_BYTES + t[1]) // len(t[0].encode()))))),
+    "prompt": (
+        "prompt_too_large",
+        st.tuples(st.sampled_from("xé\u05d0\U0001f600"), st.integers(1, 4000)).map(
+            lambda t: t[0] * (-(-(MAX_PROMPT_BYTES + t[1]) // len(t[0].encode())))
+        ),
+    ),
     "max_tokens": ("max_tokens_too_large", st.integers(MAX_TOKENS_LIMIT + 1, 10**12)),
     "expires_at": ("expired", _oneof("2020-01-01T00:00:00Z", "1999-12-31t23:59:59.5+01:00", "2024-05-01 12:00:00z")),
 }
@@ -300,7 +355,9 @@ def cases(draw: st.DrawFn) -> Case:
             duplicates.append((k, fields[k] if same else (OTHER_ID if k == "job_id" else draw(json_junk))))
             codes[f"duplicate {k}"] = "invalid_payload"
     if shape in ("top", "several"):
-        top = draw(st.sampled_from(["array", "string", "number", "null"] + ["object"] * (4 if shape == "several" else 0)))
+        top = draw(
+            st.sampled_from(["array", "string", "number", "null"] + ["object"] * (4 if shape == "several" else 0))
+        )
     if shape in ("damage", "several"):
         damage = draw(DAMAGE) if shape == "damage" else draw(st.none() | DAMAGE)
     if not codes and top == "object" and damage is None:
@@ -540,8 +597,9 @@ COVERING_CASES = [
     Case(_base_fields(), {}, damage=("replace", b"")),
     Case(_base_fields(), {}, id_first=False, damage=("truncate", 0.5)),
     # found by the fuzzer: a key that is a lone surrogate escape must be named like any unknown key
-    Case(_base_fields(prompt="0", max_tokens=1), {"\ud800": "invalid_payload"}, unknown={"\ud800": None},
-         id_first=False),
+    Case(
+        _base_fields(prompt="0", max_tokens=1), {"\ud800": "invalid_payload"}, unknown={"\ud800": None}, id_first=False
+    ),
 ]
 
 
@@ -837,7 +895,7 @@ def _pieces_of(secret: str, text: str, n: int = 8) -> list[str]:
 class VerboseDaemonProcess(DaemonProcess):
     """`edge-agent -vv run`: DEBUG logging, paho's packet traces included, into the log file."""
 
-    def start(self) -> "VerboseDaemonProcess":
+    def start(self) -> VerboseDaemonProcess:
         self.starts += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT__")}
         with open(self.log_path, "ab") as log:
@@ -860,7 +918,9 @@ def test_password_from_credentials_directory_is_used_and_never_shown(
     creds = tmp_path / "credentials"
     creds.mkdir()
     (creds / "mqtt_password").write_text(secret + "\n")
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))  # DaemonProcess passes it on (only EDGE_AGENT__* are dropped)
+    monkeypatch.setenv(
+        "CREDENTIALS_DIRECTORY", str(creds)
+    )  # DaemonProcess passes it on (only EDGE_AGENT__* are dropped)
 
     shown = subprocess.run([sys.executable, "-m", "agent", "config", "show", "-c", str(cfg)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)  # fmt: skip

@@ -146,4 +146,3 @@ def test_a_full_disk_loses_no_job_and_logs_once_per_change(
     assert len(down) == 1 and len(up) == 1 and down[0] < up[0], text[-4000:]
     # Nothing else logged while the disk was full: not per message, not per re-check.
     assert lines[down[0] + 1 : up[0]] == [], lines[down[0] : up[0] + 1]
-

@@ -141,7 +141,9 @@ def readonly_dir(tmp_path: Path):
         d_.chmod(0o755)
 
 
-def test_unwritable_store_fails_with_the_fix(tmp_path: Path, tiny_model: Path, broker: MosquittoBroker, readonly_dir: Path):
+def test_unwritable_store_fails_with_the_fix(
+    tmp_path: Path, tiny_model: Path, broker: MosquittoBroker, readonly_dir: Path
+):
     cfg = write_config(tmp_path, tiny_model, port=broker.port, store={"path": str(readonly_dir / "jobs.db")})
     code, doc = doctor(cfg)
     c = by_name(doc)["store"]
@@ -213,22 +215,37 @@ def test_cpu_cortex_a72_says_what_is_missing():
 
 
 def test_cpu_build_with_features_the_cpu_lacks_fails():
-    c = d.check_cpu("aarch64", (FIXTURES / "cpuinfo-pi4").read_text(), "CPU : NEON = 1 | DOTPROD = 1 | MATMUL_INT8 = 1 |")
-    assert c.status == "FAIL" and "DOTPROD" in c.summary and "MATMUL_INT8" in c.summary and "illegal instruction" in c.summary
+    c = d.check_cpu(
+        "aarch64", (FIXTURES / "cpuinfo-pi4").read_text(), "CPU : NEON = 1 | DOTPROD = 1 | MATMUL_INT8 = 1 |"
+    )
+    assert (
+        c.status == "FAIL"
+        and "DOTPROD" in c.summary
+        and "MATMUL_INT8" in c.summary
+        and "illegal instruction" in c.summary
+    )
     assert "GGML_NATIVE" in c.fix
 
 
 def test_cpu_armv7_and_x86_without_avx2():
-    v7 = d.check_cpu("armv7l", "processor : 0\nFeatures : half thumb fastmult vfp edsp neon vfpv3 tls vfpv4\nCPU part : 0xd03\n", None)
+    v7 = d.check_cpu(
+        "armv7l",
+        "processor : 0\nFeatures : half thumb fastmult vfp edsp neon vfpv3 tls vfpv4\nCPU part : 0xd03\n",
+        None,
+    )
     assert v7.status == "WARN" and "64-bit" in v7.summary and "dotprod" in v7.summary and "Cortex-A53" in v7.summary
-    old = d.check_cpu("x86_64", "model name : Old CPU\nflags : fpu sse sse2 pni ssse3 avx\n", "CPU : SSE3 = 1 | AVX = 1 |")
+    old = d.check_cpu(
+        "x86_64", "model name : Old CPU\nflags : fpu sse sse2 pni ssse3 avx\n", "CPU : SSE3 = 1 | AVX = 1 |"
+    )
     assert old.status == "WARN" and "no AVX2" in old.summary
     this = d.check_cpu(os.uname().machine, Path("/proc/cpuinfo").read_text(), d._llama_system_info())
     assert this.status in ("OK", "WARN")  # this machine runs the tests, so its build runs here
 
 
 def test_clock_checks():
-    tls = S.model_copy(update={"mqtt": S.mqtt.model_copy(update={"tls": S.mqtt.tls.model_copy(update={"enabled": True})})})
+    tls = S.model_copy(
+        update={"mqtt": S.mqtt.model_copy(update={"tls": S.mqtt.tls.model_copy(update={"enabled": True})})}
+    )
     assert d.check_clock(S, 0.0, None).status == "FAIL"  # 1970: a board without RTC and without time sync
     c = d.check_clock(tls, d.CLOCK_FLOOR + 86400, False)
     assert c.status == "WARN" and "set-ntp" in c.fix and "TLS" in c.fix
@@ -244,7 +261,9 @@ def test_service_states():
     assert none.status == "WARN" and "systemd is not running here" in none.summary
     missing = d.check_service(_systemctl("LoadState=not-found\nActiveState=inactive\n"), None)
     assert missing.status == "WARN" and "edge-agent install" in missing.fix
-    cannot = d.check_service(_systemctl("LoadState=loaded\nActiveState=failed\nSubState=failed\nExecMainStatus=78\n"), None)
+    cannot = d.check_service(
+        _systemctl("LoadState=loaded\nActiveState=failed\nSubState=failed\nExecMainStatus=78\n"), None
+    )
     assert cannot.status == "FAIL" and "exit 78" in cannot.fix
     up = d.check_service(_systemctl("LoadState=loaded\nActiveState=active\nSubState=running\nUnitFileState=enabled\n"
                                     "NRestarts=0\n"), "daemon running: pid 42")  # fmt: skip

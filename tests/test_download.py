@@ -44,8 +44,9 @@ def source(server: ModelServer, dest: Path, model_file: Path, **kw) -> Source:
     return Source(url=server.url("m.gguf"), sha256=sha256_file(model_file), dest=dest, **kw)
 
 
-def test_a_download_cut_twice_resumes_and_fetches_each_byte_about_once(served: ModelServer, dest: Path,
-                                                                       model_file: Path) -> None:
+def test_a_download_cut_twice_resumes_and_fetches_each_byte_about_once(
+    served: ModelServer, dest: Path, model_file: Path
+) -> None:
     size = model_file.stat().st_size
     src = source(served, dest, model_file, size=size)
     seen: list[Progress] = []
@@ -77,12 +78,15 @@ def test_a_download_cut_twice_resumes_and_fetches_each_byte_about_once(served: M
     ranges = [q.range for q in served.requests("m.gguf") if q.status == 206]
     assert len(ranges) >= 2 and all(rg.startswith("bytes=") for rg in ranges)
     assert any(p.state == "retrying" for p in seen) and seen[-1].state == "done"
-    print(f"\ndownload cut twice: file {size} bytes, server sent {sent} ({sent / size:.3f}x), "
-          f"{r.attempts} attempts, {len(ranges)} resumed with Range")
+    print(
+        f"\ndownload cut twice: file {size} bytes, server sent {sent} ({sent / size:.3f}x), "
+        f"{r.attempts} attempts, {len(ranges)} resumed with Range"
+    )
 
 
-def test_a_partial_file_left_by_a_stopped_daemon_is_resumed_with_range(served: ModelServer, dest: Path,
-                                                                       model_file: Path) -> None:
+def test_a_partial_file_left_by_a_stopped_daemon_is_resumed_with_range(
+    served: ModelServer, dest: Path, model_file: Path
+) -> None:
     size = model_file.stat().st_size
     src = source(served, dest, model_file)
     served.cut_after(size // 2)
@@ -180,8 +184,9 @@ def test_credentials_are_not_sent_over_plain_http(served: ModelServer, dest: Pat
     assert {q.authorization for q in served.requests()} == {None}
 
 
-def test_a_server_that_ignores_range_starts_over_and_still_verifies(tmp_path: Path, dest: Path,
-                                                                  model_file: Path) -> None:
+def test_a_server_that_ignores_range_starts_over_and_still_verifies(
+    tmp_path: Path, dest: Path, model_file: Path
+) -> None:
     root = tmp_path / "www"
     root.mkdir()
     size = model_file.stat().st_size

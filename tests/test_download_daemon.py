@@ -76,9 +76,15 @@ def reported(doc: dict) -> dict:
     return doc["state"]["reported"]
 
 
-def test_a_download_cut_twice_resumes_is_verified_and_swapped(tmp_path: Path, broker: MosquittoBroker,
-                                                              tiny_model: Path, new_model: Path,
-                                                              server: ModelServer, op: ShadowPeer, status) -> None:
+def test_a_download_cut_twice_resumes_is_verified_and_swapped(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    tiny_model: Path,
+    new_model: Path,
+    server: ModelServer,
+    op: ShadowPeer,
+    status,
+) -> None:
     size = new_model.stat().st_size
     server.cut_after(size // 3)
     with InProcessDaemon(board(tmp_path, broker, tiny_model)) as d:
@@ -104,8 +110,10 @@ def test_a_download_cut_twice_resumes_is_verified_and_swapped(tmp_path: Path, br
         assert not [p for p in models.iterdir() if p.name.endswith(".partial")]
         assert d.daemon.supervisor.engine.report.model.endswith("new.gguf")
         attempts = rep["download"]["attempts"]
-    print(f"\ndaemon download cut twice: file {size} bytes, server sent {sent} ({sent / size:.3f}x), "
-          f"{attempts} attempts; swapped in {rep['serving']['swap_ms']:.0f} ms")
+    print(
+        f"\ndaemon download cut twice: file {size} bytes, server sent {sent} ({sent / size:.3f}x), "
+        f"{attempts} attempts; swapped in {rep['serving']['swap_ms']:.0f} ms"
+    )
 
 
 def test_a_wrong_checksum_is_refused_the_partial_removed_and_the_old_model_serves(
@@ -133,9 +141,15 @@ def _mount_tmpfs(folder: Path, size: str) -> None:
 
 
 @pytest.mark.root
-def test_too_little_disk_is_refused_before_downloading(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path,
-                                                       new_model: Path, server: ModelServer, op: ShadowPeer,
-                                                       status) -> None:
+def test_too_little_disk_is_refused_before_downloading(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    tiny_model: Path,
+    new_model: Path,
+    server: ModelServer,
+    op: ShadowPeer,
+    status,
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs as the models folder")
     models = tmp_path / "d" / "models"
@@ -163,9 +177,15 @@ def test_too_little_disk_is_refused_before_downloading(tmp_path: Path, broker: M
         subprocess.run(["umount", str(models)], check=False)
 
 
-def test_a_model_that_fails_the_canary_is_rolled_back_by_itself(tmp_path: Path, broker: MosquittoBroker,
-                                                                tiny_model: Path, new_model: Path,
-                                                                server: ModelServer, op: ShadowPeer, status) -> None:
+def test_a_model_that_fails_the_canary_is_rolled_back_by_itself(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    tiny_model: Path,
+    new_model: Path,
+    server: ModelServer,
+    op: ShadowPeer,
+    status,
+) -> None:
     with InProcessDaemon(board(tmp_path, broker, tiny_model)) as d:
         wait_online(status, DEV)
         # The canary asks for an exact answer a model of random weights never gives.
@@ -185,12 +205,15 @@ def test_a_model_that_fails_the_canary_is_rolled_back_by_itself(tmp_path: Path, 
         print(f"\nshadow state after a canary failure: {size} bytes of {MAX_STATE_BYTES}")
         # The downloaded file stays (named in desired), so putting it back in desired later costs no download.
         assert (tmp_path / "d" / "models" / "new.gguf").exists()
-    print(f"\ncanary failed on new.gguf: rolled back to model.gguf in {change['rollback_ms']:.1f} ms "
-          f"(whole change {change['took_ms']:.1f} ms, canary {change['canary']['took_ms']:.1f} ms)")
+    print(
+        f"\ncanary failed on new.gguf: rolled back to model.gguf in {change['rollback_ms']:.1f} ms "
+        f"(whole change {change['took_ms']:.1f} ms, canary {change['canary']['took_ms']:.1f} ms)"
+    )
 
 
-def test_old_downloads_are_removed_beyond_keep_previous(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path,
-                                                        server: ModelServer, op: ShadowPeer, status) -> None:
+def test_old_downloads_are_removed_beyond_keep_previous(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, server: ModelServer, op: ShadowPeer, status
+) -> None:
     names = []
     for i in range(3):
         f = synth_model("tiny", tmp_path / f"v{i}.gguf", seed=10 + i)

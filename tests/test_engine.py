@@ -17,7 +17,7 @@ from agent.config.sections import EngineSettings
 from agent.engine import Engine, GenerationRequest
 from agent.engine.batch import StopFilter as _StopFilter
 from agent.errors import ContextTooLong, EngineError, WillNotFit
-from agent.system.memory import MiB, Budget, proc_status
+from agent.system.memory import Budget, MiB, proc_status
 
 GREEDY = dict(temperature=0.0)
 
@@ -209,7 +209,7 @@ def test_deadline_inside_prompt_evaluation_with_an_injected_clock(tiny_model: Pa
         assert res.finish_reason == "timeout"
         assert res.stats.completion_tokens == 0
         assert calls == 30
-        calls = -10**9  # the clock stands still: the engine works normally again
+        calls = -(10**9)  # the clock stands still: the engine works normally again
         assert engine.generate(GenerationRequest("Hi", max_tokens=4, **GREEDY), deadline=1.0).finish_reason == "length"
 
 
@@ -353,7 +353,11 @@ def test_a_file_llama_cpp_cannot_read_is_refused_at_planning(tmp_path: Path) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "settings",
-    [dict(load_mode="fit"), dict(load_mode="fast"), dict(load_mode="fast", flash_attn=True, type_k="q8_0", type_v="q4_0")],
+    [
+        dict(load_mode="fit"),
+        dict(load_mode="fast"),
+        dict(load_mode="fast", flash_attn=True, type_k="q8_0", type_v="q4_0"),
+    ],
 )
 def test_exact_plan_on_the_real_model_is_what_llama_cpp_allocates(gemma_model: Path, settings: dict) -> None:
     """Gemma 3: sliding-window attention (a KV cache llama.cpp sizes per layer type), a 262k
@@ -481,7 +485,9 @@ def test_unload_while_generating_aborts_the_run(tiny_engine: Engine, tiny_model:
             at_token.set()
             release.wait(30)
 
-    t = threading.Thread(target=lambda: results.append(engine.generate(GenerationRequest("go", max_tokens=1500), on_token=on_token)))
+    t = threading.Thread(
+        target=lambda: results.append(engine.generate(GenerationRequest("go", max_tokens=1500), on_token=on_token))
+    )
     t.start()
     assert at_token.wait(30)
     unloader = threading.Thread(target=engine.unload)
@@ -503,9 +509,24 @@ def test_cli_generate_streams_and_ctrl_c_cancels(qwen05_model: Path) -> None:
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "generate", "--model", str(qwen05_model), "--prompt", "Once upon a time",
-         "--max-tokens", "1000", "--ctx", "2048", "--mode", "fit"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "generate",
+            "--model",
+            str(qwen05_model),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "1000",
+            "--ctx",
+            "2048",
+            "--mode",
+            "fit",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None
     first = proc.stdout.read1(64)  # returns as soon as the first streamed text arrives

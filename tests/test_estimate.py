@@ -83,8 +83,15 @@ def test_estimate_components_and_modes(tiny_info) -> None:
     assert fit.file_bytes == fit.weights_mapped and fast.file_bytes < fit.file_bytes
     d = fit.as_dict()
     assert set(d) == {
-        "weights_mapped", "file_working_set", "repacked_weights", "kv_cache", "compute_buffer",
-        "cpu_work_buffer", "logits", "vocab", "runtime",
+        "weights_mapped",
+        "file_working_set",
+        "repacked_weights",
+        "kv_cache",
+        "compute_buffer",
+        "cpu_work_buffer",
+        "logits",
+        "vocab",
+        "runtime",
     }
     assert fit.anon_bytes == sum(v for k, v in d.items() if k not in ("weights_mapped", "file_working_set"))
     assert fit.kv_cache == 24 * MiB and fit.n_ubatch == 128
@@ -105,8 +112,14 @@ def test_exact_plan_takes_llama_cpp_sizes_per_context(tiny_info) -> None:
 
     def sizer(n_ctx: int, slots: int = 1) -> LlamaSizes:
         asked.append(n_ctx)
-        return LlamaSizes(repacked=100 * MiB, repacked_duplicates=30 * MiB, kv=n_ctx * 1000, compute=7 * MiB,
-                          output=600_000, host_tables=20 * MiB)
+        return LlamaSizes(
+            repacked=100 * MiB,
+            repacked_duplicates=30 * MiB,
+            kv=n_ctx * 1000,
+            compute=7 * MiB,
+            output=600_000,
+            host_tables=20 * MiB,
+        )
 
     kw = dict(n_ctx=1000, n_batch=128, runtime_bytes=30 * MiB, sizer=sizer)
     fit = estimate_memory(qwen, mode="fit", **kw)

@@ -47,7 +47,9 @@ def server(tmp_path: Path, new_model: Path):
 class Fleet:
     """N in-process daemons; ``canary`` maps device ids to their [canary] section."""
 
-    def __init__(self, tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, canary: dict[str, dict] | None = None):
+    def __init__(
+        self, tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, canary: dict[str, dict] | None = None
+    ):
         self.daemons: dict[str, InProcessDaemon] = {}
         with BrokerClient(broker) as peer:
             peer.subscribe("edge/+/status")
@@ -97,9 +99,15 @@ def rollout_args(operator: Path, db: Path, server: ModelServer, model: Path, *ex
             sha256_file(model), "--size", str(model.stat().st_size), "--timeout-per-wave", "120", *extra]  # fmt: skip
 
 
-def test_a_rollout_in_three_waves_succeeds_on_all_eight(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path,
-                                                        new_model: Path, server: ModelServer, operator: Path,
-                                                        capsys) -> None:
+def test_a_rollout_in_three_waves_succeeds_on_all_eight(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    tiny_model: Path,
+    new_model: Path,
+    server: ModelServer,
+    operator: Path,
+    capsys,
+) -> None:
     fleet = Fleet(tmp_path, broker, tiny_model)
     try:
         rc, listing, err = fleet_cli(capsys, "list", "-c", str(operator), "--json")
@@ -120,13 +128,16 @@ def test_a_rollout_in_three_waves_succeeds_on_all_eight(tmp_path: Path, broker: 
         assert all(d["previous"] == {} for d in r["devices"])  # desired had no model before
 
         rc, listing, _ = fleet_cli(capsys, "list", "-c", str(operator), "--json")
-        assert {d["model"] for d in listing} == {"new.gguf"} and {d["sha256"] for d in listing} == {sha256_file(new_model)}
+        assert {d["model"] for d in listing} == {"new.gguf"} and {d["sha256"] for d in listing} == {
+            sha256_file(new_model)
+        }
         rc, status, _ = fleet_cli(capsys, "status", r["id"], "--db", str(tmp_path / "r.db"), "--json")
         assert status["state"] == "succeeded" and status["counts"] == {"succeeded": 8}
         rc, text, _ = fleet_cli(capsys, "status", r["id"], "--db", str(tmp_path / "r.db"))
         assert f"rollout {r['id']}: succeeded" in text and "edge-08" in text
-        print(f"\nrollout to 8 devices in 3 waves (1+1+6), download {new_model.stat().st_size} bytes each: "
-              f"{took:.1f} s")
+        print(
+            f"\nrollout to 8 devices in 3 waves (1+1+6), download {new_model.stat().st_size} bytes each: {took:.1f} s"
+        )
     finally:
         fleet.stop()
 
@@ -152,8 +163,10 @@ def test_a_rollout_where_two_devices_fail_aborts_and_restores_every_device_it_ch
         for dev in IDS[:4]:  # desired is back as it was (no model keys): a restart would not try the new model
             doc = fleet.daemons[dev].daemon.shadow.document
             assert "model" not in doc.desired and not doc.delta()
-        print(f"\nrollout aborted after {took:.1f} s: {sum(1 for s in states.values() if s == 'restored')} devices "
-              "restored to their previous model, 4 never touched")
+        print(
+            f"\nrollout aborted after {took:.1f} s: {sum(1 for s in states.values() if s == 'restored')} devices "
+            "restored to their previous model, 4 never touched"
+        )
     finally:
         fleet.stop()
 
@@ -167,9 +180,15 @@ AGENT_WITH_CTRL_C = [
 ]  # fmt: skip
 
 
-def test_a_rollout_interrupted_with_sigint_resumes_and_finishes(tmp_path: Path, broker: MosquittoBroker,
-                                                                tiny_model: Path, new_model: Path,
-                                                                server: ModelServer, operator: Path, capsys) -> None:
+def test_a_rollout_interrupted_with_sigint_resumes_and_finishes(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    tiny_model: Path,
+    new_model: Path,
+    server: ModelServer,
+    operator: Path,
+    capsys,
+) -> None:
     fleet = Fleet(tmp_path, broker, tiny_model)
     db = tmp_path / "r.db"
     try:

@@ -155,8 +155,12 @@ def test_failures_past_the_threshold_abort_once_enough_devices_finished() -> Non
 
 def test_a_finished_wave_whose_own_failures_pass_the_threshold_aborts() -> None:
     p = Policy((50, 50), Threshold.parse("1"), 10, 600)  # min-devices never reached in a wave of 4
-    r = [Row(f"d{i}", 0 if i < 4 else 1, s) for i, s in enumerate(["failed", "failed", "succeeded", "succeeded",
-                                                                      "pending", "pending", "pending", "pending"])]
+    r = [
+        Row(f"d{i}", 0 if i < 4 else 1, s)
+        for i, s in enumerate(
+            ["failed", "failed", "succeeded", "succeeded", "pending", "pending", "pending", "pending"]
+        )
+    ]
     d = decide(r, p, 0, 0, 1)
     assert d.action == "abort" and d.reason.startswith("wave 1: 2 of 4")
     r[1] = Row("d1", 0, "succeeded")

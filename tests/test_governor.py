@@ -105,9 +105,15 @@ def test_an_interrupted_psi_spike_restarts_the_hold():
 
 def test_psi_some_warns_and_acts():
     g = Governor(S)
-    assert [g.observe(mem(50, psi_some_avg10=45.0, psi_full_avg10=0.0), t).level for t in (0, 10)] == [Level.ok, Level.warn]
+    assert [g.observe(mem(50, psi_some_avg10=45.0, psi_full_avg10=0.0), t).level for t in (0, 10)] == [
+        Level.ok,
+        Level.warn,
+    ]
     g = Governor(S)
-    assert [g.observe(mem(50, psi_some_avg10=95.0, psi_full_avg10=0.0), t).level for t in (0, 10)] == [Level.ok, Level.critical]
+    assert [g.observe(mem(50, psi_some_avg10=95.0, psi_full_avg10=0.0), t).level for t in (0, 10)] == [
+        Level.ok,
+        Level.critical,
+    ]
 
 
 def test_cgroup_working_set_against_the_smaller_of_limit_and_high():
@@ -124,7 +130,9 @@ def test_cgroup_working_set_against_the_smaller_of_limit_and_high():
 
 def test_the_worst_signal_wins_and_reasons_name_it():
     g = Governor(S)
-    d = g.observe(mem(15, cgroup_working_set=990 * MiB, cgroup_limit=1000 * MiB, psi_some_avg10=0.0, psi_full_avg10=0.0), 0)
+    d = g.observe(
+        mem(15, cgroup_working_set=990 * MiB, cgroup_limit=1000 * MiB, psi_some_avg10=0.0, psi_full_avg10=0.0), 0
+    )
     assert d.level == Level.critical
     assert any(r.startswith("MemAvailable 15.0 %") for r in d.reasons)
     assert any("cgroup working set 99.0 % of its limit 1000 MiB" in r for r in d.reasons)
@@ -268,7 +276,10 @@ def test_ladder_invariants_over_any_sequence(seq):
 # ------------------------------------------------------------------------------- admission
 
 
-def _admit(posture=Posture(0), **kw):
+CALM = Posture(0)
+
+
+def _admit(posture=CALM, **kw):
     base = dict(kv_bytes=50 * MiB, model_bytes=300 * MiB, tokens=600, available_bytes=1000 * MiB,
                 capacity_bytes=1500 * MiB, posture=posture, settings=S, n_ctx=2048, mem_total=2 * G)  # fmt: skip
     return admit(**{**base, **kw})
@@ -314,7 +325,9 @@ def test_decisions_become_events_with_the_readings():
     d = g.observe(mem(8), 0)
     events = decision_events(d, reading, device_id="pi", ts=0.0)
     assert [e.kind for e in events] == [EventKind.level_changed, EventKind.action]
-    assert events[0].previous_level == "ok" and events[0].level == "critical" and "MemAvailable 8.0 %" in events[0].message
+    assert (
+        events[0].previous_level == "ok" and events[0].level == "critical" and "MemAvailable 8.0 %" in events[0].message
+    )
     assert events[1].action == "hold_unfit" and events[1].readings == reading
     assert decision_events(g.observe(mem(8), 1), reading, device_id="pi", ts=1.0) == []
     assert describe(d) == {"level": "critical", "action": "hold_unfit", "rung": 1, "reasons": list(d.reasons),

@@ -6,7 +6,7 @@ the whole daemon under a real memory hog in tests/test_memory_pressure.py."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +43,7 @@ class Script:
 
     def sample(self, now: float) -> Telemetry:
         return Telemetry(
-            device_id="pi", ts=datetime.fromtimestamp(now, tz=timezone.utc), mem_total_bytes=GiB,
+            device_id="pi", ts=datetime.fromtimestamp(now, tz=UTC), mem_total_bytes=GiB,
             mem_available_bytes=self.avail_mib * MiB, rss_anon_bytes=100 * MiB, rss_file_bytes=200 * MiB,
         )  # fmt: skip
 
@@ -155,4 +155,3 @@ def test_a_jobs_need_comes_from_its_measured_tokens_and_the_plan_in_force(rig) -
     assert rig.watch.admit_job(165, None).reason == "no plan to judge by"  # nothing loaded
     assert rig.watch.admit_job(100_001, report).verdict == "reject"  # 100k tokens x 4 KiB > 400 MiB - 60
     assert rig.watch.parallel(4) == 4  # no pressure: every slot
-

@@ -189,7 +189,9 @@ class Published:
         assert handles and all(h.wait(10) for h in handles), handles
 
 
-def _connect(s: Settings, broker: MosquittoBroker, publisher_box: list) -> tuple[MqttTransport, Published, threading.Event]:
+def _connect(
+    s: Settings, broker: MosquittoBroker, publisher_box: list
+) -> tuple[MqttTransport, Published, threading.Event]:
     mqtt = s.mqtt.model_copy(update={"host": broker.host, "port": broker.port, "client_id": "ha-test-dev"})
     connected = threading.Event()
 

@@ -72,7 +72,9 @@ def test_a_model_that_does_not_load_is_rolled_back_and_reported(cfg: Path, peer:
         edit(cfg, "model", path="missing.gguf")
         caplog.set_level(logging.INFO)
         d.daemon.reload()
-        assert re.search(r"reload: model.path not applied: .*missing.gguf.*the previous model serves again", caplog.text)
+        assert re.search(
+            r"reload: model.path not applied: .*missing.gguf.*the previous model serves again", caplog.text
+        )
         assert str(d.settings.model.path) == "model.gguf"  # the settings in force hold what is in force
         assert d.daemon.supervisor.engine is d.engines[0] and d.engines[0].loaded
         peer.publish(f"{ROOT}/jobs/submit", job("still"))

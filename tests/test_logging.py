@@ -97,7 +97,7 @@ def test_kv_and_json_lines_carry_level_logger_message_and_fields():
     buf = _capture("kv")
     logging.getLogger("agent.jobs.runner").info("job done", extra={"job_id": "abc", "tokens": 12, "text": "two words"})
     line = buf.getvalue().strip()
-    assert line.startswith("ts=") and " level=info logger=agent.jobs.runner msg=\"job done\"" in line
+    assert line.startswith("ts=") and ' level=info logger=agent.jobs.runner msg="job done"' in line
     assert line.endswith('job_id=abc tokens=12 text="two words"')
     buf = _capture("json")
     logging.getLogger("agent.x").error("failed: %d", 3, extra={"job_id": "abc"})
@@ -153,7 +153,9 @@ def test_progress_mode_follows_the_terminal_and_systemd():
 
 def test_log_progress_lines_are_periodic_and_end_with_done(caplog: pytest.LogCaptureFixture):
     t = [0.0]
-    p = LogProgress(400 * 2**20, "warm-up", interval_s=5, clock=lambda: t[0], logger=logging.getLogger("agent.progress"))
+    p = LogProgress(
+        400 * 2**20, "warm-up", interval_s=5, clock=lambda: t[0], logger=logging.getLogger("agent.progress")
+    )
     with caplog.at_level(logging.INFO, logger="agent.progress"):
         for _ in range(40):  # 10 MiB per second of fake time, a 1 s step
             t[0] += 1

@@ -144,7 +144,13 @@ def _assert_matches_preset(info: ModelInfo, preset: str, path: Path) -> None:
     s = PRESETS[preset]
     assert info.architecture == "llama"
     assert (info.n_layer, info.n_embd, info.n_head, info.n_head_kv, info.n_ff, info.n_vocab, info.n_ctx_train) == (
-        s.n_layer, s.n_embd, s.n_head, s.n_head_kv, s.n_ff, s.n_vocab, s.n_ctx_train
+        s.n_layer,
+        s.n_embd,
+        s.n_head,
+        s.n_head_kv,
+        s.n_ff,
+        s.n_vocab,
+        s.n_ctx_train,
     )
     assert info.head_dim == info.head_dim_v == s.head_dim
     assert info.file_size == path.stat().st_size
@@ -176,7 +182,7 @@ def test_layer_ranges_are_ascending_disjoint_and_inside_the_file(tiny_model: Pat
     info = read_model_info(tiny_model)
     assert [r.index for r in info.layers] == list(range(info.n_layer))
     ranges = sorted([(r.offset, r.end) for r in info.layers] + [(r.offset, r.end) for r in info.other_ranges])
-    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
         assert end <= start
     assert ranges[0][0] >= info.data_offset and ranges[-1][1] <= info.file_size
     for r in info.layers:
@@ -219,9 +225,7 @@ def test_non_4bit_model_is_refused_unless_allowed(tmp_path: Path, dtype: type, n
 
 def test_q8_0_model_is_refused_and_mixed_q4_model_accepted(tmp_path: Path) -> None:
     q8, q4, f16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.F16
-    info = read_model_info(
-        write_gguf(tmp_path / "q8.gguf", {"blk.0.attn_q.weight": (_q_bytes(64, 64, q8), q8)})
-    )
+    info = read_model_info(write_gguf(tmp_path / "q8.gguf", {"blk.0.attn_q.weight": (_q_bytes(64, 64, q8), q8)}))
     assert info.dominant_type == "Q8_0" and not info.is_4bit
     # A Q4_K_M-style mix: mostly 4-bit with one wider tensor is still a 4-bit model.
     mixed = {
@@ -234,7 +238,9 @@ def test_q8_0_model_is_refused_and_mixed_q4_model_accepted(tmp_path: Path) -> No
     check_quantization(info, allow_non_4bit=False)
 
 
-def _small_model_big_vocab(path: Path, block_type: gguf.GGMLQuantizationType, file_type: gguf.LlamaFileType | None) -> Path:
+def _small_model_big_vocab(
+    path: Path, block_type: gguf.GGMLQuantizationType, file_type: gguf.LlamaFileType | None
+) -> Path:
     """The shape of a standard Q4_K_M file of a small model: a Q8_0 token embedding that holds most of
     the bytes, and blocks of ``block_type``."""
     q8 = gguf.GGMLQuantizationType.Q8_0
@@ -317,10 +323,19 @@ def test_split_and_tensorless_files_are_refused(tmp_path: Path) -> None:
 def test_cli_inspect_prints_the_report(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["model", "inspect", str(tiny_model), "--ctx", "256"]) == 0
     out = capsys.readouterr().out
-    for needle in ("llama, 2 layers, embedding 64", "4 heads, 2 KV heads, head size 16",
-                   "512 tokens", "trained for 2048 tokens", "Q4_0", "blk.1", "output.weight", "n_ctx 256",
-                   "4-bit      yes (rule: blocks)", "memory (exact plan: llama.cpp's own buffer sizes on this CPU)",
-                   "on this CPU: CPU_REPACK repacks 15 tensors"):
+    for needle in (
+        "llama, 2 layers, embedding 64",
+        "4 heads, 2 KV heads, head size 16",
+        "512 tokens",
+        "trained for 2048 tokens",
+        "Q4_0",
+        "blk.1",
+        "output.weight",
+        "n_ctx 256",
+        "4-bit      yes (rule: blocks)",
+        "memory (exact plan: llama.cpp's own buffer sizes on this CPU)",
+        "on this CPU: CPU_REPACK repacks 15 tensors",
+    ):
         assert needle in out, needle
     assert main(["model", "inspect", str(tiny_model), "--ctx", "256", "--header-only"]) == 0
     out = capsys.readouterr().out
@@ -335,7 +350,12 @@ def test_cli_inspect_json_matches_read_model_info(tiny_model: Path, capsys: pyte
     assert doc["model"]["layers"][1]["offset"] == info.layers[1].offset
     assert doc["model"]["is_4bit"] is True and doc["model"]["quant"]["rule"] == "blocks"
     assert doc["estimate"]["settings"] == {
-        "n_ctx": 2048, "mode": "fast", "n_batch": 32, "type_k": "f16", "type_v": "f16", "flash_attn": False,
+        "n_ctx": 2048,
+        "mode": "fast",
+        "n_batch": 32,
+        "type_k": "f16",
+        "type_v": "f16",
+        "flash_attn": False,
     }
     assert doc["estimate"]["source"] == "llama.cpp"
     assert doc["estimate"]["anon_bytes"] > 0 and doc["estimate"]["file_bytes"] >= 0
@@ -354,7 +374,9 @@ def test_cli_inspect_refuses_non_4bit_unless_allowed(tmp_path: Path, capsys: pyt
     assert json.loads(capsys.readouterr().out)["model"]["is_4bit"] is False
 
 
-def test_cli_inspect_of_a_text_file_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_inspect_of_a_text_file_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     p = tmp_path / "notes.txt"
     p.write_text("not a model")
     assert main(["model", "inspect", str(p)]) == 1
@@ -424,9 +446,21 @@ def test_real_q4_k_m_file_is_accepted_by_its_file_type(gemma_model: Path, capsys
 
 
 @pytest.mark.slow
-def test_real_file_generates_english_with_default_settings(gemma_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["generate", "--model", str(gemma_model), "--prompt", "The capital of France is", "--max-tokens", "12",
-               "--json"])
+def test_real_file_generates_english_with_default_settings(
+    gemma_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(gemma_model),
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "12",
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     doc = json.loads(out)

@@ -331,8 +331,12 @@ def test_sigint_says_at_once_what_the_daemon_waits_for_and_the_second_one_stops_
         "SIGINT again: stopping the running jobs now; they are requeued",
     ))  # fmt: skip
     assert first < waits < second < log.index("INFO agent.daemon: stopped")
-    assert "job long stopped (the daemon is stopping; it runs again after the restart): back in the queue, this run " \
-           "does not count as an attempt" in log and "requeued (requeued)" not in log
+    assert (
+        "job long stopped (the daemon is stopping; it runs again after the restart): back in the queue, this run "
+        "does not count as an attempt"
+        in log
+        and "requeued (requeued)" not in log
+    )
 
 
 # --------------------------------------------------------------------------------------------

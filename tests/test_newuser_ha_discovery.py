@@ -83,8 +83,9 @@ def _options(ha: BrokerClient) -> list[str]:
     return json.loads(ha.expect(SELECT).payload)["options"]
 
 
-def test_the_select_options_follow_the_models_folder_without_a_reconnect(tmp_path: Path, broker: MosquittoBroker,
-                                                                         tiny_model: Path) -> None:
+def test_the_select_options_follow_the_models_folder_without_a_reconnect(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
     models = tmp_path / "models"
     (tmp_path / "state").mkdir()
     models.mkdir()
@@ -137,8 +138,9 @@ def test_the_select_options_follow_the_models_folder_without_a_reconnect(tmp_pat
             assert json.loads(late.expect(SELECT).payload)["options"][-1] == "coming.gguf"
 
 
-def test_a_folder_changed_within_its_timestamp_tick_is_listed_again(tmp_path: Path, broker: MosquittoBroker,
-                                                                    tiny_model: Path) -> None:
+def test_a_folder_changed_within_its_timestamp_tick_is_listed_again(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
     """A file added in the same clock tick as the listing leaves the folder's mtime where it was; a
     folder whose mtime is not safely in the past is therefore listed again at the next pass."""
     models = tmp_path / "models"
@@ -182,8 +184,9 @@ def _reported_model(topic: str, data: dict) -> str | None:
     return data["state"]["reported"].get("model", {}).get("path") if topic == T.shadow else None
 
 
-def test_the_daemon_sends_the_options_before_the_state_that_needs_them(tmp_path: Path, broker: MosquittoBroker,
-                                                                       tiny_model: Path) -> None:
+def test_the_daemon_sends_the_options_before_the_state_that_needs_them(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
     cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, device_id=DEV, homeassistant={"enabled": True})
     models = cfg.parent / "models"
     with BrokerClient(broker) as ha, BrokerClient(broker) as peer:

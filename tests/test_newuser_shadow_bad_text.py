@@ -62,8 +62,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_text_is_a_400_naming_the_key_on_a_real_broker(name: str, broker: MosquittoBroker, settings: Settings,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_text_is_a_400_naming_the_key_on_a_real_broker(
+    name: str, broker: MosquittoBroker, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     desired, key = BAD[name]
     caplog.set_level(logging.INFO, logger="agent")
     with ShadowBoard(broker, settings) as board:

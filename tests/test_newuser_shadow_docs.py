@@ -25,8 +25,9 @@ DEV = "dev-docs"
 SHADOW_MD = (ROOT / "docs" / "shadow.md").read_text()
 
 
-def test_the_swap_example_in_shadow_md_is_what_the_daemon_says(tmp_path: Path, broker: MosquittoBroker,
-                                                               tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_swap_example_in_shadow_md_is_what_the_daemon_says(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, device_id=DEV)
     with BrokerClient(broker) as peer:
         peer.subscribe(Topics("edge", DEV).device_status)

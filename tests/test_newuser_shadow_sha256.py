@@ -67,8 +67,9 @@ def never(path: Path) -> str:
 # ------------------------------------------------------------------------------------ the cache
 
 
-def test_a_file_is_hashed_once_off_the_callers_thread_and_never_again_across_restarts(tmp_path: Path,
-                                                                                      tiny_model: Path) -> None:
+def test_a_file_is_hashed_once_off_the_callers_thread_and_never_again_across_restarts(
+    tmp_path: Path, tiny_model: Path
+) -> None:
     model = tmp_path / "models" / "m.gguf"
     model.parent.mkdir()
     shutil.copyfile(tiny_model, model)
@@ -104,8 +105,9 @@ def test_a_file_is_hashed_once_off_the_callers_thread_and_never_again_across_res
     assert len(held.calls) == 2
 
 
-def test_a_file_that_changes_while_it_is_hashed_is_not_cached_under_either_identity(tmp_path: Path,
-                                                                                    tiny_model: Path) -> None:
+def test_a_file_that_changes_while_it_is_hashed_is_not_cached_under_either_identity(
+    tmp_path: Path, tiny_model: Path
+) -> None:
     model = tmp_path / "m.gguf"
     shutil.copyfile(tiny_model, model)
     held, ready = Held(), threading.Event()
@@ -133,8 +135,9 @@ def test_an_unreadable_or_missing_file_is_not_pending_forever(tmp_path: Path) ->
 # ------------------------------------------------------------------------------------ the shadow
 
 
-def test_the_document_says_pending_then_is_published_again_with_the_sha256(tmp_path: Path, broker: MosquittoBroker,
-                                                                           models_dir: Path) -> None:
+def test_the_document_says_pending_then_is_published_again_with_the_sha256(
+    tmp_path: Path, broker: MosquittoBroker, models_dir: Path
+) -> None:
     model = models_dir / "demo-tiny.gguf"
     state = tmp_path / "state"
     state.mkdir()

@@ -128,7 +128,9 @@ def test_install_in_a_throwaway_root_then_again_changes_nothing(tmp_path: Path, 
     assert 'host = "broker.lan"' in cfg.read_text()
 
 
-def test_without_a_password_file_an_empty_credential_is_created_and_an_existing_one_kept(tmp_path: Path, tiny_model: Path):
+def test_without_a_password_file_an_empty_credential_is_created_and_an_existing_one_kept(
+    tmp_path: Path, tiny_model: Path
+):
     root = tmp_path / "root"
     root.mkdir()
     ctx = Context(root=root, run=Recorder())
@@ -158,7 +160,9 @@ def test_uninstall_keeps_data_unless_purged(tmp_path: Path, tiny_model: Path):
     p = subprocess.run([*EDGE_AGENT, "uninstall", "--root", str(root), "--purge"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert not (root / "etc/edge-agent").exists() and not (root / "var/lib/edge-agent").exists()
-    assert "edge-agent:" not in (root / "etc/passwd").read_text() and "edge-agent:" not in (root / "etc/group").read_text()
+    assert (
+        "edge-agent:" not in (root / "etc/passwd").read_text() and "edge-agent:" not in (root / "etc/group").read_text()
+    )
     again = subprocess.run([*EDGE_AGENT, "uninstall", "--root", str(root), "--purge"], capture_output=True, text=True)
     assert again.returncode == 0 and all(
         line.split()[0] in ("absent", "skipped") for line in again.stdout.splitlines()

@@ -154,7 +154,9 @@ def rendered(tmp_path: Path, tiny_model: Path) -> Path:
 @needs_analyze
 def test_rendered_units_verify(rendered: Path):
     units = sorted(rendered.iterdir())
-    assert [u.name for u in units] == sorted(p.name for p in DEFAULT_UNITS_DIR.iterdir() if p.suffix in (".service", ".path"))
+    assert [u.name for u in units] == sorted(
+        p.name for p in DEFAULT_UNITS_DIR.iterdir() if p.suffix in (".service", ".path")
+    )
     p = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
 

@@ -142,7 +142,9 @@ def test_job_results_source_sends_status_then_result_from_the_store(tmp_path: Pa
         result = json.loads(pub.sent[1].payload)
         assert (result["status"], result["error"]["code"]) == ("CANCELED", "canceled")
         assert store.get("j1").delivered and store.undelivered() == []
-        assert JobOutcome.model_validate({k: result[k] for k in JobOutcome.model_fields}).error.code is ErrorCode.canceled
+        assert (
+            JobOutcome.model_validate({k: result[k] for k in JobOutcome.model_fields}).error.code is ErrorCode.canceled
+        )
     finally:
         store.close()
 

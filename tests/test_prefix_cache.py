@@ -190,7 +190,9 @@ def test_sliding_window_model_reuses_only_what_its_window_still_holds(
         prompt_logits(engine, first)
         warm, cached = prompt_logits(engine, long_share)
         assert cached > 700
-        assert np.array_equal(warm, reference_logits(engine, tokens_of(engine, first), tokens_of(engine, long_share), cached))
+        assert np.array_equal(
+            warm, reference_logits(engine, tokens_of(engine, first), tokens_of(engine, long_share), cached)
+        )
         # Against a cold evaluation only the batch split differs: logits within rounding of a
         # different split (measured 0.3-0.7 on this model), the same next token.
         cold = reference_logits(engine, [], tokens_of(engine, long_share), 0)
@@ -264,7 +266,9 @@ DEV = "dev-pc"
 ROOT = f"edge/{DEV}"
 
 
-def test_first_job_after_a_daemon_restart_reuses_the_prompt_cache(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+def test_first_job_after_a_daemon_restart_reuses_the_prompt_cache(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
     config = write_daemon_config(
         tmp_path / "d", broker, tiny_model, device_id=DEV, engine={"n_ctx": 1024, "prompt_cache": PREFIX}
     )

@@ -10,8 +10,9 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -108,7 +109,9 @@ def test_inference_threads_get_their_own_niceness():
             Path("/proc/self/oom_score_adj").read_text())))  # fmt: skip
         report = apply_inference_priority(PrioritySettings(nice=3, inference_nice=12))
         assert report.ok and report.results[0].setting == "inference_nice"
-        return thread_nice(current_tid()), apply_inference_priority(PrioritySettings(nice=14, inference_nice=None)).results[0].actual
+        return thread_nice(current_tid()), apply_inference_priority(
+            PrioritySettings(nice=14, inference_nice=None)
+        ).results[0].actual
 
     assert in_thread(body) == (12, 14)  # None: the daemon's niceness
 
@@ -158,7 +161,9 @@ def test_oom_score_adj_is_raised_in_a_child():
     assert d["oom_score_adj"] == {"wanted": 500, "actual": 500, "ok": True, "note": d["oom_score_adj"]["note"]}
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop capabilities")
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop capabilities"
+)
 def test_a_refusal_says_why_and_what_to_set_in_the_unit():
     # Without CAP_SYS_NICE lowering niceness is refused (as under the shipped unit's NoNewPrivileges and
     # empty capability set): the report says so and names the unit setting, and nothing raises.

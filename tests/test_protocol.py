@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ def test_full_job_round_trips_through_to_payload() -> None:
     )  # fmt: skip
     j = parse(full)
     assert j.temperature == 0.0 and isinstance(j.temperature, float)  # an integer is a valid number
-    assert j.expires_at == datetime(2030, 1, 2, 1, 4, 5, 678000, tzinfo=timezone.utc)
+    assert j.expires_at == datetime(2030, 1, 2, 1, 4, 5, 678000, tzinfo=UTC)
     again = parse(j.to_payload())
     assert again == j
     assert json.loads(j.to_payload())["expires_at"] == "2030-01-02T01:04:05.678Z"
@@ -86,7 +86,13 @@ def test_limits_are_inclusive() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["2030-01-01T00:00:00Z", "2030-01-01t00:00:00z", "2030-01-01 00:00:00+00:00", "2030-01-01T00:00:00.123456789-05:30"]
+    "value",
+    [
+        "2030-01-01T00:00:00Z",
+        "2030-01-01t00:00:00z",
+        "2030-01-01 00:00:00+00:00",
+        "2030-01-01T00:00:00.123456789-05:30",
+    ],
 )
 def test_expires_at_accepts_rfc3339_spellings(value: str) -> None:
     assert parse(job(expires_at=value)).expires_at is not None
@@ -116,14 +122,42 @@ def test_bytearray_and_memoryview_payloads() -> None:
 @pytest.mark.parametrize(
     ("over", "code", "message"),
     [
-        ({"max_tokens": 5000}, "max_tokens_too_large", "max_tokens 5000 exceeds the limit 1024 (engine.max_tokens_limit)"),
-        ({"prompt": "x" * 1001}, "prompt_too_large", "prompt is 1001 UTF-8 bytes, exceeds the limit 1000 (engine.max_prompt_bytes)"),
-        ({"prompt": "é" * 501}, "prompt_too_large", "prompt is 1002 UTF-8 bytes, exceeds the limit 1000 (engine.max_prompt_bytes)"),
-        ({"max_tokens": 200000}, "max_tokens_too_large", "max_tokens 200000 exceeds the limit 1024 (engine.max_tokens_limit)"),
+        (
+            {"max_tokens": 5000},
+            "max_tokens_too_large",
+            "max_tokens 5000 exceeds the limit 1024 (engine.max_tokens_limit)",
+        ),
+        (
+            {"prompt": "x" * 1001},
+            "prompt_too_large",
+            "prompt is 1001 UTF-8 bytes, exceeds the limit 1000 (engine.max_prompt_bytes)",
+        ),
+        (
+            {"prompt": "é" * 501},
+            "prompt_too_large",
+            "prompt is 1002 UTF-8 bytes, exceeds the limit 1000 (engine.max_prompt_bytes)",
+        ),
+        (
+            {"max_tokens": 200000},
+            "max_tokens_too_large",
+            "max_tokens 200000 exceeds the limit 1024 (engine.max_tokens_limit)",
+        ),
         ({"prompt": ""}, "invalid_payload", "prompt must not be empty"),
-        ({"max_tokens": "5"}, "invalid_payload", "max_tokens must be an integer, got string '5' (integers are written without a fraction or quotes)"),
-        ({"max_tokens": 5.0}, "invalid_payload", "max_tokens must be an integer, got number 5.0 (integers are written without a fraction or quotes)"),
-        ({"max_tokens": True}, "invalid_payload", "max_tokens must be an integer, got boolean true (integers are written without a fraction or quotes)"),
+        (
+            {"max_tokens": "5"},
+            "invalid_payload",
+            "max_tokens must be an integer, got string '5' (integers are written without a fraction or quotes)",
+        ),
+        (
+            {"max_tokens": 5.0},
+            "invalid_payload",
+            "max_tokens must be an integer, got number 5.0 (integers are written without a fraction or quotes)",
+        ),
+        (
+            {"max_tokens": True},
+            "invalid_payload",
+            "max_tokens must be an integer, got boolean true (integers are written without a fraction or quotes)",
+        ),
         ({"max_tokens": 0}, "invalid_payload", "max_tokens 0 is below the minimum 1"),
         ({"temperature": True}, "invalid_payload", "temperature must be a number, got boolean true"),
         ({"temperature": "0.5"}, "invalid_payload", "temperature must be a number, got string '0.5'"),
@@ -140,20 +174,56 @@ def test_bytearray_and_memoryview_payloads() -> None:
         ({"stop": [1]}, "invalid_payload", "stop[0] must be a string, got integer 1"),
         ({"stream": 1}, "invalid_payload", "stream must be true or false, got integer 1"),
         ({"priority": 101}, "invalid_payload", "priority 101 exceeds the maximum 100"),
-        ({"priority": 1.5}, "invalid_payload", "priority must be an integer, got number 1.5 (integers are written without a fraction or quotes)"),
+        (
+            {"priority": 1.5},
+            "invalid_payload",
+            "priority must be an integer, got number 1.5 (integers are written without a fraction or quotes)",
+        ),
         ({"timeout_s": 0}, "invalid_payload", "timeout_s must be greater than 0, got 0"),
         ({"timeout_s": 86401}, "invalid_payload", "timeout_s 86401 exceeds the maximum 86400"),
         ({"kind": "chats"}, "invalid_payload", "kind must be one of 'generate' or 'chat', got string 'chats'"),
-        ({"kind": "chat"}, "invalid_payload", "kind 'chat' needs 'messages'; 'prompt' is not allowed with kind 'chat' (put the text in a user message)"),
-        ({"job_id": "has space"}, "invalid_payload", "job_id must be 1-64 characters from A-Z a-z 0-9 _ -, got string 'has space'"),
-        ({"job_id": "x" * 65}, "invalid_payload", "job_id must be 1-64 characters from A-Z a-z 0-9 _ -, got string 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (65 characters)"),
+        (
+            {"kind": "chat"},
+            "invalid_payload",
+            "kind 'chat' needs 'messages'; 'prompt' is not allowed with kind 'chat' (put the text in a user message)",
+        ),
+        (
+            {"job_id": "has space"},
+            "invalid_payload",
+            "job_id must be 1-64 characters from A-Z a-z 0-9 _ -, got string 'has space'",
+        ),
+        (
+            {"job_id": "x" * 65},
+            "invalid_payload",
+            "job_id must be 1-64 characters from A-Z a-z 0-9 _ -, got string 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (65 characters)",
+        ),
         ({"job_id": 7}, "invalid_payload", "job_id must be a string, got integer 7"),
-        ({"expires_at": "2030-01-01T00:00:00"}, "invalid_payload", "expires_at has no UTC offset; add Z or +hh:mm, got string '2030-01-01T00:00:00'"),
-        ({"expires_at": 1893456000}, "invalid_payload", "expires_at must be an RFC 3339 timestamp string, got integer 1893456000"),
-        ({"expires_at": "tomorrow"}, "invalid_payload", "expires_at is not an RFC 3339 timestamp, got string 'tomorrow'"),
-        ({"expires_at": "2030-02-30T00:00:00Z"}, "invalid_payload", "expires_at is not a real date and time, got string '2030-02-30T00:00:00Z'"),
+        (
+            {"expires_at": "2030-01-01T00:00:00"},
+            "invalid_payload",
+            "expires_at has no UTC offset; add Z or +hh:mm, got string '2030-01-01T00:00:00'",
+        ),
+        (
+            {"expires_at": 1893456000},
+            "invalid_payload",
+            "expires_at must be an RFC 3339 timestamp string, got integer 1893456000",
+        ),
+        (
+            {"expires_at": "tomorrow"},
+            "invalid_payload",
+            "expires_at is not an RFC 3339 timestamp, got string 'tomorrow'",
+        ),
+        (
+            {"expires_at": "2030-02-30T00:00:00Z"},
+            "invalid_payload",
+            "expires_at is not a real date and time, got string '2030-02-30T00:00:00Z'",
+        ),
         ({"prompt": "a\x00b"}, "invalid_payload", "prompt contains a NUL character (U+0000) at character 1"),
-        ({"prompt": "ab\ud800"}, "invalid_payload", "prompt contains an unpaired UTF-16 surrogate (\\ud800) at character 2"),
+        (
+            {"prompt": "ab\ud800"},
+            "invalid_payload",
+            "prompt contains an unpaired UTF-16 surrogate (\\ud800) at character 2",
+        ),
         ({"stop": ["\x00"]}, "invalid_payload", "stop[0] contains a NUL character (U+0000) at character 0"),
     ],
 )
@@ -194,7 +264,11 @@ def test_several_problems_are_all_listed_under_invalid_payload() -> None:
         (b'"job"', "payload must be a JSON object, got string 'job'", None),
         (b"null", "payload must be a JSON object, got null", None),
         (b"{", "payload is not valid JSON: Expecting property name enclosed in double quotes at offset 1", None),
-        (b'{"job_id": "j-9", ', "payload is not valid JSON: Expecting property name enclosed in double quotes at offset 18", "j-9"),
+        (
+            b'{"job_id": "j-9", ',
+            "payload is not valid JSON: Expecting property name enclosed in double quotes at offset 18",
+            "j-9",
+        ),
         (b'{"job_id":"j-9","max_tokens":NaN}', "payload contains NaN; JSON numbers must be finite", "j-9"),
         (b'{"job_id":"j-9","max_tokens":-Infinity}', "payload contains -Infinity; JSON numbers must be finite", "j-9"),
         (b'{"job_id":"j-9","temperature":1e999}', "number 1e999 is out of range", "j-9"),
@@ -246,7 +320,9 @@ scalars = (
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False) | odd_text
 )  # fmt: skip
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(odd_text, c, max_size=4), max_leaves=12)
+json_values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(odd_text, c, max_size=4), max_leaves=12
+)
 field_values = {
     "job_id": ids,
     "kind": st.sampled_from(["generate", "chat"]) | json_values,
@@ -260,10 +336,20 @@ field_values = {
     "priority": st.integers(-150, 150) | json_values,
     "expires_at": st.datetimes(timezones=st.none() | st.timezones()).map(lambda d: d.isoformat()) | json_values,
     "timeout_s": st.floats(-1, 90000) | json_values,
-    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "bot"]) | json_values,
-                                                "content": odd_text | json_values}), max_size=3) | json_values,
-    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["json_object", "json_schema", "xml"]) | json_values},
-                                             optional={"schema": json_values}) | json_values,
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["system", "user", "assistant", "bot"]) | json_values,
+                "content": odd_text | json_values,
+            }
+        ),
+        max_size=3,
+    )
+    | json_values,
+    "response_format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["json_object", "json_schema", "xml"]) | json_values}, optional={"schema": json_values}
+    )
+    | json_values,
 }
 random_submits = st.fixed_dictionaries({}, optional={**field_values, "extra": json_values, "": json_values})
 # Mostly-valid jobs with the occasional bad field, so the fuzzer also reaches the accepting path
@@ -531,7 +617,9 @@ def test_job_id_from_cancel_topic(topic: str, job_id: str | None) -> None:
     assert Topics("edge", "pi-1").job_id_from_cancel_topic(topic) == job_id
 
 
-@pytest.mark.parametrize(("prefix", "device"), [("ed/ge", "pi"), ("edge", "pi+"), ("", "pi"), ("edge", "#"), ("$SYS", "pi")])
+@pytest.mark.parametrize(
+    ("prefix", "device"), [("ed/ge", "pi"), ("edge", "pi+"), ("", "pi"), ("edge", "#"), ("$SYS", "pi")]
+)
 def test_topics_refuse_ids_that_would_change_what_is_matched(prefix: str, device: str) -> None:
     with pytest.raises(ValueError):
         Topics(prefix, device)
@@ -550,7 +638,11 @@ def chat(**over: Any) -> dict[str, Any]:
 
 def test_chat_job_with_a_schema_round_trips_through_the_payload_and_the_store_dump() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "é\n"}, {"role": "assistant", "content": ""}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "é\n"},
+        {"role": "assistant", "content": ""},
+    ]
     j = parse(chat(messages=msgs, response_format={"type": "json_schema", "schema": schema}))
     assert j.kind == "chat" and j.prompt is None and [m.role for m in j.messages] == ["system", "user", "assistant"]
     assert j.response_format.type == "json_schema" and j.response_format.json_schema == schema
@@ -566,7 +658,12 @@ def test_chat_job_with_a_schema_round_trips_through_the_payload_and_the_store_du
 def test_engine_request_from_a_chat_job() -> None:
     from agent.engine.types import ChatMessage, GenerationRequest, ResponseFormat
 
-    j = parse(chat(messages=[{"role": "user", "content": "Hi"}], response_format={"type": "json_schema", "schema": {"type": "integer"}}))
+    j = parse(
+        chat(
+            messages=[{"role": "user", "content": "Hi"}],
+            response_format={"type": "json_schema", "schema": {"type": "integer"}},
+        )
+    )
     req = GenerationRequest.from_job(j)
     assert req.is_chat and req.messages == (ChatMessage("user", "Hi"),) and req.prompt == ""
     assert req.response_format == ResponseFormat("json_schema", {"type": "integer"})
@@ -633,7 +730,12 @@ def test_job_schema_says_which_text_field_each_kind_needs() -> None:
 
     schema = json_schemas()["JobSubmit"]
     ok = [job(), chat(), chat(response_format={"type": "json_schema", "schema": {"type": "integer"}})]
-    bad = [chat(prompt="x"), job(messages=[{"role": "user", "content": "x"}]), {**job(), "kind": "chat"}, {k: v for k, v in job().items() if k != "prompt"}]
+    bad = [
+        chat(prompt="x"),
+        job(messages=[{"role": "user", "content": "x"}]),
+        {**job(), "kind": "chat"},
+        {k: v for k, v in job().items() if k != "prompt"},
+    ]
     v = jsonschema.Draft202012Validator(schema)
     assert [v.is_valid(p) for p in ok] == [True, True, True]
     assert [v.is_valid(p) for p in bad] == [False, False, False, False]

@@ -249,8 +249,11 @@ def test_a_job_waiting_for_memory_does_not_block_smaller_ones_and_its_wait_is_bo
     room = {"tokens": 100}
     g = GovernorSettings(reserve_after_s=30, memory_wait_max_s=120)
     rig.runner = rig.make_runner()
-    rig.runner._admit = lambda tokens: (Admission("run", "fits") if tokens <= room["tokens"] else
-                                        Admission("wait", f"needs {tokens} tokens of KV, room for {room['tokens']}"))
+    rig.runner._admit = lambda tokens: (
+        Admission("run", "fits")
+        if tokens <= room["tokens"]
+        else Admission("wait", f"needs {tokens} tokens of KV, room for {room['tokens']}")
+    )
     rig.runner._governor = lambda: g
     rig.submit("big", prompt=words(50), max_tokens=200, priority=5)
     rig.submit("small", max_tokens=4)

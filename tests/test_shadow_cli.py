@@ -59,7 +59,9 @@ def test_set_wait_exits_0_once_applied_and_get_shows_it(cfg, board, capsys):
     rc, out, err = cli(capsys, "get", "-c", str(cfg))
     assert rc == 0, err
     assert f"device {DEV}  version 1  applied 1" in out and "(from the device)" in out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("engine.", "intake.", "telemetry."))}
+    lines = {
+        line.split()[0]: line for line in out.splitlines() if line.startswith(("engine.", "intake.", "telemetry."))
+    }
     assert lines["engine.n_ctx"].split() == ["engine.n_ctx", "512", "512", "in", "sync"]
     assert lines["intake.paused"].split()[1:3] == ["true", "true"]
     assert "other run-time settings" in out

@@ -154,8 +154,9 @@ def test_a_model_change_while_a_job_runs(board: Path, op: ShadowPeer, jobs, grac
     ({"model": {"path": "unknown-arch.gguf"}}, "model.path"),
     ({"model": {"path": "other.gguf", "sha256": "0" * 64}}, "model.sha256"),
 ], ids=["unknown-architecture", "sha256-mismatch"])  # fmt: skip
-def test_a_model_that_cannot_load_is_refused_or_rolled_back(board: Path, op: ShadowPeer, jobs, desired, key,
-                                                            broker: MosquittoBroker) -> None:
+def test_a_model_that_cannot_load_is_refused_or_rolled_back(
+    board: Path, op: ShadowPeer, jobs, desired, key, broker: MosquittoBroker
+) -> None:
     events = BrokerClient(broker).connect()
     events.subscribe(T.events)
     with InProcessDaemon(board) as d:
@@ -188,8 +189,9 @@ def test_a_model_that_cannot_load_is_refused_or_rolled_back(board: Path, op: Sha
     ({"engine": {"n_ctxx": 512}}, "engine.n_ctxx"),
     ({"telemetry": {"interval_s": "often"}}, "telemetry.interval_s"),
 ], ids=["negative-n_ctx", "dotdot", "symlink-escape", "q8_0", "unknown-key", "wrong-type"])  # fmt: skip
-def test_bad_updates_are_refused_whole_with_one_message_per_key(board: Path, op: ShadowPeer, jobs, desired,
-                                                                key) -> None:
+def test_bad_updates_are_refused_whole_with_one_message_per_key(
+    board: Path, op: ShadowPeer, jobs, desired, key
+) -> None:
     with InProcessDaemon(board) as d:
         wait_online(jobs, DEV)
         before = op.doc()
@@ -231,8 +233,9 @@ def test_two_operators_updating_different_keys_both_survive(board: Path, broker:
         b.close()
 
 
-def test_a_retained_update_before_the_first_connect_is_applied_once_and_cleared(board: Path, op: ShadowPeer,
-                                                                                jobs) -> None:
+def test_a_retained_update_before_the_first_connect_is_applied_once_and_cleared(
+    board: Path, op: ShadowPeer, jobs
+) -> None:
     op.send({"state": {"desired": {"engine": {"n_ctx": 768}}}, "client_token": "first-config"}, retain=True)
     with InProcessDaemon(board) as d:
         wait_online(jobs, DEV)
@@ -310,8 +313,9 @@ def test_the_daemons_live_settings_path_keeps_the_executor_contract(board: Path,
                                 "unknown-arch.gguf")  # fmt: skip
 
 
-def test_a_desired_model_that_fails_at_start_does_not_keep_the_board_from_starting(board: Path, op: ShadowPeer,
-                                                                                 jobs) -> None:
+def test_a_desired_model_that_fails_at_start_does_not_keep_the_board_from_starting(
+    board: Path, op: ShadowPeer, jobs
+) -> None:
     with InProcessDaemon(board):
         wait_online(jobs, DEV)
         assert update(op, {"model": {"path": "unknown-arch.gguf"}}, "bad")[0] == "accepted"

@@ -61,7 +61,7 @@ def test_the_desired_model_is_the_live_settings_with_their_definitions():
     assert keys == set(live_keys())
     for key in live_keys():
         section, name = key.split(".")
-        info = getattr(Settings.model_fields[section].annotation, "model_fields")[name]
+        info = Settings.model_fields[section].annotation.model_fields[name]
         assert section_models()[section].model_fields[name].description == info.description
     engine = schema["$defs"]["DesiredEngine"]["properties"]["n_batch"]
     assert engine["minimum"] == 8 and engine["maximum"] == 2048 and engine["live"] == "reload"

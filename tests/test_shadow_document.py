@@ -47,8 +47,11 @@ def test_partial_desired_is_merged_and_version_counts_accepted_updates():
 
 
 def test_null_removes_a_key_and_an_emptied_section_and_desired_null_removes_all():
-    doc = ShadowDocument(version=3, desired={"engine": {"n_ctx": 512}, "intake": {"paused": True}},
-                         desired_meta={"engine.n_ctx": 1.0, "intake.paused": 1.0})
+    doc = ShadowDocument(
+        version=3,
+        desired={"engine": {"n_ctx": 512}, "intake": {"paused": True}},
+        desired_meta={"engine.n_ctx": 1.0, "intake.paused": 1.0},
+    )
     r = update(doc, {"state": {"desired": {"engine": {"n_ctx": None}}}})
     assert isinstance(r, Accepted)
     assert r.document.desired == {"intake": {"paused": True}} and r.document.version == 4
@@ -111,7 +114,11 @@ def test_nesting_deeper_than_6_is_400_naming_the_path():
         (b"\xff\xfe", None, "not valid UTF-8"),
         (b"[1, 2]", None, "must be a JSON object, got an array"),
         (b'{"state": {"desired": {"engine": {"n_ctx": NaN}}}}', None, "NaN"),
-        (b'{"state": {"desired": {"engine": {"n_ctx": 1, "n_ctx": 2}}}}', "state.desired.engine.n_ctx", "more than once"),
+        (
+            b'{"state": {"desired": {"engine": {"n_ctx": 1, "n_ctx": 2}}}}',
+            "state.desired.engine.n_ctx",
+            "more than once",
+        ),
         (b'{"desired": {}}', "desired", "unknown key"),
         (b'{"state": 5}', "state", "must be an object"),
         (b'{"state": {}}', "state.desired", "missing"),
@@ -173,8 +180,12 @@ def test_the_validator_sees_the_merged_state_and_its_normalised_form_is_kept():
 
 def test_delta_is_desired_keys_that_differ_from_reported():
     desired = {"engine": {"n_ctx": 512, "n_batch": 64}, "intake": {"paused": True}, "telemetry": {"interval_s": 30}}
-    reported = {"engine": {"n_ctx": 512, "n_batch": 128}, "intake": {"paused": 1}, "telemetry": {"interval_s": 30.0},
-                "errors": {"engine.n_batch": "x"}}
+    reported = {
+        "engine": {"n_ctx": 512, "n_batch": 128},
+        "intake": {"paused": 1},
+        "telemetry": {"interval_s": 30.0},
+        "errors": {"engine.n_batch": "x"},
+    }
     assert delta(desired, reported) == {"engine": {"n_batch": 64}, "intake": {"paused": True}}
     assert delta({}, reported) == {}
     assert delta({"model": {"path": "a"}}, {}) == {"model": {"path": "a"}}

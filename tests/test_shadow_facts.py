@@ -103,8 +103,13 @@ PSI = "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.0
         (PI5_CPUINFO, "aarch64", "Raspberry Pi 5 Model B Rev 1.0 (Cortex-A76)", 4, ["neon", "dotprod", "fp16"]),
         (PI4_CPUINFO, "aarch64", "Raspberry Pi 4 Model B Rev 1.4 (Cortex-A72)", 1, ["neon"]),
         (ZERO2_ARMV7_CPUINFO, "armv7l", "ARMv7 Processor rev 4 (v7l) (Cortex-A53)", 1, ["neon"]),
-        (X86_CPUINFO, "x86_64", "Intel(R) Xeon(R) Platinum 8488C", 2,
-         ["ssse3", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"]),
+        (
+            X86_CPUINFO,
+            "x86_64",
+            "Intel(R) Xeon(R) Platinum 8488C",
+            2,
+            ["ssse3", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"],
+        ),
     ],
 )
 def test_cpuinfo(tmp_path: Path, text, machine, model, cores, features):

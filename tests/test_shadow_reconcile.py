@@ -62,8 +62,13 @@ def test_settle_folds_each_kind_of_report():
     s = settle(Settled(), action, report, want, after)
     assert s.failed == {"model.path": "bad.gguf"} and s.errors == {"model.path": "does not load"}
 
-    s = settle(s, Action("hot", ("swap.policy",)), ApplyReport(pending={"swap.policy": "not applied yet"}), want,
-               dict(after, **{"swap.policy": "zram"}))
+    s = settle(
+        s,
+        Action("hot", ("swap.policy",)),
+        ApplyReport(pending={"swap.policy": "not applied yet"}),
+        want,
+        dict(after, **{"swap.policy": "zram"}),
+    )
     assert s.pending == {"swap.policy": "not applied yet"} and "model.path" in s.errors
 
     s = settle(s, action, ApplyReport(applied={"model.path": "bad.gguf"}), want, after)

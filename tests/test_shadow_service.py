@@ -80,7 +80,9 @@ def test_first_document_reports_the_settings_in_force(board, peer):
 
 def test_update_is_accepted_applied_on_the_main_loop_and_reported(board, peer, executor):
     started(board, peer)
-    kind, reply = set_(peer, {"engine": {"n_ctx": 512}, "telemetry": {"interval_s": 5}, "intake": {"paused": True}}, "t1")
+    kind, reply = set_(
+        peer, {"engine": {"n_ctx": 512}, "telemetry": {"interval_s": 5}, "intake": {"paused": True}}, "t1"
+    )
     assert kind == "accepted", reply
     assert reply["version"] == 1 and reply["client_token"] == "t1"
     assert reply["state"]["desired"] == {"engine": {"n_ctx": 512}, "telemetry": {"interval_s": 5.0},
@@ -209,7 +211,10 @@ def test_keys_nothing_applies_yet_are_stored_and_reported_as_pending(board, peer
     started(board, peer)
     set_(peer, {"swap": {"policy": "zram", "zram_mb": 256}}, "p")
     rep = peer.doc(applied(1))["state"]["reported"]
-    assert rep["swap"]["policy"] == "zram" and rep["pending"] == {"swap.policy": PENDING_NOTE, "swap.zram_mb": PENDING_NOTE}
+    assert rep["swap"]["policy"] == "zram" and rep["pending"] == {
+        "swap.policy": PENDING_NOTE,
+        "swap.zram_mb": PENDING_NOTE,
+    }
 
 
 def test_null_falls_back_to_the_config_file(board, peer):
@@ -372,7 +377,9 @@ def test_boot_settings_start_the_daemon_with_the_accepted_desired_state(broker, 
     peer = ShadowPeer(broker, board.topics)
     try:
         started(board, peer)
-        set_(peer, {"engine": {"n_ctx": 384, "type_v": "q8_0", "flash_attn": True}, "model": {"path": "other.gguf"}}, "b")
+        set_(
+            peer, {"engine": {"n_ctx": 384, "type_v": "q8_0", "flash_attn": True}, "model": {"path": "other.gguf"}}, "b"
+        )
         peer.doc(applied(1))
         board.stop()
         with ShadowStore.from_settings(settings) as store:

@@ -23,13 +23,17 @@ def test_empty_then_round_trip(tmp_path: Path):
         assert store.load() == ShadowDocument()
         d = doc(1, engine={"n_ctx": 512})
         assert store.save_desired(d, now=10.0)
-        reported = ShadowDocument(reported={"engine": {"n_ctx": 2048}, "errors": {"x": "é"}}, reported_meta={"engine.n_ctx": 2.0})
+        reported = ShadowDocument(
+            reported={"engine": {"n_ctx": 2048}, "errors": {"x": "é"}}, reported_meta={"engine.n_ctx": 2.0}
+        )
         store.save_reported(reported, now=11.0)
     with ShadowStore(tmp_path / "shadow.db") as store:  # re-open: schema creation is safe to re-run
         got = store.load()
     assert got.version == 1 and got.desired == {"engine": {"n_ctx": 512}}
     assert got.desired_meta == {"engine.n_ctx": 1.5}
-    assert got.reported == {"engine": {"n_ctx": 2048}, "errors": {"x": "é"}} and got.reported_meta == {"engine.n_ctx": 2.0}
+    assert got.reported == {"engine": {"n_ctx": 2048}, "errors": {"x": "é"}} and got.reported_meta == {
+        "engine.n_ctx": 2.0
+    }
 
 
 def test_reported_can_be_stored_before_any_desired(tmp_path: Path):

@@ -117,7 +117,9 @@ def test_status_of_a_daemon_that_died(tmp_path: Path):
 
 
 def _job(job_id: str) -> bytes:
-    return json.dumps({"job_id": job_id, "kind": "generate", "prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode()
+    return json.dumps(
+        {"job_id": job_id, "kind": "generate", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    ).encode()
 
 
 def test_status_with_the_broker_down(tmp_path: Path, tiny_model: Path):

@@ -10,16 +10,15 @@ import subprocess
 import sys
 import textwrap
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from agent.errors import StoreError
 from pydantic import ValidationError
 
 from agent.config.sections import StoreSettings
+from agent.errors import StoreError
 from agent.protocol import ErrorCode, ErrorInfo, JobOutcome, JobStatus, JobSubmit, Timings, Usage
 from agent.store import SCHEMA_VERSION, JobStore
 
@@ -45,7 +44,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock) -> JobStore:
-    s = JobStore(tmp_path / "jobs.db", queue_max=5, max_attempts=2, keep_finished=10, keep_finished_days=1.0, clock=clock)
+    s = JobStore(
+        tmp_path / "jobs.db", queue_max=5, max_attempts=2, keep_finished=10, keep_finished_days=1.0, clock=clock
+    )
     yield s
     s.close()
 
@@ -147,12 +148,12 @@ def test_closed_store_refuses_politely(store: JobStore) -> None:
 
 
 def test_accept_stores_the_job_queued(store: JobStore, clock: Clock) -> None:
-    j = job("a", priority=3, timeout_s=9.5, expires_at=datetime(2099, 1, 1, tzinfo=timezone.utc))
+    j = job("a", priority=3, timeout_s=9.5, expires_at=datetime(2099, 1, 1, tzinfo=UTC))
     acc = store.accept(j, b'{"raw": 1}')
     r = acc.record
     assert acc.outcome == "new"
     assert (r.status, r.attempt, r.priority, r.created_at, r.timeout_s) == (JobStatus.QUEUED, 0, 3, clock.t, 9.5)
-    assert r.expires_at == datetime(2099, 1, 1, tzinfo=timezone.utc).timestamp()
+    assert r.expires_at == datetime(2099, 1, 1, tzinfo=UTC).timestamp()
     assert r.started_at is None and r.finished_at is None and r.outcome is None and not r.delivered
     assert r.job() == j
 
@@ -187,7 +188,7 @@ def test_queue_full_is_stored_as_a_deliverable_rejection(store: JobStore, clock:
 
 
 def test_already_expired_job_is_rejected_on_arrival(store: JobStore, clock: Clock) -> None:
-    past = datetime.fromtimestamp(clock.t - 1, tz=timezone.utc)
+    past = datetime.fromtimestamp(clock.t - 1, tz=UTC)
     acc = store.accept(job("late", expires_at=past))
     assert acc.outcome == "rejected_expired" and acc.record.error_code == "expired"
     assert "had passed when the job arrived" in acc.record.outcome.error.message
@@ -228,7 +229,7 @@ def test_claim_order_is_priority_then_arrival(store: JobStore, clock: Clock) -> 
 
 
 def test_claim_skips_expired_jobs(store: JobStore, clock: Clock) -> None:
-    soon = datetime.fromtimestamp(clock.t + 10, tz=timezone.utc)
+    soon = datetime.fromtimestamp(clock.t + 10, tz=UTC)
     store.accept(job("soon", priority=9, expires_at=soon))
     store.accept(job("later"))
     clock.advance(10)
@@ -326,7 +327,7 @@ def test_cancel_outcomes(store: JobStore, clock: Clock) -> None:
 
 
 def test_expire_queued(store: JobStore, clock: Clock) -> None:
-    at = lambda dt: datetime.fromtimestamp(clock.t + dt, tz=timezone.utc)  # noqa: E731
+    at = lambda dt: datetime.fromtimestamp(clock.t + dt, tz=UTC)  # noqa: E731
     store.accept(job("x5", expires_at=at(5)))
     store.accept(job("x50", expires_at=at(50)))
     store.accept(job("never"))
@@ -546,7 +547,10 @@ def test_every_acknowledged_job_survives_sigkill(tmp_path: Path, kill_after: int
     # synchronous=FULL (every commit fsynced), which a test cannot cut the power to check.
     path = tmp_path / "jobs.db"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        [sys.executable, "-c", CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert child.stdout is not None
     acked = []

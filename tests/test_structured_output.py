@@ -124,7 +124,9 @@ def test_grammar_cache_is_keyed_by_the_canonical_schema_and_bounded() -> None:
     cache.get(schema_format({"type": "integer"}))
     cache.get(schema_format({"type": "boolean"}))
     assert len(cache) == 2
-    again = cache.get(schema_format({"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}))
+    again = cache.get(
+        schema_format({"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}})
+    )
     assert again is not a and again.gbnf == a.gbnf and cache.misses == 4  # evicted, built again
     with pytest.raises(SchemaRefused):
         cache.get(schema_format({"type": "integer", "maximum": 3}))
@@ -150,7 +152,9 @@ def test_twenty_schema_jobs_on_the_synthetic_model_all_parse_and_validate(tiny_e
 @pytest.mark.parametrize("seed", range(5))
 def test_json_object_is_an_object_or_an_error_never_invalid_text(tiny_engine: Engine, seed: int) -> None:
     # "Any object" is unbounded (values nest): on random weights max_tokens may come first.
-    req = GenerationRequest("{", max_tokens=64, temperature=1.0, seed=seed, response_format=ResponseFormat("json_object"))
+    req = GenerationRequest(
+        "{", max_tokens=64, temperature=1.0, seed=seed, response_format=ResponseFormat("json_object")
+    )
     try:
         res = tiny_engine.generate(req)
     except OutputTruncated as e:
@@ -179,7 +183,9 @@ def test_greedy_output_equals_the_grammar_applied_to_the_whole_vocabulary(gemma_
     rf = schema_format(PERSON)
     prompt = 'Records:\n{"name": "Ada", "age": 36, "color": "green"}\n{"name": "Bob", "age": 41, "color": "red"}\n'
     # allow_non_4bit: the Q4_K_M file's Q8_0 embedding fails the old 4-bit rule (issue 6, item 1).
-    with Engine(gemma_model, engine=EngineSettings(n_ctx=512, n_threads=2, max_parallel=1), allow_non_4bit=True) as engine:
+    with Engine(
+        gemma_model, engine=EngineSettings(n_ctx=512, n_threads=2, max_parallel=1), allow_non_4bit=True
+    ) as engine:
         engine.load()
         ours = engine.generate(GenerationRequest(prompt, max_tokens=60, temperature=0.0, response_format=rf))
         llama = engine._llama
@@ -212,7 +218,9 @@ def test_random_bytes_cannot_break_utf8_under_a_grammar(tiny_engine: Engine) -> 
     that are not UTF-8 (the text would hold U+FFFD, and strings would outgrow maxLength)."""
     for seed in range(10):
         res = tiny_engine.generate(
-            GenerationRequest("Name:", max_tokens=300, temperature=1.0, seed=seed, response_format=schema_format(PERSON))
+            GenerationRequest(
+                "Name:", max_tokens=300, temperature=1.0, seed=seed, response_format=schema_format(PERSON)
+            )
         )
         assert "\ufffd" not in res.text
         jsonschema.validate(json.loads(res.text), PERSON)
@@ -240,7 +248,12 @@ def test_utf8_tail(tail: bytes, piece: bytes, expected: bytes | None) -> None:
 
 
 def test_utf8_tail_agrees_with_python_on_complete_byte_strings() -> None:
-    samples = [bytes([a, b, c]) for a in (0x41, 0xC2, 0xE0, 0xED, 0xF0, 0xF4, 0xF5) for b in (0x80, 0x9F, 0xA0, 0xBF, 0x41) for c in (0x80, 0x90, 0xBF, 0x41)]
+    samples = [
+        bytes([a, b, c])
+        for a in (0x41, 0xC2, 0xE0, 0xED, 0xF0, 0xF4, 0xF5)
+        for b in (0x80, 0x9F, 0xA0, 0xBF, 0x41)
+        for c in (0x80, 0x90, 0xBF, 0x41)
+    ]
     for data in samples:
         try:
             data.decode("utf-8")

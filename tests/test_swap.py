@@ -10,8 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -107,13 +107,21 @@ def file_there(inode=7, free=10 * GiB, path="/var/swap.edge-agent"):
 
 def test_plan_has_nothing_to_do_when_it_matches():
     rec = Record([ours("zram", "/dev/zram1", 256 * MiB, 100), ours()])
-    active = [SwapDevice("/dev/zram1", "partition", 256 * MiB, 0, 100), SwapDevice("/var/swap.edge-agent", "file", 512 * MiB, 0, 10)]
-    assert plan(desired(policy="zram+file", zram_mb=256, file_mb=512), rec, world(active=active, files=file_there())) == []
+    active = [
+        SwapDevice("/dev/zram1", "partition", 256 * MiB, 0, 100),
+        SwapDevice("/var/swap.edge-agent", "file", 512 * MiB, 0, 10),
+    ]
+    assert (
+        plan(desired(policy="zram+file", zram_mb=256, file_mb=512), rec, world(active=active, files=file_there())) == []
+    )
 
 
 def test_plan_removes_what_the_policy_no_longer_wants():
     rec = Record([ours("zram", "/dev/zram1", 256 * MiB, 100), ours()])
-    active = [SwapDevice("/dev/zram1", "partition", 256 * MiB, 0, 100), SwapDevice("/var/swap.edge-agent", "file", 512 * MiB, 0, 10)]
+    active = [
+        SwapDevice("/dev/zram1", "partition", 256 * MiB, 0, 100),
+        SwapDevice("/var/swap.edge-agent", "file", 512 * MiB, 0, 10),
+    ]
     steps = plan(desired(policy="none", swappiness=None), rec, world(active=active, files=file_there()))
     assert ops(steps) == [("remove_zram", "/dev/zram1", True), ("remove_file", "/var/swap.edge-agent", True)]
 
@@ -128,12 +136,21 @@ def test_plan_resizes_by_removing_then_creating():
 def test_plan_never_switches_off_while_memory_is_short():
     # 300 MiB used in the swap file; MemAvailable 400 MiB of 1 GiB: 100 MiB left after, floor 204 MiB
     active = [SwapDevice("/var/swap.edge-agent", "file", 512 * MiB, 300 * MiB, 10)]
-    steps = plan(desired(policy="none", swappiness=None), Record([ours()]), world(active=active, avail=400 * MiB, files=file_there()))
+    steps = plan(
+        desired(policy="none", swappiness=None),
+        Record([ours()]),
+        world(active=active, avail=400 * MiB, files=file_there()),
+    )
     assert ops(steps) == [("remove_file", "/var/swap.edge-agent", False)]
     assert "memory is short" in steps[0].refused and "100 MiB" in steps[0].refused
     # a resize is refused as a whole: the new file is not made while the old one must stay
-    steps = plan(desired(policy="file", file_mb=768), Record([ours()]), world(active=active, avail=400 * MiB, files=file_there()))
-    assert ops(steps) == [("remove_file", "/var/swap.edge-agent", False), ("create_file", "/var/swap.edge-agent", False)]
+    steps = plan(
+        desired(policy="file", file_mb=768), Record([ours()]), world(active=active, avail=400 * MiB, files=file_there())
+    )
+    assert ops(steps) == [
+        ("remove_file", "/var/swap.edge-agent", False),
+        ("create_file", "/var/swap.edge-agent", False),
+    ]
     # plenty of memory: allowed
     assert plan(desired(policy="none", swappiness=None), Record([ours()]),
                 world(active=active, avail=900 * MiB, files=file_there()))[0].refused is None  # fmt: skip
@@ -250,7 +267,9 @@ def test_swap_units_verify_and_the_service_is_hardened(tmp_path):
     for name in UNITS:
         text = (ROOT_DIR / "systemd" / name).read_text().replace("/opt/edge-agent/.venv/bin/edge-agent", str(exe))
         (tmp_path / name).write_text(text)
-    p = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / n) for n in UNITS)], capture_output=True, text=True)
+    p = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / n) for n in UNITS)], capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
     service = (ROOT_DIR / "systemd" / UNITS[0]).read_text()
     assert "swap apply --config /etc/edge-agent/config.toml --desired /var/lib/edge-agent/swap-desired.json" in service
@@ -417,7 +436,9 @@ def test_zram_is_created_and_removed_for_real(tmp_path, manager):
     assert not Path(f"/sys/block/zram{rec.entries[0].zram_index}").exists()  # hot-removed
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop capabilities")
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop capabilities"
+)
 def test_status_without_the_right_to_read_the_record_still_lists_devices(tmp_path):
     rec = tmp_path / "rec"
     rec.mkdir(mode=0o700)

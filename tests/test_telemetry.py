@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -90,7 +90,7 @@ def test_telemetry_doc_is_generated_from_the_declaration():
 def test_a_reading_of_this_machine():
     s = Sampler("dev-1")
     t = s.sample(now=1_700_000_000.0)
-    assert t.device_id == "dev-1" and t.ts.tzinfo == timezone.utc and t.ts.timestamp() == 1_700_000_000.0
+    assert t.device_id == "dev-1" and t.ts.tzinfo == UTC and t.ts.timestamp() == 1_700_000_000.0
     assert t.mem_total_bytes > t.mem_available_bytes > 0
     assert 0 < t.mem_available_pct <= 100
     assert t.rss_anon_bytes > MiB and t.rss_file_bytes > 0
@@ -220,7 +220,7 @@ def test_model_residency_is_read_at_the_lower_rate_and_again_on_a_model_change(t
     mono = Clock()
     s = Sampler("pi4", root=board(tmp_path, "pi4-stock"), agent_state=lambda: AgentState(model_loaded=loaded["v"]),
                 residency=residency, residency_interval_s=60, monotonic=mono)  # fmt: skip
-    for step in range(6):  # 0, 15, 30, 45, 60, 75 s
+    for _ in range(6):  # 0, 15, 30, 45, 60, 75 s
         assert s.sample().model_resident_pct == 42.0
         mono.t += 15
     assert calls == [1000.0, 1060.0]

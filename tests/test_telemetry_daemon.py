@@ -38,8 +38,9 @@ class Readings:
             assert self.cond.wait_for(pred, timeout), what
 
 
-def test_readings_are_spooled_while_the_broker_is_down_and_flushed_in_order(tmp_path: Path, tiny_model: Path,
-                                                                            broker_factory) -> None:
+def test_readings_are_spooled_while_the_broker_is_down_and_flushed_in_order(
+    tmp_path: Path, tiny_model: Path, broker_factory
+) -> None:
     broker: MosquittoBroker = broker_factory("tel", persistence=True)
     cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, device_id=DEV,
                               telemetry={"interval_s": 1, "spool_max_rows": SPOOL_ROWS})  # fmt: skip

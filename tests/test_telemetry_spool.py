@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -181,7 +182,9 @@ def test_errors_are_store_errors(tmp_path):
 def test_from_settings_puts_it_in_the_state_dir(tmp_path):
     from agent.config import Settings
 
-    st = Settings.model_validate({"device": {"state_dir": str(tmp_path)}, "telemetry": {"spool_max_rows": 50, "spool_max_mb": 1}})
+    st = Settings.model_validate(
+        {"device": {"state_dir": str(tmp_path)}, "telemetry": {"spool_max_rows": 50, "spool_max_mb": 1}}
+    )
     with TelemetrySpool.from_settings(st) as s:
         assert s.path == tmp_path / "telemetry.db" and s.max_rows == 50 and s.max_bytes == 1024 * 1024
 

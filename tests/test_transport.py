@@ -13,8 +13,9 @@ import random
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -86,7 +87,7 @@ def transports() -> Any:
 
 def test_backoff_delays_are_jittered_bounded_and_growing() -> None:
     rng = random.Random(7)
-    seqs = [[d for _, d in zip(range(12), backoff_delays(1.0, 120.0, rng))] for _ in range(50)]
+    seqs = [[d for _, d in zip(range(12), backoff_delays(1.0, 120.0, rng), strict=False)] for _ in range(50)]
     for seq in seqs:
         assert all(1.0 <= d <= 120.0 for d in seq)
         # equal jitter: attempt n lies in [c/2, c], c = min(max, min * 2**(n+1))
@@ -101,7 +102,7 @@ def test_backoff_delays_are_jittered_bounded_and_growing() -> None:
 
 
 def test_backoff_min_equals_max_is_constant_and_bad_bounds_refused() -> None:
-    assert [d for _, d in zip(range(5), backoff_delays(2.0, 2.0, random.Random(1)))] == [2.0] * 5
+    assert [d for _, d in zip(range(5), backoff_delays(2.0, 2.0, random.Random(1)), strict=False)] == [2.0] * 5
     with pytest.raises(ValueError):
         next(backoff_delays(0.0, 1.0, random.Random(1)))
     with pytest.raises(ValueError):
@@ -135,8 +136,13 @@ def test_round_trip_publish_subscribe_ack_and_delivery_callback(broker: Mosquitt
         assert t.ack(msg)
 
         delivered = threading.Event()
-        h = t.publish("edge/dev1/results/j1", b"done", qos=1, on_delivered=delivered.set,
-                      properties={"CorrelationData": b"j1", "UserProperty": [("k", "v")]})
+        h = t.publish(
+            "edge/dev1/results/j1",
+            b"done",
+            qos=1,
+            on_delivered=delivered.set,
+            properties={"CorrelationData": b"j1", "UserProperty": [("k", "v")]},
+        )
         assert h.wait(T) and h.delivered and h.error is None
         assert delivered.wait(T)
         got = cloud.expect("edge/dev1/results/j1")
@@ -161,21 +167,25 @@ def test_outgoing_queue_is_bounded_and_overflow_on_the_network_thread_waits_in_o
 
     with BrokerClient(broker) as cloud:
         cloud.subscribe("edge/q/results/+")
-        t = MqttTransport(broker.settings("edge-agent-q", max_inflight=1), will=None, on_message=lambda m: None,
-                          on_connect=burst, max_queued=2)
+        t = MqttTransport(
+            broker.settings("edge-agent-q", max_inflight=1),
+            will=None,
+            on_message=lambda m: None,
+            on_connect=burst,
+            max_queued=2,
+        )
         holder.append(t)
         transports(t)
         hs = handles.get(timeout=T)
         # Two in paho's queue; the rest waited in the backlog (not handed to paho yet: no mid), not refused.
         assert [mid != 0 for _, mid in hs] == [True, True, False, False, False]
         assert [h.wait(T) for h, _ in hs] == [True] * 5
-        assert [cloud.expect().topic for _ in range(5)] == [
-            f"edge/q/results/{i}" for i in range(5)
-        ]
+        assert [cloud.expect().topic for _ in range(5)] == [f"edge/q/results/{i}" for i in range(5)]
 
 
-def test_publish_when_not_connected_fails_fast_without_raising(broker_factory: Callable[..., MosquittoBroker],
-                                                               transports: Any) -> None:
+def test_publish_when_not_connected_fails_fast_without_raising(
+    broker_factory: Callable[..., MosquittoBroker], transports: Any
+) -> None:
     absent = broker_factory("absent", start=False)  # nothing listens on its port
     rec = Recorder()
     t = transports(make_transport(absent.settings("edge-agent-off"), rec))
@@ -186,9 +196,9 @@ def test_publish_when_not_connected_fails_fast_without_raising(broker_factory: C
     assert "stopped" in (t.publish("edge/off/results/1", b"x").error or "")
 
 
-def test_missing_broker_at_startup_is_retried_until_it_appears(broker_factory: Callable[..., MosquittoBroker],
-                                                               transports: Any,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_broker_at_startup_is_retried_until_it_appears(
+    broker_factory: Callable[..., MosquittoBroker], transports: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="agent.transport")
     late = broker_factory("late", start=False)
     rec = Recorder()
@@ -209,8 +219,9 @@ def test_missing_broker_at_startup_is_retried_until_it_appears(broker_factory: C
 # --------------------------------------------------------------------------------------------
 
 
-def test_unacked_message_is_redelivered_after_reconnect_and_acked_one_is_not(broker: MosquittoBroker,
-                                                                            transports: Any) -> None:
+def test_unacked_message_is_redelivered_after_reconnect_and_acked_one_is_not(
+    broker: MosquittoBroker, transports: Any
+) -> None:
     settings = broker.settings("edge-agent-ack")
     subs = [("edge/ack/jobs/#", 1)]
     rec1 = Recorder()
@@ -259,8 +270,9 @@ def test_persistent_session_keeps_messages_published_while_offline(broker: Mosqu
 
 
 @pytest.mark.parametrize("persistence", [True, False], ids=["persistent-broker", "broker-forgets-sessions"])
-def test_reconnects_by_itself_after_broker_restart_and_resubscribes(broker_factory: Callable[..., MosquittoBroker],
-                                                                    transports: Any, persistence: bool) -> None:
+def test_reconnects_by_itself_after_broker_restart_and_resubscribes(
+    broker_factory: Callable[..., MosquittoBroker], transports: Any, persistence: bool
+) -> None:
     b = broker_factory("restarting", persistence=persistence)
     rec = Recorder()
     holder: list[MqttTransport] = []
@@ -272,9 +284,14 @@ def test_reconnects_by_itself_after_broker_restart_and_resubscribes(broker_facto
         announced.put(holder[0].publish("edge/r/status", b"online", retain=True))
         rec.on_connect()
 
-    t = MqttTransport(b.settings("edge-agent-restart"), will=("edge/r/status", b"offline"),
-                      on_message=rec.on_message, on_connect=on_connect, on_disconnect=rec.on_disconnect,
-                      subscriptions=[("edge/r/jobs/#", 1)])
+    t = MqttTransport(
+        b.settings("edge-agent-restart"),
+        will=("edge/r/status", b"offline"),
+        on_message=rec.on_message,
+        on_connect=on_connect,
+        on_disconnect=rec.on_disconnect,
+        subscriptions=[("edge/r/jobs/#", 1)],
+    )
     holder.append(t)
     transports(t)
     assert rec.connects.get(timeout=T) == 1
@@ -314,8 +331,11 @@ def test_silent_network_loss_is_detected_by_keepalive_and_recovered(broker: Mosq
     try:
         rec = Recorder()
         settings = broker.settings("edge-agent-wifi", port=proxy.port, keepalive_s=5)
-        t = transports(make_transport(settings, rec, will=("edge/wifi/status", b"offline"),
-                                      subscriptions=[("edge/wifi/jobs/#", 1)]))
+        t = transports(
+            make_transport(
+                settings, rec, will=("edge/wifi/status", b"offline"), subscriptions=[("edge/wifi/jobs/#", 1)]
+            )
+        )
         assert rec.connects.get(timeout=T) == 1
         with BrokerClient(broker) as cloud:
             cloud.subscribe("edge/wifi/status")
@@ -364,8 +384,13 @@ class Child:
     def __init__(self, broker: MosquittoBroker, client_id: str, device: str) -> None:
         self.status, self.jobs = f"edge/{device}/status", f"edge/{device}/jobs/#"
         cfg = {"settings": broker.settings(client_id).model_dump(mode="json"), "status": self.status, "jobs": self.jobs}
-        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(cfg)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -448,21 +473,33 @@ def _tls_broker(broker_factory: Callable[..., MosquittoBroker], tls: TLSFiles) -
 
 def _tls_settings(b: MosquittoBroker, tls: TLSFiles, device: str, **tls_over: Any) -> Any:
     cert = tls.clients[device]
-    tls_cfg = {"enabled": True, "ca_file": str(tls.ca_file), "cert_file": str(cert.cert_file),
-               "key_file": str(cert.key_file)}
+    tls_cfg = {
+        "enabled": True,
+        "ca_file": str(tls.ca_file),
+        "cert_file": str(cert.cert_file),
+        "key_file": str(cert.key_file),
+    }
     tls_cfg.update(tls_over)
     return b.settings(f"edge-agent-{device}", tls=tls_cfg)
 
 
-def test_mutual_tls_connects_and_acl_isolates_devices(broker_factory: Callable[..., MosquittoBroker],
-                                                      tls_material: TLSFiles, transports: Any,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_mutual_tls_connects_and_acl_isolates_devices(
+    broker_factory: Callable[..., MosquittoBroker],
+    tls_material: TLSFiles,
+    transports: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.WARNING, logger="agent.transport")
     b = _tls_broker(broker_factory, tls_material)
     rec = Recorder()
     # dev-a also asks for dev-b's jobs: the broker must not hand them over
-    t = transports(make_transport(_tls_settings(b, tls_material, "dev-a"), rec,
-                                  subscriptions=[("edge/dev-b/jobs/#", 1), ("edge/dev-a/jobs/#", 1)]))
+    t = transports(
+        make_transport(
+            _tls_settings(b, tls_material, "dev-a"),
+            rec,
+            subscriptions=[("edge/dev-b/jobs/#", 1), ("edge/dev-a/jobs/#", 1)],
+        )
+    )
     assert t.wait_connected(T) and t.wait_subscribed(T)
     with BrokerClient(b, cert=tls_material.clients["cloud"]) as cloud:
         cloud.subscribe("edge/dev-a/results/#")
@@ -483,9 +520,12 @@ def test_mutual_tls_connects_and_acl_isolates_devices(broker_factory: Callable[.
     assert rec.messages.empty()
 
 
-def test_wrong_ca_fails_with_a_clear_error_naming_the_ca_file(broker_factory: Callable[..., MosquittoBroker],
-                                                              tls_material: TLSFiles, transports: Any,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_wrong_ca_fails_with_a_clear_error_naming_the_ca_file(
+    broker_factory: Callable[..., MosquittoBroker],
+    tls_material: TLSFiles,
+    transports: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.WARNING, logger="agent.transport")
     b = _tls_broker(broker_factory, tls_material)
     rec = Recorder()
@@ -495,11 +535,14 @@ def test_wrong_ca_fails_with_a_clear_error_naming_the_ca_file(broker_factory: Ca
     assert err.code == "mqtt_tls"
     assert "certificate verification failed" in err.message and str(tls_material.other_ca_file) in err.message
     assert not t.connected and t.last_error is not None
-    assert any(str(tls_material.other_ca_file) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert any(
+        str(tls_material.other_ca_file) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+    )
 
 
-def test_broker_refusing_our_client_certificate_is_explained(broker_factory: Callable[..., MosquittoBroker],
-                                                              tls_material: TLSFiles, transports: Any) -> None:
+def test_broker_refusing_our_client_certificate_is_explained(
+    broker_factory: Callable[..., MosquittoBroker], tls_material: TLSFiles, transports: Any
+) -> None:
     b = _tls_broker(broker_factory, tls_material)
     rec = Recorder()
     settings = _tls_settings(b, tls_material, "dev-a", cert_file=None, key_file=None)
@@ -508,9 +551,9 @@ def test_broker_refusing_our_client_certificate_is_explained(broker_factory: Cal
     assert err.code == "mqtt_tls" and "client certificate" in err.message
 
 
-def test_host_name_mismatch_is_refused_unless_insecure_skip_verify(broker_factory: Callable[..., MosquittoBroker],
-                                                                    tmp_path: Path, transports: Any,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_host_name_mismatch_is_refused_unless_insecure_skip_verify(
+    broker_factory: Callable[..., MosquittoBroker], tmp_path: Path, transports: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="agent.transport")
     tls = make_tls_material(tmp_path / "tls-other-name", server_names=("broker.invalid",))
     b = broker_factory("tls-name", tls=tls)
@@ -534,9 +577,12 @@ def test_missing_tls_files_fail_at_construction() -> None:
         MqttTransport(s, will=None, on_message=lambda m: None)
 
 
-def test_password_auth_and_the_secret_never_reaches_the_logs(broker_factory: Callable[..., MosquittoBroker],
-                                                             tls_material: TLSFiles, transports: Any,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_password_auth_and_the_secret_never_reaches_the_logs(
+    broker_factory: Callable[..., MosquittoBroker],
+    tls_material: TLSFiles,
+    transports: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     secret = "s3cr3t-Pa55-do-not-log"
     caplog.set_level(logging.DEBUG)  # paho's packet traces included
     b = broker_factory("auth", tls=tls_material, passwords={"dev-a": secret}, allow_anonymous=False)

@@ -63,7 +63,7 @@ def settings_from(args: argparse.Namespace, overrides: Mapping[str, Any] | None 
     return load_settings(args.config, overrides=merged or None)
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("config", help="validate, show and describe the configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
 
@@ -72,8 +72,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         help="validate one or more TOML files; exit 1 if any is invalid (a missing model file is a warning)",
     )
     v.add_argument("paths", nargs="*", type=Path, metavar="PATH")
-    v.add_argument("-c", "--config", type=Path, action="append", default=[], dest="config_files", metavar="FILE",
-                   help="a file to validate, as with the other commands (repeatable; same as PATH)")
+    v.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        action="append",
+        default=[],
+        dest="config_files",
+        metavar="FILE",
+        help="a file to validate, as with the other commands (repeatable; same as PATH)",
+    )
     v.set_defaults(handler=_validate)
 
     s = csub.add_parser("show", help="print the effective configuration (secrets masked) as JSON")

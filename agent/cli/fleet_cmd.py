@@ -25,7 +25,7 @@ from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 INTERRUPTED = 130
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fleet", help="list a fleet's devices; roll a model out in waves with automatic rollback")
     fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
 
@@ -48,9 +48,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     r.add_argument("--model", metavar="PATH|URL",
                    help="the model file name in the boards' models folder, or an http(s) URL the boards download it "
                    "from")  # fmt: skip
-    r.add_argument("--path", metavar="NAME", help="with a URL: the file name on the boards (default: the URL's last part)")
+    r.add_argument(
+        "--path", metavar="NAME", help="with a URL: the file name on the boards (default: the URL's last part)"
+    )
     r.add_argument("--sha256", metavar="HEX", help="the file's SHA-256 (64 hex digits); required")
-    r.add_argument("--size", type=int, metavar="BYTES", help="the file's size: boards check free space before downloading")
+    r.add_argument(
+        "--size", type=int, metavar="BYTES", help="the file's size: boards check free space before downloading"
+    )
     who = r.add_mutually_exclusive_group()
     who.add_argument("--devices", metavar="GLOB", help="device ids matching GLOB (e.g. 'pi-*'), in id order")
     who.add_argument("--group", help="devices whose reported fleet.groups holds GROUP")
@@ -65,8 +69,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     r.add_argument("--wait", action="store_true", help="run until the rollout ends (else: start it and return)")
     r.add_argument("--resume", metavar="ID", help="continue rollout ID (after Ctrl-C, a crash, or without --wait)")
     r.add_argument("--json", action="store_true", help="no progress bar; print the rollout as JSON at the end")
-    r.add_argument("--db", type=Path, default=None, help="the rollout record (default ~/.local/state/edge-agent/rollouts.db)")
-    r.add_argument("--reply-timeout", type=float, default=5.0, help="seconds to wait for the devices' replies (default 5)")
+    r.add_argument(
+        "--db", type=Path, default=None, help="the rollout record (default ~/.local/state/edge-agent/rollouts.db)"
+    )
+    r.add_argument(
+        "--reply-timeout", type=float, default=5.0, help="seconds to wait for the devices' replies (default 5)"
+    )
     r.set_defaults(handler=_rollout)
 
     st = fsub.add_parser("status", help="a rollout's state from the local record (no broker); no ID: list rollouts")
@@ -119,7 +127,7 @@ def _list(args: argparse.Namespace) -> int:
         ))  # fmt: skip
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)).rstrip())
     for i in infos:
         if i.problem:
             print(f"{i.device}: model.path: {i.problem}")
@@ -312,5 +320,5 @@ def render_status(r: Any) -> str:
         rows.append((d.device, str(d.wave + 1), d.state, (d.message or "")[:160]))
     widths = [max(len(x[c]) for x in rows) for c in range(3)]
     for row in rows:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row[:3], widths)) + "  " + row[3])
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row[:3], widths, strict=False)) + "  " + row[3])
     return "\n".join(line.rstrip() for line in lines)

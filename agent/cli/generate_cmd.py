@@ -25,31 +25,48 @@ from agent.cli.config_cmd import add_config_option, settings_from
 EXIT_CANCELED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "generate",
         help="load the model and generate text for one prompt (diagnostic: mode, memory, speed)",
         description="Load the model with the same memory plan as the daemon and stream one completion.",
     )
     add_config_option(p)
-    p.add_argument("--model", type=Path, default=None, metavar="FILE",
-                   help="GGUF file to load (any path; default: model.path inside device.models_dir)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="GGUF file to load (any path; default: model.path inside device.models_dir)",
+    )
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads it from stdin)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--mode", choices=["auto", "fit", "fast"], default=None, help="load mode (default: engine.load_mode)")
-    p.add_argument("--ctx", type=_ctx_arg, default=None, help="context size in tokens or 'auto' (default: engine.n_ctx)")
+    p.add_argument(
+        "--mode", choices=["auto", "fit", "fast"], default=None, help="load mode (default: engine.load_mode)"
+    )
+    p.add_argument(
+        "--ctx", type=_ctx_arg, default=None, help="context size in tokens or 'auto' (default: engine.n_ctx)"
+    )
     p.add_argument("--batch", type=int, default=None, help="prompt batch size (default: engine.n_batch)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: engine.n_threads)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop sequence (repeatable)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop after this long (finish_reason timeout)")
-    p.add_argument("--force", action="store_true",
-                   help="load even when the estimate exceeds the memory budget (the kernel may OOM-kill the process)")
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS", help="stop after this long (finish_reason timeout)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="load even when the estimate exceeds the memory budget (the kernel may OOM-kill the process)",
+    )
     p.add_argument("--warmup", action="store_true", help="read every layer's pages after load (progress on stderr)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, stats, mode, n_ctx, estimate, measured memory) instead of streaming")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, stats, mode, n_ctx, estimate, measured memory) instead of streaming",
+    )
     p.set_defaults(handler=_generate)
 
 
@@ -104,8 +121,12 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"edge-agent: warm-up {ms:.0f} ms", file=sys.stderr)
 
         req = GenerationRequest(
-            prompt=prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            seed=args.seed, stop=list(args.stop),
+            prompt=prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=list(args.stop),
         )
         cancel = threading.Event()
         deadline = time.monotonic() + args.timeout if args.timeout else None
@@ -158,7 +179,9 @@ def _run_cancellable(fn: Any, cancel: threading.Event) -> tuple[Any, BaseExcepti
         cancel.set()
 
     worker = threading.Thread(target=work, name="generate", daemon=True)
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         worker.start()
         # The wait is interruptible: CPython runs the SIGINT handler in this thread meanwhile.

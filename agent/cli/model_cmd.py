@@ -31,7 +31,7 @@ _KV_TYPES = ("f16", "q8_0", "q4_0")
 _REPACK_NOTE = "fast mode on this CPU: "  # agent.engine.llamacpp.ExactSizer's note
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("model", help="inspect GGUF models and write synthetic ones")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
@@ -60,10 +60,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         help=f"prompt batch size for the estimate, tokens (default: {_ENGINE_DEFAULTS.n_batch})",
     )
     i.add_argument("--type-k", choices=_KV_TYPES, default=_ENGINE_DEFAULTS.type_k, help="KV cache key type")
-    i.add_argument("--type-v", choices=_KV_TYPES, default=_ENGINE_DEFAULTS.type_v,
-                   help="KV cache value type (other than f16 needs --flash-attn)")
-    i.add_argument("--flash-attn", action="store_true", default=_ENGINE_DEFAULTS.flash_attn,
-                   help="plan with flash attention (engine.flash_attn)")
+    i.add_argument(
+        "--type-v",
+        choices=_KV_TYPES,
+        default=_ENGINE_DEFAULTS.type_v,
+        help="KV cache value type (other than f16 needs --flash-attn)",
+    )
+    i.add_argument(
+        "--flash-attn",
+        action="store_true",
+        default=_ENGINE_DEFAULTS.flash_attn,
+        help="plan with flash attention (engine.flash_attn)",
+    )
     i.add_argument(
         "--header-only",
         action="store_true",
@@ -117,7 +125,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
     n_ctx = args.ctx or min(info.n_ctx_train or _ENGINE_DEFAULTS.auto_ctx_max, _ENGINE_DEFAULTS.auto_ctx_max)
     kw: dict[str, Any] = dict(
-        n_ctx=n_ctx, mode=args.mode, n_batch=args.n_batch, type_k=args.type_k, type_v=args.type_v,
+        n_ctx=n_ctx,
+        mode=args.mode,
+        n_batch=args.n_batch,
+        type_k=args.type_k,
+        type_v=args.type_v,
         flash_attn=args.flash_attn,
     )
     plan_notes: list[str] = []
@@ -132,13 +144,19 @@ def _inspect(args: argparse.Namespace) -> int:
         else:
             try:
                 with llamacpp.ExactSizer(
-                    args.file, info, n_batch=args.n_batch, type_k=args.type_k, type_v=args.type_v,
+                    args.file,
+                    info,
+                    n_batch=args.n_batch,
+                    type_k=args.type_k,
+                    type_v=args.type_v,
                     flash_attn=args.flash_attn,
                 ) as sizer:
                     est = estimate_memory(info, **kw, sizer=sizer)
                 plan_notes += sizer.notes + [f"asking llama.cpp took {sizer.elapsed_ms():.0f} ms"]
             except RuntimeError as e:
-                plan_notes.append(f"llama.cpp cannot load this file ({e}): header-only estimate; the engine will refuse it")
+                plan_notes.append(
+                    f"llama.cpp cannot load this file ({e}): header-only estimate; the engine will refuse it"
+                )
     if est is None:
         est = estimate_memory(info, **kw)
     settings = {k: v for k, v in kw.items()}
@@ -169,23 +187,36 @@ def _report(info: ModelInfo, settings: dict[str, Any], est: MemoryEstimate, plan
 
     row("model", info.name)
     row("file", str(info.path))
-    row("", f"{_size(info.file_size)}, GGUF v{info.gguf_version}, {info.tensor_count} tensors, data from byte {info.data_offset}")
+    row(
+        "",
+        f"{_size(info.file_size)}, GGUF v{info.gguf_version}, {info.tensor_count} tensors, data from byte {info.data_offset}",
+    )
     row("arch", f"{info.architecture}, {info.n_layer} layers, embedding {info.n_embd}, feed-forward {info.n_ff}")
-    row("attention", f"{info.n_head} heads, {info.n_head_kv} KV heads, head size {info.head_dim}"
-        + (f" (values {info.head_dim_v})" if info.head_dim_v != info.head_dim else ""))
+    row(
+        "attention",
+        f"{info.n_head} heads, {info.n_head_kv} KV heads, head size {info.head_dim}"
+        + (f" (values {info.head_dim_v})" if info.head_dim_v != info.head_dim else ""),
+    )
     row("vocabulary", f"{info.n_vocab} tokens" + (", output tied to token_embd" if info.tied_embeddings else ""))
     row("context", f"trained for {info.n_ctx_train} tokens")
     share = 100.0 * info.four_bit_bytes / info.weights_bytes if info.weights_bytes else 0.0
-    row("weights", f"{_size(info.weights_bytes)}, {info.n_params / 1e6:.1f} M parameters, "
-        f"{share:.1f}% in 4-bit or smaller types" + (f", general.file_type {info.quant.file_type}" if info.quant.file_type else ""))
+    row(
+        "weights",
+        f"{_size(info.weights_bytes)}, {info.n_params / 1e6:.1f} M parameters, "
+        f"{share:.1f}% in 4-bit or smaller types"
+        + (f", general.file_type {info.quant.file_type}" if info.quant.file_type else ""),
+    )
     q = info.quant
     row("4-bit", f"{'yes' if q.is_4bit else 'NO'} (rule: {q.rule}): {q.reason}")
     first = True
     for type_name, s in info.quant_summary.items():
         row("types" if first else "", f"{type_name:<8}{s['count']:>5} tensors {_size(s['bytes']):>12}")
         first = False
-    row("repack", f"at most {_size(info.repackable_bytes)} copied into anonymous memory in fast mode (the header's "
-        "upper bound over CPUs)")
+    row(
+        "repack",
+        f"at most {_size(info.repackable_bytes)} copied into anonymous memory in fast mode (the header's "
+        "upper bound over CPUs)",
+    )
     for note in plan_notes:
         if note.startswith(_REPACK_NOTE):
             row("", f"on this CPU: {note.removeprefix(_REPACK_NOTE)}")

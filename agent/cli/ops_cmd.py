@@ -15,7 +15,7 @@ from agent.cli.config_cmd import add_config_option
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from agent.ops.units import DEFAULT_UNITS_DIR
 
     s = sub.add_parser("systemd", help="render the systemd units for a board profile and a model")
@@ -30,32 +30,47 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     )
     _profile_options(r)
     r.add_argument("--out", type=Path, help="folder to write the files to (default: print them)")
-    r.add_argument("--drop-in", action="store_true",
-                   help="only edge-agent.service.d/50-memory.conf with the limits, for a unit installed as shipped")
+    r.add_argument(
+        "--drop-in",
+        action="store_true",
+        help="only edge-agent.service.d/50-memory.conf with the limits, for a unit installed as shipped",
+    )
     r.set_defaults(handler=_render)
 
     i = sub.add_parser("install", help="install as a systemd service (root): user, folders, config, credential, units")
     _profile_options(i)
-    i.add_argument("--root", type=Path, default=Path("/"),
-                   help="install under this folder instead of / (an image, a test); systemctl is not run then")
+    i.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        help="install under this folder instead of / (an image, a test); systemctl is not run then",
+    )
     i.add_argument("--dry-run", action="store_true", help="print each step and what it would do; change nothing")
     i.add_argument("--device-id", help="device.id in the config (default: the hostname)")
     i.add_argument("--mqtt-host", help="mqtt.host in the config")
     i.add_argument("--mqtt-port", type=int, help="mqtt.port in the config")
     i.add_argument("--mqtt-username", help="mqtt.username in the config")
-    i.add_argument("--mqtt-password-file", type=Path,
-                   help="file holding the broker password: copied to /etc/edge-agent/mqtt_password (0600), never "
-                   "into the config")
-    i.add_argument("--replace-config", action="store_true",
-                   help="rewrite /etc/edge-agent/config.toml from the profile even if it exists (default: keep it)")
+    i.add_argument(
+        "--mqtt-password-file",
+        type=Path,
+        help="file holding the broker password: copied to /etc/edge-agent/mqtt_password (0600), never into the config",
+    )
+    i.add_argument(
+        "--replace-config",
+        action="store_true",
+        help="rewrite /etc/edge-agent/config.toml from the profile even if it exists (default: keep it)",
+    )
     i.add_argument("--now", dest="start", action="store_true", help="also (re)start the service")
     i.set_defaults(handler=_install)
 
     u = sub.add_parser("uninstall", help="stop and remove the service (root); --purge also removes config, state, user")
     u.add_argument("--root", type=Path, default=Path("/"), help="act under this folder instead of /")
     u.add_argument("--dry-run", action="store_true", help="print each step; change nothing")
-    u.add_argument("--purge", action="store_true",
-                   help="also remove /etc/edge-agent, /var/lib/edge-agent (jobs and models) and the user")
+    u.add_argument(
+        "--purge",
+        action="store_true",
+        help="also remove /etc/edge-agent, /var/lib/edge-agent (jobs and models) and the user",
+    )
     u.add_argument("--units-dir", type=Path, default=DEFAULT_UNITS_DIR, help="the shipped units (to know their names)")
     u.set_defaults(handler=_uninstall)
 
@@ -63,19 +78,27 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_config_option(d)
     d.add_argument("--json", action="store_true", help="print the checks as JSON")
     d.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (default 5)")
-    d.add_argument("--no-sha256", dest="sha256", action="store_false",
-                   help="skip hashing the model file (slow on an SD card)")
+    d.add_argument(
+        "--no-sha256", dest="sha256", action="store_false", help="skip hashing the model file (slow on an SD card)"
+    )
     d.set_defaults(handler=_doctor)
 
 
 def _profile_options(p: argparse.ArgumentParser) -> None:
     from agent.ops.units import DEFAULT_UNITS_DIR
 
-    p.add_argument("--profile", required=True, help="board profile: a name in firmware-config/ (pi-4-2gb) or a TOML file")
+    p.add_argument(
+        "--profile", required=True, help="board profile: a name in firmware-config/ (pi-4-2gb) or a TOML file"
+    )
     p.add_argument("--model", type=Path, help="the GGUF model the board will serve: its memory plan sets the limits")
-    p.add_argument("--ram-mb", type=int, help="the board's RAM, MiB, for profiles with memory.budget_mb 'auto' "
-                   "(default: this machine's)")
-    p.add_argument("--exec", dest="exec_path", help="the edge-agent command on the board (default: this installation's)")
+    p.add_argument(
+        "--ram-mb",
+        type=int,
+        help="the board's RAM, MiB, for profiles with memory.budget_mb 'auto' (default: this machine's)",
+    )
+    p.add_argument(
+        "--exec", dest="exec_path", help="the edge-agent command on the board (default: this installation's)"
+    )
     p.add_argument("--units-dir", type=Path, default=DEFAULT_UNITS_DIR, help="the shipped units (default: %(default)s)")
 
 
@@ -113,8 +136,11 @@ def _render(args: argparse.Namespace) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
             print(f"wrote {target}", file=sys.stderr)
-    print(f"MemoryHigh={limits.high} MemoryMax={limits.max} (budget {limits.budget.bytes // 2**20} MiB, "
-          f"{limits.budget.source})", file=sys.stderr)
+    print(
+        f"MemoryHigh={limits.high} MemoryMax={limits.max} (budget {limits.budget.bytes // 2**20} MiB, "
+        f"{limits.budget.source})",
+        file=sys.stderr,
+    )
     for note in limits.notes:
         print(f"note: {note}", file=sys.stderr)
     return EXIT_OK

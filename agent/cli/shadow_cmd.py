@@ -21,7 +21,7 @@ from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 _WIDTH = 26
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("shadow", help="read and change a board's desired state (the device shadow)")
     ssub = p.add_subparsers(dest="shadow_command", metavar="ACTION", required=True)
 
@@ -29,31 +29,55 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _common(g)
     g.add_argument("--all", action="store_true", help="list every run-time setting, not only the ones desired names")
     g.add_argument("--json", action="store_true", help="print the shadow document as JSON")
-    g.add_argument("--timeout", type=float, default=5.0,
-                   help="seconds to wait for the board's answer before showing its retained document (default 5)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for the board's answer before showing its retained document (default 5)",
+    )
     g.set_defaults(handler=_get)
 
     s = ssub.add_parser(
         "set",
         help="send a desired-state update: KEY=VALUE ... (KEY=null removes a key)",
-        description="Values are read as JSON when they parse (512, true, \"512\", null), else as text; keys that "
+        description='Values are read as JSON when they parse (512, true, "512", null), else as text; keys that '
         "only hold text (model.path, engine.load_mode) always take the text as it is, unless it is null.",
     )
     _common(s)
-    s.add_argument("assignments", nargs="*", metavar="KEY=VALUE", type=_assignment,
-                   help="a dotted run-time setting and its value, e.g. engine.n_ctx=512 intake.paused=true")
-    s.add_argument("--reset", action="store_true",
-                   help="remove every desired key: the board goes back to its config file")
-    s.add_argument("--version", type=int, default=None, metavar="N",
-                   help="only if the document is at version N (else the board refuses with 409)")
-    s.add_argument("--wait", action="store_true",
-                   help="also wait until the board has applied it; exit 0 when applied, 1 when a key failed")
+    s.add_argument(
+        "assignments",
+        nargs="*",
+        metavar="KEY=VALUE",
+        type=_assignment,
+        help="a dotted run-time setting and its value, e.g. engine.n_ctx=512 intake.paused=true",
+    )
+    s.add_argument(
+        "--reset", action="store_true", help="remove every desired key: the board goes back to its config file"
+    )
+    s.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only if the document is at version N (else the board refuses with 409)",
+    )
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="also wait until the board has applied it; exit 0 when applied, 1 when a key failed",
+    )
     s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the board's reply (default 10)")
-    s.add_argument("--wait-timeout", type=float, default=300.0,
-                   help="with --wait: seconds to wait for the apply, a model swap included (default 300)")
-    s.add_argument("--retain", action="store_true",
-                   help="publish the update retained, for a board that has never connected (it applies it once and "
-                   "clears it)")
+    s.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=300.0,
+        help="with --wait: seconds to wait for the apply, a model swap included (default 300)",
+    )
+    s.add_argument(
+        "--retain",
+        action="store_true",
+        help="publish the update retained, for a board that has never connected (it applies it once and clears it)",
+    )
     s.add_argument("--json", action="store_true", help="print the reply (and with --wait the document) as JSON")
     s.set_defaults(handler=_set)
 
@@ -160,7 +184,9 @@ def _set(args: argparse.Namespace) -> int:
         print(f"edge-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
     settings, device = _settings(args)
-    wanted = "reset to the config file" if args.reset else ", ".join(f"{k}={json.dumps(v)}" for k, v in args.assignments)
+    wanted = (
+        "reset to the config file" if args.reset else ", ".join(f"{k}={json.dumps(v)}" for k, v in args.assignments)
+    )
     started = time.monotonic()
     with ShadowClient(settings, device_id=device, connect_timeout=args.connect_timeout) as client:
         kind, reply = client.update(desired, version=args.version, timeout=args.timeout, retain=args.retain)
@@ -307,7 +333,9 @@ def render(doc: dict[str, Any], *, device: str, source: str, all_keys: bool = Fa
             lines.append(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]:<{w2}}  {r[3]}".rstrip())
     hidden = len(reported) - len([k for k in named if k in reported])
     if hidden > 0:
-        lines.append(f"({hidden} other run-time settings are not in desired: the config file's values; --all lists them)")
+        lines.append(
+            f"({hidden} other run-time settings are not in desired: the config file's values; --all lists them)"
+        )
     lines += _facts(reported_all)
     return "\n".join(lines)
 
@@ -342,7 +370,9 @@ def _facts(reported: dict[str, Any]) -> list[str]:
         out.append("swap      " + ("; ".join(f"{s['name']} {_size(s['size_bytes'])} prio {s['priority']}" for s in swaps)
                                    or "none"))  # fmt: skip
         out.append(f"disk      {_size(board.get('models_free_bytes'))} free in the models folder")
-        out.append(f"versions  edge-agent {board.get('agent_version')}  llama-cpp-python {board.get('llama_cpp_python')}")
+        out.append(
+            f"versions  edge-agent {board.get('agent_version')}  llama-cpp-python {board.get('llama_cpp_python')}"
+        )
     serving = reported.get("serving")
     if isinstance(serving, dict):
         took = f"  loaded in {serving['load_ms']:.0f} ms" if serving.get("load_ms") is not None else ""

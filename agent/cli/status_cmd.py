@@ -13,7 +13,7 @@ from agent.cli.config_cmd import add_config_option, settings_from
 from agent.errors import EXIT_FAILURE, EXIT_OK
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("status", help="is the daemon running, its model, queue, memory, last telemetry (no broker)")
     add_config_option(s)
     s.add_argument("--json", action="store_true", help="print one JSON document")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 MiB = 1024 * 1024
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("swap", help="list swap devices; apply the swap policy (root)")
     ssub = p.add_subparsers(dest="swap_command", metavar="ACTION", required=True)
 

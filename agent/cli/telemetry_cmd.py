@@ -14,7 +14,7 @@ import time
 from agent.cli.config_cmd import add_config_option, settings_from
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "telemetry",
         help="print the current memory, pressure and heat readings (no broker needed)",
@@ -23,7 +23,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     )
     add_config_option(p)
     p.add_argument("--json", action="store_true", help="one JSON document per reading (the MQTT payload)")
-    p.add_argument("--watch", action="store_true", help="keep printing a reading every --interval seconds (Ctrl-C stops)")
+    p.add_argument(
+        "--watch", action="store_true", help="keep printing a reading every --interval seconds (Ctrl-C stops)"
+    )
     p.add_argument("--interval", type=_positive, default=2.0, help="seconds between readings with --watch (default 2)")
     p.add_argument("--count", type=int, default=None, help="with --watch: stop after this many readings")
     p.add_argument(

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -16,8 +17,8 @@ from agent.config.sections import (
     CanarySettings,
     DeviceSettings,
     DownloadSettings,
-    FleetSettings,
     EngineSettings,
+    FleetSettings,
     GovernorSettings,
     HomeAssistantSettings,
     IntakeSettings,
@@ -70,7 +71,7 @@ class Settings(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _derive(self) -> "Settings":
+    def _derive(self) -> Settings:
         if self.store.path is None:
             self.store.path = self.device.state_dir / "jobs.db"
         if self.mqtt.client_id is None:

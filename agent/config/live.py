@@ -9,7 +9,7 @@ to hand to the model supervisor, and what needs a restart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -58,7 +58,7 @@ def _walk(model: type[BaseModel], prefix: str = "") -> dict[str, LiveKind | None
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _all_keys(model: type[BaseModel]) -> dict[str, LiveKind | None]:
     return _walk(model)
 

@@ -56,8 +56,15 @@ def _default(info: FieldInfo) -> str:
 def _bounds(info: FieldInfo) -> str:
     parts = []
     for m in info.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "len >="),
-                          ("max_length", "len <="), ("pattern", "matches")):
+        for attr, sym in (
+            ("ge", ">="),
+            ("gt", ">"),
+            ("le", "<="),
+            ("lt", "<"),
+            ("min_length", "len >="),
+            ("max_length", "len <="),
+            ("pattern", "matches"),
+        ):
             v = getattr(m, attr, None)
             if v is not None:
                 parts.append(f"{sym} `{v}`")
@@ -84,7 +91,9 @@ def _section(name: str, model: type[BaseModel], path: tuple[str, ...]) -> list[s
         desc = (info.description or "").replace("|", "\\|")
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         live = _LIVE.get(str(extra.get("live")), "")
-        out.append(f"| `{key}` | `{_type_name(info)}` | {_default(info)} | {_bounds(info)} | {live} | `{env}` | {desc} |")
+        out.append(
+            f"| `{key}` | `{_type_name(info)}` | {_default(info)} | {_bounds(info)} | {live} | `{env}` | {desc} |"
+        )
     out.append("")
     for key, sub in nested:
         out += _section(key, sub, path + (key,))

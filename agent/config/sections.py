@@ -79,7 +79,7 @@ class TLSSettings(Section):
     )
 
     @model_validator(mode="after")
-    def _cert_and_key_together(self) -> "TLSSettings":
+    def _cert_and_key_together(self) -> TLSSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("tls.cert_file and tls.key_file must be set together (client certificate and its key)")
         return self
@@ -120,7 +120,7 @@ class MQTTSettings(Section):
     tls: TLSSettings = Field(default_factory=TLSSettings, description="TLS to the broker.")
 
     @model_validator(mode="after")
-    def _backoff_order(self) -> "MQTTSettings":
+    def _backoff_order(self) -> MQTTSettings:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
         return self
@@ -172,7 +172,7 @@ class ModelSettings(Section):
     )
 
     @model_validator(mode="after")
-    def _url_needs_sha256(self) -> "ModelSettings":
+    def _url_needs_sha256(self) -> ModelSettings:
         if self.url is not None and self.sha256 is None:
             raise ValueError("model.url needs model.sha256: a downloaded file is only used once its checksum matches")
         return self
@@ -194,7 +194,9 @@ class EngineSettings(Section):
         "engine.auto_ctx_max and the model's training context.",
         json_schema_extra=RELOAD,
     )
-    auto_ctx_max: int = Field(default=4096, ge=16, le=131072, json_schema_extra=RELOAD, description="Upper bound for n_ctx='auto', tokens.")
+    auto_ctx_max: int = Field(
+        default=4096, ge=16, le=131072, json_schema_extra=RELOAD, description="Upper bound for n_ctx='auto', tokens."
+    )
     max_parallel: _int_or_auto("max_parallel", 1, 16) = Field(  # type: ignore[valid-type]
         default="auto",
         description="Jobs decoded together in one llama.cpp batch (continuous batching), each with n_ctx of KV "
@@ -208,7 +210,8 @@ class EngineSettings(Section):
         default=4, ge=1, le=16, json_schema_extra=RELOAD, description="Upper bound for max_parallel='auto'."
     )
     n_threads: _int_or_auto("n_threads", 1, 64) = Field(  # type: ignore[valid-type]
-        default="auto", description="CPU threads for generation (1-64), or 'auto': the number of usable cores.",
+        default="auto",
+        description="CPU threads for generation (1-64), or 'auto': the number of usable cores.",
         json_schema_extra=RELOAD,
     )
     n_batch: int = Field(
@@ -220,8 +223,12 @@ class EngineSettings(Section):
         json_schema_extra=RELOAD,
     )
     type_k: KVType = Field(default="f16", json_schema_extra=RELOAD, description="KV cache type for keys.")
-    type_v: KVType = Field(default="f16", json_schema_extra=RELOAD, description="KV cache type for values (quantised needs flash_attn).")
-    flash_attn: bool = Field(default=False, json_schema_extra=RELOAD, description="Use flash attention (needed for a quantised V cache).")
+    type_v: KVType = Field(
+        default="f16", json_schema_extra=RELOAD, description="KV cache type for values (quantised needs flash_attn)."
+    )
+    flash_attn: bool = Field(
+        default=False, json_schema_extra=RELOAD, description="Use flash attention (needed for a quantised V cache)."
+    )
     context_overflow: Literal["refuse", "keep_tail"] = Field(
         default="refuse",
         description="When the prompt alone fills the context of a slot (counted with the model's tokenizer): refuse "
@@ -230,9 +237,14 @@ class EngineSettings(Section):
         "stops there (finish_reason length).",
         json_schema_extra=HOT,
     )
-    max_tokens_limit: int = Field(default=1024, ge=1, le=131072, json_schema_extra=HOT, description="Largest max_tokens a request may ask.")
+    max_tokens_limit: int = Field(
+        default=1024, ge=1, le=131072, json_schema_extra=HOT, description="Largest max_tokens a request may ask."
+    )
     max_prompt_bytes: int = Field(
-        default=262144, ge=16, le=16777216, description="Largest prompt accepted, UTF-8 bytes (checked before tokenising).",
+        default=262144,
+        ge=16,
+        le=16777216,
+        description="Largest prompt accepted, UTF-8 bytes (checked before tokenising).",
         json_schema_extra=HOT,
     )
     warmup: bool = Field(
@@ -282,11 +294,13 @@ class EngineSettings(Section):
         try:
             ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols", _Generation]).parse(v)
         except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"engine.chat_template is not a valid Jinja2 template: {e.message} (line {e.lineno})") from None
+            raise ValueError(
+                f"engine.chat_template is not a valid Jinja2 template: {e.message} (line {e.lineno})"
+            ) from None
         return v
 
     @model_validator(mode="after")
-    def _quantised_v_needs_fa(self) -> "EngineSettings":
+    def _quantised_v_needs_fa(self) -> EngineSettings:
         if self.type_v != "f16" and not self.flash_attn:
             raise ValueError("engine.type_v other than f16 needs engine.flash_attn = true (llama.cpp requirement)")
         return self
@@ -300,7 +314,10 @@ class MemorySettings(Section):
         json_schema_extra=RELOAD,
     )
     reserve_mb: int = Field(
-        default=128, ge=0, le=65536, description="With budget 'auto' and no cgroup limit: MiB of MemTotal left for the OS and other services.",
+        default=128,
+        ge=0,
+        le=65536,
+        description="With budget 'auto' and no cgroup limit: MiB of MemTotal left for the OS and other services.",
         json_schema_extra=RELOAD,
     )
     headroom_pct: int = Field(
@@ -336,7 +353,9 @@ class SwapSettings(Section):
         description="zram compression algorithm (lz4, zstd, lzo-rle ...), or 'auto': lz4 when the kernel has it, "
         "else the kernel's default.",
     )
-    zram_priority: int = Field(default=100, ge=0, le=32767, json_schema_extra=HOT, description="swapon priority of zram.")
+    zram_priority: int = Field(
+        default=100, ge=0, le=32767, json_schema_extra=HOT, description="swapon priority of zram."
+    )
     file_mb: _int_or_auto("swap.file_mb", 0, 65536) = Field(  # type: ignore[valid-type]
         default="auto",
         json_schema_extra=HOT,
@@ -371,7 +390,7 @@ class SwapSettings(Section):
     )
 
     @model_validator(mode="after")
-    def _sizes_for_policy(self) -> "SwapSettings":
+    def _sizes_for_policy(self) -> SwapSettings:
         if "zram" in self.policy and self.zram_mb == 0:
             raise ValueError(f"swap.policy {self.policy!r} needs swap.zram_mb > 0 or 'auto'")
         if "file" in self.policy:
@@ -387,7 +406,9 @@ class PrioritySettings(Section):
     unit refuses is reported with what to set in the unit instead (systemd Nice=, IOSchedulingClass=,
     OOMScoreAdjust=, CPUAffinity=)."""
 
-    nice: int = Field(default=5, ge=-20, le=19, json_schema_extra=HOT, description="Niceness of the daemon's own threads.")
+    nice: int = Field(
+        default=5, ge=-20, le=19, json_schema_extra=HOT, description="Niceness of the daemon's own threads."
+    )
     inference_nice: int | None = Field(
         default=10,
         ge=-20,
@@ -402,7 +423,13 @@ class PrioritySettings(Section):
         description="I/O scheduling class. idle: disk I/O only when no one else wants the disk (slows job "
         "acknowledgement on a busy card). none: leave it to the kernel.",
     )
-    io_priority: int = Field(default=6, ge=0, le=7, json_schema_extra=HOT, description="I/O priority within best-effort (0 highest, 7 lowest).")
+    io_priority: int = Field(
+        default=6,
+        ge=0,
+        le=7,
+        json_schema_extra=HOT,
+        description="I/O priority within best-effort (0 highest, 7 lowest).",
+    )
     oom_score_adj: int = Field(
         default=300,
         ge=-1000,
@@ -431,7 +458,9 @@ class TelemetrySettings(Section):
     """Memory telemetry on {root}/telemetry, events on {root}/events, and the offline spool
     ({device.state_dir}/telemetry.db, docs/telemetry.md)."""
 
-    interval_s: float = Field(default=30.0, ge=1, le=86400, json_schema_extra=HOT, description="Telemetry period, seconds.")
+    interval_s: float = Field(
+        default=30.0, ge=1, le=86400, json_schema_extra=HOT, description="Telemetry period, seconds."
+    )
     residency_interval_s: float = Field(
         default=60.0, ge=1, le=86400, json_schema_extra=HOT,
         description="How often the model's resident share is measured (mincore over the whole file), seconds.",
@@ -452,12 +481,22 @@ class GovernorSettings(Section):
     earlier and more gently: on the agent's own work, never by killing."""
 
     enabled: bool = Field(default=True, json_schema_extra=HOT, description="Watch memory and act on pressure.")
-    interval_s: float = Field(default=1.0, ge=0.2, le=60, json_schema_extra=HOT, description="How often the governor samples, seconds.")
+    interval_s: float = Field(
+        default=1.0, ge=0.2, le=60, json_schema_extra=HOT, description="How often the governor samples, seconds."
+    )
     mem_available_warn_pct: float = Field(
-        default=20, ge=0, le=90, json_schema_extra=HOT, description="warn when MemAvailable falls below this share of MemTotal, percent."
+        default=20,
+        ge=0,
+        le=90,
+        json_schema_extra=HOT,
+        description="warn when MemAvailable falls below this share of MemTotal, percent.",
     )
     mem_available_act_pct: float = Field(
-        default=10, ge=0, le=90, json_schema_extra=HOT, description="critical when MemAvailable falls below this share of MemTotal, percent."
+        default=10,
+        ge=0,
+        le=90,
+        json_schema_extra=HOT,
+        description="critical when MemAvailable falls below this share of MemTotal, percent.",
     )
     psi_some_warn_pct: float = Field(
         default=40, ge=0, le=100, json_schema_extra=HOT,
@@ -472,7 +511,9 @@ class GovernorSettings(Section):
         description="critical when PSI memory 'full' avg10 stays above this for psi_hold_s, percent (systemd-oomd "
         "uses 60 for 30 s as a last resort).",
     )  # fmt: skip
-    psi_hold_s: float = Field(default=10, ge=0, le=600, json_schema_extra=HOT, description="How long a PSI threshold must hold, seconds.")
+    psi_hold_s: float = Field(
+        default=10, ge=0, le=600, json_schema_extra=HOT, description="How long a PSI threshold must hold, seconds."
+    )
     cgroup_warn_pct: float = Field(
         default=85, ge=1, le=100, json_schema_extra=HOT,
         description="warn when the own cgroup's working set reaches this share of its limit (or high mark, the "
@@ -496,7 +537,9 @@ class GovernorSettings(Section):
         default=5, ge=0, le=50, json_schema_extra=HOT,
         description="A signal leaves a level only this many percentage points past the threshold that raised it.",
     )  # fmt: skip
-    cool_down_s: float = Field(default=15, ge=0, le=3600, json_schema_extra=HOT, description="Time between two actions, seconds.")
+    cool_down_s: float = Field(
+        default=15, ge=0, le=3600, json_schema_extra=HOT, description="Time between two actions, seconds."
+    )
     recover_s: float = Field(
         default=60, ge=0, le=86400, json_schema_extra=HOT,
         description="Pressure must stay below an action's level this long before the action is undone (the model "
@@ -518,7 +561,7 @@ class GovernorSettings(Section):
     )  # fmt: skip
 
     @model_validator(mode="after")
-    def _ordered(self) -> "GovernorSettings":
+    def _ordered(self) -> GovernorSettings:
         if self.mem_available_act_pct >= self.mem_available_warn_pct:
             raise ValueError("governor.mem_available_act_pct must be below governor.mem_available_warn_pct")
         if self.psi_some_act_pct <= self.psi_some_warn_pct:
@@ -570,13 +613,21 @@ class DownloadSettings(Section):
     )
     username: str | None = Field(default=None, max_length=256, description="User for HTTP basic auth (HTTPS only).")
     password: SecretStr | None = Field(
-        default=None, description="Password for HTTP basic auth. Prefer the systemd credential 'model_download_password'."
+        default=None,
+        description="Password for HTTP basic auth. Prefer the systemd credential 'model_download_password'.",
     )
-    connect_timeout_s: float = Field(default=15.0, ge=0.1, le=600, description="Connecting to the model server, seconds.")
+    connect_timeout_s: float = Field(
+        default=15.0, ge=0.1, le=600, description="Connecting to the model server, seconds."
+    )
     read_timeout_s: float = Field(
-        default=60.0, ge=0.1, le=3600, description="A read that brings no byte for this long fails the attempt, seconds."
+        default=60.0,
+        ge=0.1,
+        le=3600,
+        description="A read that brings no byte for this long fails the attempt, seconds.",
     )
-    retry_min_s: float = Field(default=2.0, ge=0.01, le=600, description="First wait before a failed attempt is retried, seconds (doubles).")
+    retry_min_s: float = Field(
+        default=2.0, ge=0.01, le=600, description="First wait before a failed attempt is retried, seconds (doubles)."
+    )
     retry_max_s: float = Field(default=120.0, ge=0.01, le=3600, description="Longest wait between attempts, seconds.")
     max_failures: int = Field(
         default=12,
@@ -586,14 +637,20 @@ class DownloadSettings(Section):
         "(reported as failed; the partial file is kept, so the next try resumes).",
     )
     free_margin_mb: int = Field(
-        default=64, ge=0, le=1048576, description="Free space that must remain in the models folder after the download, MiB."
+        default=64,
+        ge=0,
+        le=1048576,
+        description="Free space that must remain in the models folder after the download, MiB.",
     )
     progress_interval_s: float = Field(
-        default=5.0, ge=0.1, le=3600, description="Download progress is reported in the shadow at most this often, seconds."
+        default=5.0,
+        ge=0.1,
+        le=3600,
+        description="Download progress is reported in the shadow at most this often, seconds.",
     )
 
     @model_validator(mode="after")
-    def _auth(self) -> "DownloadSettings":
+    def _auth(self) -> DownloadSettings:
         if self.token is not None and (self.username is not None or self.password is not None):
             raise ValueError("download.token and download.username/password exclude each other")
         if (self.username is None) != (self.password is None):
@@ -620,7 +677,9 @@ class CanarySettings(Section):
         default=None, max_length=16, json_schema_extra=HOT,
         description="Chat messages instead of a prompt (rendered with the model's chat template).",
     )  # fmt: skip
-    max_tokens: int = Field(default=16, ge=1, le=1024, json_schema_extra=HOT, description="Tokens the canary may generate.")
+    max_tokens: int = Field(
+        default=16, ge=1, le=1024, json_schema_extra=HOT, description="Tokens the canary may generate."
+    )
     min_tokens: int = Field(
         default=1, ge=0, le=1024, json_schema_extra=HOT, description="Tokens the output must have at least."
     )
@@ -638,7 +697,7 @@ class CanarySettings(Section):
     )  # fmt: skip
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CanarySettings":
+    def _consistent(self) -> CanarySettings:
         import re
 
         if self.prompt is not None and self.messages is not None:
@@ -697,9 +756,18 @@ class ServiceSettings(Section):
 
 class StoreSettings(Section):
     path: Path | None = Field(default=None, description="SQLite job store. Default: {device.state_dir}/jobs.db.")
-    queue_max: int = Field(default=64, ge=1, le=100000, json_schema_extra=HOT, description="Jobs waiting at once; more are REJECTED queue_full.")
+    queue_max: int = Field(
+        default=64,
+        ge=1,
+        le=100000,
+        json_schema_extra=HOT,
+        description="Jobs waiting at once; more are REJECTED queue_full.",
+    )
     max_attempts: int = Field(
-        default=3, ge=1, le=100, description="Runs of a job interrupted by a crash before it FAILS with 'interrupted'.",
+        default=3,
+        ge=1,
+        le=100,
+        description="Runs of a job interrupted by a crash before it FAILS with 'interrupted'.",
         json_schema_extra=HOT,
     )
     max_preemptions: int = Field(
@@ -725,8 +793,12 @@ class StoreSettings(Section):
         description="While the store is unwritable, how often it is checked again, seconds.",
         json_schema_extra=HOT,
     )
-    keep_finished: int = Field(default=1000, ge=10, le=1000000, json_schema_extra=HOT, description="Finished jobs kept, count.")
-    keep_finished_days: float = Field(default=7.0, ge=0.01, le=3650, json_schema_extra=HOT, description="Finished jobs kept, days.")
+    keep_finished: int = Field(
+        default=1000, ge=10, le=1000000, json_schema_extra=HOT, description="Finished jobs kept, count."
+    )
+    keep_finished_days: float = Field(
+        default=7.0, ge=0.01, le=3650, json_schema_extra=HOT, description="Finished jobs kept, days."
+    )
     synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",
         description="SQLite synchronous mode. FULL: an acknowledged job survives power loss (fsync per commit). "
@@ -734,7 +806,10 @@ class StoreSettings(Section):
         "can be lost (a process crash loses nothing).",
     )
     prune_interval_s: float = Field(
-        default=600.0, ge=1, le=86400, description="How often retention limits are applied, seconds.",
+        default=600.0,
+        ge=1,
+        le=86400,
+        description="How often retention limits are applied, seconds.",
         json_schema_extra=HOT,
     )
 

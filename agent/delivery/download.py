@@ -147,7 +147,9 @@ class HttpLink:
         try:
             ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         except (OSError, ssl.SSLError) as e:
-            raise DownloadError(f"download.ca_file {ca_file}: cannot be read as a CA bundle: {e}", code="download_tls") from None
+            raise DownloadError(
+                f"download.ca_file {ca_file}: cannot be read as a CA bundle: {e}", code="download_tls"
+            ) from None
         self._auth: dict[str, str] = {}
         if token:
             self._auth["Authorization"] = f"Bearer {token}"
@@ -163,7 +165,7 @@ class HttpLink:
         )
 
     @classmethod
-    def from_settings(cls, s: Any) -> "HttpLink":
+    def from_settings(cls, s: Any) -> HttpLink:
         """From a DownloadSettings."""
         basic = (s.username, s.password.get_secret_value()) if s.username and s.password else None
         return cls(
@@ -171,7 +173,7 @@ class HttpLink:
             connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s,
         )  # fmt: skip
 
-    def get(self, url: str, start: int) -> "Response":
+    def get(self, url: str, start: int) -> Response:
         """GET ``url`` from byte ``start`` (a Range request when start > 0). The body is streamed."""
         headers = {"Accept-Encoding": "identity"}  # byte offsets must be of the file itself
         if start > 0:
@@ -422,7 +424,9 @@ def _attempt(
         if status in (408, 429) or status >= 500:
             raise DownloadError(f"{where}: HTTP {status} {_reason(resp)}", code="download_http", retryable=True)
         if status not in (200, 206):
-            raise DownloadError(f"{where}: HTTP {status} {_reason(resp)}{_hint(status, source.url)}", code="download_http")
+            raise DownloadError(
+                f"{where}: HTTP {status} {_reason(resp)}{_hint(status, source.url)}", code="download_http"
+            )
         if status == 206:
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if m is None or int(m.group(1)) != st.have:
@@ -447,7 +451,9 @@ def _attempt(
             if cancel.is_set():
                 raise DownloadError(f"download of {where} canceled", code="download_canceled")
             if st.total is not None and st.have + len(chunk) > st.total:
-                raise DownloadError(f"{where}: the server sent more than {st.total} bytes", code="download_size_mismatch")
+                raise DownloadError(
+                    f"{where}: the server sent more than {st.total} bytes", code="download_size_mismatch"
+                )
             out.write(chunk)
             st.h.update(chunk)
             st.have += len(chunk)
@@ -516,4 +522,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["DownloadError", "HttpLink", "Progress", "Result", "RetryPolicy", "Source", "check_space", "download", "redact"]
+__all__ = [
+    "DownloadError",
+    "HttpLink",
+    "Progress",
+    "Result",
+    "RetryPolicy",
+    "Source",
+    "check_space",
+    "download",
+    "redact",
+]

@@ -55,9 +55,7 @@ class Entry:
     url: str | None = None  # redacted
 
 
-def choose_removals(
-    record: dict[str, Entry], in_force: str, protected: Iterable[str], keep_previous: int
-) -> list[str]:
+def choose_removals(record: dict[str, Entry], in_force: str, protected: Iterable[str], keep_previous: int) -> list[str]:
     """Pure: the downloaded files to delete so that at most ``keep_previous`` of them remain besides
     the one in force, keeping the most recently used (the previous model first)."""
     keep = {in_force, *protected}
@@ -193,7 +191,7 @@ class ModelDelivery:
         job.thread = threading.Thread(target=self._run, args=(job, old), name="model-download", daemon=True)
         job.thread.start()
 
-    def _run(self, job: _Job, previous: "_Job | None") -> None:
+    def _run(self, job: _Job, previous: _Job | None) -> None:
         if previous is not None and previous.thread is not None:
             previous.thread.join()
             if previous.error is not None and previous.error.code == "download_canceled":

@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from agent.errors import StoreError
 
@@ -78,7 +78,7 @@ class Publisher(Protocol):
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
         on_delivered: Callable[[], None] | None = None,
-    ) -> Any: ...  # fmt: skip
+    ) -> Handle: ...  # fmt: skip
 
 
 class _Settled:

@@ -6,8 +6,8 @@ broker has not acknowledged, as its status and result messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import time
+from collections.abc import Callable, Sequence
 
 from agent.delivery.outbox import Outgoing
 from agent.protocol import Topics

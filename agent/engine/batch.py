@@ -59,7 +59,11 @@ class Run:
     __slots__ = ("cancel", "deadline", "clock", "closing", "reason")
 
     def __init__(
-        self, cancel: threading.Event | None, deadline: float | None, clock: Callable[[], float], closing: threading.Event
+        self,
+        cancel: threading.Event | None,
+        deadline: float | None,
+        clock: Callable[[], float],
+        closing: threading.Event,
     ) -> None:
         self.cancel = cancel
         self.deadline = deadline
@@ -135,7 +139,7 @@ class Job:
     t_start: float | None = None
     t_prompt_end: float | None = None
     t_first_text: float | None = None
-    slot: "Slot | None" = None
+    slot: Slot | None = None
     cached: int = 0
     slots_in_use: int = 1
     pending: int | None = None  # the token sampled last, decoded at the next step
@@ -193,7 +197,7 @@ class Scheduler:
         *,
         n_batch: int,
         closing: threading.Event,
-        prepare: Callable[["Slot", Job], int],
+        prepare: Callable[[Slot, Job], int],
         abort_callback: Any = None,
     ) -> None:
         self._llama = llama
@@ -523,7 +527,9 @@ def check_json(result: GenerationResult, req: GenerationRequest, hit_stop: bool)
         pass
     n = result.stats.completion_tokens
     if hit_stop:
-        why = "a stop string ended the output before its JSON was complete (structured output seldom needs stop strings)"
+        why = (
+            "a stop string ended the output before its JSON was complete (structured output seldom needs stop strings)"
+        )
     elif result.finish_reason == "length":
         why = (
             f"max_tokens {req.max_tokens} ended the output before its JSON was complete: raise max_tokens, or bound "

@@ -92,9 +92,7 @@ def _validator(schema_json: str) -> Callable[[Any], Any]:
     return fastjsonschema.compile(json.loads(schema_json))
 
 
-def run_canary(
-    engine: EngineLike, c: CanarySettings, *, clock: Callable[[], float] = time.monotonic
-) -> CanaryResult:
+def run_canary(engine: EngineLike, c: CanarySettings, *, clock: Callable[[], float] = time.monotonic) -> CanaryResult:
     """Run the canary ``c`` on a loaded ``engine`` (whose clock is ``clock``) and judge it."""
     t0 = clock()
     try:

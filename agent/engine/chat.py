@@ -62,7 +62,9 @@ def template_for(llama: Any, override: str | None) -> ChatTemplate:
                 "this model has no chat template (no tokenizer.chat_template in its GGUF file, as with base models) "
                 "and engine.chat_template is not set: send kind 'generate' with a prompt, or configure a template"
             )
-    return compile_template(template, _token_text(llama, llama.token_bos()), _token_text(llama, llama.token_eos()), source)
+    return compile_template(
+        template, _token_text(llama, llama.token_bos()), _token_text(llama, llama.token_eos()), source
+    )
 
 
 def _token_text(llama: Any, token: int) -> str:

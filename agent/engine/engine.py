@@ -31,8 +31,11 @@ from typing import Any
 
 import llama_cpp.llama_cpp as C
 
+from agent.codes import ErrorCode
 from agent.config.sections import EngineSettings, MemorySettings
 from agent.engine import llamacpp
+from agent.engine.batch import Job, Run, Scheduler, Slot
+from agent.engine.chat import template_for
 from agent.engine.estimate import (
     CTX_PAD,
     LOAD_FIXED_BYTES,
@@ -45,8 +48,6 @@ from agent.engine.estimate import (
     pad_ctx,
     ubatch_size,
 )
-from agent.engine.batch import Job, Run, Scheduler, Slot
-from agent.engine.chat import template_for
 from agent.engine.grammar import GrammarCache
 from agent.engine.prefix import KVSequence, common_prefix
 from agent.engine.prompt_cache import PromptCache
@@ -61,11 +62,10 @@ from agent.engine.types import (
     TokenCallback,
     fit_context,
 )
-from agent.models.gguf_info import check_quantization, read_model_info
-from agent.codes import ErrorCode
 from agent.errors import ContextTooLong, EdgeAgentError, EngineError, WillNotFit
+from agent.models.gguf_info import check_quantization, read_model_info
 from agent.system.libc import LIBC
-from agent.system.memory import MiB, Budget, process_cpu_count, proc_status, resolve_budget
+from agent.system.memory import Budget, MiB, proc_status, process_cpu_count, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Engine:
         self._prompt_cache: PromptCache | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any, **kw: Any) -> "Engine":
+    def from_settings(cls, settings: Any, **kw: Any) -> Engine:
         """The daemon's engine: the model from model.path, which must lie inside device.models_dir."""
         return cls(
             settings.model_file(),
@@ -166,7 +166,7 @@ class Engine:
         sched = self._sched
         return sched.kv_tokens() if sched is not None else 0
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -209,7 +209,11 @@ class Engine:
         s = self.settings
         budget = self._budget_override or resolve_budget(self.memory_settings)
         kw: dict[str, Any] = dict(
-            n_batch=s.n_batch, type_k=s.type_k, type_v=s.type_v, flash_attn=s.flash_attn, runtime_bytes=runtime_bytes,
+            n_batch=s.n_batch,
+            type_k=s.type_k,
+            type_v=s.type_v,
+            flash_attn=s.flash_attn,
+            runtime_bytes=runtime_bytes,
             sizer=sizer,
         )
         headroom = float(self.memory_settings.headroom_pct)
@@ -217,7 +221,9 @@ class Engine:
         if s.n_ctx == "auto":
             cap = min(s.auto_ctx_max, info.n_ctx_train or s.auto_ctx_max)
             cap_note = f"engine.auto_ctx_max {s.auto_ctx_max}" + (
-                f", training context {info.n_ctx_train}" if info.n_ctx_train and info.n_ctx_train < s.auto_ctx_max else ""
+                f", training context {info.n_ctx_train}"
+                if info.n_ctx_train and info.n_ctx_train < s.auto_ctx_max
+                else ""
             )
             if s.load_mode == "auto":
                 choice = choose_mode(info, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=cap, **kw)
@@ -309,7 +315,9 @@ class Engine:
             n_batch = min(s.n_batch, n_ctx)
             notes = list(budget.notes) + list(plan.notes)
             if est.anon_bytes > budget.bytes:
-                notes.append(f"forced: the estimate {est.anon_bytes / MiB:.0f} MiB exceeds the budget {budget.bytes / MiB:.0f} MiB")
+                notes.append(
+                    f"forced: the estimate {est.anon_bytes / MiB:.0f} MiB exceeds the budget {budget.bytes / MiB:.0f} MiB"
+                )
             if est.anon_bytes + est.file_bytes > budget.bytes:
                 notes.append(
                     "the weights in use do not all fit in RAM next to the anonymous memory: the kernel will read "
@@ -332,7 +340,9 @@ class Engine:
             except EdgeAgentError:
                 raise
             except Exception as e:  # noqa: BLE001  llama-cpp-python raises ValueError/RuntimeError/OSError
-                raise EngineError(f"llama.cpp could not load {self.model_path}: {e}", code=ErrorCode.model_not_loaded) from e
+                raise EngineError(
+                    f"llama.cpp could not load {self.model_path}: {e}", code=ErrorCode.model_not_loaded
+                ) from e
             load_ms = (time.monotonic() - t0) * 1000
             self._llama, self._info = llama, plan.info
             self._sched = Scheduler(llama, self._slots_for(llama, plan.slots), n_batch=n_batch, closing=self._closing,
@@ -615,7 +625,9 @@ def _plan_mismatches(est: MemoryEstimate, buffers: dict[str, int]) -> list[str]:
     out = []
     for name, value in real.items():
         if abs(value - planned[name]) > 64 * 1024 + 0.01 * planned[name]:
-            out.append(f"llama.cpp allocated {value / MiB:.1f} MiB of {name}, the plan said {planned[name] / MiB:.1f} MiB")
+            out.append(
+                f"llama.cpp allocated {value / MiB:.1f} MiB of {name}, the plan said {planned[name] / MiB:.1f} MiB"
+            )
             log.warning("plan mismatch: %s", out[-1])
     return out
 

@@ -130,9 +130,14 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         """One line per anonymous component, for error messages and logs."""
-        parts = [f"{k.replace('_', ' ')} {_mib(v)}" for k, v in self.as_dict().items() if k not in ("weights_mapped", "file_working_set")]
+        parts = [
+            f"{k.replace('_', ' ')} {_mib(v)}"
+            for k, v in self.as_dict().items()
+            if k not in ("weights_mapped", "file_working_set")
+        ]
         return (
-            f"{self.mode} mode, n_ctx {self.n_ctx}" + (f" x {self.slots} slots" if self.slots > 1 else "")
+            f"{self.mode} mode, n_ctx {self.n_ctx}"
+            + (f" x {self.slots} slots" if self.slots > 1 else "")
             + f", n_batch {self.n_batch} ({self.source_text}): "
             f"anonymous {_mib(self.anon_bytes)} = "
             + " + ".join(parts)
@@ -256,7 +261,9 @@ def estimate_memory(
         vocab = int(info.n_vocab) * VOCAB_BYTES_PER_TOKEN
         source = "header"
         if mode == "fast":
-            notes.append("repacked bytes are an upper bound: CPUs without a repack kernel (e.g. Cortex-A72) copy nothing")
+            notes.append(
+                "repacked bytes are an upper bound: CPUs without a repack kernel (e.g. Cortex-A72) copy nothing"
+            )
     return MemoryEstimate(
         mode=mode,
         n_ctx=ctx,
@@ -300,8 +307,16 @@ def largest_ctx_that_fits(
 
     def fits(ctx: int) -> bool:
         est = estimate_memory(
-            info, n_ctx=ctx, mode=mode, n_batch=n_batch, type_k=type_k, type_v=type_v,
-            flash_attn=flash_attn, runtime_bytes=runtime_bytes, sizer=sizer, slots=slots,
+            info,
+            n_ctx=ctx,
+            mode=mode,
+            n_batch=n_batch,
+            type_k=type_k,
+            type_v=type_v,
+            flash_attn=flash_attn,
+            runtime_bytes=runtime_bytes,
+            sizer=sizer,
+            slots=slots,
         )
         return est.anon_bytes <= budget_bytes
 
@@ -347,8 +362,14 @@ def choose_mode(
     costs speed, while choosing fast wrongly costs an OOM kill.
     """
     kw: dict[str, Any] = dict(
-        n_ctx=n_ctx, n_batch=n_batch, type_k=type_k, type_v=type_v, flash_attn=flash_attn, runtime_bytes=runtime_bytes,
-        sizer=sizer, slots=slots,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        type_k=type_k,
+        type_v=type_v,
+        flash_attn=flash_attn,
+        runtime_bytes=runtime_bytes,
+        sizer=sizer,
+        slots=slots,
     )
     fast = estimate_memory(info, mode="fast", **kw)
     fit = estimate_memory(info, mode="fit", **kw)
@@ -371,8 +392,18 @@ def choose_mode(
 
 
 def most_slots_that_fit(
-    info: Any, budget_bytes: int, mode: Mode, *, n_ctx: int, cap: int, n_batch: int, type_k: str = "f16",
-    type_v: str = "f16", flash_attn: bool = False, runtime_bytes: int | None = None, sizer: Sizer | None = None,
+    info: Any,
+    budget_bytes: int,
+    mode: Mode,
+    *,
+    n_ctx: int,
+    cap: int,
+    n_batch: int,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: bool = False,
+    runtime_bytes: int | None = None,
+    sizer: Sizer | None = None,
 ) -> int | None:
     """engine.max_parallel 'auto': the most slots, up to ``cap``, whose estimate at ``n_ctx`` per
     slot fits ``budget_bytes``; None when not even one does. The estimate grows with each slot."""

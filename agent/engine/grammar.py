@@ -27,7 +27,6 @@ from llama_cpp import llama_grammar
 from agent.engine.types import ResponseFormat
 from agent.errors import SchemaRefused
 
-
 # Keywords that never change which values validate: allowed anywhere and ignored.
 _ANNOTATIONS = frozenset(
     {
@@ -128,7 +127,9 @@ def check_schema(schema: Any, path: str = "") -> None:
     branch, enforced = _branch(schema)
     if branch == "type" and t is None and any(k in _VALIDATION for k in schema):
         # e.g. {"maxLength": 5}: the converter needs the type to pick a rule.
-        raise SchemaRefused(f"the schema at {where} needs a 'type' next to {sorted(k for k in schema if k in _VALIDATION)}")
+        raise SchemaRefused(
+            f"the schema at {where} needs a 'type' next to {sorted(k for k in schema if k in _VALIDATION)}"
+        )
     for key in schema:
         if key in _VALIDATION and key not in enforced:
             hint = _HINTS.get(key, "the grammar cannot enforce it")

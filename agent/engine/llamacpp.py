@@ -212,8 +212,6 @@ def buffer_sizes(lines: list[str]) -> dict[str, int]:
     return out
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Planning with llama.cpp's own numbers
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +220,21 @@ _KV_SIZE_RE = re.compile(r"^llama_(?:kv_cache|memory_recurrent)\w*:\s+size =\s*(
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def heap_in_use() -> int | None:
@@ -301,8 +312,16 @@ class BufferProbe:
         """Create and free one no_alloc context with the parameters ``construct_llama`` gives Llama()."""
         if self._model is None:
             raise RuntimeError("the probe is closed")
-        cp = _context_params(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=self.n_threads,
-                             type_k=type_k, type_v=type_v, flash_attn=flash_attn, slots=slots)
+        cp = _context_params(
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            n_threads=self.n_threads,
+            type_k=type_k,
+            type_v=type_v,
+            flash_attn=flash_attn,
+            slots=slots,
+        )
         t0 = time.monotonic()
         with _CONSTRUCT_LOCK, LOG_SINK.capture(quiet=True) as lines:
             ctx = C.llama_init_from_model(self._model, cp)
@@ -324,7 +343,7 @@ class BufferProbe:
         if model:
             C.llama_model_free(model)
 
-    def __enter__(self) -> "BufferProbe":
+    def __enter__(self) -> BufferProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -332,7 +351,14 @@ class BufferProbe:
 
 
 def _context_params(
-    *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int, type_k: str, type_v: str, flash_attn: bool,
+    *,
+    n_ctx: int,
+    n_batch: int,
+    n_ubatch: int,
+    n_threads: int,
+    type_k: str,
+    type_v: str,
+    flash_attn: bool,
     slots: int = 1,
 ) -> Any:
     """The context parameters Llama() builds from construct_llama's arguments, as far as they decide
@@ -530,8 +556,9 @@ class ExactSizer:
         t0 = time.monotonic()
         self.repack: RepackPlan | None
         try:
-            self.repack = cpu_repack(info.tensors, tied_embeddings=info.tied_embeddings,
-                                     n_expert_used=max(1, info.n_expert_used))
+            self.repack = cpu_repack(
+                info.tensors, tied_embeddings=info.tied_embeddings, n_expert_used=max(1, info.n_expert_used)
+            )
             self.notes.append(f"fast mode on this CPU: {self.repack.describe()}")
         except OSError as e:
             # ggml's C functions are not reachable in this build: fall back to the header's upper bound.
@@ -552,8 +579,11 @@ class ExactSizer:
                 repacked, dup = self.repack.nbytes, self.repack.duplicate_bytes
             else:
                 repacked = int(self._info.repackable_bytes)
-                dup = next((r.nbytes for r in self._info.other_ranges if r.name == "token_embd.weight"), 0) \
-                    if self._info.tied_embeddings else 0
+                dup = (
+                    next((r.nbytes for r in self._info.other_ranges if r.name == "token_embd.weight"), 0)
+                    if self._info.tied_embeddings
+                    else 0
+                )
             self._cache[(n_ctx, slots)] = LlamaSizes(repacked, dup, c.kv, c.compute, c.output, self._probe.host_bytes)
         return self._cache[(n_ctx, slots)]
 
@@ -564,7 +594,7 @@ class ExactSizer:
     def close(self) -> None:
         self._probe.close()
 
-    def __enter__(self) -> "ExactSizer":
+    def __enter__(self) -> ExactSizer:
         return self
 
     def __exit__(self, *exc: object) -> None:

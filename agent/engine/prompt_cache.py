@@ -68,7 +68,9 @@ def cache_key(llama: Any, model_digest: str, tokens: list[int]) -> dict[str, Any
         "n_ctx": int(llama.n_ctx()),
         "n_swa": int(C.llama_model_n_swa(llama._model.model)),
         "n_tokens": len(tokens),
-        "tokens_sha256": hashlib.sha256(b"".join(int(t).to_bytes(4, "little", signed=True) for t in tokens)).hexdigest(),
+        "tokens_sha256": hashlib.sha256(
+            b"".join(int(t).to_bytes(4, "little", signed=True) for t in tokens)
+        ).hexdigest(),
     }
     for name in _CONTEXT_FIELDS:
         if hasattr(params, name):
@@ -113,7 +115,7 @@ class PromptCache:
         self.saved = False
 
     @classmethod
-    def open(cls, folder: Path, llama: Any, model: Path, tokens: list[int]) -> "PromptCache":
+    def open(cls, folder: Path, llama: Any, model: Path, tokens: list[int]) -> PromptCache:
         """The cache for this prefix on this loaded model; checks its files (``saved``) and removes
         other keys' files. Raises OSError when the folder cannot be created."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,12 @@ class PromptCache:
         n_out = ctypes.c_size_t(0)
         read = C.llama_state_seq_load_file(ctx, str(self.kv_path).encode(), seq.seq_id, out, n, ctypes.byref(n_out))
         mem = C.llama_get_memory(ctx)
-        if read == 0 or n_out.value != n or list(out[:n]) != self.tokens or C.llama_memory_seq_pos_max(mem, seq.seq_id) != n - 1:
+        if (
+            read == 0
+            or n_out.value != n
+            or list(out[:n]) != self.tokens
+            or C.llama_memory_seq_pos_max(mem, seq.seq_id) != n - 1
+        ):
             seq.forget(ctx)
             return self._discard("llama.cpp could not restore it, or it holds other tokens")
         seq.replace(self.tokens)

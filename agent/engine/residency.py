@@ -90,9 +90,11 @@ def warm_up(path: Path | str, ranges: list[tuple[str, int, int]], *, progress: b
 
     size = os.path.getsize(path)
     total = sum(n for _, _, n in ranges)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm, progress_of(
-        total, "warm-up", enabled=progress
-    ) as bar:
+    with (
+        open(path, "rb") as f,
+        mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm,
+        progress_of(total, "warm-up", enabled=progress) as bar,
+    ):
         view = np.frombuffer(mm, dtype=np.uint8)
         try:
             for name, offset, nbytes in ranges:

@@ -44,7 +44,7 @@ class EngineConfig:
     state_dir: Path
 
     @classmethod
-    def from_settings(cls, settings: object) -> "EngineConfig":
+    def from_settings(cls, settings: object) -> EngineConfig:
         s = settings  # an agent.config.Settings (not imported: keeps this module light)
         return cls(
             model=s.model.model_copy(), engine=s.engine.model_copy(), memory=s.memory.model_copy(),  # type: ignore[attr-defined]
@@ -57,7 +57,7 @@ class EngineConfig:
 
         return resolve_model_path(self.model.path, self.models_dir)
 
-    def same_model(self, other: "EngineConfig | None") -> bool:
+    def same_model(self, other: EngineConfig | None) -> bool:
         """Whether ``other`` loads the same model the same way (only request limits may differ)."""
         if other is None:
             return False

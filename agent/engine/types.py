@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from agent.config.sections import EngineSettings
 from agent.engine.estimate import MemoryEstimate, Mode
-from agent.system.memory import MiB, Budget, ProcStatus
+from agent.system.memory import Budget, MiB, ProcStatus
 
 # "aborted": stopped because the model was being unloaded, not by the job's own cancel event or
 # deadline; the runner requeues such a job instead of reporting it CANCELED.
@@ -72,7 +72,7 @@ class GenerationRequest:
         return len(self.prompt.encode("utf-8"))
 
     @classmethod
-    def from_job(cls, job: Any) -> "GenerationRequest":
+    def from_job(cls, job: Any) -> GenerationRequest:
         """The engine's request for a job (an ``agent.protocol.JobSubmit``): every field the
         engine acts on, and nothing of the job's delivery (ids, priority, expiry, streaming)."""
         messages = None
@@ -173,7 +173,7 @@ class RequestLimits:
     context_overflow: Literal["refuse", "keep_tail"] = "refuse"
 
     @classmethod
-    def from_settings(cls, s: EngineSettings) -> "RequestLimits":
+    def from_settings(cls, s: EngineSettings) -> RequestLimits:
         return cls(s.max_tokens_limit, s.max_prompt_bytes, s.context_overflow)
 
 

@@ -64,14 +64,16 @@ class FleetClient:
         self._synced: set[str] = set()
         self._changes = 0
 
-    def __enter__(self) -> "FleetClient":
+    def __enter__(self) -> FleetClient:
         self.transport.start()
         if not self.transport.wait_connected(self._connect_timeout) or not self.transport.wait_subscribed(
             self._connect_timeout
         ):
             self.transport.stop()
             s = self.transport.settings
-            raise TransportError(f"could not connect to the broker at {s.host}:{s.port} within {self._connect_timeout:g} s")
+            raise TransportError(
+                f"could not connect to the broker at {s.host}:{s.port} within {self._connect_timeout:g} s"
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -177,7 +179,8 @@ class FleetClient:
             elif kind == "shadow":
                 old = self._docs.get(device)
                 if old is None or (data.get("version", 0), str(data.get("ts", ""))) >= (
-                    old.get("version", 0), str(old.get("ts", ""))
+                    old.get("version", 0),
+                    str(old.get("ts", "")),
                 ):
                     self._docs[device] = data
             elif kind in ("shadow/update/accepted", "shadow/update/rejected"):

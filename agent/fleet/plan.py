@@ -53,7 +53,7 @@ class Threshold:
     count: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Threshold":
+    def parse(cls, text: str) -> Threshold:
         t = text.strip()
         try:
             if t.endswith("%"):
@@ -66,7 +66,9 @@ class Threshold:
                 raise ValueError
             return cls(count=n)
         except ValueError:
-            raise PlanError(f"--max-failures takes a percentage (10%) or a count of devices (2), got {text!r}") from None
+            raise PlanError(
+                f"--max-failures takes a percentage (10%) or a count of devices (2), got {text!r}"
+            ) from None
 
     def exceeded(self, failed: int, finished: int) -> bool:
         if self.count is not None:
@@ -86,7 +88,7 @@ class Policy:
 
 
 def parse_waves(text: str) -> tuple[float, ...]:
-    """"5%,15%,80%" -> (5, 15, 80). The shares must add up to 100 %."""
+    """ "5%,15%,80%" -> (5, 15, 80). The shares must add up to 100 %."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     out = []
     for p in parts:
@@ -169,7 +171,9 @@ def restore_desired(previous: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: prev.get(k) for k in MODEL_KEYS}
 
 
-def restore_observe(doc: Mapping[str, Any] | None, previous: Mapping[str, Any] | None, version: int | None) -> Observation:
+def restore_observe(
+    doc: Mapping[str, Any] | None, previous: Mapping[str, Any] | None, version: int | None
+) -> Observation:
     """Whether a device put back on its previous model serves it again."""
     if doc is None or version is None:
         return Observation("waiting", "the restore has not reached the device yet", version)

@@ -162,8 +162,9 @@ class RolloutDriver:
             if obs.outcome == "succeeded":
                 self.store.set_device(r.id, d.device, state="restored", done_at=now, restore_version=version)
                 acted = True
-            elif obs.outcome == "failed" or (r.wave_started is not None
-                                             and now - r.wave_started >= r.spec.policy.timeout_per_wave_s):
+            elif obs.outcome == "failed" or (
+                r.wave_started is not None and now - r.wave_started >= r.spec.policy.timeout_per_wave_s
+            ):
                 why = obs.message if obs.outcome == "failed" else "the restore timed out"
                 self.store.set_device(r.id, d.device, state="restore_failed", done_at=now, message=why)
                 acted = True
@@ -191,7 +192,8 @@ class RolloutDriver:
             else:
                 errors = body.get("errors") or {}
                 why = f"{kind} rejected {body.get('code')}: {body.get('message')}" + (
-                    " (" + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ")" if errors else "")
+                    " (" + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ")" if errors else ""
+                )
                 self.store.set_device(rid, device, state="restore_failed" if restore else "failed", message=why,
                                       done_at=self.clock())  # fmt: skip
         for token, device in tokens.items():

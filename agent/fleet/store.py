@@ -69,10 +69,12 @@ class Spec:
         })  # fmt: skip
 
     @classmethod
-    def from_json(cls, text: str) -> "Spec":
+    def from_json(cls, text: str) -> Spec:
         d = json.loads(text)
         p = d["policy"]
-        policy = Policy(tuple(p["waves"]), Threshold.parse(p["max_failures"]), p["min_devices"], p["timeout_per_wave_s"])
+        policy = Policy(
+            tuple(p["waves"]), Threshold.parse(p["max_failures"]), p["min_devices"], p["timeout_per_wave_s"]
+        )
         return cls(Target(**d["target"]), policy, d["selection"], d["prefix"])
 
 
@@ -182,7 +184,9 @@ class RolloutStore:
     def list(self) -> list[tuple[str, float, str, str]]:
         """(id, created_at, state, target path) of every rollout, newest first."""
         with self._lock:
-            rows = self._db.execute("SELECT id, created_at, state, spec FROM rollouts ORDER BY created_at DESC").fetchall()
+            rows = self._db.execute(
+                "SELECT id, created_at, state, spec FROM rollouts ORDER BY created_at DESC"
+            ).fetchall()
         return [(r[0], r[1], r[2], json.loads(r[3])["target"]["path"]) for r in rows]
 
     def set_rollout(self, rid: str, **fields: Any) -> None:

@@ -101,7 +101,7 @@ class Signals:
         return 100.0 * self.cgroup_working_set / bound
 
     @classmethod
-    def from_reading(cls, t: Any) -> "Signals":
+    def from_reading(cls, t: Any) -> Signals:
         """From a ``Telemetry`` reading. PSI: the worse of the system's and the agent's cgroup's,
         since a stall in either is one the agent's work feels."""
 
@@ -239,7 +239,7 @@ def _held(name: str, exceeded: bool, now: float, over: dict[str, float], hold: f
 
 
 def _levels(
-    state: GovernorState, sig: Signals, now: float, s: "GovernorSettings"
+    state: GovernorState, sig: Signals, now: float, s: GovernorSettings
 ) -> tuple[dict[str, Level], dict[str, float], list[str], list[str]]:
     latches: dict[str, Level] = {}
     over = dict(state.over_since)
@@ -252,7 +252,9 @@ def _levels(
         state.latch("mem_available"), pct, s.mem_available_warn_pct, s.mem_available_act_pct, hyst
     )
     if latches["mem_available"] > Level.ok:
-        reasons.append(f"MemAvailable {pct:.1f} % (warn below {s.mem_available_warn_pct:g}, act below {s.mem_available_act_pct:g})")
+        reasons.append(
+            f"MemAvailable {pct:.1f} % (warn below {s.mem_available_warn_pct:g}, act below {s.mem_available_act_pct:g})"
+        )
 
     if sig.psi_some_avg10 is None and sig.psi_full_avg10 is None:
         missing.append("psi")
@@ -267,8 +269,10 @@ def _levels(
         some_act = _held("psi_some_act", some >= s.psi_some_act_pct, now, over, s.psi_hold_s)
         full_act = _held("psi_full_act", full >= s.psi_full_act_pct, now, over, s.psi_hold_s)
         level = Level.ok
-        if some_act or full_act or (
-            prev == Level.critical and (some > s.psi_some_act_pct - hyst or full > s.psi_full_act_pct - hyst)
+        if (
+            some_act
+            or full_act
+            or (prev == Level.critical and (some > s.psi_some_act_pct - hyst or full > s.psi_full_act_pct - hyst))
         ):
             level = Level.critical
         elif some_warn or (prev >= Level.warn and some > s.psi_some_warn_pct - hyst):
@@ -318,7 +322,7 @@ def _levels(
 # ------------------------------------------------------------------------------------ the step
 
 
-def _message(action: Action, level: Level, s: "GovernorSettings") -> str:
+def _message(action: Action, level: Level, s: GovernorSettings) -> str:
     return {
         Action.hold_unfit: "holding jobs whose memory estimate does not fit what is available; they stay queued",
         Action.shrink_context: f"new jobs run only within {s.shrink_ctx_pct} % of the context, one at a time",
@@ -331,7 +335,9 @@ def _message(action: Action, level: Level, s: "GovernorSettings") -> str:
     }[action] + f" (level {level.name})"
 
 
-def step(state: GovernorState, signals: Signals, now: float, settings: "GovernorSettings") -> tuple[GovernorState, Decision]:
+def step(
+    state: GovernorState, signals: Signals, now: float, settings: GovernorSettings
+) -> tuple[GovernorState, Decision]:
     """One reading in, the new state and what to do out. Pure: the same inputs give the same result."""
     previous = state.level
     if not settings.enabled:
@@ -377,7 +383,7 @@ class Governor:
     """The policy with its state kept: ``observe`` per reading. Not thread-safe: one owner thread
     (the daemon's governor loop); read ``posture`` from elsewhere only as a whole value."""
 
-    def __init__(self, settings: "GovernorSettings", state: GovernorState | None = None) -> None:
+    def __init__(self, settings: GovernorSettings, state: GovernorState | None = None) -> None:
         self.settings = settings
         self.state = state or GovernorState()
 
@@ -385,7 +391,7 @@ class Governor:
         self.state, decision = step(self.state, signals, now, self.settings)
         return decision
 
-    def configure(self, settings: "GovernorSettings") -> None:
+    def configure(self, settings: GovernorSettings) -> None:
         """New thresholds (live settings); latches and timers carry over."""
         self.settings = settings
 
@@ -429,7 +435,7 @@ def admit(
     available_bytes: int,
     capacity_bytes: int,
     posture: Posture,
-    settings: "GovernorSettings",
+    settings: GovernorSettings,
     n_ctx: int,
     mem_total: int,
 ) -> Admission:

@@ -203,8 +203,6 @@ class MemoryWatch:
         )  # fmt: skip
 
 
-
-
 class AgentActions:
     """GovernorActions over the job runner and the model supervisor."""
 

@@ -8,7 +8,7 @@ runner passes in what happened, the store persists the outcome, the protocol ren
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from agent.codes import ErrorCode, JobStatus
 from agent.engine.types import GenerationResult
@@ -16,7 +16,7 @@ from agent.errors import EngineError, OutputTruncated
 from agent.protocol import ErrorInfo, JobOutcome, Timings, Usage
 
 
-class StopReason(str, Enum):
+class StopReason(StrEnum):
     """Why the runner stopped a running job."""
 
     CANCEL = "cancel"  # a cancel request: the job ends CANCELED

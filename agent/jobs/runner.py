@@ -27,8 +27,8 @@ from agent.config.sections import GovernorSettings
 from agent.delivery.sources import JobResults
 from agent.engine.types import EngineLike, GenerationRequest, GenerationResult, fit_context
 from agent.errors import EngineError, OutputTruncated, StoreError
-from agent.health import StoreHealth
 from agent.governor.policy import Admission
+from agent.health import StoreHealth
 from agent.jobs.outcome import Requeue, StopReason, conclude
 from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
 from agent.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
@@ -274,7 +274,9 @@ class Runner:
         if hold is not None:
             decided = held(items, hold[0], hold[1], running=len(running), memory_wait_max_s=g.memory_wait_max_s)
         else:
-            busy = f"all {capacity} slot(s) are running jobs ({', '.join(running)})" if running else "the slots are busy"
+            busy = (
+                f"all {capacity} slot(s) are running jobs ({', '.join(running)})" if running else "the slots are busy"
+            )
             decided = pick(items, free_slots=capacity - len(running), running=len(running),
                            reserve_after_s=g.reserve_after_s, memory_wait_max_s=g.memory_wait_max_s,
                            slot_detail=busy)  # fmt: skip

@@ -379,7 +379,7 @@ def _validate_config(text: str) -> None:
 def plan_install(opts: InstallOptions) -> list[Step]:
     """Every step of an install, decided from the options (and the profile and model files)."""
     from agent.config import load_settings
-    from agent.ops.units import plan_model, memory_limits, profile_budget, render_units
+    from agent.ops.units import memory_limits, plan_model, profile_budget, render_units
 
     if opts.model is not None and not opts.model.is_file():
         raise InstallError(f"--model {opts.model}: no such file")
@@ -446,7 +446,9 @@ def plan_uninstall(units: Iterable[str], *, purge: bool = False) -> list[Step]:
     models) and the user. Without it those stay, so a reinstall finds the board as it was."""
     units = list(units)
     steps: list[Step] = [
-        Systemctl(f"systemctl disable --now {' '.join(units)}", args=("disable", "--now", *units), tolerate_failure=True)
+        Systemctl(
+            f"systemctl disable --now {' '.join(units)}", args=("disable", "--now", *units), tolerate_failure=True
+        )
     ]
     steps += [RemovePath(f"unit {UNIT_DIR / n}", path=UNIT_DIR / n) for n in units]
     steps.append(RemovePath(f"drop-ins {UNIT_DIR / 'edge-agent.service.d'}", path=UNIT_DIR / "edge-agent.service.d"))

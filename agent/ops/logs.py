@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
 LogFormat = Literal["text", "kv", "json"]
@@ -37,12 +37,16 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1" + MASK),
     # "password": "x"  /  'password': 'x'  (JSON, Python reprs)
     (
-        re.compile(r"(?i)([\"'](?:password|passwd|secret|token|api_key|access_token|authorization)[\"']\s*:\s*)([\"'])(?:\\.|(?!\2).)*\2"),
+        re.compile(
+            r"(?i)([\"'](?:password|passwd|secret|token|api_key|access_token|authorization)[\"']\s*:\s*)([\"'])(?:\\.|(?!\2).)*\2"
+        ),
         r"\1\2" + MASK + r"\2",
     ),
     # password=x  password: x  (key=value, command lines, URLs' query strings)
     (
-        re.compile(r"(?i)\b((?:mqtt_)?(?:password|passwd|secret|api_key|access_token|auth_token)\s*[=:]\s*)(?![\"'])[^\s,;&}\]\"'\\]+"),
+        re.compile(
+            r"(?i)\b((?:mqtt_)?(?:password|passwd|secret|api_key|access_token|auth_token)\s*[=:]\s*)(?![\"'])[^\s,;&}\]\"'\\]+"
+        ),
         r"\1" + MASK,
     ),
     # scheme://user:password@host
@@ -106,7 +110,7 @@ class AgentFormatter(logging.Formatter):
         self.masker = masker or Masker()
 
     def _ts(self, record: logging.LogRecord) -> str:
-        return datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
@@ -194,7 +198,9 @@ def add_secrets(*values: str | None) -> None:
             h.formatter.masker.add(*values)
 
 
-def configure_from_settings(settings: Any, *, level: int | None = None, environ: Mapping[str, str] | None = None) -> None:
+def configure_from_settings(
+    settings: Any, *, level: int | None = None, environ: Mapping[str, str] | None = None
+) -> None:
     """The daemon's logging once its settings are loaded: service.log_format, the MQTT password masked.
     ``level`` None keeps the level in force."""
     password = settings.mqtt.password.get_secret_value() if settings.mqtt.password is not None else None

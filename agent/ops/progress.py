@@ -29,7 +29,9 @@ def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
     return bool(env.get("JOURNAL_STREAM"))
 
 
-def choose_mode(stream: IO[str] | None = None, environ: Mapping[str, str] | None = None, *, enabled: bool = True) -> Mode:
+def choose_mode(
+    stream: IO[str] | None = None, environ: Mapping[str, str] | None = None, *, enabled: bool = True
+) -> Mode:
     """bar: a person is watching a terminal; log: a service or a pipe (lines every few seconds); off."""
     if not enabled:
         return "off"
@@ -96,7 +98,7 @@ class LogProgress:
     def close(self) -> None:
         self._emit(self._clock(), done=True)
 
-    def __enter__(self) -> "LogProgress":
+    def __enter__(self) -> LogProgress:
         return self
 
     def __exit__(self, exc_type: Any, *exc: object) -> None:
@@ -116,7 +118,7 @@ class _Off:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "_Off":
+    def __enter__(self) -> _Off:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.errors import EdgeAgentError
 from agent.ops.state import DaemonState, StateWriter, from_daemon, state_path
 from agent.protocol import DeviceStatus, Topics
-from agent.errors import EdgeAgentError
 from agent.shadow.facts import FactsReader, ServingModel, reported_facts
 from agent.shadow.hashes import CACHE_FILE, FileHashes, Identity, identity
 from agent.telemetry.events import model_change_event

@@ -43,7 +43,9 @@ class ModelState(_Part):
     mode: Literal["fit", "fast"] = Field(description="How the weights are held.")
     n_ctx: int = Field(ge=1, description="Context in force, tokens.")
     n_threads: int | None = Field(default=None, ge=1, description="Generation threads.")
-    slots: int = Field(default=1, ge=1, description="Jobs decoded together: the loaded plan's slots (engine.max_parallel).")
+    slots: int = Field(
+        default=1, ge=1, description="Jobs decoded together: the loaded plan's slots (engine.max_parallel)."
+    )
     load_ms: float | None = Field(default=None, ge=0, description="How long the load took, ms.")
     loaded_at: float | None = Field(default=None, description="When it was loaded, epoch seconds.")
     anon_estimate_bytes: int | None = Field(default=None, ge=0, description="The plan's anonymous memory, bytes.")
@@ -56,15 +58,18 @@ class StateSnapshot(_Part):
     schema_version: int = Field(default=SCHEMA, description="Layout of this file.")
     pid: int = Field(ge=1, description="The daemon's process id.")
     pid_start: int | None = Field(
-        default=None, description="The process's start time (/proc/PID/stat field 22, clock ticks after boot): "
-        "tells the daemon from a later process that got the same pid."
+        default=None,
+        description="The process's start time (/proc/PID/stat field 22, clock ticks after boot): "
+        "tells the daemon from a later process that got the same pid.",
     )
     agent_version: str = Field(default=__version__, description="edge-agent version.")
     device_id: str = Field(description="This device.")
     config_path: str | None = Field(default=None, description="The config file it runs with.")
     state: DaemonState = Field(description="starting (loading), ready (serving), stopping, stopped.")
     started_at: float = Field(description="Process start, epoch seconds.")
-    ready_at: float | None = Field(default=None, description="When it became ready (READY=1 to systemd), epoch seconds.")
+    ready_at: float | None = Field(
+        default=None, description="When it became ready (READY=1 to systemd), epoch seconds."
+    )
     updated_at: float = Field(description="When this file was written, epoch seconds.")
     heartbeat_s: float = Field(default=30.0, gt=0, description="The daemon rewrites the file at least this often.")
     model: ModelState | None = Field(default=None, description="The model in force; null while none is loaded.")
@@ -73,10 +78,14 @@ class StateSnapshot(_Part):
     intake_paused: bool = Field(default=False, description="intake.paused is in force (no new job starts).")
     store_writable: bool = Field(default=True, description="The job store takes writes.")
     broker_connected: bool = Field(default=False, description="Connected to the MQTT broker.")
-    memory_level: str | None = Field(default=None, description="Memory governor level (ok, warn, critical); null without a governor.")
+    memory_level: str | None = Field(
+        default=None, description="Memory governor level (ok, warn, critical); null without a governor."
+    )
     memory_action: str | None = Field(default=None, description="The governor's strongest action in force, if any.")
     telemetry: dict[str, Any] | None = Field(default=None, description="The last telemetry reading, as published.")
-    shadow_version: int | None = Field(default=None, description="The device shadow's version (accepted desired updates).")
+    shadow_version: int | None = Field(
+        default=None, description="The device shadow's version (accepted desired updates)."
+    )
     shadow_applied_version: int | None = Field(default=None, description="The shadow version last fully applied.")
 
 

@@ -8,7 +8,7 @@ the daemon last wrote is shown with how old it is, and the queue comes from the 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ MiB = 1024 * 1024
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _store_summary(settings: Any, limit: int) -> dict[str, Any]:
@@ -67,7 +67,9 @@ def _store_summary(settings: Any, limit: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def collect_status(settings: Any, *, now: float | None = None, last_jobs: int = LAST_JOBS, **liveness_readers: Any) -> dict[str, Any]:
+def collect_status(
+    settings: Any, *, now: float | None = None, last_jobs: int = LAST_JOBS, **liveness_readers: Any
+) -> dict[str, Any]:
     """Everything `status` shows, as JSON data. ``liveness_readers`` (alive=, start_ticks=) are for tests."""
     now = time.time() if now is None else now
     snap, problem = read_state(state_path(settings))
@@ -136,7 +138,10 @@ def render_status(doc: dict[str, Any]) -> str:
             since = f" since {d['since']} (up {_duration(d['uptime_s'])})" if d.get("uptime_s") is not None else ""
             row("daemon", "; ".join(dict.fromkeys((f"{head}{since}", d["state"], d["detail"]))))
         if d["start_to_ready_s"] is not None:
-            row("", f"ready at {d['ready_at']} ({d['start_to_ready_s']:.1f} s after start); edge-agent {d['agent_version']}")
+            row(
+                "",
+                f"ready at {d['ready_at']} ({d['start_to_ready_s']:.1f} s after start); edge-agent {d['agent_version']}",
+            )
         row("", f"broker {'connected' if d['broker_connected'] else 'NOT connected'}; store "
             f"{'writable' if d['store_writable'] else 'UNWRITABLE'}; intake {'PAUSED' if d['intake_paused'] else 'open'}; "
             f"state written {d['state_age_s']:.0f} s ago")  # fmt: skip
@@ -159,7 +164,10 @@ def render_status(doc: dict[str, Any]) -> str:
         if st.get("waiting"):
             row("", "waiting for: " + ", ".join(f"{k} {v}" for k, v in sorted(st["waiting"].items())))
         for w in st.get("next_waits") or []:
-            row("", f"{w['job_id'][:36]:<36} QUEUED      waiting for {w['waiting_for']} since {w['since']}: {w['detail']}")
+            row(
+                "",
+                f"{w['job_id'][:36]:<36} QUEUED      waiting for {w['waiting_for']} since {w['since']}: {w['detail']}",
+            )
         for j in st["last_jobs"]:
             speed = f" {j['tokens_per_s']:.1f} tok/s" if j.get("tokens_per_s") else ""
             err = f" {j['error_code']}" if j.get("error_code") else ""

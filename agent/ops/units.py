@@ -96,7 +96,9 @@ def memory_limits(budget: Budget, plan: PlanSummary | None = None) -> MemoryLimi
     """The formula in the module docstring. Pure."""
     b = budget.bytes // MiB * MiB
     if b < 2 * MIN_MARGIN:
-        raise ConfigError(f"memory budget {budget.bytes / MiB:.0f} MiB is too small for a service limit (at least 32 MiB)")
+        raise ConfigError(
+            f"memory budget {budget.bytes / MiB:.0f} MiB is too small for a service limit (at least 32 MiB)"
+        )
     margin = max(MIN_MARGIN, _round_up_mib(b * 5 // 100))
     high = b - margin
     notes: list[str] = []
@@ -197,7 +199,11 @@ def render_unit(name: str, text: str, *, exec_path: str, limits: MemoryLimits | 
 
 
 def unit_files(units_dir: Path = DEFAULT_UNITS_DIR) -> list[Path]:
-    files = sorted(p for p in units_dir.iterdir() if p.suffix in UNIT_SUFFIXES and p.is_file()) if units_dir.is_dir() else []
+    files = (
+        sorted(p for p in units_dir.iterdir() if p.suffix in UNIT_SUFFIXES and p.is_file())
+        if units_dir.is_dir()
+        else []
+    )
     if not any(p.name == MAIN_UNIT for p in files):
         raise ConfigError(f"{units_dir}: no {MAIN_UNIT}; pass --units-dir with the systemd/ folder of edge-agent")
     return files

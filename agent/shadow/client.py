@@ -39,8 +39,12 @@ class ShadowClient:
             will=None,
             on_message=self._inbox.put,
             subscriptions=[
-                (t.shadow, 1), (t.shadow_update_accepted, 1), (t.shadow_update_rejected, 1),
-                (t.shadow_get_accepted, 1), (t.shadow_get_rejected, 1), (t.device_status, 1),
+                (t.shadow, 1),
+                (t.shadow_update_accepted, 1),
+                (t.shadow_update_rejected, 1),
+                (t.shadow_get_accepted, 1),
+                (t.shadow_get_rejected, 1),
+                (t.device_status, 1),
             ],  # fmt: skip
             manual_ack=False,
         )
@@ -48,7 +52,7 @@ class ShadowClient:
         self.latest: dict[str, Any] | None = None  # the newest document seen on {root}/shadow
         self.device_state: str | None = None  # from the retained {root}/status: online, offline, stopping
 
-    def __enter__(self) -> "ShadowClient":
+    def __enter__(self) -> ShadowClient:
         self.transport.connect_or_raise(self._connect_timeout)
         return self
 
@@ -68,9 +72,9 @@ class ShadowClient:
             if msg is None:
                 break
             data = self._observe(msg)
-            if msg.topic == self.topics.shadow_get_accepted and _has_token(data, token):
+            if data is not None and msg.topic == self.topics.shadow_get_accepted and _has_token(data, token):
                 return data, "device"
-            if msg.topic == self.topics.shadow_get_rejected and _has_token(data, token):
+            if data is not None and msg.topic == self.topics.shadow_get_rejected and _has_token(data, token):
                 raise ShadowClientError(f"the device refused the get: {data.get('message')}", code="shadow_rejected")
             if self.device_state == "offline" and self.latest is not None:
                 return self.latest, "retained"

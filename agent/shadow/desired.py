@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -64,7 +64,7 @@ def _field(annotation: Any, info: FieldInfo, nullable: bool, note: str) -> tuple
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def section_models(nullable: bool = False) -> dict[str, type[BaseModel]]:
     """One model per settings section with live keys, holding those keys (all optional)."""
     strict = ConfigDict(extra="forbid", strict=True)
@@ -80,7 +80,7 @@ def section_models(nullable: bool = False) -> dict[str, type[BaseModel]]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def desired_model(nullable: bool = False) -> type[BaseModel]:
     """The desired state as a pydantic model: one optional object per settings section with live keys.
 
@@ -100,9 +100,7 @@ def desired_model(nullable: bool = False) -> type[BaseModel]:
         if nullable
         else "The desired state: the live settings an operator set, by section."
     )
-    return create_model(
-        name, __config__=ConfigDict(extra="forbid", strict=True), __doc__=doc, **sections
-    )
+    return create_model(name, __config__=ConfigDict(extra="forbid", strict=True), __doc__=doc, **sections)
 
 
 # --------------------------------------------------------------------------------------------

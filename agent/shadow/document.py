@@ -232,7 +232,9 @@ def _decode(payload: bytes, what: str) -> Any:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadRequest(400, f"payload is not valid UTF-8: byte 0x{payload[e.start]:02x} at offset {e.start}") from None
+        raise BadRequest(
+            400, f"payload is not valid UTF-8: byte 0x{payload[e.start]:02x} at offset {e.start}"
+        ) from None
     if text.startswith("\ufeff"):
         raise BadRequest(400, "payload starts with a byte-order mark; send plain UTF-8 JSON")
     try:
@@ -357,7 +359,7 @@ def _bad_text(v: Any, key: str = "") -> dict[str, str]:
     elif isinstance(v, list):
         for i, child in enumerate(v):
             for k, why in _bad_text(child, f"{key}[{i}]").items():
-                out.setdefault(key, f"{k[len(key):]} {why}")  # under its setting: "[0].content contains ..."
+                out.setdefault(key, f"{k[len(key) :]} {why}")  # under its setting: "[0].content contains ..."
     elif isinstance(v, str) and (why := _bad_chars(v)):
         out[key] = why
     return out

@@ -76,8 +76,12 @@ class BoardFacts(BaseModel):
     machine: str = Field(description="CPU architecture (uname -m): aarch64, armv7l, x86_64.")
     cpu: CpuInfo = Field(description="CPU model, cores and llama.cpp-relevant features.")
     mem_total_bytes: int = Field(ge=0, description="MemTotal, bytes.")
-    cgroup_limit_bytes: int | None = Field(description="The agent's memory cgroup limit, bytes; null: none or no controller.")
-    cgroup_note: str | None = Field(description="Why there is no cgroup reading (the memory controller is off), else null.")
+    cgroup_limit_bytes: int | None = Field(
+        description="The agent's memory cgroup limit, bytes; null: none or no controller."
+    )
+    cgroup_note: str | None = Field(
+        description="Why there is no cgroup reading (the memory controller is off), else null."
+    )
     psi: bool = Field(description="Memory pressure stall information (/proc/pressure/memory) is available.")
     psi_note: str | None = Field(description="Why PSI is unavailable (Raspberry Pi kernels need psi=1), else null.")
     swap: list[SwapDevice] = Field(description="Active swap devices (/proc/swaps).")
@@ -100,7 +104,9 @@ class ServingModel(BaseModel):
         description="The board is computing the file's SHA-256; the document is published again once it is known. "
         "False with a null sha256: the file could not be read, or is not the one loaded any more (replaced on disk).",
     )
-    load_mode: Literal["fit", "fast"] = Field(description="How the weights are held: fit (file-backed) or fast (repacked).")
+    load_mode: Literal["fit", "fast"] = Field(
+        description="How the weights are held: fit (file-backed) or fast (repacked)."
+    )
     n_ctx: int = Field(ge=1, description="Context size in force, tokens.")
     load_ms: float | None = Field(default=None, ge=0, description="How long the load took, ms.")
     loaded_at: float | None = Field(default=None, description="When it was loaded, epoch seconds.")
@@ -118,10 +124,19 @@ class Pressure(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     level: Literal["ok", "warn", "critical"] = Field(description="The governor's level.")
-    action: str | None = Field(default=None, description="The strongest action in force (hold_unfit, shrink_context, preempt, unload), or null.")
-    rung: int = Field(default=0, ge=0, le=4, description="How far up the ladder of actions: 0 (none) to 4 (model unloaded).")
-    reasons: list[str] = Field(default_factory=list, description="The signals that hold the level above ok, with their values.")
-    missing: list[str] = Field(default_factory=list, description="Signals this board lacks (psi, cgroup_memory, cgroup_limit).")
+    action: str | None = Field(
+        default=None,
+        description="The strongest action in force (hold_unfit, shrink_context, preempt, unload), or null.",
+    )
+    rung: int = Field(
+        default=0, ge=0, le=4, description="How far up the ladder of actions: 0 (none) to 4 (model unloaded)."
+    )
+    reasons: list[str] = Field(
+        default_factory=list, description="The signals that hold the level above ok, with their values."
+    )
+    missing: list[str] = Field(
+        default_factory=list, description="Signals this board lacks (psi, cgroup_memory, cgroup_limit)."
+    )
 
 
 class DownloadReport(BaseModel):

@@ -18,8 +18,8 @@ from pydantic.json_schema import models_json_schema
 
 # The outbound conventions of the job protocol (RFC 3339 "ts", unknown fields are bugs).
 from agent.protocol import _TS, _Outbound, rfc3339
-from agent.shadow.document import MAX_CLIENT_TOKEN_BYTES, MAX_DEPTH, MAX_STATE_BYTES, ShadowDocument
 from agent.shadow.desired import desired_model, section_models
+from agent.shadow.document import MAX_CLIENT_TOKEN_BYTES, MAX_DEPTH, MAX_STATE_BYTES, ShadowDocument
 from agent.shadow.facts import BoardFacts, DownloadReport, ModelChangeReport, Pressure, ServingModel
 
 DesiredPatch = desired_model(nullable=True)
@@ -55,7 +55,10 @@ def _reported_model() -> type[BaseModel]:
     fields["board"] = (BoardFacts | None, FieldInfo(default=None, description="Facts about the board."))
     fields["serving"] = (ServingModel | None, FieldInfo(default=None, description="The model in force; null while "
                                                                                   "none is loaded."))  # fmt: skip
-    fields["pressure"] = (Pressure | None, FieldInfo(default=None, description="The memory governor: level and action."))
+    fields["pressure"] = (
+        Pressure | None,
+        FieldInfo(default=None, description="The memory governor: level and action."),
+    )
     fields["download"] = (DownloadReport | None, FieldInfo(default=None, description="The current or last model "
                                                            "download (model.url); absent before the first."))  # fmt: skip
     fields["model_change"] = (ModelChangeReport | None, FieldInfo(default=None, description="How the last model "
@@ -159,7 +162,9 @@ class ShadowRejected(_ShadowOutbound):
 class KeyMeta(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    updated: str = Field(description="When the value last changed, RFC 3339 UTC.", json_schema_extra={"format": "date-time"})
+    updated: str = Field(
+        description="When the value last changed, RFC 3339 UTC.", json_schema_extra={"format": "date-time"}
+    )
 
 
 class Metadata(BaseModel):
@@ -212,7 +217,12 @@ def document_message(doc: ShadowDocument, ts: float, client_token: str | None = 
 
 
 INBOUND_MODELS: tuple[type[BaseModel], ...] = (ShadowUpdate, ShadowGet)
-OUTBOUND_MODELS: tuple[type[BaseModel], ...] = (ShadowUpdateAccepted, ShadowRejected, ShadowDocumentMessage, ShadowDelta)
+OUTBOUND_MODELS: tuple[type[BaseModel], ...] = (
+    ShadowUpdateAccepted,
+    ShadowRejected,
+    ShadowDocumentMessage,
+    ShadowDelta,
+)
 
 
 def json_schema() -> dict[str, Any]:

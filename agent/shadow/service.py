@@ -335,6 +335,7 @@ class ShadowService:
             if isinstance(result, Accepted):
                 result, stored = self._persist(result, now)
             self._remember(msg.connection, digest)
+            reply: ShadowUpdateAccepted | ShadowRejected
             if isinstance(result, Accepted):
                 self._doc = result.document
                 self._dirty = True
@@ -389,7 +390,10 @@ class ShadowService:
             try:
                 request = parse_get(msg.payload)
             except BadRequest as e:
-                topic, payload = self.topics.shadow_get_rejected, _rejected(e.rejected(self._doc.version), now).to_payload()
+                topic, payload = (
+                    self.topics.shadow_get_rejected,
+                    _rejected(e.rejected(self._doc.version), now).to_payload(),
+                )
             else:
                 topic = self.topics.shadow_get_accepted
                 payload = document_message(self._doc, now, request.client_token).to_payload()

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import StoreError
-from agent.sqlite import store_error, write_transaction
 from agent.shadow.document import ShadowDocument
+from agent.sqlite import store_error, write_transaction
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -98,7 +98,7 @@ class ShadowStore:
             raise
 
     @classmethod
-    def from_settings(cls, settings: "Settings", *, readonly: bool = False) -> "ShadowStore":
+    def from_settings(cls, settings: Settings, *, readonly: bool = False) -> ShadowStore:
         """The one way the daemon and the CLI open it: ``{device.state_dir}/shadow.db``."""
         return cls(settings.device.state_dir / FILE_NAME, readonly=readonly)
 
@@ -231,7 +231,7 @@ class ShadowStore:
                 finally:
                     self._conn = None
 
-    def __enter__(self) -> "ShadowStore":
+    def __enter__(self) -> ShadowStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,7 +23,9 @@ _VARIANT = re.compile(r"/libggml-cpu-([A-Za-z0-9_.]+)\.so\b")
 
 
 def decode_hwcap(hwcap: int, hwcap2: int) -> set[str]:
-    return {name for bit, name in _HWCAP.items() if hwcap & bit} | {name for bit, name in _HWCAP2.items() if hwcap2 & bit}
+    return {name for bit, name in _HWCAP.items() if hwcap & bit} | {
+        name for bit, name in _HWCAP2.items() if hwcap2 & bit
+    }
 
 
 def hwcap_flags(machine: str | None = None) -> set[str] | None:

@@ -27,5 +27,5 @@ class _Libc:
         fn.restype = ctypes.c_int
         return bool(fn(0))
 
-LIBC = _Libc()
 
+LIBC = _Libc()

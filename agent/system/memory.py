@@ -451,8 +451,11 @@ def psi_memory(path: str | Path = "/proc/pressure/memory") -> PsiMemory:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        return PsiMemory(False, reason="no /proc/pressure: the kernel runs without PSI (Raspberry Pi OS: add 'psi=1' to "
-                         "/boot/firmware/cmdline.txt)")
+        return PsiMemory(
+            False,
+            reason="no /proc/pressure: the kernel runs without PSI (Raspberry Pi OS: add 'psi=1' to "
+            "/boot/firmware/cmdline.txt)",
+        )
     except OSError as e:
         # A kernel built with PSI but booted with psi=0 returns EOPNOTSUPP on read.
         return PsiMemory(False, reason=f"cannot read {path}: {e.strerror} (kernel booted without psi=1?)")
@@ -568,7 +571,7 @@ class PeakSampler:
             except OSError:
                 return  # the process is gone (pid sampling) – nothing left to measure
 
-    def start(self) -> "PeakSampler":
+    def start(self) -> PeakSampler:
         if self._thread is not None:
             raise RuntimeError("PeakSampler already started")
         self.sample()
@@ -587,7 +590,7 @@ class PeakSampler:
             pass
         return self.peak_rss_anon
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

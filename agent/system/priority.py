@@ -20,9 +20,10 @@ import ctypes
 import os
 import platform
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agent.config.sections import PrioritySettings
@@ -147,8 +148,16 @@ def set_io(io_class: str, io_priority: int, tids: Iterable[int] = (0,)) -> Appli
         for tid in tids:
             _IOPRIO.set(io_class, io_priority, tid)
     except OSError as e:
-        unit = f"IOSchedulingClass={io_class}" + (f" IOSchedulingPriority={io_priority}" if io_class == "best-effort" else "")
-        return Applied("io", wanted, _fmt_io(get_io(tids[0])), False, _errno_hint(e, unit, "a higher I/O priority needs CAP_SYS_ADMIN"))
+        unit = f"IOSchedulingClass={io_class}" + (
+            f" IOSchedulingPriority={io_priority}" if io_class == "best-effort" else ""
+        )
+        return Applied(
+            "io",
+            wanted,
+            _fmt_io(get_io(tids[0])),
+            False,
+            _errno_hint(e, unit, "a higher I/O priority needs CAP_SYS_ADMIN"),
+        )
     return Applied("io", wanted, _fmt_io(get_io(tids[0])), True, "in force")
 
 
@@ -222,7 +231,13 @@ def set_cpus(cpus: list[int] | str, tids: Iterable[int] = (0,), *, sys_root: Pat
             os.sched_setaffinity(tid, wanted)
     except OSError as e:
         unit = f"CPUAffinity={' '.join(map(str, wanted))}"
-        return Applied("cpus", wanted, sorted(os.sched_getaffinity(tids[0])), False, _errno_hint(e, unit, "the cpuset may not allow it"))
+        return Applied(
+            "cpus",
+            wanted,
+            sorted(os.sched_getaffinity(tids[0])),
+            False,
+            _errno_hint(e, unit, "the cpuset may not allow it"),
+        )
     return Applied("cpus", wanted, sorted(os.sched_getaffinity(tids[0])), True, note)
 
 
@@ -238,7 +253,7 @@ def process_threads(pid: int | str = "self", *, proc_root: Path = Path("/proc"))
         return [0]
 
 
-def apply_process_priority(settings: "PrioritySettings", *, tids: Iterable[int] | None = None) -> PriorityReport:
+def apply_process_priority(settings: PrioritySettings, *, tids: Iterable[int] | None = None) -> PriorityReport:
     """The daemon's niceness, I/O class, oom_score_adj and CPU affinity. At start: call on the main
     thread before starting any thread (``tids`` None: the calling thread, inherited by later ones).
     On a change: pass ``process_threads()`` (then also call ``apply_inference_priority`` with the
@@ -254,7 +269,7 @@ def apply_process_priority(settings: "PrioritySettings", *, tids: Iterable[int] 
     )
 
 
-def apply_inference_priority(settings: "PrioritySettings", *, tids: Iterable[int] | None = None) -> PriorityReport:
+def apply_inference_priority(settings: PrioritySettings, *, tids: Iterable[int] | None = None) -> PriorityReport:
     """The inference threads' niceness. Call on the thread that runs jobs before it first calls into
     llama.cpp (``tids`` None: the calling thread; the engine's worker threads inherit it), and again
     on a change with the threads that run inference."""

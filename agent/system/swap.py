@@ -31,9 +31,10 @@ import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import EdgeAgentError
 from agent.system.memory import MemInfo, meminfo
@@ -90,7 +91,9 @@ def swaps(path: str | Path = "/proc/swaps") -> list[SwapDevice]:
     for line in lines:
         parts = line.split()
         if len(parts) >= 5:
-            out.append(SwapDevice(_unescape(parts[0]), parts[1], int(parts[2]) * 1024, int(parts[3]) * 1024, int(parts[4])))
+            out.append(
+                SwapDevice(_unescape(parts[0]), parts[1], int(parts[2]) * 1024, int(parts[3]) * 1024, int(parts[4]))
+            )
     return out
 
 
@@ -116,7 +119,7 @@ class Record:
     entries: list[Created] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: Path) -> "Record":
+    def load(cls, path: Path) -> Record:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
@@ -178,7 +181,7 @@ class Desired:
     swapoff_min_available_pct: int
 
     @classmethod
-    def from_settings(cls, s: "SwapSettings", mem_total: int) -> "Desired":
+    def from_settings(cls, s: SwapSettings, mem_total: int) -> Desired:
         zram = file = 0
         if "zram" in s.policy:
             # zram-generator's rule: half of RAM, at most 4 GiB.
@@ -205,13 +208,16 @@ def desired_path(state_dir: Path) -> Path:
     return state_dir / DESIRED_NAME
 
 
-def write_desired(swap: "SwapSettings", state_dir: Path) -> Path:
+def write_desired(swap: SwapSettings, state_dir: Path) -> Path:
     """The daemon's side: write the live swap settings for the root unit, atomically (the path unit
     fires on the rename). Only ``DESIRED_KEYS``; unchanged content is not rewritten."""
     path = desired_path(state_dir)
-    data = json.dumps(
-        {k: v for k, v in swap.model_dump(mode="json").items() if k in DESIRED_KEYS}, indent=2, sort_keys=True
-    ).encode() + b"\n"
+    data = (
+        json.dumps(
+            {k: v for k, v in swap.model_dump(mode="json").items() if k in DESIRED_KEYS}, indent=2, sort_keys=True
+        ).encode()
+        + b"\n"
+    )
     try:
         if path.read_bytes() == data:
             return path
@@ -228,7 +234,7 @@ def write_desired(swap: "SwapSettings", state_dir: Path) -> Path:
     return path
 
 
-def load_desired(path: Path, base: "SwapSettings") -> "SwapSettings":
+def load_desired(path: Path, base: SwapSettings) -> SwapSettings:
     """The root side: the root configuration's swap settings with the daemon's desired values on top.
     Refuses keys outside ``DESIRED_KEYS`` (a path chosen by the unprivileged daemon would let it aim
     root's file creation and deletion anywhere) and anything that does not validate."""
@@ -251,7 +257,9 @@ def load_desired(path: Path, base: "SwapSettings") -> "SwapSettings":
     try:
         wanted = json.loads(raw)
     except ValueError as e:
-        raise SwapError(f"{path}: not JSON (line {getattr(e, 'lineno', '?')}); the daemon rewrites it on the next change") from None
+        raise SwapError(
+            f"{path}: not JSON (line {getattr(e, 'lineno', '?')}); the daemon rewrites it on the next change"
+        ) from None
     if not isinstance(wanted, dict):
         raise SwapError(f"{path}: must hold a JSON object")
     extra = sorted(set(wanted) - DESIRED_KEYS)
@@ -340,7 +348,13 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
             if not st.exists:
                 steps.append(PlanStep("forget", e.path, reason="the swap file is gone"))
             elif (st.inode, st.device) != (e.inode, e.device) or not st.regular:
-                steps.append(PlanStep("forget", e.path, reason="the file at that path is no longer the one the agent created; left alone"))
+                steps.append(
+                    PlanStep(
+                        "forget",
+                        e.path,
+                        reason="the file at that path is no longer the one the agent created; left alone",
+                    )
+                )
             else:
                 files.append(e)
 
@@ -357,7 +371,9 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
         )  # fmt: skip
         steps.append(PlanStep("remove_zram", e.path, e.size, reason=why,
                               refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct)))  # fmt: skip
-    kept_zram = [e for e in zrams if not any(s.op == "remove_zram" and s.target == e.path and s.refused is None for s in steps)]
+    kept_zram = [
+        e for e in zrams if not any(s.op == "remove_zram" and s.target == e.path and s.refused is None for s in steps)
+    ]
     if want_zram and not any(active.get(e.path) and e.size == desired.zram_bytes for e in kept_zram):
         if any(s.op == "remove_zram" and s.refused for s in steps):
             refused = "the agent's current zram device could not be switched off (see above)"
@@ -375,7 +391,15 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
         dev = active.get(e.path)
         if want_file and e.path == target and e.size == desired.file_bytes:
             if dev is None:
-                steps.append(PlanStep("activate_file", e.path, e.size, desired.file_priority, reason="recorded swap file is not active (after a reboot)"))
+                steps.append(
+                    PlanStep(
+                        "activate_file",
+                        e.path,
+                        e.size,
+                        desired.file_priority,
+                        reason="recorded swap file is not active (after a reboot)",
+                    )
+                )
             elif dev.priority != desired.file_priority:
                 steps.append(PlanStep("remove_file", e.path, e.size, reason=f"priority {dev.priority} -> {desired.file_priority}",
                                       refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct)))  # fmt: skip
@@ -434,13 +458,16 @@ class ApplyResult:
         return all(o.done for o in self.outcomes)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "steps": [{**asdict(o.step), "done": o.done, "message": o.message} for o in self.outcomes]}
+        return {
+            "ok": self.ok,
+            "steps": [{**asdict(o.step), "done": o.done, "message": o.message} for o in self.outcomes],
+        }
 
 
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
-def _run(cmd: list[str]) -> "subprocess.CompletedProcess[str]":
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -541,7 +568,7 @@ class SwapManager:
 
     # ------------------------------------------------------------------------------ changing
 
-    def apply(self, settings: "SwapSettings", *, dry_run: bool = False) -> ApplyResult:
+    def apply(self, settings: SwapSettings, *, dry_run: bool = False) -> ApplyResult:
         """Plan and, unless ``dry_run``, carry out every step that is not refused. Each step is
         recorded as soon as it is done, so a crash half-way leaves a record that matches the system."""
         mem = meminfo(self.proc / "meminfo")
@@ -635,7 +662,9 @@ class SwapManager:
             if algo == "auto":
                 algo = "lz4" if "lz4" in algos else ""
             elif algo not in algos:
-                raise SwapError(f"zram algorithm {algo!r} is not in this kernel ({', '.join(algos)}); set swap.zram_algorithm")
+                raise SwapError(
+                    f"zram algorithm {algo!r} is not in this kernel ({', '.join(algos)}); set swap.zram_algorithm"
+                )
             if algo:
                 (block / "comp_algorithm").write_text(algo)
             (block / "disksize").write_text(str(s.size))
@@ -648,7 +677,9 @@ class SwapManager:
         except BaseException:
             self._zram_release(idx)
             raise
-        record.entries.append(Created("zram", str(dev), s.size, s.priority, self._clock(), boot_id=self.boot_id(), zram_index=idx))
+        record.entries.append(
+            Created("zram", str(dev), s.size, s.priority, self._clock(), boot_id=self.boot_id(), zram_index=idx)
+        )
         record.save(self.record_path)
         return f"zram{idx}: {s.size // MiB} MiB{f' ({algo})' if algo else ''} at priority {s.priority}"
 

@@ -12,8 +12,9 @@ tests/test_telemetry.py fails when the file is out of date.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.docgen import main as docgen_main
 from agent.docgen import render_blocks

@@ -10,7 +10,7 @@ spooled events outlive spooled readings when the spool is full.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +51,9 @@ class Event(BaseModel):
         "restore_context, resume_jobs, reload).",
     )
     message: str = Field(description="One line for a human: what happened and why.")
-    details: dict[str, Any] = Field(default_factory=dict, description="Kind-specific facts (the signals that crossed, counts).")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="Kind-specific facts (the signals that crossed, counts)."
+    )
     readings: Telemetry | None = Field(default=None, description="The readings that caused it (the Telemetry payload).")
 
     @field_serializer("ts")
@@ -63,34 +65,45 @@ class Event(BaseModel):
 
 
 def _when(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
-def decision_events(decision: "Decision", readings: Telemetry | None, *, device_id: str, ts: float) -> list[Event]:
+def decision_events(decision: Decision, readings: Telemetry | None, *, device_id: str, ts: float) -> list[Event]:
     """The events a governor decision calls for: a level change, then each action taken or undone."""
     out: list[Event] = []
     if decision.level_changed:
         why = "; ".join(decision.reasons) or "all signals below their thresholds"
         out.append(
             Event(
-                device_id=device_id, ts=_when(ts), kind=EventKind.level_changed, level=decision.level.name,
+                device_id=device_id,
+                ts=_when(ts),
+                kind=EventKind.level_changed,
+                level=decision.level.name,
                 previous_level=decision.previous_level.name,
                 message=f"memory level {decision.previous_level.name} -> {decision.level.name}: {why}",
-                details={"reasons": list(decision.reasons), "missing": list(decision.missing)}, readings=readings,
+                details={"reasons": list(decision.reasons), "missing": list(decision.missing)},
+                readings=readings,
             )  # fmt: skip
         )
     for step in decision.actions:
         out.append(
             Event(
-                device_id=device_id, ts=_when(ts), kind=EventKind.action, level=decision.level.name,
-                action=step.action.value, message=step.message,
-                details={"undo": step.undo, "rung": decision.posture.rung}, readings=readings,
+                device_id=device_id,
+                ts=_when(ts),
+                kind=EventKind.action,
+                level=decision.level.name,
+                action=step.action.value,
+                message=step.message,
+                details={"undo": step.undo, "rung": decision.posture.rung},
+                readings=readings,
             )  # fmt: skip
         )
     return out
 
 
-def signals_missing_event(missing: dict[str, str], *, device_id: str, ts: float, level: str | None = None) -> Event | None:
+def signals_missing_event(
+    missing: dict[str, str], *, device_id: str, ts: float, level: str | None = None
+) -> Event | None:
     """Once at start: the governor works without these signals, and how to enable them."""
     if not missing:
         return None
@@ -115,7 +128,9 @@ def throttling_event(previous: Telemetry | None, current: Telemetry) -> Event | 
     if current.throttled_flags is None:
         return None
     now = current.throttled_flags & NOW_MASK
-    before = (previous.throttled_flags & NOW_MASK) if previous is not None and previous.throttled_flags is not None else 0
+    before = (
+        (previous.throttled_flags & NOW_MASK) if previous is not None and previous.throttled_flags is not None else 0
+    )
     if now == before:
         return None
     started, ended = _names(now & ~before), _names(before & ~now)
@@ -139,7 +154,9 @@ def throttling_event(previous: Telemetry | None, current: Telemetry) -> Event | 
     )  # fmt: skip
 
 
-def spool_dropped_event(readings: int, events: int, *, device_id: str, ts: float, level: str | None = None) -> Event | None:
+def spool_dropped_event(
+    readings: int, events: int, *, device_id: str, ts: float, level: str | None = None
+) -> Event | None:
     """The spool ran full while offline: how many readings and events it dropped since the last report."""
     if readings <= 0 and events <= 0:
         return None

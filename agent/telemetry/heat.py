@@ -57,11 +57,15 @@ class HeatReader:
     def _discover(self) -> None:
         zones = sorted((self.root / "sys/class/thermal").glob("thermal_zone*"))
         typed = [(_read(z / "type") or "", z) for z in zones if (z / "temp").exists()]
-        best = sorted(typed, key=lambda t: _SOC_ZONE_TYPES.index(t[0]) if t[0] in _SOC_ZONE_TYPES else len(_SOC_ZONE_TYPES))
+        best = sorted(
+            typed, key=lambda t: _SOC_ZONE_TYPES.index(t[0]) if t[0] in _SOC_ZONE_TYPES else len(_SOC_ZONE_TYPES)
+        )
         self._zone = best[0][1] if best else None
 
         cpu = self.root / "sys/devices/system/cpu"
-        self._freq = sorted(cpu.glob("cpufreq/policy*/scaling_cur_freq")) or sorted(cpu.glob("cpu[0-9]*/cpufreq/scaling_cur_freq"))
+        self._freq = sorted(cpu.glob("cpufreq/policy*/scaling_cur_freq")) or sorted(
+            cpu.glob("cpu[0-9]*/cpufreq/scaling_cur_freq")
+        )
 
         self._throttled = next((p for g in _THROTTLED_GLOBS for p in sorted(self.root.glob(g))), None)
         # Kernels without get_throttled still report under-voltage through the rpi_volt hwmon.

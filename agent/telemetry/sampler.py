@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import mmap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from agent.system.memory import (
     CgroupMemory,
@@ -168,7 +168,7 @@ class Sampler:
 
         return Telemetry(
             device_id=self.device_id,
-            ts=datetime.fromtimestamp(ts, tz=timezone.utc),
+            ts=datetime.fromtimestamp(ts, tz=UTC),
             mem_total_bytes=mem.mem_total,
             mem_available_bytes=mem.mem_available,
             mem_available_pct=_pct(mem.mem_available, mem.mem_total),

@@ -30,11 +30,11 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 from agent.delivery.outbox import Outgoing
 from agent.errors import StoreError
@@ -133,7 +133,7 @@ class TelemetrySpool:
             self._connect(busy_timeout_ms)
 
     @classmethod
-    def from_settings(cls, settings: "Settings", *, clock: Callable[[], float] = time.time) -> "TelemetrySpool":
+    def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.time) -> TelemetrySpool:
         t = settings.telemetry
         return cls(
             settings.device.state_dir / "telemetry.db",
@@ -156,7 +156,9 @@ class TelemetrySpool:
             c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             check = c.execute("PRAGMA quick_check(1)").fetchone()
             if check is None or check[0] != "ok":
-                raise StoreError(f"{self.path}: the spool is damaged ({check[0] if check else 'no answer'})", code="store_corrupt")
+                raise StoreError(
+                    f"{self.path}: the spool is damaged ({check[0] if check else 'no answer'})", code="store_corrupt"
+                )
             version = c.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(
@@ -168,7 +170,9 @@ class TelemetrySpool:
                 c.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only before the first table
             mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
-                raise StoreError(f"{self.path}: cannot use write-ahead logging (journal mode {mode!r})", code="store_cantopen")
+                raise StoreError(
+                    f"{self.path}: cannot use write-ahead logging (journal mode {mode!r})", code="store_cantopen"
+                )
             c.execute("PRAGMA synchronous = NORMAL")
             c.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
             c.execute("BEGIN IMMEDIATE")
@@ -203,7 +207,7 @@ class TelemetrySpool:
                 self._conn.close()
                 self._conn = None
 
-    def __enter__(self) -> "TelemetrySpool":
+    def __enter__(self) -> TelemetrySpool:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -323,7 +327,10 @@ class TelemetrySpool:
                 ).fetchall()
             except sqlite3.Error as e:
                 raise self._error(e, "reading the spool") from e
-        return [Outgoing(key=f"{seq}@{ts!r}", topic=topic, payload=bytes(payload), qos=1) for seq, ts, topic, payload in rows]
+        return [
+            Outgoing(key=f"{seq}@{ts!r}", topic=topic, payload=bytes(payload), qos=1)
+            for seq, ts, topic, payload in rows
+        ]
 
     def delivered(self, keys: Sequence[str]) -> None:
         """The broker acknowledged these: delete them. Unknown, malformed or repeated keys are ignored."""
@@ -366,7 +373,9 @@ class TelemetrySpool:
             counters = dict(c.execute("SELECT name, value FROM spool_counters").fetchall())
             r, e = counters.get("unreported_readings", 0), counters.get("unreported_events", 0)
             if r or e:
-                c.execute("UPDATE spool_counters SET value = 0 WHERE name IN ('unreported_readings', 'unreported_events')")
+                c.execute(
+                    "UPDATE spool_counters SET value = 0 WHERE name IN ('unreported_readings', 'unreported_events')"
+                )
             return r, e
 
 

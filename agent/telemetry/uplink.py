@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 from agent.errors import StoreError
 from agent.telemetry.spool import Kind, TelemetrySpool

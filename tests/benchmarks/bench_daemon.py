@@ -277,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=200, help="sequential jobs for the latency (default 200)")
     ap.add_argument("--inflight", type=int, default=20, help="the peer's QoS 1 window (paho's default 20)")
     ap.add_argument("--sync", default="FULL,NORMAL", help="store synchronous modes to run (default FULL,NORMAL)")
-    ap.add_argument("--tcp", default="default,nodelay",
-                    help="broker variants to run: default (mosquitto as shipped), nodelay (set_tcp_nodelay true)")
+    ap.add_argument(
+        "--tcp",
+        default="default,nodelay",
+        help="broker variants to run: default (mosquitto as shipped), nodelay (set_tcp_nodelay true)",
+    )
     ap.add_argument("--json", action="store_true", help="print the measurements as JSON too")
     args = ap.parse_args(argv)
 

@@ -75,7 +75,7 @@ def main() -> int:
                     server.cut_after(size // (cuts + 1))
                 done: dict[str, object] = {}
                 t0 = time.monotonic()
-                th = threading.Thread(target=lambda s=source: done.setdefault("r", download(
+                th = threading.Thread(target=lambda s=source, done=done: done.setdefault("r", download(
                     s, HttpLink(ca_file=ca_file), margin=0, retry=RetryPolicy(0.05, 0.5, 1000))))  # fmt: skip
                 th.start()
                 for i in range(cuts):
@@ -98,8 +98,10 @@ def main() -> int:
         print(f"{out['file']}: {size} bytes ({size / 2**20:.0f} MiB); sha256 of the file alone {out['sha256_s']} s")
         for label in ("uninterrupted", "cut"):
             o = out[label]
-            print(f"  {label:<13} server sent {o['server_sent']} bytes = {o['ratio']}x the file, {o['attempts']} "  # type: ignore[index]
-                  f"attempt(s), {o['seconds']} s, {o['MiB_per_s']} MiB/s (verified and renamed)")  # type: ignore[index]
+            print(
+                f"  {label:<13} server sent {o['server_sent']} bytes = {o['ratio']}x the file, {o['attempts']} "  # type: ignore[index]
+                f"attempt(s), {o['seconds']} s, {o['MiB_per_s']} MiB/s (verified and renamed)"
+            )  # type: ignore[index]
     return 0
 
 

@@ -45,8 +45,14 @@ def _child(
     from agent.system.memory import proc_status
 
     settings = EngineSettings(
-        n_ctx=n_ctx, n_batch=n_batch, load_mode=mode, n_threads=threads or "auto", max_tokens_limit=4096,
-        max_prompt_bytes=16 * MiB, context_overflow="keep_tail", warmup=False,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        load_mode=mode,
+        n_threads=threads or "auto",
+        max_tokens_limit=4096,
+        max_prompt_bytes=16 * MiB,
+        context_overflow="keep_tail",
+        warmup=False,
     )
     engine = Engine(model, engine=settings)
     if not exact:
@@ -86,7 +92,9 @@ def _child(
         "full_ctx_prompt_tokens": full.stats.prompt_tokens,
         "tokens_per_s": speed.stats.tokens_per_s,
         "tokens_per_s_runs": [r.stats.tokens_per_s for r in runs],
-        "prompt_tokens_per_s": full.stats.prompt_tokens / (full.stats.prompt_ms / 1000) if full.stats.prompt_ms else 0.0,
+        "prompt_tokens_per_s": full.stats.prompt_tokens / (full.stats.prompt_ms / 1000)
+        if full.stats.prompt_ms
+        else 0.0,
         "load_ms": report.load_ms,
         "plan_ms": report.plan_ms,
         "llama_buffers": report.llama_buffers,
@@ -103,12 +111,13 @@ def _baseline_child(model: str, n_ctx: int, n_batch: int, tokens: int, threads: 
     import llama_cpp.llama_cpp as C
     import numpy as np
 
-    from agent.system.memory import process_cpu_count, proc_status
+    from agent.system.memory import proc_status, process_cpu_count
 
     n_threads = threads or process_cpu_count()
     t0 = time.monotonic()
-    llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_threads_batch=n_threads,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
+    )
     load_ms = (time.monotonic() - t0) * 1000
     prompt = llm.tokenize(b"Once upon a time")
     n_vocab = llm.n_vocab()
@@ -125,24 +134,31 @@ def _baseline_child(model: str, n_ctx: int, n_batch: int, tokens: int, threads: 
 
 
 def measure_case(
-    model: Path | str, mode: str, *, n_ctx: int = 1024, n_batch: int = 128, tokens: int = 64, threads: int | None = None,
+    model: Path | str,
+    mode: str,
+    *,
+    n_ctx: int = 1024,
+    n_batch: int = 128,
+    tokens: int = 64,
+    threads: int | None = None,
     exact: bool = True,
 ) -> dict[str, Any]:
     """Run one case in a fresh interpreter and return its measurements (mode "baseline": llama-cpp-python alone)."""
-    return _run_child("_baseline_child" if mode == "baseline" else "_child",
-                      [str(model), n_ctx, n_batch, tokens, threads] if mode == "baseline"
-                      else [str(model), mode, n_ctx, n_batch, tokens, threads, exact])
+    return _run_child(
+        "_baseline_child" if mode == "baseline" else "_child",
+        [str(model), n_ctx, n_batch, tokens, threads]
+        if mode == "baseline"
+        else [str(model), mode, n_ctx, n_batch, tokens, threads, exact],
+    )
 
 
 def _run_child(function: str, args_list: list[Any]) -> dict[str, Any]:
     code = (
-        "import json, sys; sys.path.insert(0, %r); from tests.benchmarks.bench_memory import %s; "
-        "print('RESULT ' + json.dumps(%s(*json.loads(sys.argv[1]))))" % (str(REPO), function, function)
+        f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from tests.benchmarks.bench_memory import {function}; "
+        f"print('RESULT ' + json.dumps({function}(*json.loads(sys.argv[1]))))"
     )
     args = json.dumps(args_list)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, args], capture_output=True, text=True, cwd=REPO, timeout=1800
-    )
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, cwd=REPO, timeout=1800)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -175,13 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="tiny,qwen-0.5b", help="comma-separated synth presets ('' for none)")
     ap.add_argument("--tinyllama", action="store_true", help="also tinyllama-1.1b (620 MB file)")
-    ap.add_argument("--gemma", default="Q4_K_M,Q4_0,Q4_K_S,IQ4_XS",
-                    help="the real Gemma 3 270M file (Q4_K_M) and requantisations of it, comma-separated ('' for none)")
+    ap.add_argument(
+        "--gemma",
+        default="Q4_K_M,Q4_0,Q4_K_S,IQ4_XS",
+        help="the real Gemma 3 270M file (Q4_K_M) and requantisations of it, comma-separated ('' for none)",
+    )
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=128, help="generated tokens per speed run")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--header-only", action="store_true", help="plan with the header-only estimate instead of the exact plan")
+    ap.add_argument(
+        "--header-only", action="store_true", help="plan with the header-only estimate instead of the exact plan"
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip llama-cpp-python on its own")
     ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "edge-agent-bench-models")
     ap.add_argument("--json", action="store_true", help="print all measurements as JSON")
@@ -208,12 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"rows": rows, "baselines": baselines}, sys.stdout, indent=2)
         print()
         return 0
-    print(f"n_ctx {args.ctx}, n_batch {args.batch}, {rows[0]['n_threads']} threads, {os.cpu_count()} CPUs, "
-          f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
-          f"RssAnon = peak during load + a full-context generation; tok/s = best of 3 x {args.tokens} tokens; "
-          f"plan: {'header-only estimate' if args.header_only else 'exact (llama.cpp no-alloc probe + ggml repack query)'}")
+    print(
+        f"n_ctx {args.ctx}, n_batch {args.batch}, {rows[0]['n_threads']} threads, {os.cpu_count()} CPUs, "
+        f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
+        f"RssAnon = peak during load + a full-context generation; tok/s = best of 3 x {args.tokens} tokens; "
+        f"plan: {'header-only estimate' if args.header_only else 'exact (llama.cpp no-alloc probe + ggml repack query)'}"
+    )
     print()
-    print("| model | mode | estimate RssAnon | measured RssAnon | error | RssFile | plan | load | tok/s | vs llama-cpp-python | prompt tok/s |")
+    print(
+        "| model | mode | estimate RssAnon | measured RssAnon | error | RssFile | plan | load | tok/s | vs llama-cpp-python | prompt tok/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for r in rows:
@@ -231,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, _ in models:
         by = {r["mode"]: r for r in rows if r["label"] == label}
         base = baselines.get(label)
-        line = f"{label}: fast/fit tok/s = {by['fast']['tokens_per_s'] / by['fit']['tokens_per_s']:.2f}" if by["fit"]["tokens_per_s"] else label
+        line = (
+            f"{label}: fast/fit tok/s = {by['fast']['tokens_per_s'] / by['fit']['tokens_per_s']:.2f}"
+            if by["fit"]["tokens_per_s"]
+            else label
+        )
         line += f", fast costs {(by['fast']['peak_rss_anon'] - by['fit']['peak_rss_anon']) / MiB:.0f} MiB more RssAnon"
         if base:
             line += f"; llama-cpp-python alone {base['tokens_per_s']:.1f} tok/s, load {base['load_ms']:.0f} ms"

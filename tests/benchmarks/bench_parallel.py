@@ -138,7 +138,9 @@ def run_server(model: str, mode: str, threads: int, jobs: list[str], tokens: int
                         break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"llama-server did not start: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+                    raise RuntimeError(
+                        f"llama-server did not start: {proc.stderr.read()[-2000:] if proc.stderr else ''}"
+                    ) from None
                 time.sleep(0.2)  # polling a starting server's health endpoint: nothing to wait on
 
         def complete(prompt: str, n: int) -> dict[str, Any]:
@@ -207,7 +209,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     total = sum(x["tokens"] for x in runs)
     wall = max(x["end"] for x in runs) - t0
     ttft = sorted((x["first"] - t0) * 1000 for x in runs if x["first"] is not None)
-    per_job = [(x["tokens"] - 1) / (x["end"] - x["first"]) for x in runs if x["first"] and x["tokens"] > 1 and x["end"] > x["first"]]
+    per_job = [
+        (x["tokens"] - 1) / (x["end"] - x["first"])
+        for x in runs
+        if x["first"] and x["tokens"] > 1 and x["end"] > x["first"]
+    ]
     return {
         "tokens": total, "wall_s": wall, "agg_tok_s": total / wall,
         "ttft_p50_ms": statistics.median(ttft), "ttft_p95_ms": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))],

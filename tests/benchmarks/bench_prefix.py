@@ -205,8 +205,8 @@ def _child_grammar(model: str, tokens: int) -> dict[str, Any]:
 
 def _run_child(fn: str, *args: Any) -> dict[str, Any]:
     code = (
-        "import json, sys; sys.path.insert(0, %r); import tests.benchmarks.bench_prefix as b; "
-        "print('RESULT ' + json.dumps(getattr(b, sys.argv[1])(*json.loads(sys.argv[2]))))" % str(REPO)
+        f"import json, sys; sys.path.insert(0, {str(REPO)!r}); import tests.benchmarks.bench_prefix as b; "
+        "print('RESULT ' + json.dumps(getattr(b, sys.argv[1])(*json.loads(sys.argv[2]))))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, fn, json.dumps(list(args))], capture_output=True, text=True, cwd=REPO, timeout=3600
@@ -266,7 +266,9 @@ def _print(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"n_ctx 1024, n_batch 128, {results['threads']} threads, fit; load average {results['load_average_start']:.2f} -> "
           f"{results['load_average_end']:.2f}")  # fmt: skip
     print("\n### Prefix reuse: 400-token shared prefix, 16-token suffixes\n")
-    print("| model | round | job 1 (cold) prompt_ms | jobs 2-%d prompt_ms | reused tokens | worst warm / cold |" % args.jobs)
+    print(
+        f"| model | round | job 1 (cold) prompt_ms | jobs 2-{args.jobs} prompt_ms | reused tokens | worst warm / cold |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in results["models"].items():
         for i, runs in enumerate(r["reuse"]["rounds"], 1):
@@ -290,14 +292,16 @@ def _print(results: dict[str, Any], args: argparse.Namespace) -> None:
     for name, r in results["models"].items():
         for i, procs in enumerate(r["restart"], 1):
             a = procs[0]
-            for label, x in zip("ABC", procs):
+            for label, x in zip("ABC", procs, strict=False):
                 ratio = x["prompt_ms"] / a["prompt_ms"]
                 restore = f"{x['restore_ms']:.1f} ms" if x["restore_ms"] is not None else "-"
                 print(f"| {name} | {i} | {label} | {x['restored_at_load']} tokens | {x['prompt_ms']:.0f} ({x['cached']}) | "
                       f"{ratio * 100:.1f} % | {x['kv_file_bytes'] / 1024 / 1024:.1f} MiB | {restore} |")  # fmt: skip
         a = min(p[0]["prompt_ms"] for p in r["restart"])
         bc = max(min(p[k]["prompt_ms"] for p in r["restart"]) for k in (1, 2))
-        print(f"\n{name}, best of {len(r['restart'])} rounds: A {a:.0f} ms, worst of B/C {bc:.0f} ms: {bc / a * 100:.1f} %\n")
+        print(
+            f"\n{name}, best of {len(r['restart'])} rounds: A {a:.0f} ms, worst of B/C {bc:.0f} ms: {bc / a * 100:.1f} %\n"
+        )
     print("\n### Grammar cost (schema: object with a string <= 24, an integer, an enum)\n")
     print("| model | vocabulary | convert (first) | cache hit | llama.cpp compile | ms/token free | "
           "ms/token, draw then check | ms/token, grammar on every token |")  # fmt: skip

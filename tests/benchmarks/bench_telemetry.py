@@ -207,7 +207,9 @@ print(json.dumps({{"rss_anon_before_mib": round(before / 2**20, 1), "rss_anon_af
 
 
 def bench_import_rss() -> dict[str, Any]:
-    p = subprocess.run([sys.executable, "-c", _RSS_CHILD.format(repo=str(REPO))], capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD.format(repo=str(REPO))], capture_output=True, text=True, check=True
+    )
     d = json.loads(p.stdout)
     d["added_mib"] = round(d["rss_anon_after_mib"] - d["rss_anon_before_mib"], 1)
     return d
@@ -237,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     s = out["sampler"]
     print(f"sampler at 1 s for {s['seconds']} s: {s['readings']} readings, CPU {s['cpu_pct_at_1s']} % of one core")
     print(f"  per reading at 1 s: p50 {s['per_reading_at_1s']['p50_us']} us, p99 {s['per_reading_at_1s']['p99_us']} us")
-    print(f"  per reading, 2000 back to back: p50 {s['per_reading_burst']['p50_us']} us, p99 {s['per_reading_burst']['p99_us']} us")
+    print(
+        f"  per reading, 2000 back to back: p50 {s['per_reading_burst']['p50_us']} us, p99 {s['per_reading_burst']['p99_us']} us"
+    )
     b = s["baseline_psutil_memory_full_info_smaps"]
     print(f"  baseline psutil memory_full_info (smaps; {s['rss_file_mib_during']} MiB mapped and resident): "
           f"p50 {b['p50_us']} us = {b['p50_us'] / s['per_reading_burst']['p50_us']:.1f}x a whole reading")  # fmt: skip
@@ -252,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{sp['disk_bytes_written_per_reading']} B written to disk per reading; file {sp['file_over_payload']}x "
               f"the payload; drain {sp['drain_per_s']}/s")  # fmt: skip
     i = out["import_rss"]
-    print(f"telemetry + governor modules: RssAnon +{i['added_mib']} MiB ({i['rss_anon_before_mib']} -> {i['rss_anon_after_mib']})")
+    print(
+        f"telemetry + governor modules: RssAnon +{i['added_mib']} MiB ({i['rss_anon_before_mib']} -> {i['rss_anon_after_mib']})"
+    )
     return 0
 
 

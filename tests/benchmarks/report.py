@@ -215,13 +215,17 @@ def vm_hwm(pid: int) -> int | None:
         return None
 
 
-def run_direct(model: Path, threads: int, tokens: int, cgroup: Cgroup | None = None, timeout: float = T) -> dict[str, Any]:
+def run_direct(
+    model: Path, threads: int, tokens: int, cgroup: Cgroup | None = None, timeout: float = T
+) -> dict[str, Any]:
     argv = [sys.executable, "-c", DIRECT, str(model), str(threads), str(tokens), PROMPT]
     if cgroup is not None:
         argv = cgroup.wrap(argv)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT__")}
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     sampler = PeakSampler(interval_s=0.02, pid=p.pid).start()
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in p.stdout], daemon=True).start()  # type: ignore[union-attr]
@@ -330,7 +334,13 @@ class Daemon:
             # The real Gemma file is mostly Q8_0 (its embedding): the daemon refuses it unless allowed.
             "model": {"path": model.name, "allow_non_4bit": True},
             # One slot: the same single 512-token context as the direct runner (bench_parallel.py has several).
-            "engine": {"n_ctx": 512, "n_threads": threads, "load_mode": mode, "max_tokens_limit": 4096, "max_parallel": 1},
+            "engine": {
+                "n_ctx": 512,
+                "n_threads": threads,
+                "load_mode": mode,
+                "max_tokens_limit": 4096,
+                "max_parallel": 1,
+            },
             "memory": {"budget_mb": budget},
             "priority": {"nice": 0, "oom_score_adj": 0},
             "service": {"shutdown_grace_s": 5},
@@ -352,7 +362,9 @@ class Daemon:
             argv = cgroup.wrap(argv)
         log = open(self.folder / "daemon.log", "ab")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         log.close()
         self.sampler = PeakSampler(interval_s=0.02, pid=self.proc.pid).start()
         sock.settimeout(0.5)
@@ -361,7 +373,7 @@ class Daemon:
             while time.monotonic() < deadline:
                 try:
                     msg = sock.recv(4096).decode()
-                except socket.timeout:
+                except TimeoutError:
                     if self.proc.poll() is not None:
                         return None, self.log_tail()
                     continue
@@ -516,7 +528,9 @@ def measure_limit(model: Path, broker: MosquittoBroker, work: Path, args: argpar
                         except queue.Empty:
                             res = {"result": "OOM-killed" if cg.oom_kills else
                                    f"no result in {args.limit_timeout:.0f} s (thrashing)"}  # fmt: skip
-                        mode_line = [line for line in (d.folder / "daemon.log").read_text().splitlines() if "loaded" in line]
+                        mode_line = [
+                            line for line in (d.folder / "daemon.log").read_text().splitlines() if "loaded" in line
+                        ]
                         if mode_line:
                             res["plan"] = mode_line[-1].split("loaded ", 1)[-1][:200]
                 finally:
@@ -561,7 +575,9 @@ def machine() -> dict[str, Any]:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine())  # fmt: skip
-    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    mem = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
     mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[:1]
     return {
         "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / 2**20, 1), "kernel": platform.release(),
@@ -599,14 +615,21 @@ def render(results: dict[str, Any], m: dict[str, Any], args: argparse.Namespace)
     ]
     for name, r in results.items():
         direct = r["direct"]
-        for label, row in (("llama-cpp-python direct, defaults", direct), ("daemon, fit", r["fit"]), ("daemon, fast", r["fast"])):
+        for label, row in (
+            ("llama-cpp-python direct, defaults", direct),
+            ("daemon, fit", r["fit"]),
+            ("daemon, fast", r["fast"]),
+        ):
             lines.append(f"| {name} | {label} | {row.n_ctx or '-'} | {row.ttft_ms.fmt(0)} | {row.tok_s.fmt(1)} | "
                          f"{'1' if row is direct else ratio(row.tok_s, direct.tok_s)} | {row.end_s.fmt(2)} | "
                          f"{row.tokens.fmt(0)} |")  # fmt: skip
     odd = [name for name, r in results.items() if not r.get("is_4bit", True)]
     if odd:
-        lines += ["", f"{', '.join(odd)}: most of the file is not 4-bit (a Q8_0 token embedding), so the daemon "
-                  "refuses it by default; these runs set model.allow_non_4bit = true."]
+        lines += [
+            "",
+            f"{', '.join(odd)}: most of the file is not 4-bit (a Q8_0 token embedding), so the daemon "
+            "refuses it by default; these runs set model.allow_non_4bit = true.",
+        ]
     lines += ["", "fast against fit (decode tok/s): " + "; ".join(
         f"{name} {ratio(r['fast'].tok_s, r['fit'].tok_s)}" for name, r in results.items()) + "."]  # fmt: skip
     lines += [
@@ -712,6 +735,7 @@ def main() -> int:
     table = render(results, m, args)
     print(table)
     if args.json:
+
         def enc(o: Any) -> Any:
             return {k: v.values if isinstance(v, Stat) else v for k, v in vars(o).items()}
 
