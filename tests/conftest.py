@@ -2,6 +2,8 @@
 
 import logging
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -37,3 +39,20 @@ def _own_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """`run --demo` records where it runs in $XDG_STATE_HOME, and commands without -c read that
     record: each test gets its own, so no test reads or writes the person's own."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A folder the store cannot write to: a read-only tmpfs as root (root ignores modes), else mode 0555."""
+    d_ = tmp_path / "ro"
+    d_.mkdir()
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d_)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
+        yield d_
+        subprocess.run(["umount", "-l", str(d_)], check=False)
+    else:
+        d_.chmod(0o555)
+        yield d_
+        d_.chmod(0o755)

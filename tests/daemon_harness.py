@@ -7,7 +7,9 @@ status; job statuses and results), never by sleeping.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agent.config import Settings, _merge, load_settings
 from agent.daemon import Daemon
@@ -98,10 +102,27 @@ def wait_online(peer: BrokerClient, device_id: str, *, timeout: float = 30.0, pr
             return data
 
 
+class _Errors(logging.Handler):
+    """Every ERROR (and worse) the agent logs while a daemon under test runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 class InProcessDaemon:
     """A real Daemon (real store, engine and transport) served on a thread of the test process.
 
     ``engine_wrapper`` may wrap the real engine (see GatedEngine); ``clock`` is the daemon's wall clock.
+
+    Used as a context manager, it fails the test when the daemon hides an error: an exit code other
+    than ``expect_exit`` (0), or an ERROR logged by the agent that matches none of ``expect_errors``
+    (regular expressions the test expects, e.g. a store it made unwritable on purpose). A thread that
+    dies with an exception fails the test too (pytest's unhandled-thread-exception warning is an
+    error in pyproject.toml).
     """
 
     def __init__(
@@ -111,7 +132,13 @@ class InProcessDaemon:
         engine_wrapper: Callable[[Engine], Any] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        expect_errors: tuple[str, ...] = (),
+        expect_exit: int = 0,
     ) -> None:
+        self.expect_errors = [re.compile(p) for p in expect_errors]
+        self.expect_exit = expect_exit
+        self._errors = _Errors()
+        logging.getLogger("agent").addHandler(self._errors)
         self.settings: Settings = load_settings(config, environ={})
         self.engines: list[Any] = []  # every engine the daemon's supervisor made, in order
 
@@ -146,9 +173,37 @@ class InProcessDaemon:
     def __enter__(self) -> InProcessDaemon:
         return self if self._thread is not None else self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self.stop()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if self._thread is not None and self._thread.is_alive():
+                self.stop()
+        finally:
+            logging.getLogger("agent").removeHandler(self._errors)
+        if exc_type is None:  # else the test failed already: its own error is the one to see
+            self.check()
+
+    def close(self) -> None:
+        """Stop it (if it runs) and fail the test on what it hid: ``with`` does this at its end."""
+        self.__exit__(None, None, None)
+
+    def check(self) -> None:
+        """Fail the test on an unexpected exit code or an unexpected ERROR log line."""
+        if self._thread is not None and self.exit_code != self.expect_exit:
+            pytest.fail(f"the daemon under test exited {self.exit_code}, not {self.expect_exit}{self._error_text()}")
+        unexpected = self.unexpected_errors()
+        if unexpected:
+            pytest.fail("the daemon under test logged errors the test did not expect:\n" + "\n".join(unexpected))
+
+    def unexpected_errors(self) -> list[str]:
+        out = []
+        for r in self._errors.records:
+            text = r.getMessage() + (f"\n{logging.Formatter().formatException(r.exc_info)}" if r.exc_info else "")
+            if not any(p.search(text) for p in self.expect_errors):
+                out.append(f"{r.levelname} {r.name}: {text}")
+        return out
+
+    def _error_text(self) -> str:
+        return "".join(f"\n  {r.levelname} {r.name}: {r.getMessage()}" for r in self._errors.records)
 
 
 class GatedEngine:

@@ -266,7 +266,7 @@ def test_refusals_have_code_and_precise_message(config, peer, payload, code, wor
 
 
 def test_unreadable_job_is_logged_and_daemon_keeps_serving(config, peer, caplog):
-    with run_daemon(config(), peer):
+    with run_daemon(config(), peer, expect_errors=("refused a message .* with no readable job_id",)):
         with caplog.at_level("ERROR", logger="agent.daemon"):
             peer.publish(f"{ROOT}/jobs/submit", b"{not json")
             peer.publish(f"{ROOT}/jobs/submit", job("ok-after"))
@@ -295,7 +295,7 @@ def test_duplicate_job_id_never_runs_twice(config, peer, tmp_path):
 
 def test_sighup_reload_applies_limits_and_keeps_running_config_on_bad_edit(config, peer):
     cfg = config()
-    with run_daemon(cfg, peer) as d:
+    with run_daemon(cfg, peer, expect_errors=("reload refused, keeping the running configuration",)) as d:
         text = cfg.read_text()
         cfg.write_text(text.replace("[engine]\n", "[engine]\nmax_tokens_limit = 16\n", 1))
         d.daemon.reload()

@@ -20,6 +20,7 @@ import socket
 import sqlite3
 import threading
 import time
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -46,7 +47,15 @@ LONG_ENGINE = {"n_ctx": 4096, "max_tokens_limit": 4096}
 
 
 def seeded_rng(test: str) -> random.Random:
-    seed = int(os.environ.get("FAULT_SEED", random.SystemRandom().randrange(2**31)))
+    """The same scenario every run (the default run is deterministic); FAULT_SEED=N replays seed N,
+    FAULT_SEED=random draws a new one (printed, to replay a failure it finds)."""
+    wanted = os.environ.get("FAULT_SEED", "")
+    if wanted == "random":
+        seed = random.SystemRandom().randrange(2**31)
+    elif wanted:
+        seed = int(wanted)
+    else:
+        seed = zlib.crc32(test.encode())
     print(f"{test}: seed {seed} (replay with FAULT_SEED={seed})")
     return random.Random(seed)
 

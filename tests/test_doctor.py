@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 from agent.config import Settings, load_settings
 from agent.ops import doctor as d
 from agent.system.memory import CgroupMemory, MemInfo, PsiMemory
@@ -124,23 +122,6 @@ def test_broker_refusing_the_password_names_the_credential(tmp_path: Path, tiny_
     assert "wrong" not in json.dumps(doc)  # the password is never printed
 
 
-@pytest.fixture
-def readonly_dir(tmp_path: Path):
-    """A folder the store cannot write to: a read-only tmpfs as root (root ignores modes), else mode 0555."""
-    d_ = tmp_path / "ro"
-    d_.mkdir()
-    if os.geteuid() == 0:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d_)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-        yield d_
-        subprocess.run(["umount", "-l", str(d_)], check=False)
-    else:
-        d_.chmod(0o555)
-        yield d_
-        d_.chmod(0o755)
-
-
 def test_unwritable_store_fails_with_the_fix(
     tmp_path: Path, tiny_model: Path, broker: MosquittoBroker, readonly_dir: Path
 ):
@@ -238,7 +219,8 @@ def test_cpu_armv7_and_x86_without_avx2():
         "x86_64", "model name : Old CPU\nflags : fpu sse sse2 pni ssse3 avx\n", "CPU : SSE3 = 1 | AVX = 1 |"
     )
     assert old.status == "WARN" and "no AVX2" in old.summary
-    this = d.check_cpu(os.uname().machine, Path("/proc/cpuinfo").read_text(), d._llama_system_info())
+    r = d.Readers()  # on aarch64 the features come from HWCAP: under qemu-user /proc/cpuinfo is the host's
+    this = d.check_cpu(r.machine(), r.cpuinfo(), r.llama_info(), hwcap=r.hwcap(), variant=r.llama_variant())
     assert this.status in ("OK", "WARN")  # this machine runs the tests, so its build runs here
 
 

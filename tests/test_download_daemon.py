@@ -120,7 +120,10 @@ def test_a_wrong_checksum_is_refused_the_partial_removed_and_the_old_model_serve
     tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, new_model: Path, server: ModelServer, op: ShadowPeer,
     status,
 ) -> None:  # fmt: skip
-    with InProcessDaemon(board(tmp_path, broker, tiny_model)) as d:
+    with InProcessDaemon(
+        board(tmp_path, broker, tiny_model),
+        expect_errors=("model delivery: new.gguf: .*sha256", "not applied: download_checksum_mismatch"),
+    ) as d:
         wait_online(status, DEV)
         update(op, {"model": {**source(server, new_model), "sha256": "ab" * 32}}, "bad")
         doc = op.doc(lambda x: "model.path" in reported(x).get("errors", {}), 60)
@@ -159,7 +162,9 @@ def test_too_little_disk_is_refused_before_downloading(
         pytest.skip(f"cannot mount a tmpfs here: {e}")
     try:
         shutil.copyfile(tiny_model, models / "model.gguf")
-        with InProcessDaemon(board(tmp_path, broker, tiny_model)):
+        with InProcessDaemon(
+            board(tmp_path, broker, tiny_model), expect_errors=("not enough space", "not applied: download_no_space")
+        ):
             wait_online(status, DEV)
             # Without model.size the server's Content-Length is checked before a byte is written.
             update(op, {"model": source(server, new_model)}, "nosize")
@@ -186,7 +191,10 @@ def test_a_model_that_fails_the_canary_is_rolled_back_by_itself(
     op: ShadowPeer,
     status,
 ) -> None:
-    with InProcessDaemon(board(tmp_path, broker, tiny_model)) as d:
+    with InProcessDaemon(
+        board(tmp_path, broker, tiny_model),
+        expect_errors=("model change to new.gguf failed: canary_failed", "not applied: canary_failed"),
+    ) as d:
         wait_online(status, DEV)
         # The canary asks for an exact answer a model of random weights never gives.
         update(op, {"canary": {"prompt": "Answer with OK.", "max_tokens": 8, "pattern": "^OK$"}}, "c")

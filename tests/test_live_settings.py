@@ -67,7 +67,7 @@ def test_a_reload_key_reloads_the_model_with_the_new_value(cfg: Path, peer: Brok
 
 
 def test_a_model_that_does_not_load_is_rolled_back_and_reported(cfg: Path, peer: BrokerClient, caplog) -> None:
-    with InProcessDaemon(cfg) as d:
+    with InProcessDaemon(cfg, expect_errors=("model change to missing.gguf failed", "not applied: model file")) as d:
         wait_online(peer, DEV)
         edit(cfg, "model", path="missing.gguf")
         caplog.set_level(logging.INFO)

@@ -27,7 +27,10 @@ from agent.ops.units import DEFAULT_UNITS_DIR, PROFILES_DIR
 EDGE_AGENT = [sys.executable, "-m", "agent"]
 EXE = str(Path(sys.executable).with_name("edge-agent"))
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="install sets owners (chown) and creates a user: needs root")
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="install sets owners (chown) and creates a user: needs root"),
+]
 
 
 def _tree(root: Path) -> dict[str, tuple[str, int, int]]:

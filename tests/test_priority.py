@@ -161,6 +161,7 @@ def test_oom_score_adj_is_raised_in_a_child():
     assert d["oom_score_adj"] == {"wanted": 500, "actual": 500, "ok": True, "note": d["oom_score_adj"]["note"]}
 
 
+@pytest.mark.root
 @pytest.mark.skipif(
     shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop capabilities"
 )

@@ -23,6 +23,9 @@ from tests.daemon_harness import ROOT, DaemonProcess, GatedEngine, InProcessDaem
 from tests.shadow_harness import ShadowPeer
 from tests.test_shadow_desired import write_q8_model
 
+# What the daemon logs at ERROR when a model change fails and it goes back to the model it had.
+BAD_MODEL = ("model change to .* failed", "not applied: ", "the desired model did not load at start")
+
 DEV = "dev-sh"
 T = Topics("edge", DEV)
 
@@ -159,7 +162,7 @@ def test_a_model_that_cannot_load_is_refused_or_rolled_back(
 ) -> None:
     events = BrokerClient(broker).connect()
     events.subscribe(T.events)
-    with InProcessDaemon(board) as d:
+    with InProcessDaemon(board, expect_errors=BAD_MODEL) as d:
         wait_online(jobs, DEV)
         kind, reply = update(op, desired, "bad-model")
         if kind == "rejected":
@@ -292,7 +295,7 @@ def _cli(cfg: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_set_wait_exit_codes(board: Path, jobs) -> None:
-    with InProcessDaemon(board):
+    with InProcessDaemon(board, expect_errors=BAD_MODEL):
         wait_online(jobs, DEV)
         ok = _cli(board, "engine.n_ctx=768", "--wait")
         assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -307,7 +310,7 @@ def test_the_daemons_live_settings_path_keeps_the_executor_contract(board: Path,
     """The contract the shadow's fake executor is held to (tests/shadow_harness.py), on the real one."""
     from tests.shadow_harness import check_executor_contract
 
-    with InProcessDaemon(board) as d:
+    with InProcessDaemon(board, expect_errors=BAD_MODEL) as d:
         wait_online(jobs, DEV)
         check_executor_contract(lambda: d.daemon.live, d.settings.model_copy(deep=True), "other.gguf",
                                 "unknown-arch.gguf")  # fmt: skip
@@ -316,11 +319,13 @@ def test_the_daemons_live_settings_path_keeps_the_executor_contract(board: Path,
 def test_a_desired_model_that_fails_at_start_does_not_keep_the_board_from_starting(
     board: Path, op: ShadowPeer, jobs
 ) -> None:
-    with InProcessDaemon(board):
+    with InProcessDaemon(board, expect_errors=BAD_MODEL):
         wait_online(jobs, DEV)
         assert update(op, {"model": {"path": "unknown-arch.gguf"}}, "bad")[0] == "accepted"
         applied(op, 1)
-    with InProcessDaemon(board) as d:  # boots with desired overlaid: that model fails, the file's serves
+    with InProcessDaemon(
+        board, expect_errors=BAD_MODEL
+    ) as d:  # boots with desired overlaid: that model fails, the file's serves
         wait_online(jobs, DEV)
         doc = op.doc(lambda x: "model.path" in x["state"]["reported"].get("errors", {}))
         assert doc["state"]["reported"]["serving"]["file"] == "model.gguf"

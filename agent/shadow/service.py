@@ -520,11 +520,15 @@ def _rejected(r: Rejected, now: float) -> ShadowRejected:
 
 
 def log_report(report: ApplyReport, why: str) -> None:
-    """One log line per key of an apply: ``why`` says what asked for it (shadow, reload)."""
+    """The log lines of an apply, one per key (one per reason for failed keys): ``why`` says what asked for it."""
     for key, value in report.applied.items():
         log.info("%s: %s = %r", why, key, value)
+    # One line per reason: a failed model change fails model.path, model.sha256, model.url ... alike.
+    by_reason: dict[str, list[str]] = {}
     for key, reason in report.failed.items():
-        log.error("%s: %s not applied: %s", why, key, reason)
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        log.error("%s: %s not applied: %s", why, ", ".join(keys), reason)
     for key, reason in report.pending.items():
         log.warning("%s: %s: %s", why, key, reason)
     for key in report.restart:
