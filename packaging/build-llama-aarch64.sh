@@ -63,11 +63,12 @@ assert anchor in text, "llama_cpp.py changed: the CPU-variant loader needs a new
 loader = anchor + '''
 # edge-agent aarch64 bundle (packaging/build-llama-aarch64.sh): ggml's CPU backends are separate modules,
 # one per ARM feature level; load the best one for this CPU from this folder.
-_ggml_lib = ctypes.CDLL(str(_base_path / "libggml.so"))
-_ggml_lib.ggml_backend_reg_count.restype = ctypes.c_size_t
-if _ggml_lib.ggml_backend_reg_count() == 0:
-    _ggml_lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    _ggml_lib.ggml_backend_load_all_from_path(str(_base_path).encode())
+# Through libllama's own handle: dlsym searches its dependencies, so this is the libggml it uses (a separate
+# CDLL("libggml.so") would be a second copy with a registry of its own: wheels hold copies, not symlinks).
+_lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+if _lib.ggml_backend_reg_count() == 0:
+    _lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    _lib.ggml_backend_load_all_from_path(str(_base_path).encode())
 '''
 open(path, "w").write(text.replace(anchor, loader, 1))
 PY

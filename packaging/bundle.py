@@ -44,7 +44,7 @@ MANIFEST = "MANIFEST.sha256"
 # takes the platform tags literally, so every manylinux tag up to 2.36 is listed (manylinux2014 = 2_17);
 # linux_aarch64 is the tag of the cross-compiled llama-cpp-python.
 PLATFORMS = ("manylinux2014_aarch64", *(f"manylinux_2_{minor}_aarch64" for minor in range(17, 37)), "linux_aarch64")
-TEST_FILES = ("tests", "pyproject.toml", ".ci")
+TEST_FILES = ("tests", "pyproject.toml", ".ci", "packaging")  # tests/test_bundle.py reads packaging/
 
 
 def _run(cmd: list[str], **kw: object) -> None:
@@ -119,13 +119,34 @@ def build_project_wheel(out: Path, worktree: bool) -> Path:
     return next(out.glob("edge_agent-*.whl"))
 
 
-def download_wheels(dest: Path, local: Path, python: str, requirement: str) -> set[Path]:
+def requirements_of(wheel: Path, extras: set[str]) -> list[str]:
+    """The wheel's Requires-Dist for these extras, markers on extras removed.
+
+    The project's own name is never resolved against the package index: another project publishes an
+    unrelated "edge-agent" there (found when this bundle first pulled it in)."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode().splitlines()
+    out = []
+    for line in lines:
+        if not line.startswith("Requires-Dist:"):
+            continue
+        spec, _, marker = line.split(":", 1)[1].strip().partition(";")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        if extra is None:
+            out.append(spec.strip() + (f"; {marker.strip()}" if marker.strip() else ""))
+        elif extra.group(1) in extras:
+            out.append(spec.strip())
+    return out
+
+
+def download_wheels(dest: Path, python: str, requirements: list[str]) -> set[Path]:
     before = set(dest.glob("*.whl"))
     cmd = _pip("download", "-q", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-               "--find-links", str(local), "--dest", str(dest))  # fmt: skip
+               "--dest", str(dest))  # fmt: skip
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
-    _run(cmd + [requirement])
+    _run(cmd + requirements)
     return set(dest.glob("*.whl")) - before
 
 
@@ -166,17 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         llama = max(cache_wheels.glob("llama_cpp_python-*-linux_aarch64.whl"), key=lambda w: w.stat().st_mtime)
     with tempfile.TemporaryDirectory(prefix="edge-agent-wheels-") as tmp:
         local = Path(tmp)
-        shutil.copy2(llama, local)
         project = build_project_wheel(local, args.worktree)
-        extras = "demo" if args.demo_model else ""
-        base = download_wheels(wheels, local, args.python, f"edge-agent[{extras}]=={__version__}" if extras
-                               else f"edge-agent=={__version__}")  # fmt: skip
+        # llama-cpp-python: the cross-compiled wheel itself, by its path (the index has only its sdist).
+        def deps(extras: set[str]) -> list[str]:
+            reqs = requirements_of(project, extras)
+            return [r for r in reqs if not re.match(r"llama[-_.]cpp[-_.]python\b", r, re.I)] + [str(llama)]
+
+        base = download_wheels(wheels, args.python, deps({"demo"} if args.demo_model else set()))
         (root / "requirements.txt").write_text(_requirements(base))
         if args.tests:
-            test = download_wheels(wheels, local, args.python, f"edge-agent[test]=={__version__}")
+            test = download_wheels(wheels, args.python, [r for r in deps({"test"}) if r != str(llama)])
             (root / "requirements-test.txt").write_text(_requirements(test))
-        if not (wheels / project.name).exists():
-            shutil.copy2(project, wheels)
+        shutil.copy2(project, wheels)
 
     for folder in ("firmware-config", "systemd"):
         shutil.copytree(REPO / folder, root / folder)

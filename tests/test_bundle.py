@@ -140,6 +140,7 @@ def test_doctor_takes_arm_features_from_hwcap_not_the_emulators_cpuinfo() -> Non
     assert "Intel" not in c.summary
     assert "HWCAP: asimd, asimddp, asimdhp" in c.summary and "dotprod" in c.summary
     assert "CPU variant armv8.2_2" in c.summary
+    assert "llama.cpp build: ARM_FMA, DOTPROD, FP16_VA, NEON" in c.summary  # "CPU : NEON = 1 | ...": NEON too
 
 
 def test_doctor_a72_on_the_plain_variant_is_a_warning_with_nothing_to_fix() -> None:
