@@ -50,6 +50,7 @@ from agent.shadow.document import (
     Rejected,
     ShadowDocument,
     Tree,
+    UpdateRequest,
     flatten,
     handle_update,
     parse_get,
@@ -67,6 +68,7 @@ from agent.shadow.messages import (
 )
 from agent.shadow.reconcile import Action, Executor, Settled, plan, settle, tidy
 from agent.shadow.store import ShadowStore
+from agent.signing import Trust, desired_model_problem, needs_signature, running_version, verify_update
 from agent.transport import InboundMessage
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,10 @@ class ShadowService:
         self._dirty = False
         self._facts_due = False  # a fact changed off the main loop (a model file's sha256 is known)
         self._started = False
+        # Nothing is published before the first on_connect: the daemon publishes what must precede
+        # the document there (Home Assistant's options), and a publish from the main thread could
+        # otherwise overtake it.
+        self._connected_once = False
         self._published_state: str | None = None
         self._published_delta: Tree | None = None
         self._seen_connection: int | None = None
@@ -290,6 +296,7 @@ class ShadowService:
         with self._lock:
             if not self._started:
                 return
+            self._connected_once = True
             self._published_state = None
             self._published_delta = None
             self._publish_state(self._clock())
@@ -326,7 +333,7 @@ class ShadowService:
                 self._publish(self.topics.shadow_update, b"", 1, True)
                 return
             try:
-                result = handle_update(self._doc, msg.payload, self._validate, now)
+                result = handle_update(self._doc, msg.payload, self._validate, now, self._authorize)
             except Exception as e:  # a bug in a check must still get the operator an answer
                 log.exception("shadow: checking an update failed")
                 result = Rejected(500, f"the device failed to check the update ({type(e).__name__}: {e}); nothing "
@@ -400,7 +407,33 @@ class ShadowService:
             self._publish(topic, payload, 1, False)
 
     def _validate(self, merged: Tree, touched: frozenset[str]) -> Tree:
-        return validate_desired(merged, touched, self._file_settings, check_board=self._check_board)
+        normalised = validate_desired(merged, touched, self._file_settings, check_board=self._check_board)
+        if self._file_settings.model.trusted_keys and any(k.startswith("model.") for k in touched):
+            # Signed models only: the manifest is judged before the board fetches or loads a byte.
+            target = effective_settings(self._file_settings, normalised, touched=touched)
+            now, cur = self._clock(), self._executor.settings
+            trust = Trust.from_texts(target.model.trusted_keys)
+            floor = running_version(cur.model, cur.device.models_dir / cur.model.path, trust, now)
+            problem = desired_model_problem(target, running=floor, now=now)
+            if problem is not None:
+                raise DesiredInvalid({"model.signature": problem})
+        return normalised
+
+    def _authorize(self, update: UpdateRequest, touched: frozenset[str]) -> str | None:
+        """With trusted operator keys, changes to what a board fetches or runs must be signed (403 else)."""
+        keys = self._file_settings.model.trusted_keys
+        if not keys:
+            return None
+        guarded = needs_signature(touched)
+        if not guarded and update.signature is None:
+            return None  # n_ctx, telemetry, intake ...: broker credentials suffice
+        why = verify_update(update.signature, update.desired, device=self._file_settings.device.id,
+                            version=update.version, trust=Trust.from_texts(keys), now=self._clock())  # fmt: skip
+        if why is None:
+            return None
+        if not guarded:
+            return f"bad signature: {why}"
+        return f"{', '.join(guarded)} may only be changed by an update signed with an operator key this board trusts: {why}"
 
     def _seen_before(self, connection: int, digest: str) -> bool:
         return self._seen_connection == connection and digest in self._seen
@@ -446,6 +479,8 @@ class ShadowService:
 
     def _publish_state(self, now: float) -> None:
         """Publish the retained document if it changed, and the delta if that set changed and is not empty."""
+        if not self._connected_once:
+            return  # on_connect publishes it
         doc = self._doc
         key = repr((doc.version, doc.desired, doc.reported))
         if key != self._published_state:
