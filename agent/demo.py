@@ -33,6 +33,7 @@ from typing import Any
 from agent.config import ENV_PREFIX, Settings, load_settings
 from agent.errors import ConfigError, ModelError
 from agent.ops.state import pid_alive, process_start_ticks
+from agent.system.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +182,12 @@ def record_demo(settings: Settings, *, environ: Mapping[str, str] | None = None)
     doc = {"config": str(DEV_PROFILE), "settings": where, "pid": os.getpid(), "pid_start": process_start_ticks(),
            "started_at": time.time()}  # fmt: skip
     path = record_path(environ)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(doc, indent=2) + "\n")
     except OSError as e:
         log.warning("demo: cannot record its settings in %s (%s): commands without -c will not find it", path,
                     e.strerror or e)  # fmt: skip
-        tmp.unlink(missing_ok=True)
         return None
     return path
 

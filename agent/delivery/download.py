@@ -39,6 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import EdgeAgentError
+from agent.system.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ def download(
             code="download_checksum_mismatch",
         )
     os.replace(source.partial, source.dest)
-    _fsync_dir(source.dest.parent)
+    fsync_dir(source.dest.parent)
     progress.state = "done"
     report(progress)
     took = clock() - t0
@@ -512,14 +513,6 @@ def _discard(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = [

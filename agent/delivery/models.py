@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.delivery.download import DownloadError, HttpLink, Progress, RetryPolicy, Source, download, redact
+from agent.system.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,10 @@ class ModelDelivery:
             return {}
 
     def _write(self, record: dict[str, Entry]) -> None:
-        tmp = self._record_path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"files": {n: vars(e) for n, e in sorted(record.items())}}, indent=1))
-            os.replace(tmp, self._record_path)
+            atomic_write(
+                self._record_path, json.dumps({"files": {n: vars(e) for n, e in sorted(record.items())}}, indent=1)
+            )
         except OSError as e:  # the record only saves hashing and decides removals: losing a write loses little
             log.warning("model delivery: cannot write %s: %s", self._record_path, e.strerror)
 

@@ -27,6 +27,7 @@ import llama_cpp
 import llama_cpp.llama_cpp as C
 
 from agent.engine.prefix import KVSequence
+from agent.system.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def model_sha256(model: Path, folder: Path | None) -> str:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if memo is not None:
         try:
-            _write_atomic(memo, json.dumps({**ident, "sha256": digest}).encode())
+            atomic_write(memo, json.dumps({**ident, "sha256": digest}).encode())
         except OSError as e:
             log.warning("prompt cache: cannot remember the model's sha256 in %s: %s", memo, e)
     return digest
@@ -77,24 +78,6 @@ def cache_key(llama: Any, model_digest: str, tokens: list[int]) -> dict[str, Any
             v = getattr(params, name)
             key[name] = v if isinstance(v, (bool, int)) else int(v)
     return key
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:
@@ -190,7 +173,7 @@ class PromptCache:
                 os.fsync(f.fileno())
             os.replace(tmp, self.kv_path)
             meta = {"key": self.key, "kv_bytes": self.kv_path.stat().st_size, "kv_sha256": _sha256_file(self.kv_path)}
-            _write_atomic(self.meta_path, json.dumps(meta, indent=1).encode())
+            atomic_write(self.meta_path, json.dumps(meta, indent=1).encode())
         except OSError as e:
             log.warning("prompt cache: cannot save %s: %s (the prefix stays cached in memory only)", self.kv_path, e)
             tmp.unlink(missing_ok=True)

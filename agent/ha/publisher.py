@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.ha.discovery import discovery_messages, list_models, model_select_message, select_options
+from agent.system.files import atomic_write
 
 log = logging.getLogger(__name__)
 MARKER = "homeassistant.json"
@@ -64,9 +65,7 @@ class DiscoveryPublisher:
             return []
 
     def _write_marker(self, topics: list[str]) -> None:
-        tmp = self.marker.with_name(self.marker.name + ".tmp")
-        tmp.write_text(json.dumps({"topics": topics}))
-        os.replace(tmp, self.marker)
+        atomic_write(self.marker, json.dumps({"topics": topics}))
 
     def on_connect(self) -> int:
         """Publish discovery (or its removal); returns the number of messages sent."""

@@ -25,6 +25,8 @@ from typing import Any, BinaryIO
 import gguf
 import numpy as np
 
+from agent.system.files import fsync_dir
+
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
 F32 = gguf.GGMLQuantizationType.F32
 _QK4_0 = 32  # weights per Q4_0 block
@@ -268,7 +270,7 @@ def synth_model(
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)  # the rename is durable only once the folder entry is on disk
     return out
 
 
@@ -298,20 +300,6 @@ def _add_metadata(w: gguf.GGUFWriter, s: ModelShape, seed: int) -> None:
     w.add_eos_token_id(EOS_ID)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is on disk (matters after a power cut).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

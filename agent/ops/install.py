@@ -19,7 +19,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import tempfile
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError, EdgeAgentError
+from agent.system.files import atomic_file
 
 USER = "edge-agent"
 CONFIG_DIR = Path("/etc/edge-agent")
@@ -155,17 +155,9 @@ class WriteFile(Step):
             return "would create"
         existed = target.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.content)
-                f.flush()
-                os.fsync(f.fileno())
-            _set_owner_mode(ctx, Path(tmp), self.mode, self.owner)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target, mode=self.mode,
+                         before_replace=lambda tmp: _set_owner_mode(ctx, tmp, self.mode, self.owner)) as f:  # fmt: skip
+            f.write(self.content)
         return "updated" if existed else "done"
 
 
@@ -187,16 +179,17 @@ class CopyModel(Step):
         from agent.ops.progress import progress
 
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
         size = self.source.stat().st_size
-        with open(self.source, "rb") as src, open(tmp, "wb") as dst, progress(size, f"copy {self.source.name}") as bar:
+        with (
+            open(self.source, "rb") as src,
+            atomic_file(
+                target, mode=0o640, before_replace=lambda tmp: _set_owner_mode(ctx, tmp, 0o640, self.owner)
+            ) as dst,
+            progress(size, f"copy {self.source.name}") as bar,
+        ):
             while chunk := src.read(4 << 20):
                 dst.write(chunk)
                 bar.update(len(chunk))
-            dst.flush()
-            os.fsync(dst.fileno())
-        _set_owner_mode(ctx, tmp, 0o640, self.owner)
-        os.replace(tmp, target)
         return "done"
 
 

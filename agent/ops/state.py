@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import __version__
+from agent.system.files import atomic_write
 
 STATE_FILE_NAME = "state.json"
 SCHEMA = 1
@@ -107,17 +107,8 @@ def process_start_ticks(pid: int | str = "self") -> int | None:
 
 def write_state(path: Path, snapshot: StateSnapshot) -> None:
     """Replace ``path`` with ``snapshot`` atomically (readers see the old or the new file, never half)."""
-    path = Path(path)
-    data = snapshot.model_dump_json(indent=1).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Not durable: it is rewritten every few seconds and only describes the running daemon.
+    atomic_write(Path(path), snapshot.model_dump_json(indent=1).encode() + b"\n", mode=0o640, durable=False)
 
 
 def read_state(path: Path) -> tuple[StateSnapshot | None, str | None]:

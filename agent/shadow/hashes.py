@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.engine.supervisor import file_sha256
+from agent.system.files import atomic_write
 from agent.system.priority import current_tid, set_io, set_nice
 
 log = logging.getLogger(__name__)
@@ -145,10 +146,8 @@ class FileHashes:
             return
         files = [{"dev": i[0], "ino": i[1], "size": i[2], "mtime_ns": i[3], "ctime_ns": i[4], "sha256": d}
                  for i, d in known]  # fmt: skip
-        tmp = self._cache_file.with_name(self._cache_file.name + ".tmp")
         try:
-            tmp.write_text(json.dumps({"files": files}, indent=1))
-            os.replace(tmp, self._cache_file)
+            atomic_write(self._cache_file, json.dumps({"files": files}, indent=1), durable=False)  # a cache
         except OSError as e:  # the cache only saves hashing: losing a write costs one hash after a restart
             log.warning("model sha256: cannot write %s: %s", self._cache_file, e.strerror or e)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import EdgeAgentError
+from agent.system.files import atomic_write, fsync_dir
 from agent.system.memory import MemInfo, meminfo
 
 if TYPE_CHECKING:
@@ -138,27 +139,10 @@ class Record:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        data = json.dumps({"entries": [asdict(e) for e in self.entries]}, indent=2).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        atomic_write(path, json.dumps({"entries": [asdict(e) for e in self.entries]}, indent=2), mode=0o600)
 
     def find(self, kind: str) -> list[Created]:
         return [e for e in self.entries if e.kind == kind]
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,14 +207,7 @@ def write_desired(swap: SwapSettings, state_dir: Path) -> Path:
             return path
     except OSError:
         pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o640)
     return path
 
 
@@ -721,7 +698,7 @@ class SwapManager:
         try:
             self._cmd(["mkswap", str(tmp)], f"formatting {tmp}")
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
