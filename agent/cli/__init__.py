@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "agent.cli.swap_cmd",
     "agent.cli.ops_cmd",
     "agent.cli.status_cmd",
+    "agent.cli.keys_cmd",
 )
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.cli.keys_cmd import register_sign
 from agent.config.sections import EngineSettings
 from agent.errors import EXIT_OK, ConfigError, ModelError
 
@@ -97,6 +98,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--seed", type=int, default=0, help="random seed; the same preset and seed give identical bytes")
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(handler=_synth)
+    register_sign(msub)
 
 
 def _positive_int(text: str) -> int:

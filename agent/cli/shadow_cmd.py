@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.cli.config_cmd import add_config_option, settings_from
@@ -72,6 +73,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=300.0,
         help="with --wait: seconds to wait for the apply, a model swap included (default 300)",
+    )
+    s.add_argument(
+        "--key",
+        type=Path,
+        default=None,
+        metavar="KEY",
+        help="sign the update with this operator private key (`edge-agent keys generate`): needed for model.* and "
+        "the other guarded keys on boards that trust operator keys; without --version the document's current "
+        "version is read first",
+    )
+    s.add_argument(
+        "--sign-valid-s",
+        type=float,
+        default=600.0,
+        help="with --key: seconds the signed update stays valid (default 600)",
     )
     s.add_argument(
         "--retain",
@@ -189,7 +205,16 @@ def _set(args: argparse.Namespace) -> int:
     )
     started = time.monotonic()
     with ShadowClient(settings, device_id=device, connect_timeout=args.connect_timeout) as client:
-        kind, reply = client.update(desired, version=args.version, timeout=args.timeout, retain=args.retain)
+        version, signature = args.version, None
+        if args.key is not None:
+            from agent.signing import iso, load_private_key, sign_update
+
+            if version is None:  # a signature holds for one version only: replays are refused
+                version = int(client.get(args.timeout)[0].get("version", 0))
+            signature = sign_update(desired, device=device, version=version, key=load_private_key(args.key),
+                                    expires=iso(time.time() + args.sign_valid_s))  # fmt: skip
+        kind, reply = client.update(desired, version=version, timeout=args.timeout, retain=args.retain,
+                                    signature=signature)  # fmt: skip
         if kind == "sent":
             if args.retain and not args.wait:
                 print(f"published retained: {device} applies it when it connects ({wanted})")

@@ -170,6 +170,32 @@ class ModelSettings(Section):
         default=False,
         description="Accept models whose weights are not 4-bit (they need more memory than the budget planning assumes).",
     )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Operator public keys ('ed25519:<base64>', from `edge-agent keys generate`) whose signature a "
+        "model must carry. Empty (default): models and shadow changes are not signature-checked. Set: a model loads "
+        "only with a valid, unexpired manifest by one of these keys (model.signature or FILE.sig) for its exact "
+        "bytes, and shadow updates of model.*, download.*, engine.chat_template and canary.json_schema must be "
+        "signed. Only in the config file: never changeable through the shadow (docs/operations.md, Signed models).",
+    )
+    signature: str | None = Field(
+        default=None,
+        max_length=4096,
+        json_schema_extra=RELOAD,
+        description="The signed manifest of model.path (the JSON text of FILE.sig from `edge-agent model sign`), for "
+        "a model the board downloads. None: FILE.sig next to the model file is read. Only checked when "
+        "model.trusted_keys is set.",
+    )
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_parse(cls, v: list[str]) -> list[str]:
+        from agent.signing import parse_public_key
+
+        for text in v:
+            parse_public_key(text)  # ValueError says which key and why
+        return list(dict.fromkeys(v))
 
     @model_validator(mode="after")
     def _url_needs_sha256(self) -> ModelSettings:

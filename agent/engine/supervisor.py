@@ -339,6 +339,12 @@ class Supervisor:
                     f"{path.name}: sha256 {sha} does not match model.sha256 {config.model.sha256}",
                     code="model_sha256_mismatch",
                 )
+        if config.model.trusted_keys:  # signed models only: checked before llama.cpp reads a byte of the file
+            from agent.signing import running_version, verify_model_file
+
+            sha, now, old = sha or file_sha256(path), time.time(), self._config
+            floor = running_version(old.model, old.models_dir / old.model.path, _trust(config), now) if old else None
+            verify_model_file(config.model, path, sha, running=floor, now=now)
         engine = self._factory(config)
         report = engine.load()
         self.sha256, self.loaded_at = sha, time.time()
@@ -368,6 +374,12 @@ class Supervisor:
             return False
         self._engine = old
         return True
+
+
+def _trust(config: EngineConfig) -> Any:
+    from agent.signing import Trust
+
+    return Trust.from_texts(config.model.trusted_keys)
 
 
 class _CanaryError(EdgeAgentError):

@@ -86,14 +86,23 @@ class ShadowClient:
         )
 
     def update(
-        self, desired: dict[str, Any] | None, *, version: int | None, timeout: float, retain: bool = False
+        self,
+        desired: dict[str, Any] | None,
+        *,
+        version: int | None,
+        timeout: float,
+        retain: bool = False,
+        signature: dict[str, str] | None = None,
     ) -> tuple[str, dict[str, Any] | None]:
         """Send an update; returns ("accepted" | "rejected", reply), or ("sent", None) when the board
-        did not answer within ``timeout`` (the broker keeps it for the board's persistent session)."""
+        did not answer within ``timeout`` (the broker keeps it for the board's persistent session).
+        ``signature``: agent.signing.sign_update of ``desired`` at ``version`` for this device."""
         token = _token()
         body: dict[str, Any] = {"state": {"desired": desired}, "client_token": token}
         if version is not None:
             body["version"] = version
+        if signature is not None:
+            body["signature"] = signature
         self._publish(self.topics.shadow_update, json.dumps(body).encode(), retain=retain)
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:

@@ -36,7 +36,7 @@ MAX_DEPTH = 6  # levels of keys below desired (AWS: 6)
 MAX_CLIENT_TOKEN_BYTES = 64  # UTF-8 (AWS: 64)
 # Payloads above this are refused unparsed: a valid update holds at most 8 KB of state.
 MAX_PAYLOAD_BYTES = 65536
-_UPDATE_KEYS = ("state", "version", "client_token")
+_UPDATE_KEYS = ("state", "version", "client_token", "signature")
 _MAX_LISTED = 5
 
 Tree = dict[str, Any]
@@ -67,6 +67,7 @@ class UpdateRequest:
     desired: Tree | None
     version: int | None = None
     client_token: str | None = None
+    signature: Any = None  # the operator's signature (agent.signing), checked by an ``Authorizer``
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Rejected:
-    code: int  # 400 invalid, 409 version conflict, 413 too large, 500 the device failed
+    code: int  # 400 invalid, 403 not signed by the operator, 409 version conflict, 413 too large, 500 failed
     message: str
     version: int  # the document's version (unchanged)
     errors: dict[str, str] = field(default_factory=dict)
@@ -115,6 +116,9 @@ class DesiredInvalid(Exception):
 
 Validator = Callable[[Tree, frozenset[str]], Tree]
 """(merged desired, dotted keys the update sets) -> the normalised desired; raises DesiredInvalid."""
+
+Authorizer = Callable[[UpdateRequest, frozenset[str]], str | None]
+"""(update, dotted keys it sets or removes) -> None when allowed, else why not (a 403)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +300,7 @@ def parse_update(payload: bytes) -> UpdateRequest:
     data, errors, token = _object(payload, "update")
     for k in data:
         if k not in _UPDATE_KEYS:
-            errors[str(k)] = "unknown key; an update holds state, version and client_token"
+            errors[str(k)] = "unknown key; an update holds state, version, client_token and signature"
     version = data.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
         errors["version"] = f"must be a non-negative integer, got {_describe(version)}"
@@ -327,7 +331,7 @@ def parse_update(payload: bytes) -> UpdateRequest:
                 errors[_deepest_path(desired)] = f"nested {depth} levels deep, more than {MAX_DEPTH}"
     if errors:
         raise BadRequest(400, f"update refused, nothing changed: {summarise(errors)}", errors, token)
-    return UpdateRequest(desired=desired, version=version, client_token=token)
+    return UpdateRequest(desired=desired, version=version, client_token=token, signature=_plain(data.get("signature")))
 
 
 def parse_get(payload: bytes) -> GetRequest:
@@ -392,9 +396,17 @@ def _plain(v: Any) -> Any:
 # Updating
 
 
-def apply_update(doc: ShadowDocument, update: UpdateRequest, validate: Validator, now: float) -> Accepted | Rejected:
-    """Merge ``update`` into ``doc``: a new document (version + 1) or a refusal that changes nothing."""
+def apply_update(
+    doc: ShadowDocument, update: UpdateRequest, validate: Validator, now: float, authorize: Authorizer | None = None
+) -> Accepted | Rejected:
+    """Merge ``update`` into ``doc``: a new document (version + 1) or a refusal that changes nothing.
+    ``authorize`` (when given) may refuse it with 403 before anything else is looked at."""
     token = update.client_token
+    if authorize is not None:
+        touched = set(flatten(doc.desired)) if update.desired is None else set().union(*touched_keys(update.desired))
+        why = authorize(update, frozenset(touched))
+        if why is not None:
+            return Rejected(403, f"update refused, nothing changed: {why}", doc.version, client_token=token)
     if update.version is not None and update.version != doc.version:
         return Rejected(
             409,
@@ -430,13 +442,15 @@ def apply_update(doc: ShadowDocument, update: UpdateRequest, validate: Validator
     return Accepted(new, frozenset(sets | removes), token)
 
 
-def handle_update(doc: ShadowDocument, payload: bytes, validate: Validator, now: float) -> Accepted | Rejected:
+def handle_update(
+    doc: ShadowDocument, payload: bytes, validate: Validator, now: float, authorize: Authorizer | None = None
+) -> Accepted | Rejected:
     """parse_update + apply_update; every refusal comes back as a Rejected, never an exception."""
     try:
         update = parse_update(payload)
     except BadRequest as e:
         return e.rejected(doc.version)
-    return apply_update(doc, update, validate, now)
+    return apply_update(doc, update, validate, now, authorize)
 
 
 def _too_big(desired: Tree, reported: Tree, version: int, token: str | None) -> Rejected | None:
@@ -470,6 +484,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MAX_STATE_BYTES",
     "Accepted",
+    "Authorizer",
     "BadRequest",
     "DesiredInvalid",
     "GetRequest",

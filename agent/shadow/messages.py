@@ -91,6 +91,16 @@ class ShadowUpdateState(BaseModel):
     )
 
 
+class UpdateSignature(BaseModel):
+    """Ed25519 over the device id, the version, the desired patch and expires (agent/signing.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$", description="The signing key's id (`edge-agent keys show`).")
+    expires: str = Field(description="UTC time after which the board refuses the update, YYYY-MM-DDTHH:MM:SSZ.")
+    sig: str = Field(description="The signature, base64 (64 bytes).")
+
+
 class ShadowUpdate(BaseModel):
     """Published to {root}/shadow/update (QoS 1) by operators."""
 
@@ -104,6 +114,12 @@ class ShadowUpdate(BaseModel):
         "with 409. Leave it out to merge regardless.",
     )
     client_token: str | None = _TOKEN
+    signature: UpdateSignature | None = Field(
+        default=None,
+        description="The operator's signature (`edge-agent shadow set --key`). Required, with version, when the board "
+        "trusts operator keys (model.trusted_keys) and the update sets or removes model.*, download.*, "
+        "engine.chat_template or canary.json_schema; else 403.",
+    )
 
 
 class ShadowGet(BaseModel):
@@ -148,8 +164,9 @@ class ShadowRejected(_ShadowOutbound):
     """Published on {root}/shadow/update/rejected (QoS 1) for a refused update, and on
     {root}/shadow/get/rejected for an unreadable get. A refused update changed nothing."""
 
-    code: Literal[400, 409, 413, 500] = Field(
-        description="400: invalid (JSON, types, bounds, unknown keys, the model file); 409: version conflict; "
+    code: Literal[400, 403, 409, 413, 500] = Field(
+        description="400: invalid (JSON, types, bounds, unknown keys, the model file); 403: a change that needs the "
+        "operator's signature is unsigned or badly signed; 409: version conflict; "
         f"413: payload or state larger than {MAX_STATE_BYTES} bytes; 500: the device could not store it."
     )
     message: str = Field(description="What was wrong, and what to do.")

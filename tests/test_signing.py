@@ -1,0 +1,167 @@
+"""Operator signatures (agent/signing.py), pure: keys, model manifests, signed updates, and the
+supervisor refusing an unsigned or wrongly signed model before llama.cpp reads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config.sections import ModelSettings
+from agent.engine.supervisor import file_sha256
+from agent.signing import (
+    SignatureError,
+    Trust,
+    check_claims,
+    generate_key,
+    load_private_key,
+    needs_signature,
+    parse_public_key,
+    sign_model,
+    sign_update,
+    verify_manifest,
+    verify_model_file,
+    verify_update,
+)
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, tuple[object, str]]:
+    out = {}
+    for name in ("a", "b"):
+        _, public = generate_key(tmp_path / f"{name}.key")
+        out[name] = (load_private_key(tmp_path / f"{name}.key"), public)
+    return out
+
+
+def _file(tmp_path: Path, name: str = "m.gguf", data: bytes = b"GGUF model bytes") -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def _manifest(path: Path, key: object, **kw: object) -> str:
+    return json.dumps(sign_model(path, key, sha256=file_sha256(path), **kw))  # type: ignore[arg-type]
+
+
+def test_a_generated_key_is_private_and_never_overwritten(tmp_path: Path) -> None:
+    pub, text = generate_key(tmp_path / "op.key")
+    assert os.stat(tmp_path / "op.key").st_mode & 0o777 == 0o600
+    assert pub.read_text().strip() == text and text.startswith("ed25519:")
+    with pytest.raises(FileExistsError):
+        generate_key(tmp_path / "op.key")
+    with pytest.raises(ValueError, match="32"):
+        parse_public_key("ed25519:AAAA")
+    with pytest.raises(ValueError, match="ed25519:"):
+        ModelSettings(trusted_keys=["rsa:xyz"])
+
+
+def test_a_manifest_verifies_and_says_what_it_signs(tmp_path: Path, keys: dict) -> None:
+    f = _file(tmp_path)
+    trust = Trust.from_texts([keys["a"][1]])
+    claims = verify_manifest(_manifest(f, keys["a"][0], version=3, expires="2030-01-01T00:00:00Z"), trust, NOW)
+    assert (claims.file, claims.sha256, claims.size, claims.version) == ("m.gguf", file_sha256(f), 16, 3)
+    check_claims(claims, name="m.gguf", sha256=file_sha256(f), size=16, running_version=3)
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        ("unknown key", "does not trust"),
+        ("tampered", "does not verify"),
+        ("truncated signature", "bytes, an Ed25519 signature has 64"),
+        ("truncated manifest", "not valid JSON"),
+        ("expired", "expired at 2020-01-01T00:00:00Z"),
+        ("bad base64", "not valid base64"),
+    ],
+)
+def test_a_bad_manifest_is_refused_with_its_reason(tmp_path: Path, keys: dict, attack: str, reason: str) -> None:
+    f = _file(tmp_path)
+    trust = Trust.from_texts([keys["a"][1]])
+    signer = keys["b"][0] if attack == "unknown key" else keys["a"][0]
+    data = json.loads(_manifest(f, signer, version=2, expires="2020-01-01T00:00:00Z" if attack == "expired" else None))
+    if attack == "tampered":
+        data["signed"]["version"] = 99
+    if attack == "truncated signature":
+        data["signature"] = data["signature"][:40]
+    if attack == "bad base64":
+        data["signature"] = data["signature"][:-3]
+    text = json.dumps(data)[:-30] if attack == "truncated manifest" else json.dumps(data)
+    with pytest.raises(SignatureError, match=reason):
+        verify_manifest(text, trust, NOW)
+
+
+def test_other_bytes_another_name_and_a_rollback_are_refused(tmp_path: Path, keys: dict) -> None:
+    f = _file(tmp_path)
+    trust = Trust.from_texts([keys["a"][1]])
+    claims = verify_manifest(_manifest(f, keys["a"][0], version=2), trust, NOW)
+    with pytest.raises(SignatureError, match="for other bytes"):
+        check_claims(claims, name="m.gguf", sha256="0" * 64, size=None, running_version=None)
+    with pytest.raises(SignatureError, match="for other bytes"):
+        check_claims(claims, name="m.gguf", sha256=None, size=17, running_version=None)
+    with pytest.raises(SignatureError, match="for the file 'm.gguf', not 'x.gguf'"):
+        check_claims(claims, name="x.gguf", sha256=None, size=None, running_version=None)
+    with pytest.raises(SignatureError, match="rollback refused: m.gguf is signed as version 2, the running model as"):
+        check_claims(claims, name="m.gguf", sha256=None, size=None, running_version=3)
+    # An explicit, expiring downgrade permit by the operator is the way back.
+    down = verify_manifest(_manifest(f, keys["a"][0], version=2, downgrade=True, expires="2030-01-01T00:00:00Z"),
+                           trust, NOW)  # fmt: skip
+    check_claims(down, name="m.gguf", sha256=None, size=None, running_version=3)
+
+
+def test_rotation_two_keys_then_the_old_one_retired(tmp_path: Path, keys: dict) -> None:
+    f = _file(tmp_path)
+    old = _manifest(f, keys["a"][0])
+    both = Trust.from_texts([keys["a"][1], keys["b"][1]])
+    verify_manifest(old, both, NOW)
+    verify_manifest(_manifest(f, keys["b"][0]), both, NOW)
+    with pytest.raises(SignatureError, match="does not trust"):
+        verify_manifest(old, Trust.from_texts([keys["b"][1]]), NOW)
+
+
+def test_a_signed_update_holds_for_one_device_version_patch_and_time(keys: dict) -> None:
+    key, public = keys["a"]
+    trust = Trust.from_texts([public])
+    patch = {"model": {"path": "n.gguf"}}
+    sig = sign_update(patch, device="d1", version=4, key=key, expires="2030-01-01T00:00:00Z")
+    ok = {"device": "d1", "version": 4, "trust": trust, "now": NOW}
+    assert verify_update(sig, patch, **ok) is None  # type: ignore[arg-type]
+    assert "unsigned" in str(verify_update(None, patch, **ok))  # type: ignore[arg-type]
+    assert "does not verify" in str(verify_update(sig, {"model": {"path": "evil.gguf"}}, **ok))  # type: ignore[arg-type]
+    assert "does not verify" in str(verify_update(sig, patch, **{**ok, "version": 5}))  # type: ignore[arg-type]
+    assert "does not verify" in str(verify_update(sig, patch, **{**ok, "device": "d2"}))  # type: ignore[arg-type]
+    assert "expired" in str(verify_update(sig, patch, **{**ok, "now": 2e9}))  # type: ignore[arg-type]
+    assert "must name the document version" in str(verify_update(sig, patch, **{**ok, "version": None}))  # type: ignore[arg-type]
+    assert "does not trust" in str(verify_update(sig, patch, **{**ok, "trust": Trust.from_texts([keys["b"][1]])}))  # type: ignore[arg-type]
+    assert needs_signature(["engine.n_ctx", "model.path", "canary.json_schema", "model", "intake.paused"]) == [
+        "canary.json_schema", "model", "model.path"
+    ]  # fmt: skip
+
+
+def test_the_supervisor_check_refuses_before_loading(tmp_path: Path, keys: dict) -> None:
+    f = _file(tmp_path)
+    good = ModelSettings(path=Path("m.gguf"), trusted_keys=[keys["a"][1]])
+    with pytest.raises(SignatureError, match="is not signed: no model.signature and no m.gguf.sig"):
+        verify_model_file(good, f, file_sha256(f), running=None, now=NOW)
+    (tmp_path / "m.gguf.sig").write_text(_manifest(f, keys["a"][0], version=1))
+    assert verify_model_file(good, f, file_sha256(f), running=None, now=NOW).version == 1
+    f.write_bytes(b"GGUF other bytes")  # the same size, other bytes
+    with pytest.raises(SignatureError, match="for other bytes"):
+        verify_model_file(good, f, file_sha256(f), running=None, now=NOW)
+
+
+def test_cli_generate_and_sign(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = _file(tmp_path)
+    assert main(["keys", "generate", str(tmp_path / "op.key")]) == 0
+    assert "trusted_keys" in capsys.readouterr().out
+    assert main(["model", "sign", str(f), "--key", str(tmp_path / "op.key"), "--version", "7"]) == 0
+    assert main(["model", "sign", str(f), "--key", str(tmp_path / "op.key"), "--downgrade"]) == 2
+    public = (tmp_path / "op.key.pub").read_text().strip()
+    claims = verify_manifest((tmp_path / "m.gguf.sig").read_text(), Trust.from_texts([public]), time.time())
+    assert claims.version == 7 and claims.sha256 == file_sha256(f)

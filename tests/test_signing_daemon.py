@@ -1,0 +1,202 @@
+"""Signed models and signed changes on a real daemon (in process), a real Mosquitto and a real HTTP
+server: a client with full broker rights but no operator key tries every attack of issue 20; each is
+refused with its reason and the board keeps serving its model. The honest path (sign, set, download,
+canary, serve) works, and a board that trusts no key behaves as before."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.models.synth import sha256_file, synth_model
+from agent.protocol import Topics
+from agent.signing import generate_key, iso, load_private_key, sign_model, sign_update
+from tests.broker import MosquittoBroker
+from tests.daemon_harness import InProcessDaemon, write_daemon_config
+from tests.model_server import ModelServer
+from tests.shadow_harness import ShadowPeer
+
+DEV = "dev-signed"
+T = Topics("edge", DEV)
+FAST = {"retry_min_s": 0.05, "retry_max_s": 0.2, "max_failures": 1000, "free_margin_mb": 0}
+CANARY = {"prompt": "hello", "max_tokens": 4, "min_tokens": 1}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("signed")
+    shapes = {"n_embd": 256, "n_ff": 1024, "n_layer": 4}
+    return {name: synth_model("tiny", folder / f"{name}.gguf", seed=seed, overrides=shapes)
+            for name, seed in (("new", 7), ("evil", 8), ("old", 9))}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("keys")
+    out: dict[str, Any] = {}
+    for name in ("op", "retired"):
+        _, public = generate_key(folder / name)
+        out[name] = (load_private_key(folder / name), public)
+    return out
+
+
+@pytest.fixture
+def server(tmp_path: Path, models: dict[str, Path]):
+    root = tmp_path / "www"
+    root.mkdir()
+    with ModelServer(root) as s:
+        for name, path in models.items():
+            s.add(path, f"{name}.gguf")
+        yield s
+
+
+@pytest.fixture
+def op(broker: MosquittoBroker):
+    peer = ShadowPeer(broker, T)
+    yield peer
+    peer.close()
+
+
+def manifest(path: Path, key: Any, name: str | None = None, **kw: Any) -> str:
+    """The manifest of ``path``'s bytes, signed as the file ``name`` (default: its own name)."""
+    if name is None:
+        return json.dumps(sign_model(path, key, sha256=sha256_file(path), **kw))
+    src = path.parent / f"as-{name}" / name
+    src.parent.mkdir(exist_ok=True)
+    shutil.copyfile(path, src)
+    return json.dumps(sign_model(src, key, sha256=sha256_file(src), **kw))
+
+
+def board(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, keys: dict, trusted: list[str]) -> Path:
+    """A board whose own model (model.gguf) is signed by the operator as version 2."""
+    models_dir = tmp_path / "d" / "models"
+    models_dir.mkdir(parents=True)
+    shutil.copyfile(tiny_model, models_dir / "model.gguf")
+    (models_dir / "model.gguf.sig").write_text(manifest(models_dir / "model.gguf", keys["op"][0], version=2))
+    return write_daemon_config(tmp_path / "d", broker, tiny_model, device_id=DEV, download=FAST, canary=CANARY,
+                               model={"path": "model.gguf", "trusted_keys": [keys[k][1] for k in trusted]})  # fmt: skip
+
+
+def send(op: ShadowPeer, body: dict, token: str) -> tuple[str, dict]:
+    op.send({**body, "client_token": token})
+    return op.reply(token, timeout=60)
+
+
+def signed(desired: dict | None, version: int, key: Any, device: str = DEV, valid_s: float = 600) -> dict:
+    sig = sign_update(desired, device=device, version=version, key=key, expires=iso(time.time() + valid_s))
+    return {"state": {"desired": desired}, "version": version, "signature": sig}
+
+
+def source(server: ModelServer, models: dict[str, Path], name: str, file: str | None = None) -> dict:
+    file = file or f"{name}.gguf"
+    return {"path": file, "url": server.url(f"{name}.gguf"), "sha256": sha256_file(models[name])}
+
+
+def test_every_attack_is_refused_and_the_honest_path_serves(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, models: dict, keys: dict, server: ModelServer,
+    op: ShadowPeer,
+) -> None:  # fmt: skip
+    opkey, retired = keys["op"][0], keys["retired"][0]
+    models_dir = tmp_path / "d" / "models"
+    with InProcessDaemon(
+        board(tmp_path, broker, tiny_model, keys, ["op"]),
+        expect_errors=("model change to other.gguf failed: .*for other bytes", "not applied: .*for other bytes"),
+    ) as d:
+        assert op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "model.gguf", 30)
+
+        # 1. Full broker rights, no key: repoint the board to its own file.
+        kind, r = send(op, {"state": {"desired": {"model": source(server, models, "evil")}}}, "nokey")
+        assert (kind, r["code"]) == ("rejected", 403), r
+        assert "model.path, model.sha256, model.url may only be changed by an update signed" in r["message"]
+        assert "unsigned" in r["message"]
+        # ... and removing the desired model (back to the config file's) is guarded the same way.
+        kind, r = send(op, {"state": {"desired": None}}, "reset")
+        assert kind == "accepted"  # nothing desired yet: nothing guarded removed
+        # Keys that fetch or run nothing new keep working with broker credentials alone.
+        kind, r = send(op, {"state": {"desired": {"engine": {"max_tokens_limit": 2048}}}}, "plain")
+        assert kind == "accepted", r
+        version = r["version"]
+
+        # 2. Signed by a retired (untrusted) key.
+        kind, r = send(op, signed({"model": source(server, models, "evil")}, version, retired), "retired")
+        assert (kind, r["code"]) == ("rejected", 403) and "which this board does not trust" in r["message"], r
+        # 3. A truncated update signature.
+        body = signed({"model": source(server, models, "evil")}, version, opkey)
+        body["signature"]["sig"] = body["signature"]["sig"][:43]
+        kind, r = send(op, body, "trunc")
+        assert (kind, r["code"]) == ("rejected", 403) and "not valid base64" in r["message"], r
+        # 4. An operator-signed update whose patch was altered on the way.
+        body = signed({"model": source(server, models, "new")}, version, opkey)
+        body["state"]["desired"]["model"] = source(server, models, "evil", "new.gguf")
+        kind, r = send(op, body, "altered")
+        assert (kind, r["code"]) == ("rejected", 403) and "does not verify" in r["message"], r
+
+        # 5-8: a signed update (the operator's) carrying a bad model manifest: refused before any download.
+        new = source(server, models, "new")
+        bad_manifests = {
+            "older": (manifest(models["new"], opkey, version=1), "rollback refused"),
+            "retired-model": (manifest(models["new"], retired, version=3), "does not trust"),
+            "other-bytes": (manifest(models["evil"], opkey, name="new.gguf", version=3), "for other bytes"),
+            "tampered": (manifest(models["new"], opkey, version=3).replace('"version": 3', '"version": 4'),
+                         "does not verify"),
+            "truncated": (manifest(models["new"], opkey, version=3)[:-40], "not valid JSON"),
+            "missing": (None, "is not signed"),
+        }  # fmt: skip
+        for token, (text, reason) in bad_manifests.items():
+            kind, r = send(op, signed({"model": {**new, "signature": text}}, version, opkey), token)
+            assert (kind, r["code"]) == ("rejected", 400), (token, r)
+            assert reason in r["errors"]["model.signature"], (token, r)
+        assert server.requests() == []  # nothing was fetched
+
+        # 9. The honest path: sign v3, set it signed, the board downloads, runs the canary, serves.
+        good = manifest(models["new"], opkey, version=3)
+        kind, r = send(op, signed({"model": {**new, "signature": good}}, version, opkey), "honest")
+        assert kind == "accepted", r
+        honest = signed({"model": {**new, "signature": good}}, version, opkey)
+        version = r["version"]
+        doc = op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "new.gguf", 60)
+        rep = doc["state"]["reported"]
+        assert rep["model_change"]["outcome"] == "applied" and rep["model_change"]["canary"]["passed"]
+        assert not rep.get("errors") and rep["serving"]["sha256"] == sha256_file(models["new"])
+
+        # 10. Replaying the old signed update: the version it was signed for is gone.
+        kind, r = send(op, honest, "replay")
+        assert (kind, r["code"]) == ("rejected", 409) and "version conflict" in r["message"], r
+        # ... and resending it at the current version does not verify (the version is signed).
+        honest["version"] = version
+        kind, r = send(op, honest, "replay2")
+        assert (kind, r["code"]) == ("rejected", 403) and "does not verify" in r["message"], r
+        # 11. Pointing back at the older signed model (the config file's, version 2) is a rollback.
+        kind, r = send(op, signed({"model": {"path": "model.gguf", "url": None, "sha256": None, "signature": None}},
+                                  version, opkey), "back")  # fmt: skip
+        assert (kind, r["code"]) == ("rejected", 400) and "rollback refused" in r["errors"]["model.signature"], r
+
+        # 12. A file on the board whose bytes differ from what the signed manifest names is refused
+        # at load, before llama.cpp parses it; the signed model keeps serving.
+        shutil.copyfile(models["evil"], models_dir / "other.gguf")
+        lie = manifest(models["new"], opkey, name="other.gguf", version=4)
+        kind, r = send(op, signed({"model": {"path": "other.gguf", "url": None, "sha256": None, "signature": lie}},
+                                  version, opkey), "lie")  # fmt: skip
+        assert kind == "accepted", r
+        doc = op.doc(lambda x: "model.path" in x["state"]["reported"].get("errors", {}), 60)
+        rep = doc["state"]["reported"]
+        assert "the signature is for other bytes" in rep["errors"]["model.path"]
+        assert rep["serving"]["file"] == "new.gguf" and rep["model_change"]["outcome"] == "load_failed"
+        assert d.daemon.supervisor.engine is not None
+        assert not [e for e in d.engines if str(e.model_path).endswith("other.gguf")]  # never handed to llama.cpp
+
+
+def test_without_trusted_keys_nothing_is_checked(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, models: dict, server: ModelServer, op: ShadowPeer,
+) -> None:  # fmt: skip
+    cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, device_id=DEV, download=FAST)
+    with InProcessDaemon(cfg):
+        assert op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "model.gguf", 30)
+        kind, r = send(op, {"state": {"desired": {"model": source(server, models, "new")}}}, "plain")
+        assert kind == "accepted", r
+        op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "new.gguf", 60)
