@@ -200,3 +200,17 @@ def test_without_trusted_keys_nothing_is_checked(
         kind, r = send(op, {"state": {"desired": {"model": source(server, models, "new")}}}, "plain")
         assert kind == "accepted", r
         op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "new.gguf", 60)
+
+
+def test_a_board_with_keys_and_an_unsigned_model_cannot_start(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, keys: dict
+) -> None:
+    from tests.test_cannot_start import cannot_start_line, run
+
+    cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, device_id=DEV,
+                              model={"path": "model.gguf", "trusted_keys": [keys["op"][1]]})  # fmt: skip
+    line = cannot_start_line(run(cfg))
+    assert "[model_signature_invalid]" in line and "model.gguf is not signed" in line
+    (tmp_path / "d" / "models" / "model.gguf.sig").write_text(manifest(tiny_model, keys["retired"][0], "model.gguf"))
+    line = cannot_start_line(run(cfg))
+    assert "[model_signature_invalid]" in line and "which this board does not trust" in line
