@@ -165,3 +165,23 @@ def test_cli_generate_and_sign(tmp_path: Path, capsys: pytest.CaptureFixture[str
     public = (tmp_path / "op.key.pub").read_text().strip()
     claims = verify_manifest((tmp_path / "m.gguf.sig").read_text(), Trust.from_texts([public]), time.time())
     assert claims.version == 7 and claims.sha256 == file_sha256(f)
+
+
+def test_doctor_shows_the_trusted_keys_and_whether_the_model_signature_holds(tmp_path: Path, keys: dict) -> None:
+    from agent.config import Settings
+    from agent.ops.doctor import check_signature
+
+    f = _file(tmp_path)
+    plain = Settings(device={"models_dir": tmp_path, "state_dir": tmp_path / "s"}, model={"path": "m.gguf"})
+    assert check_signature(plain).status == "OK" and "not required" in check_signature(plain).summary
+    s = Settings(device={"models_dir": tmp_path, "state_dir": tmp_path / "s"},
+                 model={"path": "m.gguf", "trusted_keys": [keys["a"][1], keys["b"][1]]})  # fmt: skip
+    c = check_signature(s)
+    assert c.status == "FAIL" and "trusts 2 key(s)" in c.summary and "is not signed" in c.summary
+    assert "edge-agent model sign m.gguf" in str(c.fix)
+    (tmp_path / "m.gguf.sig").write_text(_manifest(f, keys["b"][0], version=5))
+    c = check_signature(s)
+    assert c.status == "OK" and "version 5" in c.summary and "name, size and sha256 match" in c.summary, c
+    f.write_bytes(b"GGUF other bytes")
+    assert "for other bytes" in check_signature(s).summary
+    assert check_signature(s, None).status == "OK"  # --no-sha256: the name and size still match

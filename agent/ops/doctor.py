@@ -239,6 +239,30 @@ def sha256_file(path: Path, progress_desc: str | None = None) -> str:
     return h.hexdigest()
 
 
+def check_signature(settings: Any, hasher: Callable[[Path], str] | None = sha256_file) -> Check:
+    """Which operator keys the board trusts, and whether its model's signature holds (agent/signing.py).
+    ``hasher`` None (--no-sha256): the manifest is checked against the file's name and size only."""
+    from agent.signing import SignatureError, Trust, check_claims, manifest_text, verify_manifest
+
+    keys = settings.model.trusted_keys
+    if not keys:
+        return _ok("model signature", "not required: model.trusted_keys is empty (any model, any shadow change)")
+    trust = Trust.from_texts(keys)
+    trusted = f"trusts {len(keys)} key(s): {', '.join(sorted(trust.keys))}"
+    path = settings.model_file()
+    try:
+        claims = verify_manifest(manifest_text(settings.model.signature, path), trust, time.time())
+        sha = hasher(path) if hasher is not None else None
+        check_claims(claims, name=path.name, sha256=sha, size=path.stat().st_size, running_version=None)
+    except SignatureError as e:
+        return _fail("model signature", f"{trusted}; {path.name}: {e}",
+                     f"sign it on the operator's machine (edge-agent model sign {path.name} --key KEY) and copy "
+                     f"{path.name}.sig next to it")  # fmt: skip
+    what = "name, size and sha256" if hasher is not None else "name and size (--no-sha256)"
+    return _ok("model signature", f"{trusted}; {path.name} signed by {claims.key_id}, version {claims.version}, "
+               f"expires {claims.expires or 'never'}; {what} match")  # fmt: skip
+
+
 def check_sha256(settings: Any, hasher: Callable[[Path], str] = sha256_file) -> Check:
     expected = settings.model.sha256
     path = settings.model_file()
@@ -612,6 +636,7 @@ def run_doctor(
         else:
             checks.append(check_sha256(settings) if check_sha else Check("model sha256", "SKIP", "--no-sha256"))
             checks.append(check_fit(settings, plan))
+            checks.append(check_signature(settings, sha256_file if check_sha else None))
         checks.append(check_broker(settings, r.broker, broker_timeout))
     clock_settings = settings if settings is not None else _defaults()
     checks.append(check_clock(clock_settings, r.now(), r.ntp_synchronized()))
