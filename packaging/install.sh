@@ -75,6 +75,22 @@ if [ "$tests" = 1 ]; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-index --find-links "$here/wheels" -r requirements-test.txt
 fi
 
+# A wheel holds copies, not symlinks: libggml.so, libggml.so.0 and libggml.so.0.25.3 are three files, and
+# opening one by another name than libllama's dependency loads a second libggml with a backend registry of its
+# own, empty in this build (the memory plan's repack probe asks it). One file, two links, as a build installs it.
+lib=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/llama_cpp/lib
+for real in "$lib"/lib*.so.*.*.*; do
+  [ -f "$real" ] && [ ! -L "$real" ] || continue
+  stem=${real%%.so.*}.so
+  major=${real#"$stem".}
+  major=${major%%.*}
+  for alias in "$stem" "$stem.$major"; do
+    if [ -f "$alias" ] && [ ! -L "$alias" ] && cmp -s "$alias" "$real"; then
+      ln -sf "$(basename "$real")" "$alias"
+    fi
+  done
+done
+
 # ---- 4. edge-agent itself, laid out like a checkout: its profiles, units and the demo's folders next to agent/
 echo "==> installing edge-agent $VERSION into $prefix"
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
