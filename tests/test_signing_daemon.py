@@ -214,3 +214,26 @@ def test_a_board_with_keys_and_an_unsigned_model_cannot_start(
     (tmp_path / "d" / "models" / "model.gguf.sig").write_text(manifest(tiny_model, keys["retired"][0], "model.gguf"))
     line = cannot_start_line(run(cfg))
     assert "[model_signature_invalid]" in line and "which this board does not trust" in line
+
+
+def test_shadow_set_signs_with_key_and_a_second_trusted_key_works(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, models: dict, keys: dict, op: ShadowPeer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from agent.cli import main
+
+    _, new_public = generate_key(tmp_path / "op-2027.key")  # rotation: the old and the new key, both trusted
+    cfg = board(tmp_path, broker, tiny_model, keys, ["op"])
+    text = cfg.read_text().replace(f'"{keys["op"][1]}"', f'"{keys["op"][1]}", "{new_public}"')
+    cfg.write_text(text)
+    shutil.copyfile(models["new"], tmp_path / "d" / "models" / "hand.gguf")
+    sig = manifest(models["new"], load_private_key(tmp_path / "op-2027.key"), "hand.gguf", version=3)
+    args = ["shadow", "set", "-c", str(cfg), "model.path=hand.gguf", f"model.signature={sig}", "--wait"]
+    with InProcessDaemon(cfg):
+        assert op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "model.gguf", 30)
+        assert main(args) == 1
+        assert "rejected 403" in capsys.readouterr().err
+        assert main([*args, "--key", str(tmp_path / "op-2027.key")]) == 0, capsys.readouterr().err
+        assert "applied: version 1" in capsys.readouterr().out
+        doc = op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "hand.gguf", 30)
+        assert not doc["state"]["reported"].get("errors")
