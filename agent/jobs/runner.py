@@ -274,9 +274,10 @@ class Runner:
         if hold is not None:
             decided = held(items, hold[0], hold[1], running=len(running), memory_wait_max_s=g.memory_wait_max_s)
         else:
-            busy = (
-                f"all {capacity} slot(s) are running jobs ({', '.join(running)})" if running else "the slots are busy"
-            )
+            if len(running) >= capacity:
+                busy = f"all {capacity} slot(s) are running jobs ({', '.join(running)})"
+            else:
+                busy = f"the free slot(s) go to jobs ahead of it in the queue ({len(running)} of {capacity} running)"
             decided = pick(items, free_slots=capacity - len(running), running=len(running),
                            reserve_after_s=g.reserve_after_s, memory_wait_max_s=g.memory_wait_max_s,
                            slot_detail=busy)  # fmt: skip
