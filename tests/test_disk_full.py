@@ -144,5 +144,8 @@ def test_a_full_disk_loses_no_job_and_logs_once_per_change(
     down = [i for i, ln in enumerate(lines) if "job store unwritable" in ln]
     up = [i for i, ln in enumerate(lines) if "job store writable again" in ln]
     assert len(down) == 1 and len(up) == 1 and down[0] < up[0], text[-4000:]
-    # Nothing else logged while the disk was full: not per message, not per re-check.
-    assert lines[down[0] + 1 : up[0]] == [], lines[down[0] : up[0] + 1]
+    # Nothing else logged while the disk was full: not per message, not per re-check. (An outbox
+    # resend pass that was under way when the disk filled may say so once, at INFO.)
+    between = lines[down[0] + 1 : up[0]]
+    assert not [ln for ln in between if " WARNING " in ln or " ERROR " in ln], lines[down[0] : up[0] + 1]
+    assert len(between) <= 1 and all("resent" in ln for ln in between), lines[down[0] : up[0] + 1]

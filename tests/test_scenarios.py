@@ -33,9 +33,10 @@ from tests.daemon_harness import ROOT
 pytestmark = pytest.mark.slow
 
 EDGE_AGENT = str(ROOT / ".venv" / "bin" / "edge-agent")
-# A job that runs ends within this (the demo generates 40-80 tok/s here; the longest job below
-# is one slot's whole context, 512 tokens, next to three other slots).
-JOB_BOUND_S = 120.0
+# A job that runs ends within this. The demo generates 40-80 tok/s here, so the longest job below (one
+# slot's whole context, 512 tokens, next to three other slots) takes about 15 s on a quiet machine; the
+# bound leaves room for a machine busy with other work (a 2 tok/s crawl was seen), not for a stall.
+JOB_BOUND_S = 300.0
 
 
 @dataclass
@@ -192,7 +193,7 @@ def test_the_readme_commands_verbatim(demo: Demo) -> None:
 
 def test_a_long_story_runs_to_the_end_of_the_context(demo: Demo) -> None:
     p = demo.cli("submit", "Write a long story about a dragon:", "--max-tokens", "600", "--wait", "--json",
-                 timeout=JOB_BOUND_S)  # fmt: skip
+                 timeout=JOB_BOUND_S + 60)  # fmt: skip
     r = json.loads(p.stdout)
     assert r["status"] == "SUCCEEDED" and r["finish_reason"] in ("length", "stop")
     u = r["usage"]
@@ -205,7 +206,7 @@ def test_a_long_story_runs_to_the_end_of_the_context(demo: Demo) -> None:
 def test_a_long_prompt_is_refused_at_once_with_both_numbers(demo: Demo) -> None:
     prompt = sentence_prompt(680)  # about 3,300 bytes: more tokens than the 512-token context
     assert len(prompt.encode()) > 3000
-    p = demo.cli("submit", prompt, "--max-tokens", "64", "--wait", check=False, timeout=60)
+    p = demo.cli("submit", prompt, "--max-tokens", "64", "--wait", check=False, timeout=120)
     assert p.returncode != 0
     assert "context_too_long" in p.stderr and "tokens and the context holds 512" in p.stderr, p.stderr
     assert "None" not in p.stdout + p.stderr
