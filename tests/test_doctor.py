@@ -6,14 +6,11 @@ the command exit 1."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-
-import pytest
 
 from agent.config import Settings, load_settings
 from agent.ops import doctor as d
@@ -122,23 +119,6 @@ def test_broker_refusing_the_password_names_the_credential(tmp_path: Path, tiny_
     assert code == 1 and c["status"] == "FAIL" and "not authorised" in c["summary"]
     assert "mqtt_password" in c["fix"]
     assert "wrong" not in json.dumps(doc)  # the password is never printed
-
-
-@pytest.fixture
-def readonly_dir(tmp_path: Path):
-    """A folder the store cannot write to: a read-only tmpfs as root (root ignores modes), else mode 0555."""
-    d_ = tmp_path / "ro"
-    d_.mkdir()
-    if os.geteuid() == 0:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d_)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-        yield d_
-        subprocess.run(["umount", "-l", str(d_)], check=False)
-    else:
-        d_.chmod(0o555)
-        yield d_
-        d_.chmod(0o755)
 
 
 def test_unwritable_store_fails_with_the_fix(

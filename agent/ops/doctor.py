@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -26,17 +26,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+
+from agent.system import memory
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
 MiB = 1024 * 1024
 PI_CMDLINE = "/boot/firmware/cmdline.txt"
 # A clock before this is certainly wrong (a board without an RTC that booted at 1970 or at its last
 # saved time): certificates look "not yet valid" and TLS fails.
-CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp()
+CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC).timestamp()
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _systemctl(args: list[str]) -> subprocess.CompletedProcess | None:
+def _systemctl(args: list[str]) -> subprocess.CompletedProcess[str] | None:
     """None when this machine has no running systemd (a container, a chroot)."""
     if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
         return None
@@ -98,7 +100,7 @@ def _llama_system_info() -> str | None:
     try:
         import llama_cpp
 
-        return llama_cpp.llama_print_system_info().decode(errors="replace")
+        return str(llama_cpp.llama_print_system_info().decode(errors="replace"))
     except Exception:  # not installed, or a build that cannot load here: the CPU check says so
         return None
 
@@ -150,9 +152,9 @@ def probe_broker(mqtt: Any, timeout: float) -> str | None:
 class Readers:
     """Everything the checks read from the machine; tests pass fixtures."""
 
-    psi: Callable[[], Any] = field(default=None)  # type: ignore[assignment]
-    cgroup: Callable[[int | str], Any] = field(default=None)  # type: ignore[assignment]
-    meminfo: Callable[[], Any] = field(default=None)  # type: ignore[assignment]
+    psi: Callable[[], Any] = lambda: memory.psi_memory()
+    cgroup: Callable[[int | str], Any] = lambda pid: memory.cgroup_memory(pid)
+    meminfo: Callable[[], Any] = lambda: memory.meminfo()
     swaps: Callable[[], str | None] = lambda: _read("/proc/swaps")
     cmdline: Callable[[], str | None] = lambda: _read("/proc/cmdline")
     cpuinfo: Callable[[], str | None] = lambda: _read("/proc/cpuinfo")
@@ -164,17 +166,10 @@ class Readers:
     llama_variant: Callable[[], str | None] = lambda: _cpu().llama_cpu_variant()
     now: Callable[[], float] = time.time
     ntp_synchronized: Callable[[], bool | None] = _ntp_synchronized
-    systemctl: Callable[[list[str]], subprocess.CompletedProcess | None] = _systemctl
+    systemctl: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = _systemctl
     disk_free: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free
     broker: Callable[[Any, float], str | None] = probe_broker
     geteuid: Callable[[], int] = os.geteuid
-
-    def __post_init__(self) -> None:
-        from agent.system import memory
-
-        self.psi = self.psi or memory.psi_memory
-        self.cgroup = self.cgroup or (lambda pid: memory.cgroup_memory(pid))
-        self.meminfo = self.meminfo or memory.meminfo
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -209,7 +204,9 @@ def check_model_file(settings: Any) -> tuple[Check, Any]:
         if e.code == "model_not_found":
             return _fail(name, str(e), f"copy the GGUF model into {settings.device.models_dir}, or set model.path to one "
                          f"that is there (`ls {settings.device.models_dir}`)"), None  # fmt: skip
-        return _fail(name, str(e), f"set model.path to a file inside device.models_dir ({settings.device.models_dir})"), None
+        return _fail(
+            name, str(e), f"set model.path to a file inside device.models_dir ({settings.device.models_dir})"
+        ), None
     if not path.exists():
         return _fail(name, f"{path}: no such file", f"copy the GGUF model to {path}, or set model.path to a model in "
                      f"{settings.device.models_dir} (`ls {settings.device.models_dir}`)"), None  # fmt: skip
@@ -220,7 +217,9 @@ def check_model_file(settings: Any) -> tuple[Check, Any]:
     try:
         check_quantization(info, settings.model.allow_non_4bit)
     except ModelError as e:
-        return _fail(name, str(e), "use a 4-bit quantisation (Q4_0, Q4_K_M, IQ4) or set model.allow_non_4bit = true"), info
+        return _fail(
+            name, str(e), "use a 4-bit quantisation (Q4_0, Q4_K_M, IQ4) or set model.allow_non_4bit = true"
+        ), info
     share = 100.0 * info.four_bit_bytes / info.weights_bytes if info.weights_bytes else 0.0
     kind = "4-bit" if info.is_4bit else "NOT 4-bit (allowed by model.allow_non_4bit)"
     return _ok(name, f"{path.name}: {_mib(info.file_size)}, {info.architecture}, {info.n_layer} layers, {kind} "
@@ -333,7 +332,7 @@ def _ca_not_after(ca_file: Path) -> float | None:
 
 def check_clock(settings: Any, now: float, ntp: bool | None, *, floor: float = CLOCK_FLOOR,
                 ca_not_after: Callable[[Path], float | None] = _ca_not_after) -> Check:  # fmt: skip
-    when = datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     tls = settings.mqtt.tls
     if now < floor:
         return _fail("clock", f"the clock says {when}: certainly wrong (no RTC and no time sync yet?)",
@@ -355,7 +354,9 @@ def _pi_hint(flag: str) -> str:
 
 def check_psi(psi: Any, cmdline: str | None) -> Check:
     if psi.available:
-        return _ok("PSI", f"memory pressure readable (some avg10 {psi.some_avg10:.1f} %, full avg10 {psi.full_avg10:.1f} %)")
+        return _ok(
+            "PSI", f"memory pressure readable (some avg10 {psi.some_avg10:.1f} %, full avg10 {psi.full_avg10:.1f} %)"
+        )
     args = (cmdline or "").split()
     why = psi.reason or "no /proc/pressure/memory"
     if "psi=0" in args:
@@ -395,9 +396,13 @@ def check_swap(settings: Any, mem: Any, swaps: str | None) -> Check:
     used = total - mem.swap_free
     summary = f"{_mib(total)} ({_mib(used)} used): {kinds or 'see /proc/swaps'}; swap.policy {policy}"
     if policy in ("zram", "zram+file") and not any("zram" in d[0] for d in devices):
-        return _warn("swap", summary + "; no zram device", "start the swap unit: `systemctl start edge-agent-swap.service`")
+        return _warn(
+            "swap", summary + "; no zram device", "start the swap unit: `systemctl start edge-agent-swap.service`"
+        )
     if total and used > 0.9 * total:
-        return _warn("swap", summary + "; almost full", "memory is short: lower engine.n_ctx, use load_mode fit, or add swap")
+        return _warn(
+            "swap", summary + "; almost full", "memory is short: lower engine.n_ctx, use load_mode fit, or add swap"
+        )
     return _ok("swap", summary)
 
 
@@ -413,7 +418,9 @@ def check_disk(settings: Any, free: Callable[[Path], int], model_size: int | Non
         out.append(_fail("disk (store)", f"{_mib(f)} free for the store in {store_dir}, below store.min_free_kb "
                          f"({need // 1024} KiB): jobs are not taken", f"free space on the filesystem of {store_dir}"))  # fmt: skip
     elif f < 64 * MiB:
-        out.append(_warn("disk (store)", f"only {_mib(f)} free in {store_dir}", f"free space on the filesystem of {store_dir}"))
+        out.append(
+            _warn("disk (store)", f"only {_mib(f)} free in {store_dir}", f"free space on the filesystem of {store_dir}")
+        )
     else:
         out.append(_ok("disk (store)", f"{_mib(f)} free in {store_dir}"))
     models = Path(settings.device.models_dir)
@@ -483,7 +490,9 @@ def check_store(settings: Any) -> Check:
 
 
 def check_service(systemctl: Callable[[list[str]], Any], state_line: str | None) -> Check:
-    p = systemctl(["show", "edge-agent.service", "-p", "LoadState,ActiveState,SubState,UnitFileState,ExecMainStatus,NRestarts"])
+    p = systemctl(
+        ["show", "edge-agent.service", "-p", "LoadState,ActiveState,SubState,UnitFileState,ExecMainStatus,NRestarts"]
+    )
     tail = f"; {state_line}" if state_line else ""
     if p is None:
         return _warn("service", "systemd is not running here (a container or chroot): the service state is unknown" + tail,
@@ -495,8 +504,11 @@ def check_service(systemctl: Callable[[list[str]], Any], state_line: str | None)
     active, sub = props.get("ActiveState", "?"), props.get("SubState", "?")
     summary = f"edge-agent.service {active} ({sub}), {props.get('UnitFileState', '?')}, restarts {props.get('NRestarts', '?')}"
     if active == "failed" or (active != "active" and props.get("ExecMainStatus") == "78"):
-        fix = ("exit 78: it cannot start with this config; fix the FAILs above, then `systemctl restart edge-agent`"
-               if props.get("ExecMainStatus") == "78" else "`journalctl -u edge-agent -n 50` says why")
+        fix = (
+            "exit 78: it cannot start with this config; fix the FAILs above, then `systemctl restart edge-agent`"
+            if props.get("ExecMainStatus") == "78"
+            else "`journalctl -u edge-agent -n 50` says why"
+        )
         return _fail("service", summary + tail, fix)
     if active != "active":
         return _warn("service", summary + tail, "`systemctl enable --now edge-agent`")
@@ -537,8 +549,14 @@ def _build_features(info: str | None) -> set[str]:
     return {part.split("=")[0].split(":")[-1].strip() for part in info.split("|") if part.strip().endswith("= 1")}
 
 
-def check_cpu(machine: str, cpuinfo: str | None, llama_info: str | None, *, hwcap: set[str] | None = None,
-              variant: str | None = None) -> Check:
+def check_cpu(
+    machine: str,
+    cpuinfo: str | None,
+    llama_info: str | None,
+    *,
+    hwcap: set[str] | None = None,
+    variant: str | None = None,
+) -> Check:
     flags, core = _cpu_flags(cpuinfo or "")
     if hwcap is not None:
         # The kernel's word for this process; /proc/cpuinfo names the core only when it is an ARM one (under
@@ -563,16 +581,25 @@ def check_cpu(machine: str, cpuinfo: str | None, llama_info: str | None, *, hwca
         label += f" (HWCAP: {', '.join(sorted(hwcap & {'asimd', 'asimdhp', 'asimddp', 'i8mm', 'sve', 'sve2', 'sme'}))})"
     if machine in ("x86_64", "amd64"):
         if "avx2" not in flags:
-            return _warn("cpu", f"{label}: no AVX2{build}", "none; llama.cpp falls back to slower SSE/AVX kernels (about 2x slower)")
-        return _ok("cpu", f"{label}: AVX2{', FMA' if 'fma' in flags else ''}{', AVX512' if 'avx512f' in flags else ''}{build}")
+            return _warn(
+                "cpu",
+                f"{label}: no AVX2{build}",
+                "none; llama.cpp falls back to slower SSE/AVX kernels (about 2x slower)",
+            )
+        return _ok(
+            "cpu", f"{label}: AVX2{', FMA' if 'fma' in flags else ''}{', AVX512' if 'avx512f' in flags else ''}{build}"
+        )
     if machine.startswith("arm") or machine == "aarch64":
         lacking = [name for name, flag in (("dotprod", "asimddp"), ("i8mm", "i8mm")) if flag not in flags]
         if machine != "aarch64":
             lacking = ["64-bit (aarch64)"] + lacking
         # dotprod carries the fast int8 kernels; i8mm alone (its absence on a Cortex-A76) costs little.
         if lacking and lacking != ["i8mm"]:
-            keep = ("llama.cpp picked the variant for this CPU at load" if variant else "Keep llama.cpp built on this "
-                    "board: a build that assumes them crashes here")
+            keep = (
+                "llama.cpp picked the variant for this CPU at load"
+                if variant
+                else "Keep llama.cpp built on this board: a build that assumes them crashes here"
+            )
             return _warn("cpu", f"{label}: NEON{'' if 'asimd' in flags else ' MISSING'}; no {', no '.join(lacking)}{build}",
                          "none needed: llama.cpp uses its plain NEON kernels (slower 4-bit matrix products); a Pi 5 "
                          f"(Cortex-A76) has dotprod. {keep}")  # fmt: skip
@@ -603,7 +630,9 @@ class DoctorReport:
             if c.fix and c.status != "OK":
                 lines.append(f"{'':<4}  {'':<{width}}  fix: {c.fix}")
         d = self.as_dict()["counts"]
-        lines.append(f"\n{d['OK']} OK, {d['WARN']} WARN, {d['FAIL']} FAIL" + (f", {d['SKIP']} skipped" if d["SKIP"] else ""))
+        lines.append(
+            f"\n{d['OK']} OK, {d['WARN']} WARN, {d['FAIL']} FAIL" + (f", {d['SKIP']} skipped" if d["SKIP"] else "")
+        )
         return "\n".join(lines)
 
 
