@@ -1,6 +1,7 @@
 """What the three SQLite files of the agent share (the job store, the shadow state, the telemetry
-spool): one mapping of SQLite errors to ``StoreError`` codes with what to do about each, and the
-write transaction they all use.
+spool): one mapping of SQLite errors to ``StoreError`` codes with what to do about each, the one way
+to open one (``open_schema``: checks, write-ahead log, schema and migrations in one transaction),
+and the write transaction they all use.
 
 The codes are what the store's health (agent.health) and the CLI act on: store_full,
 store_readonly, store_corrupt, store_cantopen, store_busy, store_io.
@@ -9,8 +10,9 @@ store_readonly, store_corrupt, store_cantopen, store_busy, store_io.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import StoreError
@@ -51,6 +53,83 @@ def store_error(e: sqlite3.Error, path: Path, doing: str, what: str) -> StoreErr
     return StoreError(f"{where}: SQLite error {name or type(e).__name__}: {e}")
 
 
+@dataclass(frozen=True)
+class Schema:
+    """A SQLite file's schema: ``statements`` are safe to re-run (CREATE ... IF NOT EXISTS);
+    ``migrations[v]`` bring a file at version v - 1 to v; ``seed`` runs after them, in the same
+    transaction (rows every file must have)."""
+
+    version: int
+    statements: tuple[str, ...]
+    migrations: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    seed: tuple[str, ...] = ()
+
+
+def open_schema(
+    conn: sqlite3.Connection,
+    path: Path,
+    schema: Schema,
+    *,
+    what: str,
+    fix: str,
+    synchronous: str = "FULL",
+    busy_timeout_ms: int = 5000,
+    journal_size_limit: int | None = None,
+    new_file: Sequence[str] = (),
+    readonly: bool = False,
+) -> None:
+    """Make ``conn`` ready: a busy timeout; refuse a file written by a newer edge-agent
+    (store_version) or a damaged one (store_corrupt: ``fix`` says what to do); write-ahead logging;
+    then the schema, its migrations and ``user_version`` in one transaction, so a crash leaves the
+    old schema or the new one. ``new_file`` pragmas run only on a file without tables yet (page size,
+    auto_vacuum). ``readonly``: only the version check."""
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > schema.version:
+        raise StoreError(
+            f"{path}: schema version {version} was written by a newer edge-agent (this one knows {schema.version}); "
+            "upgrade the agent or move the file aside",
+            code="store_version",
+        )
+    if readonly:
+        return
+    check = conn.execute("PRAGMA quick_check(1)").fetchone()
+    if check is None or check[0] != "ok":
+        raise StoreError(
+            f"{path}: {what} is damaged ({check[0] if check else 'no answer'}); {fix}", code="store_corrupt"
+        )
+    if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+        for pragma in new_file:
+            conn.execute(f"PRAGMA {pragma}")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StoreError(
+            f"{path}: cannot use write-ahead logging (journal mode stayed {mode!r}); the filesystem must support "
+            "shared memory (not a network share)",
+            code="store_cantopen",
+        )
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    if journal_size_limit is not None:
+        conn.execute(f"PRAGMA journal_size_limit = {int(journal_size_limit)}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Not executescript(): it commits first, and the schema must appear all at once or not at all.
+        if 0 < version < schema.version:
+            for v in range(version + 1, schema.version + 1):
+                for stmt in schema.migrations.get(v, ()):
+                    conn.execute(stmt)
+        for stmt in (*schema.statements, *schema.seed):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version = {schema.version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 @contextmanager
 def write_transaction(
     conn: sqlite3.Connection, error: Callable[[sqlite3.Error], StoreError]
@@ -76,4 +155,4 @@ def write_transaction(
         raise error(e) from e
 
 
-__all__ = ["store_error", "write_transaction"]
+__all__ = ["Schema", "open_schema", "store_error", "write_transaction"]

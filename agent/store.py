@@ -40,7 +40,7 @@ import sqlite_utils
 
 from agent.errors import StoreError
 from agent.protocol import TERMINAL, ErrorCode, JobOutcome, JobStatus, JobSubmit, ResultMessage, StatusMessage, rfc3339
-from agent.sqlite import store_error, write_transaction
+from agent.sqlite import Schema, open_schema, store_error, write_transaction
 
 if TYPE_CHECKING:
     from agent.config.sections import StoreSettings
@@ -99,6 +99,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     "CREATE INDEX IF NOT EXISTS jobs_undelivered ON jobs (finished_at, seq) WHERE delivered = 0 AND finished_at IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS jobs_delivered ON jobs (finished_at, seq) WHERE delivered = 1",
 )
+
+_JOBS = Schema(SCHEMA_VERSION, _SCHEMA, _MIGRATIONS)
 
 Outcome = Literal[
     "new", "duplicate_pending", "duplicate_finished", "rejected_queue_full", "rejected_expired", "rejected"
@@ -320,58 +322,15 @@ class JobStore:
     # Opening, schema, errors
 
     def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
-        c = self._connection()
-        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        if self.readonly:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: schema version {version} is newer than this edge-agent's "
-                                 f"{SCHEMA_VERSION}", code="store_version")  # fmt: skip
-            return
-        check = c.execute("PRAGMA quick_check(1)").fetchone()
-        if check is None or check[0] != "ok":
-            raise StoreError(
-                f"{self.path}: the job store is damaged ({check[0] if check else 'no answer'}); stop the agent, move "
-                f"{self.path.name} and its -wal and -shm files aside, and start again with an empty store",
-                code="store_corrupt",
-            )
-        version = c.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {version} was written by a newer edge-agent (this one knows "
-                f"{SCHEMA_VERSION}); upgrade the agent or move the file aside",
-                code="store_version",
-            )
-        if c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-            # Only possible before the first table exists: lets prune() hand freed pages back
-            # to the filesystem instead of keeping the file at its high-water mark.
-            c.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(
-                f"{self.path}: cannot use write-ahead logging (journal mode stayed {mode!r}); the filesystem must "
-                "support shared memory (not a network share)",
-                code="store_cantopen",
-            )
-        # FULL: in WAL mode every commit is fsynced, so a job that was acknowledged survives a
-        # power cut, not only a process crash. NORMAL would only sync at checkpoints.
-        c.execute(f"PRAGMA synchronous = {synchronous}")
-        c.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            # Not executescript(): it commits first, and the schema must appear all at once or not at all.
-            if 0 < version < SCHEMA_VERSION:
-                for v in range(version + 1, SCHEMA_VERSION + 1):
-                    for stmt in _MIGRATIONS.get(v, ()):
-                        c.execute(stmt)
-            for stmt in _SCHEMA:
-                c.execute(stmt)
-            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
+        open_schema(
+            self._connection(), self.path, _JOBS, what="the job store",
+            fix=f"stop the agent, move {self.path.name} and its -wal and -shm files aside, and start again with an "
+            "empty store",
+            synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, journal_size_limit=JOURNAL_SIZE_LIMIT,
+            # Only possible before the first table exists: lets prune() hand freed pages back to the
+            # filesystem instead of keeping the file at its high-water mark.
+            new_file=("auto_vacuum = INCREMENTAL",), readonly=self.readonly,
+        )  # fmt: skip
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import StoreError
 from agent.shadow.document import ShadowDocument
-from agent.sqlite import store_error, write_transaction
+from agent.sqlite import Schema, open_schema, store_error, write_transaction
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -105,43 +105,12 @@ class ShadowStore:
     # ----------------------------------------------------------------------------------------
 
     def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
-        c = self._connection()
-        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        version = c.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {version} was written by a newer edge-agent (this one knows "
-                f"{SCHEMA_VERSION}); upgrade the agent or move the file aside",
-                code="store_version",
-            )
-        if self.readonly:
-            return
-        check = c.execute("PRAGMA quick_check(1)").fetchone()
-        if check is None or check[0] != "ok":
-            raise StoreError(
-                f"{self.path}: the shadow state is damaged ({check[0] if check else 'no answer'}); stop the agent and "
-                f"move {self.path.name} and its -wal and -shm files aside (the board then starts from its config file "
-                "and takes the next update)",
-                code="store_corrupt",
-            )
-        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(
-                f"{self.path}: cannot use write-ahead logging (journal mode stayed {mode!r}); the filesystem must "
-                "support shared memory (not a network share)",
-                code="store_cantopen",
-            )
-        c.execute(f"PRAGMA synchronous = {synchronous}")
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _SCHEMA:
-                c.execute(stmt)
-            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
+        open_schema(
+            self._connection(), self.path, Schema(SCHEMA_VERSION, _SCHEMA), what="the shadow state",
+            fix=f"stop the agent and move {self.path.name} and its -wal and -shm files aside (the board then starts "
+            "from its config file and takes the next update)",
+            synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, readonly=self.readonly,
+        )  # fmt: skip
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

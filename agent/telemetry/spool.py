@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Literal
 
 from agent.delivery.outbox import Outgoing
 from agent.errors import StoreError
-from agent.sqlite import store_error, write_transaction
+from agent.sqlite import Schema, open_schema, store_error, write_transaction
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -68,6 +68,10 @@ CREATE TABLE IF NOT EXISTS spool (
     "CREATE INDEX IF NOT EXISTS spool_order ON spool (ts, seq)",
     "CREATE TABLE IF NOT EXISTS spool_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
+_SPOOL = Schema(
+    SCHEMA_VERSION, _SCHEMA,
+    seed=tuple(f"INSERT OR IGNORE INTO spool_counters (name, value) VALUES ('{n}', 0)" for n in _COUNTERS),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ class TelemetrySpool:
         try:
             self._connect(busy_timeout_ms)
         except StoreError as e:
-            if e.code != "store_corrupt":
+            if e.code not in ("store_corrupt", "store_version"):  # expendable: moved aside, started again
                 raise
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._clock())}")
             log.warning("%s; moved it to %s and started an empty spool (spooled telemetry is lost)", e, aside)
@@ -153,40 +157,11 @@ class TelemetrySpool:
             raise self._error(e, "opening the spool") from e
         try:
             c = conn
-            c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            check = c.execute("PRAGMA quick_check(1)").fetchone()
-            if check is None or check[0] != "ok":
-                raise StoreError(
-                    f"{self.path}: the spool is damaged ({check[0] if check else 'no answer'})", code="store_corrupt"
-                )
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: spool schema {version} was written by a newer edge-agent (this one knows "
-                    f"{SCHEMA_VERSION})",
-                    code="store_corrupt",  # expendable: moved aside like a damaged file
-                )
-            if c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                c.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only before the first table
-            mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(
-                    f"{self.path}: cannot use write-ahead logging (journal mode {mode!r})", code="store_cantopen"
-                )
-            c.execute("PRAGMA synchronous = NORMAL")
-            c.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in _SCHEMA:
-                    c.execute(stmt)
-                for name in _COUNTERS:
-                    c.execute("INSERT OR IGNORE INTO spool_counters (name, value) VALUES (?, 0)", (name,))
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
+            open_schema(
+                c, self.path, _SPOOL, what="the spool", fix="it is moved aside (spooled telemetry is expendable)",
+                synchronous="NORMAL", busy_timeout_ms=busy_timeout_ms, journal_size_limit=JOURNAL_SIZE_LIMIT,
+                new_file=(f"page_size = {PAGE_SIZE}",),
+            )  # fmt: skip
             per_kind = c.execute("SELECT kind, count(*), total(size) FROM spool GROUP BY kind").fetchall()
         except sqlite3.Error as e:
             conn.close()
