@@ -44,7 +44,8 @@ MANIFEST = "MANIFEST.sha256"
 # takes the platform tags literally, so every manylinux tag up to 2.36 is listed (manylinux2014 = 2_17);
 # linux_aarch64 is the tag of the cross-compiled llama-cpp-python.
 PLATFORMS = ("manylinux2014_aarch64", *(f"manylinux_2_{minor}_aarch64" for minor in range(17, 37)), "linux_aarch64")
-TEST_FILES = ("tests", "pyproject.toml", ".ci", "packaging")  # tests/test_bundle.py reads packaging/
+# What the tests read besides themselves: packaging/ (test_bundle), docs/ (the generated-docs checks).
+TEST_FILES = ("tests", "pyproject.toml", ".ci", "packaging", "docs")
 
 
 def _run(cmd: list[str], **kw: object) -> None:
