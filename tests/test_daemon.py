@@ -18,9 +18,14 @@ import pytest
 from agent.store import JobStore
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import GatedEngine, InProcessDaemon, wait_online, write_daemon_config
+from tests.helpers import job_payload
 
 DEV = "dev-a"
 ROOT = f"edge/{DEV}"
+
+
+def job(job_id: str, **kw: Any) -> bytes:
+    return job_payload(job_id, **{"max_tokens": 8, **kw})
 
 
 class FakeClock:
@@ -35,10 +40,6 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.now += seconds
-
-
-def job(job_id: str, **kw: Any) -> bytes:
-    return json.dumps({"job_id": job_id, "kind": "generate", "prompt": "Hello there", "max_tokens": 8, **kw}).encode()
 
 
 def statuses_until_terminal(peer: BrokerClient, job_id: str, timeout: float = 30.0) -> list[dict]:

@@ -44,6 +44,7 @@ from agent.client import JobClient
 from agent.config import Settings
 from tests.broker import BrokerClient, MosquittoBroker, TLSFiles, device_acl
 from tests.daemon_harness import ROOT, DaemonProcess, GatedEngine, InProcessDaemon, wait_online, write_daemon_config
+from tests.helpers import job_payload
 
 T = 15.0  # deadline for anything that should happen promptly on loopback
 
@@ -77,7 +78,7 @@ FZ = "dev-fz"
 
 
 def job(job_id: str, **kw: Any) -> bytes:
-    return json.dumps({"job_id": job_id, "kind": "generate", "prompt": "Hello there", "max_tokens": 4, **kw}).encode()
+    return job_payload(job_id, **{"max_tokens": 4, **kw})
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,17 +20,10 @@ from agent.telemetry.fields import Telemetry
 from agent.telemetry.spool import TelemetrySpool
 from agent.telemetry.uplink import Uplink
 from tests.fakes import FakePublisher
+from tests.helpers import Clock
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Script:
@@ -75,7 +68,7 @@ def rig(tmp_path: Path):
         "governor": {"cool_down_s": 5, "recover_s": 10, "interval_s": 1},
         "telemetry": {"interval_s": 30},
     })  # fmt: skip
-    clock = Clock()
+    clock = Clock(1000.0)
     spool = TelemetrySpool.from_settings(s)
     pub = FakePublisher()
     uplink = Uplink(spool, lambda t, p: pub.publish(t, p, qos=1), lambda: pub.connected)

@@ -15,13 +15,14 @@ import pytest
 from agent.config import load_settings
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import GatedEngine, InProcessDaemon, to_toml, wait_online, write_daemon_config
+from tests.helpers import job_payload
 
 DEV = "dev-live"
 ROOT = f"edge/{DEV}"
 
 
 def job(job_id: str, **kw: Any) -> bytes:
-    return json.dumps({"job_id": job_id, "kind": "generate", "prompt": "Hello there", "max_tokens": 4, **kw}).encode()
+    return job_payload(job_id, **{"max_tokens": 4, **kw})
 
 
 def expect_status(peer: BrokerClient, job_id: str, status: str) -> dict:

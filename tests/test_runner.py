@@ -21,14 +21,7 @@ from agent.jobs.runner import Runner
 from agent.protocol import JobSubmit, Topics
 from agent.store import JobStore
 from tests.fakes import FakeEngine, FakePublisher
-
-
-class Clock:
-    def __init__(self, t: float = 1_700_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.helpers import Clock
 
 
 class Rig:

@@ -21,20 +21,9 @@ from agent.config.sections import StoreSettings
 from agent.errors import StoreError
 from agent.protocol import ErrorCode, ErrorInfo, JobOutcome, JobStatus, JobSubmit, Timings, Usage
 from agent.store import SCHEMA_VERSION, JobStore
+from tests.helpers import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Clock:
-    def __init__(self, t: float = 1_700_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> float:
-        self.t += s
-        return self.t
 
 
 @pytest.fixture

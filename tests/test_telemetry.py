@@ -21,19 +21,10 @@ from agent.telemetry.events import Event, EventKind, spool_dropped_event, thrott
 from agent.telemetry.fields import GROUPS
 from agent.telemetry.heat import HeatReader, decode
 from agent.telemetry.table import format_value, render
+from tests.helpers import Clock
 
 FIXTURES = Path(__file__).parent / "fixtures" / "system"
 MiB = 1024 * 1024
-
-
-class Clock:
-    """Injected monotonic clock: rates are computed over the time a test says passed."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def board(tmp_path: Path, name: str) -> Path:
@@ -118,7 +109,7 @@ def test_major_faults_are_counted_when_dropped_file_pages_are_read_back(tmp_path
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped from the page cache
-        mono = Clock()
+        mono = Clock(1000.0)
         s = Sampler("dev", monotonic=mono)
         s.sample()
         before = proc_faults().major
@@ -178,7 +169,7 @@ def test_x86_server_unlimited_cgroup_swap_file_per_cpu_frequency(tmp_path):
 
 def test_rates_need_two_readings_and_survive_a_counter_reset(tmp_path):
     root = board(tmp_path, "pi5-throttled")
-    mono = Clock()
+    mono = Clock(1000.0)
     s = Sampler("pi5", root=root, monotonic=mono)
     first = s.sample()
     assert (first.swap_in_bytes_per_s, first.swap_out_bytes_per_s, first.major_faults_per_s) == (None, None, None)
@@ -217,7 +208,7 @@ def test_model_residency_is_read_at_the_lower_rate_and_again_on_a_model_change(t
         calls.append(mono.t)
         return 42.0
 
-    mono = Clock()
+    mono = Clock(1000.0)
     s = Sampler("pi4", root=board(tmp_path, "pi4-stock"), agent_state=lambda: AgentState(model_loaded=loaded["v"]),
                 residency=residency, residency_interval_s=60, monotonic=mono)  # fmt: skip
     for _ in range(6):  # 0, 15, 30, 45, 60, 75 s

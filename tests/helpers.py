@@ -1,0 +1,27 @@
+"""Small helpers several test modules share (one definition each)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class Clock:
+    """An injected clock: ``t`` is what it says until the test moves it."""
+
+    def __init__(self, t: float = 1_700_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> float:
+        self.t += s
+        return self.t
+
+
+def job_payload(job_id: str, *, max_tokens: int = 8, **fields: Any) -> bytes:
+    """A submit payload as a client sends it: a generate job with a short prompt."""
+    return json.dumps(
+        {"job_id": job_id, "kind": "generate", "prompt": "Hello there", "max_tokens": max_tokens, **fields}
+    ).encode()
