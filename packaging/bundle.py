@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-agent-wheels-") as tmp:
         local = Path(tmp)
         project = build_project_wheel(local, args.worktree)
+
         # llama-cpp-python: the cross-compiled wheel itself, by its path (the index has only its sdist).
         def deps(extras: set[str]) -> list[str]:
             reqs = requirements_of(project, extras)
