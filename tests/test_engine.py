@@ -287,8 +287,11 @@ def test_load_report_fit_mode_keeps_weights_file_backed(tiny_model: Path) -> Non
         assert "fit mode" in rep.summary()
     with _engine(tiny_model, load_mode="fast") as engine:
         rep = engine.load()
-        assert "CPU_REPACK model" in rep.llama_buffers
-        assert rep.estimate.repacked_weights > 0
+        # ggml repacks Q4_0 on x86 (AVX2) and on ARM with dotprod; a Cortex-A72 (Pi 4) has no kernel for it and
+        # repacks nothing, as the plan says.
+        assert ("CPU_REPACK model" in rep.llama_buffers) == (rep.estimate.repacked_weights > 0)
+        if os.uname().machine == "x86_64":
+            assert rep.estimate.repacked_weights > 0
 
 
 def _assert_plan_is_what_llama_cpp_allocated(rep) -> None:
