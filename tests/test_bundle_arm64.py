@@ -37,7 +37,7 @@ def test_bundle_installs_offline_and_serves_on_a72_and_a76() -> None:
                        capture_output=True, text=True, timeout=4 * 3600, check=False)  # fmt: skip
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
-    assert "FAIL" not in out.replace("FAIL  ", ""), out[-4000:]  # doctor's own FAIL lines are not the proof's
+    assert "FAIL:" not in out, out[-4000:]  # the proof's own failures (sha256sum's "FAILED" is step 1's)
     assert "refused; /opt/tampered was not created" in out
     assert "CPU variant armv8.0_1" in out  # the Cortex-A72: plain NEON
     assert "CPU variant armv8.2_2" in out  # the Cortex-A76: dotprod and fp16
