@@ -28,6 +28,7 @@ from agent.errors import EXIT_CANNOT_START, EdgeAgentError, StoreError
 from agent.governor.watch import AgentActions, MemoryWatch
 from agent.ha import DiscoveryPublisher
 from agent.health import StoreHealth
+from agent.jobs.gate import Gate
 from agent.jobs.intake import Intake
 from agent.jobs.runner import Runner
 from agent.ops.reporter import Reporter, device_status
@@ -103,14 +104,15 @@ class Daemon:
         self.outbox.add_source(self.results)
         self.spool = TelemetrySpool.from_settings(s, clock=clock)
         self.outbox.add_source(self.spool)  # readings and events kept while offline, sent in order after
+        self.gate = Gate()
+        self.supervisor = Supervisor(engine_factory, self.gate, grace_s=lambda: s.service.shutdown_grace_s,
+                                     canary=lambda: s.canary)  # fmt: skip
         self.runner = Runner(
-            self.store, self.results, engine=lambda: self.supervisor.engine, publish=self.transport.publish,
+            self.store, self.results, self.gate, engine=lambda: self.supervisor.engine, publish=self.transport.publish,
             send_outcome=self._send_outcome, health=self.health, clock=clock, monotonic=monotonic,
             admit=lambda tokens: self.memory.admit_job(tokens, self.supervisor.report),
             capacity=lambda: self.memory.parallel(self.supervisor.slots), governor=lambda: s.governor,
         )  # fmt: skip
-        self.supervisor = Supervisor(engine_factory, self.runner, grace_s=lambda: s.service.shutdown_grace_s,
-                                     canary=lambda: s.canary)  # fmt: skip
         self.delivery = ModelDelivery(
             models_dir=s.device.models_dir, state_dir=s.device.state_dir, settings=lambda: s.download,
             protected=lambda: self.shadow.protected_models(), on_done=lambda: self.shadow.reconcile_soon(),
@@ -118,10 +120,10 @@ class Daemon:
         )  # fmt: skip
         self.intake = Intake(
             self.store, self.topics, limits=lambda: s.engine, ack=self.transport.ack, publish=self.transport.publish,
-            send_outcome=self._send_outcome, cancel_running=self.runner.cancel, job_queued=self.runner.wake,
+            send_outcome=self._send_outcome, cancel_running=self.gate.cancel, job_queued=self.runner.wake,
             health=self.health, clock=clock,
         )  # fmt: skip
-        self.live = LiveSettings(s, supervisor=self.supervisor, store=self.store, hold_intake=lambda on: self.runner.set_hold("intake.paused", on),
+        self.live = LiveSettings(s, supervisor=self.supervisor, store=self.store, hold_intake=lambda on: self.gate.set_hold("intake.paused", on),
                                  spool=self.spool, inference_threads=lambda: self.runner.thread_ids,
                                  delivery=self.delivery)  # fmt: skip
         self.uplink = Uplink(
@@ -133,7 +135,7 @@ class Daemon:
             residency_interval_s=s.telemetry.residency_interval_s,
         )  # fmt: skip
         self.memory = MemoryWatch(s, sampler=sampler, uplink=self.uplink, topics=self.topics,
-                                  actions=AgentActions(self.runner, self.supervisor),
+                                  actions=AgentActions(self.gate, self.supervisor),
                                   parked_need=self.supervisor.parked_need, clock=clock)  # fmt: skip
         self.reporter = Reporter(s, config_path=config_path, topics=self.topics, parts=self,
                                  shadow_document=lambda: self.shadow.document, clock=clock)  # fmt: skip
@@ -159,7 +161,7 @@ class Daemon:
         desired = EngineConfig.from_settings(self.settings)
         if self.supervisor.start(desired, fallback=EngineConfig.from_settings(self.file_settings)) is not desired:
             self.live.reset_reload_keys(self.file_settings)  # the desired model failed: the file's serves
-        self.runner.set_hold("intake.paused", self.settings.intake.paused)
+        self.gate.set_hold("intake.paused", self.settings.intake.paused)
         self.shadow.start()
         with self.notifier.keepalive():
             self.shadow.run_pending()  # desired keys the boot settings left out, before any broker
@@ -242,7 +244,7 @@ class Daemon:
         say goodbye to the broker, free the model, close the store."""
         self.notifier.stopping()
         self.reporter.write_state("stopping", force=True)
-        if running := self.runner.running:  # say what the stop waits for, before it waits
+        if running := self.gate.running:  # say what the stop waits for, before it waits
             if self._stop_requested > 1:
                 log.warning("stopping %d running job(s) now: %s; they are requeued", len(running), ", ".join(running))
             else:
@@ -304,13 +306,13 @@ class Daemon:
     def _store_changed(self, writable: bool) -> None:
         if writable:
             self.intake.resume()
-            self.runner.release("store")
+            self.gate.release("store")
             self.outbox.request_resend()
             self.transport.reconnect(
                 "the job store takes writes again: the broker delivers what was left unacknowledged"
             )
         else:
             self.intake.pause()
-            self.runner.hold("store")
+            self.gate.hold("store")
         self.transport.publish(self.topics.device_status, self.reporter.device_status("online"), qos=1, retain=True)
         self._tick.set()

@@ -624,7 +624,7 @@ def test_job_claimed_while_a_stop_begins_is_requeued_not_run(broker, tiny_model,
     d = InProcessDaemon(cfg)
     daemon = d.daemon
     aborted = threading.Event()  # shutdown looked for running jobs to stop
-    real_wait_idle, real_claim = daemon.runner._wait_idle, daemon.store.claim
+    real_wait_idle, real_claim = daemon.gate.wait_idle, daemon.store.claim
 
     def wait_idle(timeout: float | None) -> bool:
         idle = real_wait_idle(timeout)
@@ -637,7 +637,7 @@ def test_job_claimed_while_a_stop_begins_is_requeued_not_run(broker, tiny_model,
             aborted.wait(30)  # shutdown found no job running yet (grace 0) and moved on
         return real_claim(job_id, now)
 
-    daemon.runner._wait_idle = wait_idle  # type: ignore[method-assign]
+    daemon.gate.wait_idle = wait_idle  # type: ignore[method-assign]
     rec = Recorder()
     peer = Peer(broker, rec).connect().follow(dev)
     with d:

@@ -223,7 +223,7 @@ def test_a_model_change_measures_queued_jobs_again(rig: Rig) -> None:
 def test_every_wait_has_a_reason_recorded_announced_once_and_logged_once(rig: Rig, caplog) -> None:
     caplog.set_level(logging.INFO, logger="agent.jobs.runner")
     rig.submit("a")
-    rig.runner.hold("intake.paused")
+    rig.gate.hold("intake.paused")
     for _ in range(3):
         assert rig.runner.work_once() is False
     rec = rig.store.get("a")
@@ -233,7 +233,7 @@ def test_every_wait_has_a_reason_recorded_announced_once_and_logged_once(rig: Ri
     assert [(m["status"], m.get("waiting_for")) for m in announced] == [("QUEUED", "paused")]
     assert "intake is paused" in announced[0]["message"]
     assert sum("job a waits for paused" in r.getMessage() for r in caplog.records) == 1
-    rig.runner.release("intake.paused")
+    rig.gate.release("intake.paused")
     engine, rig.engine = rig.engine, None  # the model goes away: the reason changes, and is told
     assert rig.runner.work_once() is False
     assert rig.store.get("a").waiting_for == "model"
@@ -300,7 +300,7 @@ def test_the_queue_never_stalls_while_a_job_can_start(tmp_path_factory, jobs, ro
             return fit.fits and fit.keep + fit.allowed <= room
 
         for paused in pauses + [False] * (len(jobs) + 1):
-            rig.runner.set_hold("intake.paused", paused)
+            rig.gate.set_hold("intake.paused", paused)
             before = {r.job_id for r in rig.store.queued()}
             ran = rig.runner.work_once()
             if not ran and not paused:
@@ -342,7 +342,7 @@ def test_status_counts_the_queue_by_what_it_waits_for(tmp_path: Path, tiny_model
     rig.runner = rig.make_runner()
     for job_id in ("a", "b"):
         rig.submit(job_id)
-    rig.runner.hold("intake.paused")
+    rig.gate.hold("intake.paused")
     rig.runner.work_once()
     rig.store.close()
     run = [sys.executable, "-m", "agent", "status", "-c", str(cfg)]

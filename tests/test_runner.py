@@ -17,6 +17,7 @@ from agent.delivery.outbox import Outbox
 from agent.delivery.sources import JobResults
 from agent.errors import StoreError
 from agent.health import StoreHealth
+from agent.jobs.gate import Gate
 from agent.jobs.runner import Runner
 from agent.protocol import JobSubmit, Topics
 from agent.store import JobStore
@@ -37,11 +38,12 @@ class Rig:
         self.engine: FakeEngine | None = FakeEngine()
         self.engine.load()
         self.health = StoreHealth(self.store, recheck_s=lambda: 0.0, min_free_bytes=lambda: 0)
+        self.gate = Gate()
         self.runner = self.make_runner()
 
     def make_runner(self) -> Runner:
         return Runner(
-            self.store, self.results, engine=lambda: self.engine, publish=self.pub.publish,
+            self.store, self.results, self.gate, engine=lambda: self.engine, publish=self.pub.publish,
             send_outcome=lambda rec: self.outbox.send(self.results, self.results.item(rec)), health=self.health,
             clock=self.clock,
         )  # fmt: skip
@@ -107,12 +109,12 @@ def test_no_job_starts_without_a_model_and_none_fails_for_it(rig: Rig) -> None:
 
 def test_holds_stop_new_starts_until_every_hold_is_released(rig: Rig) -> None:
     rig.submit("a")
-    rig.runner.hold("intake.paused")
-    rig.runner.hold("model change")
+    rig.gate.hold("intake.paused")
+    rig.gate.hold("model change")
     assert rig.runner.work_once() is False
-    rig.runner.release("intake.paused")
+    rig.gate.release("intake.paused")
     assert rig.runner.work_once() is False
-    rig.runner.release("model change")
+    rig.gate.release("model change")
     assert rig.runner.work_once() is True
 
 
@@ -120,7 +122,7 @@ def test_cancel_while_running_ends_canceled_with_the_partial_text(rig: Rig) -> N
     rig.submit("a", max_tokens=100)
     gate = run_in_background(rig)
     assert rig.engine.started.wait(10)
-    assert rig.runner.cancel("a") is True
+    assert rig.gate.cancel("a") is True
     gate.set()
     rig.runner.stop(10)
     r = rig.result("a")
@@ -132,14 +134,15 @@ def test_a_preempted_job_is_requeued_without_losing_an_attempt_and_runs_again(ri
     rig.submit("a", max_tokens=100)
     gate = run_in_background(rig)
     assert rig.engine.started.wait(10)
-    rig.runner.hold("test")
-    assert rig.runner.preempt() == ["a"]
+    rig.gate.hold("test")
+    assert rig.gate.preempt() == ["a"]
     gate.set()
-    assert rig.runner._wait_idle(10)
+    assert rig.gate.wait_idle(10)
     rec = rig.store.get("a")
     assert (rec.status, rec.attempt, rec.preemptions) == (JobStatus.QUEUED, 0, 1)
     rig.runner.stop(10)  # idle and held: its thread ends without taking the job again
     rig.engine.gate = None
+    rig.gate = Gate()  # a new daemon: none of the old one's holds
     assert rig.make_runner().work_once() is True
     r = rig.result("a")
     assert (r["status"], r["attempt"]) == ("SUCCEEDED", 1)
@@ -156,7 +159,7 @@ def test_a_job_preempted_again_and_again_ends(tmp_path: Path) -> None:
         t.start()
         assert rig.engine.started.wait(10)
         rig.engine.started.clear()
-        rig.runner.preempt()
+        rig.gate.preempt()
         rig.engine.gate.set()
         t.join()
         rig.engine.gate.clear()
@@ -171,10 +174,10 @@ def test_quiesce_lets_a_job_finish_within_the_grace_then_holds(rig: Rig) -> None
     gate = run_in_background(rig)
     assert rig.engine.started.wait(10)
     held = threading.Event()
-    real_hold = rig.runner.hold
-    rig.runner.hold = lambda reason: (real_hold(reason), held.set())  # type: ignore[method-assign]
+    real_hold = rig.gate.hold
+    rig.gate.hold = lambda reason: (real_hold(reason), held.set())  # type: ignore[method-assign]
     out: list[list[str]] = []
-    q = threading.Thread(target=lambda: out.append(rig.runner.quiesce(30, "model change")))
+    q = threading.Thread(target=lambda: out.append(rig.gate.quiesce(30, "model change")))
     q.start()
     assert held.wait(10)
     gate.set()  # the job finishes on its own while quiesce waits
@@ -182,7 +185,7 @@ def test_quiesce_lets_a_job_finish_within_the_grace_then_holds(rig: Rig) -> None
     assert out == [[]] and rig.result("a")["status"] == "SUCCEEDED"
     rig.submit("b")
     assert rig.runner.work_once() is False  # held: b does not start
-    rig.runner.release("model change")
+    rig.gate.release("model change")
     rig.runner.stop(30)
 
 
@@ -197,11 +200,11 @@ def test_quiesce_preempts_what_does_not_finish_in_time(rig: Rig) -> None:
         rig.engine.gate.set()
 
     threading.Thread(target=release_gate_once_stopped).start()
-    assert rig.runner.quiesce(0, "model change") == ["a"]
+    assert rig.gate.quiesce(0, "model change") == ["a"]
     rec = rig.store.get("a")
     assert (rec.status, rec.attempt) == (JobStatus.QUEUED, 0)
     assert rig.pub.on(rig.topics.result("a")) == []
-    rig.runner.release("model change")
+    rig.gate.release("model change")
     rig.runner.stop(0, force=True)
 
 

@@ -1,8 +1,8 @@
 """The model supervisor: the only code that loads, swaps or unloads the model.
 
 ``apply(EngineConfig)`` replaces the model in force by the one a new configuration describes: it
-asks the runner to let running jobs finish (within the grace period) or preempts them, unloads the
-old model (never two models in memory at once: a board has room for one), loads the new one, runs
+quiesces the run gate (agent.jobs.gate: running jobs finish within the grace period, or are
+preempted), unloads the old model (never two models in memory at once: a board has room for one), loads the new one, runs
 the canary on it (agent/engine/canary.py) while no job can reach it yet and, when the load or the
 canary fails (a corrupt or unknown file, a sha256 that does not match, a model that does not fit, a
 model that answers wrongly), loads the previous one again and measures how long that took. The
@@ -28,7 +28,7 @@ from agent.errors import EdgeAgentError, EngineError, ModelError
 
 log = logging.getLogger(__name__)
 
-# The runner holds a model change and a memory unload take.
+# The gate holds a model change and a memory unload take.
 HOLD = "model change"
 PARK = "model unloaded for memory"
 
@@ -72,7 +72,7 @@ class EngineConfig:
         )
 
 
-class RunnerControl(Protocol):
+class RunGate(Protocol):
     def quiesce(self, grace_s: float, reason: str) -> list[str]: ...
 
     def release(self, reason: str) -> None: ...
@@ -137,7 +137,7 @@ class Supervisor:
     def __init__(
         self,
         factory: Callable[[EngineConfig], EngineLike],
-        runner: RunnerControl,
+        gate: RunGate,
         *,
         grace_s: Callable[[], float],
         canary: Callable[[], CanarySettings | None] = lambda: None,
@@ -147,7 +147,7 @@ class Supervisor:
         running jobs may take to finish before a swap preempts them (read at each swap); ``canary()``
         is the check a new model must pass (read at each swap; None or not enabled: no check)."""
         self._factory = factory
-        self._runner = runner
+        self._gate = gate
         self._grace_s = grace_s
         self._canary = canary
         self._clock = clock
@@ -234,7 +234,7 @@ class Supervisor:
                 self._config, self._engine = config, None
                 return Applied(None)
             t0 = self._clock()
-            preempted = self._runner.quiesce(self._grace_s(), HOLD)
+            preempted = self._gate.quiesce(self._grace_s(), HOLD)
             try:
                 old_engine, old_config, old_sha, old_loaded_at = self._engine, self._config, self.sha256, self.loaded_at
                 if old_engine is not None:
@@ -275,7 +275,7 @@ class Supervisor:
                          len(preempted))  # fmt: skip
                 return Applied(report, preempted, took)
             finally:
-                self._runner.release(HOLD)
+                self._gate.release(HOLD)
 
     def unload(self) -> None:
         """Free the model (shutdown). The runner must have stopped using it."""
@@ -289,7 +289,7 @@ class Supervisor:
         with self._lock:
             if self._parked:
                 return []
-            preempted = self._runner.quiesce(0, PARK)
+            preempted = self._gate.quiesce(0, PARK)
             if self._engine is not None:
                 report = self._engine.report
                 self._engine.unload()
@@ -327,7 +327,7 @@ class Supervisor:
                 return Refused(err, False, [], self._clock() - t0)
             finally:
                 if not self._parked:
-                    self._runner.release(PARK)
+                    self._gate.release(PARK)
 
     def _load(self, config: EngineConfig) -> tuple[EngineLike, LoadReport]:
         path = config.model_file()

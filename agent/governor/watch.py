@@ -204,19 +204,19 @@ class MemoryWatch:
 
 
 class AgentActions:
-    """GovernorActions over the job runner and the model supervisor."""
+    """GovernorActions over the run gate and the model supervisor."""
 
     HOLD = "memory"
 
-    def __init__(self, runner: Any, supervisor: Any) -> None:
-        self._runner = runner
+    def __init__(self, gate: Any, supervisor: Any) -> None:
+        self._gate = gate
         self._supervisor = supervisor
 
     def hold_jobs(self, hold: bool) -> None:
-        (self._runner.hold if hold else self._runner.release)(self.HOLD)
+        (self._gate.hold if hold else self._gate.release)(self.HOLD)
 
     def preempt_jobs(self) -> list[str]:
-        return list(self._runner.preempt())
+        return list(self._gate.preempt())
 
     def unload_model(self) -> list[str]:
         return list(self._supervisor.park())

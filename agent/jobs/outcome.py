@@ -8,20 +8,12 @@ runner passes in what happened, the store persists the outcome, the protocol ren
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 from agent.codes import ErrorCode, JobStatus
 from agent.engine.types import GenerationResult
 from agent.errors import EngineError, OutputTruncated
+from agent.jobs.gate import StopReason
 from agent.protocol import ErrorInfo, JobOutcome, Timings, Usage
-
-
-class StopReason(StrEnum):
-    """Why the runner stopped a running job."""
-
-    CANCEL = "cancel"  # a cancel request: the job ends CANCELED
-    SHUTDOWN = "shutdown"  # the daemon stops: requeued, the run is not counted
-    PREEMPT = "preempt"  # memory pressure or a model change: requeued (store.max_preemptions free ones)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agent.codes import ErrorCode, JobStatus, WaitReason
@@ -29,7 +29,8 @@ from agent.engine.types import EngineLike, GenerationRequest, GenerationResult, 
 from agent.errors import EngineError, OutputTruncated, StoreError
 from agent.governor.policy import Admission
 from agent.health import StoreHealth
-from agent.jobs.outcome import Requeue, StopReason, conclude
+from agent.jobs.gate import Gate, Slot, StopReason
+from agent.jobs.outcome import Requeue, conclude
 from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
 from agent.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
 from agent.store import JobRecord, JobStore, QueuedJob, RequeueReason
@@ -48,18 +49,12 @@ _HOLD_REASONS: dict[str, tuple[WaitReason, str]] = {
 }
 
 
-@dataclass
-class _Slot:
-    job_id: str
-    cancel: threading.Event = field(default_factory=threading.Event)
-    stop: StopReason | None = None
-
-
 class Runner:
     def __init__(
         self,
         store: JobStore,
         results: JobResults,
+        gate: Gate,
         *,
         engine: Callable[[], EngineLike | None],
         publish: Callable[..., Any],
@@ -71,7 +66,8 @@ class Runner:
         capacity: Callable[[], int] = lambda: 1,
         governor: Callable[[], GovernorSettings] = GovernorSettings,
     ) -> None:
-        """``engine()`` gives the engine in force (None while no model is loaded); ``publish`` is
+        """``gate``: the holds and the running jobs (shared with the supervisor and the governor).
+        ``engine()`` gives the engine in force (None while no model is loaded); ``publish`` is
         the transport's publish (statuses, stream pieces); ``send_outcome`` hands a stored terminal
         record to the outbox; ``admit(tokens)`` (the memory governor) decides whether a job whose KV
         cache holds that many tokens may start now, must wait in the queue, or can never fit this
@@ -81,6 +77,7 @@ class Runner:
         memory waits (reserve_after_s, memory_wait_max_s)."""
         self._store = store
         self._results = results
+        self._gate = gate
         self._engine = engine
         self._publish = publish
         self._send_outcome = send_outcome
@@ -94,15 +91,12 @@ class Runner:
         self._lock = threading.Lock()
         self._claim_lock = threading.Lock()  # one claim at a time: slot count and queue order hold
         self._on_thread_start: Callable[[], Any] = lambda: None
-        self._idle = threading.Condition(self._lock)
-        self._slots: dict[str, _Slot] = {}
-        self._cancel_requests: set[str] = set()
-        self._holds: set[str] = set()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.last_tokens_per_s: float | None = None  # of the last job that generated (telemetry)
         self.last_slot_wait_ms: float | None = None  # of the last job the engine ran (telemetry)
+        gate.on_release(self.wake)
 
     # ------------------------------------------------------------------ control
 
@@ -127,69 +121,19 @@ class Runner:
     def wake(self) -> None:
         self._wake.set()
 
-    def hold(self, reason: str) -> None:
-        """Start no new job until ``release(reason)``; running jobs go on."""
-        with self._lock:
-            self._holds.add(reason)
-
-    def release(self, reason: str) -> None:
-        with self._lock:
-            self._holds.discard(reason)
-        self._wake.set()
-
-    def set_hold(self, reason: str, on: bool) -> None:
-        (self.hold if on else self.release)(reason)
-
     @property
     def thread_ids(self) -> list[int]:
         """The workers' kernel thread ids (their priority is the inference priority)."""
         return [t.native_id for t in self._threads if t.native_id is not None]
-
-    @property
-    def holds(self) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._holds)
-
-    @property
-    def running(self) -> list[str]:
-        with self._lock:
-            return list(self._slots)
-
-    def cancel(self, job_id: str) -> bool:
-        """A cancel request for a job the store says is running: stop it (it ends CANCELED). The
-        request is also kept for a job claimed but not yet started. True if it was running here."""
-        with self._lock:
-            self._cancel_requests.add(job_id)
-            slot = self._slots.get(job_id)
-            if slot is None:
-                return False
-            slot.stop = slot.stop or StopReason.CANCEL
-            slot.cancel.set()
-            return True
-
-    def preempt(self, job_ids: list[str] | None = None) -> list[str]:
-        """Stop running jobs (all, or these) and put them back in the queue. Returns their ids."""
-        return self._stop_running(StopReason.PREEMPT, job_ids)
-
-    def quiesce(self, grace_s: float, reason: str) -> list[str]:
-        """Hold new starts (``reason``), let running jobs finish within ``grace_s``, then preempt
-        what still runs and wait for it to be requeued. Returns the preempted ids. The caller
-        releases the hold when done."""
-        self.hold(reason)
-        if self._wait_idle(grace_s):
-            return []
-        preempted = self.preempt()
-        self._wait_idle(None)
-        return preempted
 
     def stop(self, grace_s: float, *, force: bool = False) -> None:
         """Shutdown: no new starts; running jobs get ``grace_s`` to finish (none with ``force``),
         then they are stopped and requeued without the run counting."""
         self._stopping.set()
         self._wake.set()
-        if not self._wait_idle(0 if force else grace_s):
+        if not self._gate.wait_idle(0 if force else grace_s):
             log.warning("running job(s) did not finish within %.0f s: stopping them; they will be requeued", grace_s)
-            self._stop_running(StopReason.SHUTDOWN, None)
+            self._gate.stop(StopReason.SHUTDOWN)
         with self._lock:
             threads = list(self._threads)
         for t in threads:
@@ -199,19 +143,7 @@ class Runner:
         """A second stop signal: stop running jobs now (they are requeued)."""
         self._stopping.set()
         self._wake.set()
-        self._stop_running(StopReason.SHUTDOWN, None)
-
-    def _stop_running(self, why: StopReason, job_ids: list[str] | None) -> list[str]:
-        with self._lock:
-            hit = [s for s in self._slots.values() if job_ids is None or s.job_id in job_ids]
-            for slot in hit:
-                slot.stop = slot.stop or why
-                slot.cancel.set()
-            return [s.job_id for s in hit]
-
-    def _wait_idle(self, timeout: float | None) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._slots, timeout)
+        self._gate.stop(StopReason.SHUTDOWN)
 
     # ------------------------------------------------------------------ the work loop
 
@@ -233,8 +165,7 @@ class Runner:
             return False
         with self._claim_lock:
             capacity = max(1, self._capacity())
-            with self._lock:
-                holds, running = set(self._holds), list(self._slots)
+            holds, running = set(self._gate.holds), self._gate.running
             now = self._clock()
             try:
                 for expired in self._store.expire_queued(now):
@@ -341,21 +272,11 @@ class Runner:
         if len(self._told) > 4 * QUEUE_SCAN:  # jobs that ended elsewhere (canceled, expired)
             self._told = {k: v for k, v in self._told.items() if k in queued}
 
-    def _take_slot(self, rec: JobRecord) -> _Slot | None:
+    def _take_slot(self, rec: JobRecord) -> Slot | None:
         """Count the claimed job as running (None: it must go back without running)."""
-        slot = _Slot(rec.job_id)
-        with self._lock:
-            # A stop or a hold set just before this claim: the job goes back without running
-            # (unless a cancel for it is pending: that ends CANCELED at once, below).
-            blocked = (self._stopping.is_set() or bool(self._holds)) and rec.job_id not in self._cancel_requests
-            if not blocked:
-                self._slots[rec.job_id] = slot
-                if rec.job_id in self._cancel_requests:
-                    slot.stop = StopReason.CANCEL
-                    slot.cancel.set()
-        return None if blocked else slot
+        return self._gate.enter(rec.job_id, stopping=self._stopping.is_set())
 
-    def _run(self, rec: JobRecord, slot: _Slot | None) -> None:
+    def _run(self, rec: JobRecord, slot: Slot | None) -> None:
         if slot is None:
             self._settle(rec, Requeue(StopReason.SHUTDOWN))
             log.info("job %s claimed as new starts were stopped: requeued without running", rec.job_id)
@@ -400,10 +321,7 @@ class Runner:
         try:
             self._settle(rec, conclude(ended, stop=slot.stop, timings=timings, timeout_text=timeout_text))
         finally:
-            with self._idle:
-                self._slots.pop(rec.job_id, None)
-                self._cancel_requests.discard(rec.job_id)
-                self._idle.notify_all()
+            self._gate.leave(rec.job_id)
 
     def _settle(self, rec: JobRecord, decision: JobOutcome | Requeue) -> None:
         """Persist how the run ended, then publish it. Retried until the store takes it: while the

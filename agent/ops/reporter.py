@@ -53,7 +53,7 @@ class Reporter:
         shadow_document: Callable[[], Any],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``parts`` has the daemon's ``supervisor``, ``runner``, ``store``, ``spool``, ``health``,
+        """``parts`` has the daemon's ``supervisor``, ``runner``, ``gate``, ``store``, ``spool``, ``health``,
         ``memory``, ``delivery``, ``transport``, ``uplink`` and ``shadow``; ``settings`` is the tree in force."""
         self.settings, self.config_path, self.topics, self._parts = settings, config_path, topics, parts
         self._shadow_document = shadow_document
@@ -72,6 +72,7 @@ class Reporter:
     # from_daemon() reads these parts by name.
     supervisor = property(lambda self: self._parts.supervisor)
     runner = property(lambda self: self._parts.runner)
+    gate = property(lambda self: self._parts.gate)
     store = property(lambda self: self._parts.store)
     health = property(lambda self: self._parts.health)
     transport = property(lambda self: self._parts.transport)
@@ -112,7 +113,7 @@ class Reporter:
 
     def agent_state(self) -> AgentState:
         p = self._parts
-        engine, running = self.supervisor.engine, self.runner.running
+        engine, running = self.supervisor.engine, self.gate.running
         report = engine.report if engine is not None else None
         spool = p.spool.stats()
         # The weights are a working set only in fit mode, and only when the plan expected them to fit.
