@@ -307,3 +307,26 @@ def test_sighup_reload_applies_limits_and_keeps_running_config_on_bad_edit(confi
         assert d.settings.engine.max_tokens_limit == 16
         peer.publish(f"{ROOT}/jobs/submit", job("still-serving", max_tokens=8))
         assert result_of(peer, "still-serving")["status"] == "SUCCEEDED"
+
+
+def test_the_four_jobs_of_issue_17_on_the_tiny_model_all_end(config, peer):
+    """n_ctx 512, the real engine on the tiny model, four jobs at once: a 600-token story, a small
+    job, a prompt of about 300 tokens with 64 to generate, another small job. None waits on another:
+    the story runs to the end of the context, the long prompt fits and runs."""
+    ids = {"story": {"prompt": "Write a long story about a dragon:", "max_tokens": 600},
+           "small-1": {"max_tokens": 4}, "long": {"prompt": "a" * 600, "max_tokens": 64},
+           "small-2": {"max_tokens": 4}}  # fmt: skip
+    with run_daemon(config(engine={"max_tokens_limit": 1024}), peer):
+        for job_id, fields in ids.items():
+            peer.publish(f"{ROOT}/jobs/submit", job(job_id, temperature=0.0, **fields))
+        results = {}
+        while len(results) < len(ids):
+            msg = peer.expect(timeout=60)
+            if msg.topic.endswith("/result"):
+                results[msg.topic.split("/")[-2]] = json.loads(msg.payload)
+    assert {r["status"] for r in results.values()} == {"SUCCEEDED"}, results
+    story = results["story"]["usage"]
+    assert story["max_tokens_allowed"] == 512 - story["prompt_tokens"]
+    assert story["completion_tokens"] <= story["max_tokens_allowed"]
+    long = results["long"]["usage"]
+    assert long["prompt_tokens"] > 250 and long["max_tokens_allowed"] == 64
