@@ -196,7 +196,7 @@ def test_quiesce_preempts_what_does_not_finish_in_time(rig: Rig) -> None:
 
     def release_gate_once_stopped() -> None:
         # the engine sees the stop at its next token; the gate stands for a slow token
-        rig.runner._slots["a"].cancel.wait(10)
+        rig.gate._slots["a"].cancel.wait(10)
         rig.engine.gate.set()
 
     threading.Thread(target=release_gate_once_stopped).start()
@@ -212,7 +212,7 @@ def test_shutdown_requeues_a_job_that_outlives_the_grace(rig: Rig) -> None:
     rig.submit("a", max_tokens=50)
     run_in_background(rig)
     assert rig.engine.started.wait(10)
-    threading.Thread(target=lambda: (rig.runner._slots["a"].cancel.wait(10), rig.engine.gate.set())).start()
+    threading.Thread(target=lambda: (rig.gate._slots["a"].cancel.wait(10), rig.engine.gate.set())).start()
     rig.runner.stop(0)
     rec = rig.store.get("a")
     assert (rec.status, rec.attempt) == (JobStatus.QUEUED, 0)
