@@ -161,9 +161,9 @@ class Outbox:
         return handle
 
     def _acknowledged(self, source: OutboxSource, key: str) -> None:
-        # On the network thread, before the handle's waiters wake: they then see the effect.
-        with self._lock:
-            self._inflight.pop((source.name, key), None)
+        # On the network thread, before the handle's waiters wake: they then see the effect. The
+        # source records the delivery before the item leaves _inflight: a resend pass in between
+        # would otherwise find it undelivered and not in flight, and publish it a second time.
         try:
             source.delivered([key])
         except StoreError as e:
@@ -171,6 +171,9 @@ class Outbox:
                 self._acked.setdefault(source.name, set()).add(key)
             self._on_store_error(e)
             self._wake()
+        finally:
+            with self._lock:
+                self._inflight.pop((source.name, key), None)
 
     # ------------------------------------------------------------------ main loop
 
