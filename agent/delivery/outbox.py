@@ -120,6 +120,9 @@ class Outbox:
         self._sources: dict[str, OutboxSource] = {}
         self._inflight: dict[tuple[str, str], Handle] = {}
         self._acked: dict[str, set[str]] = {}  # acknowledged, not yet recorded in the source
+        # Acknowledged since the current resend pass began: the pass read its items before, and must
+        # not publish one again that its first sender has had delivered meanwhile.
+        self._recent: dict[str, set[str]] = {}
         self._resend = threading.Event()
         self._resend.set()  # whatever a previous run left undelivered goes out after the first connect
         self._after_connect = True  # the pending resend follows a (re)connect: worth a log line
@@ -134,10 +137,15 @@ class Outbox:
         """Publish one item now. An item still waiting for its acknowledgement, or already
         acknowledged, is not published again: its handle is returned. A publish that fails
         (offline, queue full) is left to the resend pass; nothing is lost, the source keeps it."""
+        return self._send(source, item, resending=False)
+
+    def _send(self, source: OutboxSource, item: Outgoing, *, resending: bool) -> Handle:
         key = (source.name, item.key)
         with self._lock:
             if item.key in self._acked.get(source.name, ()):
                 return _Settled()
+            if resending and item.key in self._recent.get(source.name, ()):
+                return _Settled()  # delivered by its first sender since this pass read it
             pending = self._inflight.get(key)
             if pending is not None and not pending.done:
                 return pending
@@ -174,6 +182,10 @@ class Outbox:
         finally:
             with self._lock:
                 self._inflight.pop((source.name, key), None)
+                recent = self._recent.setdefault(source.name, set())
+                if len(recent) >= 4096:  # no pass is reading: nothing to guard, keep it small
+                    recent.clear()
+                recent.add(key)
 
     # ------------------------------------------------------------------ main loop
 
@@ -227,6 +239,7 @@ class Outbox:
         sent = 0
         while self._publisher.connected and not should_stop():
             with self._lock:
+                self._recent[source.name] = set()
                 skip = set(self._acked.get(source.name, ())) | {
                     k for (n, k), h in self._inflight.items() if n == source.name and not h.done
                 }
@@ -239,7 +252,7 @@ class Outbox:
                 break
             if not items:
                 break
-            handles = [self.send(source, item) for item in items]
+            handles = [self._send(source, item, resending=True) for item in items]
             sent += len(items)
             self._keepalive()  # a long backlog must not look like a hung main loop
             if not all(h.wait(self._ack_timeout_s) for h in handles):
