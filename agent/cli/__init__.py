@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "agent.cli.ops_cmd",
     "agent.cli.status_cmd",
     "agent.cli.keys_cmd",
+    "agent.cli.bundle_cmd",
 )
 
 
