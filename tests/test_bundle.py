@@ -299,3 +299,14 @@ def test_doctor_a72_on_the_plain_variant_is_a_warning_with_nothing_to_fix() -> N
                   variant="armv8.0_1")  # fmt: skip
     assert c.status == "WARN" and "Cortex-A72" in c.summary and "no dotprod" in c.summary
     assert c.fix is not None and "picked the variant for this CPU" in c.fix
+
+
+PI4_CPUINFO = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
+               "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n")  # fmt: skip
+
+
+def test_qemu_user_is_told_from_a_board_by_the_hosts_cpuinfo() -> None:
+    assert cpu.qemu_user_emulated("aarch64", X86_CPUINFO)  # the emulated board: aarch64 with the host's x86 file
+    assert not cpu.qemu_user_emulated("aarch64", PI4_CPUINFO)  # a Raspberry Pi 4
+    assert not cpu.qemu_user_emulated("aarch64", "")  # nothing to go on: not emulated, so the tests stay strict
+    assert not cpu.qemu_user_emulated("x86_64", X86_CPUINFO)

@@ -41,6 +41,23 @@ def hwcap_flags(machine: str | None = None) -> set[str] | None:
     return decode_hwcap(getauxval(AT_HWCAP), getauxval(AT_HWCAP2))
 
 
+def qemu_user_emulated(machine: str | None = None, cpuinfo: str | None = None) -> bool:
+    """True when this aarch64 process runs under qemu-user on an x86 host (the emulated board of
+    packaging/prove-arm64.sh): the machine is aarch64 while /proc/cpuinfo is an x86 file (qemu-user passes
+    the host's through for aarch64 guests: Debian bookworm's qemu 7.2). A real ARM board's /proc/cpuinfo has
+    "CPU implementer" and no x86 "vendor_id"/"flags" lines, so this is never true on one."""
+    if (machine or platform.machine()) != "aarch64":
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    x86 = re.search(r"^(vendor_id|flags)\s*:", cpuinfo, re.M) is not None
+    return x86 and re.search(r"^CPU implementer\s*:", cpuinfo, re.M) is None
+
+
 def llama_cpu_variant(maps: str | None = None) -> str | None:
     """The ggml CPU variant loaded into this process (armv8.2_2 ...), from /proc/self/maps; None when
     llama.cpp is a single build (one libggml-cpu.so) or not loaded."""
