@@ -1,6 +1,6 @@
 """Generated blocks in docs/: a document marks each block with ``<!-- BEGIN GENERATED: name -->`` and
 ``<!-- END GENERATED: name -->``, and a module renders each name from the code, so the document cannot
-drift from it (a test compares). Used by ``agent.protocol_doc`` and ``agent.telemetry.doc``."""
+drift from it (a test compares). Used by ``agent.ops.protocol_doc`` and ``agent.telemetry.doc``."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ spool): one mapping of SQLite errors to ``StoreError`` codes with what to do abo
 to open one (``open_schema``: checks, write-ahead log, schema and migrations in one transaction),
 and the write transaction they all use.
 
-The codes are what the store's health (agent.health) and the CLI act on: store_full,
+The codes are what the store's health (agent.jobs.health) and the CLI act on: store_full,
 store_readonly, store_corrupt, store_cantopen, store_busy, store_io.
 """
 

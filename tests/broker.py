@@ -3,7 +3,7 @@
 Owns: writing mosquitto.conf (and the password and ACL files) into a folder, running
 ``mosquitto -c`` in the foreground as a child process on a loopback port, and stopping,
 killing or restarting it; readiness is "the port accepts TCP". ``BrokerClient`` is an
-independent peer (plain paho, not agent.transport) for tests to publish jobs and observe
+independent peer (plain paho, not agent.mqtt.transport) for tests to publish jobs and observe
 what the agent sends. The system broker on 1883 is never used.
 """
 

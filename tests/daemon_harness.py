@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from agent.config import Settings, _merge, load_settings
-from agent.daemon import Daemon
+from agent.app.daemon import Daemon
+from agent.config import Settings, load_settings
+from agent.config.tree import overlay
 from agent.engine import Engine
 from agent.engine.supervisor import EngineConfig
 from tests.broker import BrokerClient, MosquittoBroker
@@ -85,7 +86,7 @@ def write_daemon_config(
         # preempt the jobs of tests about something else; the governor's tests turn it on.
         "governor": {"enabled": False},
     }
-    _merge(data, sections)
+    overlay(data, sections)
     path = folder / "config.toml"
     path.write_text(to_toml(data))
     return path

@@ -3,7 +3,7 @@
 - ``FakeEngine`` stands in for ``agent.engine.Engine`` (tests/test_contract_engine.py runs the same
   contract against both): it "generates" one token per step, " w0", " w1", ..., honours max_tokens,
   the cancel event, the deadline, stop strings, the per-request limits and unloading under a run.
-- ``FakePublisher`` stands in for ``agent.transport.MqttTransport``'s publishing side
+- ``FakePublisher`` stands in for ``agent.mqtt.transport.MqttTransport``'s publishing side
   (tests/test_contract_publisher.py runs the same contract against both, on a real broker).
 """
 
@@ -154,7 +154,7 @@ class FakeEngine:
 
 
 class FakeHandle:
-    """A publish handle like agent.transport.PublishHandle."""
+    """A publish handle like agent.mqtt.transport.PublishHandle."""
 
     def __init__(self, topic: str, qos: int, on_delivered: Callable[[], None] | None) -> None:
         self.topic = topic

@@ -1,6 +1,6 @@
 """Running the shadow service in tests: an honest fake executor, its contract, and a board.
 
-``FakeExecutor`` stands in for the daemon's diff-and-apply path (agent.applier.LiveSettings) so the
+``FakeExecutor`` stands in for the daemon's diff-and-apply path (agent.app.applier.LiveSettings) so the
 service and the CLI can be tested against a real broker in milliseconds. It keeps the same
 contract, checked by ``check_executor_contract`` (run it on the real executor too): it changes only
 the keys it is given, holds in ``settings`` only values really in force, reports every changed key,
@@ -19,18 +19,18 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from agent.applier import SWAP_NOTE
+from agent.app.applier import SWAP_NOTE
 from agent.config import Settings
 from agent.config.live import ApplyReport, diff
 from agent.models.synth import sha256_file
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import MqttTransport
 from agent.shadow.desired import check_model_file
 from agent.shadow.service import ShadowService
 from agent.shadow.store import ShadowStore
-from agent.transport import MqttTransport
 from tests.broker import MosquittoBroker
 
-# What the real executor (agent.applier.LiveSettings) reports for a swap key: the fake says the same.
+# What the real executor (agent.app.applier.LiveSettings) reports for a swap key: the fake says the same.
 PENDING_NOTE = SWAP_NOTE
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, wait_online, write_daemon_config
 
@@ -55,7 +55,7 @@ def _drain(peer: BrokerClient, take: Callable[[Any], None], done: Callable[[], b
 def _transport_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     """What the transport warned about: a refused publish, a stalled broker, a lost connection."""
     return [r.getMessage() for r in caplog.records
-            if r.name.startswith("agent.transport") and r.levelno >= logging.WARNING]  # fmt: skip
+            if r.name.startswith("agent.mqtt.transport") and r.levelno >= logging.WARNING]  # fmt: skip
 
 
 def test_300_shadow_updates_at_once_get_300_replies(
@@ -94,7 +94,7 @@ def test_300_shadow_updates_at_once_get_300_replies(
         _drain(peer, take, lambda: len(replies) >= n, timeout=40)
         elapsed = time.monotonic() - started
         print(f"\n300 shadow updates: {len(replies)} replies of {n} in {elapsed:.1f} s")
-        decided = d.daemon.shadow.document.version
+        decided = d.daemon.parts.shadow.document.version
 
     assert decided == n  # the daemon accepted (and stored) every one
     missing = sorted(set(f"u{i:03d}" for i in range(n)) - set(replies))
@@ -151,7 +151,7 @@ def test_800_jobs_at_once_every_queued_status_and_result_arrives(
         when = f"{all_queued_after[0]:.1f} s" if all_queued_after else "never"
         print(f"\n800 jobs: {queued} QUEUED statuses (all after {when}), {len(results)} results of {n} "
               f"in {elapsed:.1f} s")  # fmt: skip
-        counts = d.daemon.store.counts()
+        counts = d.daemon.parts.store.counts()
 
     missing = sorted(set(ids) - queued_ids)
     assert queued == n, f"{queued} of {n} QUEUED statuses; missing {missing[:10]} ..."

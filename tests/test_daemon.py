@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.store import JobStore
+from agent.jobs.store import JobStore
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import GatedEngine, InProcessDaemon, wait_online, write_daemon_config
 from tests.helpers import job_payload
@@ -268,7 +268,7 @@ def test_refusals_have_code_and_precise_message(config, peer, payload, code, wor
 
 def test_unreadable_job_is_logged_and_daemon_keeps_serving(config, peer, caplog):
     with run_daemon(config(), peer, expect_errors=("refused a message .* with no readable job_id",)):
-        with caplog.at_level("ERROR", logger="agent.daemon"):
+        with caplog.at_level("ERROR", logger="agent.app.daemon"):
             peer.publish(f"{ROOT}/jobs/submit", b"{not json")
             peer.publish(f"{ROOT}/jobs/submit", job("ok-after"))
             assert result_of(peer, "ok-after")["status"] == "SUCCEEDED"

@@ -31,8 +31,9 @@ from typing import Any
 import pytest
 
 from agent.config import load_settings
-from agent.protocol import JobStatus, Topics
-from agent.store import JobRecord, JobStore
+from agent.jobs.protocol import JobStatus
+from agent.jobs.store import JobRecord, JobStore
+from agent.mqtt.topics import Topics
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import DaemonProcess, InProcessDaemon, wait_online, write_daemon_config
 
@@ -624,7 +625,7 @@ def test_job_claimed_while_a_stop_begins_is_requeued_not_run(broker, tiny_model,
     d = InProcessDaemon(cfg)
     daemon = d.daemon
     aborted = threading.Event()  # shutdown looked for running jobs to stop
-    real_wait_idle, real_claim = daemon.gate.wait_idle, daemon.store.claim
+    real_wait_idle, real_claim = daemon.parts.gate.wait_idle, daemon.parts.store.claim
 
     def wait_idle(timeout: float | None) -> bool:
         idle = real_wait_idle(timeout)
@@ -632,17 +633,17 @@ def test_job_claimed_while_a_stop_begins_is_requeued_not_run(broker, tiny_model,
         return idle
 
     def claim(job_id: str, now: float | None = None) -> JobRecord | None:
-        if daemon.store.queued_count() and daemon._stop_requested == 0:
+        if daemon.parts.store.queued_count() and daemon._stop_requested == 0:
             daemon.request_stop()  # what the SIGTERM handler does
             aborted.wait(30)  # shutdown found no job running yet (grace 0) and moved on
         return real_claim(job_id, now)
 
-    daemon.gate.wait_idle = wait_idle  # type: ignore[method-assign]
+    daemon.parts.gate.wait_idle = wait_idle  # type: ignore[method-assign]
     rec = Recorder()
     peer = Peer(broker, rec).connect().follow(dev)
     with d:
         wait_online(peer, dev)
-        daemon.store.claim = claim  # type: ignore[method-assign]
+        daemon.parts.store.claim = claim  # type: ignore[method-assign]
         peer.publish(topics.submit, job_payload("race-1", 32))
         d._thread.join(30)  # not d.stop(): a second stop request would force, and hide the race
         assert not d._thread.is_alive() and d.exit_code == 0

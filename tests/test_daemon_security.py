@@ -40,8 +40,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agent.client import JobClient
 from agent.config import Settings
+from agent.operator.jobs import JobClient
 from tests.broker import BrokerClient, MosquittoBroker, TLSFiles, device_acl
 from tests.daemon_harness import ROOT, DaemonProcess, GatedEngine, InProcessDaemon, wait_online, write_daemon_config
 from tests.helpers import job_payload
@@ -82,7 +82,7 @@ def job(job_id: str, **kw: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
-# The documented id rules, written independently of agent.protocol
+# The documented id rules, written independently of agent.jobs.protocol
 
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -538,7 +538,7 @@ class FuzzTarget:
         assert result["status"] == "REJECTED" and result["attempt"] == 0 and result["text"] is None, result
         assert err["code"] == code and err["message"], result
         assert statuses[0]["reason"] == code and statuses[0]["message"] == err["message"]
-        row = self.daemon.daemon.store.get(job_id)
+        row = self.daemon.daemon.parts.store.get(job_id)
         assert row is not None and row.status.value == "REJECTED" and row.error_code == code
         return result
 
@@ -572,7 +572,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
             with InProcessDaemon(cfg, expect_errors=("refused a message .* with no readable job_id",)) as d:
                 wait_online(cloud, FZ)
                 yield FuzzTarget(d, cloud, seen, errors)
-                assert d.daemon.transport.connected and d._thread is not None and d._thread.is_alive()
+                assert d.daemon.parts.transport.connected and d._thread is not None and d._thread.is_alive()
     finally:
         daemon_log.removeHandler(errors)
         daemon_log.setLevel(level)
@@ -626,7 +626,7 @@ def test_fuzzed_payloads_are_refused_precisely_and_the_daemon_keeps_serving(fuzz
         want = readable_job_id(payload)
         assert want in (None, uid, uid + "-x"), want  # the oracle can only find ids this test wrote
         errors_before = len(t.errors.errors())
-        rows_before = sum(t.daemon.daemon.store.counts().values())
+        rows_before = sum(t.daemon.daemon.parts.store.counts().values())
         if want is not None:
             t.expected.add(want)
         t.publish(payload)
@@ -648,11 +648,11 @@ def test_fuzzed_payloads_are_refused_precisely_and_the_daemon_keeps_serving(fuzz
             if set(case.codes) == set(case.unknown) and not case.duplicates and case.damage is None:
                 for key in list(case.unknown)[:10]:  # only unknown keys are wrong: each is named
                     assert repr(key if len(key) <= 40 else key[:40]) in msg, (key, msg)
-            assert sum(t.daemon.daemon.store.counts().values()) == rows_before + 1
+            assert sum(t.daemon.daemon.parts.store.counts().values()) == rows_before + 1
         else:
             tally["without_id"] += 1
             t.check_unreadable(payload, errors_before)
-            assert sum(t.daemon.daemon.store.counts().values()) == rows_before
+            assert sum(t.daemon.daemon.parts.store.counts().values()) == rows_before
 
     one()
     # Still serving: a valid job with the same odd text the fuzzer used runs to SUCCEEDED.
@@ -670,7 +670,7 @@ def test_fuzzed_payloads_are_refused_precisely_and_the_daemon_keeps_serving(fuzz
     # guarantee it; the random cases add to it).
     assert tally["with_id"] >= 30 and tally["without_id"] >= 15, tally
     assert all(tally[c] > 0 for c in PAYLOAD_CODES), tally
-    assert t.daemon.daemon.transport.connected
+    assert t.daemon.daemon.parts.transport.connected
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,7 +730,7 @@ def test_payload_too_large_is_refused_unparsed_and_addressed_only_when_job_id_co
     errors_before = len(t.errors.errors())
     t.publish(late)
     line = t.check_unreadable(late, errors_before)
-    assert f"payload is {MAX_PAYLOAD_BYTES + 1} bytes" in line and t.daemon.daemon.store.get("huge-late") is None
+    assert f"payload is {MAX_PAYLOAD_BYTES + 1} bytes" in line and t.daemon.daemon.parts.store.get("huge-late") is None
 
 
 def test_limits_are_inclusive(fuzz_target: FuzzTarget) -> None:
@@ -754,7 +754,7 @@ def test_a_refused_id_stays_refused_and_is_never_run(fuzz_target: FuzzTarget) ->
     t.publish(job("refused-once"))
     again = t.seen.result("refused-once", n=2)
     assert again == first
-    assert t.daemon.daemon.store.get("refused-once").attempt == 0
+    assert t.daemon.daemon.parts.store.get("refused-once").attempt == 0
 
 
 @pytest.mark.parametrize(
@@ -774,12 +774,12 @@ def test_payloads_without_a_readable_id_are_logged_and_never_stored(fuzz_target:
     t = fuzz_target
     assert readable_job_id(payload) is None
     errors_before = len(t.errors.errors())
-    rows_before = sum(t.daemon.daemon.store.counts().values())
+    rows_before = sum(t.daemon.daemon.parts.store.counts().values())
     t.publish(payload)
     t.check_unreadable(payload, errors_before)
-    assert sum(t.daemon.daemon.store.counts().values()) == rows_before
+    assert sum(t.daemon.daemon.parts.store.counts().values()) == rows_before
     # Nothing waits to be resent either: an unpublishable id in the store would stop the daemon at the next resend.
-    assert [r.job_id for r in t.daemon.daemon.store.undelivered()] == []
+    assert [r.job_id for r in t.daemon.daemon.parts.store.undelivered()] == []
 
 
 def test_readable_id_rules_on_undecodable_payloads(fuzz_target: FuzzTarget) -> None:
@@ -827,12 +827,12 @@ def test_a_flood_that_overflows_the_outgoing_queue_loses_no_result(
             os.kill(broker.pid, signal.SIGSTOP)  # the broker stops reading: nothing is acknowledged
             try:
                 gated[0].gate.set()
-                store = d.daemon.store
+                store = d.daemon.parts.store
                 deadline = time.monotonic() + 30
                 while store.counts()["SUCCEEDED"] < k:  # every outcome stored, and its publish attempted
                     assert time.monotonic() < deadline, store.counts()
                     threading.Event().wait(0.01)  # poll pacing; the loop ends on the condition
-                probe = d.daemon.transport.publish("edge/dev-flood/probe", b"", qos=1)
+                probe = d.daemon.parts.transport.publish("edge/dev-flood/probe", b"", qos=1)
                 assert not probe.done and probe.mid == 0, probe  # it did overflow: it waits behind the backlog
             finally:
                 os.kill(broker.pid, signal.SIGCONT)
@@ -841,7 +841,7 @@ def test_a_flood_that_overflows_the_outgoing_queue_loses_no_result(
             assert all(r["status"] == "SUCCEEDED" for r in results.values())
             # Delivered over the same connection: no reconnect (that would publish "online" again) did it.
             seen.settle()
-            assert d.daemon.transport.connected
+            assert d.daemon.parts.transport.connected
             assert [m.payload for m in seen.other if m.topic == "edge/dev-flood/status"] == []
 
 
@@ -878,8 +878,8 @@ def test_mutual_tls_serves_the_device_and_the_acl_keeps_its_neighbour_out(
             cloud.publish("edge/dev-a/jobs/submit", job("tls-1"))
             result = json.loads(cloud.expect("edge/dev-a/jobs/tls-1/result", timeout=30).payload)
             assert result["status"] == "SUCCEEDED" and result["device_id"] == "dev-a"
-            assert d.daemon.store.get("from-dev-b") is None
-            assert d.daemon.store.get("tls-1").status.value == "SUCCEEDED"
+            assert d.daemon.parts.store.get("from-dev-b") is None
+            assert d.daemon.parts.store.get("tls-1").status.value == "SUCCEEDED"
             # dev-b saw none of it (status, job statuses, result): its own topics still reach it,
             # which is what the barrier travels on.
             assert [m.topic for m in snoop.barrier(prefix="edge/dev-b")] == []
@@ -939,7 +939,7 @@ def test_password_from_credentials_directory_is_used_and_never_shown(
         assert result["status"] == "SUCCEEDED"
         assert daemon.terminate() == 0
     text = daemon.log_path.read_text(errors="replace")
-    assert "agent.transport.paho" in text and "CONNECT" in text  # packet traces were on
+    assert "agent.mqtt.transport.paho" in text and "CONNECT" in text  # packet traces were on
     assert not _pieces_of(secret, text)
 
 
@@ -954,10 +954,10 @@ def test_refused_password_is_reported_without_the_secret(
                               mqtt={"username": "dev-a", "password": wrong})  # fmt: skip
     everything = watch_log("", logging.DEBUG)  # root: every logger, paho's traces included
     with InProcessDaemon(cfg) as d:
-        assert everything.wait_for(lambda rs: any(r.name == "agent.transport" and r.levelno == logging.WARNING
+        assert everything.wait_for(lambda rs: any(r.name == "agent.mqtt.transport" and r.levelno == logging.WARNING
                                                   and "not authorised" in r.getMessage() for r in rs))  # fmt: skip
-        err = d.daemon.transport.last_error
+        err = d.daemon.parts.transport.last_error
         assert err is not None and err.code == "mqtt_auth"
     text = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in list(everything.records))
-    assert "agent.transport.paho" in {r.name for r in everything.records}  # packet traces were captured
+    assert "agent.mqtt.transport.paho" in {r.name for r in everything.records}  # packet traces were captured
     assert not _pieces_of(wrong, text + str(err))

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from agent.protocol import JobStatus, Topics
+from agent.jobs.protocol import JobStatus
+from agent.mqtt.topics import Topics
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import DaemonProcess, wait_online, write_daemon_config
 from tests.test_daemon_faults import final_records, poll_store

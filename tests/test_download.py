@@ -1,4 +1,4 @@
-"""agent.delivery.download against a real HTTP(S) server on the loopback address (tests/model_server.py)
+"""agent.models.download against a real HTTP(S) server on the loopback address (tests/model_server.py)
 serving real model files: resume after the server goes down mid-transfer, checksum, space, TLS, auth."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.delivery.download import DownloadError, HttpLink, Progress, RetryPolicy, Source, download, redact
+from agent.models.download import DownloadError, HttpLink, Progress, RetryPolicy, Source, download, redact
 from agent.models.synth import sha256_file, synth_model
 from tests.model_server import ModelServer
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.models.synth import sha256_file, synth_model
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, wait_online, write_daemon_config
 from tests.model_server import ModelServer
@@ -108,7 +108,7 @@ def test_a_download_cut_twice_resumes_is_verified_and_swapped(
         models = tmp_path / "d" / "models"
         assert sha256_file(models / "new.gguf") == sha256_file(new_model)
         assert not [p for p in models.iterdir() if p.name.endswith(".partial")]
-        assert d.daemon.supervisor.engine.report.model.endswith("new.gguf")
+        assert d.daemon.parts.supervisor.engine.report.model.endswith("new.gguf")
         attempts = rep["download"]["attempts"]
     print(
         f"\ndaemon download cut twice: file {size} bytes, server sent {sent} ({sent / size:.3f}x), "
@@ -134,7 +134,7 @@ def test_a_wrong_checksum_is_refused_the_partial_removed_and_the_old_model_serve
         assert doc["state"]["delta"]["model"]["path"] == "new.gguf"  # wanted, not in force
         models = tmp_path / "d" / "models"
         assert sorted(p.name for p in models.iterdir()) == ["model.gguf"]
-        assert d.daemon.supervisor.engine is not None
+        assert d.daemon.parts.supervisor.engine is not None
 
 
 def _mount_tmpfs(folder: Path, size: str) -> None:
@@ -205,7 +205,7 @@ def test_a_model_that_fails_the_canary_is_rolled_back_by_itself(
         assert change["rolled_back"] and change["rollback_ms"] > 0 and change["canary"]["tokens"] == 8
         assert not change["canary"]["passed"] and "canary.pattern" in change["canary"]["reason"]
         assert rep["errors"]["model.path"].startswith("canary_failed: new.gguf")
-        assert rep["serving"]["file"] == "model.gguf" and d.daemon.supervisor.engine is not None
+        assert rep["serving"]["file"] == "model.gguf" and d.daemon.parts.supervisor.engine is not None
         from agent.shadow.document import MAX_STATE_BYTES, json_size
 
         size = json_size(doc["state"]["desired"]) + json_size(rep)

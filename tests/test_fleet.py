@@ -71,7 +71,7 @@ class Fleet:
                     online.add(data["device_id"])
 
     def serving(self) -> dict[str, str]:
-        return {dev: Path(d.daemon.supervisor.engine.report.model).name for dev, d in self.daemons.items()}
+        return {dev: Path(d.daemon.parts.supervisor.engine.report.model).name for dev, d in self.daemons.items()}
 
     def stop(self) -> None:
         for d in self.daemons.values():
@@ -164,7 +164,7 @@ def test_a_rollout_where_two_devices_fail_aborts_and_restores_every_device_it_ch
         assert failed, r["devices"]
         assert fleet.serving() == {dev: "model.gguf" for dev in IDS}
         for dev in IDS[:4]:  # desired is back as it was (no model keys): a restart would not try the new model
-            doc = fleet.daemons[dev].daemon.shadow.document
+            doc = fleet.daemons[dev].daemon.parts.shadow.document
             assert "model" not in doc.desired and not doc.delta()
         print(
             f"\nrollout aborted after {took:.1f} s: {sum(1 for s in states.values() if s == 'restored')} devices "

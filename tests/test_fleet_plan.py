@@ -1,4 +1,4 @@
-"""The rollout's decisions (agent.fleet.plan), pure: no broker, no clock; and its record (a real
+"""The rollout's decisions (agent.operator.fleet.plan), pure: no broker, no clock; and its record (a real
 SQLite file) surviving a reopen, as after a crash of the operator's machine."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.fleet.plan import (
+from agent.operator.fleet.plan import (
     PlanError,
     Policy,
     Row,
@@ -20,7 +20,7 @@ from agent.fleet.plan import (
     restore_observe,
     wave_sizes,
 )
-from agent.fleet.store import RolloutStore, Spec
+from agent.operator.fleet.store import RolloutStore, Spec
 
 SHA = "a" * 64
 OLD = "b" * 64

@@ -23,11 +23,11 @@ from agent.governor.policy import (
     Level,
     Posture,
     Signals,
-    admit,
     available_to_agent,
     describe,
     step,
 )
+from agent.jobs.admission import admit
 from agent.telemetry import Sampler, Telemetry
 from agent.telemetry.events import EventKind, decision_events, signals_missing_event
 

@@ -15,7 +15,7 @@ import pytest
 from agent.codes import ErrorCode
 from agent.config import Settings
 from agent.governor.watch import JobNeed, MemoryWatch
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
 from agent.telemetry.fields import Telemetry
 from agent.telemetry.spool import TelemetrySpool
 from agent.telemetry.uplink import Uplink

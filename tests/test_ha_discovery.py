@@ -24,8 +24,8 @@ import pytest
 from agent.config import Settings
 from agent.ha import DiscoveryPublisher, discovery_messages, list_models, removal_messages
 from agent.ha.discovery import SENSORS
-from agent.protocol import Topics
-from agent.transport import MqttTransport
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import MqttTransport
 from tests.broker import BrokerClient, MosquittoBroker
 
 TOPIC_MATCHER = re.compile(r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config")

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from agent.config.sections import EngineSettings
-from agent.delivery.outbox import Outbox
-from agent.delivery.sources import JobResults
 from agent.errors import StoreError
-from agent.health import StoreHealth
+from agent.jobs.health import StoreHealth
 from agent.jobs.intake import Intake
-from agent.protocol import JobStatus, Topics
-from agent.store import JobStore
+from agent.jobs.protocol import JobStatus
+from agent.jobs.results import JobResults
+from agent.jobs.store import JobStore
+from agent.mqtt.outbox import Outbox
+from agent.mqtt.topics import Topics
 from tests.fakes import FakePublisher
 
 

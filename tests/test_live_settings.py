@@ -56,11 +56,11 @@ def peer(broker: MosquittoBroker):
 def test_a_reload_key_reloads_the_model_with_the_new_value(cfg: Path, peer: BrokerClient, caplog) -> None:
     with InProcessDaemon(cfg) as d:
         wait_online(peer, DEV)
-        assert d.daemon.supervisor.engine.report.n_ctx == 512
+        assert d.daemon.parts.supervisor.engine.report.n_ctx == 512
         edit(cfg, "engine", n_ctx=1024)
         caplog.set_level(logging.INFO)
         d.daemon.reload()
-        assert d.daemon.supervisor.engine.report.n_ctx == 1024 and d.settings.engine.n_ctx == 1024
+        assert d.daemon.parts.supervisor.engine.report.n_ctx == 1024 and d.settings.engine.n_ctx == 1024
         assert len(d.engines) == 2 and not d.engines[0].loaded
         assert "reload: engine.n_ctx = 1024" in caplog.text
         peer.publish(f"{ROOT}/jobs/submit", job("after"))
@@ -77,7 +77,7 @@ def test_a_model_that_does_not_load_is_rolled_back_and_reported(cfg: Path, peer:
             r"reload: model.path not applied: .*missing.gguf.*the previous model serves again", caplog.text
         )
         assert str(d.settings.model.path) == "model.gguf"  # the settings in force hold what is in force
-        assert d.daemon.supervisor.engine is d.engines[0] and d.engines[0].loaded
+        assert d.daemon.parts.supervisor.engine is d.engines[0] and d.engines[0].loaded
         peer.publish(f"{ROOT}/jobs/submit", job("still"))
         assert expect_status(peer, "still", "SUCCEEDED")
 
@@ -93,7 +93,7 @@ def test_paused_intake_stores_jobs_and_runs_them_once_resumed(cfg: Path, peer: B
         peer.publish(f"{ROOT}/jobs/submit", job("runs-later"))
         assert expect_status(peer, "waits", "CANCELED")
         assert expect_status(peer, "runs-later", "QUEUED")
-        assert d.daemon.store.get("runs-later").status.value == "QUEUED"
+        assert d.daemon.parts.store.get("runs-later").status.value == "QUEUED"
         edit(cfg, "intake", paused=False)
         d.daemon.reload()
         assert expect_status(peer, "runs-later", "SUCCEEDED")
@@ -120,7 +120,7 @@ def test_a_model_change_while_a_job_runs_lets_it_finish_or_requeues_it(cfg: Path
         assert gated[0].cancel is not None and gated[0].cancel.wait(30)
         gated[0].gate.set()
         swap.join(60)
-        assert d.daemon.supervisor.engine.report.n_ctx == 768
+        assert d.daemon.parts.supervisor.engine.report.n_ctx == 768
         gated[1].gate.set()  # the requeued job runs on the new model
         final = expect_status(peer, "running", "SUCCEEDED")
         assert final["attempt"] == 1  # the preemption did not cost an attempt

@@ -1,5 +1,5 @@
 """Log formats, journald, and the secret filter (agent.ops.logs); progress of long operations
-(agent.ops.progress)."""
+(agent.system.progress)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from agent.config import load_settings
 from agent.ops.logs import MASK, AgentFormatter, Masker, configure_from_settings, configure_logging, journald_stream
-from agent.ops.progress import LogProgress, choose_mode, progress
+from agent.system.progress import LogProgress, choose_mode, progress
 
 EDGE_AGENT = [sys.executable, "-m", "agent"]
 
@@ -85,7 +85,7 @@ def test_configure_from_settings_masks_the_mqtt_password(tmp_path: Path):
     configure_from_settings(load_settings(cfg, environ={}), environ={})
     handler = logging.getLogger().handlers[0]
     handler.setStream(buf)  # type: ignore[attr-defined]
-    logging.getLogger("agent.transport").warning("paho said: bad credentials broker-pw-123")
+    logging.getLogger("agent.mqtt.transport").warning("paho said: bad credentials broker-pw-123")
     line = json.loads(buf.getvalue().splitlines()[-1])
     assert line["msg"] == f"paho said: bad credentials {MASK}" and line["level"] == "warning"
 
@@ -112,7 +112,7 @@ def test_journald_gets_no_timestamp_and_a_priority_per_line(tmp_path: Path):
     assert journald_stream(env, f) and not journald_stream({}, f)
     assert not journald_stream({"JOURNAL_STREAM": "1:2"}, f)  # our stderr is not the journal (redirected)
     configure_logging(logging.INFO, "text", stream=f, environ=env)
-    log = logging.getLogger("agent.daemon")
+    log = logging.getLogger("agent.app.daemon")
     log.warning("store unwritable")
     try:
         raise ValueError("x")
@@ -120,8 +120,8 @@ def test_journald_gets_no_timestamp_and_a_priority_per_line(tmp_path: Path):
         log.exception("main loop error")
     f.flush()
     lines = (tmp_path / "journal").read_text().splitlines()
-    assert lines[0] == "<4>WARNING agent.daemon: store unwritable"
-    assert lines[1] == "<3>ERROR agent.daemon: main loop error"
+    assert lines[0] == "<4>WARNING agent.app.daemon: store unwritable"
+    assert lines[1] == "<3>ERROR agent.app.daemon: main loop error"
     assert all(line.startswith("<3>") for line in lines[1:])  # the traceback stays at the error's level
     fmt = AgentFormatter("json", journald=True)
     rec = logging.LogRecord("a", logging.INFO, "f", 1, "m", None, None)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import Topics
-from agent.store import JobStore
+from agent.jobs.store import JobStore
+from agent.mqtt.topics import Topics
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import ROOT, wait_online, write_daemon_config
 from tests.test_cgroup_fit import _Cgroup, _drop_from_page_cache

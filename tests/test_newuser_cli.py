@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 import agent.config
+from agent.app.demo import DEV_PROFILE, record_path
+from agent.app.state import process_start_ticks
 from agent.cli import build_parser, main
 from agent.cli.config_cmd import resolve_config
 from agent.config import load_settings
-from agent.demo import DEV_PROFILE, record_path
-from agent.ops.state import process_start_ticks
 from tests.broker import BrokerClient, MosquittoBroker, free_port
 from tests.daemon_harness import ROOT, DaemonProcess, GatedEngine, InProcessDaemon, wait_online, write_daemon_config
 
@@ -330,7 +330,7 @@ def test_sigint_says_at_once_what_the_daemon_waits_for_and_the_second_one_stops_
         "for 1 running job(s) to finish: long; then they are stopped and requeued (a second SIGTERM or SIGINT",
         "SIGINT again: stopping the running jobs now; they are requeued",
     ))  # fmt: skip
-    assert first < waits < second < log.index("INFO agent.daemon: stopped")
+    assert first < waits < second < log.index("INFO agent.app.daemon: stopped")
     assert (
         "job long stopped (the daemon is stopping; it runs again after the restart): back in the queue, this run "
         "does not count as an attempt"

@@ -22,8 +22,8 @@ import pytest
 
 from agent.config import Settings
 from agent.ha import DiscoveryPublisher, list_models
-from agent.protocol import Topics
-from agent.transport import MqttTransport
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import MqttTransport
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, wait_online, write_daemon_config
 

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from agent.config import Settings
 from agent.config.live import live_keys
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import InboundMessage
 from agent.shadow.service import ShadowService
 from agent.shadow.store import ShadowStore
-from agent.transport import InboundMessage
 from tests.broker import MosquittoBroker
 from tests.shadow_harness import FakeExecutor, ShadowBoard, ShadowPeer
 

@@ -22,9 +22,9 @@ import pytest
 
 from agent.config import Settings
 from agent.engine.supervisor import file_sha256
-from agent.fleet.client import FleetClient
 from agent.models.synth import synth_model
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
+from agent.operator.fleet.client import FleetClient
 from agent.shadow.facts import ServingModel
 from agent.shadow.hashes import CACHE_FILE, FileHashes
 from tests.broker import BrokerClient, MosquittoBroker
@@ -180,7 +180,7 @@ def config(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> Path:
 
 
 def _serving(d: InProcessDaemon) -> dict[str, Any]:
-    return d.daemon.reporter.reported_facts()["serving"]
+    return d.daemon.parts.reporter.reported_facts()["serving"]
 
 
 def test_the_daemon_reports_the_sha256_of_the_file_that_runs_and_fleet_status_shows_it(
@@ -202,27 +202,27 @@ def test_the_daemon_reports_the_sha256_of_the_file_that_runs_and_fleet_status_sh
                     assert fleet.info(DEV).sha256 == sha(model)
 
                 # model.sha256 given: reported as it is (the load checked it), no hashing.
-                computed = d.daemon.reporter.hashes.computed
+                computed = d.daemon.parts.reporter.hashes.computed
                 op.send({"state": {"desired": {"model": {"path": "other.gguf", "sha256": sha(other)}}},
                          "client_token": "with-sha"})  # fmt: skip
                 assert op.reply("with-sha")[0] == "accepted"
                 doc = op.doc(lambda x: x["state"]["reported"]["serving"]["file"] == "other.gguf", 60)
                 assert doc["state"]["reported"]["serving"]["sha256"] == sha(other)
-                assert d.daemon.reporter.hashes.computed == computed
+                assert d.daemon.parts.reporter.hashes.computed == computed
 
                 # Back to the first file, without model.sha256: hashed before, so known at once.
                 op.send({"state": {"desired": {"model": None}}, "client_token": "back"})
                 assert op.reply("back")[0] == "accepted"
                 doc = op.doc(lambda x: x["state"]["reported"]["serving"]["file"] == "model.gguf", 60)
                 assert doc["state"]["reported"]["serving"]["sha256"] == sha(model)
-                assert d.daemon.reporter.hashes.computed == computed
+                assert d.daemon.parts.reporter.hashes.computed == computed
 
             # A restart: the cache in the state folder has it, the file is not read again.
             with InProcessDaemon(config) as d:
                 wait_online(peer, DEV)
                 serving = _serving(d)
                 assert serving["sha256"] == sha(model) and serving["sha256_pending"] is False
-                assert d.daemon.reporter.hashes.computed == 0
+                assert d.daemon.parts.reporter.hashes.computed == 0
     finally:
         op.close()
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.delivery.outbox import Outbox, Outgoing
-from agent.delivery.sources import JobResults
 from agent.errors import StoreError
-from agent.protocol import ErrorCode, JobOutcome, JobSubmit, Topics
-from agent.store import JobStore
+from agent.jobs.protocol import ErrorCode, JobOutcome, JobSubmit
+from agent.jobs.results import JobResults
+from agent.jobs.store import JobStore
+from agent.mqtt.outbox import Outbox, Outgoing
+from agent.mqtt.topics import Topics
 from tests.fakes import FakePublisher
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.protocol import (
+from agent.jobs.protocol import (
     JOB_ID_PATTERN,
     SUBMIT_KEYS,
     TERMINAL,
@@ -27,13 +27,13 @@ from agent.protocol import (
     StatusMessage,
     StreamChunk,
     Timings,
-    Topics,
     Usage,
     json_schemas,
     max_payload_bytes,
     parse_submit,
     rfc3339,
 )
+from agent.mqtt.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = {"max_prompt_bytes": 1000, "max_tokens_limit": 1024}
@@ -766,10 +766,10 @@ def test_json_schemas_cover_every_payload() -> None:
 
 
 def test_protocol_doc_is_up_to_date() -> None:
-    from agent import protocol_doc as gen
+    from agent.ops import protocol_doc as gen
 
     doc = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
-    assert gen.render(doc) == doc, "docs/protocol.md is out of date: run python -m agent.protocol_doc"
+    assert gen.render(doc) == doc, "docs/protocol.md is out of date: run python -m agent.ops.protocol_doc"
     for name, schema in json_schemas().items():
         assert json.dumps(schema, indent=2, ensure_ascii=False) in doc, name
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent.codes import ErrorCode, JobStatus, WaitReason
 from agent.config.sections import GovernorSettings
 from agent.engine.types import RequestLimits, fit_context
-from agent.governor.policy import Admission
+from agent.jobs.admission import Admission
 from agent.jobs.schedule import RUN, Queued, Verdict, held, pick
 from tests.fakes import FakeEngine
 from tests.test_runner import Rig
@@ -336,7 +336,7 @@ def test_status_counts_the_queue_by_what_it_waits_for(tmp_path: Path, tiny_model
     settings.device.state_dir.mkdir(parents=True, exist_ok=True)
     rig = Rig(tmp_path)
     rig.store.close()
-    from agent.store import JobStore
+    from agent.jobs.store import JobStore
 
     rig.store = JobStore.from_settings(settings.store, clock=rig.clock)
     rig.runner = rig.make_runner()

@@ -13,14 +13,15 @@ from typing import Any
 import pytest
 
 from agent.codes import ErrorCode, JobStatus
-from agent.delivery.outbox import Outbox
-from agent.delivery.sources import JobResults
 from agent.errors import StoreError
-from agent.health import StoreHealth
 from agent.jobs.gate import Gate
+from agent.jobs.health import StoreHealth
+from agent.jobs.protocol import JobSubmit
+from agent.jobs.results import JobResults
 from agent.jobs.runner import Runner
-from agent.protocol import JobSubmit, Topics
-from agent.store import JobStore
+from agent.jobs.store import JobStore
+from agent.mqtt.outbox import Outbox
+from agent.mqtt.topics import Topics
 from tests.fakes import FakeEngine, FakePublisher
 from tests.helpers import Clock
 
@@ -260,7 +261,7 @@ def test_the_job_path_imports_without_llama_cpp() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, agent.daemon, agent.jobs.runner, agent.engine, agent.protocol, agent.store; "
+    code = ("import sys, agent.app.daemon, agent.jobs.runner, agent.engine, agent.jobs.protocol, agent.jobs.store; "
             "from agent.engine import GenerationRequest, EngineLike; "
             "assert 'llama_cpp' not in sys.modules, 'llama_cpp was imported'")  # fmt: skip
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)

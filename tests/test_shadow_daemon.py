@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent.models.synth import synth_model
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
 from agent.shadow.store import ShadowStore
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import ROOT, DaemonProcess, GatedEngine, InProcessDaemon, wait_online, write_daemon_config
@@ -98,10 +98,10 @@ def test_live_keys_are_applied_and_reported_and_paused_jobs_wait(board: Path, op
         assert (rep["engine"]["n_ctx"], rep["engine"]["max_parallel"], rep["telemetry"]["interval_s"],
                 rep["intake"]["paused"]) == (1024, 3, 7, True)  # fmt: skip
         assert not doc["state"].get("delta")
-        assert (d.daemon.supervisor.engine.report.n_ctx, d.daemon.supervisor.engine.slots) == (1024, 3)
+        assert (d.daemon.parts.supervisor.engine.report.n_ctx, d.daemon.parts.supervisor.engine.slots) == (1024, 3)
         submit(jobs, "waits")
         job_status(jobs, "waits", "QUEUED")
-        assert d.daemon.store.get("waits").status.value == "QUEUED"
+        assert d.daemon.parts.store.get("waits").status.value == "QUEUED"
         kind, reply = update(op, {"intake": {"paused": False}}, "t2")
         assert kind == "accepted" and reply["version"] == 2
         assert job_status(jobs, "waits", "SUCCEEDED")["attempt"] == 1
@@ -138,14 +138,14 @@ def test_a_model_change_while_a_job_runs(board: Path, op: ShadowPeer, jobs, grac
         print(f"model change ({'job finishes first' if grace else 'job preempted'}): accepted to serving "
               f"{(serving['loaded_at'] - accepted_at) * 1000:.0f} ms, swap {serving['swap_ms']:.0f} ms, "
               f"{serving['preempted']} job(s) preempted")  # fmt: skip
-        assert d.daemon.supervisor.engine.report.model.endswith("other.gguf")
+        assert d.daemon.parts.supervisor.engine.report.model.endswith("other.gguf")
         if not grace:
             gated[1].gate.set()  # the requeued job runs on the new model
         final = job_status(jobs, "during", "SUCCEEDED")
         assert final["attempt"] == 1
         results = [m for m in jobs.barrier() if m.topic == T.result("during")]
     store = d.settings.store.path
-    from agent.store import JobStore
+    from agent.jobs.store import JobStore
 
     with JobStore(store, readonly=True) as s:
         r = s.get("during")
@@ -175,7 +175,7 @@ def test_a_model_that_cannot_load_is_refused_or_rolled_back(
         assert "model" in doc["state"]["delta"]
         submit(jobs, "old-model-serves")
         assert job_status(jobs, "old-model-serves", "SUCCEEDED")
-        assert d.daemon.supervisor.engine.report.model.endswith("model.gguf")
+        assert d.daemon.parts.supervisor.engine.report.model.endswith("model.gguf")
         while True:  # the rollback is an event too
             event = json.loads(events.expect(T.events, timeout=30).payload)
             if event["kind"] == "model_change":
@@ -204,7 +204,7 @@ def test_bad_updates_are_refused_whole_with_one_message_per_key(
         assert kind == "rejected" and reply["code"] == 400, reply
         assert key in reply["errors"] and reply["errors"][key], reply
         assert reply["version"] == before["version"] == 0
-        assert d.daemon.shadow.document.version == 0 and d.settings.telemetry.interval_s != 9
+        assert d.daemon.parts.shadow.document.version == 0 and d.settings.telemetry.interval_s != 9
 
 
 def test_version_conflicts_409_and_oversized_states_413(board: Path, op: ShadowPeer, jobs) -> None:
@@ -244,7 +244,7 @@ def test_a_retained_update_before_the_first_connect_is_applied_once_and_cleared(
         wait_online(jobs, DEV)
         assert op.reply("first-config", 60)[0] == "accepted"
         applied(op, 1)
-        assert d.daemon.supervisor.engine.report.n_ctx == 768
+        assert d.daemon.parts.supervisor.engine.report.n_ctx == 768
         assert op.retained(T.shadow_update) is None  # cleared: a later board start does not re-apply it
 
 
@@ -312,7 +312,7 @@ def test_the_daemons_live_settings_path_keeps_the_executor_contract(board: Path,
 
     with InProcessDaemon(board, expect_errors=BAD_MODEL) as d:
         wait_online(jobs, DEV)
-        check_executor_contract(lambda: d.daemon.live, d.settings.model_copy(deep=True), "other.gguf",
+        check_executor_contract(lambda: d.daemon.parts.live, d.settings.model_copy(deep=True), "other.gguf",
                                 "unknown-arch.gguf")  # fmt: skip
 
 

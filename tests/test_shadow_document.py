@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from agent.config.tree import flatten, unflatten
 from agent.shadow.document import (
     MAX_STATE_BYTES,
     Accepted,
@@ -16,13 +17,11 @@ from agent.shadow.document import (
     UpdateRequest,
     apply_update,
     delta,
-    flatten,
     handle_update,
     merge,
     parse_get,
     parse_update,
     set_reported,
-    unflatten,
 )
 
 

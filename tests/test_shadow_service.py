@@ -429,9 +429,9 @@ def test_a_desired_key_the_edited_config_file_no_longer_allows_is_reported(broke
 
 
 def test_a_message_before_start_is_left_for_the_broker_to_redeliver(settings):
-    from agent.protocol import Topics
+    from agent.mqtt.topics import Topics
+    from agent.mqtt.transport import InboundMessage
     from agent.shadow.service import ShadowService
-    from agent.transport import InboundMessage
 
     published, acked = [], []
     with ShadowStore.from_settings(settings) as store:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.models.synth import sha256_file, synth_model
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
 from agent.signing import generate_key, iso, load_private_key, sign_model, sign_update
 from tests.broker import MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, write_daemon_config
@@ -187,7 +187,7 @@ def test_every_attack_is_refused_and_the_honest_path_serves(
         rep = doc["state"]["reported"]
         assert "the signature is for other bytes" in rep["errors"]["model.path"]
         assert rep["serving"]["file"] == "new.gguf" and rep["model_change"]["outcome"] == "load_failed"
-        assert d.daemon.supervisor.engine is not None
+        assert d.daemon.parts.supervisor.engine is not None
         assert not [e for e in d.engines if str(e.model_path).endswith("other.gguf")]  # never handed to llama.cpp
 
 

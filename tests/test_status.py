@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.config import load_settings
-from agent.ops.state import (
+from agent.app.state import (
     StateSnapshot,
     StateWriter,
     liveness,
@@ -19,8 +18,9 @@ from agent.ops.state import (
     read_state,
     write_state,
 )
-from agent.protocol import parse_submit
-from agent.store import JobStore
+from agent.config import load_settings
+from agent.jobs.protocol import parse_submit
+from agent.jobs.store import JobStore
 from tests.broker import free_port
 from tests.daemon_harness import InProcessDaemon, write_daemon_config
 
@@ -139,10 +139,10 @@ def test_status_with_the_broker_down(tmp_path: Path, tiny_model: Path):
     with InProcessDaemon(cfg) as d:
         daemon = d.daemon
         deadline = time.monotonic() + 60
-        while daemon.store.counts()["SUCCEEDED"] < 2:  # the runner takes them without a broker
-            assert time.monotonic() < deadline, daemon.store.counts()
-            daemon._tick.wait(0.05)
-        daemon.reporter.write_state("ready", force=True)  # what its main loop writes on change or heartbeat
+        while daemon.parts.store.counts()["SUCCEEDED"] < 2:  # the runner takes them without a broker
+            assert time.monotonic() < deadline, daemon.parts.store.counts()
+            daemon.parts.tick.wait(0.05)
+        daemon.parts.reporter.write_state("ready", force=True)  # what its main loop writes on change or heartbeat
         p = subprocess.run([*EDGE_AGENT, "status", "-c", str(cfg), "--json"], capture_output=True, text=True,
                            timeout=60)  # fmt: skip
         text = subprocess.run([*EDGE_AGENT, "status", "-c", str(cfg)], capture_output=True, text=True, timeout=60)

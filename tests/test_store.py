@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from agent.config.sections import StoreSettings
 from agent.errors import StoreError
-from agent.protocol import ErrorCode, ErrorInfo, JobOutcome, JobStatus, JobSubmit, Timings, Usage
-from agent.store import SCHEMA_VERSION, JobStore
+from agent.jobs.protocol import ErrorCode, ErrorInfo, JobOutcome, JobStatus, JobSubmit, Timings, Usage
+from agent.jobs.store import SCHEMA_VERSION, JobStore
 from tests.helpers import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -515,8 +515,8 @@ def test_two_threads_share_the_store(store: JobStore) -> None:
 CHILD = textwrap.dedent(
     """
     import sys
-    from agent.protocol import JobSubmit
-    from agent.store import JobStore
+    from agent.jobs.protocol import JobSubmit
+    from agent.jobs.store import JobStore
 
     store = JobStore(sys.argv[1], queue_max=1_000_000)
     for i in range(1_000_000):

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
 from tests.broker import MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, wait_online, write_daemon_config
 from tests.test_daemon_faults import Peer
@@ -61,7 +61,7 @@ def test_readings_are_spooled_while_the_broker_is_down_and_flushed_in_order(
         # The scenario: the broker stays down for several intervals, until the spool is full and
         # has dropped its oldest readings twice (a reading a second: about SPOOL_ROWS + 2 seconds).
         deadline = time.monotonic() + 60
-        while not ((stats := d.daemon.spool.stats()).rows == SPOOL_ROWS and stats.dropped >= 2):
+        while not ((stats := d.daemon.parts.spool.stats()).rows == SPOOL_ROWS and stats.dropped >= 2):
             assert time.monotonic() < deadline, stats
             time.sleep(0.1)
         broker.start()
@@ -72,7 +72,7 @@ def test_readings_are_spooled_while_the_broker_is_down_and_flushed_in_order(
         assert peer.session_present
         seen.wait("the spooled readings and live ones after them", lambda: len(seen.ts) >= before + SPOOL_ROWS + 2)
         seen.wait("the drops reported", lambda: any(e["kind"] == "spool_dropped" for e in seen.events))
-        assert d.daemon.spool.stats().rows == 0
+        assert d.daemon.parts.spool.stats().rows == 0
     peer.close()
     assert seen.ts == sorted(seen.ts), seen.ts  # in order, spooled ones before the live ones after them
     assert len(set(seen.ts)) == len(seen.ts), seen.ts  # nothing twice

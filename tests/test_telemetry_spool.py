@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from agent.delivery.outbox import Outgoing
 from agent.errors import StoreError
+from agent.mqtt.outbox import Outgoing
 from agent.telemetry.spool import TelemetrySpool
 from agent.telemetry.uplink import Uplink
 
@@ -194,7 +194,7 @@ def test_from_settings_puts_it_in_the_state_dir(tmp_path):
 
 @dataclass
 class Handle:
-    """Stands in for agent.transport.PublishHandle (the same three properties; the contract test
+    """Stands in for agent.mqtt.transport.PublishHandle (the same three properties; the contract test
     below checks the real one behaves the same for the cases the uplink relies on)."""
 
     done: bool = False
@@ -262,7 +262,7 @@ def test_uplink_counts_what_the_disk_cannot_take(tmp_path):
 
 
 def test_the_real_publish_handle_behaves_as_the_uplink_expects(broker_factory: Callable[..., Any]):
-    from agent.transport import MqttTransport
+    from agent.mqtt.transport import MqttTransport
 
     b = broker_factory("contract")
     t = MqttTransport(b.settings("edge-agent-contract"), will=None, on_message=lambda m: None)
@@ -284,7 +284,7 @@ def test_the_real_publish_handle_behaves_as_the_uplink_expects(broker_factory: C
 def test_offline_spool_end_to_end_with_a_real_broker(broker_factory: Callable[..., Any], tmp_path: Path):
     """Readings every 'interval' while the broker is down for several intervals: spooled, bounded,
     drops counted; after the restart flushed oldest first, each exactly once."""
-    from agent.transport import MqttTransport
+    from agent.mqtt.transport import MqttTransport
     from tests.broker import BrokerClient, free_port
 
     b = broker_factory("spool", port=free_port())  # a fixed port: the agent reconnects to the same one

@@ -1,4 +1,4 @@
-"""agent.transport against real mosquitto brokers (private, on free loopback ports).
+"""agent.mqtt.transport against real mosquitto brokers (private, on free loopback ports).
 
 Synchronisation is by events, handles and broker round trips with deadlines; nothing waits
 for a fixed time hoping something happened meanwhile.
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent.errors import TransportError
-from agent.transport import Backoff, InboundMessage, MqttTransport, backoff_delays
+from agent.mqtt.transport import Backoff, InboundMessage, MqttTransport, backoff_delays
 from tests.broker import BrokerClient, MosquittoBroker, TcpProxy, TLSFiles, device_acl, make_tls_material
 
 T = 10.0  # deadline for anything that should happen promptly on loopback
@@ -199,7 +199,7 @@ def test_publish_when_not_connected_fails_fast_without_raising(
 def test_missing_broker_at_startup_is_retried_until_it_appears(
     broker_factory: Callable[..., MosquittoBroker], transports: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent.transport")
+    caplog.set_level(logging.INFO, logger="agent.mqtt.transport")
     late = broker_factory("late", start=False)
     rec = Recorder()
     t = transports(make_transport(late.settings("edge-agent-late"), rec))
@@ -363,7 +363,7 @@ def test_silent_network_loss_is_detected_by_keepalive_and_recovered(broker: Mosq
 _CHILD = r"""
 import json, sys, threading
 from agent.config.sections import MQTTSettings
-from agent.transport import MqttTransport
+from agent.mqtt.transport import MqttTransport
 cfg = json.loads(sys.argv[1])
 def on_message(msg):  # never acks: the job must survive this process being killed
     print("got", msg.topic, msg.payload.decode(), flush=True)
@@ -489,7 +489,7 @@ def test_mutual_tls_connects_and_acl_isolates_devices(
     transports: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.transport")
+    caplog.set_level(logging.WARNING, logger="agent.mqtt.transport")
     b = _tls_broker(broker_factory, tls_material)
     rec = Recorder()
     # dev-a also asks for dev-b's jobs: the broker must not hand them over
@@ -526,7 +526,7 @@ def test_wrong_ca_fails_with_a_clear_error_naming_the_ca_file(
     transports: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.transport")
+    caplog.set_level(logging.WARNING, logger="agent.mqtt.transport")
     b = _tls_broker(broker_factory, tls_material)
     rec = Recorder()
     settings = _tls_settings(b, tls_material, "dev-a", ca_file=str(tls_material.other_ca_file))
@@ -554,7 +554,7 @@ def test_broker_refusing_our_client_certificate_is_explained(
 def test_host_name_mismatch_is_refused_unless_insecure_skip_verify(
     broker_factory: Callable[..., MosquittoBroker], tmp_path: Path, transports: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.transport")
+    caplog.set_level(logging.WARNING, logger="agent.mqtt.transport")
     tls = make_tls_material(tmp_path / "tls-other-name", server_names=("broker.invalid",))
     b = broker_factory("tls-name", tls=tls)
     tls_cfg = {"enabled": True, "ca_file": str(tls.ca_file)}

@@ -1,7 +1,7 @@
 """`edge-agent config validate|show|schema|docs`, and the -c option every command shares.
 
 Which settings a command reads: ``-c FILE``; else /etc/edge-agent/config.toml when it exists; else
-the settings the last `run --demo` of this user recorded (agent.demo.recorded_demo), so the
+the settings the last `run --demo` of this user recorded (agent.app.demo.recorded_demo), so the
 operator commands find the demo daemon as the README shows them; else the built-in defaults.
 ``resolve_config`` decides it once per command line; handlers load with ``settings_from``.
 """
@@ -37,7 +37,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str] | None =
     """No -c and no /etc/edge-agent/config.toml: point ``args.config`` at the demo's profile and
     ``args.config_overrides`` at what locates the demo, and say so on stderr. Else nothing changes."""
     from agent import config
-    from agent.demo import recorded_demo
+    from agent.app.demo import recorded_demo
 
     if getattr(args, "config", None) is not None or not getattr(args, "demo_fallback", False):
         return

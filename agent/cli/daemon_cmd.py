@@ -14,7 +14,7 @@ from agent.config import Settings
 from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EdgeAgentError
 
 if TYPE_CHECKING:
-    from agent.store import JobStore
+    from agent.jobs.store import JobStore
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,14 +76,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
-    from agent.daemon import Daemon
+    from agent.app.daemon import Daemon
 
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)  # a service logs its life cycle to the journal
     broker = None
     try:
         if args.demo:
-            from agent.demo import DEV_PROFILE, demo_settings, ensure_demo_model
+            from agent.app.demo import DEV_PROFILE, demo_settings, ensure_demo_model
 
             settings = demo_settings()
             ensure_demo_model(settings)
@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
 
         configure_from_settings(settings)  # service.log_format; the broker password masked in every line
         if settings.service.demo_broker:
-            from agent.demo import ensure_broker
+            from agent.app.demo import ensure_broker
 
             broker = ensure_broker(settings)
         daemon = Daemon(settings, config_path=config_path)
@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
             broker.terminate()
         return EXIT_CANNOT_START
     if args.demo:
-        from agent.demo import record_demo
+        from agent.app.demo import record_demo
 
         # Where the operator commands without -c find this demo (status, jobs, doctor, shadow show ...).
         record_demo(settings)
@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from agent.client import JobClient
+    from agent.operator.jobs import JobClient
 
     settings = _settings(args)
     request: dict[str, Any] = {"max_tokens": args.max_tokens}
@@ -220,7 +220,7 @@ def _schema_arg(value: str) -> Any:
 
 
 def _open_store(settings: Settings) -> JobStore:
-    from agent.store import JobStore
+    from agent.jobs.store import JobStore
 
     return JobStore.from_settings(settings.store, readonly=True)
 
@@ -262,7 +262,7 @@ def _jobs_show(args: argparse.Namespace) -> int:
 
 
 def _jobs_cancel(args: argparse.Namespace) -> int:
-    from agent.client import JobClient
+    from agent.operator.jobs import JobClient
 
     settings = _settings(args)
     with JobClient(settings, device_id=settings.device.id) as client:

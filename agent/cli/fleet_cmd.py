@@ -91,13 +91,13 @@ def _broker(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from agent.fleet.client import FleetClient
+    from agent.operator.fleet.client import FleetClient
 
     return FleetClient(settings_from(args), prefix=args.prefix, connect_timeout=args.connect_timeout)
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from agent.fleet.store import RolloutStore, default_path
+    from agent.operator.fleet.store import RolloutStore, default_path
 
     return RolloutStore(args.db or default_path())
 
@@ -146,7 +146,7 @@ def _ago(now: float, t: float | None) -> str:
 
 
 def _target(args: argparse.Namespace) -> Any:
-    from agent.fleet.plan import PlanError, Target
+    from agent.operator.fleet.plan import PlanError, Target
 
     if not args.model or not args.sha256:
         raise PlanError("a new rollout needs --model PATH|URL and --sha256 HEX (or --resume ID)")
@@ -168,8 +168,8 @@ def _target(args: argparse.Namespace) -> Any:
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    from agent.fleet.plan import PlanError, Policy, Threshold, parse_waves
-    from agent.fleet.rollout import RolloutDriver
+    from agent.operator.fleet.plan import PlanError, Policy, Threshold, parse_waves
+    from agent.operator.fleet.rollout import RolloutDriver
 
     try:
         if args.resume:

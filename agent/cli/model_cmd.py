@@ -264,7 +264,7 @@ def _synth(args: argparse.Namespace) -> int:
         raise ModelError(f"{out} exists; pass --force to replace it", code="model_exists")
     if not out.parent.is_dir():
         raise ModelError(f"folder {out.parent} does not exist; create it first", code="model_write_failed")
-    # A bar on a terminal; piped or under systemd, progress lines every few seconds (agent.ops.progress),
+    # A bar on a terminal; piped or under systemd, progress lines every few seconds (agent.system.progress),
     # shown even without -v: writing a 600 MB model takes a while on a board.
     logging.getLogger("agent.progress").setLevel(logging.INFO)
     start = time.monotonic()

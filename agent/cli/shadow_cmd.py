@@ -1,6 +1,6 @@
 """`edge-agent shadow get|set|show`: read and change a board's desired state, see what it runs.
 
-``get`` and ``set`` go through the broker (agent.shadow.client); ``show`` reads the board's own
+``get`` and ``set`` go through the broker (agent.operator.shadow); ``show`` reads the board's own
 shadow.db and needs no broker. The table shows, per setting, what operators asked for (desired),
 what is in force (reported) and the state: in sync, applying, pending (accepted, nothing acts on it
 yet) or FAILED with the reason.
@@ -171,7 +171,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
 
 
 def _get(args: argparse.Namespace) -> int:
-    from agent.shadow.client import ShadowClient
+    from agent.operator.shadow import ShadowClient
 
     settings, device = _settings(args)
     with ShadowClient(settings, device_id=device, connect_timeout=args.connect_timeout) as client:
@@ -189,7 +189,7 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _set(args: argparse.Namespace) -> int:
-    from agent.shadow.client import ShadowClient
+    from agent.operator.shadow import ShadowClient
 
     if bool(args.assignments) == args.reset:
         print("edge-agent: give KEY=VALUE assignments, or --reset alone", file=sys.stderr)
@@ -270,7 +270,7 @@ def _set(args: argparse.Namespace) -> int:
 def judge(doc: dict[str, Any], desired_sent: dict[str, Any], keys: list[str] | None) -> dict[str, dict[str, Any]]:
     """For the keys an update set (None: every key, after a reset): which failed (with why), which
     are pending (with the note), and which a later update changed again."""
-    from agent.shadow.document import flatten
+    from agent.config.tree import flatten
 
     state = doc.get("state", {})
     reported = state.get("reported", {})
@@ -315,7 +315,7 @@ def _print_json(data: Any) -> None:
 
 def render(doc: dict[str, Any], *, device: str, source: str, all_keys: bool = False) -> str:
     """desired, reported and state per setting, then the board's facts."""
-    from agent.shadow.document import flatten
+    from agent.config.tree import flatten
     from agent.shadow.messages import REPORTED_EXTRAS
 
     state = doc.get("state", {})

@@ -31,6 +31,7 @@ from agent.config.sections import (
     SwapSettings,
     TelemetrySettings,
 )
+from agent.config.tree import overlay
 from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT__"
@@ -123,15 +124,6 @@ def _credentials(environ: Mapping[str, str]) -> dict[str, Any]:
         if f.is_file():
             out.setdefault(section, {})[key] = f.read_text().rstrip("\n")
     return out
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 _PATH_KEYS = (
@@ -252,10 +244,10 @@ def load_settings(
     if env:
         _resolve_relative_paths(env, Path.cwd())
         source += " + EDGE_AGENT__* environment"
-    _merge(data, env)
-    _merge(data, _credentials(environ))
+    overlay(data, env)
+    overlay(data, _credentials(environ))
     if overrides:
-        _merge(data, overrides)
+        overlay(data, overrides)
     try:
         return Settings.model_validate(data)
     except ValidationError as e:

@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+# The key that pauses intake: also the name of the run gate's hold it sets (agent.jobs.gate).
+INTAKE_PAUSED = "intake.paused"
+
 LiveKind = Literal["hot", "reload"]
 
 
@@ -91,4 +94,4 @@ def diff(old: BaseModel, new: BaseModel) -> list[Change]:
     return [Change(k, get(old, k), get(new, k), kind) for k, kind in kinds.items() if get(old, k) != get(new, k)]
 
 
-__all__ = ["ApplyReport", "Change", "LiveKind", "all_keys", "diff", "get", "live_keys"]
+__all__ = ["INTAKE_PAUSED", "ApplyReport", "Change", "LiveKind", "all_keys", "diff", "get", "live_keys"]

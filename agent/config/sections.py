@@ -625,7 +625,7 @@ class FleetSettings(Section):
 
 
 class DownloadSettings(Section):
-    """How the board fetches a model named by model.url (agent/delivery/download.py). The credentials come from
+    """How the board fetches a model named by model.url (agent/models/download.py). The credentials come from
     systemd credentials ($CREDENTIALS_DIRECTORY: model_download_token, model_download_username,
     model_download_password) or the environment, never from the shadow, and are never logged."""
 

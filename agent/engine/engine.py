@@ -37,18 +37,13 @@ from agent.engine import llamacpp
 from agent.engine.batch import Job, Run, Scheduler, Slot
 from agent.engine.chat import template_for
 from agent.engine.estimate import (
-    CTX_PAD,
     LOAD_FIXED_BYTES,
     MemoryEstimate,
-    Mode,
-    choose_mode,
-    estimate_memory,
-    largest_ctx_that_fits,
-    most_slots_that_fit,
-    pad_ctx,
     ubatch_size,
 )
 from agent.engine.grammar import GrammarCache
+from agent.engine.plan import PlanInputs, will_not_fit
+from agent.engine.plan import plan as plan_load
 from agent.engine.prefix import KVSequence, common_prefix
 from agent.engine.prompt_cache import PromptCache
 from agent.engine.residency import LayerResidency, layer_residency, warm_up
@@ -63,9 +58,9 @@ from agent.engine.types import (
     fit_context,
 )
 from agent.errors import ContextTooLong, EdgeAgentError, EngineError, WillNotFit
-from agent.models.gguf_info import check_quantization, read_model_info
+from agent.models.gguf_info import read_model_info
 from agent.system.libc import LIBC
-from agent.system.memory import Budget, MiB, proc_status, process_cpu_count, resolve_budget
+from agent.system.memory import Budget, MiB, proc_status, process_cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -179,120 +174,15 @@ class Engine:
 
     # ------------------------------------------------------------------ load / unload
 
+    @property
+    def plan_inputs(self) -> PlanInputs:
+        """What this engine's memory plan is made from (``agent.engine.plan``)."""
+        return PlanInputs(self.model_path, self.settings, self.memory_settings, self.allow_non_4bit,
+                          self._budget_override, self._force)  # fmt: skip
+
     def plan(self, *, runtime_bytes: int | None = None, exact: bool = True) -> LoadPlan:
-        """Decide mode and n_ctx for the current settings without loading anything. Raises
-        WillNotFit when nothing fits the budget (unless forced), ModelError for a bad file,
-        EngineError when llama.cpp cannot read the model.
-        ``runtime_bytes``: the process's RssAnon now (default: the estimate's measured constant).
-        ``exact`` (default): plan with llama.cpp's own sizes (a no-alloc probe of the model and this
-        CPU's repacking, agent.engine.llamacpp.ExactSizer); False: the header-only estimate."""
-        info = read_model_info(self.model_path)
-        check_quantization(info, self.allow_non_4bit)
-        if not exact:
-            return self._plan(info, runtime_bytes, None)
-        s = self.settings
-        try:
-            sizer = llamacpp.ExactSizer(
-                self.model_path, info, n_batch=s.n_batch, type_k=s.type_k, type_v=s.type_v, flash_attn=s.flash_attn
-            )
-        except RuntimeError as e:  # llama.cpp's refusal of the file, for any reason
-            raise EngineError(f"llama.cpp cannot load {self.model_path}: {e}", code=ErrorCode.model_not_loaded) from e
-        try:
-            plan = self._plan(info, runtime_bytes, sizer)
-        except RuntimeError as e:
-            raise EngineError(f"llama.cpp cannot plan {self.model_path}: {e}", code=ErrorCode.model_not_loaded) from e
-        finally:
-            sizer.close()
-        return dataclasses.replace(plan, probe_ms=sizer.elapsed_ms(), notes=plan.notes + tuple(sizer.notes))
-
-    def _plan(self, info: Any, runtime_bytes: int | None, sizer: Any) -> LoadPlan:
-        s = self.settings
-        budget = self._budget_override or resolve_budget(self.memory_settings)
-        kw: dict[str, Any] = dict(
-            n_batch=s.n_batch,
-            type_k=s.type_k,
-            type_v=s.type_v,
-            flash_attn=s.flash_attn,
-            runtime_bytes=runtime_bytes,
-            sizer=sizer,
-        )
-        headroom = float(self.memory_settings.headroom_pct)
-        mode: Mode
-        if s.n_ctx == "auto":
-            cap = min(s.auto_ctx_max, info.n_ctx_train or s.auto_ctx_max)
-            cap_note = f"engine.auto_ctx_max {s.auto_ctx_max}" + (
-                f", training context {info.n_ctx_train}"
-                if info.n_ctx_train and info.n_ctx_train < s.auto_ctx_max
-                else ""
-            )
-            if s.load_mode == "auto":
-                choice = choose_mode(info, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=cap, **kw)
-                mode, mode_reason = choice.mode, choice.reason + f" at n_ctx {pad_ctx(cap)}"
-            else:
-                mode, mode_reason = s.load_mode, "engine.load_mode"
-            # An automatic context leaves page cache for the weights inference keeps reading (up to
-            # half the budget): a KV cache that squeezes them out makes every token re-read the
-            # model from storage. If that leaves no context at all, it still leaves the headroom:
-            # a cgroup charges the page cache and kernel memory too, and a process whose anonymous
-            # memory fills its limit while every token re-reads the weights gets OOM-killed (the
-            # real Gemma file planned at 98 % of a 145 MiB limit was; at 91 % it ran). Only if even that
-            # leaves nothing is the whole budget used.
-            file_share = min(estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw).file_bytes, budget.bytes // 2)
-            headroom_share = int(budget.bytes * headroom / 100)
-            ctx, ctx_reason = None, ""
-            for reserve, why in (
-                (file_share, f"less {file_share / MiB:.0f} MiB of page cache for the weights"),
-                (headroom_share, f"less memory.headroom_pct ({headroom:g} %): no room for the weights' page cache"),
-                (0, "(no room left for the weights' page cache or the headroom)"),
-            ):
-                ctx = largest_ctx_that_fits(info, budget.bytes - reserve, mode, cap=cap, **kw)
-                if ctx is not None:
-                    ctx_reason = f"auto: the largest that fits the budget {why}"
-                    break
-            if ctx is None:
-                if not self._force:
-                    est = estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw)
-                    raise WillNotFit(_will_not_fit(est, budget, f"even the smallest context ({CTX_PAD})"))
-                ctx = CTX_PAD
-                ctx_reason = "auto: the smallest context (forced: even it does not fit the budget)"
-            n_ctx = ctx
-            if ctx >= max(CTX_PAD, cap // CTX_PAD * CTX_PAD):
-                ctx_reason = f"auto: the cap ({cap_note})"
-            else:
-                ctx_reason += f" (cap: {cap_note})"
-        else:
-            n_ctx = pad_ctx(int(s.n_ctx))
-            ctx_reason = "engine.n_ctx" + (f" {s.n_ctx} rounded up to a multiple of 256" if n_ctx != s.n_ctx else "")
-            if s.load_mode == "auto":
-                choice = choose_mode(info, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=n_ctx, **kw)
-                mode, mode_reason = choice.mode, choice.reason
-            else:
-                mode, mode_reason = s.load_mode, "engine.load_mode"
-        slots, slots_reason = self._plan_slots(info, mode, n_ctx, budget, kw)
-        est = estimate_memory(info, n_ctx=n_ctx, mode=mode, slots=slots, **kw)
-        if est.anon_bytes > budget.bytes and not self._force:
-            what = f"n_ctx {n_ctx}" + (f" x {slots} slots (engine.max_parallel)" if slots > 1 else "")
-            raise WillNotFit(_will_not_fit(est, budget, what))
-        return LoadPlan(mode, mode_reason, n_ctx, ctx_reason, est, budget, info, slots=slots, slots_reason=slots_reason)
-
-    def _plan_slots(self, info: Any, mode: Mode, n_ctx: int, budget: Budget, kw: dict[str, Any]) -> tuple[int, str]:
-        """How many jobs are decoded together: engine.max_parallel, or with 'auto' as many as fit
-        the budget at n_ctx each (leaving the weights their page cache, as an automatic context
-        does), up to engine.auto_parallel_max."""
-        s = self.settings
-        if s.max_parallel != "auto":
-            return int(s.max_parallel), "engine.max_parallel"
-        cap = s.auto_parallel_max
-        file_share = min(estimate_memory(info, n_ctx=n_ctx, mode=mode, **kw).file_bytes, budget.bytes // 2)
-        headroom_share = int(budget.bytes * float(self.memory_settings.headroom_pct) / 100)
-        for reserve in (max(file_share, headroom_share), headroom_share, 0):
-            best = most_slots_that_fit(info, budget.bytes - reserve, mode, n_ctx=n_ctx, cap=cap, **kw)
-            if best is not None:
-                break
-        best = best or 1
-        if best >= cap:
-            return best, f"auto: the cap (engine.auto_parallel_max {cap})"
-        return best, f"auto: the most that fit the budget at n_ctx {n_ctx} each (cap {cap})"
+        """``agent.engine.plan.plan`` for this engine's settings: mode and n_ctx, nothing loaded."""
+        return plan_load(self.plan_inputs, runtime_bytes=runtime_bytes, exact=exact)
 
     def load(self) -> LoadReport:
         """Plan, then load the model (closing a loaded one first). Raises WillNotFit (nothing was
@@ -309,7 +199,7 @@ class Engine:
             est = dataclasses.replace(plan.estimate, runtime=before.rss_anon + LOAD_FIXED_BYTES)
             mode, n_ctx, budget = plan.mode, plan.n_ctx, plan.budget
             if est.anon_bytes > budget.bytes and not self._force:
-                raise WillNotFit(_will_not_fit(est, budget, f"n_ctx {n_ctx}"))
+                raise WillNotFit(will_not_fit(est, budget, f"n_ctx {n_ctx}"))
             s = self.settings
             n_threads = s.n_threads if s.n_threads != "auto" else process_cpu_count()
             n_batch = min(s.n_batch, n_ctx)
@@ -630,15 +520,3 @@ def _plan_mismatches(est: MemoryEstimate, buffers: dict[str, int]) -> list[str]:
             )
             log.warning("plan mismatch: %s", out[-1])
     return out
-
-
-def _will_not_fit(est: MemoryEstimate, budget: Budget, what: str) -> str:
-    msg = (
-        f"will not fit: {what} needs {est.anon_bytes / MiB:.0f} MiB of anonymous memory, the budget is "
-        f"{budget.bytes / MiB:.0f} MiB ({budget.source}). Estimate: {est.describe()}. "
-    )
-    if est.mode == "fast":
-        msg += "Use load_mode 'fit' or 'auto' (weights stay in the file cache), or a smaller n_ctx."
-    else:
-        msg += "Lower engine.n_ctx or engine.n_batch, use a smaller model, or raise memory.budget_mb."
-    return msg

@@ -608,3 +608,8 @@ def token_piece(vocab: Any, token: int, buf: ctypes.Array[ctypes.c_char]) -> tup
         buf = ctypes.create_string_buffer(-n)
         n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
     return buf.raw[:n], buf
+
+
+def system_info() -> str:
+    """llama.cpp's own line about this build and CPU (features, the CPU variant it chose)."""
+    return str(llama_cpp.llama_print_system_info().decode(errors="replace"))

@@ -73,7 +73,7 @@ class GenerationRequest:
 
     @classmethod
     def from_job(cls, job: Any) -> GenerationRequest:
-        """The engine's request for a job (an ``agent.protocol.JobSubmit``): every field the
+        """The engine's request for a job (an ``agent.jobs.protocol.JobSubmit``): every field the
         engine acts on, and nothing of the job's delivery (ids, priority, expiry, streaming)."""
         messages = None
         if getattr(job, "messages", None) is not None:

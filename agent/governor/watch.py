@@ -20,8 +20,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agent.codes import ErrorCode
-from agent.governor.policy import Action, Admission, Decision, Governor, Signals, admit, available_to_agent, describe
-from agent.protocol import Topics
+from agent.governor.policy import Action, Decision, Governor, Signals, available_to_agent, describe
+from agent.jobs.admission import Admission, admit
+from agent.mqtt.topics import Topics
 from agent.telemetry.events import Event, decision_events, signals_missing_event, spool_dropped_event, throttling_event
 from agent.telemetry.fields import Telemetry
 from agent.telemetry.sampler import Sampler

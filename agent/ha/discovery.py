@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
 
 CLIENT_TOKEN = "homeassistant"
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")

@@ -23,9 +23,10 @@ from typing import Any
 
 from agent.config.sections import EngineSettings
 from agent.errors import StoreError
-from agent.health import StoreHealth
-from agent.protocol import InvalidJob, Topics, parse_submit
-from agent.store import Accepted, JobRecord, JobStore
+from agent.jobs.health import StoreHealth
+from agent.jobs.protocol import InvalidJob, parse_submit
+from agent.jobs.store import Accepted, JobRecord, JobStore
+from agent.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Intake:
         return self._paused.is_set()
 
     def on_message(self, msg: Any) -> None:
-        """An inbound submit or cancel (an ``agent.transport.InboundMessage``)."""
+        """An inbound submit or cancel (an ``agent.mqtt.transport.InboundMessage``)."""
         if self._paused.is_set():
             log.debug("intake paused: %s (mid %d) left unacknowledged", msg.topic, msg.mid)
             return

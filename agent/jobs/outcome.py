@@ -13,7 +13,7 @@ from agent.codes import ErrorCode, JobStatus
 from agent.engine.types import GenerationResult
 from agent.errors import EngineError, OutputTruncated
 from agent.jobs.gate import StopReason
-from agent.protocol import ErrorInfo, JobOutcome, Timings, Usage
+from agent.jobs.protocol import ErrorInfo, JobOutcome, Timings, Usage
 
 
 @dataclass(frozen=True)

@@ -23,17 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.codes import ErrorCode, JobStatus, WaitReason
+from agent.config.live import INTAKE_PAUSED
 from agent.config.sections import GovernorSettings
-from agent.delivery.sources import JobResults
 from agent.engine.types import EngineLike, GenerationRequest, GenerationResult, fit_context
 from agent.errors import EngineError, OutputTruncated, StoreError
-from agent.governor.policy import Admission
-from agent.health import StoreHealth
+from agent.jobs.admission import Admission
 from agent.jobs.gate import Gate, Slot, StopReason
+from agent.jobs.health import StoreHealth
 from agent.jobs.outcome import Requeue, conclude
+from agent.jobs.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
+from agent.jobs.results import JobResults
 from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
-from agent.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
-from agent.store import JobRecord, JobStore, QueuedJob, RequeueReason
+from agent.jobs.store import JobRecord, JobStore, QueuedJob, RequeueReason
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ IDLE_POLL_S = 1.0
 QUEUE_SCAN = 1000
 # What each hold of the runner means to a queued job.
 _HOLD_REASONS: dict[str, tuple[WaitReason, str]] = {
-    "intake.paused": (WaitReason.paused, "intake is paused (intake.paused); queued jobs start when it is resumed"),
+    INTAKE_PAUSED: (WaitReason.paused, "intake is paused (intake.paused); queued jobs start when it is resumed"),
     "model change": (WaitReason.model, "the model is being changed; queued jobs start on the new one"),
     "memory": (WaitReason.memory, "the memory governor holds new jobs under memory pressure"),
 }

@@ -223,7 +223,7 @@ def synth_model(
 
     GGUFWriter writes the header and tensor table; the tensor data is then generated and appended
     in chunks, so memory stays near 100 MB whatever the file size (the writer's own path needs
-    every tensor whole). ``progress`` shows progress (agent.ops.progress: a bar on a terminal, else log lines).
+    every tensor whole). ``progress`` shows progress (agent.system.progress: a bar on a terminal, else log lines).
     """
     try:
         shape = PRESETS[preset]
@@ -251,7 +251,7 @@ def synth_model(
         writer.write_ti_data_to_file()
         writer.close()
 
-        from agent.ops.progress import progress as progress_of
+        from agent.system.progress import progress as progress_of
 
         total = sum(_tensor_nbytes(ne, q) for _, ne, q in plan)
         bar = progress_of(total, f"synth {preset}", enabled=progress)

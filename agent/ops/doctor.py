@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.engine.plan import PlanInputs
+from agent.engine.plan import plan as plan_load
 from agent.system import memory
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
@@ -98,9 +100,9 @@ def _ntp_synchronized() -> bool | None:
 
 def _llama_system_info() -> str | None:
     try:
-        import llama_cpp
+        from agent.engine import llamacpp  # costly (loads llama.cpp), and may be missing: the CPU check says so
 
-        return str(llama_cpp.llama_print_system_info().decode(errors="replace"))
+        return llamacpp.system_info()
     except Exception:  # not installed, or a build that cannot load here: the CPU check says so
         return None
 
@@ -114,7 +116,7 @@ def _cpu() -> Any:
 def probe_broker(mqtt: Any, timeout: float) -> str | None:
     """Connect once with the configured host, port, TLS and credentials; None on success, else why."""
     from agent.errors import TransportError
-    from agent.transport import MqttTransport
+    from agent.mqtt.transport import MqttTransport
 
     settings = mqtt.model_copy(update={"client_id": f"edge-doctor-{uuid.uuid4().hex[:10]}", "session_expiry_s": 0,
                                        "reconnect_min_s": timeout, "reconnect_max_s": max(timeout, 1.0)})  # fmt: skip
@@ -131,7 +133,7 @@ def probe_broker(mqtt: Any, timeout: float) -> str | None:
     except TransportError as e:
         return str(e)
     # The transport's own retry warnings would repeat what this check reports.
-    tlog = logging.getLogger("agent.transport")
+    tlog = logging.getLogger("agent.mqtt.transport")
     level = tlog.level
     tlog.setLevel(logging.ERROR)
     t.start()
@@ -227,7 +229,7 @@ def check_model_file(settings: Any) -> tuple[Check, Any]:
 
 
 def sha256_file(path: Path, progress_desc: str | None = None) -> str:
-    from agent.ops.progress import progress
+    from agent.system.progress import progress
 
     h = hashlib.sha256()
     size = path.stat().st_size
@@ -276,13 +278,11 @@ def check_sha256(settings: Any, hasher: Callable[[Path], str] = sha256_file) -> 
 
 
 def check_fit(settings: Any, plan: Callable[[Any], Any] | None = None) -> Check:
-    """The engine's own plan (Engine.plan) at the configured settings and budget."""
+    """The engine's own plan (agent.engine.plan) at the configured settings and budget."""
     from agent.errors import EdgeAgentError, WillNotFit
 
     def default_plan(s: Any) -> Any:
-        from agent.engine import Engine
-
-        return Engine.from_settings(s).plan()
+        return plan_load(PlanInputs.from_settings(s))
 
     try:
         p = (plan or default_plan)(settings)
@@ -447,7 +447,7 @@ def check_store(settings: Any) -> Check:
     """A real write next to the store (catches a read-only or full filesystem, a missing folder, wrong
     ownership for this user) and, when the store exists, opening it."""
     from agent.errors import StoreError
-    from agent.store import JobStore
+    from agent.jobs.store import JobStore
 
     path = Path(settings.store.path)
     folder = path.parent
@@ -645,8 +645,8 @@ def run_doctor(
     check_sha: bool = True,
     plan: Callable[[Any], Any] | None = None,
 ) -> DoctorReport:
+    from agent.app.state import liveness, read_state, state_path
     from agent.config import load_settings
-    from agent.ops.state import liveness, read_state, state_path
 
     r = readers or Readers()
     checks: list[Check] = []

@@ -176,7 +176,7 @@ class CopyModel(Step):
             return "unchanged"
         if ctx.dry_run:
             return "would copy"
-        from agent.ops.progress import progress
+        from agent.system.progress import progress
 
         target.parent.mkdir(parents=True, exist_ok=True)
         size = self.source.stat().st_size

@@ -1,6 +1,6 @@
 """`edge-agent status`: the board at a glance, from local files only (no broker).
 
-Owns ``collect_status`` (the state file the daemon keeps, agent.ops.state, and the job store opened
+Owns ``collect_status`` (the state file the daemon keeps, agent.app.state, and the job store opened
 read-only) and ``render_status`` (the text). Works with the daemon stopped and the broker down: what
 the daemon last wrote is shown with how old it is, and the queue comes from the store itself.
 """
@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.app.state import liveness, read_state, state_path
 from agent.errors import EdgeAgentError
-from agent.ops.state import liveness, read_state, state_path
 
 LAST_JOBS = 5
 MiB = 1024 * 1024
@@ -26,7 +26,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _store_summary(settings: Any, limit: int) -> dict[str, Any]:
-    from agent.store import JobStore
+    from agent.jobs.store import JobStore
 
     path = Path(settings.store.path)
     if not path.exists():

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.engine.plan import PlanInputs
+from agent.engine.plan import plan as plan_load
 from agent.errors import ConfigError
 from agent.system.memory import Budget, MiB
 
@@ -160,12 +162,8 @@ def profile_budget(settings: Any, ram_bytes: int | None = None) -> Budget:
 
 
 def plan_model(settings: Any, model: Path, budget: Budget) -> PlanSummary:
-    """The engine's own plan (Engine.plan: mode and context) for ``model`` at the profile's settings."""
-    from agent.engine import Engine
-
-    engine = Engine(model, engine=settings.engine, memory=settings.memory,
-                    allow_non_4bit=settings.model.allow_non_4bit, budget=budget)  # fmt: skip
-    plan = engine.plan()
+    """The engine's own plan (agent.engine.plan: mode and context) for ``model`` at the profile's settings."""
+    plan = plan_load(PlanInputs(Path(model), settings.engine, settings.memory, settings.model.allow_non_4bit, budget))
     est = plan.estimate
     return PlanSummary(model=Path(model).name, mode=plan.mode, n_ctx=plan.n_ctx, anon_bytes=est.anon_bytes,
                        file_bytes=est.file_bytes, mode_reason=plan.mode_reason, n_ctx_reason=plan.n_ctx_reason)  # fmt: skip

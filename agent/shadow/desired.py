@@ -18,7 +18,7 @@ and, when the update sets ``model.path``, the file is checked on the board: insi
 ``device.models_dir`` (``..`` and symlinks that escape are refused), present, a readable GGUF, and
 4-bit (``check_quantization``). A model that reads fine but does not load is found when it is
 loaded, and rolled back by the daemon. A file that is not there yet but has a ``model.url`` is
-downloaded by the board (agent/delivery/models.py) and checked once it is there.
+downloaded by the board (agent/models/library.py) and checked once it is there.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from agent.config import Settings, _merge
+from agent.config import Settings
 from agent.config.live import all_keys, live_keys
+from agent.config.tree import Tree, flatten, overlay
 from agent.errors import ModelError
-from agent.shadow.document import DesiredInvalid, Tree, flatten
+from agent.shadow.document import DesiredInvalid
 
 MODEL_PATH = "model.path"
 # A file name or a URL: no control characters. A newline or a tab in a name is never meant, and a URL
@@ -271,7 +272,7 @@ def effective_settings(
     error under its key; a section rule (cross-field) under the section's keys in ``touched``,
     else under every desired key of that section.
     """
-    data = _merge(file_settings.model_dump(), _copy(desired))
+    data = overlay(file_settings.model_dump(), _copy(desired))
     try:
         return Settings.model_validate(data)
     except ValidationError as e:

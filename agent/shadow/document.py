@@ -29,7 +29,8 @@ from typing import Any
 
 # The JSON decoder of the job protocol: duplicate keys are kept for refusal, NaN/Infinity and
 # absurd numbers are refused. One set of reading rules for everything the device takes in.
-from agent.protocol import _SURROGATE_RE, _decoder, _describe, _JSONObject, _Refuse
+from agent.config.tree import Tree, flatten, same, unflatten
+from agent.mqtt.wire import SURROGATE_RE, JSONObject, Refuse, decoder, describe
 
 MAX_STATE_BYTES = 8192  # desired + reported, compact JSON (AWS: 8 KB)
 MAX_DEPTH = 6  # levels of keys below desired (AWS: 6)
@@ -38,8 +39,6 @@ MAX_CLIENT_TOKEN_BYTES = 64  # UTF-8 (AWS: 64)
 MAX_PAYLOAD_BYTES = 65536
 _UPDATE_KEYS = ("state", "version", "client_token", "signature")
 _MAX_LISTED = 5
-
-Tree = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -125,29 +124,6 @@ Authorizer = Callable[[UpdateRequest, frozenset[str]], str | None]
 # Trees
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"engine": {"n_ctx": 512}} -> {"engine.n_ctx": 512}. Non-objects are leaves; {} vanishes."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> Tree:
-    out: Tree = {}
-    for key, value in flat.items():
-        *path, leaf = key.split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 def merge(desired: Mapping[str, Any], patch: Mapping[str, Any]) -> Tree:
     """AWS merge: objects merge key by key, null removes, anything else replaces. Returns a copy;
     objects left empty by removals are dropped."""
@@ -188,13 +164,6 @@ def delta(desired: Mapping[str, Any], reported: Mapping[str, Any]) -> Tree:
     """The desired leaves whose value differs from reported (missing in reported counts as different)."""
     have = flatten(reported)
     return unflatten({k: v for k, v in flatten(desired).items() if k not in have or not same(have[k], v)})
-
-
-def same(a: Any, b: Any) -> bool:
-    """JSON equality: 30 == 30.0, but true is not 1."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return bool(a == b)
 
 
 def json_size(tree: Any) -> int:
@@ -242,8 +211,8 @@ def _decode(payload: bytes, what: str) -> Any:
     if text.startswith("\ufeff"):
         raise BadRequest(400, "payload starts with a byte-order mark; send plain UTF-8 JSON")
     try:
-        return _decoder.decode(text)
-    except _Refuse as e:
+        return decoder.decode(text)
+    except Refuse as e:
         raise BadRequest(400, str(e)) from None
     except json.JSONDecodeError as e:
         raise BadRequest(400, f"payload is not valid JSON: {e.msg} at offset {e.pos}") from None
@@ -255,7 +224,7 @@ def _decode(payload: bytes, what: str) -> Any:
 
 def _duplicates(v: Any, prefix: str = "") -> list[str]:
     out: list[str] = []
-    if isinstance(v, _JSONObject):
+    if isinstance(v, JSONObject):
         out += [f"{prefix}{k}" for k in v.duplicates]
         for k, child in v.items():
             out += _duplicates(child, f"{prefix}{k}.")
@@ -270,7 +239,7 @@ def _client_token(data: Mapping[str, Any], errors: dict[str, str]) -> str | None
         return None
     token = data["client_token"]
     if not isinstance(token, str):
-        errors["client_token"] = f"must be a string, got {_describe(token)}"
+        errors["client_token"] = f"must be a string, got {describe(token)}"
         return None
     n = len(token.encode("utf-8", "surrogatepass"))
     if n > MAX_CLIENT_TOKEN_BYTES:
@@ -285,7 +254,7 @@ def _client_token(data: Mapping[str, Any], errors: dict[str, str]) -> str | None
 def _object(payload: bytes, what: str) -> tuple[Mapping[str, Any], dict[str, str], str | None]:
     data = _decode(payload, what)
     if not isinstance(data, Mapping):
-        raise BadRequest(400, f"{what} payload must be a JSON object, got {_describe(data)}")
+        raise BadRequest(400, f"{what} payload must be a JSON object, got {describe(data)}")
     errors: dict[str, str] = {}
     token = _client_token(data, errors)
     dups = _duplicates(data)
@@ -303,14 +272,14 @@ def parse_update(payload: bytes) -> UpdateRequest:
             errors[str(k)] = "unknown key; an update holds state, version, client_token and signature"
     version = data.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
-        errors["version"] = f"must be a non-negative integer, got {_describe(version)}"
+        errors["version"] = f"must be a non-negative integer, got {describe(version)}"
         version = None
     desired: Tree | None = None
     state = data.get("state")
     if "state" not in data:
         errors["state"] = 'missing; send {"state": {"desired": {...}}}'
     elif not isinstance(state, Mapping):
-        errors["state"] = f"must be an object, got {_describe(state)}"
+        errors["state"] = f"must be an object, got {describe(state)}"
     else:
         for k in state:
             if k == "reported":
@@ -320,7 +289,7 @@ def parse_update(payload: bytes) -> UpdateRequest:
         if "desired" not in state:
             errors.setdefault("state.desired", 'missing; send {"state": {"desired": {...}}}')
         elif state["desired"] is not None and not isinstance(state["desired"], Mapping):
-            errors["state.desired"] = f"must be an object or null, got {_describe(state['desired'])}"
+            errors["state.desired"] = f"must be an object or null, got {describe(state['desired'])}"
         elif isinstance(state["desired"], Mapping):
             desired = _plain(state["desired"])
             if not desired:
@@ -372,7 +341,7 @@ def _bad_text(v: Any, key: str = "") -> dict[str, str]:
 def _bad_chars(text: str) -> str | None:
     if (pos := text.find("\x00")) >= 0:
         return f"contains a NUL character (U+0000) at character {pos}"
-    m = _SURROGATE_RE.search(text)
+    m = SURROGATE_RE.search(text)
     if m:
         return f"contains an unpaired UTF-16 surrogate (\\u{ord(m.group()):04x}) at character {m.start()}"
     return None
@@ -380,11 +349,11 @@ def _bad_chars(text: str) -> str | None:
 
 def _shown(key: str) -> str:
     """A key as it can be written back in a reply: NUL and surrogates as JSON escapes."""
-    return _SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", key).replace("\x00", "\\u0000")
+    return SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", key).replace("\x00", "\\u0000")
 
 
 def _plain(v: Any) -> Any:
-    # _JSONObject -> dict, so documents compare and copy as plain data.
+    # JSONObject -> dict, so documents compare and copy as plain data.
     if isinstance(v, Mapping):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, list):

@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import models_json_schema
 
 # The outbound conventions of the job protocol (RFC 3339 "ts", unknown fields are bugs).
-from agent.protocol import _TS, _Outbound, rfc3339
+from agent.mqtt.wire import TIMESTAMP, Outbound, rfc3339
 from agent.shadow.desired import desired_model, section_models
 from agent.shadow.document import MAX_CLIENT_TOKEN_BYTES, MAX_DEPTH, MAX_STATE_BYTES, ShadowDocument
 from agent.shadow.facts import BoardFacts, DownloadReport, ModelChangeReport, Pressure, ServingModel
@@ -134,7 +134,7 @@ class ShadowGet(BaseModel):
 # Outbound
 
 
-class _ShadowOutbound(_Outbound):
+class _ShadowOutbound(Outbound):
     @classmethod
     def build(cls, **fields: Any) -> Self:
         # The desired/reported models validate strictly (JSON types, for operators' input); the
@@ -157,7 +157,7 @@ class ShadowUpdateAccepted(_ShadowOutbound):
     version: int = Field(ge=1, description="The document's new version (the previous one + 1).")
     state: AcceptedState = Field(description="The merged desired state.")
     client_token: str | None = _TOKEN
-    ts: AwareDatetime = _TS
+    ts: AwareDatetime = TIMESTAMP
 
 
 class ShadowRejected(_ShadowOutbound):
@@ -173,7 +173,7 @@ class ShadowRejected(_ShadowOutbound):
     errors: dict[str, str] | None = Field(default=None, description="Dotted key -> what is wrong with it (400).")
     version: int = Field(ge=0, description="The document's version (unchanged).")
     client_token: str | None = _TOKEN
-    ts: AwareDatetime = _TS
+    ts: AwareDatetime = TIMESTAMP
 
 
 class KeyMeta(BaseModel):
@@ -207,7 +207,7 @@ class ShadowDocumentMessage(_ShadowOutbound):
     state: DocumentState = Field(description="desired, reported and delta.")
     metadata: Metadata = Field(description="When each key last changed.")
     client_token: str | None = _TOKEN
-    ts: AwareDatetime = _TS
+    ts: AwareDatetime = TIMESTAMP
 
 
 class ShadowDelta(_ShadowOutbound):
@@ -215,7 +215,7 @@ class ShadowDelta(_ShadowOutbound):
 
     version: int = Field(ge=0, description="The document's version.")
     state: DesiredState = Field(description="The desired keys whose value differs from reported, nested.")  # type: ignore[valid-type]
-    ts: AwareDatetime = _TS
+    ts: AwareDatetime = TIMESTAMP
 
 
 def document_message(doc: ShadowDocument, ts: float, client_token: str | None = None) -> ShadowDocumentMessage:

@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from agent.config import Settings
-from agent.config.live import ApplyReport, LiveKind, live_keys
-from agent.shadow.document import same
-
-PAUSED = "intake.paused"
+from agent.config.live import INTAKE_PAUSED, ApplyReport, LiveKind, live_keys
+from agent.config.tree import same
 
 ActionKind = Literal["pause_intake", "hot", "reload", "resume_intake"]
 
 
 class Executor(Protocol):
-    """What the daemon gives the shadow to act with (agent.applier.LiveSettings fits it)."""
+    """What the daemon gives the shadow to act with (agent.app.applier.LiveSettings fits it)."""
 
     @property
     def settings(self) -> Settings:
@@ -72,16 +70,16 @@ def plan(
         if k in target and not same(target[k], in_force.get(k)) and not (k in failed and same(failed[k], target[k]))
     ]  # fmt: skip
     actions: list[Action] = []
-    if PAUSED in todo and target[PAUSED] is True:
-        actions.append(Action("pause_intake", (PAUSED,)))
-    hot = tuple(k for k in todo if kinds[k] == "hot" and k != PAUSED)
+    if INTAKE_PAUSED in todo and target[INTAKE_PAUSED] is True:
+        actions.append(Action("pause_intake", (INTAKE_PAUSED,)))
+    hot = tuple(k for k in todo if kinds[k] == "hot" and k != INTAKE_PAUSED)
     if hot:
         actions.append(Action("hot", hot))
     reload = tuple(k for k in todo if kinds[k] == "reload")
     if reload:
         actions.append(Action("reload", reload))
-    if PAUSED in todo and target[PAUSED] is not True:
-        actions.append(Action("resume_intake", (PAUSED,)))
+    if INTAKE_PAUSED in todo and target[INTAKE_PAUSED] is not True:
+        actions.append(Action("resume_intake", (INTAKE_PAUSED,)))
     return actions
 
 
@@ -138,4 +136,4 @@ def tidy(state: Settled, target: Mapping[str, Any], in_force: Mapping[str, Any])
     return Settled(failed, errors, pending)
 
 
-__all__ = ["PAUSED", "Action", "ActionKind", "Executor", "Settled", "plan", "settle", "tidy"]
+__all__ = ["Action", "ActionKind", "Executor", "Settled", "plan", "settle", "tidy"]

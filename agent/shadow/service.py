@@ -7,7 +7,7 @@ desired through the daemon's ``Executor`` and folds what happened into reported.
 
 Its dependencies are injected, so the daemon wires it with a few lines and tests run it against a
 real broker with a fake executor: ``publish(topic, payload, qos, retain)`` (MqttTransport.publish),
-``ack(msg)`` (MqttTransport.ack), the ``Executor`` (agent.applier.LiveSettings), ``facts()`` (the
+``ack(msg)`` (MqttTransport.ack), the ``Executor`` (agent.app.applier.LiveSettings), ``facts()`` (the
 board and the model in force, for reported), a wall clock, and ``wake()`` (tick the main loop).
 
 Threads. ``on_message`` and ``on_connect`` run on the MQTT network thread: they validate, persist,
@@ -40,8 +40,10 @@ from typing import Any, Protocol
 
 from agent.config import Settings
 from agent.config.live import ApplyReport, diff
+from agent.config.tree import Tree, flatten, same, unflatten
 from agent.errors import ModelError, StoreError
-from agent.protocol import Topics
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import InboundMessage
 from agent.shadow.desired import effective_settings, live_values, validate_desired
 from agent.shadow.document import (
     Accepted,
@@ -49,14 +51,10 @@ from agent.shadow.document import (
     DesiredInvalid,
     Rejected,
     ShadowDocument,
-    Tree,
     UpdateRequest,
-    flatten,
     handle_update,
     parse_get,
-    same,
     set_reported,
-    unflatten,
 )
 from agent.shadow.messages import (
     FACT_KEYS,
@@ -69,7 +67,6 @@ from agent.shadow.messages import (
 from agent.shadow.reconcile import Action, Executor, Settled, plan, settle, tidy
 from agent.shadow.store import ShadowStore
 from agent.signing import Trust, desired_model_problem, needs_signature, running_version, verify_update
-from agent.transport import InboundMessage
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Holds the last accepted desired state with its version and metadata, and the las
 so that after a restart the daemon applies what it accepted before it even connects (the broker may
 be down), and ``edge-agent shadow show`` can read the state without a broker.
 
-Same conventions as the job store (agent/store.py): WAL, a busy timeout, synchronous FULL (an
+Same conventions as the job store (agent/jobs/store.py): WAL, a busy timeout, synchronous FULL (an
 accepted update is acknowledged to the operator, so it must survive a power cut), schema creation
 that is safe to re-run, one ``BEGIN IMMEDIATE`` transaction per write, SQLite errors leave only as
 ``StoreError``. A stale version never wins: desired is written only over an older version, so a

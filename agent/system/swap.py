@@ -215,9 +215,7 @@ def load_desired(path: Path, base: SwapSettings) -> SwapSettings:
     """The root side: the root configuration's swap settings with the daemon's desired values on top.
     Refuses keys outside ``DESIRED_KEYS`` (a path chosen by the unprivileged daemon would let it aim
     root's file creation and deletion anywhere) and anything that does not validate."""
-    from pydantic import ValidationError
-
-    from agent.config.sections import SwapSettings
+    from pydantic import ValidationError  # costly to import: only the root side reads this file
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -246,7 +244,7 @@ def load_desired(path: Path, base: SwapSettings) -> SwapSettings:
             f"{', '.join(sorted(DESIRED_KEYS))}"
         )
     try:
-        return SwapSettings.model_validate({**base.model_dump(), **wanted})
+        return type(base).model_validate({**base.model_dump(), **wanted})
     except ValidationError as e:
         errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'swap'}: {x['msg']}" for x in e.errors())
         raise SwapError(f"{path}: invalid desired swap: {errs}") from None

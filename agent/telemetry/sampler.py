@@ -112,6 +112,10 @@ class Sampler:
         self._cg_where: CgroupMemory | None = None
         self._cg_located_at = 0.0
 
+    def read_agent_state(self, agent_state: Callable[[], AgentState]) -> None:
+        """Where each reading's agent state comes from, when that part (the reporter) is built after this one."""
+        self._agent_state = agent_state
+
     def _cgroup(self, mono: float) -> CgroupMemory:
         if self._cg_where is None or mono - self._cg_located_at >= RELOCATE_CGROUP_S:
             self._cg_where, self._cg_located_at = locate_cgroup(proc_root=self._proc, root=self.root), mono

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from agent.delivery.outbox import Outgoing
 from agent.errors import StoreError
+from agent.mqtt.outbox import Outgoing
 from agent.sqlite import Schema, open_schema, store_error, write_transaction
 
 if TYPE_CHECKING:

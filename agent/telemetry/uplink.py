@@ -9,7 +9,7 @@ The rule keeps the spool off the flash card while the board is online, and keeps
   it then (``poll``), under its original time, so it is sent in its place.
 
 Nothing is sent twice by this module: a message is either watched in memory or in the spool, never
-both. The outbox (agent.delivery.outbox) publishes the spool's ``pending()`` after a reconnect,
+both. The outbox (agent.mqtt.outbox) publishes the spool's ``pending()`` after a reconnect,
 paced, and calls ``delivered``. One owner thread (the daemon's main loop) calls ``send`` and
 ``poll``; the publish handles are resolved on the network thread, and only read here.
 """
@@ -31,7 +31,7 @@ Route = Literal["published", "spooled", "lost"]
 
 
 class PublishResult(Protocol):
-    """What ``publish`` returns (agent.transport.PublishHandle has these)."""
+    """What ``publish`` returns (agent.mqtt.transport.PublishHandle has these)."""
 
     @property
     def done(self) -> bool: ...

@@ -18,7 +18,7 @@ and `edge-agent run` as a child process on the tiny synthetic model, then measur
 Each runs in variants:
 - store.synchronous FULL (the default: an acknowledged job survives power loss) or NORMAL;
 - TCP "default": the broker as shipped (mosquitto's set_tcp_nodelay false); "nodelay": mosquitto's
-  set_tcp_nodelay true. The daemon always sets TCP_NODELAY on its socket (agent/transport.py), and so
+  set_tcp_nodelay true. The daemon always sets TCP_NODELAY on its socket (agent/mqtt/transport.py), and so
   do the benchmark's peers. Nagle's algorithm holds a small packet back until the previous one is
   acknowledged, and the receiver delays that ACK (up to 40 ms on Linux): with it on anywhere on the
   path, that wait dominates every round trip.

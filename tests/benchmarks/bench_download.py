@@ -5,7 +5,7 @@ Run:  .venv/bin/python tests/benchmarks/bench_download.py [--cuts 2] [--tls] [--
 Serves the real Gemma 3 270M Q4_K_M file (241 MiB; the synthetic qwen-0.5b preset, 268 MiB, when the
 package is not installed) from Python's http.server on the loopback address (tests/model_server.py),
 stops the server after each third of the file and starts it again, and downloads it with
-agent.delivery.download. Prints the bytes the server sent against the file size (the acceptance
+agent.models.download. Prints the bytes the server sent against the file size (the acceptance
 bound is 1.1x), the attempts, the wall time and throughput, and, as the baseline in the same run,
 a plain sha256 of the file (the floor of a verified copy) and an uninterrupted download.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent.delivery.download import HttpLink, RetryPolicy, Source, download  # noqa: E402
+from agent.models.download import HttpLink, RetryPolicy, Source, download  # noqa: E402
 from tests.model_server import ModelServer  # noqa: E402
 
 

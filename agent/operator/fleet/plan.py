@@ -1,6 +1,6 @@
 """A staged rollout's decisions, as pure functions: no broker, no clock of their own, no I/O.
 
-The rollout driver (agent/fleet/rollout.py) feeds them what it knows (the devices' rows, their
+The rollout driver (agent/operator/fleet/rollout.py) feeds them what it knows (the devices' rows, their
 shadow documents, the time) and carries out what they return:
 
 - ``parse_waves`` / ``wave_sizes``: the waves, as shares of the fleet (Mender's phases, 5 %, 15 %,

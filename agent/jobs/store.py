@@ -16,7 +16,7 @@ the injected clock) so tests need no sleeps. One connection is shared by the MQT
 thread and the worker thread, serialised by a lock; every state change is one
 ``BEGIN IMMEDIATE`` transaction. SQLite errors leave this module only as ``StoreError``.
 
-A terminal row holds its ``JobOutcome`` (agent.protocol): the status in its column, the rest of
+A terminal row holds its ``JobOutcome`` (agent.jobs.protocol): the status in its column, the rest of
 the outcome as JSON. The result message's envelope (job_id, device_id, attempt, ts) comes from the
 row; see ``JobRecord.result_message``.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -39,7 +38,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlite_utils
 
 from agent.errors import StoreError
-from agent.protocol import TERMINAL, ErrorCode, JobOutcome, JobStatus, JobSubmit, ResultMessage, StatusMessage, rfc3339
+from agent.jobs.protocol import (
+    TERMINAL,
+    ErrorCode,
+    JobOutcome,
+    JobStatus,
+    JobSubmit,
+    ResultMessage,
+    StatusMessage,
+    rfc3339,
+)
+from agent.mqtt.wire import SURROGATE_RE
 from agent.sqlite import Schema, open_schema, store_error, write_transaction
 
 if TYPE_CHECKING:
@@ -109,8 +118,6 @@ CancelOutcome = Literal["canceled_queued", "running", "finished", "unknown"]
 RecoverAction = Literal["requeued", "failed_interrupted", "undelivered"]
 RequeueReason = Literal["shutdown", "preempt"]
 RequeueOutcome = Literal["requeued", "requeued_counted", "failed_preempted", "not_running"]
-
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,7 @@ def _finite(obj: Any) -> Any:
 def _dump(obj: Any) -> str:
     text = json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     # A lone surrogate (half a character from a token boundary) cannot be stored as UTF-8.
-    return _SURROGATE_RE.sub("\ufffd", text)
+    return SURROGATE_RE.sub("\ufffd", text)
 
 
 class JobStore:

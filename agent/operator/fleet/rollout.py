@@ -1,5 +1,5 @@
-"""The staged rollout driver: carries out agent.fleet.plan's decisions through the devices' shadows
-and keeps every step in the rollout record (agent/fleet/store.py).
+"""The staged rollout driver: carries out agent.operator.fleet.plan's decisions through the devices' shadows
+and keeps every step in the rollout record (agent/operator/fleet/store.py).
 
 One ``step()``: read what the devices report, mark the ones that succeeded or failed, ask
 ``decide`` what to do, and do it: point the next wave's devices at the new model (their previous
@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.fleet.client import FleetClient
-from agent.fleet.plan import (
+from agent.operator.fleet.client import FleetClient
+from agent.operator.fleet.plan import (
     MODEL_KEYS,
     Policy,
     Target,
@@ -29,7 +29,7 @@ from agent.fleet.plan import (
     restore_observe,
     wave_sizes,
 )
-from agent.fleet.store import Rollout, RolloutStore, Spec
+from agent.operator.fleet.store import Rollout, RolloutStore, Spec
 
 log = logging.getLogger(__name__)
 

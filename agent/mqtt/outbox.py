@@ -58,7 +58,7 @@ class OutboxSource(Protocol):
 
 
 class Handle(Protocol):
-    """A publish's fate, as agent.transport.PublishHandle reports it."""
+    """A publish's fate, as agent.mqtt.transport.PublishHandle reports it."""
 
     @property
     def done(self) -> bool: ...
@@ -70,7 +70,7 @@ class Handle(Protocol):
 
 
 class Publisher(Protocol):
-    """The part of agent.transport.MqttTransport the outbox uses (tests: an in-memory one)."""
+    """The part of agent.mqtt.transport.MqttTransport the outbox uses (tests: an in-memory one)."""
 
     @property
     def connected(self) -> bool: ...

@@ -1,12 +1,12 @@
-"""Regenerate the generated parts of docs/protocol.md from agent/protocol.py.
+"""Regenerate the generated parts of docs/protocol.md from agent/jobs/protocol.py.
 
 The topic table, the field tables, the status and error-code tables and the JSON Schemas are
 rendered from Topics, the pydantic models and the enums, so the document cannot drift from the
 code. Hand-written text outside the ``<!-- BEGIN GENERATED: name -->`` / ``<!-- END GENERATED:
 name -->`` markers is left alone. tests/test_protocol.py fails when the file is out of date.
 
-    python -m agent.protocol_doc           # rewrite docs/protocol.md (from a source checkout)
-    python -m agent.protocol_doc --check   # exit 1 if it is out of date
+    python -m agent.ops.protocol_doc           # rewrite docs/protocol.md (from a source checkout)
+    python -m agent.ops.protocol_doc --check   # exit 1 if it is out of date
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from pydantic import BaseModel
 from agent.codes import WaitReason
 from agent.docgen import main as docgen_main
 from agent.docgen import render_blocks
-from agent.protocol import TERMINAL, ErrorCode, JobStatus, Topics, json_schemas
+from agent.jobs.protocol import TERMINAL, ErrorCode, JobStatus, json_schemas
+from agent.mqtt.topics import Topics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "protocol.md"
 
 
@@ -170,7 +171,7 @@ def _topics() -> str:
     named = {n for row in _TOPIC_ROWS for n in _CELL_RE.findall(row[0])}
     built = {n for n in dir(Topics) if not n.startswith("_")}
     if missing := sorted(built - named - _NOT_TOPICS):
-        raise KeyError(f"docs/protocol.md: Topics builds {missing} but the topic table (agent/protocol_doc.py "
+        raise KeyError(f"docs/protocol.md: Topics builds {missing} but the topic table (agent/ops/protocol_doc.py "
                        "_TOPIC_ROWS) has no row for it")  # fmt: skip
     rows = ["| topic | direction | QoS | retained | payload |", "|---|---|---|---|---|"]
     for cell, direction, qos, retained, payload in _TOPIC_ROWS:
@@ -236,7 +237,7 @@ def render(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return docgen_main(DOC, render, module="agent.protocol_doc", description=__doc__.splitlines()[0], argv=argv)
+    return docgen_main(DOC, render, module="agent.ops.protocol_doc", description=__doc__.splitlines()[0], argv=argv)
 
 
 if __name__ == "__main__":

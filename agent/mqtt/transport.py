@@ -315,7 +315,7 @@ class MqttTransport:
         settings: MQTTSettings,
         *,
         will: tuple[str, bytes] | None,
-        on_message: Callable[[InboundMessage], None],
+        on_message: Callable[[InboundMessage], None] | None = None,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
         on_error: Callable[[TransportError], None] | None = None,
@@ -476,6 +476,13 @@ class MqttTransport:
         if self._thread is not None:
             raise RuntimeError("subscriptions are fixed once the transport has started")
         self._subscriptions.extend(subscriptions)
+
+    def handle(
+        self, on_message: Callable[[InboundMessage], None], on_connect: Callable[[], None] | None = None
+    ) -> None:
+        """Where inbound messages and each (re)connection go; called before ``start()`` when the receiver is
+        built after the transport."""
+        self._on_message_cb, self._on_connect_cb = on_message, on_connect
 
     def start(self) -> None:
         if self._thread is not None:
@@ -891,7 +898,8 @@ class MqttTransport:
 
     def _deliver(self, msg: InboundMessage) -> None:
         try:
-            self._on_message_cb(msg)
+            if self._on_message_cb is not None:
+                self._on_message_cb(msg)
         except Exception:
             # Not acked: the broker redelivers it on the next connection.
             log.exception("on_message failed for %s (mid %d); left unacknowledged", msg.topic, msg.mid)

@@ -1,7 +1,7 @@
 """The operator's view of a fleet over MQTT: every device's retained status and shadow document, and
 shadow updates with their replies. Used by `edge-agent fleet` (list, rollout).
 
-It speaks only through agent.transport, with a throw-away session, and follows
+It speaks only through agent.mqtt.transport, with a throw-away session, and follows
 ``{prefix}/+/status``, ``{prefix}/+/shadow`` and the update replies of every device. After the
 connection, ``sync()`` makes sure every retained message has arrived (a round trip through the
 broker after the subscriptions), so a listing is complete. Messages are kept per device; waiters
@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.config import Settings
 from agent.errors import TransportError
-from agent.transport import InboundMessage, MqttTransport
+from agent.mqtt.transport import InboundMessage, MqttTransport
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import __version__
+from agent.config.live import INTAKE_PAUSED
 from agent.system.files import atomic_write
 
 STATE_FILE_NAME = "state.json"
@@ -224,7 +225,7 @@ def model_state(report: Any, models_dir: Path | None = None, *, loaded_at: float
 
 def from_daemon(daemon: Any, state: DaemonState, *, started_at: float, ready_at: float | None = None,
                 pid_start: int | None = None, **extra: Any) -> StateSnapshot:  # fmt: skip
-    """A snapshot of a running ``agent.daemon.Daemon`` from its parts (the settings, the supervisor's
+    """A snapshot of a running ``agent.app.daemon.Daemon`` from its parts (the settings, the supervisor's
     engine, the store, the run gate, the store's health, the transport). ``extra`` sets the other fields
     (telemetry, memory_level, memory_action, shadow_version, shadow_applied_version)."""
     s = daemon.settings
@@ -246,7 +247,7 @@ def from_daemon(daemon: Any, state: DaemonState, *, started_at: float, ready_at:
         model=model_state(report, s.device.models_dir) if report is not None else None,
         queued=queued,
         running=daemon.gate.running,
-        intake_paused="intake.paused" in daemon.gate.holds,
+        intake_paused=INTAKE_PAUSED in daemon.gate.holds,
         store_writable=daemon.health.writable,
         broker_connected=daemon.transport.connected,
         **extra,

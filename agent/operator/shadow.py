@@ -1,7 +1,7 @@
 """An operator's client for a board's shadow: get the document, send an update, wait until applied.
 
-Used by `edge-agent shadow get|set` and the tests. It speaks only through agent.transport, like the
-job client (agent/client.py), with a throw-away session. Requests carry a fresh client_token, and
+Used by `edge-agent shadow get|set` and the tests. It speaks only through agent.mqtt.transport, like the
+job client (agent/operator/jobs.py), with a throw-away session. Requests carry a fresh client_token, and
 replies are matched by it, so several operators can work on one board at once.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from agent.config import Settings
 from agent.errors import EdgeAgentError, TransportError
-from agent.protocol import Topics
-from agent.transport import InboundMessage, MqttTransport
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import InboundMessage, MqttTransport
 
 
 class ShadowClientError(EdgeAgentError):

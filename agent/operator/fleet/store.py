@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgeAgentError
-from agent.fleet.plan import DeviceState, Policy, Row, Target, Threshold
+from agent.operator.fleet.plan import DeviceState, Policy, Row, Target, Threshold
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS devices (
     device TEXT NOT NULL,
     position INTEGER NOT NULL,
     wave INTEGER NOT NULL,
-    state TEXT NOT NULL,             -- see agent.fleet.plan.DeviceState
+    state TEXT NOT NULL,             -- see agent.operator.fleet.plan.DeviceState
     previous TEXT,                   -- JSON: the device's desired model section before the rollout
     version INTEGER,                 -- the shadow version our update got (NULL: not acknowledged yet)
     sent_at REAL,

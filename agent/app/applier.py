@@ -23,17 +23,16 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from agent.config import Settings
-from agent.config.live import ApplyReport, Change, diff
-from agent.delivery.models import ModelDelivery
+from agent.config.live import INTAKE_PAUSED, ApplyReport, Change, diff
 from agent.engine.supervisor import Applied, EngineConfig, Supervisor
 from agent.errors import ModelError
-from agent.store import JobStore
+from agent.jobs.store import JobStore
+from agent.models.library import ModelDelivery
 from agent.system.priority import apply_inference_priority, apply_process_priority, process_threads
 from agent.system.swap import write_desired as write_desired_swap
 
 log = logging.getLogger(__name__)
 
-PAUSED = "intake.paused"
 # Swap needs root: the daemon writes what it wants and the root unit applies it (docs/governor.md).
 # What priority setting each result of agent.system.priority is about.
 _PRIORITY_KEYS = {"nice": "priority.nice", "inference_nice": "priority.inference_nice", "io": "priority.io_class",
@@ -70,9 +69,9 @@ class LiveSettings:
         report = ApplyReport()
         report.restart = [c.key for c in changes if c.kind is None]
         hot = [c for c in changes if c.kind == "hot"]
-        pause = [c for c in hot if c.key == PAUSED and c.new]
-        resume = [c for c in hot if c.key == PAUSED and not c.new]
-        others = [c for c in hot if c.key != PAUSED]
+        pause = [c for c in hot if c.key == INTAKE_PAUSED and c.new]
+        resume = [c for c in hot if c.key == INTAKE_PAUSED and not c.new]
+        others = [c for c in hot if c.key != INTAKE_PAUSED]
         self._apply_hot(pause, report)
         self._apply_hot(others, report)
         self._apply_reload([c for c in changes if c.kind == "reload"], report)

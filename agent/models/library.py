@@ -1,7 +1,7 @@
 """Model delivery on the board: getting the file desired state names into the models folder, and
 keeping the folder within bounds.
 
-Owns the one background download (agent/delivery/download.py does the transfer) and the record of
+Owns the one background download (agent/models/download.py does the transfer) and the record of
 the models the agent delivered, ``{device.state_dir}/models.json``. The daemon's main loop never
 waits for a download: the live-settings path asks ``ensure(source)`` and gets ``ready``,
 ``fetching`` (with progress) or ``failed`` at once; the download runs on its own thread, tells the
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.delivery.download import DownloadError, HttpLink, Progress, RetryPolicy, Source, download, redact
+from agent.models.download import DownloadError, HttpLink, Progress, RetryPolicy, Source, download, redact
 from agent.system.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,10 @@ class ModelDelivery:
         self._job: _Job | None = None
         self._progress_pending = False
         self._last_progress = float("-inf")
+
+    def follow(self, *, protected: Callable[[], Iterable[Path]], on_done: Callable[[], None]) -> None:
+        """``protected`` and ``on_done`` (see ``__init__``) from a part built after this one (the shadow)."""
+        self._protected, self._on_done = protected, on_done
 
     # ------------------------------------------------------------------ main loop
 

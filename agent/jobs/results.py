@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from agent.delivery.outbox import Outgoing
-from agent.protocol import Topics
-from agent.store import JobRecord, JobStore
+from agent.jobs.store import JobRecord, JobStore
+from agent.mqtt.outbox import Outgoing
+from agent.mqtt.topics import Topics
 
 
 class JobResults:

@@ -51,6 +51,10 @@ class StoreHealth:
         self._last_check = 0.0
         self.last_error: StoreError | None = None
 
+    def listen(self, on_change: Callable[[bool], None]) -> None:
+        """Who is told each change (``on_change(writable)``), when that part is built after this one."""
+        self._on_change = on_change
+
     @property
     def writable(self) -> bool:
         return self._writable.is_set()

@@ -5,7 +5,7 @@ broker, the store or the engine. Inbound payloads (job submissions) are parsed b
 ``parse_submit``, which turns every possible defect into one exception type, ``InvalidJob``.
 Outbound payloads are built from pydantic models whose ``to_payload()`` gives compact UTF-8
 JSON. The same models feed the JSON Schemas and tables in docs/protocol.md
-(``agent/protocol_doc.py``), so the documentation cannot drift from the code.
+(``agent/ops/protocol_doc.py``), so the documentation cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -30,13 +30,26 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent.codes import TERMINAL, ErrorCode, JobStatus, WaitReason
+from agent.mqtt.wire import ID_PATTERN as JOB_ID_PATTERN
+from agent.mqtt.wire import (
+    ID_RE,
+    RFC3339_RE,
+    SURROGATE_RE,
+    TIMESTAMP,
+    JSONObject,
+    Outbound,
+    Refuse,
+    bound,
+    decoder,
+    describe,
+    format_dt,
+    rfc3339,
+    show,
+)
 
-JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # JOB_ID_PATTERN is for pydantic, whose "$" is the end of the string. Python's "$" also matches
 # before a final "\n", so the Python checks anchor with \Z: "abc\n" must not pass here and then
 # fail in the outbound models (or end up in a topic name).
-_JOB_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
-_PREFIX_RE = re.compile(r"\A[A-Za-z0-9_-]{1,32}\Z")
 
 # Static ceilings that hold whatever the configuration says; the configured (smaller) limits
 # are passed to parse_submit. 131072 matches EngineSettings.max_tokens_limit's upper bound.
@@ -87,19 +100,6 @@ class InvalidJob(Exception):
 # Time
 
 
-def rfc3339(epoch: float) -> str:
-    """Epoch seconds as an RFC 3339 UTC timestamp with milliseconds: 2024-05-01T12:00:00.123Z."""
-    return _format_dt(datetime.fromtimestamp(epoch, tz=UTC))
-
-
-def _format_dt(dt: datetime) -> str:
-    dt = dt.astimezone(UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-_RFC3339_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
-
-
 def _parse_rfc3339(value: Any) -> datetime:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -107,7 +107,7 @@ def _parse_rfc3339(value: Any) -> datetime:
         return value
     if not isinstance(value, str):
         raise PydanticCustomError("datetime_type", "must be an RFC 3339 timestamp string")
-    if not _RFC3339_RE.match(value):
+    if not RFC3339_RE.match(value):
         if re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?$", value):
             raise PydanticCustomError("naive_datetime", "has no UTC offset; add Z or +hh:mm")
         raise PydanticCustomError("datetime_format", "is not an RFC 3339 timestamp")
@@ -121,13 +121,11 @@ def _parse_rfc3339(value: Any) -> datetime:
 # --------------------------------------------------------------------------------------------
 # Inbound: job submission
 
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-
 
 def _check_text(value: str, what: str) -> str:
     # JSON "\ud800" escapes decode to lone surrogates, which cannot be encoded as UTF-8: they
     # would fail later in the store, the tokenizer or the result payload, so refuse them here.
-    m = _SURROGATE_RE.search(value)
+    m = SURROGATE_RE.search(value)
     if m:
         # pydantic's message templates substitute names only (no format specs): escape it here.
         raise PydanticCustomError(
@@ -443,7 +441,7 @@ class JobSubmit(BaseModel):
 
     @field_serializer("expires_at")
     def _ser_expires(self, v: datetime | None) -> str | None:
-        return None if v is None else _format_dt(v)
+        return None if v is None else format_dt(v)
 
     def expires_epoch(self) -> float | None:
         """expires_at as epoch seconds (None when there is no deadline)."""
@@ -457,47 +455,6 @@ class JobSubmit(BaseModel):
 SUBMIT_KEYS: tuple[str, ...] = tuple(JobSubmit.model_fields)
 
 
-class _JSONObject(dict):  # type: ignore[type-arg]
-    """A decoded JSON object that remembers keys it saw more than once, with every value."""
-
-    __slots__ = ("duplicates",)
-
-    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
-        super().__init__()
-        self.duplicates: dict[str, list[Any]] = {}
-        for k, v in pairs:
-            if k in self:
-                self.duplicates.setdefault(k, [self[k]]).append(v)
-            else:
-                self[k] = v
-
-
-class _Refuse(ValueError):
-    """Raised from the JSON decoder hooks with a finished message."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _Refuse(f"payload contains {name}; JSON numbers must be finite")
-
-
-def _parse_float(s: str) -> float:
-    f = float(s)
-    if not math.isfinite(f):
-        raise _Refuse(f"number {s[:40]} is out of range")
-    return f
-
-
-def _parse_int(s: str) -> int:
-    # Python refuses ints over 4300 digits with a confusing message; nothing valid needs 40.
-    digits = len(s.lstrip("-"))  # a minus sign is not a digit: -(40 digits) is still in range
-    if digits > 40:
-        raise _Refuse(f"integer with {digits} digits is out of range")
-    return int(s)
-
-
-_decoder = json.JSONDecoder(
-    object_pairs_hook=_JSONObject, parse_constant=_refuse_constant, parse_float=_parse_float, parse_int=_parse_int
-)
 # Used only when the payload cannot be decoded at all: most clients serialise job_id first,
 # and then the rejection can still be addressed. Whitespace as JSON defines it.
 _LEADING_ID_RE = re.compile(
@@ -510,42 +467,12 @@ def _leading_job_id(payload: bytes) -> str | None:
     return m.group(1).decode("ascii") if m else None
 
 
-def _object_job_id(obj: _JSONObject) -> str | None:
+def _object_job_id(obj: JSONObject) -> str | None:
     values = obj.duplicates.get("job_id", [obj.get("job_id")])
     first = values[0]
-    if isinstance(first, str) and _JOB_ID_RE.match(first) and all(v == first for v in values):
+    if isinstance(first, str) and ID_RE.match(first) and all(v == first for v in values):
         return first
     return None
-
-
-_JSON_TYPE = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
-
-
-def _describe(v: Any) -> str:
-    """A short, printable description of a JSON value for an error message."""
-    if isinstance(v, (dict, list)):
-        return "an object" if isinstance(v, dict) else "an array"
-    kind = _JSON_TYPE.get(type(v), type(v).__name__)
-    if isinstance(v, bool):
-        return f"{kind} {'true' if v else 'false'}"
-    if v is None:
-        return "null"
-    return f"{kind} {_show(v)}"
-
-
-def _show(v: Any) -> str:
-    # repr escapes non-printable characters (lone surrogates included), so the message is
-    # always valid UTF-8 and one line.
-    if isinstance(v, str):
-        return repr(v) if len(v) <= 40 else repr(v[:40]) + f"... ({len(v)} characters)"
-    return repr(v)
-
-
-def _bound(v: Any) -> str:
-    # Limits such as le=2.0 read better as "2"; inputs keep their repr so 5.0 stays 5.0.
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e16:
-        return str(int(v))
-    return _show(v)
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
@@ -580,11 +507,11 @@ def _explain(e: Any) -> str:
         return f"missing required field {field!r}"
     if kind in _EXPECTED:
         extra = " (integers are written without a fraction or quotes)" if kind == "int_type" else ""
-        return f"{field} must be {_EXPECTED[kind]}, got {_describe(value)}{extra}"
+        return f"{field} must be {_EXPECTED[kind]}, got {describe(value)}{extra}"
     if kind == "literal_error":
-        return f"{field} must be one of {ctx.get('expected')}, got {_describe(value)}"
+        return f"{field} must be one of {ctx.get('expected')}, got {describe(value)}"
     if kind == "string_pattern_mismatch":
-        return f"{field} must be 1-64 characters from A-Z a-z 0-9 _ -, got {_describe(value)}"
+        return f"{field} must be 1-64 characters from A-Z a-z 0-9 _ -, got {describe(value)}"
     if kind == "string_too_short":
         return f"{field} must not be empty"
     if kind == "string_too_long":
@@ -596,20 +523,20 @@ def _explain(e: Any) -> str:
     if kind == "extra_forbidden":
         owner, key = _field(e["loc"][:-1]), e["loc"][-1]
         allowed = _NESTED_KEYS.get(str(e["loc"][0]), ())
-        return f"{owner} has an unknown key {_show(key)}; allowed keys: {', '.join(allowed)}"
+        return f"{owner} has an unknown key {show(key)}; allowed keys: {', '.join(allowed)}"
     if kind == "greater_than_equal":
-        return f"{field} {_show(value)} is below the minimum {_bound(ctx.get('ge'))}"
+        return f"{field} {show(value)} is below the minimum {bound(ctx.get('ge'))}"
     if kind == "greater_than":
-        return f"{field} must be greater than {_bound(ctx.get('gt'))}, got {_show(value)}"
+        return f"{field} must be greater than {bound(ctx.get('gt'))}, got {show(value)}"
     if kind == "less_than_equal":
-        return f"{field} {_show(value)} exceeds the maximum {_bound(ctx.get('le'))}"
+        return f"{field} {show(value)} exceeds the maximum {bound(ctx.get('le'))}"
     if kind == "string_unicode" and isinstance(value, str):
         # pydantic refuses lone surrogates before our own validator sees them.
-        m = _SURROGATE_RE.search(value)
+        m = SURROGATE_RE.search(value)
         if m:
             return f"{field} contains an unpaired UTF-16 surrogate (\\u{ord(m.group()):04x}) at character {m.start()}"
     if kind in ("naive_datetime", "datetime_type", "datetime_format", "datetime_range", "finite_number"):
-        return f"{field} {e['msg']}, got {_describe(value)}"
+        return f"{field} {e['msg']}, got {describe(value)}"
     if kind in (
         "lone_surrogate", "nul_character", "prompt_too_large", "max_tokens_too_large", "kind_fields",
         "schema_required", "schema_not_allowed", "schema_too_large", "schema_too_deep",
@@ -638,7 +565,7 @@ def _from_validation_error(err: ValidationError, job_id: str | None, fields: dic
     rest = [e for e in errors if not any(e is t for t in top_level) and not bad_key(e)]
     parts: list[str] = []
     if unknown:
-        names = ", ".join(_show(k) for k in unknown[:_MAX_LISTED])
+        names = ", ".join(show(k) for k in unknown[:_MAX_LISTED])
         more = f" and {len(unknown) - _MAX_LISTED} more" if len(unknown) > _MAX_LISTED else ""
         parts.append(f"unknown key(s) {names}{more}; allowed keys: {', '.join(SUBMIT_KEYS)}")
     parts.extend(_explain(e) for e in rest[:_MAX_LISTED])
@@ -673,15 +600,15 @@ def parse_submit(
         raise InvalidJob(
             ErrorCode.invalid_payload,
             f"payload could not be validated (internal error {type(e).__name__}; please report it)",
-            topic_job_id if isinstance(topic_job_id, str) and _JOB_ID_RE.match(topic_job_id) else None,
+            topic_job_id if isinstance(topic_job_id, str) and ID_RE.match(topic_job_id) else None,
         ) from e
 
 
 def _parse_submit(payload: Any, max_prompt_bytes: int, max_tokens_limit: int, topic_job_id: str | None) -> JobSubmit:
-    if topic_job_id is not None and not (isinstance(topic_job_id, str) and _JOB_ID_RE.match(topic_job_id)):
+    if topic_job_id is not None and not (isinstance(topic_job_id, str) and ID_RE.match(topic_job_id)):
         raise InvalidJob(
             ErrorCode.invalid_payload,
-            f"the job id in the topic, {_show(topic_job_id)}, is not 1-64 characters from A-Z a-z 0-9 _ -",
+            f"the job id in the topic, {show(topic_job_id)}, is not 1-64 characters from A-Z a-z 0-9 _ -",
             None,
         )
     if isinstance(payload, str):
@@ -716,8 +643,8 @@ def _parse_submit(payload: Any, max_prompt_bytes: int, max_tokens_limit: int, to
             ErrorCode.invalid_payload, "payload starts with a byte-order mark; send plain UTF-8 JSON", fallback_id()
         )
     try:
-        data = _decoder.decode(text)
-    except _Refuse as e:
+        data = decoder.decode(text)
+    except Refuse as e:
         raise InvalidJob(ErrorCode.invalid_payload, str(e), fallback_id()) from None
     except json.JSONDecodeError as e:
         raise InvalidJob(
@@ -727,9 +654,9 @@ def _parse_submit(payload: Any, max_prompt_bytes: int, max_tokens_limit: int, to
         raise InvalidJob(ErrorCode.invalid_payload, "payload is nested too deeply", fallback_id()) from None
     except ValueError as e:  # int/float conversion limits not caught by the hooks
         raise InvalidJob(ErrorCode.invalid_payload, f"payload has an invalid number: {e}", fallback_id()) from None
-    if not isinstance(data, _JSONObject):
+    if not isinstance(data, JSONObject):
         raise InvalidJob(
-            ErrorCode.invalid_payload, f"payload must be a JSON object, got {_describe(data)}", topic_job_id
+            ErrorCode.invalid_payload, f"payload must be a JSON object, got {describe(data)}", topic_job_id
         )
 
     job_id = _object_job_id(data)
@@ -737,12 +664,12 @@ def _parse_submit(payload: Any, max_prompt_bytes: int, max_tokens_limit: int, to
         if "job_id" in data and data.get("job_id") != topic_job_id:
             raise InvalidJob(
                 ErrorCode.invalid_payload,
-                f"job_id {_show(data.get('job_id'))} does not match the job id in the topic {topic_job_id!r}",
+                f"job_id {show(data.get('job_id'))} does not match the job id in the topic {topic_job_id!r}",
                 topic_job_id,
             )
         job_id = topic_job_id
     if data.duplicates:
-        names = ", ".join(_show(k) for k in list(data.duplicates)[:_MAX_LISTED])
+        names = ", ".join(show(k) for k in list(data.duplicates)[:_MAX_LISTED])
         raise InvalidJob(ErrorCode.invalid_payload, f"duplicate key(s) {names}; each key may appear only once", job_id)
     fields = dict(data)
     if topic_job_id is not None:
@@ -762,33 +689,10 @@ def _parse_submit(payload: Any, max_prompt_bytes: int, max_tokens_limit: int, to
 def _clean_text(v: Any) -> Any:
     # Engines can emit half a multi-byte character at a token boundary, which Python decoders
     # may leave as a lone surrogate; a payload must always encode, so replace rather than fail.
-    return _SURROGATE_RE.sub("\ufffd", v) if isinstance(v, str) else v
+    return SURROGATE_RE.sub("\ufffd", v) if isinstance(v, str) else v
 
 
-class _Outbound(BaseModel):
-    """Messages the device publishes. Built by the daemon, so unknown fields are bugs."""
-
-    # Every key is always sent unless _omit_none: the serialization schema must say "required".
-    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
-    _omit_none: ClassVar[bool] = False
-
-    @field_serializer("ts", check_fields=False)
-    def _ser_ts(self, v: datetime) -> str:
-        return _format_dt(v)
-
-    def to_payload(self) -> bytes:
-        """Compact UTF-8 JSON for MQTT."""
-        return self.model_dump_json(exclude_none=self._omit_none).encode("utf-8")
-
-
-# Python callers may pass epoch seconds (pydantic converts them); the wire always has RFC 3339.
-_TS = Field(
-    description="When this was produced: RFC 3339 UTC with milliseconds, e.g. 2024-05-01T12:00:00.123Z.",
-    json_schema_extra={"format": "date-time"},
-)
-
-
-class StatusMessage(_Outbound):
+class StatusMessage(Outbound):
     """Published on {root}/jobs/{job_id}/status (QoS 1) at every state change."""
 
     _omit_none: ClassVar[bool] = True
@@ -797,7 +701,7 @@ class StatusMessage(_Outbound):
     device_id: str = Field(description="The device that owns the job.")
     status: JobStatus = Field(description="The new state.")
     attempt: int = Field(ge=0, description="Runs started so far (0 while it never ran).")
-    ts: AwareDatetime = _TS
+    ts: AwareDatetime = TIMESTAMP
     reason: ErrorCode | None = Field(default=None, description="Why, for FAILED, REJECTED, CANCELED, TIMED_OUT.")
     waiting_for: WaitReason | None = Field(
         default=None,
@@ -918,7 +822,7 @@ class JobOutcome(BaseModel):
         return self.model_dump(mode="json", exclude={"status"})
 
 
-class _ResultEnvelope(_Outbound):
+class _ResultEnvelope(Outbound):
     job_id: str = Field(pattern=JOB_ID_PATTERN, description="The job.")
     device_id: str = Field(description="The device that ran (or refused) the job.")
     attempt: int = Field(ge=0, description="Runs started (0 if refused before running).")
@@ -939,7 +843,7 @@ class ResultMessage(JobOutcome, _ResultEnvelope):
         return cls(job_id=job_id, device_id=device_id, attempt=attempt, ts=ts, **dict(outcome))
 
 
-class StreamChunk(_Outbound):
+class StreamChunk(Outbound):
     """Published on {root}/jobs/{job_id}/stream (QoS 0) when the job asked for stream: true.
 
     Best effort: pieces can be lost; the result always holds the whole text.
@@ -955,7 +859,7 @@ class StreamChunk(_Outbound):
         return _clean_text(v)
 
 
-class DeviceStatus(_Outbound):
+class DeviceStatus(Outbound):
     """Retained on {root}/status; 'offline' is also the MQTT last will."""
 
     _omit_none: ClassVar[bool] = True
@@ -971,137 +875,7 @@ class DeviceStatus(_Outbound):
         description="Whether the job store takes writes. unwritable (a full disk, a read-only filesystem): the "
         "device takes no new jobs; they stay with the broker and are taken once the store recovers.",
     )
-    ts: AwareDatetime = _TS
-
-
-# --------------------------------------------------------------------------------------------
-# Topics
-
-
-class Topics:
-    """Topic names for one device: ``{prefix}/{device_id}/...``."""
-
-    def __init__(self, prefix: str, device_id: str) -> None:
-        # Both end up inside topic filters: '+', '#', '/' or '$' would change what is matched.
-        if not _PREFIX_RE.match(prefix):
-            raise ValueError(f"topic prefix {prefix!r} must be 1-32 characters from A-Z a-z 0-9 _ -")
-        if not _JOB_ID_RE.match(device_id):
-            raise ValueError(f"device id {device_id!r} must be 1-64 characters from A-Z a-z 0-9 _ -")
-        self.prefix = prefix
-        self.device_id = device_id
-        self.root = f"{prefix}/{device_id}"
-
-    def __repr__(self) -> str:
-        return f"Topics({self.prefix!r}, {self.device_id!r})"
-
-    @property
-    def submit(self) -> str:
-        return f"{self.root}/jobs/submit"
-
-    @property
-    def cancel_filter(self) -> str:
-        """Subscription for cancel requests of any job."""
-        return f"{self.root}/jobs/+/cancel"
-
-    @property
-    def device_status(self) -> str:
-        return f"{self.root}/status"
-
-    def cancel(self, job_id: str) -> str:
-        return self._job(job_id, "cancel")
-
-    def status(self, job_id: str) -> str:
-        return self._job(job_id, "status")
-
-    def result(self, job_id: str) -> str:
-        return self._job(job_id, "result")
-
-    def stream(self, job_id: str) -> str:
-        return self._job(job_id, "stream")
-
-    def fleet_submit(self, group: str) -> str:
-        """Shared-subscription filter: each fleet job goes to one device of the group."""
-        if not _JOB_ID_RE.match(group):
-            raise ValueError(f"fleet group {group!r} must be 1-64 characters from A-Z a-z 0-9 _ -")
-        return f"$share/{group}/{self.fleet_publish}"
-
-    @property
-    def fleet_publish(self) -> str:
-        """Where clients publish fleet jobs (no $share part)."""
-        return f"{self.prefix}/fleet/jobs/submit"
-
-    # Filters for subscribers (clients and tests) that follow every job of this device.
-    @property
-    def status_filter(self) -> str:
-        return f"{self.root}/jobs/+/status"
-
-    @property
-    def result_filter(self) -> str:
-        return f"{self.root}/jobs/+/result"
-
-    @property
-    def stream_filter(self) -> str:
-        return f"{self.root}/jobs/+/stream"
-
-    @property
-    def telemetry(self) -> str:
-        """Memory telemetry readings (agent/telemetry), QoS 1."""
-        return f"{self.root}/telemetry"
-
-    @property
-    def events(self) -> str:
-        """Governor level changes and actions, throttling, spool drops (agent/telemetry/events.py), QoS 1."""
-        return f"{self.root}/events"
-
-    # The device shadow (agent/shadow, docs/protocol.md "Device shadow").
-    @property
-    def shadow(self) -> str:
-        """The whole shadow document, retained."""
-        return f"{self.root}/shadow"
-
-    @property
-    def shadow_update(self) -> str:
-        return f"{self.root}/shadow/update"
-
-    @property
-    def shadow_update_accepted(self) -> str:
-        return f"{self.root}/shadow/update/accepted"
-
-    @property
-    def shadow_update_rejected(self) -> str:
-        return f"{self.root}/shadow/update/rejected"
-
-    @property
-    def shadow_get(self) -> str:
-        return f"{self.root}/shadow/get"
-
-    @property
-    def shadow_get_accepted(self) -> str:
-        return f"{self.root}/shadow/get/accepted"
-
-    @property
-    def shadow_get_rejected(self) -> str:
-        return f"{self.root}/shadow/get/rejected"
-
-    @property
-    def shadow_delta(self) -> str:
-        return f"{self.root}/shadow/delta"
-
-    def job_id_from_topic(self, topic: str, leaf: str) -> str | None:
-        """The job id in ``{root}/jobs/{job_id}/{leaf}``, or None if the topic is not one, or the id is invalid."""
-        head, tail = f"{self.root}/jobs/", f"/{leaf}"
-        if not (topic.startswith(head) and topic.endswith(tail)):
-            return None
-        job_id = topic[len(head) : len(topic) - len(tail)]
-        return job_id if _JOB_ID_RE.match(job_id) else None
-
-    def job_id_from_cancel_topic(self, topic: str) -> str | None:
-        return self.job_id_from_topic(topic, "cancel")
-
-    def _job(self, job_id: str, leaf: str) -> str:
-        if not _JOB_ID_RE.match(job_id):
-            raise ValueError(f"job id {job_id!r} must be 1-64 characters from A-Z a-z 0-9 _ -")
-        return f"{self.root}/jobs/{job_id}/{leaf}"
+    ts: AwareDatetime = TIMESTAMP
 
 
 # --------------------------------------------------------------------------------------------
@@ -1140,7 +914,6 @@ __all__ = [
     "StatusMessage",
     "StreamChunk",
     "Timings",
-    "Topics",
     "Usage",
     "json_schemas",
     "max_payload_bytes",

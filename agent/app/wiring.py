@@ -1,0 +1,184 @@
+"""Builds every part of the daemon, bottom-up, in one function: ``build()`` returns a frozen ``Parts``.
+
+Each part receives only parts built before it. Three run-time loops cannot be built in one direction,
+and each is closed at the end, by name, after every part exists (``_connect``):
+
+- the store's health tells intake, the gate, the outbox and the transport (all built after it);
+- the transport hands inbound messages to the intake and the shadow, and each connection to them;
+- the memory governor's readings carry the reporter's agent state; the reporter and the model delivery
+  follow the shadow (which is built last, from the reporter's facts and the live settings).
+
+No part receives the daemon or this module's ``Parts``: each gets the parts it uses, typed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.app.applier import LiveSettings
+from agent.app.reporter import Reporter, ReporterParts, device_status
+from agent.config import Settings
+from agent.config.live import INTAKE_PAUSED
+from agent.engine.supervisor import EngineConfig, Supervisor
+from agent.engine.types import EngineLike
+from agent.errors import StoreError
+from agent.governor.watch import AgentActions, MemoryWatch
+from agent.ha import DiscoveryPublisher
+from agent.jobs.gate import Gate
+from agent.jobs.health import StoreHealth
+from agent.jobs.intake import Intake
+from agent.jobs.results import JobResults
+from agent.jobs.runner import Runner
+from agent.jobs.store import JobRecord, JobStore
+from agent.models.library import ModelDelivery
+from agent.mqtt.outbox import Outbox
+from agent.mqtt.topics import Topics
+from agent.mqtt.transport import InboundMessage, MqttTransport
+from agent.shadow.service import ShadowService, boot_settings
+from agent.shadow.store import ShadowStore
+from agent.system.sdnotify import Notifier
+from agent.telemetry.sampler import Sampler, engine_residency
+from agent.telemetry.spool import TelemetrySpool
+from agent.telemetry.uplink import Uplink
+
+EngineFactory = Callable[[EngineConfig], EngineLike]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Every part of a running daemon, in the order ``build()`` makes them."""
+
+    file_settings: Settings  # the board's own: file, environment, credentials
+    settings: Settings  # in force: the file's overlaid by the shadow's desired state
+    topics: Topics
+    tick: threading.Event  # the main loop: something to do now
+    shadow_store: ShadowStore
+    store: JobStore
+    results: JobResults
+    health: StoreHealth
+    transport: MqttTransport
+    outbox: Outbox
+    spool: TelemetrySpool
+    gate: Gate
+    supervisor: Supervisor
+    uplink: Uplink
+    memory: MemoryWatch
+    runner: Runner
+    intake: Intake
+    delivery: ModelDelivery
+    live: LiveSettings
+    reporter: Reporter
+    shadow: ShadowService
+    ha: DiscoveryPublisher
+
+
+def build(
+    file_settings: Settings,
+    *,
+    engine_factory: EngineFactory,
+    notifier: Notifier,
+    config_path: Path | None,
+    clock: Callable[[], float],
+    monotonic: Callable[[], float],
+) -> Parts:
+    """The parts for ``file_settings``; nothing is started (no thread, no connection, no model)."""
+    topics = Topics(file_settings.mqtt.prefix, file_settings.device.id)
+    try:
+        file_settings.device.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create device.state_dir {file_settings.device.state_dir}: {e.strerror}") from None
+    tick = threading.Event()
+    shadow_store = ShadowStore.from_settings(file_settings)
+    # The settings in force: the file's, overlaid by desired, so a board that restarts without its
+    # broker applies what it last accepted before it connects. Parts read them live through ``s``.
+    s = boot_settings(file_settings, shadow_store)
+    store = JobStore.from_settings(s.store, clock=clock)
+    results = JobResults(store, topics, clock=clock)
+    health = StoreHealth(store, recheck_s=lambda: s.store.recheck_s, min_free_bytes=lambda: s.store.min_free_kb * 1024)
+    subscriptions = [(topics.submit, 1), (topics.cancel_filter, 1)]
+    if s.mqtt.fleet_group:
+        subscriptions.append((topics.fleet_submit(s.mqtt.fleet_group), 1))
+    offline = device_status(s, "offline", store_writable=False, ts=clock())
+    transport = MqttTransport(s.mqtt, will=(topics.device_status, offline), subscriptions=subscriptions)
+    outbox = Outbox(transport, on_store_error=health.failed, wake=tick.set, keepalive=notifier.watchdog)
+    spool = TelemetrySpool.from_settings(s, clock=clock)
+    outbox.add_source(results)
+    outbox.add_source(spool)  # readings and events kept while offline, sent in order after the results
+
+    def send_outcome(rec: JobRecord) -> object:
+        return outbox.send(results, results.item(rec))
+
+    gate = Gate()
+    supervisor = Supervisor(engine_factory, gate, grace_s=lambda: s.service.shutdown_grace_s, canary=lambda: s.canary)
+    uplink = Uplink(spool, lambda t, p: transport.publish(t, p, qos=1), lambda: transport.connected)
+    sampler = Sampler(s.device.id, clock=clock, residency=lambda: engine_residency(supervisor.engine)(),
+                      residency_interval_s=s.telemetry.residency_interval_s)  # fmt: skip
+    memory = MemoryWatch(s, sampler=sampler, uplink=uplink, topics=topics, actions=AgentActions(gate, supervisor),
+                         parked_need=supervisor.parked_need, clock=clock)  # fmt: skip
+    runner = Runner(
+        store, results, gate, engine=lambda: supervisor.engine, publish=transport.publish, send_outcome=send_outcome,
+        health=health, clock=clock, monotonic=monotonic, admit=lambda tokens: memory.admit_job(tokens, supervisor.report),
+        capacity=lambda: memory.parallel(supervisor.slots), governor=lambda: s.governor,
+    )  # fmt: skip
+    intake = Intake(
+        store, topics, limits=lambda: s.engine, ack=transport.ack, publish=transport.publish, send_outcome=send_outcome,
+        cancel_running=gate.cancel, job_queued=runner.wake, health=health, clock=clock,
+    )  # fmt: skip
+    delivery = ModelDelivery(models_dir=s.device.models_dir, state_dir=s.device.state_dir, settings=lambda: s.download,
+                             on_progress=tick.set)  # fmt: skip
+    live = LiveSettings(s, supervisor=supervisor, store=store, hold_intake=lambda on: gate.set_hold(INTAKE_PAUSED, on),
+                        spool=spool, inference_threads=lambda: runner.thread_ids, delivery=delivery)  # fmt: skip
+    reporter = Reporter(
+        s, config_path=config_path, topics=topics, clock=clock,
+        parts=ReporterParts(supervisor=supervisor, runner=runner, gate=gate, store=store, health=health,
+                            transport=transport, spool=spool, memory=memory, delivery=delivery, uplink=uplink),
+    )  # fmt: skip
+    shadow = ShadowService(
+        topics=topics, store=shadow_store, file_settings=file_settings, executor=live, ack=transport.ack,
+        publish=lambda t, p, q, r: transport.publish(t, p, qos=q, retain=r), facts=reporter.reported_facts,
+        clock=clock, wake=tick.set,
+    )  # fmt: skip
+    transport.add_subscriptions(shadow.subscriptions())
+    ha = DiscoveryPublisher(s, transport.publish)  # Home Assistant's entities (optional)
+    parts = Parts(file_settings, s, topics, tick, shadow_store, store, results, health, transport, outbox, spool, gate,
+                  supervisor, uplink, memory, runner, intake, delivery, live, reporter, shadow, ha)  # fmt: skip
+    _connect(parts, sampler)
+    return parts
+
+
+def _connect(p: Parts, sampler: Sampler) -> None:
+    """The run-time loops, closed once every part exists (see the module's docstring)."""
+
+    def on_message(msg: InboundMessage) -> None:
+        (p.shadow.on_message if p.shadow.handles(msg.topic) else p.intake.on_message)(msg)
+
+    def on_connect() -> None:
+        publish_status()
+        p.ha.on_connect()  # before the shadow document: Home Assistant checks its model against the options
+        p.shadow.on_connect()
+        p.outbox.request_resend()
+        p.tick.set()
+
+    def publish_status() -> None:
+        p.transport.publish(p.topics.device_status, p.reporter.device_status("online"), qos=1, retain=True)
+
+    def store_changed(writable: bool) -> None:
+        if writable:
+            p.intake.resume()
+            p.gate.release("store")
+            p.outbox.request_resend()
+            p.transport.reconnect("the job store takes writes again: the broker delivers what was left unacknowledged")
+        else:
+            p.intake.pause()
+            p.gate.hold("store")
+        publish_status()
+        p.tick.set()
+
+    p.health.listen(store_changed)
+    p.transport.handle(on_message, on_connect)
+    sampler.read_agent_state(p.reporter.agent_state)
+    p.reporter.follow_shadow(p.shadow)
+    p.delivery.follow(protected=p.shadow.protected_models, on_done=p.shadow.reconcile_soon)

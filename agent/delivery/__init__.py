@@ -1,1 +1,0 @@
-"""Delivery: publishing what the device owes upstream (job results, the telemetry spool) at least once."""
