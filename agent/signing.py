@@ -252,8 +252,10 @@ def check_claims(
     if claims.file != name:
         raise SignatureError(f"the signature is for the file {claims.file!r}, not {name!r}")
     if sha256 is not None and sha256 != claims.sha256:
-        raise SignatureError(f"the signature is for other bytes: it signs sha256 {claims.sha256[:16]}..., "
-                             f"{name} has sha256 {sha256[:16]}...")  # fmt: skip
+        raise SignatureError(
+            f"the signature is for other bytes: it signs sha256 {claims.sha256[:16]}..., "
+            f"{name} has sha256 {sha256[:16]}..."
+        )
     if size is not None and size != claims.size:
         raise SignatureError(f"the signature is for other bytes: it signs {claims.size} bytes, {name} has {size}")
     if running_version is not None and not claims.downgrade and (claims.version or 0) < running_version:
@@ -272,8 +274,10 @@ def manifest_text(signature: str | None, model_file: Path) -> str | bytes:
         with open(sig, "rb") as f:
             return f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
-        raise SignatureError(f"{model_file.name} is not signed: no model.signature and no {sig.name} next to it, "
-                             "and this board trusts only signed models (model.trusted_keys)") from None  # fmt: skip
+        raise SignatureError(
+            f"{model_file.name} is not signed: no model.signature and no {sig.name} next to it, "
+            "and this board trusts only signed models (model.trusted_keys)"
+        ) from None
     except OSError as e:
         raise SignatureError(f"cannot read {sig.name}: {e.strerror or e}") from None
 

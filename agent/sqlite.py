@@ -24,8 +24,9 @@ def store_error(e: sqlite3.Error, path: Path, doing: str, what: str) -> StoreErr
     name = getattr(e, "sqlite_errorname", "") or ""
     where = f"{path}: {doing}"
     if name.startswith("SQLITE_FULL"):
-        return StoreError(f"{where}: the disk is full; free space on the filesystem holding {path.parent}",
-                          code="store_full")  # fmt: skip
+        return StoreError(
+            f"{where}: the disk is full; free space on the filesystem holding {path.parent}", code="store_full"
+        )
     if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
         return StoreError(
             f"{where}: the file is read-only ({e}); check that it and {path.parent} are writable by this user and "
@@ -39,8 +40,10 @@ def store_error(e: sqlite3.Error, path: Path, doing: str, what: str) -> StoreErr
             code="store_corrupt",
         )
     if name.startswith("SQLITE_CANTOPEN"):
-        return StoreError(f"{where}: cannot open the file ({e}); check that {path.parent} exists and is writable",
-                          code="store_cantopen")  # fmt: skip
+        return StoreError(
+            f"{where}: cannot open the file ({e}); check that {path.parent} exists and is writable",
+            code="store_cantopen",
+        )
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
         return StoreError(
             f"{where}: the file stayed locked by another process ({e}); is a second edge-agent using the same "
@@ -48,8 +51,10 @@ def store_error(e: sqlite3.Error, path: Path, doing: str, what: str) -> StoreErr
             code="store_busy",
         )
     if name.startswith("SQLITE_IOERR"):
-        return StoreError(f"{where}: I/O error ({name}: {e}); the storage may be failing or was removed (check dmesg)",
-                          code="store_io")  # fmt: skip
+        return StoreError(
+            f"{where}: I/O error ({name}: {e}); the storage may be failing or was removed (check dmesg)",
+            code="store_io",
+        )
     return StoreError(f"{where}: SQLite error {name or type(e).__name__}: {e}")
 
 

@@ -118,7 +118,7 @@ def test_the_real_engine_rolls_back_by_itself_and_the_rollback_is_timed(tmp_path
     models.mkdir()
     shutil.copyfile(tiny_model, models / "a.gguf")
     synth_model("tiny", models / "b.gguf", seed=3, overrides={"n_layer": 3, "n_embd": 128})
-    from agent.app.daemon import default_engine_factory
+    from agent.engine.supervisor import load_engine as default_engine_factory
 
     canary = CanarySettings(prompt="Say OK.", max_tokens=8, pattern="^OK$")
     sup = Supervisor(default_engine_factory, RunnerLog(), grace_s=lambda: 1.0, canary=lambda: canary)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.ops import protocol_doc
 from agent.cli import main
 from agent.mqtt.topics import Topics
+from agent.ops import protocol_doc
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import ROOT, InProcessDaemon, wait_online, write_daemon_config
 

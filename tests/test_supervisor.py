@@ -129,7 +129,7 @@ def test_a_path_outside_the_models_folder_is_refused_and_rolled_back(models: Pat
 def test_real_models_of_two_shapes_swap_and_roll_back(tmp_path: Path, tiny_model: Path) -> None:
     """The real engine: tiny (2 layers) to a second, differently shaped synthetic model, then to a
     file llama.cpp cannot load although its header reads fine, and back."""
-    from agent.app.daemon import default_engine_factory
+    from agent.engine.supervisor import load_engine as default_engine_factory
     from agent.models.synth import synth_model
 
     models = tmp_path / "models"

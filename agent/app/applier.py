@@ -168,8 +168,10 @@ class LiveSettings:
         if path == in_use:
             if self.settings.model.sha256 in (None, m.sha256):
                 return None  # the file in force: the supervisor checks its sha256 if it must reload
-            return "failed", (f"download_refused: {path.name} is the model in force with another sha256; give the new "
-                              "model another file name")  # fmt: skip
+            return "failed", (
+                f"download_refused: {path.name} is the model in force with another sha256; give the new "
+                "model another file name"
+            )
         sha = m.sha256 or ""  # model.url requires model.sha256 (settings validation)
         status = self._delivery.ensure(path, url=m.url, sha256=sha, size=m.size)
         if status.state == "ready":

@@ -1,10 +1,8 @@
-"""The daemon: flags, the main pass, start and shutdown. The parts are built by ``agent.app.wiring``.
+"""The daemon: flags, the main pass, start and shutdown; ``agent.app.wiring`` builds the parts.
 
-One job's path through the parts is in docs/architecture.md. Threads: the transport's network thread
-(inbound messages, acknowledgements; the intake and the shadow's messages run on it), one runner
-thread per slot, the engine's scheduler thread, and the main thread: signals (the handlers only set
-flags), the systemd watchdog, reloads, the shadow's reconcile, the store's health, resends,
-retention, telemetry and the governor.
+Threads (docs/architecture.md): the transport's network thread (intake, the shadow's messages), one runner
+thread per slot, the engine's scheduler, and the main thread: signals (the handlers only set flags), the
+watchdog, reloads, the shadow's reconcile, the store's health, resends, retention, telemetry, the governor.
 """
 
 from __future__ import annotations
@@ -19,21 +17,15 @@ from typing import Any
 from agent.app.wiring import EngineFactory, Parts, build
 from agent.config import Settings
 from agent.config.live import INTAKE_PAUSED
-from agent.engine.supervisor import EngineConfig
-from agent.engine.types import EngineLike
+from agent.engine.supervisor import EngineConfig, load_engine
 from agent.errors import EXIT_CANNOT_START, EdgeAgentError
 from agent.system.priority import apply_inference_priority, apply_process_priority
 from agent.system.sdnotify import Notifier
 from agent.system.swap import write_desired as write_desired_swap
 
 log = logging.getLogger(__name__)
-
-
-def default_engine_factory(config: EngineConfig) -> EngineLike:
-    from agent.engine import Engine  # costly (loads llama.cpp): not for the CLI's other commands
-
-    return Engine(config.model_file(), engine=config.engine, memory=config.memory,
-                  allow_non_4bit=config.model.allow_non_4bit, state_dir=config.state_dir)  # fmt: skip
+_WAITING = ("waiting up to %g s (service.shutdown_grace_s) for %d running job(s) to finish: %s; then they are "
+            "stopped and requeued (a second SIGTERM or SIGINT stops them now)")  # fmt: skip
 
 
 class Daemon:
@@ -41,7 +33,7 @@ class Daemon:
         self,
         settings: Settings,
         *,
-        engine_factory: EngineFactory = default_engine_factory,
+        engine_factory: EngineFactory = load_engine,
         config_path: Path | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -53,8 +45,14 @@ class Daemon:
         self.config_path = config_path
         self.clock = clock
         self.notifier = notifier or Notifier()
-        self.parts: Parts = build(settings, engine_factory=engine_factory, notifier=self.notifier,
-                                  config_path=config_path, clock=clock, monotonic=monotonic)  # fmt: skip
+        self.parts: Parts = build(
+            settings,
+            engine_factory=engine_factory,
+            notifier=self.notifier,
+            config_path=config_path,
+            clock=clock,
+            monotonic=monotonic,
+        )
         self.settings = self.parts.settings  # in force (live: the parts read it)
         self._stop_requested = 0  # count of SIGTERM/SIGINT
         self._reload_requested = False
@@ -96,8 +94,7 @@ class Daemon:
             # Model missing or will not fit, store unusable, a bad setting: a restart fails the same way.
             e.exit_code = EXIT_CANNOT_START  # type: ignore[attr-defined]
             p.transport.stop()
-            p.store.close()
-            p.shadow_store.close()
+            p.close_stores()
             raise
         try:
             n = 0
@@ -150,51 +147,46 @@ class Daemon:
 
     def request_stop(self) -> None:
         """What SIGTERM and SIGINT do: the first stops gracefully, a second forces running jobs to stop."""
-        p = self.parts
         self._stop_requested += 1
         if self._stop_requested > 1:
-            p.runner.force_stop()
-        p.tick.set()
+            self.parts.runner.force_stop()
+        self.parts.tick.set()
 
     def shutdown(self) -> None:
         """Take no more jobs, let running ones finish within the grace period (else requeue them),
         say goodbye to the broker, free the model, close the store."""
-        p = self.parts
+        p, grace, force = self.parts, self.settings.service.shutdown_grace_s, self._stop_requested > 1
         self.notifier.stopping()
         p.reporter.write_state("stopping", force=True)
-        if running := p.gate.running:  # say what the stop waits for, before it waits
-            if self._stop_requested > 1:
-                log.warning("stopping %d running job(s) now: %s; they are requeued", len(running), ", ".join(running))
+        if jobs := p.gate.running:  # say what the stop waits for, before it waits
+            if force:
+                log.warning("stopping %d running job(s) now: %s; they are requeued", len(jobs), ", ".join(jobs))
             else:
-                log.warning("waiting up to %g s (service.shutdown_grace_s) for %d running job(s) to finish: %s; "
-                            "then they are stopped and requeued (a second SIGTERM or SIGINT stops them now)",
-                            self.settings.service.shutdown_grace_s, len(running), ", ".join(running))  # fmt: skip
-        p.runner.stop(self.settings.service.shutdown_grace_s, force=self._stop_requested > 1)
+                log.warning(_WAITING, grace, len(jobs), ", ".join(jobs))
+        p.runner.stop(grace, force=force)
         p.transport.stop(publish=(p.topics.device_status, p.reporter.device_status("stopping")))
         p.delivery.stop()  # its partial file stays: the next start resumes it
         p.supervisor.unload()
-        p.store.close()
-        p.shadow_store.close()
-        p.spool.close()
+        p.close_stores()
         p.reporter.write_state("stopped", force=True)
         log.info("stopped")
 
     def _install_signals(self) -> None:
-        p = self.parts
-
         def on_stop(signum: int, _frame: Any) -> None:
             self.request_stop()
             # At once: the main loop may be busy (a model swap) before shutdown() says what it waits for.
             name = signal.Signals(signum).name
+            grace = self.settings.service.shutdown_grace_s
             if self._stop_requested == 1:
-                log.info("%s: stopping: no new jobs; running ones get up to %g s (service.shutdown_grace_s)", name,
-                         self.settings.service.shutdown_grace_s)  # fmt: skip
+                log.info(
+                    "%s: stopping: no new jobs; running ones get up to %g s (service.shutdown_grace_s)", name, grace
+                )
             else:
                 log.warning("%s again: stopping the running jobs now; they are requeued", name)
 
         def on_hup(signum: int, _frame: Any) -> None:
             self._reload_requested = True
-            p.tick.set()
+            self.parts.tick.set()
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
@@ -202,6 +194,5 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration file and apply what may change while running."""
-        p = self.parts
         with self.notifier.keepalive():
-            p.shadow.reload_file(self.config_path)
+            self.parts.shadow.reload_file(self.config_path)

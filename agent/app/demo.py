@@ -186,8 +186,9 @@ def record_demo(settings: Settings, *, environ: Mapping[str, str] | None = None)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(doc, indent=2) + "\n")
     except OSError as e:
-        log.warning("demo: cannot record its settings in %s (%s): commands without -c will not find it", path,
-                    e.strerror or e)  # fmt: skip
+        log.warning(
+            "demo: cannot record its settings in %s (%s): commands without -c will not find it", path, e.strerror or e
+        )
         return None
     return path
 

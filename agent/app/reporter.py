@@ -50,10 +50,13 @@ def device_status(settings: Any, state: str, *, store_writable: bool, ts: float)
     """The retained device status; only ``online`` names the model and the store's state."""
     online = state == "online"
     return DeviceStatus(
-        state=state, device_id=settings.device.id, agent_version=__version__,
+        state=state,
+        device_id=settings.device.id,
+        agent_version=__version__,
         model=str(settings.model.path) if online else None,
-        store=("writable" if store_writable else "unwritable") if online else None, ts=ts,
-    ).to_payload()  # fmt: skip
+        store=("writable" if store_writable else "unwritable") if online else None,
+        ts=ts,
+    ).to_payload()
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,23 @@ class Reporter:
             r = engine.report
             sha256, pending = (sup.sha256, False) if sup.sha256 is not None else self._model_sha256(cfg, sup.loaded_at)
             serving = ServingModel(
-                file=str(cfg.model.path), sha256=sha256, sha256_pending=pending, load_mode=r.mode, n_ctx=r.n_ctx,
-                load_ms=r.load_ms, loaded_at=sup.loaded_at, swap_ms=sup.last_swap_ms, preempted=sup.last_swap_preempted,
-            )  # fmt: skip
+                file=str(cfg.model.path),
+                sha256=sha256,
+                sha256_pending=pending,
+                load_mode=r.mode,
+                n_ctx=r.n_ctx,
+                load_ms=r.load_ms,
+                loaded_at=sup.loaded_at,
+                swap_ms=sup.last_swap_ms,
+                preempted=sup.last_swap_preempted,
+            )
         change = sup.last_change
-        facts = reported_facts(self._facts.board_facts(), serving, download=p.delivery.progress(),
-                               model_change=change.as_dict() if change else None)  # fmt: skip
+        facts = reported_facts(
+            self._facts.board_facts(),
+            serving,
+            download=p.delivery.progress(),
+            model_change=change.as_dict() if change else None,
+        )
         return {**facts, "pressure": p.memory.describe()}
 
     def _model_sha256(self, cfg: Any, loaded_at: float | None) -> tuple[str | None, bool]:
@@ -149,28 +163,40 @@ class Reporter:
         # The weights are a working set only in fit mode, and only when the plan expected them to fit.
         in_ram = report is not None and report.mode == "fit" and not any("do not all fit" in n for n in report.notes)
         return AgentState(
-            model_loaded=engine is not None, kv_cache_bytes=report.estimate.kv_cache if report else None,
+            model_loaded=engine is not None,
+            kv_cache_bytes=report.estimate.kv_cache if report else None,
             weights_bytes=report.estimate.file_bytes if report is not None and in_ram else None,
             rss_file_before_load=report.before.rss_file if report else None,
             kv_cache_size_tokens=report.n_ctx * report.slots if report else None,
             kv_cache_used_tokens=engine.kv_tokens() if engine is not None and hasattr(engine, "kv_tokens") else None,
-            slots=report.slots if report else None, queue_depth=self.store.queued_count(),
-            jobs_running=len(running), running_job=running[0] if running else None,
-            last_job_tokens_per_s=self.runner.last_tokens_per_s, last_job_slot_wait_ms=self.runner.last_slot_wait_ms,
-            governor_level=p.memory.level, governor_action=p.memory.describe().get("action"),
-            store_writable=self.health.writable, spool_rows=spool.rows, spool_dropped=spool.dropped,
-        )  # fmt: skip
+            slots=report.slots if report else None,
+            queue_depth=self.store.queued_count(),
+            jobs_running=len(running),
+            running_job=running[0] if running else None,
+            last_job_tokens_per_s=self.runner.last_tokens_per_s,
+            last_job_slot_wait_ms=self.runner.last_slot_wait_ms,
+            governor_level=p.memory.level,
+            governor_action=p.memory.describe().get("action"),
+            store_writable=self.health.writable,
+            spool_rows=spool.rows,
+            spool_dropped=spool.dropped,
+        )
 
     def write_state(self, state: DaemonState, *, force: bool = False) -> None:
         """The state file (written on change or heartbeat)."""
         memory = self._parts.memory
         doc = self._shadow.document if self._shadow is not None else None
         snap = from_daemon(
-            self, state, started_at=self.started_at, ready_at=self.ready_at,
-            telemetry=memory.last.model_dump(mode="json") if memory.last else None, memory_level=memory.level,
-            memory_action=memory.describe().get("action"), shadow_version=doc.version if doc else None,
+            self,
+            state,
+            started_at=self.started_at,
+            ready_at=self.ready_at,
+            telemetry=memory.last.model_dump(mode="json") if memory.last else None,
+            memory_level=memory.level,
+            memory_action=memory.describe().get("action"),
+            shadow_version=doc.version if doc else None,
             shadow_applied_version=doc.reported.get("applied_version") if doc else None,
-        )  # fmt: skip
+        )
         err, changed = self.state_file.update(snap, force=force)
         # Once per failure and once when it ends, not every pass; not at all while the job store
         # is unwritable: the same full or read-only disk, already told once (agent.jobs.health).

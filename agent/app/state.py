@@ -217,14 +217,27 @@ def model_state(report: Any, models_dir: Path | None = None, *, loaded_at: float
         except ValueError:
             pass
     return ModelState(
-        path=str(path), mode=report.mode, n_ctx=report.n_ctx, n_threads=report.n_threads, slots=report.slots,
-        load_ms=round(report.load_ms, 1), loaded_at=loaded_at, anon_estimate_bytes=report.estimate.anon_bytes,
+        path=str(path),
+        mode=report.mode,
+        n_ctx=report.n_ctx,
+        n_threads=report.n_threads,
+        slots=report.slots,
+        load_ms=round(report.load_ms, 1),
+        loaded_at=loaded_at,
+        anon_estimate_bytes=report.estimate.anon_bytes,
         budget_bytes=report.budget.bytes,
-    )  # fmt: skip
+    )
 
 
-def from_daemon(daemon: Any, state: DaemonState, *, started_at: float, ready_at: float | None = None,
-                pid_start: int | None = None, **extra: Any) -> StateSnapshot:  # fmt: skip
+def from_daemon(
+    daemon: Any,
+    state: DaemonState,
+    *,
+    started_at: float,
+    ready_at: float | None = None,
+    pid_start: int | None = None,
+    **extra: Any,
+) -> StateSnapshot:
     """A snapshot of a running ``agent.app.daemon.Daemon`` from its parts (the settings, the supervisor's
     engine, the store, the run gate, the store's health, the transport). ``extra`` sets the other fields
     (telemetry, memory_level, memory_action, shadow_version, shadow_applied_version)."""

@@ -74,6 +74,12 @@ class Parts:
     shadow: ShadowService
     ha: DiscoveryPublisher
 
+    def close_stores(self) -> None:
+        """The job store, the shadow's and the telemetry spool: the last step of a stop."""
+        self.store.close()
+        self.shadow_store.close()
+        self.spool.close()
+
 
 def build(
     file_settings: Settings,
@@ -114,37 +120,114 @@ def build(
     gate = Gate()
     supervisor = Supervisor(engine_factory, gate, grace_s=lambda: s.service.shutdown_grace_s, canary=lambda: s.canary)
     uplink = Uplink(spool, lambda t, p: transport.publish(t, p, qos=1), lambda: transport.connected)
-    sampler = Sampler(s.device.id, clock=clock, residency=lambda: engine_residency(supervisor.engine)(),
-                      residency_interval_s=s.telemetry.residency_interval_s)  # fmt: skip
-    memory = MemoryWatch(s, sampler=sampler, uplink=uplink, topics=topics, actions=AgentActions(gate, supervisor),
-                         parked_need=supervisor.parked_need, clock=clock)  # fmt: skip
+    sampler = Sampler(
+        s.device.id,
+        clock=clock,
+        residency=lambda: engine_residency(supervisor.engine)(),
+        residency_interval_s=s.telemetry.residency_interval_s,
+    )
+    memory = MemoryWatch(
+        s,
+        sampler=sampler,
+        uplink=uplink,
+        topics=topics,
+        actions=AgentActions(gate, supervisor),
+        parked_need=supervisor.parked_need,
+        clock=clock,
+    )
     runner = Runner(
-        store, results, gate, engine=lambda: supervisor.engine, publish=transport.publish, send_outcome=send_outcome,
-        health=health, clock=clock, monotonic=monotonic, admit=lambda tokens: memory.admit_job(tokens, supervisor.report),
-        capacity=lambda: memory.parallel(supervisor.slots), governor=lambda: s.governor,
-    )  # fmt: skip
+        store,
+        results,
+        gate,
+        engine=lambda: supervisor.engine,
+        publish=transport.publish,
+        send_outcome=send_outcome,
+        health=health,
+        clock=clock,
+        monotonic=monotonic,
+        admit=lambda tokens: memory.admit_job(tokens, supervisor.report),
+        capacity=lambda: memory.parallel(supervisor.slots),
+        governor=lambda: s.governor,
+    )
     intake = Intake(
-        store, topics, limits=lambda: s.engine, ack=transport.ack, publish=transport.publish, send_outcome=send_outcome,
-        cancel_running=gate.cancel, job_queued=runner.wake, health=health, clock=clock,
-    )  # fmt: skip
-    delivery = ModelDelivery(models_dir=s.device.models_dir, state_dir=s.device.state_dir, settings=lambda: s.download,
-                             on_progress=tick.set)  # fmt: skip
-    live = LiveSettings(s, supervisor=supervisor, store=store, hold_intake=lambda on: gate.set_hold(INTAKE_PAUSED, on),
-                        spool=spool, inference_threads=lambda: runner.thread_ids, delivery=delivery)  # fmt: skip
+        store,
+        topics,
+        limits=lambda: s.engine,
+        ack=transport.ack,
+        publish=transport.publish,
+        send_outcome=send_outcome,
+        cancel_running=gate.cancel,
+        job_queued=runner.wake,
+        health=health,
+        clock=clock,
+    )
+    delivery = ModelDelivery(
+        models_dir=s.device.models_dir, state_dir=s.device.state_dir, settings=lambda: s.download, on_progress=tick.set
+    )
+    live = LiveSettings(
+        s,
+        supervisor=supervisor,
+        store=store,
+        hold_intake=lambda on: gate.set_hold(INTAKE_PAUSED, on),
+        spool=spool,
+        inference_threads=lambda: runner.thread_ids,
+        delivery=delivery,
+    )
     reporter = Reporter(
-        s, config_path=config_path, topics=topics, clock=clock,
-        parts=ReporterParts(supervisor=supervisor, runner=runner, gate=gate, store=store, health=health,
-                            transport=transport, spool=spool, memory=memory, delivery=delivery, uplink=uplink),
-    )  # fmt: skip
+        s,
+        config_path=config_path,
+        topics=topics,
+        clock=clock,
+        parts=ReporterParts(
+            supervisor=supervisor,
+            runner=runner,
+            gate=gate,
+            store=store,
+            health=health,
+            transport=transport,
+            spool=spool,
+            memory=memory,
+            delivery=delivery,
+            uplink=uplink,
+        ),
+    )
     shadow = ShadowService(
-        topics=topics, store=shadow_store, file_settings=file_settings, executor=live, ack=transport.ack,
-        publish=lambda t, p, q, r: transport.publish(t, p, qos=q, retain=r), facts=reporter.reported_facts,
-        clock=clock, wake=tick.set,
-    )  # fmt: skip
+        topics=topics,
+        store=shadow_store,
+        file_settings=file_settings,
+        executor=live,
+        ack=transport.ack,
+        publish=lambda t, p, q, r: transport.publish(t, p, qos=q, retain=r),
+        facts=reporter.reported_facts,
+        clock=clock,
+        wake=tick.set,
+    )
     transport.add_subscriptions(shadow.subscriptions())
     ha = DiscoveryPublisher(s, transport.publish)  # Home Assistant's entities (optional)
-    parts = Parts(file_settings, s, topics, tick, shadow_store, store, results, health, transport, outbox, spool, gate,
-                  supervisor, uplink, memory, runner, intake, delivery, live, reporter, shadow, ha)  # fmt: skip
+    parts = Parts(
+        file_settings,
+        s,
+        topics,
+        tick,
+        shadow_store,
+        store,
+        results,
+        health,
+        transport,
+        outbox,
+        spool,
+        gate,
+        supervisor,
+        uplink,
+        memory,
+        runner,
+        intake,
+        delivery,
+        live,
+        reporter,
+        shadow,
+        ha,
+    )
     _connect(parts, sampler)
     return parts
 

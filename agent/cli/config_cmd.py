@@ -127,8 +127,10 @@ def _model_warning(settings: Settings) -> str | None:
         detail = f"{path}: no such file"
     if settings.model.url is not None:
         return f"model file not there yet ({detail}); the daemon downloads it from model.url"
-    return (f"model file missing: {detail}; the daemon will not start until it is there "
-            f"(copy it into {settings.device.models_dir}, or fix model.path)")  # fmt: skip
+    return (
+        f"model file missing: {detail}; the daemon will not start until it is there "
+        f"(copy it into {settings.device.models_dir}, or fix model.path)"
+    )
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -45,9 +45,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "On abort every device the rollout changed is put back on its previous model.",
     )
     _broker(r)
-    r.add_argument("--model", metavar="PATH|URL",
-                   help="the model file name in the boards' models folder, or an http(s) URL the boards download it "
-                   "from")  # fmt: skip
+    r.add_argument(
+        "--model",
+        metavar="PATH|URL",
+        help="the model file name in the boards' models folder, or an http(s) URL the boards download it from",
+    )
     r.add_argument(
         "--path", metavar="NAME", help="with a URL: the file name on the boards (default: the URL's last part)"
     )
@@ -59,13 +61,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     who.add_argument("--devices", metavar="GLOB", help="device ids matching GLOB (e.g. 'pi-*'), in id order")
     who.add_argument("--group", help="devices whose reported fleet.groups holds GROUP")
     r.add_argument("--waves", default="5%,15%,80%", help="shares of the devices per wave (default 5%%,15%%,80%%)")
-    r.add_argument("--max-failures", default="10%",
-                   help="failures tolerated: a share of the finished devices (10%%) or a count (2); past it the "
-                   "rollout aborts (default 10%%)")  # fmt: skip
-    r.add_argument("--min-devices", type=int, default=3,
-                   help="finished devices needed before the share is checked mid-wave (default 3)")  # fmt: skip
-    r.add_argument("--timeout-per-wave", type=float, default=1800.0, metavar="S",
-                   help="seconds a wave may take, downloads included (default 1800)")  # fmt: skip
+    r.add_argument(
+        "--max-failures",
+        default="10%",
+        help="failures tolerated: a share of the finished devices (10%%) or a count (2); past it the "
+        "rollout aborts (default 10%%)",
+    )
+    r.add_argument(
+        "--min-devices",
+        type=int,
+        default=3,
+        help="finished devices needed before the share is checked mid-wave (default 3)",
+    )
+    r.add_argument(
+        "--timeout-per-wave",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="seconds a wave may take, downloads included (default 1800)",
+    )
     r.add_argument("--wait", action="store_true", help="run until the rollout ends (else: start it and return)")
     r.add_argument("--resume", metavar="ID", help="continue rollout ID (after Ctrl-C, a crash, or without --wait)")
     r.add_argument("--json", action="store_true", help="no progress bar; print the rollout as JSON at the end")
@@ -120,11 +134,19 @@ def _list(args: argparse.Namespace) -> int:
     now = time.time()
     rows = [("DEVICE", "STATE", "MODEL", "SHA256", "AGENT", "SHADOW", "LEVEL", "GROUPS", "LAST SEEN")]
     for i in infos:
-        rows.append((
-            i.device, i.state or "-", i.model or "-", (i.sha256 or "-")[:12], i.agent_version or "-",
-            "-" if i.shadow_version is None else f"v{i.shadow_version}/{i.applied_version}", i.level or "-",
-            ",".join(i.groups) or "-", _ago(now, i.last_seen),
-        ))  # fmt: skip
+        rows.append(
+            (
+                i.device,
+                i.state or "-",
+                i.model or "-",
+                (i.sha256 or "-")[:12],
+                i.agent_version or "-",
+                "-" if i.shadow_version is None else f"v{i.shadow_version}/{i.applied_version}",
+                i.level or "-",
+                ",".join(i.groups) or "-",
+                _ago(now, i.last_seen),
+            )
+        )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)).rstrip())
@@ -159,8 +181,10 @@ def _target(args: argparse.Namespace) -> Any:
         if not name or "/" in name or name.startswith("."):
             raise PlanError(f"cannot take a file name from {args.model!r}: give --path NAME")
         if urlsplit(args.model).username:
-            raise PlanError("no credentials in the URL: they would be published in the shadow; the boards read "
-                            "theirs from the model_download_token credential")  # fmt: skip
+            raise PlanError(
+                "no credentials in the URL: they would be published in the shadow; the boards read "
+                "theirs from the model_download_token credential"
+            )
         return Target(path=name, sha256=args.sha256, url=args.model, size=args.size)
     if args.path:
         raise PlanError("--path goes with a URL in --model")
@@ -174,8 +198,9 @@ def _rollout(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             if args.model or args.sha256 or args.devices or args.group:
-                raise PlanError("--resume ID continues a recorded rollout: give no --model, --sha256, --devices or "
-                                "--group with it")  # fmt: skip
+                raise PlanError(
+                    "--resume ID continues a recorded rollout: give no --model, --sha256, --devices or --group with it"
+                )
             target = policy = None
         else:
             target = _target(args)
@@ -183,8 +208,9 @@ def _rollout(args: argparse.Namespace) -> int:
                 raise PlanError("choose the devices: --devices GLOB or --group GROUP")
             if args.min_devices < 1 or args.timeout_per_wave <= 0:
                 raise PlanError("--min-devices must be at least 1 and --timeout-per-wave positive")
-            policy = Policy(parse_waves(args.waves), Threshold.parse(args.max_failures), args.min_devices,
-                            args.timeout_per_wave)  # fmt: skip
+            policy = Policy(
+                parse_waves(args.waves), Threshold.parse(args.max_failures), args.min_devices, args.timeout_per_wave
+            )
     except PlanError as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -205,19 +231,26 @@ def _rollout(args: argparse.Namespace) -> int:
                 r = driver.create(target, policy, devices, selection)
                 rid = r.id
                 if not args.json:
-                    print(f"rollout {r.id}: {target.path} to {len(devices)} device(s) in {r.waves()} wave(s) "
-                          f"{_wave_text(r)}; record: {store.path}", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"rollout {r.id}: {target.path} to {len(devices)} device(s) in {r.waves()} wave(s) "
+                        f"{_wave_text(r)}; record: {store.path}",
+                        file=sys.stderr,
+                    )
             else:
                 r = store.load(rid)
                 if r.spec.prefix != client.prefix:
-                    print(f"edge-agent: rollout {rid} runs on prefix {r.spec.prefix!r}; give --prefix "
-                          f"{r.spec.prefix}", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"edge-agent: rollout {rid} runs on prefix {r.spec.prefix!r}; give --prefix {r.spec.prefix}",
+                        file=sys.stderr,
+                    )
                     return EXIT_USAGE
             r = driver.run(rid, wait=args.wait)
     except KeyboardInterrupt:
         bar.close()
-        print(f"\ninterrupted; the rollout is recorded. Continue it with: edge-agent fleet rollout --resume {rid} "
-              "--wait", file=sys.stderr)  # fmt: skip
+        print(
+            f"\ninterrupted; the rollout is recorded. Continue it with: edge-agent fleet rollout --resume {rid} --wait",
+            file=sys.stderr,
+        )
         return INTERRUPTED
     finally:
         store.close()
@@ -235,8 +268,11 @@ def _report(r: Any, as_json: bool) -> int:
         return EXIT_OK
     if r.state in ("running", "aborting"):
         if not as_json:
-            print(f"still {r.state}: `edge-agent fleet rollout --resume {r.id}` continues it (add --wait to follow "
-                  "it to the end)", file=sys.stderr)  # fmt: skip
+            print(
+                f"still {r.state}: `edge-agent fleet rollout --resume {r.id}` continues it (add --wait to follow "
+                "it to the end)",
+                file=sys.stderr,
+            )
         return EXIT_OK
     return EXIT_FAILURE
 
@@ -283,8 +319,9 @@ def _status(args: argparse.Namespace) -> int:
         if args.id is None:
             items = store.list()
             if args.json:
-                json.dump([{"id": i, "created_at": t, "state": s, "model": m} for i, t, s, m in items], sys.stdout,
-                          indent=2)  # fmt: skip
+                json.dump(
+                    [{"id": i, "created_at": t, "state": s, "model": m} for i, t, s, m in items], sys.stdout, indent=2
+                )
                 print()
             elif not items:
                 print(f"no rollouts in {store.path}")

@@ -32,12 +32,24 @@ def register_sign(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     s = msub.add_parser("sign", help="sign a model file: writes FILE.sig, the manifest boards check before loading")
     s.add_argument("file", type=Path, metavar="FILE")
     s.add_argument("--key", type=Path, required=True, metavar="KEY", help="the operator's private key")
-    s.add_argument("--version", type=int, default=None, metavar="N",
-                   help="release number: a board never moves to a lower one (rollback protection)")  # fmt: skip
-    s.add_argument("--expires", default=None, metavar="TIME",
-                   help="UTC time after which boards refuse the signature, YYYY-MM-DDTHH:MM:SSZ")  # fmt: skip
-    s.add_argument("--downgrade", action="store_true",
-                   help="allow boards running a higher version to move to this one (needs --expires)")  # fmt: skip
+    s.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="release number: a board never moves to a lower one (rollback protection)",
+    )
+    s.add_argument(
+        "--expires",
+        default=None,
+        metavar="TIME",
+        help="UTC time after which boards refuse the signature, YYYY-MM-DDTHH:MM:SSZ",
+    )
+    s.add_argument(
+        "--downgrade",
+        action="store_true",
+        help="allow boards running a higher version to move to this one (needs --expires)",
+    )
     s.add_argument("--output", type=Path, default=None, help="where to write the manifest (default FILE.sig)")
     s.set_defaults(handler=_sign)
 
@@ -79,8 +91,14 @@ def _sign(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
     t0 = time.monotonic()
     try:
-        manifest = sign_model(args.file, key, sha256=file_sha256(args.file), version=args.version,
-                              expires=args.expires, downgrade=args.downgrade)  # fmt: skip
+        manifest = sign_model(
+            args.file,
+            key,
+            sha256=file_sha256(args.file),
+            version=args.version,
+            expires=args.expires,
+            downgrade=args.downgrade,
+        )
     except ValueError as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -89,6 +107,8 @@ def _sign(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out)
     s = manifest["signed"]
-    print(f"signed {s['file']} ({s['size']} bytes, sha256 {s['sha256'][:16]}..., version {s['version']}) with key "
-          f"{manifest['key_id']} in {time.monotonic() - t0:.2f} s -> {out}")  # fmt: skip
+    print(
+        f"signed {s['file']} ({s['size']} bytes, sha256 {s['sha256'][:16]}..., version {s['version']}) with key "
+        f"{manifest['key_id']} in {time.monotonic() - t0:.2f} s -> {out}"
+    )
     return EXIT_OK

@@ -124,8 +124,9 @@ def _render(args: argparse.Namespace) -> int:
     if args.drop_in:
         files = dict([drop_in(limits, _command_line())])
     else:
-        files = render_units(limits, exec_path=args.exec_path or default_exec_path(), units_dir=args.units_dir,
-                             command=_command_line())  # fmt: skip
+        files = render_units(
+            limits, exec_path=args.exec_path or default_exec_path(), units_dir=args.units_dir, command=_command_line()
+        )
     if args.out is None:
         for name, text in files.items():
             print(f"# ---- {name}")
@@ -148,8 +149,10 @@ def _render(args: argparse.Namespace) -> int:
 
 def _check_root(args: argparse.Namespace) -> int | None:
     if not args.dry_run and args.root.resolve() == Path("/") and os.geteuid() != 0:
-        print("edge-agent: install and uninstall change /etc and /var: run as root (or --dry-run, or --root DIR)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "edge-agent: install and uninstall change /etc and /var: run as root (or --dry-run, or --root DIR)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     return None
 
@@ -161,11 +164,20 @@ def _install(args: argparse.Namespace) -> int:
     if (code := _check_root(args)) is not None:
         return code
     opts = InstallOptions(
-        profile=resolve_profile(args.profile), exec_path=args.exec_path or default_exec_path(), units_dir=args.units_dir,
-        model=args.model, device_id=args.device_id, mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port,
-        mqtt_username=args.mqtt_username, mqtt_password_file=args.mqtt_password_file, ram_mb=args.ram_mb,
-        replace_config=args.replace_config, start=args.start, command=_command_line(),
-    )  # fmt: skip
+        profile=resolve_profile(args.profile),
+        exec_path=args.exec_path or default_exec_path(),
+        units_dir=args.units_dir,
+        model=args.model,
+        device_id=args.device_id,
+        mqtt_host=args.mqtt_host,
+        mqtt_port=args.mqtt_port,
+        mqtt_username=args.mqtt_username,
+        mqtt_password_file=args.mqtt_password_file,
+        ram_mb=args.ram_mb,
+        replace_config=args.replace_config,
+        start=args.start,
+        command=_command_line(),
+    )
     steps = plan_install(opts)
     ctx = Context(root=args.root, dry_run=args.dry_run)
     print(f"{'dry run: ' if args.dry_run else ''}installing edge-agent under {args.root}", file=sys.stderr)
@@ -186,8 +198,11 @@ def _uninstall(args: argparse.Namespace) -> int:
     ctx = Context(root=args.root, dry_run=args.dry_run)
     run_steps(plan_uninstall(names, purge=args.purge), ctx)
     if not args.purge:
-        print("kept: /etc/edge-agent (config, credential), /var/lib/edge-agent (jobs, models) and the user; "
-              "--purge removes them", file=sys.stderr)  # fmt: skip
+        print(
+            "kept: /etc/edge-agent (config, credential), /var/lib/edge-agent (jobs, models) and the user; "
+            "--purge removes them",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -195,8 +210,9 @@ def _doctor(args: argparse.Namespace) -> int:
     from agent.cli.config_cmd import settings_from
     from agent.ops.doctor import run_doctor
 
-    report = run_doctor(args.config, load=lambda _path: settings_from(args), broker_timeout=args.timeout,
-                        check_sha=args.sha256)  # fmt: skip
+    report = run_doctor(
+        args.config, load=lambda _path: settings_from(args), broker_timeout=args.timeout, check_sha=args.sha256
+    )
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         print()

@@ -180,10 +180,15 @@ def _get(args: argparse.Namespace) -> int:
         json.dump(doc, sys.stdout, indent=2)
         print()
         return EXIT_OK
-    where = "from the device" if source == "device" else (
-        "the retained document: the device is offline" if client.device_state == "offline"
-        else "the retained document: the device did not answer"
-    )  # fmt: skip
+    where = (
+        "from the device"
+        if source == "device"
+        else (
+            "the retained document: the device is offline"
+            if client.device_state == "offline"
+            else "the retained document: the device did not answer"
+        )
+    )
     print(render(doc, device=device, source=where, all_keys=args.all))
     return EXIT_OK
 
@@ -211,16 +216,25 @@ def _set(args: argparse.Namespace) -> int:
 
             if version is None:  # a signature holds for one version only: replays are refused
                 version = int(client.get(args.timeout)[0].get("version", 0))
-            signature = sign_update(desired, device=device, version=version, key=load_private_key(args.key),
-                                    expires=iso(time.time() + args.sign_valid_s))  # fmt: skip
-        kind, reply = client.update(desired, version=version, timeout=args.timeout, retain=args.retain,
-                                    signature=signature)  # fmt: skip
+            signature = sign_update(
+                desired,
+                device=device,
+                version=version,
+                key=load_private_key(args.key),
+                expires=iso(time.time() + args.sign_valid_s),
+            )
+        kind, reply = client.update(
+            desired, version=version, timeout=args.timeout, retain=args.retain, signature=signature
+        )
         if kind == "sent":
             if args.retain and not args.wait:
                 print(f"published retained: {device} applies it when it connects ({wanted})")
                 return EXIT_OK
-            print(f"edge-agent: {device} did not answer within {args.timeout:g} s; the broker keeps the update for it "
-                  "and it is applied when the device connects", file=sys.stderr)  # fmt: skip
+            print(
+                f"edge-agent: {device} did not answer within {args.timeout:g} s; the broker keeps the update for it "
+                "and it is applied when the device connects",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
         assert reply is not None
         if kind == "rejected":
@@ -247,8 +261,10 @@ def _set(args: argparse.Namespace) -> int:
     if doc is None:
         if args.json:
             _print_json({"reply": reply, "applied": False})
-        print(f"edge-agent: {device} did not finish applying version {version} within {args.wait_timeout:g} s",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"edge-agent: {device} did not finish applying version {version} within {args.wait_timeout:g} s",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     verdict = judge(doc, reply["state"]["desired"], None if args.reset else [k for k, _ in args.assignments])
     if args.json:
@@ -346,8 +362,9 @@ def render(doc: dict[str, Any], *, device: str, source: str, all_keys: bool = Fa
             st = "in sync"
         else:
             st = ""
-        rows.append((key, _cell(desired[key]) if key in desired else "-",
-                     _cell(reported[key]) if key in reported else "-", st))  # fmt: skip
+        rows.append(
+            (key, _cell(desired[key]) if key in desired else "-", _cell(reported[key]) if key in reported else "-", st)
+        )
     if len(rows) == 1:
         lines.append("nothing desired: the board runs its config file")
     else:
@@ -385,15 +402,21 @@ def _facts(reported: dict[str, Any]) -> list[str]:
     if isinstance(board, dict):
         cpu = board.get("cpu") or {}
         out.append("")
-        out.append(f"board     {board.get('board')}  {board.get('machine')}  {cpu.get('model') or '?'}  "
-                   f"{cpu.get('cores')} cores  features: {' '.join(cpu.get('features') or []) or 'none'}")  # fmt: skip
+        out.append(
+            f"board     {board.get('board')}  {board.get('machine')}  {cpu.get('model') or '?'}  "
+            f"{cpu.get('cores')} cores  features: {' '.join(cpu.get('features') or []) or 'none'}"
+        )
         limit = board.get("cgroup_limit_bytes")
         cg = _size(limit) if limit is not None else ("none" if not board.get("cgroup_note") else "no memory cgroup")
-        out.append(f"memory    MemTotal {_size(board.get('mem_total_bytes'))}  cgroup limit {cg}  "
-                   f"PSI {'yes' if board.get('psi') else 'no'}")  # fmt: skip
+        out.append(
+            f"memory    MemTotal {_size(board.get('mem_total_bytes'))}  cgroup limit {cg}  "
+            f"PSI {'yes' if board.get('psi') else 'no'}"
+        )
         swaps = board.get("swap") or []
-        out.append("swap      " + ("; ".join(f"{s['name']} {_size(s['size_bytes'])} prio {s['priority']}" for s in swaps)
-                                   or "none"))  # fmt: skip
+        out.append(
+            "swap      "
+            + ("; ".join(f"{s['name']} {_size(s['size_bytes'])} prio {s['priority']}" for s in swaps) or "none")
+        )
         out.append(f"disk      {_size(board.get('models_free_bytes'))} free in the models folder")
         out.append(
             f"versions  edge-agent {board.get('agent_version')}  llama-cpp-python {board.get('llama_cpp_python')}"

@@ -41,10 +41,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_config_option(ap, demo_fallback=False)  # a root service's command: its own -c, never a user's demo
     ap.add_argument(
-        "--desired", type=Path, default=None, metavar="FILE",
+        "--desired",
+        type=Path,
+        default=None,
+        metavar="FILE",
         help="the daemon's desired-swap file ({device.state_dir}/swap-desired.json); its values override the "
         "configuration's, except paths",
-    )  # fmt: skip
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the plan without changing anything (no root needed)")
     ap.add_argument("--json", action="store_true", help="one JSON document")
     ap.set_defaults(handler=_apply)
@@ -69,8 +72,10 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(f"{'device':<32} {'kind':<9} {'size':>10} {'used':>10} {'prio':>5}  agent")
         for d in devices:
-            print(f"{d['path']:<32} {d['kind']:<9} {d['size'] / MiB:>7.0f} MiB {d['used'] / MiB:>6.0f} MiB "
-                  f"{d['priority']:>5}  {'yes' if d['agent'] else 'no'}")  # fmt: skip
+            print(
+                f"{d['path']:<32} {d['kind']:<9} {d['size'] / MiB:>7.0f} MiB {d['used'] / MiB:>6.0f} MiB "
+                f"{d['priority']:>5}  {'yes' if d['agent'] else 'no'}"
+            )
     for e in status["inactive_records"]:
         print(f"recorded but not active: {e['path']} ({e['kind']}, {e['size'] // MiB} MiB)")
     print(f"vm.swappiness {status['swappiness']}; wanted: swap.policy {settings.swap.policy!r}")

@@ -29,9 +29,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--interval", type=_positive, default=2.0, help="seconds between readings with --watch (default 2)")
     p.add_argument("--count", type=int, default=None, help="with --watch: stop after this many readings")
     p.add_argument(
-        "--window", type=_non_negative, default=1.0,
+        "--window",
+        type=_non_negative,
+        default=1.0,
         help="without --watch: seconds between the two readings that give the rates (default 1; 0: no rates)",
-    )  # fmt: skip
+    )
     p.add_argument("--describe", action="store_true", help="add each field's description to the table")
     p.set_defaults(handler=_telemetry)
 

@@ -393,23 +393,35 @@ class SwapSettings(Section):
         "Only the root configuration sets it: the desired-swap file the daemon writes cannot.",
     )
     file_priority: int = Field(
-        default=10, ge=0, le=32767, json_schema_extra=HOT,
+        default=10,
+        ge=0,
+        le=32767,
+        json_schema_extra=HOT,
         description="swapon priority of the swap file; below zram_priority so the file is overflow.",
-    )  # fmt: skip
+    )
     file_keep_free_mb: int = Field(
-        default=512, ge=0, le=1048576, json_schema_extra=HOT,
+        default=512,
+        ge=0,
+        le=1048576,
+        json_schema_extra=HOT,
         description="Free space the filesystem must keep after the swap file is created, MiB; creation is refused "
         "otherwise.",
-    )  # fmt: skip
+    )
     swappiness: int | None = Field(
-        default=60, ge=0, le=200, json_schema_extra=HOT,
+        default=60,
+        ge=0,
+        le=200,
+        json_schema_extra=HOT,
         description="vm.swappiness to set (0-200; 100 or more suits zram). null: leave it as it is.",
-    )  # fmt: skip
+    )
     swapoff_min_available_pct: int = Field(
-        default=20, ge=0, le=90, json_schema_extra=HOT,
+        default=20,
+        ge=0,
+        le=90,
+        json_schema_extra=HOT,
         description="A swap device is only switched off (removed or resized) when MemAvailable would stay above "
         "this share of MemTotal after its contents come back into RAM, percent.",
-    )  # fmt: skip
+    )
     record_path: Path = Field(
         default=Path("/var/lib/edge-agent-swap/record.json"),
         description="Where `edge-agent swap apply` (root) records the swap it created; not writable by the daemon.",
@@ -488,17 +500,26 @@ class TelemetrySettings(Section):
         default=30.0, ge=1, le=86400, json_schema_extra=HOT, description="Telemetry period, seconds."
     )
     residency_interval_s: float = Field(
-        default=60.0, ge=1, le=86400, json_schema_extra=HOT,
+        default=60.0,
+        ge=1,
+        le=86400,
+        json_schema_extra=HOT,
         description="How often the model's resident share is measured (mincore over the whole file), seconds.",
-    )  # fmt: skip
+    )
     spool_max_rows: int = Field(
-        default=10000, ge=10, le=10000000, json_schema_extra=HOT,
+        default=10000,
+        ge=10,
+        le=10000000,
+        json_schema_extra=HOT,
         description="Most readings and events kept while the broker is unreachable; the oldest readings go first.",
-    )  # fmt: skip
+    )
     spool_max_mb: float = Field(
-        default=8.0, ge=0.1, le=4096, json_schema_extra=HOT,
+        default=8.0,
+        ge=0.1,
+        le=4096,
+        json_schema_extra=HOT,
         description="Most payload and topic bytes kept in the spool, MiB (the file is about 1.1x this, docs/benchmarks.md).",
-    )  # fmt: skip
+    )
 
 
 class GovernorSettings(Section):
@@ -525,66 +546,102 @@ class GovernorSettings(Section):
         description="critical when MemAvailable falls below this share of MemTotal, percent.",
     )
     psi_some_warn_pct: float = Field(
-        default=40, ge=0, le=100, json_schema_extra=HOT,
+        default=40,
+        ge=0,
+        le=100,
+        json_schema_extra=HOT,
         description="warn when PSI memory 'some' avg10 stays above this for psi_hold_s, percent (nohang: 40).",
-    )  # fmt: skip
+    )
     psi_some_act_pct: float = Field(
-        default=90, ge=0, le=100, json_schema_extra=HOT,
+        default=90,
+        ge=0,
+        le=100,
+        json_schema_extra=HOT,
         description="critical when PSI memory 'some' avg10 stays above this for psi_hold_s, percent (nohang: 90).",
-    )  # fmt: skip
+    )
     psi_full_act_pct: float = Field(
-        default=40, ge=0, le=100, json_schema_extra=HOT,
+        default=40,
+        ge=0,
+        le=100,
+        json_schema_extra=HOT,
         description="critical when PSI memory 'full' avg10 stays above this for psi_hold_s, percent (systemd-oomd "
         "uses 60 for 30 s as a last resort).",
-    )  # fmt: skip
+    )
     psi_hold_s: float = Field(
         default=10, ge=0, le=600, json_schema_extra=HOT, description="How long a PSI threshold must hold, seconds."
     )
     cgroup_warn_pct: float = Field(
-        default=85, ge=1, le=100, json_schema_extra=HOT,
+        default=85,
+        ge=1,
+        le=100,
+        json_schema_extra=HOT,
         description="warn when the own cgroup's working set reaches this share of its limit (or high mark, the "
         "smaller), percent.",
-    )  # fmt: skip
+    )
     cgroup_act_pct: float = Field(
-        default=95, ge=1, le=100, json_schema_extra=HOT,
+        default=95,
+        ge=1,
+        le=100,
+        json_schema_extra=HOT,
         description="critical when the own cgroup's working set reaches this share of its limit or high mark, percent.",
-    )  # fmt: skip
+    )
     weights_warn_pct: float = Field(
-        default=90, ge=0, le=100, json_schema_extra=HOT,
+        default=90,
+        ge=0,
+        le=100,
+        json_schema_extra=HOT,
         description="warn when the share of the weights the plan keeps in RAM (fit mode) that is resident falls "
         "below this for psi_hold_s, percent: the kernel is evicting them.",
-    )  # fmt: skip
+    )
     weights_act_pct: float = Field(
-        default=75, ge=0, le=100, json_schema_extra=HOT,
+        default=75,
+        ge=0,
+        le=100,
+        json_schema_extra=HOT,
         description="critical when that share stays below this for psi_hold_s, percent: tokens wait on storage "
         "(thrashing).",
-    )  # fmt: skip
+    )
     hysteresis_pct: float = Field(
-        default=5, ge=0, le=50, json_schema_extra=HOT,
+        default=5,
+        ge=0,
+        le=50,
+        json_schema_extra=HOT,
         description="A signal leaves a level only this many percentage points past the threshold that raised it.",
-    )  # fmt: skip
+    )
     cool_down_s: float = Field(
         default=15, ge=0, le=3600, json_schema_extra=HOT, description="Time between two actions, seconds."
     )
     recover_s: float = Field(
-        default=60, ge=0, le=86400, json_schema_extra=HOT,
+        default=60,
+        ge=0,
+        le=86400,
+        json_schema_extra=HOT,
         description="Pressure must stay below an action's level this long before the action is undone (the model "
         "reloaded, jobs resumed), seconds.",
-    )  # fmt: skip
+    )
     shrink_ctx_pct: int = Field(
-        default=50, ge=5, le=100, json_schema_extra=HOT,
+        default=50,
+        ge=5,
+        le=100,
+        json_schema_extra=HOT,
         description="Second action: new jobs run only when prompt + max_tokens fit this share of the context, percent.",
-    )  # fmt: skip
+    )
     reserve_after_s: float = Field(
-        default=30, ge=0, le=86400, json_schema_extra=HOT,
+        default=30,
+        ge=0,
+        le=86400,
+        json_schema_extra=HOT,
         description="A queued job that has waited this long for memory takes the next free capacity: jobs behind it "
         "wait (waiting_for 'reserved') until it starts, so smaller jobs cannot starve it, seconds.",
-    )  # fmt: skip
+    )
     memory_wait_max_s: float = Field(
-        default=120, ge=1, le=86400, json_schema_extra=HOT,
+        default=120,
+        ge=1,
+        le=86400,
+        json_schema_extra=HOT,
         description="A queued job that has waited this long for memory while no other job ran ends FAILED "
         "memory_wait_exceeded (with what it needed and what was available), seconds.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> GovernorSettings:
@@ -700,9 +757,11 @@ class CanarySettings(Section):
 
     prompt: str | None = Field(default=None, max_length=4096, json_schema_extra=HOT, description="The canary prompt.")
     messages: list[ChatMessage] | None = Field(
-        default=None, max_length=16, json_schema_extra=HOT,
+        default=None,
+        max_length=16,
+        json_schema_extra=HOT,
         description="Chat messages instead of a prompt (rendered with the model's chat template).",
-    )  # fmt: skip
+    )
     max_tokens: int = Field(
         default=16, ge=1, le=1024, json_schema_extra=HOT, description="Tokens the canary may generate."
     )
@@ -710,17 +769,23 @@ class CanarySettings(Section):
         default=1, ge=0, le=1024, json_schema_extra=HOT, description="Tokens the output must have at least."
     )
     timeout_s: float = Field(
-        default=60.0, ge=0.1, le=3600, json_schema_extra=HOT,
+        default=60.0,
+        ge=0.1,
+        le=3600,
+        json_schema_extra=HOT,
         description="The canary must complete within this time (prompt and generation), seconds.",
-    )  # fmt: skip
+    )
     pattern: str | None = Field(
-        default=None, max_length=1024, json_schema_extra=HOT,
+        default=None,
+        max_length=1024,
+        json_schema_extra=HOT,
         description="A regular expression (Python re) the output must contain (re.search). None: not checked.",
-    )  # fmt: skip
+    )
     json_schema: dict[str, Any] | None = Field(
-        default=None, json_schema_extra=HOT,
+        default=None,
+        json_schema_extra=HOT,
         description="A JSON Schema (draft 7) the output must satisfy as JSON. None: not checked.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CanarySettings:

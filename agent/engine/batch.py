@@ -361,8 +361,10 @@ class Scheduler:
         if n == 0:
             return
         b.n_tokens = n
-        rc = self._decode([job.run for job, _, _ in entries], interruptible=any(len(a) > 1 or job.pending is None
-                                                                                  for job, a, _ in entries))  # fmt: skip
+        rc = self._decode(
+            [job.run for job, _, _ in entries],
+            interruptible=any(len(a) > 1 or job.pending is None for job, a, _ in entries),
+        )
         if rc == llamacpp.DECODE_ABORTED:
             # llama.cpp dropped what it had not finished of this batch: nothing of it is committed;
             # each cache keeps what it held before (or nothing, where it cannot vouch for it).

@@ -42,8 +42,14 @@ class CanaryResult:
     finish_reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reason": self.reason, "output": self.output, "tokens": self.tokens,
-                "took_ms": round(self.took_ms, 1), "finish_reason": self.finish_reason}  # fmt: skip
+        return {
+            "passed": self.passed,
+            "reason": self.reason,
+            "output": self.output,
+            "tokens": self.tokens,
+            "took_ms": round(self.took_ms, 1),
+            "finish_reason": self.finish_reason,
+        }
 
 
 def request(c: CanarySettings) -> GenerationRequest:

@@ -177,8 +177,14 @@ class Engine:
     @property
     def plan_inputs(self) -> PlanInputs:
         """What this engine's memory plan is made from (``agent.engine.plan``)."""
-        return PlanInputs(self.model_path, self.settings, self.memory_settings, self.allow_non_4bit,
-                          self._budget_override, self._force)  # fmt: skip
+        return PlanInputs(
+            self.model_path,
+            self.settings,
+            self.memory_settings,
+            self.allow_non_4bit,
+            self._budget_override,
+            self._force,
+        )
 
     def plan(self, *, runtime_bytes: int | None = None, exact: bool = True) -> LoadPlan:
         """``agent.engine.plan.plan`` for this engine's settings: mode and n_ctx, nothing loaded."""
@@ -235,8 +241,14 @@ class Engine:
                 ) from e
             load_ms = (time.monotonic() - t0) * 1000
             self._llama, self._info = llama, plan.info
-            self._sched = Scheduler(llama, self._slots_for(llama, plan.slots), n_batch=n_batch, closing=self._closing,
-                                    prepare=self._prepare, abort_callback=self._abort_cfunc)  # fmt: skip
+            self._sched = Scheduler(
+                llama,
+                self._slots_for(llama, plan.slots),
+                n_batch=n_batch,
+                closing=self._closing,
+                prepare=self._prepare,
+                abort_callback=self._abort_cfunc,
+            )
             buffers = llamacpp.buffer_sizes(lines)
             if mode == "fast" and not any("REPACK" in k for k in buffers):
                 notes.append("llama.cpp repacked nothing on this CPU: fast mode costs no extra memory here")
@@ -460,13 +472,19 @@ class Engine:
         if not tokens:
             # Nothing to condition on and no BOS to add: llama.cpp would sample from no logits.
             raise EngineError("the prompt is empty and the model adds no BOS token", code=ErrorCode.invalid_request)
-        tokens, dropped, allowed = self._fit_context(tokens, req.max_tokens, self.n_ctx_of(llama, sched.n_slots),
-                                                     C.llama_vocab_bos(vocab))  # fmt: skip
+        tokens, dropped, allowed = self._fit_context(
+            tokens, req.max_tokens, self.n_ctx_of(llama, sched.n_slots), C.llama_vocab_bos(vocab)
+        )
         job = Job(
-            req=req, tokens=tokens, dropped=dropped, allowed=allowed,
+            req=req,
+            tokens=tokens,
+            dropped=dropped,
+            allowed=allowed,
             sampler=Sampler(req, vocab, grammar.sampler(vocab) if grammar is not None else None),
-            run=Run(cancel, deadline, self._clock, self._closing), on_token=on_token, structured=grammar is not None,
-        )  # fmt: skip
+            run=Run(cancel, deadline, self._clock, self._closing),
+            on_token=on_token,
+            structured=grammar is not None,
+        )
         sched.submit(job)
         job.done.wait()
         if job.error is not None:

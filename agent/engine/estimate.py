@@ -410,9 +410,17 @@ def most_slots_that_fit(
     best = None
     for slots in range(1, max(1, cap) + 1):
         est = estimate_memory(
-            info, n_ctx=n_ctx, mode=mode, n_batch=n_batch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
-            runtime_bytes=runtime_bytes, sizer=sizer, slots=slots,
-        )  # fmt: skip
+            info,
+            n_ctx=n_ctx,
+            mode=mode,
+            n_batch=n_batch,
+            type_k=type_k,
+            type_v=type_v,
+            flash_attn=flash_attn,
+            runtime_bytes=runtime_bytes,
+            sizer=sizer,
+            slots=slots,
+        )
         if est.anon_bytes > budget_bytes:
             break
         best = slots

@@ -174,8 +174,10 @@ def construct_llama(
     """
     LOG_SINK.install()
     with _CONSTRUCT_LOCK, LOG_SINK.capture() as lines:
-        with _default_params(use_extra_bufts=repack, n_outputs_max=slots, n_seq_max=slots), \
-                contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
+        with (
+            _default_params(use_extra_bufts=repack, n_outputs_max=slots, n_seq_max=slots),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             llama = llama_cpp.Llama(
                 path,
                 n_ctx=n_ctx * slots,
@@ -572,9 +574,15 @@ class ExactSizer:
 
         if (n_ctx, slots) not in self._cache:
             n_batch = min(self._n_batch, n_ctx)
-            c = self._probe.context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=self._ubatch_size(n_ctx, n_batch),
-                                    slots=slots, type_k=self._type_k, type_v=self._type_v,
-                                    flash_attn=self._flash_attn)  # fmt: skip
+            c = self._probe.context(
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=self._ubatch_size(n_ctx, n_batch),
+                slots=slots,
+                type_k=self._type_k,
+                type_v=self._type_v,
+                flash_attn=self._flash_attn,
+            )
             if self.repack is not None:
                 repacked, dup = self.repack.nbytes, self.repack.duplicate_bytes
             else:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.config import Settings
 from agent.config.sections import CanarySettings, EngineSettings, MemorySettings, ModelSettings
 from agent.engine.canary import CanaryFailed, CanaryResult, run_canary
 from agent.engine.types import EngineLike, LoadReport, RequestLimits
@@ -44,12 +45,14 @@ class EngineConfig:
     state_dir: Path
 
     @classmethod
-    def from_settings(cls, settings: object) -> EngineConfig:
-        s = settings  # an agent.config.Settings (not imported: keeps this module light)
+    def from_settings(cls, s: Settings) -> EngineConfig:
         return cls(
-            model=s.model.model_copy(), engine=s.engine.model_copy(), memory=s.memory.model_copy(),  # type: ignore[attr-defined]
-            models_dir=s.device.models_dir, state_dir=s.device.state_dir,  # type: ignore[attr-defined]
-        )  # fmt: skip
+            model=s.model.model_copy(),
+            engine=s.engine.model_copy(),
+            memory=s.memory.model_copy(),
+            models_dir=s.device.models_dir,
+            state_dir=s.device.state_dir,
+        )
 
     def model_file(self) -> Path:
         """model.path resolved, inside models_dir (ModelError otherwise)."""
@@ -117,12 +120,17 @@ class ModelChange:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "path": self.path, "sha256": self.sha256, "outcome": self.outcome, "message": self.message,
-            "at": self.at, "took_ms": round(self.took_ms, 1), "preempted": self.preempted,
+            "path": self.path,
+            "sha256": self.sha256,
+            "outcome": self.outcome,
+            "message": self.message,
+            "at": self.at,
+            "took_ms": round(self.took_ms, 1),
+            "preempted": self.preempted,
             "canary": self.canary.as_dict() if self.canary else None,
             "rollback_ms": None if self.rollback_ms is None else round(self.rollback_ms, 1),
             "rolled_back": self.rolled_back,
-        }  # fmt: skip
+        }
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -215,9 +223,12 @@ class Supervisor:
                 self._engine.limits = RequestLimits.from_settings(engine_settings)
             if self._config is not None:
                 self._config = EngineConfig(
-                    self._config.model, engine_settings.model_copy(), self._config.memory,
-                    self._config.models_dir, self._config.state_dir,
-                )  # fmt: skip
+                    self._config.model,
+                    engine_settings.model_copy(),
+                    self._config.memory,
+                    self._config.models_dir,
+                    self._config.state_dir,
+                )
 
     @property
     def parked(self) -> bool:
@@ -247,32 +258,61 @@ class Supervisor:
                 except Exception as e:  # noqa: BLE001  every failure rolls back; the error says why
                     err = e if isinstance(e, EdgeAgentError) else EngineError(f"{type(e).__name__}: {e}")
                     t_fail = self._clock()
-                    log.error("model change to %s failed: %s; going back to %s", config.model.path, err,
-                              old_config.model.path if old_config else "nothing")  # fmt: skip
+                    log.error(
+                        "model change to %s failed: %s; going back to %s",
+                        config.model.path,
+                        err,
+                        old_config.model.path if old_config else "nothing",
+                    )
                     if engine is not None:
                         engine.unload()  # loaded, but failed the canary: never two models at once
                     rolled_back = self._roll_back(old_engine)
                     back = self._clock()
                     self.sha256, self.loaded_at = old_sha, old_loaded_at
                     canary = err.result if isinstance(err, _CanaryError) else None
-                    refused = Refused(err.error if isinstance(err, _CanaryError) else err, rolled_back, preempted,
-                                      back - t0, canary, back - t_fail)  # fmt: skip
-                    log.warning("model change to %s refused; %s in %.0f ms", config.model.path,
-                                "the previous model serves again" if rolled_back else "no model is loaded",
-                                (back - t_fail) * 1000)  # fmt: skip
+                    refused = Refused(
+                        err.error if isinstance(err, _CanaryError) else err,
+                        rolled_back,
+                        preempted,
+                        back - t0,
+                        canary,
+                        back - t_fail,
+                    )
+                    log.warning(
+                        "model change to %s refused; %s in %.0f ms",
+                        config.model.path,
+                        "the previous model serves again" if rolled_back else "no model is loaded",
+                        (back - t_fail) * 1000,
+                    )
                     self.last_change = ModelChange(
-                        str(config.model.path), config.model.sha256,
-                        "canary_failed" if canary is not None else "load_failed", refused.message, time.time(),
-                        (back - t0) * 1000, len(preempted), canary, (back - t_fail) * 1000, rolled_back,
-                    )  # fmt: skip
+                        str(config.model.path),
+                        config.model.sha256,
+                        "canary_failed" if canary is not None else "load_failed",
+                        refused.message,
+                        time.time(),
+                        (back - t0) * 1000,
+                        len(preempted),
+                        canary,
+                        (back - t_fail) * 1000,
+                        rolled_back,
+                    )
                     return refused
                 self._engine, self._config = engine, config
                 took = self._clock() - t0
                 self.last_swap_ms, self.last_swap_preempted = took * 1000, len(preempted)
-                self.last_change = ModelChange(str(config.model.path), config.model.sha256, "applied", None, time.time(),
-                                               took * 1000, len(preempted), self._last_canary)  # fmt: skip
-                log.info("model change to %s done in %.1fs (%d job(s) preempted)", config.model.path, took,
-                         len(preempted))  # fmt: skip
+                self.last_change = ModelChange(
+                    str(config.model.path),
+                    config.model.sha256,
+                    "applied",
+                    None,
+                    time.time(),
+                    took * 1000,
+                    len(preempted),
+                    self._last_canary,
+                )
+                log.info(
+                    "model change to %s done in %.1fs (%d job(s) preempted)", config.model.path, took, len(preempted)
+                )
                 return Applied(report, preempted, took)
             finally:
                 self._gate.release(HOLD)
@@ -393,4 +433,17 @@ class _CanaryError(EdgeAgentError):
         self.result = result
 
 
-__all__ = ["Applied", "EngineConfig", "ModelChange", "Refused", "Supervisor", "file_sha256"]
+def load_engine(config: EngineConfig) -> EngineLike:
+    """The daemon's engine factory: the real llama.cpp engine for ``config`` (constructed unloaded)."""
+    from agent.engine import Engine  # costly (loads llama.cpp): not for the CLI's other commands
+
+    return Engine(
+        config.model_file(),
+        engine=config.engine,
+        memory=config.memory,
+        allow_non_4bit=config.model.allow_non_4bit,
+        state_dir=config.state_dir,
+    )
+
+
+__all__ = ["Applied", "EngineConfig", "ModelChange", "Refused", "Supervisor", "file_sha256", "load_engine"]

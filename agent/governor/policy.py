@@ -371,9 +371,13 @@ def step(
         below = None
 
     new = GovernorState(
-        level=level, rung=rung, last_action_at=last, below_since=below,
-        latches=tuple(sorted(latches.items())), over_since=tuple(sorted(over.items())),
-    )  # fmt: skip
+        level=level,
+        rung=rung,
+        last_action_at=last,
+        below_since=below,
+        latches=tuple(sorted(latches.items())),
+        over_since=tuple(sorted(over.items())),
+    )
     return new, Decision(level, previous, new.posture, tuple(actions), tuple(reasons), tuple(missing))
 
 

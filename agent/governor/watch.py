@@ -65,8 +65,9 @@ class JobNeed:
             tokens=tokens,
             kv_bytes_per_token=report.estimate.kv_cache // max(1, report.n_ctx * report.slots),
             model_anon_bytes=report.estimate.anon_bytes - report.estimate.kv_cache,
-            budget_bytes=report.budget.bytes, n_ctx=report.n_ctx,
-        )  # fmt: skip
+            budget_bytes=report.budget.bytes,
+            n_ctx=report.n_ctx,
+        )
 
 
 class MemoryWatch:
@@ -126,16 +127,23 @@ class MemoryWatch:
         events: list[Event | None] = []
         if not self._told_missing:
             self._told_missing = True
-            events.append(signals_missing_event(self._sampler.unavailable, device_id=t.device_id, ts=now,
-                                                level=decision.level.name))  # fmt: skip
+            events.append(
+                signals_missing_event(
+                    self._sampler.unavailable, device_id=t.device_id, ts=now, level=decision.level.name
+                )
+            )
         events.extend(decision_events(decision, t, device_id=t.device_id, ts=now))
         events.append(throttling_event(self.last, t))
         dropped = self._uplink.spool.take_unreported_drops()
         events.append(spool_dropped_event(*dropped, device_id=t.device_id, ts=now, level=decision.level.name))
         for e in events:
             if e is not None:
-                log.log(logging.WARNING if e.kind.value in ("action", "level_changed") else logging.INFO,
-                        "event %s: %s", e.kind.value, e.message)  # fmt: skip
+                log.log(
+                    logging.WARNING if e.kind.value in ("action", "level_changed") else logging.INFO,
+                    "event %s: %s",
+                    e.kind.value,
+                    e.message,
+                )
                 self._uplink.send("event", self._topics.events, e.to_payload(), ts=now)
         self.last = t
         if mono - self._last_sent >= s.telemetry.interval_s:
@@ -198,10 +206,16 @@ class MemoryWatch:
         held = (t.rss_anon_bytes or 0) + (t.rss_file_bytes or 0)
         # The model's memory is already held: what the job adds is its KV cache pages.
         return admit(
-            kv_bytes=kv, model_bytes=held, tokens=need.tokens, available_bytes=available_to_agent(t),
-            capacity_bytes=max(need.budget_bytes, held + kv), posture=self.governor.posture,
-            settings=self._s.governor, n_ctx=need.n_ctx, mem_total=t.mem_total_bytes or 0,
-        )  # fmt: skip
+            kv_bytes=kv,
+            model_bytes=held,
+            tokens=need.tokens,
+            available_bytes=available_to_agent(t),
+            capacity_bytes=max(need.budget_bytes, held + kv),
+            posture=self.governor.posture,
+            settings=self._s.governor,
+            n_ctx=need.n_ctx,
+            mem_total=t.mem_total_bytes or 0,
+        )
 
 
 class AgentActions:

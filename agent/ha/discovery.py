@@ -80,12 +80,14 @@ def _device(settings: Any) -> dict[str, Any]:
 def _availability(topics: Topics) -> list[dict[str, Any]]:
     # The device status is JSON ({"state": "online" | "stopping" | "offline", ...}); stopping counts as
     # unavailable: the board takes no new jobs then.
-    return [{
-        "topic": topics.device_status,
-        "value_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
-        "payload_available": "online",
-        "payload_not_available": "offline",
-    }]  # fmt: skip
+    return [
+        {
+            "topic": topics.device_status,
+            "value_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
+            "payload_available": "online",
+            "payload_not_available": "offline",
+        }
+    ]
 
 
 def _value_template(s: Sensor) -> str:
@@ -103,8 +105,10 @@ def _value_template(s: Sensor) -> str:
 def _shadow_topics(topics: Topics) -> tuple[str, str]:
     """(update, document) topics of the device shadow. Topics defines them where the shadow is built
     (agent/shadow); the same names are spelled here for a tree without it."""
-    return (getattr(topics, "shadow_update", f"{topics.root}/shadow/update"),
-            getattr(topics, "shadow", f"{topics.root}/shadow"))  # fmt: skip
+    return (
+        getattr(topics, "shadow_update", f"{topics.root}/shadow/update"),
+        getattr(topics, "shadow", f"{topics.root}/shadow"),
+    )
 
 
 def list_models(models_dir: Path) -> list[str]:
@@ -162,32 +166,44 @@ def _entities(settings: Any, models: Iterable[str]) -> list[tuple[str, dict[str,
     shadow_update, shadow_doc = _shadow_topics(topics)
     models_dir = str(Path(settings.device.models_dir)).rstrip("/") + "/"
     options = select_options(settings, models)
-    out.append((_topic(settings, "select", "model"), {
-        "name": "Model",
-        "unique_id": f"{uid}_model",
-        "command_topic": shadow_update,
-        "command_template": _shadow_update({"model": {"path": "__VALUE__"}}).replace('"__VALUE__"', "{{ value | tojson }}"),
-        "options": options,
-        "state_topic": shadow_doc,
-        "value_template": "{{ value_json.state.reported.model.path | replace('" + models_dir + "', '') }}",
-        "qos": 1,
-        "icon": "mdi:brain",
-        **base,
-    }))  # fmt: skip
-    out.append((_topic(settings, "switch", "intake_paused"), {
-        "name": "Intake paused",
-        "unique_id": f"{uid}_intake_paused",
-        "command_topic": shadow_update,
-        "payload_on": _shadow_update({"intake": {"paused": True}}),
-        "payload_off": _shadow_update({"intake": {"paused": False}}),
-        "state_topic": shadow_doc,
-        "value_template": "{{ 'ON' if value_json.state.reported.intake.paused else 'OFF' }}",
-        "state_on": "ON",
-        "state_off": "OFF",
-        "qos": 1,
-        "icon": "mdi:pause-circle-outline",
-        **base,
-    }))  # fmt: skip
+    out.append(
+        (
+            _topic(settings, "select", "model"),
+            {
+                "name": "Model",
+                "unique_id": f"{uid}_model",
+                "command_topic": shadow_update,
+                "command_template": _shadow_update({"model": {"path": "__VALUE__"}}).replace(
+                    '"__VALUE__"', "{{ value | tojson }}"
+                ),
+                "options": options,
+                "state_topic": shadow_doc,
+                "value_template": "{{ value_json.state.reported.model.path | replace('" + models_dir + "', '') }}",
+                "qos": 1,
+                "icon": "mdi:brain",
+                **base,
+            },
+        )
+    )
+    out.append(
+        (
+            _topic(settings, "switch", "intake_paused"),
+            {
+                "name": "Intake paused",
+                "unique_id": f"{uid}_intake_paused",
+                "command_topic": shadow_update,
+                "payload_on": _shadow_update({"intake": {"paused": True}}),
+                "payload_off": _shadow_update({"intake": {"paused": False}}),
+                "state_topic": shadow_doc,
+                "value_template": "{{ 'ON' if value_json.state.reported.intake.paused else 'OFF' }}",
+                "state_on": "ON",
+                "state_off": "OFF",
+                "qos": 1,
+                "icon": "mdi:pause-circle-outline",
+                **base,
+            },
+        )
+    )
     return out
 
 

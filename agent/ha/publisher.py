@@ -92,8 +92,11 @@ class DiscoveryPublisher:
             self._options, self._model, self._folder = select_options(self.settings, models), model, folder
             stale = [t for t in previous if t not in topics]
             sent += self._remove(stale, keep=topics)
-            log.info("Home Assistant discovery: %d entities under %s/", len(messages),
-                     self.settings.homeassistant.discovery_prefix)  # fmt: skip
+            log.info(
+                "Home Assistant discovery: %d entities under %s/",
+                len(messages),
+                self.settings.homeassistant.discovery_prefix,
+            )
             return sent
         if previous:
             sent = self._remove(previous, keep=[])
@@ -120,8 +123,10 @@ class DiscoveryPublisher:
             added = [o for o in options if o not in self._options]
             removed = [o for o in self._options if o not in options]
             self._options = options
-        log.info("Home Assistant discovery: the model select's options changed (%s)",
-                 ", ".join([f"+{o}" for o in added] + [f"-{o}" for o in removed]))  # fmt: skip
+        log.info(
+            "Home Assistant discovery: the model select's options changed (%s)",
+            ", ".join([f"+{o}" for o in added] + [f"-{o}" for o in removed]),
+        )
         return 1
 
     def _folder_changed(self) -> bool:

@@ -76,8 +76,10 @@ class StoreHealth:
         log.error(
             "job store unwritable [%s]: %s. Taking no new jobs (they stay at the broker unacknowledged); "
             "checking again every %gs",
-            error.code, error, self._recheck_s(),
-        )  # fmt: skip
+            error.code,
+            error,
+            self._recheck_s(),
+        )
         self._notify(False)
 
     def run(self, write: Callable[[], T]) -> T | None:

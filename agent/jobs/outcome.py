@@ -49,21 +49,28 @@ def conclude(
     text = result.text or None
     if result.finish_reason == "canceled":
         error = ErrorInfo(code=ErrorCode.canceled, message="canceled by request")
-        return JobOutcome(status=JobStatus.CANCELED, text=text, finish_reason="canceled", usage=usage,
-                          timings=timings, error=error)  # fmt: skip
+        return JobOutcome(
+            status=JobStatus.CANCELED, text=text, finish_reason="canceled", usage=usage, timings=timings, error=error
+        )
     if result.finish_reason == "timeout":
         error = ErrorInfo(code=ErrorCode.timeout, message=timeout_text or "ran longer than its time limit")
-        return JobOutcome(status=JobStatus.TIMED_OUT, text=text, finish_reason="timeout", usage=usage,
-                          timings=timings, error=error)  # fmt: skip
-    return JobOutcome(status=JobStatus.SUCCEEDED, text=text, finish_reason=result.finish_reason, usage=usage,
-                      timings=timings)  # fmt: skip
+        return JobOutcome(
+            status=JobStatus.TIMED_OUT, text=text, finish_reason="timeout", usage=usage, timings=timings, error=error
+        )
+    return JobOutcome(
+        status=JobStatus.SUCCEEDED, text=text, finish_reason=result.finish_reason, usage=usage, timings=timings
+    )
 
 
 def _usage(result: GenerationResult) -> Usage:
     s = result.stats
-    return Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
-                 prompt_tokens_cached=s.prompt_tokens_cached, max_tokens_allowed=s.max_tokens_allowed,
-                 prompt_tokens_dropped=s.prompt_tokens_dropped)  # fmt: skip
+    return Usage(
+        prompt_tokens=s.prompt_tokens,
+        completion_tokens=s.completion_tokens,
+        prompt_tokens_cached=s.prompt_tokens_cached,
+        max_tokens_allowed=s.max_tokens_allowed,
+        prompt_tokens_dropped=s.prompt_tokens_dropped,
+    )
 
 
 def _from_error(e: BaseException, timings: Timings) -> JobOutcome:
@@ -72,8 +79,14 @@ def _from_error(e: BaseException, timings: Timings) -> JobOutcome:
         # what it cost are still the client's to see.
         r = e.result
         finish = r.finish_reason if r.finish_reason in ("stop", "length") else None
-        return JobOutcome(status=e.code.status, text=r.text or None, finish_reason=finish, usage=_usage(r),
-                          timings=timings, error=ErrorInfo(code=e.code, message=str(e)))  # fmt: skip
+        return JobOutcome(
+            status=e.code.status,
+            text=r.text or None,
+            finish_reason=finish,
+            usage=_usage(r),
+            timings=timings,
+            error=ErrorInfo(code=e.code, message=str(e)),
+        )
     if isinstance(e, EngineError):
         # The code decides the status: context_too_long, will_not_fit, prompt_too_large ... are
         # REJECTED (the same request fails the same way on any retry); the rest FAILED.

@@ -538,9 +538,16 @@ def _explain(e: Any) -> str:
     if kind in ("naive_datetime", "datetime_type", "datetime_format", "datetime_range", "finite_number"):
         return f"{field} {e['msg']}, got {describe(value)}"
     if kind in (
-        "lone_surrogate", "nul_character", "prompt_too_large", "max_tokens_too_large", "kind_fields",
-        "schema_required", "schema_not_allowed", "schema_too_large", "schema_too_deep",
-    ):  # fmt: skip
+        "lone_surrogate",
+        "nul_character",
+        "prompt_too_large",
+        "max_tokens_too_large",
+        "kind_fields",
+        "schema_required",
+        "schema_not_allowed",
+        "schema_too_large",
+        "schema_too_deep",
+    ):
         return str(e["msg"])
     return f"{field}: {e['msg']}"
 
@@ -734,9 +741,10 @@ class Usage(BaseModel):
         "passes the end of the context (it then ends with finish_reason length at the context's end).",
     )
     prompt_tokens_dropped: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="Tokens cut from the front of a prompt that did not fit (engine.context_overflow = keep_tail).",
-    )  # fmt: skip
+    )
 
 
 class Timings(BaseModel):
@@ -744,16 +752,20 @@ class Timings(BaseModel):
 
     queue_ms: float | None = Field(default=None, ge=0, description="From acceptance to the start of the run, ms.")
     slot_wait_ms: float | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="From the start of the run to a free slot of the engine (every slot busy with other jobs), ms.",
-    )  # fmt: skip
+    )
     first_token_ms: float | None = Field(
-        default=None, ge=0, description="From a free slot to the first generated text (time to first token), ms.",
-    )  # fmt: skip
+        default=None,
+        ge=0,
+        description="From a free slot to the first generated text (time to first token), ms.",
+    )
     slots_in_use: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Jobs decoding in the engine when this one took its slot, itself included (engine.max_parallel).",
-    )  # fmt: skip
+    )
     prompt_ms: float | None = Field(default=None, ge=0, description="Prompt evaluation, ms.")
     generation_ms: float | None = Field(default=None, ge=0, description="Token generation, ms.")
     tokens_per_s: float | None = Field(default=None, ge=0, description="Generated tokens per second.")

@@ -193,16 +193,18 @@ class Runner:
             return None
         g = self._governor()
         engine = self._engine()
-        hold = next((_HOLD_REASONS.get(h, (WaitReason.paused, f"new starts are held ({h})")) for h in sorted(holds)),
-                    None)  # fmt: skip
+        hold = next(
+            (_HOLD_REASONS.get(h, (WaitReason.paused, f"new starts are held ({h})")) for h in sorted(holds)), None
+        )
         if hold is None and engine is None:
             hold = (WaitReason.model, "no model is loaded (it is being loaded or replaced, or its load failed)")
         ctx = None
         if hold is None:
             assert engine is not None
             ctx = _Context(engine.tokenizer_key, engine.n_ctx, engine.limits.context_overflow)
-        items = [Queued(q.job_id, RUN if ctx is None else self._judge(q, engine, ctx), q.memory_wait_s(now))
-                 for q in queue]  # fmt: skip
+        items = [
+            Queued(q.job_id, RUN if ctx is None else self._judge(q, engine, ctx), q.memory_wait_s(now)) for q in queue
+        ]
         if hold is not None:
             decided = held(items, hold[0], hold[1], running=len(running), memory_wait_max_s=g.memory_wait_max_s)
         else:
@@ -210,9 +212,14 @@ class Runner:
                 busy = f"all {capacity} slot(s) are running jobs ({', '.join(running)})"
             else:
                 busy = f"the free slot(s) go to jobs ahead of it in the queue ({len(running)} of {capacity} running)"
-            decided = pick(items, free_slots=capacity - len(running), running=len(running),
-                           reserve_after_s=g.reserve_after_s, memory_wait_max_s=g.memory_wait_max_s,
-                           slot_detail=busy)  # fmt: skip
+            decided = pick(
+                items,
+                free_slots=capacity - len(running),
+                running=len(running),
+                reserve_after_s=g.reserve_after_s,
+                memory_wait_max_s=g.memory_wait_max_s,
+                slot_detail=busy,
+            )
         self._carry_out(decided, {q.job_id: q.waiting_for for q in queue}, now)
         if decided.start is None:
             return None
@@ -292,8 +299,9 @@ class Runner:
             deadline, timeout_text = self._deadline(job, started)
             engine = self._engine()
             if engine is None:
-                raise EngineError("no model is loaded (loading failed or it is being replaced)",
-                                  code=ErrorCode.model_not_loaded)  # fmt: skip
+                raise EngineError(
+                    "no model is loaded (loading failed or it is being replaced)", code=ErrorCode.model_not_loaded
+                )
             ended = engine.generate(
                 GenerationRequest.from_job(job),
                 on_token=self._streamer(rec.job_id, job),
@@ -335,9 +343,14 @@ class Runner:
                     if what == "failed_preempted":
                         self._send_outcome(self._stored(rec.job_id))
                     elif what != "not_running":
-                        log.warning("job %s stopped (%s): back in the queue, %s", rec.job_id, _STOPPED[decision.reason],
-                                    "this run counts as an attempt" if what == "requeued_counted"
-                                    else "this run does not count as an attempt")  # fmt: skip
+                        log.warning(
+                            "job %s stopped (%s): back in the queue, %s",
+                            rec.job_id,
+                            _STOPPED[decision.reason],
+                            "this run counts as an attempt"
+                            if what == "requeued_counted"
+                            else "this run does not count as an attempt",
+                        )
                     return
                 if self._store.finish(rec.job_id, decision, self._clock()):
                     self._send_outcome(self._stored(rec.job_id))
@@ -347,8 +360,10 @@ class Runner:
             except StoreError as e:
                 self._health.failed(e)
                 if self._stopping.is_set() and not self._health.writable:
-                    log.error("job %s: its outcome could not be written before the stop; it runs again after "
-                              "the restart", rec.job_id)  # fmt: skip
+                    log.error(
+                        "job %s: its outcome could not be written before the stop; it runs again after the restart",
+                        rec.job_id,
+                    )
                     return
                 self._health.wait_writable(IDLE_POLL_S)
 

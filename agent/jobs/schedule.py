@@ -91,18 +91,28 @@ def pick(
         if v.kind == "wait":
             assert v.reason is not None
             if v.reason is WaitReason.memory and running == 0 and q.memory_wait_s >= memory_wait_max_s:
-                ends.append((q.job_id, ErrorCode.memory_wait_exceeded,
-                             f"waited {q.memory_wait_s:.0f} s for memory with no other job running "
-                             f"(governor.memory_wait_max_s {memory_wait_max_s:g}): {v.detail}"))  # fmt: skip
+                ends.append(
+                    (
+                        q.job_id,
+                        ErrorCode.memory_wait_exceeded,
+                        f"waited {q.memory_wait_s:.0f} s for memory with no other job running "
+                        f"(governor.memory_wait_max_s {memory_wait_max_s:g}): {v.detail}",
+                    )
+                )
                 continue
             waits.append((q.job_id, v.reason, v.detail))
             if v.reason is WaitReason.memory and reserving is None and q.memory_wait_s >= reserve_after_s:
                 reserving = q
             continue
         if reserving is not None:
-            waits.append((q.job_id, WaitReason.reserved,
-                          f"job {reserving.job_id} ahead of it has waited {reserving.memory_wait_s:.0f} s for memory "
-                          f"(governor.reserve_after_s {reserve_after_s:g}) and takes the next free capacity"))  # fmt: skip
+            waits.append(
+                (
+                    q.job_id,
+                    WaitReason.reserved,
+                    f"job {reserving.job_id} ahead of it has waited {reserving.memory_wait_s:.0f} s for memory "
+                    f"(governor.reserve_after_s {reserve_after_s:g}) and takes the next free capacity",
+                )
+            )
         elif taken < free_slots:
             # The first takes a slot now; the others a slot still free, at the next passes.
             start = start or q.job_id
@@ -115,9 +125,13 @@ def pick(
 def held(queue: Sequence[Queued], reason: WaitReason, detail: str, *, running: int, memory_wait_max_s: float) -> Pick:
     """A hold stops every job (intake paused, no model, the governor holding jobs): each waits for
     it. A memory hold is bounded like any memory wait."""
-    return pick([Queued(q.job_id, Verdict.wait(reason, detail), q.memory_wait_s) for q in queue],
-                free_slots=0, running=running, reserve_after_s=float("inf"),
-                memory_wait_max_s=memory_wait_max_s)  # fmt: skip
+    return pick(
+        [Queued(q.job_id, Verdict.wait(reason, detail), q.memory_wait_s) for q in queue],
+        free_slots=0,
+        running=running,
+        reserve_after_s=float("inf"),
+        memory_wait_max_s=memory_wait_max_s,
+    )
 
 
 __all__ = ["Pick", "Queued", "RUN", "Verdict", "held", "pick"]

@@ -165,9 +165,15 @@ class JobRecord:
         reason, message = (error.code, error.message) if error is not None else (None, None)
         waiting = self.waiting_for if self.status is JobStatus.QUEUED else None
         return StatusMessage(
-            job_id=self.job_id, device_id=device_id, status=self.status, attempt=self.attempt, ts=ts,
-            reason=reason, waiting_for=waiting, message=self.waiting_detail if waiting else message,
-        )  # fmt: skip
+            job_id=self.job_id,
+            device_id=device_id,
+            status=self.status,
+            attempt=self.attempt,
+            ts=ts,
+            reason=reason,
+            waiting_for=waiting,
+            message=self.waiting_detail if waiting else message,
+        )
 
     def result_message(self, device_id: str) -> ResultMessage:
         """The result message for a terminal record; ts is when it became terminal, so resends are identical."""
@@ -330,14 +336,20 @@ class JobStore:
 
     def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
         open_schema(
-            self._connection(), self.path, _JOBS, what="the job store",
+            self._connection(),
+            self.path,
+            _JOBS,
+            what="the job store",
             fix=f"stop the agent, move {self.path.name} and its -wal and -shm files aside, and start again with an "
             "empty store",
-            synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, journal_size_limit=JOURNAL_SIZE_LIMIT,
+            synchronous=synchronous,
+            busy_timeout_ms=busy_timeout_ms,
+            journal_size_limit=JOURNAL_SIZE_LIMIT,
             # Only possible before the first table exists: lets prune() hand freed pages back to the
             # filesystem instead of keeping the file at its high-water mark.
-            new_file=("auto_vacuum = INCREMENTAL",), readonly=self.readonly,
-        )  # fmt: skip
+            new_file=("auto_vacuum = INCREMENTAL",),
+            readonly=self.readonly,
+        )
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -383,9 +395,14 @@ class JobStore:
         cur = self._db.execute(
             f"UPDATE jobs SET status = :status, result = :result, finished_at = :now, delivered = 0, "
             f"error_code = :code WHERE job_id = :job_id AND status NOT IN {_TERMINAL_SQL}",
-            {"status": outcome.status.value, "result": _dump(outcome.body()), "now": now,
-             "code": _code(outcome), "job_id": job_id},
-        )  # fmt: skip
+            {
+                "status": outcome.status.value,
+                "result": _dump(outcome.body()),
+                "now": now,
+                "code": _code(outcome),
+                "job_id": job_id,
+            },
+        )
         return cur.rowcount == 1
 
     # ----------------------------------------------------------------------------------------
@@ -400,9 +417,16 @@ class JobStore:
             if existing is not None:
                 return Accepted(existing, "duplicate_finished" if existing.terminal else "duplicate_pending")
             row: dict[str, Any] = dict(
-                job_id=job.job_id, priority=job.priority, created_at=now, expires_at=job.expires_epoch(),
-                timeout_s=job.timeout_s, request=request, raw=_raw(raw), attempt=0, delivered=0,
-            )  # fmt: skip
+                job_id=job.job_id,
+                priority=job.priority,
+                created_at=now,
+                expires_at=job.expires_epoch(),
+                timeout_s=job.timeout_s,
+                request=request,
+                raw=_raw(raw),
+                attempt=0,
+                delivered=0,
+            )
             outcome: Outcome = "new"
             refused: JobOutcome | None = None
             expires = job.expires_epoch()
@@ -420,9 +444,12 @@ class JobStore:
                 self._insert(status=JobStatus.QUEUED.value, **row)
             else:
                 self._insert(
-                    status=refused.status.value, result=_dump(refused.body()), finished_at=now,
-                    error_code=_code(refused), **row,
-                )  # fmt: skip
+                    status=refused.status.value,
+                    result=_dump(refused.body()),
+                    finished_at=now,
+                    error_code=_code(refused),
+                    **row,
+                )
             record = self._get(job.job_id)
             assert record is not None
             return Accepted(record, outcome)
@@ -443,10 +470,18 @@ class JobStore:
             if existing is not None:
                 return Accepted(existing, "duplicate_finished" if existing.terminal else "duplicate_pending")
             self._insert(
-                job_id=job_id, status=refused.status.value, priority=0, created_at=now, finished_at=now,
-                request=None, raw=_raw(raw), result=_dump(refused.body()), attempt=0, delivered=0,
+                job_id=job_id,
+                status=refused.status.value,
+                priority=0,
+                created_at=now,
+                finished_at=now,
+                request=None,
+                raw=_raw(raw),
+                result=_dump(refused.body()),
+                attempt=0,
+                delivered=0,
                 error_code=_code(refused),
-            )  # fmt: skip
+            )
             record = self._get(job_id)
             assert record is not None
             return Accepted(record, "rejected")

@@ -172,7 +172,7 @@ class HttpLink:
         return cls(
             ca_file=s.ca_file, token=s.token.get_secret_value() if s.token else None, basic=basic,
             connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s,
-        )  # fmt: skip
+        )
 
     def get(self, url: str, start: int) -> Response:
         """GET ``url`` from byte ``start`` (a Range request when start > 0). The body is streamed."""
@@ -221,7 +221,7 @@ def _convert(e: Exception, url: str) -> DownloadError:
     reason = getattr(e, "reason", None) or e
     if isinstance(e, urllib3.exceptions.SSLError) or isinstance(reason, ssl.SSLError):
         return DownloadError(f"TLS with {where} failed: {reason} (a CA other than the system's goes in download.ca_file)",
-                             code="download_tls")  # fmt: skip
+                             code="download_tls")
     if isinstance(e, urllib3.exceptions.MaxRetryError) and "redirect" in str(e).lower():
         return DownloadError(f"{where}: too many redirects", code="download_http")
     if isinstance(e, urllib3.exceptions.LocationParseError):
@@ -357,14 +357,14 @@ def download(
     report(progress)
     took = clock() - t0
     log.info("downloaded %s to %s: %d bytes fetched (%d resumed) in %d attempt(s), %.1fs", where, source.dest.name,
-             progress.fetched, resumed_from, attempts, took)  # fmt: skip
+             progress.fetched, resumed_from, attempts, took)
     return Result(source.dest, progress.fetched, resumed_from, attempts, took)
 
 
 def _fetch(
     source: Source, link: HttpLink, st: _State, margin: int, retry: RetryPolicy, progress: Progress,
     report: Callable[[Progress], None], cancel: threading.Event, clock: Callable[[], float],
-) -> None:  # fmt: skip
+) -> None:
     """Attempts until the partial file holds the whole body, with growing waits between failed ones."""
     where = redact(source.url)
     rate = _Rate(clock)
@@ -390,7 +390,7 @@ def _fetch(
                     raise DownloadError(
                         f"gave up after {failures} attempts in a row without progress: {e} ({_mb(st.have)} kept in "
                         f"{source.partial.name}; the next try resumes)", code=e.code, retryable=False,
-                    ) from None  # fmt: skip
+                    ) from None
                 delay = min(retry.max_s, retry.min_s * 2 ** max(0, failures - 1))
                 log.warning("download: %s; retrying in %.1fs from byte %d", e, delay, st.have)
                 progress.state, progress.message, progress.rate_bps, progress.eta_s = "retrying", str(e), None, None
@@ -407,7 +407,7 @@ def _fetch(
 def _attempt(
     source: Source, link: HttpLink, out: Any, st: _State, margin: int, progress: Progress, rate: _Rate,
     report: Callable[[Progress], None], cancel: threading.Event,
-) -> None:  # fmt: skip
+) -> None:
     """One GET from byte ``st.have``; returns once the body is complete. ``st`` follows every byte
     written, so an attempt cut midway leaves it where the partial file ends."""
     where = redact(source.url)
@@ -421,7 +421,7 @@ def _attempt(
                 return
             _start_over(out, st, progress)
             raise DownloadError(f"{where}: the server refused to resume from byte {st.have}; starting over",
-                                retryable=True)  # fmt: skip
+                                retryable=True)
         if status in (408, 429) or status >= 500:
             raise DownloadError(f"{where}: HTTP {status} {_reason(resp)}", code="download_http", retryable=True)
         if status not in (200, 206):
@@ -432,7 +432,7 @@ def _attempt(
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if m is None or int(m.group(1)) != st.have:
                 raise DownloadError(f"{where}: the server answered a range from another offset "
-                                    f"({resp.headers.get('Content-Range')!r}, asked {st.have})", retryable=True)  # fmt: skip
+                                    f"({resp.headers.get('Content-Range')!r}, asked {st.have})", retryable=True)
             server_total = int(m.group(3)) if m.group(3) != "*" else None
         else:
             if st.have:
@@ -443,7 +443,7 @@ def _attempt(
         if server_total is not None:
             if source.size is not None and server_total != source.size:
                 raise DownloadError(f"{where}: the server's file has {server_total} bytes, model.size says "
-                                    f"{source.size}", code="download_size_mismatch")  # fmt: skip
+                                    f"{source.size}", code="download_size_mismatch")
             if st.total is None:
                 check_space(source.dest.parent, server_total - st.have, margin)
             st.total = server_total

@@ -569,7 +569,7 @@ def _quant_verdict(tensors: list[TensorEntry], file_type_value: Any) -> QuantVer
     share = 100.0 * four_bit / total if total else 0.0
     def verdict(is_4bit: bool, rule: str, reason: str) -> QuantVerdict:
         return QuantVerdict(is_4bit, rule, reason, block_bytes=total, block_four_bit_bytes=four_bit,
-                            block_dominant_type=dominant, block_bits_per_weight=round(bits, 3), file_type=ft)  # fmt: skip
+                            block_dominant_type=dominant, block_bits_per_weight=round(bits, 3), file_type=ft)
 
     if total and four_bit * 2 > total:
         return verdict(True, "blocks", f"{share:.0f}% of {where}' weight bytes are in 4-bit or smaller types")

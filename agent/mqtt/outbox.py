@@ -76,9 +76,14 @@ class Publisher(Protocol):
     def connected(self) -> bool: ...
 
     def publish(
-        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        *,
         on_delivered: Callable[[], None] | None = None,
-    ) -> Handle: ...  # fmt: skip
+    ) -> Handle: ...
 
 
 class _Settled:

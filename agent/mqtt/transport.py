@@ -555,9 +555,12 @@ class MqttTransport:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._stalled = True
-                    log.warning("the broker took no message for %.0fs with %d waiting: publishes from other "
-                                "threads are refused until half of them are sent", self._queue_wait_s,
-                                len(self._backlog))  # fmt: skip
+                    log.warning(
+                        "the broker took no message for %.0fs with %d waiting: publishes from other "
+                        "threads are refused until half of them are sent",
+                        self._queue_wait_s,
+                        len(self._backlog),
+                    )
                     return _failed_handle(topic, qos, self._full_error())
                 self._out.wait(left)
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
@@ -569,8 +572,9 @@ class MqttTransport:
     def _full_error(self) -> str:
         return f"outgoing queue full ({self._max_queued} queued, {len(self._backlog)} waiting): resend later"
 
-    def _paho_publish(self, topic: str, payload: bytes, qos: int, retain: bool,
-                      props: Properties | None) -> mqtt.MQTTMessageInfo:  # fmt: skip
+    def _paho_publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties | None
+    ) -> mqtt.MQTTMessageInfo:
         try:
             return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except ValueError as e:  # bad topic, QoS or size: a caller bug, not a network state
@@ -590,12 +594,15 @@ class MqttTransport:
         are held while it is not empty, so only a callback publishing in a loop reaches the hard
         bound: memory stays bounded."""
         if len(self._backlog) >= 4 * self._max_queued:
-            log.warning("outgoing backlog at its bound (%d messages): publish to %s refused", len(self._backlog),
-                        entry.topic)  # fmt: skip
+            log.warning(
+                "outgoing backlog at its bound (%d messages): publish to %s refused", len(self._backlog), entry.topic
+            )
             return _failed_handle(entry.topic, entry.qos, self._full_error())
         if not self._backlog:
-            log.debug("%d messages queued: publishes wait in the backlog, in order, acknowledgements behind them",
-                      self._max_queued)  # fmt: skip
+            log.debug(
+                "%d messages queued: publishes wait in the backlog, in order, acknowledgements behind them",
+                self._max_queued,
+            )
         self._backlog.append(entry)
         return entry.handle
 
@@ -767,8 +774,9 @@ class MqttTransport:
                         self._client.ack(entry.mid, entry.qos)
                 else:
                     try:
-                        info = self._client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain,
-                                                    properties=entry.properties)  # fmt: skip
+                        info = self._client.publish(
+                            entry.topic, entry.payload, qos=entry.qos, retain=entry.retain, properties=entry.properties
+                        )
                     except ValueError as e:  # checked before it waited; paho's own size limit is left
                         entry.handle._resolve(False, f"cannot publish to {entry.topic!r}: {e}")
                     else:

@@ -150,9 +150,12 @@ class JobClient:
     def silence_reason(self, last_status: dict[str, Any] | None = None) -> str:
         """What is known about a device that gave no result (see ``silence_reason``)."""
         return silence_reason(
-            self.topics, device_status=self.device_status, shadow=self.shadow, last_status=last_status,
+            self.topics,
+            device_status=self.device_status,
+            shadow=self.shadow,
+            last_status=last_status,
             broker_error=None if self.transport.connected else (self.transport.last_error or "the connection is down"),
-        )  # fmt: skip
+        )
 
 
 def device_obstacle(
@@ -162,24 +165,34 @@ def device_obstacle(
     reported intake.paused; None when neither says anything is in the way. Pure."""
     device = topics.device_id
     if device_status is None:
-        return (f"no device '{device}' has ever connected to this broker (no retained status on "
-                f"{topics.device_status}): nothing takes the job; check --device (or device.id) and "
-                "mqtt.prefix")  # fmt: skip
+        return (
+            f"no device '{device}' has ever connected to this broker (no retained status on "
+            f"{topics.device_status}): nothing takes the job; check --device (or device.id) and "
+            "mqtt.prefix"
+        )
     state, since = device_status.get("state"), device_status.get("ts", "?")
     if state == "offline":
-        return (f"device '{device}' is offline (its retained status says so since {since}): the broker keeps the job "
-                "in the device's session, and it runs when the device reconnects (unless that session "
-                "expired)")  # fmt: skip
+        return (
+            f"device '{device}' is offline (its retained status says so since {since}): the broker keeps the job "
+            "in the device's session, and it runs when the device reconnects (unless that session "
+            "expired)"
+        )
     if state == "stopping":
-        return (f"device '{device}' stopped (its retained status says 'stopping' since {since}): the broker keeps the "
-                "job in the device's session until it starts again")  # fmt: skip
+        return (
+            f"device '{device}' stopped (its retained status says 'stopping' since {since}): the broker keeps the "
+            "job in the device's session until it starts again"
+        )
     if device_status.get("store") == "unwritable":
-        return (f"device '{device}' is online but its job store is unwritable (a full or read-only disk): it takes no "
-                "new jobs until the store recovers; the broker keeps them")  # fmt: skip
+        return (
+            f"device '{device}' is online but its job store is unwritable (a full or read-only disk): it takes no "
+            "new jobs until the store recovers; the broker keeps them"
+        )
     reported = ((shadow or {}).get("state") or {}).get("reported") or {}
     if (reported.get("intake") or {}).get("paused") is True:
-        return (f"device '{device}' has paused its intake (its shadow reports intake.paused = true): the job waits in "
-                f"its queue until `edge-agent shadow set intake.paused=false --device {device}`")  # fmt: skip
+        return (
+            f"device '{device}' has paused its intake (its shadow reports intake.paused = true): the job waits in "
+            f"its queue until `edge-agent shadow set intake.paused=false --device {device}`"
+        )
     return None
 
 
@@ -195,17 +208,23 @@ def silence_reason(
     the device's status and shadow (``device_obstacle``) and the job's last status. Pure: one sentence."""
     device = topics.device_id
     if broker_error is not None:
-        return (f"the connection to the broker was lost ({broker_error}): a result published meanwhile did not "
-                f"reach this client; the device keeps it (`edge-agent jobs show JOB_ID` on the device)")  # fmt: skip
+        return (
+            f"the connection to the broker was lost ({broker_error}): a result published meanwhile did not "
+            f"reach this client; the device keeps it (`edge-agent jobs show JOB_ID` on the device)"
+        )
     if (why := device_obstacle(topics, device_status=device_status, shadow=shadow)) is not None:
         return why
     if last_status is not None:
         waiting = f", waiting for {last_status['waiting_for']}" if last_status.get("waiting_for") else ""
-        return (f"device '{device}' is online; the job's last status was {last_status.get('status')}{waiting}: it "
-                "goes on there; wait longer (--wait-timeout) or look with `edge-agent jobs show JOB_ID` on the "
-                "device")  # fmt: skip
-    return (f"device '{device}' is online but sent no status for the job: it may not have received it (a "
-            "device that was restarted with a new session, or a job id it refused to read)")  # fmt: skip
+        return (
+            f"device '{device}' is online; the job's last status was {last_status.get('status')}{waiting}: it "
+            "goes on there; wait longer (--wait-timeout) or look with `edge-agent jobs show JOB_ID` on the "
+            "device"
+        )
+    return (
+        f"device '{device}' is online but sent no status for the job: it may not have received it (a "
+        "device that was restarted with a new session, or a job id it refused to read)"
+    )
 
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:

@@ -45,7 +45,7 @@ class ShadowClient:
                 (t.shadow_get_accepted, 1),
                 (t.shadow_get_rejected, 1),
                 (t.device_status, 1),
-            ],  # fmt: skip
+            ],
             manual_ack=False,
         )
         self._connect_timeout = connect_timeout

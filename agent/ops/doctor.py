@@ -91,8 +91,13 @@ def _ntp_synchronized() -> bool | None:
     if Path("/run/systemd/timesync/synchronized").exists():
         return True
     if shutil.which("timedatectl") and Path("/run/systemd/system").is_dir():
-        p = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
-                           capture_output=True, text=True, timeout=5, check=False)  # fmt: skip
+        p = subprocess.run(
+            ["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
         if p.returncode == 0 and p.stdout.strip() in ("yes", "no"):
             return p.stdout.strip() == "yes"
     return None
@@ -118,8 +123,14 @@ def probe_broker(mqtt: Any, timeout: float) -> str | None:
     from agent.errors import TransportError
     from agent.mqtt.transport import MqttTransport
 
-    settings = mqtt.model_copy(update={"client_id": f"edge-doctor-{uuid.uuid4().hex[:10]}", "session_expiry_s": 0,
-                                       "reconnect_min_s": timeout, "reconnect_max_s": max(timeout, 1.0)})  # fmt: skip
+    settings = mqtt.model_copy(
+        update={
+            "client_id": f"edge-doctor-{uuid.uuid4().hex[:10]}",
+            "session_expiry_s": 0,
+            "reconnect_min_s": timeout,
+            "reconnect_max_s": max(timeout, 1.0),
+        }
+    )
     done = threading.Event()
     errors: list[TransportError] = []
 
@@ -128,8 +139,9 @@ def probe_broker(mqtt: Any, timeout: float) -> str | None:
         done.set()
 
     try:
-        t = MqttTransport(settings, will=None, on_message=lambda m: None, on_connect=done.set, on_error=on_error,
-                          manual_ack=False)  # fmt: skip
+        t = MqttTransport(
+            settings, will=None, on_message=lambda m: None, on_connect=done.set, on_error=on_error, manual_ack=False
+        )
     except TransportError as e:
         return str(e)
     # The transport's own retry warnings would repeat what this check reports.
@@ -187,10 +199,18 @@ def check_config(path: Path | None, load: Callable[[Path | None], Any]) -> tuple
         first = str(e).splitlines()
         summary = "; ".join(line.strip() for line in first[:4])
         if "Permission denied" in summary:
-            return _fail("config", summary, "run doctor as root or as the service user: `sudo edge-agent doctor` or "
-                         "`sudo -u edge-agent edge-agent doctor`"), None  # fmt: skip
-        return _fail("config", summary, f"edit {path or '/etc/edge-agent/config.toml'} and check it with "
-                     "`edge-agent config validate FILE` (every key: docs/configuration.md)"), None  # fmt: skip
+            return _fail(
+                "config",
+                summary,
+                "run doctor as root or as the service user: `sudo edge-agent doctor` or "
+                "`sudo -u edge-agent edge-agent doctor`",
+            ), None
+        return _fail(
+            "config",
+            summary,
+            f"edit {path or '/etc/edge-agent/config.toml'} and check it with "
+            "`edge-agent config validate FILE` (every key: docs/configuration.md)",
+        ), None
     return _ok("config", f"valid: {where}"), settings
 
 
@@ -204,14 +224,22 @@ def check_model_file(settings: Any) -> tuple[Check, Any]:
         path = settings.model_file()
     except ModelError as e:
         if e.code == "model_not_found":
-            return _fail(name, str(e), f"copy the GGUF model into {settings.device.models_dir}, or set model.path to one "
-                         f"that is there (`ls {settings.device.models_dir}`)"), None  # fmt: skip
+            return _fail(
+                name,
+                str(e),
+                f"copy the GGUF model into {settings.device.models_dir}, or set model.path to one "
+                f"that is there (`ls {settings.device.models_dir}`)",
+            ), None
         return _fail(
             name, str(e), f"set model.path to a file inside device.models_dir ({settings.device.models_dir})"
         ), None
     if not path.exists():
-        return _fail(name, f"{path}: no such file", f"copy the GGUF model to {path}, or set model.path to a model in "
-                     f"{settings.device.models_dir} (`ls {settings.device.models_dir}`)"), None  # fmt: skip
+        return _fail(
+            name,
+            f"{path}: no such file",
+            f"copy the GGUF model to {path}, or set model.path to a model in "
+            f"{settings.device.models_dir} (`ls {settings.device.models_dir}`)",
+        ), None
     try:
         info = read_model_info(path)
     except ModelError as e:
@@ -224,8 +252,11 @@ def check_model_file(settings: Any) -> tuple[Check, Any]:
         ), info
     share = 100.0 * info.four_bit_bytes / info.weights_bytes if info.weights_bytes else 0.0
     kind = "4-bit" if info.is_4bit else "NOT 4-bit (allowed by model.allow_non_4bit)"
-    return _ok(name, f"{path.name}: {_mib(info.file_size)}, {info.architecture}, {info.n_layer} layers, {kind} "
-               f"({share:.0f} % of weights in 4-bit or smaller types)"), info  # fmt: skip
+    return _ok(
+        name,
+        f"{path.name}: {_mib(info.file_size)}, {info.architecture}, {info.n_layer} layers, {kind} "
+        f"({share:.0f} % of weights in 4-bit or smaller types)",
+    ), info
 
 
 def sha256_file(path: Path, progress_desc: str | None = None) -> str:
@@ -256,24 +287,36 @@ def check_signature(settings: Any, hasher: Callable[[Path], str] | None = sha256
         sha = hasher(path) if hasher is not None else None
         check_claims(claims, name=path.name, sha256=sha, size=path.stat().st_size, running_version=None)
     except SignatureError as e:
-        return _fail("model signature", f"{trusted}; {path.name}: {e}",
-                     f"sign it on the operator's machine (edge-agent model sign {path.name} --key KEY) and copy "
-                     f"{path.name}.sig next to it")  # fmt: skip
+        return _fail(
+            "model signature",
+            f"{trusted}; {path.name}: {e}",
+            f"sign it on the operator's machine (edge-agent model sign {path.name} --key KEY) and copy "
+            f"{path.name}.sig next to it",
+        )
     what = "name, size and sha256" if hasher is not None else "name and size (--no-sha256)"
-    return _ok("model signature", f"{trusted}; {path.name} signed by {claims.key_id}, version {claims.version}, "
-               f"expires {claims.expires or 'never'}; {what} match")  # fmt: skip
+    return _ok(
+        "model signature",
+        f"{trusted}; {path.name} signed by {claims.key_id}, version {claims.version}, "
+        f"expires {claims.expires or 'never'}; {what} match",
+    )
 
 
 def check_sha256(settings: Any, hasher: Callable[[Path], str] = sha256_file) -> Check:
     expected = settings.model.sha256
     path = settings.model_file()
     if expected is None:
-        return _warn("model sha256", "model.sha256 is not set: a damaged or swapped file would be loaded unnoticed",
-                     f"set model.sha256 = \"$(sha256sum {path} | cut -d' ' -f1)\"")  # fmt: skip
+        return _warn(
+            "model sha256",
+            "model.sha256 is not set: a damaged or swapped file would be loaded unnoticed",
+            f"set model.sha256 = \"$(sha256sum {path} | cut -d' ' -f1)\"",
+        )
     got = hasher(path)
     if got != expected:
-        return _fail("model sha256", f"{path.name}: sha256 {got[:16]}... does not match model.sha256 {expected[:16]}...",
-                     "copy the model again (damaged or a different file), or set model.sha256 to the file's sha256")  # fmt: skip
+        return _fail(
+            "model sha256",
+            f"{path.name}: sha256 {got[:16]}... does not match model.sha256 {expected[:16]}...",
+            "copy the model again (damaged or a different file), or set model.sha256 to the file's sha256",
+        )
     return _ok("model sha256", f"matches model.sha256 ({expected[:16]}...)")
 
 
@@ -287,18 +330,26 @@ def check_fit(settings: Any, plan: Callable[[Any], Any] | None = None) -> Check:
     try:
         p = (plan or default_plan)(settings)
     except WillNotFit as e:
-        return _fail("memory plan", str(e).split(" Estimate:")[0],
-                     "lower engine.n_ctx or engine.n_batch, set engine.load_mode = \"fit\", use a smaller model, or raise "
-                     "memory.budget_mb (and MemoryMax: `edge-agent systemd render`)")  # fmt: skip
+        return _fail(
+            "memory plan",
+            str(e).split(" Estimate:")[0],
+            'lower engine.n_ctx or engine.n_batch, set engine.load_mode = "fit", use a smaller model, or raise '
+            "memory.budget_mb (and MemoryMax: `edge-agent systemd render`)",
+        )
     except EdgeAgentError as e:
         return _fail("memory plan", str(e), "see the model check")
     est = p.estimate
-    summary = (f"fits: {p.mode} mode ({p.mode_reason}), n_ctx {p.n_ctx} ({p.n_ctx_reason}); anonymous "
-               f"{_mib(est.anon_bytes)} of budget {_mib(p.budget.bytes)} ({p.budget.source}); weights in use "
-               f"{_mib(est.file_bytes)} file-backed")  # fmt: skip
+    summary = (
+        f"fits: {p.mode} mode ({p.mode_reason}), n_ctx {p.n_ctx} ({p.n_ctx_reason}); anonymous "
+        f"{_mib(est.anon_bytes)} of budget {_mib(p.budget.bytes)} ({p.budget.source}); weights in use "
+        f"{_mib(est.file_bytes)} file-backed"
+    )
     if est.anon_bytes + est.file_bytes > p.budget.bytes:
-        return _warn("memory plan", summary + "; the weights do not all stay in RAM beside it",
-                     "expect slower generation (weights re-read from storage); a smaller n_ctx leaves them more room")  # fmt: skip
+        return _warn(
+            "memory plan",
+            summary + "; the weights do not all stay in RAM beside it",
+            "expect slower generation (weights re-read from storage); a smaller n_ctx leaves them more room",
+        )
     return _ok("memory plan", summary)
 
 
@@ -330,18 +381,30 @@ def _ca_not_after(ca_file: Path) -> float | None:
         return None
 
 
-def check_clock(settings: Any, now: float, ntp: bool | None, *, floor: float = CLOCK_FLOOR,
-                ca_not_after: Callable[[Path], float | None] = _ca_not_after) -> Check:  # fmt: skip
+def check_clock(
+    settings: Any,
+    now: float,
+    ntp: bool | None,
+    *,
+    floor: float = CLOCK_FLOOR,
+    ca_not_after: Callable[[Path], float | None] = _ca_not_after,
+) -> Check:
     when = datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     tls = settings.mqtt.tls
     if now < floor:
-        return _fail("clock", f"the clock says {when}: certainly wrong (no RTC and no time sync yet?)",
-                     "enable time sync: `timedatectl set-ntp true` (systemd-timesyncd), then check `timedatectl`")  # fmt: skip
+        return _fail(
+            "clock",
+            f"the clock says {when}: certainly wrong (no RTC and no time sync yet?)",
+            "enable time sync: `timedatectl set-ntp true` (systemd-timesyncd), then check `timedatectl`",
+        )
     if tls.enabled and tls.ca_file is not None:
         expiry = ca_not_after(Path(tls.ca_file))
         if expiry is not None and now > expiry:
-            return _fail("clock", f"{when}: after the CA certificate's expiry ({tls.ca_file})",
-                         "renew the CA bundle (mqtt.tls.ca_file), or fix the clock if it is wrong")  # fmt: skip
+            return _fail(
+                "clock",
+                f"{when}: after the CA certificate's expiry ({tls.ca_file})",
+                "renew the CA bundle (mqtt.tls.ca_file), or fix the clock if it is wrong",
+            )
     if ntp is False:
         fix = "`timedatectl set-ntp true`; TLS needs a correct clock" if tls.enabled else "`timedatectl set-ntp true`"
         return _warn("clock", f"{when}, not synchronised by NTP", fix)
@@ -361,8 +424,9 @@ def check_psi(psi: Any, cmdline: str | None) -> Check:
     why = psi.reason or "no /proc/pressure/memory"
     if "psi=0" in args:
         why += "; the kernel command line has psi=0"
-    return _warn("PSI", f"not available: {why}; the agent cannot see memory stalls (thrashing of the weights)",
-                 _pi_hint("psi=1"))  # fmt: skip
+    return _warn(
+        "PSI", f"not available: {why}; the agent cannot see memory stalls (thrashing of the weights)", _pi_hint("psi=1")
+    )
 
 
 def check_cgroup(cg: Any, cmdline: str | None, *, of_service: bool) -> Check:
@@ -370,13 +434,21 @@ def check_cgroup(cg: Any, cmdline: str | None, *, of_service: bool) -> Check:
     if not cg.available:
         args = (cmdline or "").split()
         extra = "; cgroup_disable=memory is on the kernel command line" if "cgroup_disable=memory" in args else ""
-        return _warn("memory cgroup", f"not available: {cg.reason}{extra}; MemoryMax cannot be enforced and "
-                     "memory.budget_mb 'auto' falls back to MemTotal", _pi_hint("cgroup_enable=memory cgroup_memory=1"))  # fmt: skip
+        return _warn(
+            "memory cgroup",
+            f"not available: {cg.reason}{extra}; MemoryMax cannot be enforced and "
+            "memory.budget_mb 'auto' falls back to MemTotal",
+            _pi_hint("cgroup_enable=memory cgroup_memory=1"),
+        )
     if cg.limit is None:
         summary = f"cgroup v{cg.version}, {whose} cgroup {cg.path} has no memory limit"
         if of_service:
-            return _warn("memory cgroup", summary, "set MemoryMax for the board: `edge-agent systemd render --profile "
-                         "BOARD --model MODEL --drop-in --out /etc/systemd/system` then `systemctl daemon-reload`")  # fmt: skip
+            return _warn(
+                "memory cgroup",
+                summary,
+                "set MemoryMax for the board: `edge-agent systemd render --profile "
+                "BOARD --model MODEL --drop-in --out /etc/systemd/system` then `systemctl daemon-reload`",
+            )
         return _ok("memory cgroup", summary + " (the unit sets MemoryHigh/MemoryMax)")
     usage = f", usage {_mib(cg.usage)}" if cg.usage is not None else ""
     return _ok("memory cgroup", f"cgroup v{cg.version}, {whose} limit {_mib(cg.limit)}{usage}")
@@ -390,9 +462,12 @@ def check_swap(settings: Any, mem: Any, swaps: str | None) -> Check:
     if total == 0:
         if policy == "none":
             return _ok("swap", "none (swap.policy none)")
-        return _warn("swap", f"no swap active, but swap.policy is {policy!r}",
-                     "enable the swap unit: `systemctl enable --now edge-agent-swap.path edge-agent-swap.service` "
-                     "(or set swap.policy = \"none\")")  # fmt: skip
+        return _warn(
+            "swap",
+            f"no swap active, but swap.policy is {policy!r}",
+            "enable the swap unit: `systemctl enable --now edge-agent-swap.path edge-agent-swap.service` "
+            '(or set swap.policy = "none")',
+        )
     used = total - mem.swap_free
     summary = f"{_mib(total)} ({_mib(used)} used): {kinds or 'see /proc/swaps'}; swap.policy {policy}"
     if policy in ("zram", "zram+file") and not any("zram" in d[0] for d in devices):
@@ -415,8 +490,14 @@ def check_disk(settings: Any, free: Callable[[Path], int], model_size: int | Non
     except OSError as e:
         return [_fail("disk (store)", f"{store_dir}: {e.strerror}", f"create {store_dir} (`edge-agent install`)")]
     if f < need:
-        out.append(_fail("disk (store)", f"{_mib(f)} free for the store in {store_dir}, below store.min_free_kb "
-                         f"({need // 1024} KiB): jobs are not taken", f"free space on the filesystem of {store_dir}"))  # fmt: skip
+        out.append(
+            _fail(
+                "disk (store)",
+                f"{_mib(f)} free for the store in {store_dir}, below store.min_free_kb "
+                f"({need // 1024} KiB): jobs are not taken",
+                f"free space on the filesystem of {store_dir}",
+            )
+        )
     elif f < 64 * MiB:
         out.append(
             _warn("disk (store)", f"only {_mib(f)} free in {store_dir}", f"free space on the filesystem of {store_dir}")
@@ -430,8 +511,14 @@ def check_disk(settings: Any, free: Callable[[Path], int], model_size: int | Non
         out.append(_fail("disk (models)", f"{models}: {e.strerror}", f"create {models}"))
         return out
     if model_size is not None and fm < model_size:
-        out.append(_warn("disk (models)", f"{_mib(fm)} free in {models}: less than the current model ({_mib(model_size)}), "
-                         "so a new model of its size cannot be delivered", f"free space on the filesystem of {models}"))  # fmt: skip
+        out.append(
+            _warn(
+                "disk (models)",
+                f"{_mib(fm)} free in {models}: less than the current model ({_mib(model_size)}), "
+                "so a new model of its size cannot be delivered",
+                f"free space on the filesystem of {models}",
+            )
+        )
     else:
         out.append(_ok("disk (models)", f"{_mib(fm)} free in {models}"))
     return out
@@ -452,8 +539,11 @@ def check_store(settings: Any) -> Check:
     path = Path(settings.store.path)
     folder = path.parent
     if not folder.is_dir():
-        return _fail("store", f"{folder} does not exist", f"create it: `edge-agent install` (or `install -d -o edge-agent "
-                     f"-m 0750 {folder}`)")  # fmt: skip
+        return _fail(
+            "store",
+            f"{folder} does not exist",
+            f"create it: `edge-agent install` (or `install -d -o edge-agent -m 0750 {folder}`)",
+        )
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".doctor-")
         try:
@@ -468,15 +558,24 @@ def check_store(settings: Any) -> Check:
         except OSError:
             owner = None
         if os.geteuid() not in (0, owner):
-            return _warn("store", f"{folder}: {e.strerror} for this user: the service user may well write it",
-                         "run doctor as root or as the service user: `sudo edge-agent doctor`")  # fmt: skip
-        return _fail("store", f"{folder} is not writable: {e.strerror}",
-                     f"a read-only or full filesystem, or wrong owner: `mount | grep ' {_existing(folder)} '`, `df -h "
-                     f"{folder}`, `chown -R edge-agent: {folder}`")  # fmt: skip
+            return _warn(
+                "store",
+                f"{folder}: {e.strerror} for this user: the service user may well write it",
+                "run doctor as root or as the service user: `sudo edge-agent doctor`",
+            )
+        return _fail(
+            "store",
+            f"{folder} is not writable: {e.strerror}",
+            f"a read-only or full filesystem, or wrong owner: `mount | grep ' {_existing(folder)} '`, `df -h "
+            f"{folder}`, `chown -R edge-agent: {folder}`",
+        )
     except OSError as e:
-        return _fail("store", f"{folder} is not writable: {e.strerror}",
-                     f"a read-only or full filesystem, or wrong owner: `mount | grep ' {_existing(folder)} '`, `df -h "
-                     f"{folder}`, `chown -R edge-agent: {folder}`")  # fmt: skip
+        return _fail(
+            "store",
+            f"{folder} is not writable: {e.strerror}",
+            f"a read-only or full filesystem, or wrong owner: `mount | grep ' {_existing(folder)} '`, `df -h "
+            f"{folder}`, `chown -R edge-agent: {folder}`",
+        )
     if not path.exists():
         return _ok("store", f"{folder} is writable (no job store yet: the daemon creates {path.name})")
     try:
@@ -495,12 +594,18 @@ def check_service(systemctl: Callable[[list[str]], Any], state_line: str | None)
     )
     tail = f"; {state_line}" if state_line else ""
     if p is None:
-        return _warn("service", "systemd is not running here (a container or chroot): the service state is unknown" + tail,
-                     "run the daemon as `edge-agent run -c CONFIG` under your supervisor, or on a systemd host")  # fmt: skip
+        return _warn(
+            "service",
+            "systemd is not running here (a container or chroot): the service state is unknown" + tail,
+            "run the daemon as `edge-agent run -c CONFIG` under your supervisor, or on a systemd host",
+        )
     props = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
     if props.get("LoadState") == "not-found":
-        return _warn("service", "edge-agent.service is not installed" + tail,
-                     "`sudo edge-agent install --profile BOARD` (docs/operations.md)")  # fmt: skip
+        return _warn(
+            "service",
+            "edge-agent.service is not installed" + tail,
+            "`sudo edge-agent install --profile BOARD` (docs/operations.md)",
+        )
     active, sub = props.get("ActiveState", "?"), props.get("SubState", "?")
     summary = f"edge-agent.service {active} ({sub}), {props.get('UnitFileState', '?')}, restarts {props.get('NRestarts', '?')}"
     if active == "failed" or (active != "active" and props.get("ExecMainStatus") == "78"):
@@ -571,9 +676,13 @@ def check_cpu(
     missing_in_cpu = sorted(f for f in built if f in table and table[f] not in flags)
     label = f"{machine}" + (f" {core}" if core else "")
     if built and flags and missing_in_cpu:
-        return _fail("cpu", f"{label}: llama.cpp was built for {', '.join(missing_in_cpu)}, which this CPU lacks: it will "
-                     "stop with an illegal instruction", "rebuild llama-cpp-python on this board (`bash .ci/setup` with "
-                     "CMAKE_ARGS=\"-DGGML_NATIVE=ON\"), not on another machine")  # fmt: skip
+        return _fail(
+            "cpu",
+            f"{label}: llama.cpp was built for {', '.join(missing_in_cpu)}, which this CPU lacks: it will "
+            "stop with an illegal instruction",
+            "rebuild llama-cpp-python on this board (`bash .ci/setup` with "
+            'CMAKE_ARGS="-DGGML_NATIVE=ON"), not on another machine',
+        )
     build = f"; llama.cpp build: {', '.join(sorted(built & set(table)))}" if built else "; llama.cpp not importable"
     if variant:
         build += f" (CPU variant {variant}, chosen at load)"
@@ -600,9 +709,12 @@ def check_cpu(
                 if variant
                 else "Keep llama.cpp built on this board: a build that assumes them crashes here"
             )
-            return _warn("cpu", f"{label}: NEON{'' if 'asimd' in flags else ' MISSING'}; no {', no '.join(lacking)}{build}",
-                         "none needed: llama.cpp uses its plain NEON kernels (slower 4-bit matrix products); a Pi 5 "
-                         f"(Cortex-A76) has dotprod. {keep}")  # fmt: skip
+            return _warn(
+                "cpu",
+                f"{label}: NEON{'' if 'asimd' in flags else ' MISSING'}; no {', no '.join(lacking)}{build}",
+                "none needed: llama.cpp uses its plain NEON kernels (slower 4-bit matrix products); a Pi 5 "
+                f"(Cortex-A76) has dotprod. {keep}",
+            )
         return _ok("cpu", f"{label}: NEON, dotprod{', i8mm' if 'i8mm' in flags else ', no i8mm'}{build}")
     return _ok("cpu", f"{label}{build}")
 

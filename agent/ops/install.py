@@ -155,8 +155,9 @@ class WriteFile(Step):
             return "would create"
         existed = target.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(target, mode=self.mode,
-                         before_replace=lambda tmp: _set_owner_mode(ctx, tmp, self.mode, self.owner)) as f:  # fmt: skip
+        with atomic_file(
+            target, mode=self.mode, before_replace=lambda tmp: _set_owner_mode(ctx, tmp, self.mode, self.owner)
+        ) as f:
             f.write(self.content)
         return "updated" if existed else "done"
 
@@ -209,8 +210,20 @@ class CreateUser(Step):
             argv = ["systemd-sysusers"] + ([] if ctx.on_host else ["--root", str(ctx.root)])
             argv.append(str(ctx.path(self.sysusers_file)))
         else:
-            argv = ["useradd", "--system", "--user-group", "--home-dir", str(STATE_DIR), "--no-create-home",
-                    "--shell", "/usr/sbin/nologin"] + ([] if ctx.on_host else ["--root", str(ctx.root)]) + [self.name]  # fmt: skip
+            argv = (
+                [
+                    "useradd",
+                    "--system",
+                    "--user-group",
+                    "--home-dir",
+                    str(STATE_DIR),
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                ]
+                + ([] if ctx.on_host else ["--root", str(ctx.root)])
+                + [self.name]
+            )
         p = ctx.run(argv)
         if p.returncode != 0 or ctx.ids(self.name, self.name) is None:
             raise InstallError(f"could not create user {self.name}: {' '.join(argv)}: {(p.stderr or p.stdout).strip()}")
@@ -394,27 +407,56 @@ def plan_install(opts: InstallOptions) -> list[Step]:
         MakeDir(f"models folder {MODELS_DIR} (0750 {USER})", path=MODELS_DIR, mode=0o750, owner=owner),
     ]  # fmt: skip
     if opts.model is not None:
-        steps.append(CopyModel(f"model {opts.model.name} into {MODELS_DIR}", source=opts.model,
-                               path=MODELS_DIR / opts.model.name, sha256=sha or "", owner=owner))  # fmt: skip
+        steps.append(
+            CopyModel(
+                f"model {opts.model.name} into {MODELS_DIR}",
+                source=opts.model,
+                path=MODELS_DIR / opts.model.name,
+                sha256=sha or "",
+                owner=owner,
+            )
+        )
     steps.append(
         WriteFile(
             f"config {CONFIG_FILE} from the profile {opts.profile.name} (0640 root:{USER})"
             + ("" if opts.replace_config else "; an existing one is kept"),
-            path=CONFIG_FILE, content=config_text(opts, sha).encode(), mode=0o640, owner=("root", USER),
+            path=CONFIG_FILE,
+            content=config_text(opts, sha).encode(),
+            mode=0o640,
+            owner=("root", USER),
             replace=opts.replace_config,
         )
-    )  # fmt: skip
+    )
     if secret is not None:
-        steps.append(WriteFile(f"broker password credential {CREDENTIAL_FILE} (0600 root)", path=CREDENTIAL_FILE,
-                               content=secret, mode=0o600))  # fmt: skip
+        steps.append(
+            WriteFile(
+                f"broker password credential {CREDENTIAL_FILE} (0600 root)",
+                path=CREDENTIAL_FILE,
+                content=secret,
+                mode=0o600,
+            )
+        )
     else:
         # LoadCredential= fails the unit when its file is missing: an empty one means "no password".
-        steps.append(WriteFile(f"broker password credential {CREDENTIAL_FILE} (0600 root; empty: no password)",
-                               path=CREDENTIAL_FILE, content=b"", mode=0o600, replace=False))  # fmt: skip
+        steps.append(
+            WriteFile(
+                f"broker password credential {CREDENTIAL_FILE} (0600 root; empty: no password)",
+                path=CREDENTIAL_FILE,
+                content=b"",
+                mode=0o600,
+                replace=False,
+            )
+        )
     for name, text in units.items():
-        steps.append(WriteFile(f"unit {UNIT_DIR / name}" + (f" (MemoryHigh={limits.high} MemoryMax={limits.max})"
-                               if name == "edge-agent.service" else ""), path=UNIT_DIR / name,
-                               content=text.encode(), mode=0o644))  # fmt: skip
+        steps.append(
+            WriteFile(
+                f"unit {UNIT_DIR / name}"
+                + (f" (MemoryHigh={limits.high} MemoryMax={limits.max})" if name == "edge-agent.service" else ""),
+                path=UNIT_DIR / name,
+                content=text.encode(),
+                mode=0o644,
+            )
+        )
     steps.append(Systemctl("systemctl daemon-reload", args=("daemon-reload",)))
     enable = [n for n in units if n != "edge-agent.service"] + ["edge-agent.service"]
     steps.append(Systemctl(f"systemctl enable {' '.join(enable)}", args=("enable", *enable)))
@@ -429,8 +471,10 @@ def _password(path: Path) -> bytes:
     try:
         secret = path.read_bytes()
     except OSError as e:
-        raise InstallError(f"--mqtt-password-file {path}: cannot read it: {e.strerror or e}; give the file that "
-                           "holds the broker password (one line)") from None  # fmt: skip
+        raise InstallError(
+            f"--mqtt-password-file {path}: cannot read it: {e.strerror or e}; give the file that "
+            "holds the broker password (one line)"
+        ) from None
     return secret.rstrip(b"\n") + b"\n"
 
 

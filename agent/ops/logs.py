@@ -206,6 +206,8 @@ def configure_from_settings(
     password = settings.mqtt.password.get_secret_value() if settings.mqtt.password is not None else None
     root = logging.getLogger()
     configure_logging(
-        root.level if level is None else level, settings.service.log_format, environ=environ,
+        root.level if level is None else level,
+        settings.service.log_format,
+        environ=environ,
         secrets=[password] if password else [],
-    )  # fmt: skip
+    )

@@ -171,8 +171,10 @@ def _topics() -> str:
     named = {n for row in _TOPIC_ROWS for n in _CELL_RE.findall(row[0])}
     built = {n for n in dir(Topics) if not n.startswith("_")}
     if missing := sorted(built - named - _NOT_TOPICS):
-        raise KeyError(f"docs/protocol.md: Topics builds {missing} but the topic table (agent/ops/protocol_doc.py "
-                       "_TOPIC_ROWS) has no row for it")  # fmt: skip
+        raise KeyError(
+            f"docs/protocol.md: Topics builds {missing} but the topic table (agent/ops/protocol_doc.py "
+            "_TOPIC_ROWS) has no row for it"
+        )
     rows = ["| topic | direction | QoS | retained | payload |", "|---|---|---|---|---|"]
     for cell, direction, qos, retained, payload in _TOPIC_ROWS:
         topic = _CELL_RE.sub(lambda m: f"`{_topic(m.group(1))}`", cell)
@@ -192,8 +194,18 @@ def _renderers() -> dict[str, Callable[[], str]]:
     r: dict[str, Callable[[], str]] = {"statuses": _statuses, "error-codes": _error_codes, "schemas": _schemas,
                                         "wait-reasons": _wait_reasons,
                                         "topics": _topics}  # fmt: skip
-    for model in ("JobSubmit", "ChatMessage", "ResponseFormat", "StatusMessage", "ResultMessage", "Usage", "Timings",
-                  "ErrorInfo", "StreamChunk", "DeviceStatus"):  # fmt: skip
+    for model in (
+        "JobSubmit",
+        "ChatMessage",
+        "ResponseFormat",
+        "StatusMessage",
+        "ResultMessage",
+        "Usage",
+        "Timings",
+        "ErrorInfo",
+        "StreamChunk",
+        "DeviceStatus",
+    ):
         r[f"fields-{model}"] = _named_fields(model)
     from agent.telemetry import Telemetry
 

@@ -51,20 +51,29 @@ def _store_summary(settings: Any, limit: int) -> dict[str, Any]:
         "counts": counts,
         "waiting": waiting,
         "next_waits": [
-            {"job_id": r.job_id, "waiting_for": r.waiting_for, "since": _iso(r.waiting_since),
-             "detail": r.waiting_detail}
-            for r in queued[:limit] if r.waiting_for
+            {
+                "job_id": r.job_id,
+                "waiting_for": r.waiting_for,
+                "since": _iso(r.waiting_since),
+                "detail": r.waiting_detail,
+            }
+            for r in queued[:limit]
+            if r.waiting_for
         ],
         "last_jobs": [
             {
-                "job_id": r.job_id, "status": r.status.value, "created_at": _iso(r.created_at),
-                "finished_at": _iso(r.finished_at), "error_code": r.error_code, "delivered": r.delivered,
+                "job_id": r.job_id,
+                "status": r.status.value,
+                "created_at": _iso(r.created_at),
+                "finished_at": _iso(r.finished_at),
+                "error_code": r.error_code,
+                "delivered": r.delivered,
                 "tokens_per_s": (r.outcome.timings.tokens_per_s if r.outcome and r.outcome.timings else None),
                 "waiting_for": r.waiting_for,
             }
             for r in jobs
         ],
-    }  # fmt: skip
+    }
 
 
 def collect_status(
@@ -142,14 +151,20 @@ def render_status(doc: dict[str, Any]) -> str:
                 "",
                 f"ready at {d['ready_at']} ({d['start_to_ready_s']:.1f} s after start); edge-agent {d['agent_version']}",
             )
-        row("", f"broker {'connected' if d['broker_connected'] else 'NOT connected'}; store "
+        row(
+            "",
+            f"broker {'connected' if d['broker_connected'] else 'NOT connected'}; store "
             f"{'writable' if d['store_writable'] else 'UNWRITABLE'}; intake {'PAUSED' if d['intake_paused'] else 'open'}; "
-            f"state written {d['state_age_s']:.0f} s ago")  # fmt: skip
+            f"state written {d['state_age_s']:.0f} s ago",
+        )
     m = doc.get("model")
     if m:
-        row("model", f"{m['path']}: {m['mode']} mode, n_ctx {m['n_ctx']}, {m['slots']} slot(s), "
+        row(
+            "model",
+            f"{m['path']}: {m['mode']} mode, n_ctx {m['n_ctx']}, {m['slots']} slot(s), "
             f"{m.get('n_threads') or '?'} threads; loaded in {m.get('load_ms') or 0:.0f} ms; plan "
-            f"{_mib(m.get('anon_estimate_bytes'))} anonymous of budget {_mib(m.get('budget_bytes'))}")  # fmt: skip
+            f"{_mib(m.get('anon_estimate_bytes'))} anonymous of budget {_mib(m.get('budget_bytes'))}",
+        )
     else:
         row("model", f"none loaded (configured: {doc['configured_model']})")
     st = doc["store"]
@@ -158,9 +173,13 @@ def render_status(doc: dict[str, Any]) -> str:
     else:
         c = st["counts"]
         running = doc.get("running_jobs") or []
-        row("queue", f"{c.get('QUEUED', 0)} queued, {c.get('IN_PROGRESS', 0)} in progress"
+        row(
+            "queue",
+            f"{c.get('QUEUED', 0)} queued, {c.get('IN_PROGRESS', 0)} in progress"
             + (f" ({', '.join(running)})" if running else "")
-            + "; finished: " + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("QUEUED", "IN_PROGRESS") and v))  # fmt: skip
+            + "; finished: "
+            + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("QUEUED", "IN_PROGRESS") and v),
+        )
         if st.get("waiting"):
             row("", "waiting for: " + ", ".join(f"{k} {v}" for k, v in sorted(st["waiting"].items())))
         for w in st.get("next_waits") or []:
@@ -171,23 +190,36 @@ def render_status(doc: dict[str, Any]) -> str:
         for j in st["last_jobs"]:
             speed = f" {j['tokens_per_s']:.1f} tok/s" if j.get("tokens_per_s") else ""
             err = f" {j['error_code']}" if j.get("error_code") else ""
-            row("", f"{j['job_id'][:36]:<36} {j['status']:<11} {j['created_at']}{err}{speed}"
-                + ("" if j["delivered"] or j["status"] in ("QUEUED", "IN_PROGRESS") else " (result not delivered yet)"))  # fmt: skip
+            row(
+                "",
+                f"{j['job_id'][:36]:<36} {j['status']:<11} {j['created_at']}{err}{speed}"
+                + ("" if j["delivered"] or j["status"] in ("QUEUED", "IN_PROGRESS") else " (result not delivered yet)"),
+            )
     mem = doc.get("memory") or {}
     t = doc.get("telemetry") or {}
     if mem or t:
         level = mem.get("level") or "-"
         action = f", action {mem['action']}" if mem.get("action") else ""
         psi = t.get("psi_some_avg10")
-        row("memory", f"level {level}{action}; available {_mib(t.get('mem_available_bytes'))}, agent RssAnon "
+        row(
+            "memory",
+            f"level {level}{action}; available {_mib(t.get('mem_available_bytes'))}, agent RssAnon "
             f"{_mib(t.get('rss_anon_bytes'))}, RssFile {_mib(t.get('rss_file_bytes'))}; PSI some10 "
-            f"{'-' if psi is None else f'{psi:.1f} %'}")  # fmt: skip
+            f"{'-' if psi is None else f'{psi:.1f} %'}",
+        )
     if t:
         last_speed = t.get("last_job_tokens_per_s")
-        row("telemetry", f"last reading {t.get('ts', '-')}; queue {t.get('queue_depth', '-')}; last job "
-            f"{'-' if last_speed is None else f'{last_speed:.1f}'} tok/s")  # fmt: skip
+        row(
+            "telemetry",
+            f"last reading {t.get('ts', '-')}; queue {t.get('queue_depth', '-')}; last job "
+            f"{'-' if last_speed is None else f'{last_speed:.1f}'} tok/s",
+        )
     sh = doc.get("shadow") or {}
     if sh:
-        row("shadow", "no shadow" if sh.get("version") is None else
-            f"version {sh['version']}, applied {sh.get('applied_version')}")  # fmt: skip
+        row(
+            "shadow",
+            "no shadow"
+            if sh.get("version") is None
+            else f"version {sh['version']}, applied {sh.get('applied_version')}",
+        )
     return "\n".join(lines)

@@ -122,8 +122,14 @@ def memory_limits(budget: Budget, plan: PlanSummary | None = None) -> MemoryLimi
                 "anonymous memory and the weights in use do not both fit under MemoryHigh: the kernel will re-read "
                 "weights from storage during generation (slower, not an OOM kill)"
             )
-    return MemoryLimits(budget=budget, margin_bytes=margin, high_bytes=high, max_bytes=b, plan=plan,
-                        notes=tuple(budget.notes) + tuple(notes))  # fmt: skip
+    return MemoryLimits(
+        budget=budget,
+        margin_bytes=margin,
+        high_bytes=high,
+        max_bytes=b,
+        plan=plan,
+        notes=tuple(budget.notes) + tuple(notes),
+    )
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -165,8 +171,15 @@ def plan_model(settings: Any, model: Path, budget: Budget) -> PlanSummary:
     """The engine's own plan (agent.engine.plan: mode and context) for ``model`` at the profile's settings."""
     plan = plan_load(PlanInputs(Path(model), settings.engine, settings.memory, settings.model.allow_non_4bit, budget))
     est = plan.estimate
-    return PlanSummary(model=Path(model).name, mode=plan.mode, n_ctx=plan.n_ctx, anon_bytes=est.anon_bytes,
-                       file_bytes=est.file_bytes, mode_reason=plan.mode_reason, n_ctx_reason=plan.n_ctx_reason)  # fmt: skip
+    return PlanSummary(
+        model=Path(model).name,
+        mode=plan.mode,
+        n_ctx=plan.n_ctx,
+        anon_bytes=est.anon_bytes,
+        file_bytes=est.file_bytes,
+        mode_reason=plan.mode_reason,
+        n_ctx_reason=plan.n_ctx_reason,
+    )
 
 
 # ------------------------------------------------------------------------------------ rendering

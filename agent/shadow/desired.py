@@ -289,9 +289,11 @@ def effective_settings(
                 errors[key] = msg
                 continue
             section = loc[0] if loc else ""
-            owners = sorted(k for k in touched if k.startswith(section + ".")) or sorted(
-                k for k in desired_keys if k.startswith(section + ".")
-            ) or [section or "state.desired"]  # fmt: skip
+            owners = (
+                sorted(k for k in touched if k.startswith(section + "."))
+                or sorted(k for k in desired_keys if k.startswith(section + "."))
+                or [section or "state.desired"]
+            )
             for k in owners:
                 errors[k] = msg
         raise DesiredInvalid(errors) from None
@@ -324,8 +326,10 @@ def _download_target_problem(path: Any) -> str | None:
 
     p = Path(path)
     if p.is_absolute() or len(p.parts) != 1 or p.name.startswith("."):
-        return (f"with model.url, model.path must be a plain file name (the file is downloaded into "
-                f"device.models_dir), got {str(path)!r}")  # fmt: skip
+        return (
+            f"with model.url, model.path must be a plain file name (the file is downloaded into "
+            f"device.models_dir), got {str(path)!r}"
+        )
     return None
 
 

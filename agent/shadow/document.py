@@ -93,8 +93,9 @@ class Rejected:
 class BadRequest(Exception):
     """A payload that is not a readable request: code 400 or 413, one message per bad key."""
 
-    def __init__(self, code: int, message: str, errors: Mapping[str, str] | None = None,
-                 client_token: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, code: int, message: str, errors: Mapping[str, str] | None = None, client_token: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -199,9 +200,10 @@ def summarise(errors: Mapping[str, str]) -> str:
 def _decode(payload: bytes, what: str) -> Any:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise BadRequest(
-            413, f"{what} payload is {len(payload)} bytes, more than {MAX_PAYLOAD_BYTES}; the whole state may hold "
+            413,
+            f"{what} payload is {len(payload)} bytes, more than {MAX_PAYLOAD_BYTES}; the whole state may hold "
             f"{MAX_STATE_BYTES} bytes",
-        )  # fmt: skip
+        )
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -381,8 +383,9 @@ def apply_update(
             409,
             f"version conflict: the update names version {update.version}, the document is at version {doc.version}; "
             "get the document and send the update again (or send it without a version)",
-            doc.version, client_token=token,
-        )  # fmt: skip
+            doc.version,
+            client_token=token,
+        )
     patch = update.desired
     if patch is None:
         merged: Tree = {}
@@ -429,8 +432,9 @@ def _too_big(desired: Tree, reported: Tree, version: int, token: str | None) -> 
     return Rejected(
         413,
         f"the state would be {d + r} bytes (desired {d} + reported {r}), more than {MAX_STATE_BYTES}; nothing changed",
-        version, client_token=token,
-    )  # fmt: skip
+        version,
+        client_token=token,
+    )
 
 
 def _under(key: str, prefix: str) -> bool:

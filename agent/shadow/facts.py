@@ -111,10 +111,11 @@ class ServingModel(BaseModel):
     load_ms: float | None = Field(default=None, ge=0, description="How long the load took, ms.")
     loaded_at: float | None = Field(default=None, description="When it was loaded, epoch seconds.")
     swap_ms: float | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="The model change that brought it in: letting running jobs finish or preempting them, "
         "unloading the previous model, loading this one, ms. Null for the model loaded at start.",
-    )  # fmt: skip
+    )
     preempted: int | None = Field(default=None, ge=0, description="Jobs that model change preempted (requeued).")
 
 
@@ -236,8 +237,15 @@ def read_swaps(path: Path | str = "/proc/swaps") -> list[SwapDevice]:
             continue
         name = parts[0].replace("\\040", " ")
         try:
-            out.append(SwapDevice(name=name, type=parts[1], size_bytes=int(parts[2]) * 1024,
-                                  used_bytes=int(parts[3]) * 1024, priority=int(parts[4])))  # fmt: skip
+            out.append(
+                SwapDevice(
+                    name=name,
+                    type=parts[1],
+                    size_bytes=int(parts[2]) * 1024,
+                    used_bytes=int(parts[3]) * 1024,
+                    priority=int(parts[4]),
+                )
+            )
         except ValueError:
             continue
     return out

@@ -144,8 +144,9 @@ class FileHashes:
     def _write(self, known: list[tuple[Identity, str]]) -> None:
         if self._cache_file is None:
             return
-        files = [{"dev": i[0], "ino": i[1], "size": i[2], "mtime_ns": i[3], "ctime_ns": i[4], "sha256": d}
-                 for i, d in known]  # fmt: skip
+        files = [
+            {"dev": i[0], "ino": i[1], "size": i[2], "mtime_ns": i[3], "ctime_ns": i[4], "sha256": d} for i, d in known
+        ]
         try:
             atomic_write(self._cache_file, json.dumps({"files": files}, indent=1), durable=False)  # a cache
         except OSError as e:  # the cache only saves hashing: losing a write costs one hash after a restart

@@ -66,9 +66,10 @@ def plan(
     kinds = live_keys() if kinds is None else kinds
     failed = failed or {}
     todo = [
-        k for k in kinds
+        k
+        for k in kinds
         if k in target and not same(target[k], in_force.get(k)) and not (k in failed and same(failed[k], target[k]))
-    ]  # fmt: skip
+    ]
     actions: list[Action] = []
     if INTAKE_PAUSED in todo and target[INTAKE_PAUSED] is True:
         actions.append(Action("pause_intake", (INTAKE_PAUSED,)))
@@ -131,7 +132,7 @@ def tidy(state: Settled, target: Mapping[str, Any], in_force: Mapping[str, Any])
     failed = {k: v for k, v in state.failed.items() if k in target and same(v, target[k])}
     errors = {
         k: m for k, m in state.errors.items() if k in target and not same(target[k], in_force.get(k)) and k in failed
-    }  # fmt: skip
+    }
     pending = {k: m for k, m in state.pending.items() if k in target and k not in errors}
     return Settled(failed, errors, pending)
 

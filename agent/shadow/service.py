@@ -197,8 +197,9 @@ class ShadowService:
                 report = self._executor.apply(target, action.keys)
             except Exception as e:  # the executor's bug must not end the main loop or hide the key
                 log.exception("shadow: applying %s failed", ", ".join(action.keys))
-                report = ApplyReport(failed={k: f"the daemon failed to apply it: {type(e).__name__}: {e}"
-                                             for k in action.keys})  # fmt: skip
+                report = ApplyReport(
+                    failed={k: f"the daemon failed to apply it: {type(e).__name__}: {e}" for k in action.keys}
+                )
             settled = settle(settled, action, report, want, live_values(self._executor.settings))
             done.append((action, report))
             log_report(report, why)
@@ -325,16 +326,20 @@ class ShadowService:
         now = self._clock()
         with self._lock:
             if msg.retain and self._seen_before(msg.connection, digest):
-                log.info("shadow: a retained copy of an update already handled on this connection: cleared, not "
-                         "merged again")  # fmt: skip
+                log.info(
+                    "shadow: a retained copy of an update already handled on this connection: cleared, not merged again"
+                )
                 self._publish(self.topics.shadow_update, b"", 1, True)
                 return
             try:
                 result = handle_update(self._doc, msg.payload, self._validate, now, self._authorize)
             except Exception as e:  # a bug in a check must still get the operator an answer
                 log.exception("shadow: checking an update failed")
-                result = Rejected(500, f"the device failed to check the update ({type(e).__name__}: {e}); nothing "
-                                  "changed", self._doc.version)  # fmt: skip
+                result = Rejected(
+                    500,
+                    f"the device failed to check the update ({type(e).__name__}: {e}); nothing changed",
+                    self._doc.version,
+                )
             stored = True
             if isinstance(result, Accepted):
                 result, stored = self._persist(result, now)
@@ -344,12 +349,17 @@ class ShadowService:
                 self._doc = result.document
                 self._dirty = True
                 reply = ShadowUpdateAccepted.build(
-                    version=result.document.version, state={"desired": result.document.desired}, ts=now,
+                    version=result.document.version,
+                    state={"desired": result.document.desired},
+                    ts=now,
                     **_token(result.client_token),
-                )  # fmt: skip
+                )
                 topic = self.topics.shadow_update_accepted
-                log.info("shadow: update accepted, version %d: %s", result.document.version,
-                         ", ".join(sorted(result.changed)))  # fmt: skip
+                log.info(
+                    "shadow: update accepted, version %d: %s",
+                    result.document.version,
+                    ", ".join(sorted(result.changed)),
+                )
             else:
                 reply = _rejected(result, now)
                 topic = self.topics.shadow_update_rejected
@@ -369,24 +379,34 @@ class ShadowService:
             won = self._store.save_desired(result.document, now)
         except StoreError as e:
             return (
-                Rejected(500, f"the device could not store the update, nothing changed: {e}", self._doc.version,
-                         client_token=result.client_token),
+                Rejected(
+                    500,
+                    f"the device could not store the update, nothing changed: {e}",
+                    self._doc.version,
+                    client_token=result.client_token,
+                ),
                 False,
-            )  # fmt: skip
+            )
         if won:
             return result, True
         # Another writer stored this version or a newer one first: that document is the truth.
         try:
             latest = self._store.load()
-            self._doc = replace(self._doc, version=latest.version, desired=latest.desired,
-                                desired_meta=latest.desired_meta)  # fmt: skip
+            self._doc = replace(
+                self._doc, version=latest.version, desired=latest.desired, desired_meta=latest.desired_meta
+            )
         except StoreError as e:
             log.error("shadow: cannot re-read the stored document: %s", e)
         return (
-            Rejected(409, f"version conflict: version {self._doc.version} was stored by another writer first; get "
-                     "the document and send the update again", self._doc.version, client_token=result.client_token),
+            Rejected(
+                409,
+                f"version conflict: version {self._doc.version} was stored by another writer first; get "
+                "the document and send the update again",
+                self._doc.version,
+                client_token=result.client_token,
+            ),
             True,
-        )  # fmt: skip
+        )
 
     def _on_get(self, msg: InboundMessage) -> None:
         now = self._clock()
@@ -424,8 +444,14 @@ class ShadowService:
         guarded = needs_signature(touched)
         if not guarded and update.signature is None:
             return None  # n_ctx, telemetry, intake ...: broker credentials suffice
-        why = verify_update(update.signature, update.desired, device=self._file_settings.device.id,
-                            version=update.version, trust=Trust.from_texts(keys), now=self._clock())  # fmt: skip
+        why = verify_update(
+            update.signature,
+            update.desired,
+            device=self._file_settings.device.id,
+            version=update.version,
+            trust=Trust.from_texts(keys),
+            now=self._clock(),
+        )
         if why is None:
             return None
         if not guarded:
@@ -486,8 +512,12 @@ class ShadowService:
         d = doc.delta()
         if d != self._published_delta:
             if d:
-                self._publish(self.topics.shadow_delta, ShadowDelta.build(version=doc.version, state=d, ts=now)
-                              .to_payload(), 1, False)  # fmt: skip
+                self._publish(
+                    self.topics.shadow_delta,
+                    ShadowDelta.build(version=doc.version, state=d, ts=now).to_payload(),
+                    1,
+                    False,
+                )
             self._published_delta = d
 
 
@@ -524,8 +554,9 @@ def _target(base: Settings, desired: Tree) -> tuple[Settings, dict[str, str]]:
     try:
         target = effective_settings(base, unflatten(keep))
     except DesiredInvalid as e:  # should not happen: every key at fault was left out
-        return base, {k: f"cannot be applied with the board's config file: {m}" for k, m in
-                      {**suspects, **e.errors}.items()}  # fmt: skip
+        return base, {
+            k: f"cannot be applied with the board's config file: {m}" for k, m in {**suspects, **e.errors}.items()
+        }
     conflicts: dict[str, str] = {}
     for key, why in suspects.items():
         value = flatten(desired).get(key)

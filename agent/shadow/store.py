@@ -106,11 +106,16 @@ class ShadowStore:
 
     def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
         open_schema(
-            self._connection(), self.path, Schema(SCHEMA_VERSION, _SCHEMA), what="the shadow state",
+            self._connection(),
+            self.path,
+            Schema(SCHEMA_VERSION, _SCHEMA),
+            what="the shadow state",
             fix=f"stop the agent and move {self.path.name} and its -wal and -shm files aside (the board then starts "
             "from its config file and takes the next update)",
-            synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, readonly=self.readonly,
-        )  # fmt: skip
+            synchronous=synchronous,
+            busy_timeout_ms=busy_timeout_ms,
+            readonly=self.readonly,
+        )
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -148,8 +153,9 @@ class ShadowStore:
                 reported_meta=json.loads(row[4]),
             )
         except (ValueError, TypeError) as e:
-            raise StoreError(f"{self.path}: the stored shadow document is not valid JSON ({e})",
-                             code="store_corrupt") from None  # fmt: skip
+            raise StoreError(
+                f"{self.path}: the stored shadow document is not valid JSON ({e})", code="store_corrupt"
+            ) from None
 
     def save_desired(self, doc: ShadowDocument, now: float | None = None) -> bool:
         """Store desired, its metadata and version, if ``doc.version`` is newer than the stored one.

@@ -323,9 +323,11 @@ def locate_cgroup(
         d = _cgroup_dir(mount, v1_path)
         if d is None:
             return CgroupMemory(
-                1, path=v1_path, reason=f"cgroup directory for {v1_path} not found under {mount.point}",
+                1,
+                path=v1_path,
+                reason=f"cgroup directory for {v1_path} not found under {mount.point}",
                 pressure_file=pressure_file,
-            )  # fmt: skip
+            )
         return CgroupMemory(1, path=v1_path, directory=d, pressure_file=pressure_file, mount_point=mount.point)
 
     if v2_path is not None:
@@ -348,9 +350,11 @@ def locate_cgroup(
         d = _cgroup_dir(mount, v2_path)
         if d is None:
             return CgroupMemory(
-                2, path=v2_path, reason=f"cgroup directory for {v2_path} not found under {mount.point}",
+                2,
+                path=v2_path,
+                reason=f"cgroup directory for {v2_path} not found under {mount.point}",
                 pressure_file=pressure_file,
-            )  # fmt: skip
+            )
         return CgroupMemory(2, path=v2_path, directory=d, pressure_file=pressure_file, mount_point=mount.point)
 
     return CgroupMemory(

@@ -183,9 +183,12 @@ def set_oom_score_adj(value: int, *, pid: int | str = "self", proc_root: Path = 
         path.write_text(str(value))
     except OSError as e:
         return Applied(
-            "oom_score_adj", value, was, False,
+            "oom_score_adj",
+            value,
+            was,
+            False,
             _errno_hint(e, f"OOMScoreAdjust={value}", "lowering it needs CAP_SYS_RESOURCE"),
-        )  # fmt: skip
+        )
     return Applied("oom_score_adj", value, int(path.read_text().strip()), True, f"in force (was {was})")
 
 

@@ -49,9 +49,18 @@ MiB = 1024 * 1024
 DESIRED_NAME = "swap-desired.json"
 # The keys the daemon may set through the desired-swap file: sizes, priorities, policy. Never a path.
 DESIRED_KEYS = frozenset(
-    {"policy", "zram_mb", "zram_algorithm", "zram_priority", "file_mb", "file_priority", "file_keep_free_mb",
-     "swappiness", "swapoff_min_available_pct"}
-)  # fmt: skip
+    {
+        "policy",
+        "zram_mb",
+        "zram_algorithm",
+        "zram_priority",
+        "file_mb",
+        "file_priority",
+        "file_keep_free_mb",
+        "swappiness",
+        "swapoff_min_available_pct",
+    }
+)
 MAX_DESIRED_BYTES = 16384
 
 
@@ -340,12 +349,25 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
         same = dev is not None and e.size == desired.zram_bytes and dev.priority == desired.zram_priority
         if want_zram and same:
             continue
-        why = "swap.policy has no zram" if not want_zram else (
-            "not active" if dev is None else f"resize {e.size // MiB} -> {desired.zram_bytes // MiB} MiB, priority "
-            f"{dev.priority} -> {desired.zram_priority}"
-        )  # fmt: skip
-        steps.append(PlanStep("remove_zram", e.path, e.size, reason=why,
-                              refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct)))  # fmt: skip
+        why = (
+            "swap.policy has no zram"
+            if not want_zram
+            else (
+                "not active"
+                if dev is None
+                else f"resize {e.size // MiB} -> {desired.zram_bytes // MiB} MiB, priority "
+                f"{dev.priority} -> {desired.zram_priority}"
+            )
+        )
+        steps.append(
+            PlanStep(
+                "remove_zram",
+                e.path,
+                e.size,
+                reason=why,
+                refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct),
+            )
+        )
     kept_zram = [
         e for e in zrams if not any(s.op == "remove_zram" and s.target == e.path and s.refused is None for s in steps)
     ]
@@ -356,8 +378,16 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
             refused = world.zram_reason
         else:
             refused = None
-        steps.append(PlanStep("create_zram", "zram", desired.zram_bytes, desired.zram_priority,
-                              reason=f"swap.policy wants {desired.zram_bytes // MiB} MiB of zram", refused=refused))  # fmt: skip
+        steps.append(
+            PlanStep(
+                "create_zram",
+                "zram",
+                desired.zram_bytes,
+                desired.zram_priority,
+                reason=f"swap.policy wants {desired.zram_bytes // MiB} MiB of zram",
+                refused=refused,
+            )
+        )
 
     # swap file
     want_file = desired.file_bytes > 0
@@ -376,14 +406,34 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
                     )
                 )
             elif dev.priority != desired.file_priority:
-                steps.append(PlanStep("remove_file", e.path, e.size, reason=f"priority {dev.priority} -> {desired.file_priority}",
-                                      refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct)))  # fmt: skip
+                steps.append(
+                    PlanStep(
+                        "remove_file",
+                        e.path,
+                        e.size,
+                        reason=f"priority {dev.priority} -> {desired.file_priority}",
+                        refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct),
+                    )
+                )
             continue
-        why = "swap.policy has no swap file" if not want_file else (
-            f"moved to {target}" if e.path != target else f"resize {e.size // MiB} -> {desired.file_bytes // MiB} MiB"
-        )  # fmt: skip
-        steps.append(PlanStep("remove_file", e.path, e.size, reason=why,
-                              refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct)))  # fmt: skip
+        why = (
+            "swap.policy has no swap file"
+            if not want_file
+            else (
+                f"moved to {target}"
+                if e.path != target
+                else f"resize {e.size // MiB} -> {desired.file_bytes // MiB} MiB"
+            )
+        )
+        steps.append(
+            PlanStep(
+                "remove_file",
+                e.path,
+                e.size,
+                reason=why,
+                refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct),
+            )
+        )
     removing = {s.target for s in steps if s.op == "remove_file" and s.refused is None}
     blocked = any(s.op == "remove_file" and s.refused for s in steps)
     have = any(e.path == target and e.size == desired.file_bytes and e.path not in removing for e in files)
@@ -403,12 +453,26 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
                 f"not enough free space for {desired.file_bytes // MiB} MiB at {target}: {free // MiB} MiB free, "
                 f"{need // MiB} MiB needed (swap.file_keep_free_mb {desired.file_keep_free // MiB} kept free)"
             )
-        steps.append(PlanStep("create_file", target, desired.file_bytes, desired.file_priority,
-                              reason=f"swap.policy wants a {desired.file_bytes // MiB} MiB swap file", refused=refused))  # fmt: skip
+        steps.append(
+            PlanStep(
+                "create_file",
+                target,
+                desired.file_bytes,
+                desired.file_priority,
+                reason=f"swap.policy wants a {desired.file_bytes // MiB} MiB swap file",
+                refused=refused,
+            )
+        )
 
     if desired.swappiness is not None and world.swappiness is not None and world.swappiness != desired.swappiness:
-        steps.append(PlanStep("set_swappiness", "vm.swappiness", priority=desired.swappiness,
-                              reason=f"vm.swappiness {world.swappiness} -> {desired.swappiness}"))  # fmt: skip
+        steps.append(
+            PlanStep(
+                "set_swappiness",
+                "vm.swappiness",
+                priority=desired.swappiness,
+                reason=f"vm.swappiness {world.swappiness} -> {desired.swappiness}",
+            )
+        )
     return steps
 
 
@@ -534,8 +598,13 @@ class SwapManager:
             devices.append({**asdict(d), "agent": mine, "kind": "zram" if d.path.startswith("/dev/zram") else d.type})
         active = {d["path"] for d in devices}
         inactive = [asdict(e) for e in record.entries if e.path not in active]
-        return {"devices": devices, "inactive_records": inactive, "swappiness": self.swappiness(),
-                "record": str(self.record_path), "note": note}  # fmt: skip
+        return {
+            "devices": devices,
+            "inactive_records": inactive,
+            "swappiness": self.swappiness(),
+            "record": str(self.record_path),
+            "note": note,
+        }
 
     def _same_file(self, e: Created) -> bool:
         st = self.file_state(Path(e.path))
@@ -552,8 +621,15 @@ class SwapManager:
         world = self.observe(desired, record, probe_zram=not dry_run)
         if dry_run and desired.zram_bytes:
             ok = (self.sys / "class/zram-control/hot_add").exists()
-            world = World(world.active, world.mem, world.boot_id, world.swappiness, ok,
-                          "" if ok else "the zram module is not loaded (apply would try modprobe zram)", world.files)  # fmt: skip
+            world = World(
+                world.active,
+                world.mem,
+                world.boot_id,
+                world.swappiness,
+                ok,
+                "" if ok else "the zram module is not loaded (apply would try modprobe zram)",
+                world.files,
+            )
         steps = plan(desired, record, world)
         outcomes: list[Outcome] = []
         for s in steps:

@@ -83,7 +83,7 @@ def decision_events(decision: Decision, readings: Telemetry | None, *, device_id
                 message=f"memory level {decision.previous_level.name} -> {decision.level.name}: {why}",
                 details={"reasons": list(decision.reasons), "missing": list(decision.missing)},
                 readings=readings,
-            )  # fmt: skip
+            )
         )
     for step in decision.actions:
         out.append(
@@ -96,7 +96,7 @@ def decision_events(decision: Decision, readings: Telemetry | None, *, device_id
                 message=step.message,
                 details={"undo": step.undo, "rung": decision.posture.rung},
                 readings=readings,
-            )  # fmt: skip
+            )
         )
     return out
 
@@ -108,10 +108,13 @@ def signals_missing_event(
     if not missing:
         return None
     return Event(
-        device_id=device_id, ts=_when(ts), kind=EventKind.signals_missing, level=level,
+        device_id=device_id,
+        ts=_when(ts),
+        kind=EventKind.signals_missing,
+        level=level,
         message="memory governor works without: " + "; ".join(f"{k} ({v})" for k, v in sorted(missing.items())),
         details={"missing": dict(sorted(missing.items()))},
-    )  # fmt: skip
+    )
 
 
 _FLAG_NAMES = ((UNDER_VOLTAGE, "under-voltage"), (FREQ_CAPPED, "frequency capped"), (THROTTLED, "throttled"),
@@ -146,12 +149,20 @@ def throttling_event(previous: Telemetry | None, current: Telemetry) -> Event | 
         context.append(f"last job {current.last_job_tokens_per_s} tokens/s")
     message = "; ".join(parts) + (f" ({', '.join(context)})" if context else "")
     return Event(
-        device_id=current.device_id, ts=current.ts, kind=EventKind.throttling_changed,
-        level=current.governor_level, message=message,
-        details={"flags": now, "previous_flags": before, "started": started, "ended": ended,
-                 "since_boot": current.throttled_flags >> 16},
+        device_id=current.device_id,
+        ts=current.ts,
+        kind=EventKind.throttling_changed,
+        level=current.governor_level,
+        message=message,
+        details={
+            "flags": now,
+            "previous_flags": before,
+            "started": started,
+            "ended": ended,
+            "since_boot": current.throttled_flags >> 16,
+        },
         readings=current,
-    )  # fmt: skip
+    )
 
 
 def spool_dropped_event(
@@ -161,11 +172,14 @@ def spool_dropped_event(
     if readings <= 0 and events <= 0:
         return None
     return Event(
-        device_id=device_id, ts=_when(ts), kind=EventKind.spool_dropped, level=level,
+        device_id=device_id,
+        ts=_when(ts),
+        kind=EventKind.spool_dropped,
+        level=level,
         message=f"offline spool full: dropped {readings} oldest readings and {events} events "
         "(telemetry.spool_max_rows / spool_max_mb)",
         details={"readings": readings, "events": events},
-    )  # fmt: skip
+    )
 
 
 __all__ = ["Event", "EventKind", "decision_events", "signals_missing_event", "spool_dropped_event", "throttling_event"]
@@ -178,5 +192,11 @@ def model_change_event(change: Any, *, device_id: str, ts: float, level: str | N
     else:
         back = "the previous model serves again" if change.rolled_back else "no model is loaded"
         message = f"model change to {change.path} failed ({change.outcome}): {change.message}; {back}"
-    return Event(device_id=device_id, ts=_when(ts), kind=EventKind.model_change, level=level, message=message,
-                 details=change.as_dict())  # fmt: skip
+    return Event(
+        device_id=device_id,
+        ts=_when(ts),
+        kind=EventKind.model_change,
+        level=level,
+        message=message,
+        details=change.as_dict(),
+    )

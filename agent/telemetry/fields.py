@@ -128,11 +128,12 @@ class Telemetry(BaseModel):
         "Share of the model's layer weights resident in RAM, percent (mincore; measured every telemetry.residency_interval_s).",
     )
     weights_in_ram_pct: float | None = _m(
-        "%", "model",
+        "%",
+        "model",
         "Share of the weights the plan keeps in RAM as file pages that the agent has resident (RssFile beyond what "
         "it was before the load), percent; null in fast mode or when the plan expects them not to fit. It falls when "
         "the kernel evicts weights under memory pressure: every token then reads them again (thrashing).",
-    )  # fmt: skip
+    )
     kv_cache_bytes: int | None = _m("bytes", "model", "KV cache size as allocated, bytes.")
     kv_cache_size_tokens: int | None = _m(
         "tokens", "model", "KV cache capacity over every slot (n_ctx x slots), tokens."

@@ -69,9 +69,10 @@ CREATE TABLE IF NOT EXISTS spool (
     "CREATE TABLE IF NOT EXISTS spool_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
 _SPOOL = Schema(
-    SCHEMA_VERSION, _SCHEMA,
+    SCHEMA_VERSION,
+    _SCHEMA,
     seed=tuple(f"INSERT OR IGNORE INTO spool_counters (name, value) VALUES ('{n}', 0)" for n in _COUNTERS),
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -158,10 +159,16 @@ class TelemetrySpool:
         try:
             c = conn
             open_schema(
-                c, self.path, _SPOOL, what="the spool", fix="it is moved aside (spooled telemetry is expendable)",
-                synchronous="NORMAL", busy_timeout_ms=busy_timeout_ms, journal_size_limit=JOURNAL_SIZE_LIMIT,
+                c,
+                self.path,
+                _SPOOL,
+                what="the spool",
+                fix="it is moved aside (spooled telemetry is expendable)",
+                synchronous="NORMAL",
+                busy_timeout_ms=busy_timeout_ms,
+                journal_size_limit=JOURNAL_SIZE_LIMIT,
                 new_file=(f"page_size = {PAGE_SIZE}",),
-            )  # fmt: skip
+            )
             per_kind = c.execute("SELECT kind, count(*), total(size) FROM spool GROUP BY kind").fetchall()
         except sqlite3.Error as e:
             conn.close()
@@ -266,8 +273,12 @@ class TelemetrySpool:
         return len(gone)
 
     def _count(self, c: sqlite3.Connection, *, readings: int, events: int) -> None:
-        for name, n in (("dropped_readings", readings), ("unreported_readings", readings),
-                        ("dropped_events", events), ("unreported_events", events)):  # fmt: skip
+        for name, n in (
+            ("dropped_readings", readings),
+            ("unreported_readings", readings),
+            ("dropped_events", events),
+            ("unreported_events", events),
+        ):
             if n:
                 c.execute("UPDATE spool_counters SET value = value + ? WHERE name = ?", (n, name))
 
@@ -337,10 +348,13 @@ class TelemetrySpool:
             except sqlite3.Error as e:
                 raise self._error(e, "reading the spool counters") from e
             return SpoolStats(
-                rows=self._n["reading"] + self._n["event"], readings=self._n["reading"], events=self._n["event"],
+                rows=self._n["reading"] + self._n["event"],
+                readings=self._n["reading"],
+                events=self._n["event"],
                 bytes=self._b["reading"] + self._b["event"],
-                dropped_readings=counters.get("dropped_readings", 0), dropped_events=counters.get("dropped_events", 0),
-            )  # fmt: skip
+                dropped_readings=counters.get("dropped_readings", 0),
+                dropped_events=counters.get("dropped_events", 0),
+            )
 
     def take_unreported_drops(self) -> tuple[int, int]:
         """(readings, events) dropped since the last call, and reset: what a spool_dropped event reports."""

@@ -52,10 +52,18 @@ class FleetClient:
         self._barrier = f"{self.prefix}-cli/{uuid.uuid4().hex}/sync"
         p = self.prefix
         self.transport = MqttTransport(
-            mqtt, will=None, on_message=self._on_message, manual_ack=False,
-            subscriptions=[(f"{p}/+/status", 1), (f"{p}/+/shadow", 1), (f"{p}/+/shadow/update/accepted", 1),
-                           (f"{p}/+/shadow/update/rejected", 1), (self._barrier, 1)],
-        )  # fmt: skip
+            mqtt,
+            will=None,
+            on_message=self._on_message,
+            manual_ack=False,
+            subscriptions=[
+                (f"{p}/+/status", 1),
+                (f"{p}/+/shadow", 1),
+                (f"{p}/+/shadow/update/accepted", 1),
+                (f"{p}/+/shadow/update/rejected", 1),
+                (self._barrier, 1),
+            ],
+        )
         self._connect_timeout = connect_timeout
         self._cond = threading.Condition()
         self._docs: dict[str, dict[str, Any]] = {}
@@ -107,13 +115,18 @@ class FleetClient:
         pending = reported.get("pending") or {}
         seen = [t for t in (_ts((st or {}).get("ts")), _ts((doc or {}).get("ts"))) if t is not None]
         return DeviceInfo(
-            device=device, state=(st or {}).get("state"), model=serving.get("file") or (st or {}).get("model"),
-            sha256=serving.get("sha256"), agent_version=board.get("agent_version") or (st or {}).get("agent_version"),
-            shadow_version=(doc or {}).get("version"), applied_version=reported.get("applied_version"),
+            device=device,
+            state=(st or {}).get("state"),
+            model=serving.get("file") or (st or {}).get("model"),
+            sha256=serving.get("sha256"),
+            agent_version=board.get("agent_version") or (st or {}).get("agent_version"),
+            shadow_version=(doc or {}).get("version"),
+            applied_version=reported.get("applied_version"),
             level=(reported.get("pressure") or {}).get("level"),  # the memory governor's, where it reports one
-            groups=tuple((reported.get("fleet") or {}).get("groups") or ()), last_seen=max(seen) if seen else None,
+            groups=tuple((reported.get("fleet") or {}).get("groups") or ()),
+            last_seen=max(seen) if seen else None,
             problem=errors.get("model.path") or pending.get("model.path"),
-        )  # fmt: skip
+        )
 
     def select(self, *, pattern: str | None = None, group: str | None = None) -> list[str]:
         """Devices whose id matches the glob ``pattern`` and/or that are in ``group`` (reported fleet.groups)."""

@@ -229,19 +229,28 @@ def decide(rows: Sequence[Row], policy: Policy, wave: int, wave_started: float |
     finished = [r for r in rows if state[r.device] in TERMINAL]
     failed = [r for r in finished if state[r.device] == "failed"]
     if len(finished) >= policy.min_devices and failed and policy.max_failures.exceeded(len(failed), len(finished)):
-        return Decision("abort", f"{len(failed)} of {len(finished)} finished devices failed, more than "
-                                 f"--max-failures {policy.max_failures} (checked from --min-devices "
-                                 f"{policy.min_devices} on)", timed_out)  # fmt: skip
+        return Decision(
+            "abort",
+            f"{len(failed)} of {len(finished)} finished devices failed, more than "
+            f"--max-failures {policy.max_failures} (checked from --min-devices "
+            f"{policy.min_devices} on)",
+            timed_out,
+        )
     current = [r for r in rows if r.wave == wave]
     if any(state[r.device] not in TERMINAL for r in current):
         return Decision("wait", "", timed_out)
     wave_failed = sum(1 for r in current if state[r.device] == "failed")
     if wave_failed and policy.max_failures.exceeded(wave_failed, len(current)):
-        return Decision("abort", f"wave {wave + 1}: {wave_failed} of {len(current)} devices failed, more than "
-                                 f"--max-failures {policy.max_failures}", timed_out)  # fmt: skip
+        return Decision(
+            "abort",
+            f"wave {wave + 1}: {wave_failed} of {len(current)} devices failed, more than "
+            f"--max-failures {policy.max_failures}",
+            timed_out,
+        )
     if wave + 1 < waves:
-        return Decision("advance", f"wave {wave + 1} done: {len(current) - wave_failed} of {len(current)} succeeded",
-                        timed_out)  # fmt: skip
+        return Decision(
+            "advance", f"wave {wave + 1} done: {len(current) - wave_failed} of {len(current)} succeeded", timed_out
+        )
     return Decision("finish", f"all {waves} wave(s) done", timed_out)
 
 

@@ -99,8 +99,9 @@ class RolloutDriver:
                 continue
             obs = observe(self.client.doc(d.device), target, d.version)
             if obs.outcome != "waiting":
-                self.store.set_device(r.id, d.device, state=obs.outcome, message=obs.message, done_at=now,
-                                      version=obs.version)  # fmt: skip
+                self.store.set_device(
+                    r.id, d.device, state=obs.outcome, message=obs.message, done_at=now, version=obs.version
+                )
                 log.info("rollout %s: %s %s%s", r.id, d.device, obs.outcome, f": {obs.message}" if obs.message else "")
             elif obs.version != d.version or obs.message != d.message:
                 self.store.set_device(r.id, d.device, version=obs.version, message=obs.message)
@@ -109,8 +110,9 @@ class RolloutDriver:
         for dev in dec.timed_out:
             d = next(x for x in r.devices if x.device == dev)
             why = f"timed out after --timeout-per-wave {r.spec.policy.timeout_per_wave_s:g} s"
-            self.store.set_device(r.id, dev, state="failed", done_at=now,
-                                  message=f"{why} ({d.message})" if d.message else why)  # fmt: skip
+            self.store.set_device(
+                r.id, dev, state="failed", done_at=now, message=f"{why} ({d.message})" if d.message else why
+            )
         if dec.action == "wait":
             return self.store.load(r.id), bool(dec.timed_out)
         if dec.action == "advance":
@@ -143,8 +145,13 @@ class RolloutDriver:
     def _send_restores(self, r: Rollout) -> None:
         changed = [d for d in r.devices if d.state in ("updating", "succeeded", "failed")]
         for d in changed:
-            self.store.set_device(r.id, d.device, state="restoring", restore_version=None,
-                                  message=f"{d.state}: {d.message}" if d.message else d.state)  # fmt: skip
+            self.store.set_device(
+                r.id,
+                d.device,
+                state="restoring",
+                restore_version=None,
+                message=f"{d.state}: {d.message}" if d.message else d.state,
+            )
         for d in changed:
             self._send(r.id, [d.device], {"model": restore_desired(d.previous)}, restore=True)
 
@@ -171,8 +178,12 @@ class RolloutDriver:
         r = self.store.load(r.id)
         if not any(d.state == "restoring" for d in r.devices):
             self.store.set_rollout(r.id, state="aborted", finished_at=now)
-            log.warning("rollout %s: aborted; %d device(s) restored, %d not", r.id, r.counts().get("restored", 0),
-                        r.counts().get("restore_failed", 0))  # fmt: skip
+            log.warning(
+                "rollout %s: aborted; %d device(s) restored, %d not",
+                r.id,
+                r.counts().get("restored", 0),
+                r.counts().get("restore_failed", 0),
+            )
             return self.store.load(r.id), True
         return r, acted
 
@@ -194,12 +205,17 @@ class RolloutDriver:
                 why = f"{kind} rejected {body.get('code')}: {body.get('message')}" + (
                     " (" + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ")" if errors else ""
                 )
-                self.store.set_device(rid, device, state="restore_failed" if restore else "failed", message=why,
-                                      done_at=self.clock())  # fmt: skip
+                self.store.set_device(
+                    rid, device, state="restore_failed" if restore else "failed", message=why, done_at=self.clock()
+                )
         for token, device in tokens.items():
             if token not in replies:
-                log.info("rollout %s: %s did not answer the %s yet (offline?); it stays pending until the wave's "
-                         "timeout", rid, device, kind)  # fmt: skip
+                log.info(
+                    "rollout %s: %s did not answer the %s yet (offline?); it stays pending until the wave's timeout",
+                    rid,
+                    device,
+                    kind,
+                )
 
     def _resend(self, r: Rollout) -> None:
         """After an interruption: what was marked sent but never acknowledged goes out again."""

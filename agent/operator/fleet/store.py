@@ -62,11 +62,19 @@ class Spec:
 
     def to_json(self) -> str:
         p = self.policy
-        return json.dumps({
-            "target": vars(self.target), "selection": self.selection, "prefix": self.prefix,
-            "policy": {"waves": list(p.waves), "max_failures": str(p.max_failures), "min_devices": p.min_devices,
-                       "timeout_per_wave_s": p.timeout_per_wave_s},
-        })  # fmt: skip
+        return json.dumps(
+            {
+                "target": vars(self.target),
+                "selection": self.selection,
+                "prefix": self.prefix,
+                "policy": {
+                    "waves": list(p.waves),
+                    "max_failures": str(p.max_failures),
+                    "min_devices": p.min_devices,
+                    "timeout_per_wave_s": p.timeout_per_wave_s,
+                },
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Spec:
@@ -119,16 +127,31 @@ class Rollout:
     def as_dict(self) -> dict[str, Any]:
         s = self.spec
         return {
-            "id": self.id, "state": self.state, "reason": self.reason, "created_at": self.created_at,
-            "finished_at": self.finished_at, "wave": self.wave + 1, "waves": self.waves(),
-            "target": vars(s.target), "selection": s.selection,
-            "policy": json.loads(s.to_json())["policy"], "counts": self.counts(),
+            "id": self.id,
+            "state": self.state,
+            "reason": self.reason,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "wave": self.wave + 1,
+            "waves": self.waves(),
+            "target": vars(s.target),
+            "selection": s.selection,
+            "policy": json.loads(s.to_json())["policy"],
+            "counts": self.counts(),
             "devices": [
-                {"device": d.device, "wave": d.wave + 1, "state": d.state, "message": d.message, "previous": d.previous,
-                 "version": d.version, "sent_at": d.sent_at, "done_at": d.done_at}
+                {
+                    "device": d.device,
+                    "wave": d.wave + 1,
+                    "state": d.state,
+                    "message": d.message,
+                    "previous": d.previous,
+                    "version": d.version,
+                    "sent_at": d.sent_at,
+                    "done_at": d.done_at,
+                }
                 for d in self.devices
             ],
-        }  # fmt: skip
+        }
 
 
 def default_path() -> Path:
@@ -156,8 +179,10 @@ class RolloutStore:
         """A new rollout over ``devices`` ((device id, wave) in rollout order)."""
         rid = uuid.uuid4().hex[:10]
         with self._tx() as db:
-            db.execute("INSERT INTO rollouts (id, created_at, spec, state) VALUES (?, ?, ?, 'running')",
-                       (rid, now, spec.to_json()))  # fmt: skip
+            db.execute(
+                "INSERT INTO rollouts (id, created_at, spec, state) VALUES (?, ?, ?, 'running')",
+                (rid, now, spec.to_json()),
+            )
             db.executemany(
                 "INSERT INTO devices (rollout_id, device, position, wave, state) VALUES (?, ?, ?, ?, 'pending')",
                 [(rid, dev, i, wave) for i, (dev, wave) in enumerate(devices)],
@@ -167,17 +192,22 @@ class RolloutStore:
     def load(self, rid: str) -> Rollout:
         with self._lock:
             try:
-                r = self._db.execute("SELECT id, created_at, spec, state, wave, wave_started, reason, finished_at "
-                                     "FROM rollouts WHERE id = ?", (rid,)).fetchone()  # fmt: skip
+                r = self._db.execute(
+                    "SELECT id, created_at, spec, state, wave, wave_started, reason, finished_at "
+                    "FROM rollouts WHERE id = ?",
+                    (rid,),
+                ).fetchone()
                 rows = self._db.execute(
                     "SELECT device, position, wave, state, previous, version, sent_at, done_at, message, "
-                    "restore_version FROM devices WHERE rollout_id = ? ORDER BY position", (rid,),
-                ).fetchall()  # fmt: skip
+                    "restore_version FROM devices WHERE rollout_id = ? ORDER BY position",
+                    (rid,),
+                ).fetchall()
             except sqlite3.Error as e:
                 raise RolloutStoreError(f"cannot read the rollout record {self.path}: {e}") from None
         if r is None:
-            raise RolloutStoreError(f"no rollout {rid!r} in {self.path} (`edge-agent fleet status` lists them)",
-                                    code="rollout_unknown")  # fmt: skip
+            raise RolloutStoreError(
+                f"no rollout {rid!r} in {self.path} (`edge-agent fleet status` lists them)", code="rollout_unknown"
+            )
         devices = [Device(d[0], d[1], d[2], d[3], json.loads(d[4]) if d[4] else None, *d[5:]) for d in rows]
         return Rollout(r[0], r[1], Spec.from_json(r[2]), r[3], r[4], r[5], r[6], r[7], devices)
 
