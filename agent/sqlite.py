@@ -1,7 +1,7 @@
-"""What the three SQLite files of the agent share (the job store, the shadow state, the telemetry
-spool): one mapping of SQLite errors to ``StoreError`` codes with what to do about each, the one way
-to open one (``open_schema``: checks, write-ahead log, schema and migrations in one transaction),
-and the write transaction they all use.
+"""What the SQLite files of the agent share (the job store, the shadow state, the telemetry spool):
+one mapping of SQLite errors to ``StoreError`` codes with what to do about each, the one way to open
+one (``open_schema``: checks, write-ahead log, schema and migrations in one transaction), the write
+transaction they all use, and ``SqliteFile``: one connection behind a lock, opened and closed once.
 
 The codes are what the store's health (agent.jobs.health) and the CLI act on: store_full,
 store_readonly, store_corrupt, store_cantopen, store_busy, store_io.
@@ -10,6 +10,7 @@ store_readonly, store_corrupt, store_cantopen, store_busy, store_io.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -161,3 +162,79 @@ def write_transaction(
 
 
 __all__ = ["Schema", "open_schema", "store_error", "write_transaction"]
+
+
+class SqliteFile:
+    """One SQLite file behind a lock: what the job store and the shadow state share. A subclass sets
+    ``what`` ("the job store") and calls ``_attach`` from its constructor."""
+
+    what = "the file"
+
+    def _attach(
+        self,
+        path: Path,
+        *,
+        readonly: bool,
+        busy_timeout_ms: int,
+        synchronous: str,
+        no_folder: str,
+        no_file: str,
+        opening: str,
+        prepare: Callable[[sqlite3.Connection], None],
+    ) -> None:
+        """Open ``path`` and ``prepare`` it (``open_schema``). ``no_folder`` is what to do when its folder
+        is missing; ``no_file`` the whole message for a missing file when ``readonly`` (the CLI reads an
+        existing file only, with no write lock, while the daemon runs); ``opening`` names the step in
+        errors ("opening the store")."""
+        self.path, self.readonly = path, readonly
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        if not path.parent.is_dir():
+            raise StoreError(f"{path}: folder {path.parent} does not exist; {no_folder}", code="store_cantopen")
+        if readonly and not path.is_file():
+            raise StoreError(no_file, code="store_cantopen")
+        try:
+            # isolation_level=None: BEGIN IMMEDIATE is issued here (write_transaction); the sqlite3
+            # module's implicit transactions would start a deferred one that could fail to upgrade.
+            target = f"file:{path}?mode=ro" if readonly else str(path)
+            conn = sqlite3.connect(
+                target, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False, uri=readonly
+            )
+        except sqlite3.Error as e:
+            raise self._error(e, opening) from e
+        self._conn = conn
+        try:
+            prepare(conn)
+        except sqlite3.Error as e:
+            conn.close()
+            self._conn = None
+            raise self._error(e, opening) from e
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"{self.path}: {self.what} is closed", code="store_closed")
+        return self._conn
+
+    def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
+        return store_error(e, self.path, doing, self.what)
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One state change: the lock, then one write transaction."""
+        with self._lock, write_transaction(self._connection(), lambda e: self._error(e, doing)) as c:
+            yield c
+
+    @contextmanager
+    def _read(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            c = self._connection()
+            try:
+                yield c
+            except sqlite3.Error as e:
+                raise self._error(e, doing) from e

@@ -27,10 +27,8 @@ import json
 import math
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,7 +47,7 @@ from agent.jobs.protocol import (
     rfc3339,
 )
 from agent.mqtt.wire import SURROGATE_RE
-from agent.sqlite import Schema, open_schema, store_error, write_transaction
+from agent.sqlite import Schema, SqliteFile, open_schema
 
 if TYPE_CHECKING:
     from agent.config.sections import StoreSettings
@@ -237,8 +235,10 @@ def _dump(obj: Any) -> str:
     return SURROGATE_RE.sub("\ufffd", text)
 
 
-class JobStore:
+class JobStore(SqliteFile):
     """The SQLite job store. Thread-safe; one instance per process and file."""
+
+    what = "the job store"
 
     def __init__(
         self,
@@ -257,48 +257,22 @@ class JobStore:
         """``readonly``: open an existing store for reading only (the CLI): no schema change, no
         write lock, works while the daemon runs."""
         self.path = Path(path)
-        self.readonly = readonly
         self.queue_max = queue_max
         self.max_attempts = max_attempts
         self.max_preemptions = max_preemptions
         self.keep_finished = keep_finished
         self.keep_finished_days = keep_finished_days
         self._clock = clock
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        if synchronous not in ("FULL", "NORMAL"):
-            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
-        if not self.path.parent.is_dir():
-            raise StoreError(
-                f"{self.path}: folder {self.path.parent} does not exist; create it or set store.path "
-                "(under systemd, StateDirectory= creates device.state_dir)",
-                code="store_cantopen",
-            )
-        if readonly and not self.path.is_file():
-            raise StoreError(
-                f"no job store at {self.path} (has the daemon run with this config?)", code="store_cantopen"
-            )
-        try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; the sqlite3 module's
-            # implicit transactions would start a deferred one and could fail to upgrade it.
-            target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
-            conn = sqlite3.connect(
-                target, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False, uri=readonly
-            )
-        except sqlite3.Error as e:
-            raise self._error(e, "opening the store") from e
-        self._conn = conn
-        try:
-            self._db = sqlite_utils.Database(conn, execute_plugins=False)
-            self._open(synchronous, busy_timeout_ms)
-        except sqlite3.Error as e:
-            conn.close()
-            self._conn = None
-            raise self._error(e, "opening the store") from e
-        except StoreError:
-            conn.close()
-            self._conn = None
-            raise
+        self._attach(
+            self.path,
+            readonly=readonly,
+            busy_timeout_ms=busy_timeout_ms,
+            synchronous=synchronous,
+            no_folder="create it or set store.path (under systemd, StateDirectory= creates device.state_dir)",
+            no_file=f"no job store at {self.path} (has the daemon run with this config?)",
+            opening="opening the store",
+            prepare=lambda conn: self._open(conn, synchronous, busy_timeout_ms),
+        )
 
     def configure(self, settings: StoreSettings) -> None:
         """Take the live limits from the settings (a reload or the device shadow).
@@ -334,9 +308,10 @@ class JobStore:
     # ----------------------------------------------------------------------------------------
     # Opening, schema, errors
 
-    def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
+    def _open(self, conn: sqlite3.Connection, synchronous: str, busy_timeout_ms: int) -> None:
+        self._db = sqlite_utils.Database(conn, execute_plugins=False)
         open_schema(
-            self._connection(),
+            conn,
             self.path,
             _JOBS,
             what="the job store",
@@ -350,29 +325,6 @@ class JobStore:
             new_file=("auto_vacuum = INCREMENTAL",),
             readonly=self.readonly,
         )
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StoreError(f"{self.path}: the job store is closed", code="store_closed")
-        return self._conn
-
-    def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
-        return store_error(e, self.path, doing, "the job store")
-
-    @contextmanager
-    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """One state change: the lock, then one write transaction (agent.sqlite)."""
-        with self._lock, write_transaction(self._connection(), lambda e: self._error(e, doing)) as c:
-            yield c
-
-    @contextmanager
-    def _read(self, doing: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            c = self._connection()
-            try:
-                yield c
-            except sqlite3.Error as e:
-                raise self._error(e, doing) from e
 
     def _now(self, now: float | None) -> float:
         return self._clock() if now is None else now

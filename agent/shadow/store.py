@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import StoreError
 from agent.shadow.document import ShadowDocument
-from agent.sqlite import Schema, open_schema, store_error, write_transaction
+from agent.sqlite import Schema, SqliteFile, open_schema
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -47,8 +44,10 @@ CREATE TABLE IF NOT EXISTS shadow (
 )
 
 
-class ShadowStore:
+class ShadowStore(SqliteFile):
     """The shadow's SQLite file. Thread-safe (one connection behind a lock); one per process and file."""
+
+    what = "the shadow state"
 
     def __init__(
         self,
@@ -61,41 +60,17 @@ class ShadowStore:
     ) -> None:
         """``readonly``: read an existing file only (the CLI, while the daemon runs)."""
         self.path = Path(path)
-        self.readonly = readonly
         self._clock = clock
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        if synchronous not in ("FULL", "NORMAL"):
-            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
-        if not self.path.parent.is_dir():
-            raise StoreError(
-                f"{self.path}: folder {self.path.parent} does not exist; create it (under systemd, StateDirectory= "
-                "creates device.state_dir)",
-                code="store_cantopen",
-            )
-        if readonly and not self.path.is_file():
-            raise StoreError(
-                f"no shadow state at {self.path} (has the daemon run with this config, and received an update?)",
-                code="store_cantopen",
-            )
-        try:
-            target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
-            conn = sqlite3.connect(
-                target, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False, uri=readonly
-            )
-        except sqlite3.Error as e:
-            raise self._error(e, "opening the shadow state") from e
-        self._conn = conn
-        try:
-            self._open(synchronous, busy_timeout_ms)
-        except sqlite3.Error as e:
-            conn.close()
-            self._conn = None
-            raise self._error(e, "opening the shadow state") from e
-        except StoreError:
-            conn.close()
-            self._conn = None
-            raise
+        self._attach(
+            self.path,
+            readonly=readonly,
+            busy_timeout_ms=busy_timeout_ms,
+            synchronous=synchronous,
+            no_folder="create it (under systemd, StateDirectory= creates device.state_dir)",
+            no_file=f"no shadow state at {self.path} (has the daemon run with this config, and received an update?)",
+            opening="opening the shadow state",
+            prepare=lambda conn: self._open(conn, synchronous, busy_timeout_ms),
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, *, readonly: bool = False) -> ShadowStore:
@@ -104,9 +79,9 @@ class ShadowStore:
 
     # ----------------------------------------------------------------------------------------
 
-    def _open(self, synchronous: str, busy_timeout_ms: int) -> None:
+    def _open(self, conn: sqlite3.Connection, synchronous: str, busy_timeout_ms: int) -> None:
         open_schema(
-            self._connection(),
+            conn,
             self.path,
             Schema(SCHEMA_VERSION, _SCHEMA),
             what="the shadow state",
@@ -116,19 +91,6 @@ class ShadowStore:
             busy_timeout_ms=busy_timeout_ms,
             readonly=self.readonly,
         )
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StoreError(f"{self.path}: the shadow state is closed", code="store_closed")
-        return self._conn
-
-    def _error(self, e: sqlite3.Error, doing: str) -> StoreError:
-        return store_error(e, self.path, doing, "the shadow state")
-
-    @contextmanager
-    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
-        with self._lock, write_transaction(self._connection(), lambda e: self._error(e, doing)) as c:
-            yield c
 
     # ----------------------------------------------------------------------------------------
 
