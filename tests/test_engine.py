@@ -17,6 +17,7 @@ from agent.config.sections import EngineSettings
 from agent.engine import Engine, GenerationRequest
 from agent.engine.batch import StopFilter as _StopFilter
 from agent.errors import ContextTooLong, EngineError, WillNotFit
+from agent.system.cpu import qemu_user_emulated
 from agent.system.memory import Budget, MiB, proc_status
 
 GREEDY = dict(temperature=0.0)
@@ -436,6 +437,12 @@ def test_residency_and_warmup(tiny_model: Path, tmp_path: Path) -> None:
     assert all(r.fraction == 1.0 and r.resident_bytes == r.nbytes for r in engine.residency())
 
 
+# Only in the emulated board of packaging/prove-arm64.sh, never on hardware: qemu-user (bookworm's 7.2) keeps about
+# 230 KiB of anonymous memory for every thread that has exited (800 Python threads started and joined: RssAnon
+# +187 MiB under qemu-user, +0.03 MiB natively), and ggml built without OpenMP (the aarch64 bundle) starts its
+# worker threads for each graph it computes, so RssAnon grows with every token there and unload cannot give it back.
+@pytest.mark.skipif(qemu_user_emulated(), reason="qemu-user keeps ~230 KiB of RssAnon per exited thread; ggml "
+                    "without OpenMP starts threads per graph: RssAnon is not the engine's there")  # fmt: skip
 def test_unload_frees_memory_and_allows_reload(tiny_model: Path) -> None:
     engine = _engine(tiny_model, n_ctx=2048)
     before = proc_status().rss_anon
