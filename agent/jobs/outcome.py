@@ -8,6 +8,7 @@ runner passes in what happened, the store persists the outcome, the protocol ren
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from agent.codes import ErrorCode, JobStatus
 from agent.engine.types import GenerationResult
@@ -99,6 +100,26 @@ def _from_error(e: BaseException, timings: Timings) -> JobOutcome:
     return JobOutcome(status=code.status, timings=timings, error=ErrorInfo(code=code, message=message))
 
 
+RequeueReason = Literal["shutdown", "preempt"]
+Requeued = Literal["requeued", "requeued_counted", "failed_preempted"]
+
+
+def requeue_decision(
+    reason: RequeueReason, *, preemptions: int, attempt: int, max_preemptions: int, max_attempts: int
+) -> Requeued:
+    """What becomes of a running job put back in the queue (``preemptions`` counts this one).
+
+    shutdown  the run is not counted (the attempt is given back): requeued.
+    preempt   the first ``max_preemptions`` preemptions are free (requeued); later ones count as an
+              attempt (requeued_counted), and once attempts reach ``max_attempts`` the job ends FAILED
+              'preempted' (failed_preempted, with ``preempted_too_often``). So a job preempted again
+              and again always ends.
+    """
+    if reason == "shutdown" or preemptions <= max_preemptions:
+        return "requeued"
+    return "failed_preempted" if attempt >= max_attempts else "requeued_counted"
+
+
 def preempted_too_often(preemptions: int, attempts: int) -> JobOutcome:
     """The outcome of a job whose preemptions used up its attempts (store.max_attempts)."""
     return JobOutcome.refused(
@@ -108,4 +129,4 @@ def preempted_too_often(preemptions: int, attempts: int) -> JobOutcome:
     )
 
 
-__all__ = ["Requeue", "StopReason", "conclude", "preempted_too_often"]
+__all__ = ["Requeue", "RequeueReason", "Requeued", "StopReason", "conclude", "preempted_too_often", "requeue_decision"]

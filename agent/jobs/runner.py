@@ -30,11 +30,11 @@ from agent.errors import EngineError, OutputTruncated, StoreError
 from agent.jobs.admission import Admission
 from agent.jobs.gate import Gate, Slot, StopReason
 from agent.jobs.health import StoreHealth
-from agent.jobs.outcome import Requeue, conclude
+from agent.jobs.outcome import Requeue, RequeueReason, conclude
 from agent.jobs.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
 from agent.jobs.results import JobResults
 from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
-from agent.jobs.store import JobRecord, JobStore, QueuedJob, RequeueReason
+from agent.jobs.store import JobRecord, JobStore, QueuedJob
 
 log = logging.getLogger(__name__)
 

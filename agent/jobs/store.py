@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlite_utils
 
 from agent.errors import StoreError
+from agent.jobs.outcome import Requeued, RequeueReason, preempted_too_often, requeue_decision
 from agent.jobs.protocol import (
     TERMINAL,
     ErrorCode,
@@ -114,8 +115,7 @@ Outcome = Literal[
 ]
 CancelOutcome = Literal["canceled_queued", "running", "finished", "unknown"]
 RecoverAction = Literal["requeued", "failed_interrupted", "undelivered"]
-RequeueReason = Literal["shutdown", "preempt"]
-RequeueOutcome = Literal["requeued", "requeued_counted", "failed_preempted", "not_running"]
+RequeueOutcome = Requeued | Literal["not_running"]
 
 
 @dataclass(frozen=True)
@@ -519,25 +519,23 @@ class JobStore(SqliteFile):
             return self._terminate(job_id, outcome, now)
 
     def requeue(self, job_id: str, reason: RequeueReason, now: float | None = None) -> RequeueOutcome:
-        """Put a running job back in the queue.
-
-        shutdown  the run is not counted (the attempt is given back): requeued.
-        preempt   the first store.max_preemptions preemptions are free (requeued); later ones count
-                  as an attempt (requeued_counted), and once attempts reach store.max_attempts the job
-                  ends FAILED 'preempted' (failed_preempted: publish its outcome). So a job preempted
-                  again and again always ends.
-        not_running: nothing changed.
-        """
-        from agent.jobs.outcome import preempted_too_often
-
+        """Put a running job back in the queue, as ``agent.jobs.outcome.requeue_decision`` decides
+        (failed_preempted: publish its outcome); not_running: nothing changed."""
         now = self._now(now)
         with self._write(f"requeueing job {job_id}"):
             rec = self._get(job_id)
             if rec is None or rec.status is not JobStatus.IN_PROGRESS:
                 return "not_running"
             preemptions = rec.preemptions + (reason == "preempt")
-            free = reason == "shutdown" or preemptions <= self.max_preemptions
-            if not free and rec.attempt >= self.max_attempts:
+            decision = requeue_decision(
+                reason,
+                preemptions=preemptions,
+                attempt=rec.attempt,
+                max_preemptions=self.max_preemptions,
+                max_attempts=self.max_attempts,
+            )
+            free = decision == "requeued"
+            if decision == "failed_preempted":
                 self._db.execute("UPDATE jobs SET preemptions = ? WHERE job_id = ?", (preemptions, job_id))
                 self._terminate(job_id, preempted_too_often(preemptions, rec.attempt), now)
                 return "failed_preempted"
