@@ -25,7 +25,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import __version__
+from agent.config import Settings
 from agent.config.live import INTAKE_PAUSED
+from agent.engine.types import LoadReport
 from agent.system.files import atomic_write
 
 STATE_FILE_NAME = "state.json"
@@ -90,7 +92,7 @@ class StateSnapshot(_Part):
     shadow_applied_version: int | None = Field(default=None, description="The shadow version last fully applied.")
 
 
-def state_path(settings: Any) -> Path:
+def state_path(settings: Settings) -> Path:
     return Path(settings.device.state_dir) / STATE_FILE_NAME
 
 
@@ -208,7 +210,7 @@ def liveness(
 # ------------------------------------------------------------------------------------ building
 
 
-def model_state(report: Any, models_dir: Path | None = None, *, loaded_at: float | None = None) -> ModelState:
+def model_state(report: LoadReport, models_dir: Path | None = None, *, loaded_at: float | None = None) -> ModelState:
     """The model part from the engine's LoadReport."""
     path = Path(report.model)
     if models_dir is not None:

@@ -32,6 +32,7 @@ from typing import Any
 import llama_cpp.llama_cpp as C
 
 from agent.codes import ErrorCode
+from agent.config import Settings
 from agent.config.sections import EngineSettings, MemorySettings
 from agent.engine import llamacpp
 from agent.engine.batch import Job, Run, Scheduler, Slot
@@ -116,7 +117,7 @@ class Engine:
         self._prompt_cache: PromptCache | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any, **kw: Any) -> Engine:
+    def from_settings(cls, settings: Settings, **kw: Any) -> Engine:
         """The daemon's engine: the model from model.path, which must lie inside device.models_dir."""
         return cls(
             settings.model_file(),

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent.models.gguf_info import ModelInfo
+
 Mode = Literal["fit", "fast"]
 Source = Literal["llama.cpp", "header"]
 
@@ -161,14 +163,14 @@ def ubatch_size(n_ctx: int, n_batch: int) -> int:
     return max(1, min(n_batch, n_ctx, MAX_UBATCH))
 
 
-def kv_cache_bytes(info: Any, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+def kv_cache_bytes(info: ModelInfo, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
     """n_ctx x n_layer x n_head_kv x (head_dim x bytes_k + head_dim_v x bytes_v)."""
     head_dim_v = getattr(info, "head_dim_v", info.head_dim)
     per_token_layer = info.n_head_kv * (info.head_dim * KV_BYTES[type_k] + head_dim_v * KV_BYTES[type_v])
     return int(pad_ctx(n_ctx) * info.n_layer * per_token_layer)
 
 
-def compute_buffer_bytes(info: Any, n_ctx: int, n_ubatch: int, *, flash_attn: bool = False) -> int:
+def compute_buffer_bytes(info: ModelInfo, n_ctx: int, n_ubatch: int, *, flash_attn: bool = False) -> int:
     """llama.cpp's compute buffer for the worst-case graph (a full micro-batch against a full KV
     cache, one output row), as a function of shapes. Per token of the micro-batch, f32:
 
@@ -196,7 +198,7 @@ def compute_buffer_bytes(info: Any, n_ctx: int, n_ubatch: int, *, flash_attn: bo
     return int(max(per_token * n_ubatch, info.n_vocab + 2 * e * n_ubatch) * 4)
 
 
-def cpu_work_bytes(info: Any, n_ctx: int, n_ubatch: int, *, flash_attn: bool = False) -> int:
+def cpu_work_bytes(info: ModelInfo, n_ctx: int, n_ubatch: int, *, flash_attn: bool = False) -> int:
     """ggml-cpu's work buffer, allocated on first use and kept: for KQV = V x softmax(KQ) the f32
     scores are converted to the f16 of the V cache (n_ubatch x n_kv x n_head x 2 bytes); every
     matrix product also quantises its input activations to q8_0 (n_ubatch x max(n_ff, n_embd) x 34/32)."""
@@ -206,7 +208,7 @@ def cpu_work_bytes(info: Any, n_ctx: int, n_ubatch: int, *, flash_attn: bool = F
     return max(act, int(n_ubatch * pad_ctx(n_ctx) * info.n_head * 2))
 
 
-def _token_embd_bytes(info: Any) -> int:
+def _token_embd_bytes(info: ModelInfo) -> int:
     for r in getattr(info, "other_ranges", ()):
         if r.name == "token_embd.weight":
             return int(r.nbytes)
@@ -214,7 +216,7 @@ def _token_embd_bytes(info: Any) -> int:
 
 
 def estimate_memory(
-    info: Any,
+    info: ModelInfo,
     *,
     n_ctx: int,
     mode: Mode,
@@ -285,7 +287,7 @@ def estimate_memory(
 
 
 def largest_ctx_that_fits(
-    info: Any,
+    info: ModelInfo,
     budget_bytes: int,
     mode: Mode,
     n_batch: int,
@@ -342,7 +344,7 @@ class ModeChoice:
 
 
 def choose_mode(
-    info: Any,
+    info: ModelInfo,
     *,
     budget_bytes: int,
     headroom_pct: float,
@@ -392,7 +394,7 @@ def choose_mode(
 
 
 def most_slots_that_fit(
-    info: Any,
+    info: ModelInfo,
     budget_bytes: int,
     mode: Mode,
     *,

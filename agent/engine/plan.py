@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.codes import ErrorCode
+from agent.config import Settings
 from agent.config.sections import EngineSettings, MemorySettings
 from agent.engine.estimate import (
     CTX_PAD,
@@ -44,7 +45,7 @@ class PlanInputs:
     force: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Any, **kw: Any) -> PlanInputs:
+    def from_settings(cls, settings: Settings, **kw: Any) -> PlanInputs:
         """The daemon's plan inputs: the model from model.path, the engine and memory sections."""
         return cls(settings.model_file(), settings.engine, settings.memory, settings.model.allow_non_4bit, **kw)
 

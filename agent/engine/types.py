@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from agent.config.sections import EngineSettings
 from agent.engine.estimate import MemoryEstimate, Mode
+from agent.models.gguf_info import ModelInfo
 from agent.system.memory import Budget, MiB, ProcStatus
 
 # "aborted": stopped because the model was being unloaded, not by the job's own cancel event or
@@ -188,7 +189,7 @@ class LoadPlan:
     n_ctx_reason: str
     estimate: MemoryEstimate
     budget: Budget
-    info: Any  # agent.models.gguf_info.ModelInfo
+    info: ModelInfo
     slots: int = 1  # jobs decoded together (engine.max_parallel), each with n_ctx of its own
     slots_reason: str = "engine.max_parallel"
     notes: tuple[str, ...] = ()  # what the probe found (repacking on this CPU, fallbacks)

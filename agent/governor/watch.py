@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agent.codes import ErrorCode
+from agent.config import Settings
+from agent.engine.types import LoadReport
 from agent.governor.policy import Action, Decision, Governor, Signals, available_to_agent, describe
 from agent.jobs.admission import Admission, admit
 from agent.mqtt.topics import Topics
@@ -57,7 +59,7 @@ class JobNeed:
     n_ctx: int
 
     @classmethod
-    def of(cls, tokens: int, report: Any) -> JobNeed:
+    def of(cls, tokens: int, report: LoadReport) -> JobNeed:
         """The need of a job whose KV cache will hold ``tokens`` (its prompt measured with the loaded
         tokenizer, plus what it may generate, within one slot's context) under the loaded engine's
         plan (its ``LoadReport``)."""
@@ -73,7 +75,7 @@ class JobNeed:
 class MemoryWatch:
     def __init__(
         self,
-        settings: Any,
+        settings: Settings,
         *,
         sampler: Sampler,
         uplink: Uplink,
@@ -181,7 +183,7 @@ class MemoryWatch:
         """Jobs that may run at once: the engine's ``slots``, as the governor's posture allows."""
         return self.governor.posture.parallel(slots)
 
-    def admit_job(self, tokens: int, report: Any) -> Admission:
+    def admit_job(self, tokens: int, report: LoadReport | None) -> Admission:
         """``admit()`` for a job whose KV cache will hold ``tokens``, under the loaded engine's plan
         (None: unloaded, nothing to judge)."""
         if report is None:

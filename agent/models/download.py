@@ -35,11 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import EdgeAgentError
 from agent.system.files import fsync_dir
+
+if TYPE_CHECKING:
+    from agent.config.sections import DownloadSettings
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +169,15 @@ class HttpLink:
         )
 
     @classmethod
-    def from_settings(cls, s: Any) -> HttpLink:
+    def from_settings(cls, s: DownloadSettings) -> HttpLink:
         """From a DownloadSettings."""
         basic = (s.username, s.password.get_secret_value()) if s.username and s.password else None
         return cls(
-            ca_file=s.ca_file, token=s.token.get_secret_value() if s.token else None, basic=basic,
-            connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s,
+            ca_file=s.ca_file,
+            token=s.token.get_secret_value() if s.token else None,
+            basic=basic,
+            connect_timeout_s=s.connect_timeout_s,
+            read_timeout_s=s.read_timeout_s,
         )
 
     def get(self, url: str, start: int) -> Response:
@@ -220,8 +226,10 @@ def _convert(e: Exception, url: str) -> DownloadError:
     where = redact(url)
     reason = getattr(e, "reason", None) or e
     if isinstance(e, urllib3.exceptions.SSLError) or isinstance(reason, ssl.SSLError):
-        return DownloadError(f"TLS with {where} failed: {reason} (a CA other than the system's goes in download.ca_file)",
-                             code="download_tls")
+        return DownloadError(
+            f"TLS with {where} failed: {reason} (a CA other than the system's goes in download.ca_file)",
+            code="download_tls",
+        )
     if isinstance(e, urllib3.exceptions.MaxRetryError) and "redirect" in str(e).lower():
         return DownloadError(f"{where}: too many redirects", code="download_http")
     if isinstance(e, urllib3.exceptions.LocationParseError):
@@ -356,14 +364,28 @@ def download(
     progress.state = "done"
     report(progress)
     took = clock() - t0
-    log.info("downloaded %s to %s: %d bytes fetched (%d resumed) in %d attempt(s), %.1fs", where, source.dest.name,
-             progress.fetched, resumed_from, attempts, took)
+    log.info(
+        "downloaded %s to %s: %d bytes fetched (%d resumed) in %d attempt(s), %.1fs",
+        where,
+        source.dest.name,
+        progress.fetched,
+        resumed_from,
+        attempts,
+        took,
+    )
     return Result(source.dest, progress.fetched, resumed_from, attempts, took)
 
 
 def _fetch(
-    source: Source, link: HttpLink, st: _State, margin: int, retry: RetryPolicy, progress: Progress,
-    report: Callable[[Progress], None], cancel: threading.Event, clock: Callable[[], float],
+    source: Source,
+    link: HttpLink,
+    st: _State,
+    margin: int,
+    retry: RetryPolicy,
+    progress: Progress,
+    report: Callable[[Progress], None],
+    cancel: threading.Event,
+    clock: Callable[[], float],
 ) -> None:
     """Attempts until the partial file holds the whole body, with growing waits between failed ones."""
     where = redact(source.url)
@@ -389,7 +411,9 @@ def _fetch(
                     report(progress)
                     raise DownloadError(
                         f"gave up after {failures} attempts in a row without progress: {e} ({_mb(st.have)} kept in "
-                        f"{source.partial.name}; the next try resumes)", code=e.code, retryable=False,
+                        f"{source.partial.name}; the next try resumes)",
+                        code=e.code,
+                        retryable=False,
                     ) from None
                 delay = min(retry.max_s, retry.min_s * 2 ** max(0, failures - 1))
                 log.warning("download: %s; retrying in %.1fs from byte %d", e, delay, st.have)
@@ -405,8 +429,15 @@ def _fetch(
 
 
 def _attempt(
-    source: Source, link: HttpLink, out: Any, st: _State, margin: int, progress: Progress, rate: _Rate,
-    report: Callable[[Progress], None], cancel: threading.Event,
+    source: Source,
+    link: HttpLink,
+    out: Any,
+    st: _State,
+    margin: int,
+    progress: Progress,
+    rate: _Rate,
+    report: Callable[[Progress], None],
+    cancel: threading.Event,
 ) -> None:
     """One GET from byte ``st.have``; returns once the body is complete. ``st`` follows every byte
     written, so an attempt cut midway leaves it where the partial file ends."""
@@ -420,8 +451,9 @@ def _attempt(
                 st.total = st.have  # the partial file already holds every byte
                 return
             _start_over(out, st, progress)
-            raise DownloadError(f"{where}: the server refused to resume from byte {st.have}; starting over",
-                                retryable=True)
+            raise DownloadError(
+                f"{where}: the server refused to resume from byte {st.have}; starting over", retryable=True
+            )
         if status in (408, 429) or status >= 500:
             raise DownloadError(f"{where}: HTTP {status} {_reason(resp)}", code="download_http", retryable=True)
         if status not in (200, 206):
@@ -431,8 +463,11 @@ def _attempt(
         if status == 206:
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if m is None or int(m.group(1)) != st.have:
-                raise DownloadError(f"{where}: the server answered a range from another offset "
-                                    f"({resp.headers.get('Content-Range')!r}, asked {st.have})", retryable=True)
+                raise DownloadError(
+                    f"{where}: the server answered a range from another offset "
+                    f"({resp.headers.get('Content-Range')!r}, asked {st.have})",
+                    retryable=True,
+                )
             server_total = int(m.group(3)) if m.group(3) != "*" else None
         else:
             if st.have:
@@ -442,8 +477,10 @@ def _attempt(
             server_total = int(length) if length and length.isdigit() else None
         if server_total is not None:
             if source.size is not None and server_total != source.size:
-                raise DownloadError(f"{where}: the server's file has {server_total} bytes, model.size says "
-                                    f"{source.size}", code="download_size_mismatch")
+                raise DownloadError(
+                    f"{where}: the server's file has {server_total} bytes, model.size says {source.size}",
+                    code="download_size_mismatch",
+                )
             if st.total is None:
                 check_space(source.dest.parent, server_total - st.have, margin)
             st.total = server_total

@@ -300,7 +300,9 @@ class _Cursor:
     def string(self, what: str) -> str:
         n = self.take("Q")
         if self.pos + n > self.size:
-            raise ModelError(f"the header is truncated: {what} ({n} bytes at byte {self.pos}) runs past the end of the file")
+            raise ModelError(
+                f"the header is truncated: {what} ({n} bytes at byte {self.pos}) runs past the end of the file"
+            )
         raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         # Lenient: a stray byte in some token or description must not make the whole model unreadable.
@@ -389,7 +391,9 @@ def _parse(buf: mmap.mmap, size: int) -> _Header:
         for d in shape:
             n_elems *= d
         if shape[0] % block:
-            raise ModelError(f"tensor {name!r}: row length {shape[0]} is not a multiple of the {qtype.name} block size {block}")
+            raise ModelError(
+                f"tensor {name!r}: row length {shape[0]} is not a multiple of the {qtype.name} block size {block}"
+            )
         nbytes = n_elems // block * type_size
         start = data_offset + offset
         if start + nbytes > size:
@@ -567,9 +571,18 @@ def _quant_verdict(tensors: list[TensorEntry], file_type_value: Any) -> QuantVer
     ft = ft_full.removeprefix("MOSTLY_") if ft_full else None
     where = "its transformer blocks" if blocks else "its weights"
     share = 100.0 * four_bit / total if total else 0.0
+
     def verdict(is_4bit: bool, rule: str, reason: str) -> QuantVerdict:
-        return QuantVerdict(is_4bit, rule, reason, block_bytes=total, block_four_bit_bytes=four_bit,
-                            block_dominant_type=dominant, block_bits_per_weight=round(bits, 3), file_type=ft)
+        return QuantVerdict(
+            is_4bit,
+            rule,
+            reason,
+            block_bytes=total,
+            block_four_bit_bytes=four_bit,
+            block_dominant_type=dominant,
+            block_bits_per_weight=round(bits, 3),
+            file_type=ft,
+        )
 
     if total and four_bit * 2 > total:
         return verdict(True, "blocks", f"{share:.0f}% of {where}' weight bytes are in 4-bit or smaller types")
@@ -643,4 +656,3 @@ def _repackable_bytes(tensors: list[TensorEntry], tied: bool, embd: TensorEntry 
 def _repacks(t: TensorEntry) -> bool:
     multiple = _REPACK_ROW_MULTIPLE.get(t.type_name)
     return multiple is not None and len(t.shape) >= 2 and t.shape[1] % multiple == 0
-

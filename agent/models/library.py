@@ -155,8 +155,14 @@ class ModelDelivery:
             return []
         old = record.get(name)
         st = _stat(in_force)
-        record[name] = Entry(old.sha256 if old else None, st[0] if st else 0, st[1] if st else 0,
-                             old.downloaded if old else False, self._wall(), old.url if old else None)
+        record[name] = Entry(
+            old.sha256 if old else None,
+            st[0] if st else 0,
+            st[1] if st else 0,
+            old.downloaded if old else False,
+            self._wall(),
+            old.url if old else None,
+        )
         protected = {n for p in self._protected() if (n := self._name(self._resolve(p))) is not None}
         removed = []
         for victim in choose_removals(record, name, protected, keep_previous):
@@ -206,9 +212,12 @@ class ModelDelivery:
             link = self._link(s)
             try:
                 result = download(
-                    job.source, link, margin=s.free_margin_mb * 2**20,
+                    job.source,
+                    link,
+                    margin=s.free_margin_mb * 2**20,
                     retry=RetryPolicy(s.retry_min_s, s.retry_max_s, s.max_failures),
-                    on_progress=lambda p: self._progress(job, p, s.progress_interval_s), cancel=job.cancel,
+                    on_progress=lambda p: self._progress(job, p, s.progress_interval_s),
+                    cancel=job.cancel,
                     clock=self._clock,
                 )
             finally:
@@ -230,8 +239,14 @@ class ModelDelivery:
             if name is not None and st is not None:
                 record = self._read()
                 old = record.get(name)
-                record[name] = Entry(job.source.sha256, st[0], st[1], not result.already_there or bool(old and old.downloaded),
-                                     old.last_used if old else 0.0, redact(job.source.url))
+                record[name] = Entry(
+                    job.source.sha256,
+                    st[0],
+                    st[1],
+                    not result.already_there or bool(old and old.downloaded),
+                    old.last_used if old else 0.0,
+                    redact(job.source.url),
+                )
                 self._write(record)
             with self._lock:
                 job.done = True

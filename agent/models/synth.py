@@ -12,11 +12,11 @@ Output is deterministic: the same preset and seed give the same bytes (for a giv
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
 import string
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +192,9 @@ def _q4_0_bytes(rng: np.random.Generator, n_rows: int, row_len: int) -> np.ndarr
     return blocks.reshape(n_rows, -1)
 
 
-def _tensor_chunks(index: int, ne: tuple[int, ...], qtype: gguf.GGMLQuantizationType, seed: int) -> Iterator[np.ndarray]:
+def _tensor_chunks(
+    index: int, ne: tuple[int, ...], qtype: gguf.GGMLQuantizationType, seed: int
+) -> Iterator[np.ndarray]:
     """A tensor's bytes in chunks of whole rows, so a 77 MB embedding never sits in memory at once."""
     if qtype == F32:
         yield np.ones(ne[::-1], dtype="<f4")  # RMS norm weights: identity

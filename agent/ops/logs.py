@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
+from agent.config import Settings
+
 LogFormat = Literal["text", "kv", "json"]
 MASK = "********"
 
@@ -199,7 +201,7 @@ def add_secrets(*values: str | None) -> None:
 
 
 def configure_from_settings(
-    settings: Any, *, level: int | None = None, environ: Mapping[str, str] | None = None
+    settings: Settings, *, level: int | None = None, environ: Mapping[str, str] | None = None
 ) -> None:
     """The daemon's logging once its settings are loaded: service.log_format, the MQTT password masked.
     ``level`` None keeps the level in force."""

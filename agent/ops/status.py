@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from agent.app.state import liveness, read_state, state_path
+from agent.config import Settings
 from agent.errors import EdgeAgentError
 
 LAST_JOBS = 5
@@ -25,11 +25,11 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _store_summary(settings: Any, limit: int) -> dict[str, Any]:
+def _store_summary(settings: Settings, limit: int) -> dict[str, Any]:
     from agent.jobs.store import JobStore
 
-    path = Path(settings.store.path)
-    if not path.exists():
+    path = settings.store.path
+    if path is None or not path.exists():
         return {"path": str(path), "error": "no job store yet (the daemon has not run with this state folder)"}
     try:
         store = JobStore.from_settings(settings.store, readonly=True)
@@ -77,7 +77,7 @@ def _store_summary(settings: Any, limit: int) -> dict[str, Any]:
 
 
 def collect_status(
-    settings: Any, *, now: float | None = None, last_jobs: int = LAST_JOBS, **liveness_readers: Any
+    settings: Settings, *, now: float | None = None, last_jobs: int = LAST_JOBS, **liveness_readers: Any
 ) -> dict[str, Any]:
     """Everything `status` shows, as JSON data. ``liveness_readers`` (alive=, start_ticks=) are for tests."""
     now = time.time() if now is None else now

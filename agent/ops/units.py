@@ -26,9 +26,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agent import __version__
+from agent.config import Settings
 from agent.engine.plan import PlanInputs
 from agent.engine.plan import plan as plan_load
 from agent.errors import ConfigError
@@ -149,7 +149,7 @@ def resolve_profile(profile: str | Path) -> Path:
     raise ConfigError(f"no board profile {profile!r}; choose one of {names}, or give a TOML file")
 
 
-def profile_budget(settings: Any, ram_bytes: int | None = None) -> Budget:
+def profile_budget(settings: Settings, ram_bytes: int | None = None) -> Budget:
     """The budget the daemon will plan against on the board: budget_mb, or with 'auto' the board's
     RAM (``ram_bytes``, default this machine's MemTotal) less memory.reserve_mb."""
     mem = settings.memory
@@ -167,7 +167,7 @@ def profile_budget(settings: Any, ram_bytes: int | None = None) -> Budget:
     return Budget(b, f"'auto': RAM {ram_bytes // MiB} MiB - memory.reserve_mb {mem.reserve_mb}", notes)
 
 
-def plan_model(settings: Any, model: Path, budget: Budget) -> PlanSummary:
+def plan_model(settings: Settings, model: Path, budget: Budget) -> PlanSummary:
     """The engine's own plan (agent.engine.plan: mode and context) for ``model`` at the profile's settings."""
     plan = plan_load(PlanInputs(Path(model), settings.engine, settings.memory, settings.model.allow_non_4bit, budget))
     est = plan.estimate

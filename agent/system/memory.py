@@ -21,9 +21,12 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.config.sections import MemorySettings
 
 MiB = 1024 * 1024
 
@@ -497,7 +500,7 @@ class Budget:
 
 
 def resolve_budget(
-    memory_settings: Any,
+    memory_settings: MemorySettings,
     *,
     cgroup: CgroupMemory | None = None,
     mem: MemInfo | None = None,
