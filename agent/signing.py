@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import ModelError
 
+PrivateKey = Ed25519PrivateKey  # an operator's private key, as load_private_key returns it
+
 KEY_PREFIX = "ed25519:"
 MODEL_FORMAT = "edge-agent/model-signature/v1"
 _MODEL_DOMAIN = b"edge-agent model signature v1\n"
@@ -369,6 +371,7 @@ __all__ = [
     "SIGNED_KEYS",
     "SIGNED_PREFIXES",
     "ModelClaims",
+    "PrivateKey",
     "SignatureError",
     "Trust",
     "canonical",

@@ -114,8 +114,10 @@ def test_someone_else_changing_desired_fails_the_device() -> None:
 
 def test_restoring_puts_back_the_previous_keys_and_clears_the_rest() -> None:
     assert restore_desired({"path": "old.gguf", "sha256": OLD}) == {"path": "old.gguf", "sha256": OLD, "url": None,
-                                                                    "size": None}  # fmt: skip
-    assert restore_desired(None) == {"path": None, "sha256": None, "url": None, "size": None}
+                                                                    "size": None, "signature": None}  # fmt: skip
+    assert restore_desired(None) == {"path": None, "sha256": None, "url": None, "size": None, "signature": None}
+    # A signed previous model gets its manifest back with it (boards that trust keys load it again).
+    assert restore_desired({"path": "old.gguf", "sha256": OLD, "signature": "{...}"})["signature"] == "{...}"
     prev = {"path": "old.gguf", "sha256": OLD}
     back = doc(8, 8, desired={"model": prev})
     assert restore_observe(back, prev, 8).outcome == "succeeded"

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from agent.cli.config_cmd import add_config_option, settings_from
-from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ModelError
 
 INTERRUPTED = 130
 
@@ -79,6 +79,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=1800.0,
         metavar="S",
         help="seconds a wave may take, downloads included (default 1800)",
+    )
+    r.add_argument(
+        "--signature",
+        type=Path,
+        metavar="SIGFILE",
+        help="the model's signed manifest (FILE.sig from `edge-agent model sign`), sent as model.signature: boards "
+        "that trust operator keys load only a model signed for its exact bytes",
+    )
+    r.add_argument(
+        "--key",
+        type=Path,
+        metavar="PRIVATE_KEY",
+        help="sign every update and restore with this operator private key (`edge-agent keys generate`), as "
+        "`shadow set --key` does: boards that trust operator keys refuse unsigned model changes (403); "
+        "give it again with --resume",
     )
     r.add_argument("--wait", action="store_true", help="run until the rollout ends (else: start it and return)")
     r.add_argument("--resume", metavar="ID", help="continue rollout ID (after Ctrl-C, a crash, or without --wait)")
@@ -185,10 +200,42 @@ def _target(args: argparse.Namespace) -> Any:
                 "no credentials in the URL: they would be published in the shadow; the boards read "
                 "theirs from the model_download_token credential"
             )
-        return Target(path=name, sha256=args.sha256, url=args.model, size=args.size)
+        return Target(path=name, sha256=args.sha256, url=args.model, size=args.size, signature=_signature(args, name))
     if args.path:
         raise PlanError("--path goes with a URL in --model")
-    return Target(path=args.model, sha256=args.sha256, size=args.size)
+    return Target(path=args.model, sha256=args.sha256, size=args.size, signature=_signature(args, args.model))
+
+
+def _signature(args: argparse.Namespace, name: str) -> str | None:
+    """The text of --signature, once it is seen to be a manifest for this file name and sha256 (the boards
+    verify the signature itself; this catches the wrong file before anything is sent)."""
+    from agent.operator.fleet.plan import PlanError
+    from agent.signing import MAX_MANIFEST_BYTES, MODEL_FORMAT
+
+    if args.signature is None:
+        return None
+    try:
+        text: str = args.signature.read_text()
+        data = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"--signature {args.signature}: cannot read a manifest: {e}") from None
+    signed = data.get("signed") if isinstance(data, dict) else None
+    if len(text) > MAX_MANIFEST_BYTES or data.get("format") != MODEL_FORMAT or not isinstance(signed, dict):
+        raise PlanError(
+            f"--signature {args.signature} is not a model manifest ({MODEL_FORMAT}, `edge-agent model sign`)"
+        )
+    if signed.get("file") != name or signed.get("sha256") != args.sha256:
+        raise PlanError(
+            f"--signature {args.signature} signs {signed.get('file')!r} with sha256 {str(signed.get('sha256'))[:16]}..., "
+            f"not {name!r} with --sha256 {args.sha256[:16]}..."
+        )
+    return text.strip()
+
+
+def _key(args: argparse.Namespace) -> Any:
+    from agent.signing import load_private_key
+
+    return load_private_key(args.key) if args.key is not None else None
 
 
 def _rollout(args: argparse.Namespace) -> int:
@@ -196,10 +243,12 @@ def _rollout(args: argparse.Namespace) -> int:
     from agent.operator.fleet.rollout import RolloutDriver
 
     try:
+        key = _key(args)
         if args.resume:
-            if args.model or args.sha256 or args.devices or args.group:
+            if args.model or args.sha256 or args.devices or args.group or args.signature:
                 raise PlanError(
-                    "--resume ID continues a recorded rollout: give no --model, --sha256, --devices or --group with it"
+                    "--resume ID continues a recorded rollout: give no --model, --sha256, --signature, --devices or "
+                    "--group with it"
                 )
             target = policy = None
         else:
@@ -211,7 +260,7 @@ def _rollout(args: argparse.Namespace) -> int:
             policy = Policy(
                 parse_waves(args.waves), Threshold.parse(args.max_failures), args.min_devices, args.timeout_per_wave
             )
-    except PlanError as e:
+    except (PlanError, ModelError) as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
     store = _store(args)
@@ -220,7 +269,7 @@ def _rollout(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             client.sync()
-            driver = RolloutDriver(store, client, reply_timeout_s=args.reply_timeout, on_progress=bar.update)
+            driver = RolloutDriver(store, client, reply_timeout_s=args.reply_timeout, on_progress=bar.update, key=key)
             if rid is None:
                 selection = f"--devices {args.devices}" if args.devices else f"--group {args.group}"
                 devices = client.select(pattern=args.devices, group=args.group)
@@ -244,6 +293,9 @@ def _rollout(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                     return EXIT_USAGE
+                if (why := _resume_key_problem(r.spec.key_id, key)) is not None:
+                    print(f"edge-agent: rollout {rid} {why}", file=sys.stderr)
+                    return EXIT_USAGE
             r = driver.run(rid, wait=args.wait)
     except KeyboardInterrupt:
         bar.close()
@@ -256,6 +308,18 @@ def _rollout(args: argparse.Namespace) -> int:
         store.close()
     bar.close()
     return _report(r, args.json)
+
+
+def _resume_key_problem(recorded: str | None, key: Any) -> str | None:
+    """A resumed rollout signs with the key it started with, or stays unsigned."""
+    from agent.signing import key_id
+
+    given = key_id(key.public_key()) if key is not None else None
+    if recorded == given:
+        return None
+    if recorded is None:
+        return "was started unsigned: resume it without --key"
+    return f"signs with key {recorded}: give that key with --key" + (f" (this one is {given})" if given else "")
 
 
 def _report(r: Any, as_json: bool) -> int:

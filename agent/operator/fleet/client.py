@@ -152,9 +152,22 @@ class FleetClient:
 
     # ------------------------------------------------------------------ updating
 
-    def send_update(self, device: str, desired: dict[str, Any], *, token: str) -> None:
-        """Publish a desired-state update (QoS 1: an offline device's persistent session gets it later)."""
-        body = {"state": {"desired": desired}, "client_token": token}
+    def send_update(
+        self,
+        device: str,
+        desired: dict[str, Any],
+        *,
+        token: str,
+        version: int | None = None,
+        signature: dict[str, str] | None = None,
+    ) -> None:
+        """Publish a desired-state update (QoS 1: an offline device's persistent session gets it later).
+        ``signature``: agent.signing.sign_update of ``desired`` at ``version`` for ``device``."""
+        body: dict[str, Any] = {"state": {"desired": desired}, "client_token": token}
+        if version is not None:
+            body["version"] = version
+        if signature is not None:
+            body["signature"] = signature
         self._publish(f"{self.prefix}/{device}/shadow/update", json.dumps(body).encode())
 
     def replies(self, tokens: list[str], timeout: float) -> dict[str, tuple[str, dict[str, Any]]]:

@@ -26,7 +26,8 @@ from typing import Any, Literal
 # restoring: the previous model was put back in desired after an abort.
 DeviceState = Literal["pending", "updating", "succeeded", "failed", "restoring", "restored", "restore_failed"]
 TERMINAL = ("succeeded", "failed")
-MODEL_KEYS = ("path", "sha256", "url", "size")
+# The desired model keys a rollout sets, records and puts back (signature: the model's signed manifest).
+MODEL_KEYS = ("path", "sha256", "url", "size", "signature")
 
 
 class PlanError(ValueError):
@@ -39,10 +40,18 @@ class Target:
     sha256: str
     url: str | None = None
     size: int | None = None
+    signature: str | None = None  # the manifest of `edge-agent model sign` (model.signature); None: FILE.sig
 
     def desired(self) -> dict[str, Any]:
-        """The desired model section that points a board at this target (null clears an old url/size)."""
-        return {"path": self.path, "sha256": self.sha256, "url": self.url, "size": self.size}
+        """The desired model section that points a board at this target (null clears an old url, size or
+        signature)."""
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "url": self.url,
+            "size": self.size,
+            "signature": self.signature,
+        }
 
 
 @dataclass(frozen=True)

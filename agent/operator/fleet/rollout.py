@@ -9,6 +9,11 @@ ends (``wait``) or until there is nothing to do but wait for the devices. The st
 before each message goes out, so a rollout interrupted anywhere (Ctrl-C, a crash) is continued by
 ``run()`` on the same record: updates and restores that may not have gone out are sent again
 (they are idempotent: the same desired values).
+
+Given the operator's private key, every update and restore is signed as `edge-agent shadow set --key`
+signs it (agent.signing.sign_update): for one device, at the document version its retained shadow
+shows, valid until the wave's time is up. Boards that trust operator keys refuse unsigned changes of
+model.* (403); a signed update that meets a newer version (409) is signed again at that version, once.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from agent.operator.fleet.plan import (
     wave_sizes,
 )
 from agent.operator.fleet.store import Rollout, RolloutStore, Spec
+from agent.signing import PrivateKey, iso, key_id, sign_update
 
 log = logging.getLogger(__name__)
 
 FINAL = ("succeeded", "aborted")
+REJECTED = "rejected"  # in a device's message: the board refused the update, so it changed nothing
 
 
 class RolloutDriver:
@@ -45,12 +52,15 @@ class RolloutDriver:
         clock: Callable[[], float] = time.time,
         reply_timeout_s: float = 5.0,
         on_progress: Callable[[Rollout], None] | None = None,
+        key: PrivateKey | None = None,
     ) -> None:
+        """``key``: the operator's private key that signs every update (None: unsigned updates)."""
         self.store = store
         self.client = client
         self.clock = clock
         self.reply_timeout_s = reply_timeout_s
         self.on_progress = on_progress or (lambda r: None)
+        self.key = key
 
     # ------------------------------------------------------------------ entry points
 
@@ -62,7 +72,8 @@ class RolloutDriver:
         for wave, n in enumerate(sizes):
             assignment += [(d, wave) for d in devices[i : i + n]]
             i += n
-        spec = Spec(target, policy, selection, self.client.prefix)
+        kid = key_id(self.key.public_key()) if self.key is not None else None
+        spec = Spec(target, policy, selection, self.client.prefix, kid)
         r = self.store.create(spec, assignment, self.clock())
         log.info("rollout %s: %d device(s) in %d wave(s) %s", r.id, len(devices), len(sizes), sizes)
         return r
@@ -138,12 +149,13 @@ class RolloutDriver:
             previous = {k: desired_model[k] for k in MODEL_KEYS if desired_model.get(k) is not None}
             # Committed before the update goes out: a crash after this line resends it on resume.
             self.store.set_device(r.id, d.device, state="updating", previous=previous, sent_at=now, version=None)
-        self._send(r.id, [d.device for d in todo], {"model": r.spec.target.desired()}, restore=False)
+        self._send(r, [d.device for d in todo], {"model": r.spec.target.desired()}, restore=False)
 
     # ------------------------------------------------------------------ aborting
 
     def _send_restores(self, r: Rollout) -> None:
-        changed = [d for d in r.devices if d.state in ("updating", "succeeded", "failed")]
+        # A device whose update it refused never changed: nothing to put back.
+        changed = [d for d in r.devices if d.state in ("updating", "succeeded", "failed") and not _refused(d)]
         for d in changed:
             self.store.set_device(
                 r.id,
@@ -153,7 +165,7 @@ class RolloutDriver:
                 message=f"{d.state}: {d.message}" if d.message else d.state,
             )
         for d in changed:
-            self._send(r.id, [d.device], {"model": restore_desired(d.previous)}, restore=True)
+            self._send(r, [d.device], {"model": restore_desired(d.previous)}, restore=True)
 
     def _step_aborting(self, r: Rollout) -> tuple[Rollout, bool]:
         now = self.clock()
@@ -189,25 +201,30 @@ class RolloutDriver:
 
     # ------------------------------------------------------------------ messages
 
-    def _send(self, rid: str, devices: list[str], desired: dict[str, Any], *, restore: bool) -> None:
+    def _send(self, r: Rollout, devices: list[str], desired: dict[str, Any], *, restore: bool) -> None:
+        rid = r.id
         kind = "restore" if restore else "update"
         tokens = {f"rollout-{rid}-{kind}-{d}": d for d in devices}
         for token, device in tokens.items():
-            self.client.send_update(device, desired, token=token)
+            self._send_one(r, device, desired, token, version=None)
         replies = self.client.replies(list(tokens), self.reply_timeout_s)
+        if self.key is not None:  # a signed update that met a newer version: signed again at that version, once
+            again = {
+                t: int(body["version"])
+                for t, (answer, body) in replies.items()
+                if answer == "rejected" and body.get("code") == 409 and isinstance(body.get("version"), int)
+            }
+            for token, version in again.items():
+                del replies[token]
+                self._send_one(r, tokens[token], desired, token, version=version)
+            replies.update(self.client.replies(list(again), self.reply_timeout_s))
         for token, (answer, body) in replies.items():
             device = tokens[token]
             if answer == "accepted":
                 field = "restore_version" if restore else "version"
                 self.store.set_device(rid, device, **{field: int(body["version"])})
             else:
-                errors = body.get("errors") or {}
-                why = f"{kind} rejected {body.get('code')}: {body.get('message')}" + (
-                    " (" + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ")" if errors else ""
-                )
-                self.store.set_device(
-                    rid, device, state="restore_failed" if restore else "failed", message=why, done_at=self.clock()
-                )
+                self._rejected(rid, device, kind, body, restore=restore)
         for token, device in tokens.items():
             if token not in replies:
                 log.info(
@@ -217,16 +234,36 @@ class RolloutDriver:
                     kind,
                 )
 
+    def _send_one(self, r: Rollout, device: str, desired: dict[str, Any], token: str, *, version: int | None) -> None:
+        if self.key is None:
+            self.client.send_update(device, desired, token=token)
+            return
+        if version is None:  # a signature holds for one document version: the one the device shows now
+            doc = self.client.doc(device)
+            version = int(doc.get("version", 0)) if doc is not None else 0
+        expires = iso(self.clock() + r.spec.policy.timeout_per_wave_s)  # a late delivery past the wave is refused
+        signature = sign_update(desired, device=device, version=version, key=self.key, expires=expires)
+        self.client.send_update(device, desired, token=token, version=version, signature=signature)
+
+    def _rejected(self, rid: str, device: str, kind: str, body: dict[str, Any], *, restore: bool) -> None:
+        errors = body.get("errors") or {}
+        why = f"{kind} {REJECTED} {body.get('code')}: {body.get('message')}" + (
+            " (" + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ")" if errors else ""
+        )
+        self.store.set_device(
+            rid, device, state="restore_failed" if restore else "failed", message=why, done_at=self.clock()
+        )
+
     def _resend(self, r: Rollout) -> None:
         """After an interruption: what was marked sent but never acknowledged goes out again."""
         if r.state == "running":
             lost = [d.device for d in r.devices if d.state == "updating" and d.version is None]
             if lost:
-                self._send(r.id, lost, {"model": r.spec.target.desired()}, restore=False)
+                self._send(r, lost, {"model": r.spec.target.desired()}, restore=False)
         elif r.state == "aborting":
             for d in r.devices:
                 if d.state == "restoring" and d.restore_version is None:
-                    self._send(r.id, [d.device], {"model": restore_desired(d.previous)}, restore=True)
+                    self._send(r, [d.device], {"model": restore_desired(d.previous)}, restore=True)
 
     def _wake_in(self, r: Rollout) -> float:
         """How long to wait for a device's message before stepping anyway (the wave's deadline)."""
@@ -234,6 +271,11 @@ class RolloutDriver:
             return 1.0
         left = r.wave_started + r.spec.policy.timeout_per_wave_s - self.clock()
         return max(0.05, min(5.0, left))
+
+
+def _refused(d: Any) -> bool:
+    """The board answered the rollout's update with a refusal: it was never applied."""
+    return d.state == "failed" and d.version is None and (d.message or "").startswith(f"update {REJECTED} ")
 
 
 def _model_of(doc: dict[str, Any]) -> dict[str, Any]:

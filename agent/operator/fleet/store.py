@@ -59,6 +59,7 @@ class Spec:
     policy: Policy
     selection: str  # how the devices were chosen, for the record ("--group canary", "--devices edge-*")
     prefix: str
+    key_id: str | None = None  # the operator key that signs its updates (the key itself is never recorded)
 
     def to_json(self) -> str:
         p = self.policy
@@ -67,6 +68,7 @@ class Spec:
                 "target": vars(self.target),
                 "selection": self.selection,
                 "prefix": self.prefix,
+                "key_id": self.key_id,
                 "policy": {
                     "waves": list(p.waves),
                     "max_failures": str(p.max_failures),
@@ -83,7 +85,7 @@ class Spec:
         policy = Policy(
             tuple(p["waves"]), Threshold.parse(p["max_failures"]), p["min_devices"], p["timeout_per_wave_s"]
         )
-        return cls(Target(**d["target"]), policy, d["selection"], d["prefix"])
+        return cls(Target(**d["target"]), policy, d["selection"], d["prefix"], d.get("key_id"))
 
 
 @dataclass
@@ -136,6 +138,7 @@ class Rollout:
             "waves": self.waves(),
             "target": vars(s.target),
             "selection": s.selection,
+            "key_id": s.key_id,
             "policy": json.loads(s.to_json())["policy"],
             "counts": self.counts(),
             "devices": [
