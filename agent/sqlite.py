@@ -18,44 +18,34 @@ from pathlib import Path
 
 from agent.errors import StoreError
 
+# What each SQLite error means for the agent, and what to do about it: (error name prefixes, code, message).
+# The message is formatted with: where ("{path}: {doing}"), e, name, what, path, folder (path.parent).
+_ERRORS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("SQLITE_FULL",), "store_full", "{where}: the disk is full; free space on the filesystem holding {folder}"),
+    (("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH"), "store_readonly",
+     "{where}: the file is read-only ({e}); check that it and {folder} are writable by this user and that the "
+     "filesystem is not mounted read-only"),
+    (("SQLITE_CORRUPT", "SQLITE_NOTADB"), "store_corrupt",
+     "{where}: {what} is damaged or not a database ({e}); stop the agent, move {path.name} and its -wal and -shm "
+     "files aside, and start again with an empty one"),
+    (("SQLITE_CANTOPEN",), "store_cantopen",
+     "{where}: cannot open the file ({e}); check that {folder} exists and is writable"),
+    (("SQLITE_BUSY", "SQLITE_LOCKED"), "store_busy",
+     "{where}: the file stayed locked by another process ({e}); is a second edge-agent using the same state folder?"),
+    (("SQLITE_IOERR",), "store_io",
+     "{where}: I/O error ({name}: {e}); the storage may be failing or was removed (check dmesg)"),
+)  # fmt: skip
+
 
 def store_error(e: sqlite3.Error, path: Path, doing: str, what: str) -> StoreError:
     """``e`` as a StoreError: ``doing`` says what was being done, ``what`` names the file's role
     ("the job store", "the shadow state", "the telemetry spool")."""
     name = getattr(e, "sqlite_errorname", "") or ""
     where = f"{path}: {doing}"
-    if name.startswith("SQLITE_FULL"):
-        return StoreError(
-            f"{where}: the disk is full; free space on the filesystem holding {path.parent}", code="store_full"
-        )
-    if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-        return StoreError(
-            f"{where}: the file is read-only ({e}); check that it and {path.parent} are writable by this user and "
-            "that the filesystem is not mounted read-only",
-            code="store_readonly",
-        )
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-        return StoreError(
-            f"{where}: {what} is damaged or not a database ({e}); stop the agent, move {path.name} and its -wal and "
-            "-shm files aside, and start again with an empty one",
-            code="store_corrupt",
-        )
-    if name.startswith("SQLITE_CANTOPEN"):
-        return StoreError(
-            f"{where}: cannot open the file ({e}); check that {path.parent} exists and is writable",
-            code="store_cantopen",
-        )
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return StoreError(
-            f"{where}: the file stayed locked by another process ({e}); is a second edge-agent using the same "
-            "state folder?",
-            code="store_busy",
-        )
-    if name.startswith("SQLITE_IOERR"):
-        return StoreError(
-            f"{where}: I/O error ({name}: {e}); the storage may be failing or was removed (check dmesg)",
-            code="store_io",
-        )
+    for prefixes, code, message in _ERRORS:
+        if name.startswith(prefixes):
+            text = message.format(where=where, e=e, name=name, what=what, path=path, folder=path.parent)
+            return StoreError(text, code=code)
     return StoreError(f"{where}: SQLite error {name or type(e).__name__}: {e}")
 
 

@@ -77,8 +77,19 @@ _REPACK_ROW_MULTIPLE: dict[str, int] = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 
 
+class _Span:
+    """Bytes [offset, offset + nbytes) of the file."""
+
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
 @dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(_Span):
     """One tensor as the header describes it. ``shape`` is in ggml order: ne0 (row length) first."""
 
     name: str
@@ -87,35 +98,23 @@ class TensorEntry:
     offset: int  # absolute byte offset in the file
     nbytes: int
 
-    @property
-    def end(self) -> int:
-        return self.offset + self.nbytes
-
 
 @dataclass(frozen=True)
-class LayerRange:
+class LayerRange(_Span):
     """The bytes of one transformer block (tensors named ``blk.N.*``): [offset, offset + nbytes) in the file."""
 
     index: int
     offset: int
     nbytes: int
 
-    @property
-    def end(self) -> int:
-        return self.offset + self.nbytes
-
 
 @dataclass(frozen=True)
-class TensorRange:
+class TensorRange(_Span):
     """The bytes of one tensor outside the blocks (token_embd, output_norm, output ...)."""
 
     name: str
     offset: int
     nbytes: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.nbytes
 
 
 @dataclass(frozen=True)
