@@ -10,9 +10,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.cli.config_cmd import add_config_option
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from agent.ops.units import MemoryLimits
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -106,9 +110,9 @@ def _command_line() -> str:
     return "edge-agent " + " ".join(sys.argv[1:])
 
 
-def _limits(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _limits(args: argparse.Namespace) -> tuple[Path, MemoryLimits]:
     from agent.config import load_settings
-    from agent.ops.units import memory_limits, plan_model, profile_budget, resolve_profile
+    from agent.ops.units import memory_limits, plan_model, profile_budget, resolve_profile  # loads pydantic models
 
     profile = resolve_profile(args.profile)
     settings = load_settings(profile, environ={})

@@ -57,7 +57,7 @@ def _walk(model: type[BaseModel], prefix: str = "") -> dict[str, LiveKind | None
             continue
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         kind = extra.get("live")
-        out[key] = kind if kind in ("hot", "reload") else None  # type: ignore[assignment]
+        out[key] = "hot" if kind == "hot" else "reload" if kind == "reload" else None
     return out
 
 

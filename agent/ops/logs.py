@@ -151,7 +151,7 @@ class AgentFormatter(logging.Formatter):
         return line
 
 
-class _AgentHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _AgentHandler(logging.StreamHandler[IO[str]]):
     """Marks the handler configure_logging installed, so it is replaced and never stacked."""
 
 
