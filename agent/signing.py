@@ -305,9 +305,15 @@ def desired_model_problem(settings: Any, *, running: int | None, now: float) -> 
     or loaded, judged from its manifest before any byte of it is downloaded (None: it may)."""
     m = settings.model
     path = settings.device.models_dir / m.path
+    size = m.size
+    if size is None and m.url is None:  # a file on the board already: its size is known without reading it
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = None
     try:
         claims = verify_manifest(manifest_text(m.signature, path), Trust.from_texts(m.trusted_keys), now)
-        check_claims(claims, name=path.name, sha256=m.sha256, size=m.size, running_version=running)
+        check_claims(claims, name=path.name, sha256=m.sha256, size=size, running_version=running)
     except SignatureError as e:
         return str(e)
     return None

@@ -74,6 +74,9 @@ class FakeExecutor:
                     report.failed[c.key] = why
         return report
 
+    def set_trusted_keys(self, keys: Collection[str]) -> None:
+        self.settings.model.trusted_keys = list(keys)
+
     def _load(self, s: Settings) -> str | None:
         self.loads += 1
         problem = check_model_file(s)

@@ -237,3 +237,107 @@ def test_shadow_set_signs_with_key_and_a_second_trusted_key_works(
         assert "applied: version 1" in capsys.readouterr().out
         doc = op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "hand.gguf", 30)
         assert not doc["state"]["reported"].get("errors")
+
+
+def retrust(cfg: Path, keys: list[str], **model: Any) -> None:
+    """Edit the board's config file as its operator does before a SIGHUP: model.trusted_keys (and more)."""
+    import tomllib
+
+    from tests.daemon_harness import to_toml
+
+    data = tomllib.loads(cfg.read_text())
+    data["model"].update({"trusted_keys": keys, **model})
+    cfg.write_text(to_toml(data))
+
+
+def test_key_rotation_by_sighup_applies_to_updates_and_to_model_loads(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, models: dict, keys: dict, op: ShadowPeer,
+) -> None:  # fmt: skip
+    """Two keys valid, then the old one retired and a new one added by a config change + SIGHUP: an update
+    signed by the old key is refused, a model signed by it does not load (the config file's path of a
+    model change, which no shadow check sees), and a model and update signed by the new key are taken."""
+    old = keys["retired"][0]
+    models_dir = tmp_path / "d" / "models"
+    cfg = board(tmp_path, broker, tiny_model, keys, ["retired", "op"])
+    _, k3_public = generate_key(tmp_path / "k3.key")
+    k3 = load_private_key(tmp_path / "k3.key")
+    shutil.copyfile(models["evil"], models_dir / "oldsig.gguf")
+    (models_dir / "oldsig.gguf.sig").write_text(manifest(models_dir / "oldsig.gguf", old, version=3))
+    shutil.copyfile(models["new"], models_dir / "hand.gguf")
+    with InProcessDaemon(cfg, expect_errors=("not applied: .*which this board does not trust",
+                                             "model change to oldsig.gguf failed")) as d:  # fmt: skip
+        assert op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "model.gguf", 30)
+        # Both keys valid: an update of a guarded key signed by the old one is taken.
+        kind, r = send(op, signed({"model": {"keep_previous": 2}}, 0, old), "old-ok")
+        assert kind == "accepted", r
+        version = r["version"]
+
+        # The old key retired, a new one added, and the file's model moved to one signed by the old key.
+        retrust(cfg, [keys["op"][1], k3_public], path="oldsig.gguf")
+        d.daemon.reload()
+        kind, r = send(op, signed({"model": {"keep_previous": 3}}, version, old), "old-refused")
+        assert (kind, r["code"]) == ("rejected", 403) and "which this board does not trust" in r["message"], r
+        assert d.daemon.parts.shadow.document.version == version  # nothing changed
+        rep = d.daemon.parts.shadow.document.reported
+        assert "which this board does not trust" in rep["errors"]["model.path"], rep.get("errors")
+        assert rep["serving"]["file"] == "model.gguf"
+        assert not [e for e in d.engines if str(e.model_path).endswith("oldsig.gguf")]  # never handed to llama.cpp
+        assert d.daemon.parts.live.settings.model.trusted_keys == [keys["op"][1], k3_public]
+
+        # The new key signs both the update and the model: taken, loaded, served.
+        sig = manifest(models_dir / "hand.gguf", k3, version=4)
+        kind, r = send(op, signed({"model": {"path": "hand.gguf", "signature": sig}}, version, k3), "k3")
+        assert kind == "accepted", r
+        doc = op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "hand.gguf", 60)
+        assert doc["state"]["reported"]["model_change"]["outcome"] == "applied"
+
+
+def test_a_model_file_is_judged_by_its_signature_before_its_header_is_read(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, models: dict, keys: dict, op: ShadowPeer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """With trusted keys, neither the shadow's checks nor a load parse a model file (the GGUF header
+    reader, llama.cpp) before the file's signature is judged for its bytes."""
+    import agent.engine.engine
+    import agent.engine.plan
+    import agent.models.gguf_info
+
+    real = agent.models.gguf_info.read_model_info
+    read: list[str] = []
+
+    def recording(path: Any) -> Any:
+        read.append(Path(path).name)
+        return real(path)
+
+    for module in (agent.models.gguf_info, agent.engine.plan, agent.engine.engine):
+        monkeypatch.setattr(module, "read_model_info", recording)
+    opkey = keys["op"][0]
+    models_dir = tmp_path / "d" / "models"
+    with InProcessDaemon(
+        board(tmp_path, broker, tiny_model, keys, ["op"]),
+        expect_errors=("model change to lie.gguf failed: .*for other bytes", "not applied: .*for other bytes"),
+    ) as d:
+        assert op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "model.gguf", 30)
+        read.clear()
+        # Not a GGUF file at all, and unsigned: refused for its signature; its header was never parsed.
+        (models_dir / "junk.gguf").write_bytes(b"\x00not a gguf file" * 64)
+        kind, r = send(op, signed({"model": {"path": "junk.gguf"}}, 0, opkey), "junk")
+        assert (kind, r["code"]) == ("rejected", 400), r
+        assert set(r["errors"]) == {"model.signature"} and "is not signed" in r["errors"]["model.signature"], r
+        # Signed for other bytes of the same size (the update cannot tell): refused at load by its sha256,
+        # before the header reader or llama.cpp sees it.
+        shutil.copyfile(models["evil"], models_dir / "lie.gguf")
+        lie = manifest(models["new"], opkey, name="lie.gguf", version=3)
+        kind, r = send(op, signed({"model": {"path": "lie.gguf", "signature": lie}}, 0, opkey), "lie")
+        assert kind == "accepted", r
+        doc = op.doc(lambda x: "model.path" in x["state"]["reported"].get("errors", {}), 60)
+        assert "the signature is for other bytes" in doc["state"]["reported"]["errors"]["model.path"]
+        assert "junk.gguf" not in read and "lie.gguf" not in read, read
+        assert not [e for e in d.engines if str(e.model_path).endswith(("junk.gguf", "lie.gguf"))]
+        # The honest file is read once it is proven: the header reader does run on this path.
+        good = manifest(models["new"], opkey, name="good.gguf", version=3)
+        shutil.copyfile(models["new"], models_dir / "good.gguf")
+        kind, r = send(op, signed({"model": {"path": "good.gguf", "signature": good}}, r["version"], opkey), "good")
+        assert kind == "accepted", r
+        op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "good.gguf", 60)
+        assert "good.gguf" in read

@@ -19,7 +19,7 @@ After a model change that took, the delivery removes downloaded models beyond mo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from agent.config import Settings
@@ -77,6 +77,11 @@ class LiveSettings:
         self._apply_reload([c for c in changes if c.kind == "reload"], report)
         self._apply_hot(resume, report)
         return report
+
+    def set_trusted_keys(self, keys: Sequence[str]) -> None:
+        """The config file's model.trusted_keys, re-read on SIGHUP: in force at once, so the next model
+        load (agent.engine.supervisor checks the signature) is judged with the keys the shadow uses."""
+        self.settings.model.trusted_keys = list(keys)
 
     def reset_reload_keys(self, source: Settings) -> None:
         """Take every RELOAD key from ``source`` without applying anything (the daemon falls back

@@ -109,14 +109,20 @@ def desired_model(nullable: bool = False) -> type[BaseModel]:
 
 
 def validate_desired(
-    merged: Tree, touched: frozenset[str] | set[str], base: Settings, *, check_board: bool = True
+    merged: Tree,
+    touched: frozenset[str] | set[str],
+    base: Settings,
+    *,
+    check_board: bool = True,
+    read_header: bool = True,
 ) -> Tree:
     """Check a whole desired state against the board; return it normalised (JSON values as the
     settings hold them: "./a.gguf" -> "a.gguf", 30 -> 30.0), or raise DesiredInvalid.
 
     ``touched``: the dotted keys the update sets. Errors that belong to a section as a whole (a
     cross-field rule) are reported under the touched keys of that section; board checks of the
-    model file run only when the update sets model.path.
+    model file run only when the update sets model.path; ``read_header`` False: they do not parse the
+    file (a board that trusts operator keys reads it only once its signature is judged, at load).
     """
     errors = _key_errors(merged)
     normalised: Tree = {}
@@ -150,7 +156,7 @@ def validate_desired(
         except DesiredInvalid as e:
             errors.update(e.errors)
         else:
-            problem = check_model_file(model_settings)
+            problem = check_model_file(model_settings, read_header=read_header)
             if problem is not None:
                 errors[MODEL_PATH] = problem
     if errors:
@@ -303,13 +309,15 @@ def _copy(tree: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
-def check_model_file(settings: Settings) -> str | None:
-    """Why the configured model file cannot be used on this board (None: it can)."""
+def check_model_file(settings: Settings, *, read_header: bool = True) -> str | None:
+    """Why the configured model file cannot be used on this board (None: it can). ``read_header``
+    False: only where it is (the 4-bit rule is checked at load)."""
     from agent.models.gguf_info import check_quantization, read_model_info
 
     try:
         path = settings.model_file()  # inside device.models_dir, symlinks resolved, exists
-        check_quantization(read_model_info(path), settings.model.allow_non_4bit)
+        if read_header:
+            check_quantization(read_model_info(path), settings.model.allow_non_4bit)
     except ModelError as e:
         if e.code == "model_not_found" and settings.model.url is not None:
             return _download_target_problem(settings.model.path)  # the board fetches it, then checks it

@@ -12,7 +12,7 @@ daemon restarts). The daemon executes actions through one interface, ``Executor`
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -34,6 +34,11 @@ class Executor(Protocol):
     def apply(self, target: Settings, keys: Collection[str]) -> ApplyReport:
         """Bring the dotted ``keys`` of the settings in force to their value in ``target``; report
         per key what happened. Called on the daemon's main loop; may take as long as a model swap."""
+        ...
+
+    def set_trusted_keys(self, keys: Sequence[str]) -> None:
+        """The operator keys in force (model.trusted_keys, the config file's alone, re-read on SIGHUP):
+        every model load from now on is judged with them. Never from desired state."""
         ...
 
 

@@ -236,9 +236,15 @@ class ShadowService:
         rest is applied through the executor. Returns one report of the whole reload (keys that need
         a restart under ``restart``) for the daemon's log."""
         with self._lock:
+            old_keys = self._file_settings.model.trusted_keys
             self._file_settings = file_settings
             self._dirty = True
             desired = copy.deepcopy(self._doc.desired)
+        if file_settings.model.trusted_keys != old_keys:
+            # One set of keys for both checks: updates (here, from _file_settings) and model loads (the
+            # executor's settings in force), before anything this reload changes is loaded.
+            self._executor.set_trusted_keys(file_settings.model.trusted_keys)
+            self._tell_keys(old_keys, file_settings.model.trusted_keys)
         done = self.run_pending(why="reload")
         out = ApplyReport()
         for _action, report in done:
@@ -248,6 +254,25 @@ class ShadowService:
         target, _ = _target(file_settings, desired)
         out.restart = [c.key for c in diff(self._executor.settings, target) if c.kind is None]
         return out
+
+    def _tell_keys(self, old: list[str], new: list[str]) -> None:
+        before, after = Trust.from_texts(old), Trust.from_texts(new)
+        added, retired = sorted(set(after.keys) - set(before.keys)), sorted(set(before.keys) - set(after.keys))
+        log.warning(
+            "reload: model.trusted_keys now %s (added %s, retired %s): updates and model loads are judged with them",
+            ", ".join(sorted(after.keys)) or "empty: nothing is signature-checked",
+            ", ".join(added) or "none",
+            ", ".join(retired) or "none",
+        )
+        cur = self._executor.settings
+        if after and running_version(cur.model, cur.device.models_dir / cur.model.path, after, self._clock()) is None:
+            problem = desired_model_problem(cur, running=None, now=self._clock())
+            log.error(
+                "reload: the model in force, %s, is not signed by a key this board now trusts (%s); it keeps "
+                "serving, but the next restart or reload of it refuses it: sign it with a trusted key",
+                cur.model.path,
+                problem or "no version",
+            )
 
     def reconcile_soon(self) -> None:
         """Any thread: something the last reconcile waited for is there (a model download ended):
@@ -424,8 +449,13 @@ class ShadowService:
             self._publish(topic, payload, 1, False)
 
     def _validate(self, merged: Tree, touched: frozenset[str]) -> Tree:
-        normalised = validate_desired(merged, touched, self._file_settings, check_board=self._check_board)
-        if self._file_settings.model.trusted_keys and any(k.startswith("model.") for k in touched):
+        signed = bool(self._file_settings.model.trusted_keys)
+        # With trusted keys no byte of a model file is parsed before its signature is judged for those
+        # bytes: its GGUF header is read at load, after its sha256 and manifest (agent.engine.supervisor).
+        normalised = validate_desired(
+            merged, touched, self._file_settings, check_board=self._check_board, read_header=not signed
+        )
+        if signed and any(k.startswith("model.") for k in touched):
             # Signed models only: the manifest is judged before the board fetches or loads a byte.
             target = effective_settings(self._file_settings, normalised, touched=touched)
             now, cur = self._clock(), self._executor.settings
