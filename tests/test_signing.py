@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,3 +186,102 @@ def test_doctor_shows_the_trusted_keys_and_whether_the_model_signature_holds(tmp
     f.write_bytes(b"GGUF other bytes")
     assert "for other bytes" in check_signature(s).summary
     assert check_signature(s, None).status == "OK"  # --no-sha256: the name and size still match
+
+
+# ------------------------------------------------------------------------------- refused updates as events
+
+
+def test_the_rate_limit_lets_a_burst_through_then_counts_and_tells_the_count_once() -> None:
+    from agent.telemetry.events import RateLimit
+
+    limit = RateLimit(burst=3, window_s=60.0)
+    assert [limit.allow(100.0 + i) for i in range(10)] == [True] * 3 + [False] * 7
+    assert limit.overflow(159.0) == 0  # the window is not over yet
+    assert limit.overflow(160.0) == 7 and limit.overflow(160.0) == 0  # told once
+    assert [limit.allow(161.0 + i) for i in range(3)] == [True, True, False]  # the count was this window's first
+    assert limit.overflow(300.0) == 1
+    assert limit.allow(400.0) and limit.overflow(500.0) == 0  # a quiet window tells nothing
+
+
+class _Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _service(tmp_path: Path, public: str, clock: _Clock, sent: list) -> object:
+    from agent.config import Settings
+    from agent.mqtt.topics import Topics
+    from agent.shadow.service import ShadowService
+    from agent.shadow.store import ShadowStore
+    from tests.shadow_harness import FakeExecutor
+
+    settings = Settings.model_validate(
+        {"device": {"id": "dev-e", "models_dir": str(tmp_path), "state_dir": str(tmp_path / "state")},
+         "model": {"path": "m.gguf", "trusted_keys": [public]}}
+    )  # fmt: skip
+    (tmp_path / "state").mkdir()
+    service = ShadowService(
+        topics=Topics("edge", "dev-e"), store=ShadowStore.from_settings(settings), file_settings=settings,
+        executor=FakeExecutor(settings), publish=lambda *a: None, clock=clock, check_board=False,
+        send_event=sent.append,
+    )  # fmt: skip
+    service.start()
+    return service
+
+
+def _update(service: object, body: dict) -> None:
+    from agent.mqtt.transport import InboundMessage
+
+    service.on_message(InboundMessage("edge/dev-e/shadow/update", json.dumps(body).encode(), 1, False, 1))  # type: ignore[attr-defined]
+
+
+def test_refused_updates_are_events_with_their_reason_and_no_values_at_most_three_a_minute(
+    tmp_path: Path, keys: dict
+) -> None:
+    key, public = keys["a"]
+    clock, sent = _Clock(NOW), []
+    service: Any = _service(tmp_path, public, clock, sent)
+    url = "https://models.example/evil.gguf?token=s3cret"
+    evil = {"model": {"path": "evil.gguf", "url": url, "sha256": "e" * 64}}
+    _update(service, {"state": {"desired": evil}})  # unsigned
+    _update(service, {"state": {"desired": {"engine": {"max_tokens_limit": 2}}}})  # not guarded: accepted
+    _update(service, {"state": {"desired": {"engine": {"max_tokens_limit": "x"}}}})  # a plain mistake: 400, no event
+    assert service.pending_work()
+    service.run_pending()
+    (e,) = sent
+    assert e.kind == "update_refused" and e.details["code"] == 403 and e.device_id == "dev-e"
+    assert e.details["keys"] == ["model.path", "model.sha256", "model.url"]
+    assert "the update is unsigned" in e.message and "may only be changed by an update signed" in e.details["reason"]
+    assert "s3cret" not in e.to_payload().decode() and "evil.gguf" not in e.to_payload().decode()
+
+    # Signed by a key the board does not trust: its id is named (it is the operator's lead).
+    other = keys["b"][0]
+    sig = sign_update(evil, device="dev-e", version=1, key=other, expires="2030-01-01T00:00:00Z")
+    _update(service, {"state": {"desired": evil}, "version": 1, "signature": sig})
+    # A signed update replayed at a version that is gone: 409, told too.
+    good = sign_update(
+        {"model": {"keep_previous": 2}}, device="dev-e", version=0, key=key, expires="2030-01-01T00:00:00Z"
+    )
+    _update(service, {"state": {"desired": {"model": {"keep_previous": 2}}}, "version": 0, "signature": good})
+    service.run_pending()
+    assert [x.details["code"] for x in sent[1:]] == [403, 409]
+    assert sent[1].details["key_id"] == sig["key_id"] and "does not trust" in sent[1].message
+    assert "replayed, or raced" in sent[2].message
+
+    # A flood: 20 more within the minute, none told one by one (3 a minute), then their count once.
+    sent.clear()
+    for _ in range(20):
+        clock.t += 1
+        _update(service, {"state": {"desired": evil}})
+    service.run_pending()
+    assert sent == []
+    clock.t = NOW + 60
+    assert service.pending_work()  # the window is over: the count is due without a new refusal
+    service.run_pending()
+    (summary,) = sent
+    assert summary.kind == "update_refused" and summary.details["suppressed"] == 20
+    service.run_pending()
+    assert len(sent) == 1 and not service.pending_work()

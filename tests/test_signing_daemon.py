@@ -341,3 +341,51 @@ def test_a_model_file_is_judged_by_its_signature_before_its_header_is_read(
         assert kind == "accepted", r
         op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "good.gguf", 60)
         assert "good.gguf" in read
+
+
+def test_refused_updates_are_events_on_the_boards_events_topic_at_most_three_a_minute(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, models: dict, keys: dict, server: ModelServer,
+    op: ShadowPeer,
+) -> None:  # fmt: skip
+    from tests.broker import BrokerClient
+
+    def refused_events(watch: BrokerClient, until: Any, timeout: float = 30) -> list[dict]:
+        """update_refused events from ``watch`` until a message for which ``until(topic, data)`` holds."""
+        out, deadline = [], time.monotonic() + timeout
+        while True:
+            msg = watch.expect(None, timeout=max(0.01, deadline - time.monotonic()))
+            data = json.loads(msg.payload) if msg.payload else {}
+            if msg.topic == T.events and data.get("kind") == "update_refused":
+                out.append(data)
+            if until(msg.topic, data):
+                return out
+
+    evil = {"state": {"desired": {"model": source(server, models, "evil")}}}
+    with BrokerClient(broker) as watch, InProcessDaemon(board(tmp_path, broker, tiny_model, keys, ["op"])):
+        watch.subscribe(T.events)
+        watch.subscribe(T.shadow)
+        watch.barrier()
+        assert op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "model.gguf", 30)
+        kind, r = send(op, evil, "nokey")
+        assert (kind, r["code"]) == ("rejected", 403)
+        (e,) = refused_events(watch, lambda topic, data: data.get("kind") == "update_refused")
+        assert e["device_id"] == DEV and e["details"]["code"] == 403 and "the update is unsigned" in e["message"]
+        assert e["details"]["keys"] == ["model.path", "model.sha256", "model.url"]
+        assert "evil.gguf" not in json.dumps(e)  # the keys, never their values
+        # A flood of ten more: two more events in this minute (three in all), then nothing one by one.
+        for i in range(10):
+            assert send(op, evil, f"flood-{i}")[1]["code"] == 403
+        got: list[dict] = []
+        while len(got) < 2:
+            got += refused_events(watch, lambda topic, data: data.get("kind") == "update_refused")
+        # Every refusal was queued before this update; its applied document goes out after them.
+        kind, r = send(op, {"state": {"desired": {"engine": {"max_tokens_limit": 2048}}}}, "plain")
+        assert kind == "accepted", r
+        later = refused_events(
+            watch,
+            lambda topic, data: (
+                topic == T.shadow
+                and data.get("state", {}).get("reported", {}).get("applied_version", -1) >= r["version"]
+            ),
+        )
+        assert len(got) == 2 and later == [], (got, later)

@@ -201,6 +201,7 @@ def build(
         facts=reporter.reported_facts,
         clock=clock,
         wake=tick.set,
+        send_event=lambda e: uplink.send("event", topics.events, e.to_payload(), ts=e.ts.timestamp()),
     )
     transport.add_subscriptions(shadow.subscriptions())
     ha = DiscoveryPublisher(s, transport.publish)  # Home Assistant's entities (optional)

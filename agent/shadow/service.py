@@ -8,7 +8,13 @@ desired through the daemon's ``Executor`` and folds what happened into reported.
 Its dependencies are injected, so the daemon wires it with a few lines and tests run it against a
 real broker with a fake executor: ``publish(topic, payload, qos, retain)`` (MqttTransport.publish),
 ``ack(msg)`` (MqttTransport.ack), the ``Executor`` (agent.app.applier.LiveSettings), ``facts()`` (the
-board and the model in force, for reported), a wall clock, and ``wake()`` (tick the main loop).
+board and the model in force, for reported), a wall clock, ``wake()`` (tick the main loop) and
+``send_event(event)`` (the daemon's Uplink, called on the main loop only).
+
+Refused updates that concern the operator's signatures (403; 400 under model.signature; a signed update
+meeting a version conflict, 409) are events on ``{root}/events`` (agent.telemetry.events.update_refused_event),
+queued on the network thread and sent by ``run_pending``, at most ``RateLimit.burst`` per window; the
+rest are counted and told in one event when the window is over.
 
 Threads. ``on_message`` and ``on_connect`` run on the MQTT network thread: they validate, persist,
 acknowledge and reply, and never wait for a model swap; they only mark reconcile work as due and
@@ -30,6 +36,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -54,6 +61,7 @@ from agent.shadow.document import (
     UpdateRequest,
     handle_update,
     parse_get,
+    parse_update,
     set_reported,
 )
 from agent.shadow.messages import (
@@ -67,8 +75,12 @@ from agent.shadow.messages import (
 from agent.shadow.reconcile import Action, Executor, Settled, plan, settle, tidy
 from agent.shadow.store import ShadowStore
 from agent.signing import Trust, desired_model_problem, needs_signature, running_version, verify_update
+from agent.telemetry.events import Event, RateLimit, update_refused_event, updates_suppressed_event
 
 log = logging.getLogger(__name__)
+
+_KEY_ID = re.compile(r"^[0-9a-f]{16}$")  # a signing key's id, as agent.signing writes it
+_EVENT_KEYS = 20  # keys named in a refused-update event, at most
 
 # Retained copies remembered per connection, to merge an update once when the broker sends it twice.
 _SEEN_MAX = 64
@@ -92,6 +104,8 @@ class ShadowService:
         clock: Callable[[], float] = time.time,
         wake: Callable[[], None] | None = None,
         check_board: bool = True,
+        send_event: Callable[[Event], Any] | None = None,
+        refusal_limit: RateLimit | None = None,
     ) -> None:
         """``file_settings``: the board's own configuration (file, environment, credentials), which
         desired is overlaid on; ``facts()`` returns reported's facts, {"board": ..., "serving": ...}
@@ -107,6 +121,9 @@ class ShadowService:
         self._clock = clock
         self._wake = wake or (lambda: None)
         self._check_board = check_board
+        self._send_event = send_event
+        self._refusals = refusal_limit or RateLimit()
+        self._events: list[Event] = []  # refusals to tell, queued on the network thread (lock held)
 
         self._lock = threading.Lock()
         self._doc = ShadowDocument()
@@ -166,7 +183,7 @@ class ShadowService:
     def pending_work(self) -> bool:
         """True when an accepted update (or a start, or a reload) has not been reconciled yet, or a
         fact changed (``refresh_facts_soon``)."""
-        return self._dirty or self._facts_due
+        return self._dirty or self._facts_due or self._events_due()
 
     def run_pending(self, *, why: str = "shadow") -> list[tuple[Action, ApplyReport]]:
         """Main thread: bring the settings in force to the board's config overlaid by desired.
@@ -176,6 +193,7 @@ class ShadowService:
         (with only ``refresh_facts_soon`` due: just that). Returns what was done, for the daemon's
         log. Never raises for a failed apply: the failure is reported under its key.
         """
+        self._flush_events()
         if self._facts_due and not self._dirty:
             self.refresh_facts()
             return []
@@ -389,13 +407,75 @@ class ShadowService:
                 reply = _rejected(result, now)
                 topic = self.topics.shadow_update_rejected
                 log.warning("shadow: update rejected %d: %s", result.code, result.message)
+                self._note_refusal(result, msg.payload, now)
             self._publish(topic, reply.to_payload(), 1, False)
             if isinstance(result, Accepted):
                 self._publish_state(now)
             if stored:
                 self._publish(self.topics.shadow_update, b"", 1, True)
-        if isinstance(result, Accepted):
+        if isinstance(result, Accepted) or self._events:
             self._wake()
+
+    # ------------------------------------------------------------------ refused updates as events
+
+    def _note_refusal(self, result: Rejected, payload: bytes, now: float) -> None:
+        """Lock held: queue the event a refusal about signatures calls for, within the rate limit."""
+        try:
+            update: UpdateRequest | None = parse_update(payload)
+        except BadRequest:
+            update = None
+        signed = update is not None and update.signature is not None
+        if result.code == 403:
+            reason = result.message
+        elif result.code == 400 and "model.signature" in result.errors:
+            reason = result.errors["model.signature"]
+        elif result.code == 409 and signed:
+            reason = result.message + " (a signed update for a version that is gone: replayed, or raced)"
+        else:
+            return  # a plain mistake (a bad value, a version race without a signature): the reply says it
+        self._take_overflow(now)
+        if not self._refusals.allow(now):
+            return
+        keys = (
+            sorted(flatten(update.desired))[:_EVENT_KEYS] if update is not None and update.desired is not None else []
+        )
+        sig = update.signature if update is not None else None
+        kid = sig.get("key_id") if isinstance(sig, Mapping) else None
+        self._events.append(
+            update_refused_event(
+                result.code,
+                reason,
+                keys,
+                device_id=self.topics.device_id,
+                ts=now,
+                key_id=kid if isinstance(kid, str) and _KEY_ID.fullmatch(kid) else None,
+            )
+        )
+
+    def _take_overflow(self, now: float) -> None:
+        """Lock held: once a window with refusals held back is over, their count is queued as one event."""
+        if n := self._refusals.overflow(now):
+            self._events.append(
+                updates_suppressed_event(n, self._refusals.window_s, device_id=self.topics.device_id, ts=now)
+            )
+
+    def _events_due(self) -> bool:
+        with self._lock:
+            self._take_overflow(self._clock())
+            return bool(self._events)
+
+    def _flush_events(self) -> None:
+        """Main loop: send the queued events (and the count of the ones held back, once their window is over)."""
+        with self._lock:
+            self._take_overflow(self._clock())
+            events, self._events = self._events, []
+        if self._send_event is None:
+            return
+        for event in events:
+            try:
+                self._send_event(event)
+            except Exception:  # telling must never stop the reconcile
+                log.exception("shadow: sending a refused-update event failed")
 
     def _persist(self, result: Accepted, now: float) -> tuple[Accepted | Rejected, bool]:
         """Store an accepted update before anyone hears of it. (result, whether the update was

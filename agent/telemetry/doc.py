@@ -35,6 +35,11 @@ _KIND_DOCS = {
     EventKind.signals_missing: "At start: the governor works without these signals, and how to turn them on.",
     EventKind.model_change: "A model change (device shadow, SIGHUP) ended: applied, or rolled back after the new "
     "model failed to load or failed the canary; `details` as the shadow's `reported.model_change`.",
+    EventKind.update_refused: "A shadow update refused for its operator signature (403: unsigned, altered, "
+    "expired, for another board or version, an untrusted key), for its model's signature (400 under "
+    "`model.signature`), or a signed update for a version that is gone (409: a replay, or two operators at once); "
+    "`details.code`, `details.keys` (never their values), `details.key_id`, `details.reason`. At most 3 a minute: "
+    "the rest are counted in one more such event with `details.suppressed`.",
 }
 
 

@@ -30,6 +30,7 @@ class EventKind(StrEnum):
     spool_dropped = "spool_dropped"  # the full spool dropped readings or events
     signals_missing = "signals_missing"  # the governor works without some signals (no PSI, no memory cgroup)
     model_change = "model_change"  # a model change ended: applied, or rolled back (load or canary failed)
+    update_refused = "update_refused"  # a shadow update refused for its operator signature or its model's
 
 
 class Event(BaseModel):
@@ -41,7 +42,7 @@ class Event(BaseModel):
     ts: AwareDatetime = Field(description="When it happened, RFC 3339 UTC.")
     kind: EventKind = Field(
         description="What happened (level_changed, action, throttling_changed, spool_dropped, signals_missing, "
-        "model_change)."
+        "model_change, update_refused)."
     )
     level: str | None = Field(default=None, description="The governor's level after the event: ok, warn or critical.")
     previous_level: str | None = Field(default=None, description="level_changed: the level before.")
@@ -182,7 +183,18 @@ def spool_dropped_event(
     )
 
 
-__all__ = ["Event", "EventKind", "decision_events", "signals_missing_event", "spool_dropped_event", "throttling_event"]
+__all__ = [
+    "Event",
+    "EventKind",
+    "RateLimit",
+    "decision_events",
+    "model_change_event",
+    "signals_missing_event",
+    "spool_dropped_event",
+    "throttling_event",
+    "update_refused_event",
+    "updates_suppressed_event",
+]
 
 
 def model_change_event(change: Any, *, device_id: str, ts: float, level: str | None = None) -> Event:
@@ -199,4 +211,71 @@ def model_change_event(change: Any, *, device_id: str, ts: float, level: str | N
         level=level,
         message=message,
         details=change.as_dict(),
+    )
+
+
+class RateLimit:
+    """At most ``burst`` events per ``window_s`` seconds; the ones over it are counted instead of sent, and
+    the count is told once that window is over (``overflow``), so a flood cannot flood ``{root}/events``.
+    Pure: the caller passes the time."""
+
+    def __init__(self, *, burst: int = 3, window_s: float = 60.0) -> None:
+        self.burst, self.window_s = burst, window_s
+        self._start: float | None = None
+        self._sent = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        if self._start is None or now - self._start >= self.window_s:
+            if self.suppressed:
+                return self._count()  # the count of the window that ended goes out first (overflow)
+            self._start, self._sent = now, 0
+        if self._sent < self.burst:
+            self._sent += 1
+            return True
+        return self._count()
+
+    def _count(self) -> bool:
+        self.suppressed += 1
+        return False
+
+    def overflow(self, now: float) -> int:
+        """Once the window is over: how many were held back in it (0: none, or not over yet); that count is
+        then told, and a new window starts with its one event."""
+        if not self.suppressed or self._start is None or now - self._start < self.window_s:
+            return 0
+        n, self.suppressed = self.suppressed, 0
+        self._start, self._sent = now, 1
+        return n
+
+
+_REASON_MAX = 400
+
+
+def update_refused_event(
+    code: int, reason: str, keys: list[str], *, device_id: str, ts: float, key_id: str | None = None
+) -> Event:
+    """A shadow update refused for its operator signature (403: missing, bad, expired, another board's or
+    version's, an untrusted key) or for its model's (400 under model.signature), or a signed update for a
+    version that is gone (409: a replay, or two operators at once). Names the keys it tried to change,
+    never their values (a URL may carry a token), and the signing key's id when it names one."""
+    what = ", ".join(keys) if keys else "the desired state"
+    return Event(
+        device_id=device_id,
+        ts=_when(ts),
+        kind=EventKind.update_refused,
+        message=f"shadow update of {what} refused {code}: {reason}"[:_REASON_MAX],
+        details={"code": code, "keys": keys, "key_id": key_id, "reason": reason[:_REASON_MAX]},
+    )
+
+
+def updates_suppressed_event(count: int, window_s: float, *, device_id: str, ts: float) -> Event:
+    """The refusals held back by the rate limit in the window that ended."""
+    return Event(
+        device_id=device_id,
+        ts=_when(ts),
+        kind=EventKind.update_refused,
+        message=f"{count} more shadow update(s) refused within {window_s:g} s, not reported one by one "
+        "(a flood of bad updates: someone with broker credentials and no operator key?)",
+        details={"suppressed": count, "window_s": window_s},
     )
