@@ -285,3 +285,37 @@ def test_refused_updates_are_events_with_their_reason_and_no_values_at_most_thre
     assert summary.kind == "update_refused" and summary.details["suppressed"] == 20
     service.run_pending()
     assert len(sent) == 1 and not service.pending_work()
+
+
+def test_doctor_judges_the_signature_before_it_reads_the_models_header(
+    tmp_path: Path, keys: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.engine.plan
+    import agent.models.gguf_info
+    from agent.ops.doctor import run_doctor
+    from tests.daemon_harness import to_toml
+
+    real, read = agent.models.gguf_info.read_model_info, []
+
+    def recording(path: Any) -> Any:
+        read.append(Path(path).name)
+        return real(path)
+
+    for module in (agent.models.gguf_info, agent.engine.plan):
+        monkeypatch.setattr(module, "read_model_info", recording)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "m.gguf").write_bytes(b"\x00not a gguf file" * 64)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(to_toml({"device": {"models_dir": str(models), "state_dir": str(tmp_path / "state")},
+                            "mqtt": {"host": "127.0.0.1", "port": 9}, "model": {"path": "m.gguf",
+                            "trusted_keys": [keys["a"][1]]}}))  # fmt: skip
+    checks = {c.name: c for c in run_doctor(cfg, broker_timeout=0.5).checks}
+    assert checks["model signature"].status == "FAIL" and "is not signed" in checks["model signature"].summary
+    assert checks["model"].status == "SKIP" and checks["memory plan"].status == "SKIP"
+    assert read == []  # the header reader never touched the unsigned file
+    # Signed, its header is read: the model check says what the file is.
+    (models / "m.gguf.sig").write_text(_manifest(models / "m.gguf", keys["a"][0]))
+    checks = {c.name: c for c in run_doctor(cfg, broker_timeout=0.5).checks}
+    assert checks["model signature"].status == "OK", checks["model signature"]
+    assert checks["model"].status == "FAIL" and "GGUF" in checks["model"].summary and read == ["m.gguf"]

@@ -301,6 +301,20 @@ def check_signature(settings: Any, hasher: Callable[[Path], str] | None = sha256
     )
 
 
+def _signature_first(settings: Any, hasher: Callable[[Path], str] | None) -> Check | None:
+    """The model signature check, when keys are trusted and the model file is there (None otherwise: the
+    model check then says what is wrong with the file, without reading it)."""
+    from agent.errors import ModelError
+
+    if not settings.model.trusted_keys:
+        return None
+    try:
+        settings.model_file()
+    except ModelError:
+        return None
+    return check_signature(settings, hasher)
+
+
 def check_sha256(settings: Any, hasher: Callable[[Path], str] = sha256_file) -> Check:
     expected = settings.model.sha256
     path = settings.model_file()
@@ -769,15 +783,23 @@ def run_doctor(
     if settings is None:
         checks += [Check(n, "SKIP", "needs a valid config") for n in dependent]
     else:
-        c, info = check_model_file(settings)
+        # With trusted keys the model's signature is judged first: no check parses a header it does not hold for.
+        signature = _signature_first(settings, sha256_file if check_sha else None)
+        if signature is not None and signature.status == "FAIL":
+            c, info = Check("model", "SKIP", "not read: its signature does not hold (model signature below)"), None
+        else:
+            c, info = check_model_file(settings)
         checks.append(c)
-        if c.status == "FAIL":
-            checks.append(Check("model sha256", "SKIP", "needs the model file"))
-            checks.append(Check("memory plan", "SKIP", "needs the model file"))
+        if c.status != "OK":
+            why = "needs the model file" if c.status == "FAIL" else "needs a model whose signature holds"
+            checks.append(Check("model sha256", "SKIP", why))
+            checks.append(Check("memory plan", "SKIP", why))
+            if signature is not None:
+                checks.append(signature)
         else:
             checks.append(check_sha256(settings) if check_sha else Check("model sha256", "SKIP", "--no-sha256"))
             checks.append(check_fit(settings, plan))
-            checks.append(check_signature(settings, sha256_file if check_sha else None))
+            checks.append(signature or check_signature(settings, sha256_file if check_sha else None))
         checks.append(check_broker(settings, r.broker, broker_timeout))
     clock_settings = settings if settings is not None else _defaults()
     checks.append(check_clock(clock_settings, r.now(), r.ntp_synchronized()))
