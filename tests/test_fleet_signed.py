@@ -60,14 +60,14 @@ class SignedFleet:
 
     def __init__(
         self, tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, key: tuple[Path, str],
-        canary: dict[str, dict[str, Any]] | None = None, expect_errors: tuple[str, ...] = (),
+        canary: dict[str, dict[str, Any]] | None = None, expect_errors: tuple[str, ...] = (), ids: list[str] = IDS,
     ) -> None:  # fmt: skip
         private = load_private_key(key[0])
         self.daemons: dict[str, InProcessDaemon] = {}
         with BrokerClient(broker) as peer:
             peer.subscribe("edge/+/shadow")
             peer.barrier()
-            for dev in IDS:
+            for dev in ids:
                 models = tmp_path / dev / "models"
                 models.mkdir(parents=True)
                 shutil.copyfile(tiny_model, models / "model.gguf")
@@ -80,7 +80,7 @@ class SignedFleet:
             # Every board has published its document (the rollout signs at the version it shows).
             seen: set[str] = set()
             deadline = time.monotonic() + 60
-            while seen != set(IDS):
+            while seen != set(ids):
                 msg = peer.expect(None, timeout=max(0.01, deadline - time.monotonic()))
                 if msg.payload and json.loads(msg.payload)["state"]["reported"].get("serving"):
                     seen.add(msg.topic.split("/")[1])
@@ -210,3 +210,69 @@ def test_signature_and_key_options_are_checked_before_anything_is_sent(
     ):
         rc, _, err = fleet_cli(capsys, *base, *extra)
         assert rc == 2 and why in err, (extra, err)
+
+
+class StaleView:
+    """The fleet client, whose view of one device's document is one version behind until the rollout sends
+    its update: what the operator sees when another update crossed the rollout's (its retained document
+    not arrived yet)."""
+
+    def __init__(self, client: Any, device: str) -> None:
+        self.client, self.device, self.lagged, self.sent = client, device, False, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def doc(self, device: str) -> Any:
+        doc = self.client.doc(device)
+        if device == self.device and not self.sent and doc is not None:
+            self.lagged = True
+            return {**doc, "version": doc["version"] - 1}
+        return doc
+
+    def send_update(self, device: str, *args: Any, **kwargs: Any) -> None:
+        self.sent = self.sent or device == self.device
+        self.client.send_update(device, *args, **kwargs)
+
+
+def test_a_signed_update_that_meets_a_newer_version_is_signed_again_at_it_once(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, new_model: Path, server: ModelServer,
+    key: tuple[Path, str],
+) -> None:  # fmt: skip
+    from agent.config import Settings
+    from agent.operator.fleet.client import FleetClient
+    from agent.operator.fleet.plan import Policy, Target, Threshold
+    from agent.operator.fleet.rollout import RolloutDriver
+    from agent.operator.fleet.store import RolloutStore
+    from tests.shadow_harness import ShadowPeer
+
+    dev = IDS[0]
+    sig = manifest(tmp_path, new_model, key[0], version=3)
+    fleet = SignedFleet(tmp_path, broker, tiny_model, key, ids=[dev])
+    peer = ShadowPeer(broker, fleet.daemons[dev].daemon.parts.topics)
+    try:
+        peer.send({"state": {"desired": {"engine": {"max_tokens_limit": 2048}}}, "client_token": "other-operator"})
+        assert peer.reply("other-operator")[1]["version"] == 1
+        settings = Settings.model_validate({"mqtt": {"host": broker.host, "port": broker.port}})
+        target = Target(path="new.gguf", sha256=sha256_file(new_model), url=server.url("new.gguf"),
+                        signature=sig.read_text().strip())  # fmt: skip
+        with FleetClient(settings) as client:
+            client.sync()
+            view = StaleView(client, dev)
+            store = RolloutStore(tmp_path / "r.db")
+            driver = RolloutDriver(store, view, key=load_private_key(key[0]))  # type: ignore[arg-type]
+            r = driver.create(target, Policy((100.0,), Threshold(count=0), 1, 120.0), [dev], "--devices sig-01")
+            r = driver.run(r.id, wait=True)
+            store.close()
+        assert view.lagged and r.state == "succeeded", r.as_dict()
+        assert r.devices[0].version == 2  # signed again at version 1, which the update then moved to 2
+        assert fleet.serving() == {dev: "new.gguf"}
+        # The board did refuse the one signed for version 0 first (409), before it took the second.
+        token = f"rollout-{r.id}-update-{dev}"
+        refused = peer.take(peer.topics.shadow_update_rejected, lambda d: d.get("client_token") == token, 10)
+        assert refused["code"] == 409 and refused["version"] == 1, refused
+        taken = peer.take(peer.topics.shadow_update_accepted, lambda d: d.get("client_token") == token, 10)
+        assert taken["version"] == 2
+    finally:
+        peer.close()
+        fleet.stop()
