@@ -1,0 +1,192 @@
+"""Interop with ejabberd's mod_mqtt (Debian's ejabberd 23.01): a clustered broker that grants less than
+Mosquitto does. Issue 18, point 1 and its tests.
+
+ejabberd offers no shared subscriptions (CONNACK SharedSubscriptionAvailable 0, and a client asking for
+one is dropped), grants a session expiry of its own (mod_mqtt session_expiry, 300 s by default) and keeps
+sessions in RAM, so a restart loses them. Each test runs its own ejabberd (tests/ejabberd_broker.py, a
+second or so to start); without the package they skip and say how to install it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.mqtt.transport import MqttTransport
+from agent.ops.doctor import check_broker, probe_brokers
+from tests.broker import BrokerClient, TcpProxy
+from tests.daemon_harness import DaemonProcess, InProcessDaemon, wait_online, write_daemon_config
+from tests.ejabberd_broker import EjabberdBroker, ejabberd_missing
+from tests.helpers import job_payload
+
+pytestmark = pytest.mark.skipif(ejabberd_missing() is not None, reason=ejabberd_missing() or "")
+
+T = 20.0
+
+
+@pytest.fixture
+def ejabberd(tmp_path: Path) -> Iterator[EjabberdBroker]:
+    b = EjabberdBroker(tmp_path / "ejabberd", session_expiry_s=300).start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def peer(broker: EjabberdBroker, name: str = "cloud") -> BrokerClient:
+    return BrokerClient(broker, client_id=name, username=name, password="x").connect()  # type: ignore[arg-type]
+
+
+def config(tmp_path: Path, broker: EjabberdBroker, model: Path, **mqtt: Any) -> Path:
+    return write_daemon_config(
+        tmp_path / "dev-a",
+        broker,  # type: ignore[arg-type]
+        model,
+        mqtt={"username": "dev-a", "password": "x", **mqtt},
+    )
+
+
+def terminal(cloud: BrokerClient, job_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(cloud.expect(f"edge/dev-a/jobs/{job_id}/result", timeout=60).payload)
+    return data
+
+
+def reported(cloud: BrokerClient, want: str) -> dict[str, Any]:
+    """The shadow's reported state, from the next published document that has ``want`` in it."""
+    while True:
+        doc = json.loads(cloud.expect("edge/dev-a/shadow", timeout=T).payload)
+        rep: dict[str, Any] = doc.get("state", {}).get("reported", {})
+        if want in rep:
+            return rep
+
+
+def test_transport_reads_what_ejabberd_grants_and_drops_the_fleet_filter(ejabberd: EjabberdBroker) -> None:
+    """Without shared subscriptions the fleet filter is left out of the SUBSCRIBE: the board stays
+    connected and its own topic serves (before, ejabberd dropped the client on every connect)."""
+    got: list[Any] = []
+    s = ejabberd.settings("t-grants", fleet_group="g1")
+    t = MqttTransport(
+        s,
+        will=None,
+        on_message=got.append,
+        subscriptions=[("edge/t/jobs/submit", 1), ("$share/g1/edge/fleet/jobs/submit", 1)],
+        manual_ack=False,
+    )
+    t.start()
+    try:
+        assert t.wait_connected(T) and t.wait_subscribed(T)
+        g = t.grants
+        assert g is not None
+        assert (g.shared_subscriptions, g.session_expiry_s, g.requested_expiry_s) == (False, 300, 86400)
+        assert [p.code for p in t.problems()] == ["shared_subscriptions_unavailable", "session_expiry_shortened"]
+        assert "lost" in t.problems()[1].message and "5 min" in t.problems()[1].message
+        with peer(ejabberd) as cloud:
+            cloud.publish("edge/t/jobs/submit", b"hello")
+            cloud.barrier()
+        assert t.connected and t.last_error is None
+    finally:
+        t.stop(timeout=2)
+
+
+def test_doctor_fails_shared_subscriptions_with_the_fix_and_warns_the_session_expiry(
+    ejabberd: EjabberdBroker,
+) -> None:
+    class S:
+        mqtt = ejabberd.settings("ignored", fleet_group="g1")
+
+    c = check_broker(S(), probe_brokers, 10.0)
+    assert c.status == "FAIL", c
+    assert "shared subscriptions" in c.summary and c.fix and "mqtt.fleet_group" in c.fix
+
+    class S2:
+        mqtt = ejabberd.settings("ignored")
+
+    c = check_broker(S2(), probe_brokers, 10.0)
+    assert c.status == "WARN", c
+    assert "5 min" in c.summary and "lost" in c.summary
+
+
+def test_daemon_on_ejabberd_with_fleet_group_runs_own_jobs_cancels_and_reports_why(
+    tmp_path: Path, tiny_model: Path, ejabberd: EjabberdBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(tmp_path, ejabberd, tiny_model, fleet_group="g1")
+    with peer(ejabberd) as cloud:
+        cloud.subscribe("edge/dev-a/#")
+        with InProcessDaemon(cfg, expect_errors=("shared subscriptions",)) as d:
+            wait_online(cloud, "dev-a", timeout=60)
+            rep = reported(cloud, "broker")
+            broker = rep["broker"]
+            assert broker["shared_subscriptions"] is False and broker["session_expiry_s"] == 300
+            codes = [p["code"] for p in broker["problems"]]
+            assert codes == ["shared_subscriptions_unavailable", "session_expiry_shortened"]
+            # its own jobs run
+            cloud.publish("edge/dev-a/jobs/submit", job_payload("own-1", max_tokens=4))
+            assert terminal(cloud, "own-1")["status"] == "SUCCEEDED"
+            # a cancel reaches it (a job that would run long)
+            cloud.publish("edge/dev-a/jobs/submit", job_payload("long-1", max_tokens=400))
+            while json.loads(cloud.expect("edge/dev-a/jobs/long-1/status", timeout=60).payload)["status"] != (
+                "IN_PROGRESS"
+            ):
+                pass
+            cloud.publish("edge/dev-a/jobs/long-1/cancel", b"{}")
+            assert terminal(cloud, "long-1")["status"] == "CANCELED"
+            # the shadow answers a get
+            cloud.publish("edge/dev-a/shadow/get", b"{}")
+            cloud.expect("edge/dev-a/shadow/get/accepted", timeout=T)
+            assert d.daemon.parts.transport.connected
+    assert any(r.levelno == logging.ERROR and "shared subscriptions" in r.getMessage() for r in caplog.records), (
+        "the reason is logged at ERROR"
+    )
+
+
+def test_ejabberd_restart_loses_the_session_and_the_daemon_says_so(
+    tmp_path: Path, tiny_model: Path, ejabberd: EjabberdBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The daemon reaches the broker through a relay held shut until the observer is subscribed again
+    # (the broker's restart forgets every subscription): it cannot reconnect and send its event unseen.
+    proxy = TcpProxy(ejabberd.host, ejabberd.port)
+    cfg = config(tmp_path, ejabberd, tiny_model, host=proxy.host, port=proxy.port)
+    caplog.set_level(logging.WARNING, logger="agent.mqtt.transport")
+    try:
+        with InProcessDaemon(cfg):
+            with peer(ejabberd) as cloud:
+                cloud.subscribe("edge/dev-a/status")
+                wait_online(cloud, "dev-a", timeout=60)
+            proxy.partition()
+            ejabberd.restart()  # sessions live in RAM: gone
+            with peer(ejabberd, "cloud2") as cloud:
+                cloud.subscribe("edge/dev-a/#")
+                proxy.heal()
+                wait_online(cloud, "dev-a", timeout=60)
+                while True:
+                    event = json.loads(cloud.expect("edge/dev-a/events", timeout=T).payload)
+                    if event["kind"] == "session_lost":
+                        break
+                assert "new session" in event["message"] and "resend" in event["message"]
+                assert "fix" in event["details"]
+                # the shadow's reported facts say it too, and jobs run again
+                problems = reported(cloud, "broker")["broker"]["problems"]
+                assert "session_lost" in [p["code"] for p in problems]
+                cloud.publish("edge/dev-a/jobs/submit", job_payload("after-1", max_tokens=2))
+                assert terminal(cloud, "after-1")["status"] == "SUCCEEDED"
+    finally:
+        proxy.close()
+    assert any("new session" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_will_on_ejabberd_when_the_daemon_is_killed(tmp_path: Path, tiny_model: Path, ejabberd: EjabberdBroker) -> None:
+    cfg = config(tmp_path, ejabberd, tiny_model)
+    with peer(ejabberd) as cloud:
+        cloud.subscribe("edge/dev-a/status")
+        with DaemonProcess(cfg) as proc:
+            wait_online(cloud, "dev-a", timeout=60)
+            proc.kill()
+        while True:
+            state = json.loads(cloud.expect("edge/dev-a/status", timeout=T).payload)["state"]
+            if state == "offline":
+                break
