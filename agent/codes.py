@@ -156,6 +156,13 @@ class ErrorCode(StrEnum):
         "matched), so its text is not valid JSON. Raise max_tokens or bound the schema (maxLength, maxItems); "
         "with greedy sampling the same request ends the same way.",
     )
+    result_too_large = (
+        "result_too_large",
+        JobStatus.FAILED,
+        "The result is larger than the broker takes in one message (its CONNACK Maximum Packet Size), so it could "
+        "not be sent. The text is left out; the message gives both sizes. Ask for fewer max_tokens or raise the "
+        "broker's packet size limit (Mosquitto: max_packet_size).",
+    )
     will_not_fit = (
         "will_not_fit",
         JobStatus.REJECTED,

@@ -99,6 +99,10 @@ class Daemon:
         try:
             n = 0
             while self._stop_requested == 0 and (passes is None or n < passes):
+                if (fatal := p.transport.fatal) is not None:
+                    # A broker that does not speak MQTT 5 (confirmed by a 3.1.1 probe): no retry cures it.
+                    fatal.exit_code = EXIT_CANNOT_START  # type: ignore[attr-defined]
+                    raise fatal
                 try:
                     self.main_pass()
                 except Exception:  # a bug in one pass (a resend, a prune) must not end the service
@@ -128,6 +132,7 @@ class Daemon:
             with self.notifier.keepalive():
                 p.shadow.run_pending()
         p.reporter.tell_model_change(now)
+        p.reporter.tell_broker(now)
         if p.delivery.take_progress():
             p.shadow.refresh_facts()  # a model download's progress, at a bounded rate
         p.health.recheck()

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,23 @@ from agent.jobs.protocol import DeviceStatus
 from agent.jobs.runner import Runner
 from agent.jobs.store import JobStore
 from agent.models.library import ModelDelivery
+from agent.mqtt.grants import GrantProblem, broker_report
 from agent.mqtt.topics import Topics
 from agent.mqtt.transport import MqttTransport
 from agent.shadow.facts import FactsReader, ServingModel, reported_facts
 from agent.shadow.hashes import CACHE_FILE, FileHashes, Identity, identity
 from agent.shadow.service import ShadowService
-from agent.telemetry.events import model_change_event
+from agent.telemetry.events import Event, EventKind, model_change_event
 from agent.telemetry.sampler import AgentState
 from agent.telemetry.spool import TelemetrySpool
 from agent.telemetry.uplink import Uplink
 
 log = logging.getLogger(__name__)
+
+_SESSION_LOST_FIX = (
+    "keep sessions across broker restarts (Mosquitto: persistence true; ejabberd keeps them in RAM only), and have "
+    "submitters resend jobs that get no QUEUED (edge-agent submit --wait does)"
+)
 
 
 def device_status(settings: Any, state: str, *, store_writable: bool, ts: float) -> bytes:
@@ -100,6 +107,7 @@ class Reporter:
         self.started_at: float = clock()
         self.ready_at: float | None = None
         self._told_change: Any = None
+        self._losses: list[str] = []  # the latest session the broker lost, for the reported facts
         self._state_file_told = False
 
     def follow_shadow(self, shadow: ShadowService) -> None:
@@ -138,7 +146,27 @@ class Reporter:
             download=p.delivery.progress(),
             model_change=change.as_dict() if change else None,
         )
-        return {**facts, "pressure": p.memory.describe()}
+        out = {**facts, "pressure": p.memory.describe()}
+        if (grants := self.transport.grants) is not None:
+            extra = [GrantProblem("session_lost", "warning", lost, _SESSION_LOST_FIX) for lost in self._losses[-1:]]
+            report = broker_report(grants, self.settings.mqtt, self.transport.broker, extra)
+            out["broker"] = report.model_dump(mode="json")
+        return out
+
+    def tell_broker(self, now: float) -> None:
+        """A session the broker should have resumed but started anew is an event (the transport logged it)."""
+        for lost in self.transport.take_session_losses():
+            self._losses = [lost]
+            event = Event(
+                device_id=self.topics.device_id,
+                ts=datetime.fromtimestamp(now, tz=UTC),
+                kind=EventKind.session_lost,
+                message=lost,
+                details={"broker": self.transport.broker, "fix": _SESSION_LOST_FIX},
+            )
+            self._parts.uplink.send("event", self.topics.events, event.to_payload(), ts=now)
+            if self._shadow is not None:
+                self._shadow.refresh_facts_soon()
 
     def _model_sha256(self, cfg: Any, loaded_at: float | None) -> tuple[str | None, bool]:
         """(sha256, still computing) of the model file in force, from the background hashing. The file

@@ -108,7 +108,13 @@ def build(
     if s.mqtt.fleet_group:
         subscriptions.append((topics.fleet_submit(s.mqtt.fleet_group), 1))
     offline = device_status(s, "offline", store_writable=False, ts=clock())
-    transport = MqttTransport(s.mqtt, will=(topics.device_status, offline), subscriptions=subscriptions)
+    transport = MqttTransport(
+        s.mqtt,
+        will=(topics.device_status, offline),
+        subscriptions=subscriptions,
+        session_file=s.device.state_dir / "mqtt-session.json",
+        on_error=lambda _err: tick.set(),  # the main loop reads transport.fatal at once
+    )
     outbox = Outbox(transport, on_store_error=health.failed, wake=tick.set, keepalive=notifier.watchdog)
     spool = TelemetrySpool.from_settings(s, clock=clock)
     outbox.add_source(results)
@@ -148,6 +154,7 @@ def build(
         admit=lambda tokens: memory.admit_job(tokens, supervisor.report),
         capacity=lambda: memory.parallel(supervisor.slots),
         governor=lambda: s.governor,
+        max_result_bytes=transport.max_payload_bytes,
     )
     intake = Intake(
         store,

@@ -88,6 +88,22 @@ class TLSSettings(Section):
 class MQTTSettings(Section):
     host: str = Field(default="127.0.0.1", min_length=1, max_length=253, description="Broker host name or address.")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port (8883 is usual with TLS).")
+    hosts: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Several brokers (the nodes of a cluster), each 'host' or 'host:port' ('[v6addr]:port'; the "
+        "port defaults to mqtt.port), tried in order: after a failed attempt or a lost connection the next one is "
+        "tried, and while connected to another than the first, the first is checked every mqtt.failback_s and "
+        "taken back once it accepts connections. TLS and credentials apply to each. Empty (default): mqtt.host and "
+        "mqtt.port alone (docs/mqtt-transport.md, Several brokers).",
+    )
+    failback_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=86400,
+        description="While connected to another broker than the first of mqtt.hosts: how often to check whether "
+        "the first accepts connections again, seconds.",
+    )
     prefix: str = Field(
         default="edge", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="First topic level: {prefix}/{device_id}/..."
     )
@@ -124,6 +140,42 @@ class MQTTSettings(Section):
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
         return self
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_parse(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            split_host_port(entry, 1883)  # ValueError names the entry
+        return v
+
+    def brokers(self) -> list[tuple[str, int]]:
+        """The brokers to try, in order: mqtt.hosts, or mqtt.host:mqtt.port."""
+        if not self.hosts:
+            return [(self.host, self.port)]
+        return [split_host_port(entry, self.port) for entry in self.hosts]
+
+
+def split_host_port(entry: str, default_port: int) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]' or '[v6]:port' -> (host, port)."""
+    text = entry.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"mqtt.hosts entry {entry!r}: '[' without ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"mqtt.hosts entry {entry!r}: expected ':port' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host or len(host) > 253 or any(c.isspace() for c in host):
+        raise ValueError(f"mqtt.hosts entry {entry!r}: not a host name or address")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"mqtt.hosts entry {entry!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
 
 
 class ModelSettings(Section):

@@ -31,7 +31,7 @@ from agent.jobs.admission import Admission
 from agent.jobs.gate import Gate, Slot, StopReason
 from agent.jobs.health import StoreHealth
 from agent.jobs.outcome import Requeue, RequeueReason, conclude
-from agent.jobs.protocol import JobOutcome, JobSubmit, StreamChunk, Timings
+from agent.jobs.protocol import ErrorInfo, JobOutcome, JobSubmit, ResultMessage, StreamChunk, Timings
 from agent.jobs.results import JobResults
 from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
 from agent.jobs.store import JobRecord, JobStore, QueuedJob
@@ -66,6 +66,7 @@ class Runner:
         monotonic: Callable[[], float] = time.monotonic,
         capacity: Callable[[], int] = lambda: 1,
         governor: Callable[[], GovernorSettings] = GovernorSettings,
+        max_result_bytes: Callable[[str], int | None] = lambda topic: None,
     ) -> None:
         """``gate``: the holds and the running jobs (shared with the supervisor and the governor).
         ``engine()`` gives the engine in force (None while no model is loaded); ``publish`` is
@@ -75,13 +76,15 @@ class Runner:
         board. ``clock`` is wall time (timestamps, expiry); ``monotonic`` is the engine's clock, on
         which deadlines are handed to it. ``capacity()``: how many jobs may run at once now (read
         before every claim; workers are added as it grows). ``governor()``: the settings that bound
-        memory waits (reserve_after_s, memory_wait_max_s)."""
+        memory waits (reserve_after_s, memory_wait_max_s). ``max_result_bytes(topic)``: the largest result the
+        broker takes on that topic (None: no limit); a larger one fails with result_too_large instead."""
         self._store = store
         self._results = results
         self._gate = gate
         self._engine = engine
         self._publish = publish
         self._send_outcome = send_outcome
+        self._max_result_bytes = max_result_bytes
         self._admit = admit
         self._health = health
         self._clock = clock
@@ -352,6 +355,7 @@ class Runner:
                             else "this run does not count as an attempt",
                         )
                     return
+                decision = self._sendable(rec, decision)
                 if self._store.finish(rec.job_id, decision, self._clock()):
                     self._send_outcome(self._stored(rec.job_id))
                 else:  # e.g. canceled while queued in a race: the first outcome stands
@@ -366,6 +370,35 @@ class Runner:
                     )
                     return
                 self._health.wait_writable(IDLE_POLL_S)
+
+    def _sendable(self, rec: JobRecord, outcome: JobOutcome) -> JobOutcome:
+        """The outcome, or result_too_large when its result message is more than the broker takes: a result
+        that can never be delivered must still tell the client why, not wait in the outbox forever."""
+        topic = self._results.topics.result(rec.job_id)
+        limit = self._max_result_bytes(topic)
+        if limit is None:
+            return outcome
+        size = len(
+            ResultMessage.of(
+                outcome, job_id=rec.job_id, device_id=self._results.device_id, attempt=rec.attempt, ts=self._clock()
+            ).to_payload()
+        )
+        if size <= limit:
+            return outcome
+        log.error(
+            "job %s: its result is %d bytes, the broker takes %d: failed with result_too_large", rec.job_id, size, limit
+        )
+        return JobOutcome(
+            status=JobStatus.FAILED,
+            finish_reason=outcome.finish_reason,
+            usage=outcome.usage,
+            timings=outcome.timings,
+            error=ErrorInfo(
+                code=ErrorCode.result_too_large,
+                message=f"the result is {size} bytes and the broker takes {limit} bytes in one message (its "
+                "Maximum Packet Size): ask for fewer max_tokens or raise the broker's limit",
+            ),
+        )
 
     def _stored(self, job_id: str) -> JobRecord:
         rec = self._store.get(job_id)

@@ -35,6 +35,7 @@ would resolve it is the one waiting); they may publish and ack. ``publish``, ``a
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import socket
@@ -44,6 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -54,6 +56,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config.sections import MQTTSettings
 from agent.errors import TransportError
+from agent.mqtt.grants import SHARE_PREFIX, BrokerGrants, GrantProblem, grant_problems
+from agent.mqtt.probe import probe_mqtt311
+from agent.system.files import atomic_write
 
 log = logging.getLogger(__name__)
 # paho's own chatter (packet traces) goes here at DEBUG; it never contains the password.
@@ -74,6 +79,17 @@ _MESSAGE_PROPERTIES = (
     "MessageExpiryInterval",
     "PayloadFormatIndicator",
     "UserProperty",
+)
+
+# CONNACK properties read into BrokerGrants.
+_CONNACK_PROPERTIES = (
+    "SessionExpiryInterval",
+    "SharedSubscriptionAvailable",
+    "ReceiveMaximum",
+    "MaximumQoS",
+    "RetainAvailable",
+    "MaximumPacketSize",
+    "ServerKeepAlive",
 )
 
 
@@ -326,7 +342,11 @@ class MqttTransport:
         stable_after_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        session_file: Path | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """``session_file``: where the transport remembers, across restarts, until when the broker should
+        keep this board's session (a session that should have resumed but is new is then told)."""
         if not settings.client_id:
             # A random id would start a new session on every connect and lose queued jobs.
             raise TransportError(
@@ -334,7 +354,9 @@ class MqttTransport:
             )
         self.settings = settings
         self.client_id: str = settings.client_id
-        self._where = f"MQTT {settings.host}:{settings.port}"
+        self._brokers = settings.brokers()
+        self._broker = 0  # index into _brokers of the current attempt or connection
+        self._where = self._where_of(0)
         self._will = will
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
@@ -378,6 +400,18 @@ class MqttTransport:
         self._paho_error: str | None = None
         self._disconnect_reason: str | None = None
         self._reconnect_why: str | None = None
+        # What the broker granted on the latest connection, what that costs, and what was told already.
+        self._grants: BrokerGrants | None = None
+        self._told_problems: tuple[str, ...] = ()
+        self._fatal: TransportError | None = None
+        # Until when (wall clock) the broker should still hold this board's session: a connect before
+        # then that gets a new session lost what was queued in it.
+        self._wall = wall
+        self._session_file = session_file
+        self._session_until: float | None = self._read_session_file()
+        self._session_losses: deque[str] = deque(maxlen=16)
+        self._next_failback = 0.0
+        self._failback_due = False
 
         self._client = self._make_client()
 
@@ -403,10 +437,7 @@ class MqttTransport:
         if self._will is not None:
             topic, payload = self._will
             client.will_set(topic, payload, qos=1, retain=True)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = s.session_expiry_s
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
-        client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=False, properties=props)
+        self._connect_to(client, 0)
 
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
@@ -420,6 +451,20 @@ class MqttTransport:
         client.on_socket_unregister_write = lambda *_: None
         client.on_socket_open = self._handle_socket_open
         return client
+
+    def _where_of(self, index: int) -> str:
+        host, port = self._brokers[index]
+        return f"MQTT {'[' + host + ']' if ':' in host else host}:{port}"
+
+    def _connect_to(self, client: mqtt.Client, index: int) -> None:
+        """Point the next attempt at broker ``index`` of mqtt.hosts (paho only stores the parameters)."""
+        s = self.settings
+        self._broker, self._where = index, self._where_of(index)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = s.session_expiry_s
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        host, port = self._brokers[index]
+        client.connect_async(host, port, keepalive=s.keepalive_s, clean_start=False, properties=props)
 
     @staticmethod
     def _handle_socket_open(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
@@ -467,6 +512,33 @@ class MqttTransport:
         return self._session_present
 
     @property
+    def grants(self) -> BrokerGrants | None:
+        """What the broker granted on the latest connection (None before the first)."""
+        return self._grants
+
+    @property
+    def broker(self) -> str:
+        """host:port of the broker of the current (or next) attempt."""
+        return self._where.removeprefix("MQTT ")
+
+    def problems(self) -> list[GrantProblem]:
+        """What the latest grants cost this board (see agent.mqtt.grants), worst first."""
+        return grant_problems(self._grants, self.settings) if self._grants is not None else []
+
+    def take_session_losses(self) -> list[str]:
+        """Sessions that should have resumed but were new, each in words, once (the daemon makes events)."""
+        out = []
+        while self._session_losses:
+            out.append(self._session_losses.popleft())
+        return out
+
+    @property
+    def fatal(self) -> TransportError | None:
+        """A condition no retry cures (a broker that does not speak MQTT 5, confirmed): the daemon stops
+        with EXIT_CANNOT_START. The transport keeps retrying meanwhile."""
+        return self._fatal
+
+    @property
     def last_error(self) -> TransportError | None:
         """Why the latest attempt failed or the latest connection was lost; None after success."""
         return self._last_error
@@ -500,7 +572,8 @@ class MqttTransport:
         if not self.wait_connected(timeout):
             self.stop()
             raise TransportError(
-                f"could not connect to the broker at {self.settings.host}:{self.settings.port} within {timeout:g} s"
+                f"could not connect to the broker at {self.broker} within {timeout:g} s"
+                + (f": {self._last_error}" if self._last_error is not None else "")
             )
 
     def wait_subscribed(self, timeout: float | None = None) -> bool:
@@ -530,6 +603,10 @@ class MqttTransport:
         if not self._connected.is_set():
             return _failed_handle(topic, qos, "not connected: resend after reconnect")
         _check_publish(topic, qos)
+        too_large = self._too_large(topic, payload)
+        if too_large is not None:
+            log.error("publish to %s refused: %s", topic, too_large)
+            return _failed_handle(topic, qos, too_large)
         props = _to_paho_properties(properties)
         on_network_thread = threading.current_thread() is self._thread
         deadline: float | None = None
@@ -568,6 +645,20 @@ class MqttTransport:
         # QoS>0 with NO_CONN stays in paho's queue until the loss handler drops it (or the next
         # connection resends it): either way the handle is resolved, so register it.
         return self._register(PublishHandle(info.mid, topic, qos, on_delivered))
+
+    def _too_large(self, topic: str, payload: bytes) -> str | None:
+        grants = self._grants
+        limit = grants.max_payload_bytes(topic) if grants is not None else None
+        if limit is None or len(payload) <= limit:
+            return None
+        return (
+            f"{len(payload)} bytes is too large for the broker (CONNACK MaximumPacketSize "
+            f"{grants.maximum_packet_size if grants else '?'} bytes takes payloads of {limit} bytes on this topic)"
+        )
+
+    def max_payload_bytes(self, topic: str) -> int | None:
+        """The largest payload the broker takes on ``topic`` on this connection (None: no limit known)."""
+        return self._grants.max_payload_bytes(topic) if self._grants is not None else None
 
     def _full_error(self) -> str:
         return f"outgoing queue full ({self._max_queued} queued, {len(self._backlog)} waiting): resend later"
@@ -635,11 +726,14 @@ class MqttTransport:
                 return True
             return self._client.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    def stop(self, publish: tuple[str, bytes] | None = None, timeout: float = 5.0) -> bool:
+    def stop(
+        self, publish: tuple[str, bytes] | None = None, timeout: float = 5.0, *, end_session: bool = False
+    ) -> bool:
         """Optionally publish a final retained QoS 1 message (the daemon's "stopping" status)
         and wait for its PUBACK, then send a clean DISCONNECT and end the network thread.
 
-        A clean DISCONNECT does not fire the last will: the final message replaces it.
+        A clean DISCONNECT does not fire the last will: the final message replaces it. ``end_session``: the
+        DISCONNECT sets the session expiry to 0, so the broker forgets the session (a probe's).
         Returns whether the final message was acknowledged (True when none was asked for).
         """
         deadline = time.monotonic() + timeout
@@ -657,7 +751,12 @@ class MqttTransport:
         self._stop.set()
         with self._out:
             self._out.notify_all()  # publishers waiting for room give up
-        self._client.disconnect()
+        if end_session:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            self._client.disconnect(properties=props)
+        else:
+            self._client.disconnect()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
             if self._thread.is_alive():
@@ -680,9 +779,19 @@ class MqttTransport:
                 break
             why, self._reconnect_why = self._reconnect_why, None
             if why is not None:
+                if self._failback_due:
+                    self._failback_due = False
+                    self._connect_to(self._client, 0)
                 log.info("reconnecting to %s: %s", self._where, why)
                 continue
             delay = self._backoff.next_delay(connected_for)
+            if len(self._brokers) > 1:
+                # Fail over: the next broker at once, the backoff only once every one was tried.
+                was = self._where
+                self._connect_to(self._client, (self._broker + 1) % len(self._brokers))
+                if self._broker != 0:
+                    delay = self.settings.reconnect_min_s
+                log.info("%s failed: trying %s next", was, self._where)
             # Log first, then tell the daemon: one WARNING per attempt, with the reason.
             reason = err.message if err is not None else "connection closed"
             if connected_for is None:
@@ -723,7 +832,26 @@ class MqttTransport:
             self._resolve_acked()
             self._drain_backlog()
             self._deliver_held()
+            self._check_failback()
         return self._connection_ended()
+
+    def _check_failback(self) -> None:
+        """Network thread, connected to another broker than the first of mqtt.hosts: every failback_s, go
+        back to the first once it accepts connections (a TCP connect, at most 1 s)."""
+        if self._broker == 0 or not self._connected.is_set() or self._reconnect_why is not None:
+            return
+        now = self._clock()
+        if now < self._next_failback:
+            return
+        self._next_failback = now + self.settings.failback_s
+        host, port = self._brokers[0]
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+        except OSError:
+            return
+        self._failback_due = True
+        self._reconnect_why = f"the first broker ({self._where_of(0).removeprefix('MQTT ')}) accepts connections again"
+        self._client.disconnect()
 
     def _ca_name(self) -> str | None:
         tls = self.settings.tls
@@ -737,6 +865,7 @@ class MqttTransport:
         connected_for = None
         if self._connected_at is not None:
             connected_for = max(0.0, self._clock() - self._connected_at)
+            self._session_kept_from(self._wall())
         # Our resend queue is the daemon's store, not paho's RAM: drop what paho would resend.
         self._resolve_acked()  # acknowledged before the loss: delivered
         self._client.drop_out_messages()
@@ -749,8 +878,74 @@ class MqttTransport:
                 log.info("disconnected from %s", self._where)
             return connected_for, None
         err = self._attempt_error or self._lost_error(connected_for is not None)
+        if connected_for is None and self._attempt_error is None and err.code == "mqtt_unreachable":
+            err = self._mqtt311_error() or err
         self._last_error = err
         return connected_for, err
+
+    def _mqtt311_error(self) -> TransportError | None:
+        """The broker took the TCP connection and closed it without a CONNACK: if a 3.1.1 CONNECT gets
+        one, it does not speak MQTT 5. Confirmed once, it is fatal (the daemon exits 78)."""
+        if self._fatal is not None:
+            return self._fatal
+        s = self.settings
+        host, port = self._brokers[self._broker]
+        try:
+            ctx = self._tls_context() if s.tls.enabled else None
+        except TransportError:
+            return None
+        code = probe_mqtt311(
+            host,
+            port,
+            ssl_context=ctx,
+            username=s.username,
+            password=s.password.get_secret_value() if s.password is not None else None,
+            timeout=min(5.0, float(s.keepalive_s)),
+        )
+        if code is None:
+            return None
+        self._fatal = TransportError(
+            f"{self._where} speaks MQTT 3.1.1 only: it closed the connection on an MQTT 5 CONNECT and answered a "
+            f"3.1.1 one (CONNACK {code}); edge-agent needs MQTT 5 (persistent sessions with an expiry, manual "
+            "acknowledgement, shared subscriptions). Fix: enable MQTT 5 on the broker (RabbitMQ >= 3.13 with the "
+            "mqtt plugin, Mosquitto >= 1.6, EMQX, HiveMQ, VerneMQ, ejabberd) or point mqtt.host at one that has it",
+            code="mqtt_protocol",
+        )
+        log.error("%s", self._fatal)
+        return self._fatal
+
+    # -- session memory ---------------------------------------------------------------------
+
+    def _read_session_file(self) -> float | None:
+        if self._session_file is None:
+            return None
+        try:
+            rec = json.loads(self._session_file.read_text())
+            if rec.get("client_id") != self.client_id or rec.get("broker") not in [
+                self._where_of(i) for i in range(len(self._brokers))
+            ]:
+                return None
+            return float(rec["seen_at"]) + float(rec["expiry_s"]) if int(rec["expiry_s"]) > 0 else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _write_session_file(self, seen_at: float, expiry_s: int) -> None:
+        if self._session_file is None:
+            return
+        rec = {"client_id": self.client_id, "broker": self._where, "expiry_s": expiry_s, "seen_at": seen_at}
+        try:
+            atomic_write(self._session_file, json.dumps(rec) + "\n", durable=False)
+        except OSError as e:  # a lost record only costs the "session lost" warning after a restart
+            log.debug("cannot write %s: %s", self._session_file, e)
+
+    def _session_kept_from(self, now: float) -> None:
+        """The connection ended (or is ending): the broker keeps the session for the granted expiry from now."""
+        grants = self._grants
+        if grants is None or grants.session_expiry_s <= 0:
+            self._session_until = None
+            return
+        self._session_until = now + grants.session_expiry_s
+        self._write_session_file(now, grants.session_expiry_s)
 
     def _lost_error(self, was_connected: bool) -> TransportError:
         detail = self._disconnect_reason or self._paho_error or "the broker closed the connection"
@@ -842,19 +1037,49 @@ class MqttTransport:
         self._session_present = bool(flags.session_present)
         self._connected_at = self._clock()
         self._last_error = None
+        self._fatal = None
+        got = {
+            n: getattr(properties, n) for n in _CONNACK_PROPERTIES if properties is not None and hasattr(properties, n)
+        }
+        grants = BrokerGrants.from_connack(
+            got, session_present=self._session_present, requested_expiry_s=self.settings.session_expiry_s
+        )
+        self._grants = grants
+        # paho does not read the broker's Receive Maximum: never more QoS 1 publishes in flight than it takes.
+        # Its setter refuses a connected client for fear of in-flight messages being counted against a new
+        # window; there are none here (a lost connection drops them), so the window is set directly.
+        client._max_inflight_messages = min(self.settings.max_inflight, grants.receive_maximum)
         log.info(
-            "connected to %s as %s (%s)",
+            "connected to %s as %s (%s; session expiry %d s granted)",
             self._where,
             self.client_id,
             "session resumed" if self._session_present else "new session",
+            grants.session_expiry_s,
         )
+        now = self._wall()
+        if not self._session_present and self._session_until is not None and now < self._session_until:
+            lost = (
+                f"{self._where} started a new session for {self.client_id} although it should have kept the old "
+                f"one {self._session_until - now:.0f} s longer (a broker restarted without keeping sessions, or "
+                "another broker that does not share them): jobs queued for this board while it was away are lost "
+                "unless their submitters resend them"
+            )
+            log.warning("%s", lost)
+            self._session_losses.append(lost)
+        self._session_until = None
+        self._write_session_file(now, grants.session_expiry_s)
+        self._tell_problems()
         self._subscribed.clear()
-        if self._subscriptions:
+        subscriptions = self._subscriptions
+        if not grants.shared_subscriptions:
+            # A broker without them drops a client that asks (ejabberd does): the board's own topics still serve.
+            subscriptions = [(t, q) for t, q in subscriptions if not t.startswith(SHARE_PREFIX)]
+        if subscriptions:
             # Even with a resumed session: the broker may have lost it (restart without
             # persistence, expiry), and a duplicate SUBSCRIBE is harmless.
-            rc, mid = client.subscribe([(topic, qos) for topic, qos in self._subscriptions])
+            rc, mid = client.subscribe([(topic, qos) for topic, qos in subscriptions])
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                self._sub_topics[mid] = [topic for topic, _ in self._subscriptions]
+                self._sub_topics[mid] = [topic for topic, _ in subscriptions]
         else:
             self._subscribed.set()
         self._connected.set()
@@ -863,6 +1088,22 @@ class MqttTransport:
                 self._on_connect_cb()
             except Exception:
                 log.exception("on_connect callback failed")
+
+    def _tell_problems(self) -> None:
+        """Log what the grants cost, once per change (a flapping connection does not repeat it)."""
+        problems = self.problems()
+        codes = tuple(p.code for p in problems)
+        if codes == self._told_problems:
+            return
+        self._told_problems = codes
+        for p in problems:
+            log.log(
+                logging.ERROR if p.level == "error" else logging.WARNING,
+                "%s: %s; fix: %s",
+                self._where,
+                p.message,
+                p.fix,
+            )
 
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None

@@ -118,15 +118,34 @@ def _cpu() -> Any:
     return cpu
 
 
-def probe_broker(mqtt: Any, timeout: float) -> str | None:
-    """Connect once with the configured host, port, TLS and credentials; None on success, else why."""
+@dataclass(frozen=True)
+class BrokerProbe:
+    """One broker of mqtt.hosts (or mqtt.host): why it cannot be used, or what its grants cost."""
+
+    where: str
+    error: str | None
+    problems: list[Any]  # agent.mqtt.grants.GrantProblem
+
+
+def probe_brokers(mqtt: Any, timeout: float) -> list[BrokerProbe]:
+    """Each broker the daemon would use, probed once in turn."""
+    out = []
+    for host, port in mqtt.brokers():
+        one = mqtt.model_copy(update={"host": host, "port": port, "hosts": []})
+        err, problems = probe_broker(one, timeout)
+        out.append(BrokerProbe(f"{host}:{port}", err, problems))
+    return out
+
+
+def probe_broker(mqtt: Any, timeout: float) -> tuple[str | None, list[Any]]:
+    """Connect once with the configured host, port, TLS and credentials, asking for the configured session
+    expiry (the session is ended at the disconnect); (None, what the grants cost) on success, else (why, [])."""
     from agent.errors import TransportError
     from agent.mqtt.transport import MqttTransport
 
     settings = mqtt.model_copy(
         update={
             "client_id": f"edge-doctor-{uuid.uuid4().hex[:10]}",
-            "session_expiry_s": 0,
             "reconnect_min_s": timeout,
             "reconnect_max_s": max(timeout, 1.0),
         }
@@ -143,7 +162,7 @@ def probe_broker(mqtt: Any, timeout: float) -> str | None:
             settings, will=None, on_message=lambda m: None, on_connect=done.set, on_error=on_error, manual_ack=False
         )
     except TransportError as e:
-        return str(e)
+        return str(e), []
     # The transport's own retry warnings would repeat what this check reports.
     tlog = logging.getLogger("agent.mqtt.transport")
     level = tlog.level
@@ -152,13 +171,13 @@ def probe_broker(mqtt: Any, timeout: float) -> str | None:
     try:
         done.wait(timeout)
         if t.connected:
-            return None
+            return None, t.problems()
         err = errors[0] if errors else t.last_error
         if err is None:
-            return f"no answer within {timeout:g} s"
-        return re.sub(r"^(cannot connect to )?MQTT \S+: ", "", str(err))
+            return f"no answer within {timeout:g} s", []
+        return re.sub(r"^(cannot connect to )?MQTT \S+: ", "", str(err)), []
     finally:
-        t.stop(timeout=2.0)
+        t.stop(timeout=2.0, end_session=True)
         tlog.setLevel(level)
 
 
@@ -182,7 +201,7 @@ class Readers:
     ntp_synchronized: Callable[[], bool | None] = _ntp_synchronized
     systemctl: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = _systemctl
     disk_free: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free
-    broker: Callable[[Any, float], str | None] = probe_broker
+    broker: Callable[[Any, float], list[BrokerProbe]] = probe_brokers
     geteuid: Callable[[], int] = os.geteuid
 
 
@@ -367,17 +386,38 @@ def check_fit(settings: Any, plan: Callable[[Any], Any] | None = None) -> Check:
     return _ok("memory plan", summary)
 
 
-def check_broker(settings: Any, probe: Callable[[Any, float], str | None], timeout: float) -> Check:
+def check_broker(settings: Any, probe: Callable[[Any, float], list[BrokerProbe]], timeout: float) -> Check:
     m = settings.mqtt
-    where = f"{m.host}:{m.port}" + (" (TLS)" if m.tls.enabled else "") + (f" as {m.username}" if m.username else "")
-    err = probe(m, timeout)
-    if err is None:
-        return _ok("broker", f"connected to {where}")
+    how = (" (TLS)" if m.tls.enabled else "") + (f" as {m.username}" if m.username else "")
+    probes = probe(m, timeout)
+    good = [p for p in probes if p.error is None]
+    if not good:
+        first = probes[0]
+        return _broker_fail(m, first.where + how, first.error or "no answer")
+    problems = {pr.code: pr for p in good for pr in p.problems}.values()
+    down = [p for p in probes if p.error is not None]
+    where = ", ".join(p.where for p in good) + how
+    if any(pr.level == "error" for pr in problems):
+        worst = [pr for pr in problems if pr.level == "error"]
+        return _fail("broker", f"connected to {where}, but " + "; ".join(pr.message for pr in worst), worst[0].fix)
+    if problems or down:
+        lines = [pr.message for pr in problems] + [f"{p.where}: {p.error}" for p in down]
+        fix = next(iter(problems)).fix if problems else "start that broker, or remove it from mqtt.hosts"
+        return _warn("broker", f"connected to {where}, but " + "; ".join(lines), fix)
+    return _ok("broker", f"connected to {where}")
+
+
+def _broker_fail(m: Any, where: str, err: str) -> Check:
     low = err.lower()
     if "not authorised" in low or "bad user name" in low or "banned" in low:
         fix = "check mqtt.username and the password (/etc/edge-agent/mqtt_password, credential mqtt_password) and the broker's ACL"
     elif "tls" in low or "certificate" in low:
         fix = "check mqtt.tls.ca_file / cert_file / key_file against the broker's listener, and the clock"
+    elif "mqtt 3.1.1 only" in low:
+        fix = (
+            "enable MQTT 5 on the broker (RabbitMQ >= 3.13, Mosquitto >= 1.6, EMQX, HiveMQ, VerneMQ, ejabberd) or "
+            "point mqtt.host at one that has it; the daemon exits 78 until then"
+        )
     elif "resolve" in low:
         fix = f"mqtt.host {m.host!r} does not resolve: fix the name or use an address"
     else:

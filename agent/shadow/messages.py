@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import models_json_schema
 
 # The outbound conventions of the job protocol (RFC 3339 "ts", unknown fields are bugs).
+from agent.mqtt.grants import BrokerReport
 from agent.mqtt.wire import TIMESTAMP, Outbound, rfc3339
 from agent.shadow.desired import desired_model, section_models
 from agent.shadow.document import MAX_CLIENT_TOKEN_BYTES, MAX_DEPTH, MAX_STATE_BYTES, ShadowDocument
@@ -63,6 +64,8 @@ def _reported_model() -> type[BaseModel]:
                                                            "download (model.url); absent before the first."))  # fmt: skip
     fields["model_change"] = (ModelChangeReport | None, FieldInfo(default=None, description="How the last model "
                                                                   "change ended; absent before the first."))  # fmt: skip
+    fields["broker"] = (BrokerReport | None, FieldInfo(default=None, description="What the broker granted on the "
+                                                       "latest connection, and what it costs this board."))  # fmt: skip
     return create_model(
         "ReportedState",
         __config__=ConfigDict(extra="forbid"),
@@ -74,7 +77,7 @@ def _reported_model() -> type[BaseModel]:
 ReportedState = _reported_model()
 # Names that reported uses besides the settings sections.
 # Facts the daemon reports next to the settings in force (never desired keys).
-FACT_KEYS = ("board", "serving", "pressure", "download", "model_change")
+FACT_KEYS = ("board", "serving", "pressure", "download", "model_change", "broker")
 REPORTED_EXTRAS = ("errors", "pending", "applied_version", *FACT_KEYS)
 
 

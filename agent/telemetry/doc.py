@@ -40,6 +40,9 @@ _KIND_DOCS = {
     "`model.signature`), or a signed update for a version that is gone (409: a replay, or two operators at once); "
     "`details.code`, `details.keys` (never their values), `details.key_id`, `details.reason`. At most 3 a minute: "
     "the rest are counted in one more such event with `details.suppressed`.",
+    EventKind.session_lost: "The broker started a new session where it should have resumed the board's (a broker "
+    "restarted without keeping sessions, or another cluster node that does not share them): jobs queued for the "
+    "board while it was away are lost unless submitters resend them; `details.broker`, `details.fix`.",
 }
 
 

@@ -31,6 +31,7 @@ class EventKind(StrEnum):
     signals_missing = "signals_missing"  # the governor works without some signals (no PSI, no memory cgroup)
     model_change = "model_change"  # a model change ended: applied, or rolled back (load or canary failed)
     update_refused = "update_refused"  # a shadow update refused for its operator signature or its model's
+    session_lost = "session_lost"  # the broker started a new session where it should have resumed the board's
 
 
 class Event(BaseModel):
@@ -42,7 +43,7 @@ class Event(BaseModel):
     ts: AwareDatetime = Field(description="When it happened, RFC 3339 UTC.")
     kind: EventKind = Field(
         description="What happened (level_changed, action, throttling_changed, spool_dropped, signals_missing, "
-        "model_change, update_refused)."
+        "model_change, session_lost, update_refused)."
     )
     level: str | None = Field(default=None, description="The governor's level after the event: ok, warn or critical.")
     previous_level: str | None = Field(default=None, description="level_changed: the level before.")
