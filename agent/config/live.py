@@ -69,7 +69,7 @@ def _all_keys(model: type[BaseModel]) -> dict[str, LiveKind | None]:
 def all_keys(model: type[BaseModel] | None = None) -> dict[str, LiveKind | None]:
     """Every leaf setting, dotted, with its live kind (None: restart only)."""
     if model is None:
-        from agent.config import Settings
+        from agent.config import Settings  # the settings tree imports this module: a top-level import would be a cycle
 
         model = Settings
     return dict(_all_keys(model))

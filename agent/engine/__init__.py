@@ -26,12 +26,12 @@ from agent.engine.types import (
 )
 
 if TYPE_CHECKING:
-    from agent.engine.engine import Engine
+    from agent.engine.engine import Engine  # costly: loads llama.cpp (see the docstring)
 
 
 def __getattr__(name: str) -> Any:
     if name == "Engine":
-        from agent.engine.engine import Engine
+        from agent.engine.engine import Engine  # costly: loads llama.cpp (see the docstring)
 
         return Engine
     raise AttributeError(f"module 'agent.engine' has no attribute {name!r}")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import fastjsonschema
+
 from agent.config.sections import CanarySettings
 from agent.engine.types import ChatMessage, EngineLike, GenerationRequest, GenerationResult
 from agent.errors import EdgeAgentError
@@ -77,7 +79,6 @@ def judge(c: CanarySettings, result: GenerationResult, took_ms: float) -> Canary
 
 
 def _schema_problem(schema: dict[str, Any], text: str) -> str | None:
-    import fastjsonschema
 
     try:
         value = json.loads(text)
@@ -93,7 +94,6 @@ def _schema_problem(schema: dict[str, Any], text: str) -> str | None:
 
 @lru_cache(maxsize=8)
 def _validator(schema_json: str) -> Callable[[Any], Any]:
-    import fastjsonschema
 
     return fastjsonschema.compile(json.loads(schema_json))
 

@@ -30,6 +30,7 @@ from typing import Any
 import llama_cpp
 import llama_cpp.llama_cpp as C
 
+from agent.engine.estimate import LlamaSizes, ubatch_size
 from agent.system.libc import LIBC
 
 log = logging.getLogger("agent.engine.llama")
@@ -507,7 +508,7 @@ def cpu_repack(tensors: Iterable[Any], *, tied_embeddings: bool, n_expert_used: 
     Cortex-A72 nothing). ``tensors``: the header's TensorEntry list. A tied output matrix is a
     duplicate of ``token_embd`` used by a matrix product and is asked about as one. Takes about
     5 ms for 300 tensors. Raises OSError when ggml's functions cannot be found."""
-    import gguf
+    import gguf  # costly: gguf pulls in numpy; only the repack probe needs it
 
     g = _ggml()
     names = tuple(g.buft_name(b).decode() for b in g.extra_bufts)
@@ -547,7 +548,6 @@ class ExactSizer:
     model or size a context; close() (or ``with``) frees the probe."""
 
     def __init__(self, path: Any, info: Any, *, n_batch: int, type_k: str, type_v: str, flash_attn: bool) -> None:
-        from agent.engine.estimate import ubatch_size
 
         self._ubatch_size = ubatch_size
         self._info = info
@@ -570,7 +570,6 @@ class ExactSizer:
         self._probe = BufferProbe(str(path))
 
     def __call__(self, n_ctx: int, slots: int = 1) -> Any:
-        from agent.engine.estimate import LlamaSizes
 
         if (n_ctx, slots) not in self._cache:
             n_batch = min(self._n_batch, n_ctx)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from agent.system.libc import LIBC
+from agent.system.progress import progress as progress_of
 
 PAGE = mmap.PAGESIZE
 
@@ -86,7 +87,6 @@ def warm_up(path: Path | str, ranges: list[tuple[str, int, int]], *, progress: b
     Reading through our own mapping fills the shared page cache, so llama.cpp's mapping then finds
     the pages there (a minor fault instead of a disk read in the middle of a generation).
     """
-    from agent.system.progress import progress as progress_of
 
     size = os.path.getsize(path)
     total = sum(n for _, _, n in ranges)

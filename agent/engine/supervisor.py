@@ -26,6 +26,8 @@ from agent.config.sections import CanarySettings, EngineSettings, MemorySettings
 from agent.engine.canary import CanaryFailed, CanaryResult, run_canary
 from agent.engine.types import EngineLike, LoadReport, RequestLimits
 from agent.errors import EdgeAgentError, EngineError, ModelError
+from agent.models.paths import resolve_model_path
+from agent.signing import Trust, running_version, verify_model_file
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,6 @@ class EngineConfig:
 
     def model_file(self) -> Path:
         """model.path resolved, inside models_dir (ModelError otherwise)."""
-        from agent.models.paths import resolve_model_path
 
         return resolve_model_path(self.model.path, self.models_dir)
 
@@ -380,8 +381,6 @@ class Supervisor:
                     code="model_sha256_mismatch",
                 )
         if config.model.trusted_keys:  # signed models only: checked before llama.cpp reads a byte of the file
-            from agent.signing import running_version, verify_model_file
-
             sha, now, old = sha or file_sha256(path), time.time(), self._config
             floor = running_version(old.model, old.models_dir / old.model.path, _trust(config), now) if old else None
             verify_model_file(config.model, path, sha, running=floor, now=now)
@@ -417,7 +416,6 @@ class Supervisor:
 
 
 def _trust(config: EngineConfig) -> Any:
-    from agent.signing import Trust
 
     return Trust.from_texts(config.model.trusted_keys)
 

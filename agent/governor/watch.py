@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from agent.codes import ErrorCode
 from agent.config import Settings
+from agent.engine.supervisor import Applied
 from agent.engine.types import LoadReport
 from agent.governor.policy import Action, Decision, Governor, Signals, available_to_agent, describe
 from agent.jobs.admission import Admission, admit
@@ -239,7 +240,6 @@ class AgentActions:
         return list(self._supervisor.park())
 
     def reload_model(self) -> bool:
-        from agent.engine.supervisor import Applied
 
         return isinstance(self._supervisor.resume(), Applied)
 

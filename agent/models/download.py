@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from agent import __version__
 from agent.errors import EdgeAgentError
 from agent.system.files import fsync_dir
 
@@ -145,7 +146,7 @@ class HttpLink:
         connect_timeout_s: float = 15.0,
         read_timeout_s: float = 60.0,
     ) -> None:
-        import urllib3
+        import urllib3  # costly: only a download needs the HTTP client
 
         self._urllib3 = urllib3
         try:
@@ -221,7 +222,7 @@ class Response:
 
 
 def _convert(e: Exception, url: str) -> DownloadError:
-    import urllib3
+    import urllib3  # costly: only a download needs the HTTP client
 
     where = redact(url)
     reason = getattr(e, "reason", None) or e
@@ -244,7 +245,6 @@ def _short(e: object) -> str:
 
 
 def _user_agent() -> str:
-    from agent import __version__
 
     return f"edge-agent/{__version__}"
 

@@ -20,6 +20,7 @@ import mmap
 import re
 import struct
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -450,8 +451,6 @@ def _read_value(c: _Cursor, key: str, vtype: int, array_lengths: dict[str, int])
 
 def _gguf_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("gguf")
     except Exception:  # noqa: BLE001  only used in a message
         return "(unknown version)"

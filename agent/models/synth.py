@@ -26,6 +26,7 @@ import gguf
 import numpy as np
 
 from agent.system.files import fsync_dir
+from agent.system.progress import progress as progress_of
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
 F32 = gguf.GGMLQuantizationType.F32
@@ -252,8 +253,6 @@ def synth_model(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         writer.close()
-
-        from agent.system.progress import progress as progress_of
 
         total = sum(_tensor_nbytes(ne, q) for _, ne, q in plan)
         bar = progress_of(total, f"synth {preset}", enabled=progress)

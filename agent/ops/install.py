@@ -25,8 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomlkit
+from pydantic import ValidationError
+
+from agent.config import Settings, load_settings
 from agent.errors import ConfigError, EdgeAgentError
+from agent.ops.units import memory_limits, plan_model, profile_budget, render_units
 from agent.system.files import atomic_file
+from agent.system.progress import progress
 
 USER = "edge-agent"
 CONFIG_DIR = Path("/etc/edge-agent")
@@ -177,7 +183,6 @@ class CopyModel(Step):
             return "unchanged"
         if ctx.dry_run:
             return "would copy"
-        from agent.system.progress import progress
 
         target.parent.mkdir(parents=True, exist_ok=True)
         size = self.source.stat().st_size
@@ -330,7 +335,6 @@ def _sha256(path: Path) -> str:
 def config_text(opts: InstallOptions, model_sha256: str | None) -> str:
     """The board's config.toml: the profile with its comments, the service's own folders, and the
     options given; validated like the daemon will read it."""
-    import tomlkit
 
     raw = opts.profile.read_text()
     doc = tomlkit.parse(raw)
@@ -372,9 +376,6 @@ def config_text(opts: InstallOptions, model_sha256: str | None) -> str:
 
 
 def _validate_config(text: str) -> None:
-    from pydantic import ValidationError
-
-    from agent.config import Settings
 
     try:
         Settings.model_validate(tomllib.loads(text))
@@ -384,8 +385,6 @@ def _validate_config(text: str) -> None:
 
 def plan_install(opts: InstallOptions) -> list[Step]:
     """Every step of an install, decided from the options (and the profile and model files)."""
-    from agent.config import load_settings
-    from agent.ops.units import memory_limits, plan_model, profile_budget, render_units
 
     if opts.model is not None and not opts.model.is_file():
         raise InstallError(f"--model {opts.model}: no such file")

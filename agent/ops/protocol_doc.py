@@ -25,6 +25,10 @@ from agent.docgen import main as docgen_main
 from agent.docgen import render_blocks
 from agent.jobs.protocol import TERMINAL, ErrorCode, JobStatus, json_schemas
 from agent.mqtt.topics import Topics
+from agent.shadow import messages
+from agent.shadow.desired import section_models
+from agent.shadow.facts import BoardFacts, ServingModel
+from agent.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "protocol.md"
@@ -207,7 +211,6 @@ def _renderers() -> dict[str, Callable[[], str]]:
         "DeviceStatus",
     ):
         r[f"fields-{model}"] = _named_fields(model)
-    from agent.telemetry import Telemetry
 
     r["fields-Telemetry"] = lambda: _fields_table(Telemetry.model_json_schema())
     r.update(_shadow_renderers())
@@ -216,8 +219,6 @@ def _renderers() -> dict[str, Callable[[], str]]:
 
 def _shadow_renderers() -> dict[str, Callable[[], str]]:
     """The device shadow's blocks: its payload models live in agent.shadow.messages."""
-    from agent.shadow import messages
-    from agent.shadow.facts import BoardFacts, ServingModel
 
     r: dict[str, Callable[[], str]] = {}
     models: tuple[type[BaseModel], ...] = (*messages.INBOUND_MODELS, *messages.OUTBOUND_MODELS, messages.ReportedState,
@@ -230,7 +231,6 @@ def _shadow_renderers() -> dict[str, Callable[[], str]]:
 
 
 def _desired_keys() -> str:
-    from agent.shadow.desired import section_models
 
     how = {"hot": "in place", "reload": "model reload"}
     rows = ["| key | type | bounds | applied | meaning |", "|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ from typing import Any
 from agent.app.state import liveness, read_state, state_path
 from agent.config import Settings
 from agent.errors import EdgeAgentError
+from agent.jobs.store import JobStore
 
 LAST_JOBS = 5
 MiB = 1024 * 1024
@@ -26,7 +27,6 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _store_summary(settings: Settings, limit: int) -> dict[str, Any]:
-    from agent.jobs.store import JobStore
 
     path = settings.store.path
     if path is None or not path.exists():

@@ -24,6 +24,7 @@ its budget is not throttled in normal work. A model whose plan does not fit the 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from agent.config import Settings
 from agent.engine.plan import PlanInputs
 from agent.engine.plan import plan as plan_load
 from agent.errors import ConfigError
-from agent.system.memory import Budget, MiB
+from agent.system.memory import Budget, MiB, meminfo
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_UNITS_DIR = REPO / "systemd"
@@ -157,8 +158,6 @@ def profile_budget(settings: Settings, ram_bytes: int | None = None) -> Budget:
         return Budget(int(mem.budget_mb) * MiB, f"memory.budget_mb = {mem.budget_mb}")
     notes: list[str] = []
     if ram_bytes is None:
-        from agent.system.memory import meminfo
-
         ram_bytes = meminfo().mem_total
         notes.append("budget_mb is 'auto': sized for this machine's RAM; pass --ram-mb for another board")
     b = ram_bytes - int(mem.reserve_mb) * MiB
@@ -240,7 +239,6 @@ def drop_in(limits: MemoryLimits, command: str = "") -> tuple[str, str]:
 
 def default_exec_path() -> str:
     """The edge-agent command of the running installation (the venv's console script)."""
-    import sys
 
     candidate = Path(sys.executable).with_name("edge-agent")
     return str(candidate) if candidate.exists() else SHIPPED_EXEC

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Literal
 
+from tqdm import tqdm
+
 Mode = Literal["bar", "log", "off"]
 
 log = logging.getLogger("agent.progress")
@@ -143,7 +145,6 @@ def progress(
         return _Off()
     if mode == "log":
         return LogProgress(total, desc, unit=unit, interval_s=interval_s, logger=logger)
-    from tqdm import tqdm
 
     scale = dict(unit_scale=True, unit_divisor=1024) if unit == "B" else {}
     return tqdm(total=total, desc=desc, unit=unit, file=stream or sys.stderr, leave=False, **scale)
