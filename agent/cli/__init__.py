@@ -3,6 +3,10 @@
 Each module in COMMAND_MODULES exposes ``register(subparsers)``; each handler takes the parsed
 arguments and returns an exit code. Project errors become one line on stderr and exit 1
 (or EXIT_CANNOT_START where a handler says the daemon cannot start).
+
+Imports inside handlers are deliberate (costly): every command module is imported to build the parser,
+so a handler imports what only its command needs (llama.cpp, the daemon, the stores, the MQTT client),
+and `edge-agent status` or `--help` do not load the rest.
 """
 
 from __future__ import annotations
