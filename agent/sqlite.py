@@ -155,27 +155,22 @@ __all__ = ["Schema", "open_schema", "store_error", "write_transaction"]
 
 
 class SqliteFile:
-    """One SQLite file behind a lock: what the job store and the shadow state share. A subclass sets
-    ``what`` ("the job store") and calls ``_attach`` from its constructor."""
+    """One SQLite file behind a lock: what the job store and the shadow state share. A subclass names
+    the file's role (``what``: "the job store"), the step in errors (``opening``: "opening the store"),
+    what to do when the folder is missing (``no_folder``), and calls ``_attach`` from its constructor."""
 
     what = "the file"
+    opening = "opening the file"
+    no_folder = "create it (under systemd, StateDirectory= creates device.state_dir)"
 
     def _attach(
-        self,
-        path: Path,
-        *,
-        readonly: bool,
-        busy_timeout_ms: int,
-        synchronous: str,
-        no_folder: str,
-        no_file: str,
-        opening: str,
+        self, path: Path, readonly: bool, busy_timeout_ms: int, synchronous: str, *, no_file: str,
         prepare: Callable[[sqlite3.Connection], None],
-    ) -> None:
-        """Open ``path`` and ``prepare`` it (``open_schema``). ``no_folder`` is what to do when its folder
-        is missing; ``no_file`` the whole message for a missing file when ``readonly`` (the CLI reads an
-        existing file only, with no write lock, while the daemon runs); ``opening`` names the step in
-        errors ("opening the store")."""
+    ) -> None:  # fmt: skip
+        """Open ``path`` and ``prepare`` it (``open_schema``). ``no_file`` is the whole message for a
+        missing file when ``readonly`` (the CLI reads an existing file only, with no write lock, while
+        the daemon runs)."""
+        opening, no_folder = self.opening, self.no_folder
         self.path, self.readonly = path, readonly
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None

@@ -30,6 +30,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -239,6 +240,8 @@ class JobStore(SqliteFile):
     """The SQLite job store. Thread-safe; one instance per process and file."""
 
     what = "the job store"
+    opening = "opening the store"
+    no_folder = "create it or set store.path (under systemd, StateDirectory= creates device.state_dir)"
 
     def __init__(
         self,
@@ -263,16 +266,9 @@ class JobStore(SqliteFile):
         self.keep_finished = keep_finished
         self.keep_finished_days = keep_finished_days
         self._clock = clock
-        self._attach(
-            self.path,
-            readonly=readonly,
-            busy_timeout_ms=busy_timeout_ms,
-            synchronous=synchronous,
-            no_folder="create it or set store.path (under systemd, StateDirectory= creates device.state_dir)",
-            no_file=f"no job store at {self.path} (has the daemon run with this config?)",
-            opening="opening the store",
-            prepare=lambda conn: self._open(conn, synchronous, busy_timeout_ms),
-        )
+        no_file = f"no job store at {self.path} (has the daemon run with this config?)"
+        prepare = partial(self._open, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
+        self._attach(self.path, readonly, busy_timeout_ms, synchronous, no_file=no_file, prepare=prepare)
 
     def configure(self, settings: StoreSettings) -> None:
         """Take the live limits from the settings (a reload or the device shadow).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,6 +49,7 @@ class ShadowStore(SqliteFile):
     """The shadow's SQLite file. Thread-safe (one connection behind a lock); one per process and file."""
 
     what = "the shadow state"
+    opening = "opening the shadow state"
 
     def __init__(
         self,
@@ -61,16 +63,9 @@ class ShadowStore(SqliteFile):
         """``readonly``: read an existing file only (the CLI, while the daemon runs)."""
         self.path = Path(path)
         self._clock = clock
-        self._attach(
-            self.path,
-            readonly=readonly,
-            busy_timeout_ms=busy_timeout_ms,
-            synchronous=synchronous,
-            no_folder="create it (under systemd, StateDirectory= creates device.state_dir)",
-            no_file=f"no shadow state at {self.path} (has the daemon run with this config, and received an update?)",
-            opening="opening the shadow state",
-            prepare=lambda conn: self._open(conn, synchronous, busy_timeout_ms),
-        )
+        no_file = f"no shadow state at {self.path} (has the daemon run with this config, and received an update?)"
+        prepare = partial(self._open, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
+        self._attach(self.path, readonly, busy_timeout_ms, synchronous, no_file=no_file, prepare=prepare)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, readonly: bool = False) -> ShadowStore:
