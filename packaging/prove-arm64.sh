@@ -19,7 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 BUNDLE=${1:?usage: prove-arm64.sh BUNDLE.tar [ROOT]}
 ROOT=${2:-/var/cache/edge-agent-arm64/root-bookworm}
-CPUS=${CPUS:-cortex-a53 cortex-a72 cortex-a76}
+CPUS=${CPUS-cortex-a53 cortex-a72 cortex-a76}   # CPUS="": the install steps only
 # The default subset: the checks and CLIs this work touches, the store, protocol and config, and the engine
 # and the daemon on the tiny model with a private broker (about what a board exercises).
 TESTS=${TESTS:-tests/test_bundle.py tests/test_doctor.py tests/test_store.py tests/test_config.py tests/test_ops_units.py tests/test_engine.py tests/test_runner.py tests/test_daemon.py}
