@@ -11,7 +11,7 @@ import json
 import queue
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from agent.config import Settings
@@ -66,12 +66,7 @@ class ShadowClient:
         is offline or does not answer in time (the last document it published)."""
         token = _token()
         self._publish(self.topics.shadow_get, json.dumps({"client_token": token}).encode())
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            msg = self._next(left)
-            if msg is None:
-                break
-            data = self._observe(msg)
+        for msg, data in self._observed(timeout):
             if data is not None and msg.topic == self.topics.shadow_get_accepted and _has_token(data, token):
                 return data, "device"
             if data is not None and msg.topic == self.topics.shadow_get_rejected and _has_token(data, token):
@@ -104,12 +99,7 @@ class ShadowClient:
         if signature is not None:
             body["signature"] = signature
         self._publish(self.topics.shadow_update, json.dumps(body).encode(), retain=retain)
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            msg = self._next(left)
-            if msg is None:
-                break
-            data = self._observe(msg)
+        for msg, data in self._observed(timeout):
             if msg.topic == self.topics.shadow_update_accepted and _has_token(data, token):
                 return "accepted", data
             if msg.topic == self.topics.shadow_update_rejected and _has_token(data, token):
@@ -122,12 +112,7 @@ class ShadowClient:
         """The first document whose reported.applied_version is at least ``version`` (None at timeout)."""
         if self.latest is not None and _applied(self.latest) >= version:
             return self.latest
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            msg = self._next(left)
-            if msg is None:
-                break
-            data = self._observe(msg)
+        for msg, data in self._observed(timeout):
             if msg.topic == self.topics.shadow and data is not None:
                 if on_document is not None:
                     on_document(data)
@@ -140,6 +125,15 @@ class ShadowClient:
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         if not self.transport.publish(topic, payload, qos=1, retain=retain).wait(self._connect_timeout):
             raise TransportError(f"the broker did not acknowledge the publish to {topic}")
+
+    def _observed(self, timeout: float) -> Iterator[tuple[InboundMessage, dict[str, Any] | None]]:
+        """Each message that arrives within ``timeout`` s, decoded and observed (``_observe``)."""
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            msg = self._next(left)
+            if msg is None:
+                return
+            yield msg, self._observe(msg)
 
     def _next(self, timeout: float) -> InboundMessage | None:
         try:
