@@ -239,7 +239,7 @@ def _update(service: object, body: dict) -> None:
 
 
 def test_refused_updates_are_events_with_their_reason_and_no_values_at_most_three_a_minute(
-    tmp_path: Path, keys: dict
+    tmp_path: Path, keys: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
     key, public = keys["a"]
     clock, sent = _Clock(NOW), []
@@ -271,13 +271,16 @@ def test_refused_updates_are_events_with_their_reason_and_no_values_at_most_thre
     assert sent[1].details["key_id"] == sig["key_id"] and "does not trust" in sent[1].message
     assert "replayed, or raced" in sent[2].message
 
-    # A flood: 20 more within the minute, none told one by one (3 a minute), then their count once.
+    # A flood: 20 more within the minute, none told one by one (3 a minute), then their count once; the
+    # log does not repeat them either.
     sent.clear()
+    caplog.clear()
     for _ in range(20):
         clock.t += 1
         _update(service, {"state": {"desired": evil}})
     service.run_pending()
     assert sent == []
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "update rejected" in r.getMessage()]
     clock.t = NOW + 60
     assert service.pending_work()  # the window is over: the count is due without a new refusal
     service.run_pending()

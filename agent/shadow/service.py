@@ -406,8 +406,9 @@ class ShadowService:
             else:
                 reply = _rejected(result, now)
                 topic = self.topics.shadow_update_rejected
-                log.warning("shadow: update rejected %d: %s", result.code, result.message)
-                self._note_refusal(result, msg.payload, now)
+                # A flood of refusals about signatures is told (event and log) within the rate limit only.
+                told = self._note_refusal(result, msg.payload, now)
+                (log.warning if told else log.debug)("shadow: update rejected %d: %s", result.code, result.message)
             self._publish(topic, reply.to_payload(), 1, False)
             if isinstance(result, Accepted):
                 self._publish_state(now)
@@ -418,8 +419,9 @@ class ShadowService:
 
     # ------------------------------------------------------------------ refused updates as events
 
-    def _note_refusal(self, result: Rejected, payload: bytes, now: float) -> None:
-        """Lock held: queue the event a refusal about signatures calls for, within the rate limit."""
+    def _note_refusal(self, result: Rejected, payload: bytes, now: float) -> bool:
+        """Lock held: queue the event a refusal about signatures calls for, within the rate limit. False
+        when the rate limit held it back (counted for the next event instead)."""
         try:
             update: UpdateRequest | None = parse_update(payload)
         except BadRequest:
@@ -432,10 +434,10 @@ class ShadowService:
         elif result.code == 409 and signed:
             reason = result.message + " (a signed update for a version that is gone: replayed, or raced)"
         else:
-            return  # a plain mistake (a bad value, a version race without a signature): the reply says it
+            return True  # a plain mistake (a bad value, a version race without a signature): the reply says it
         self._take_overflow(now)
         if not self._refusals.allow(now):
-            return
+            return False
         keys = (
             sorted(flatten(update.desired))[:_EVENT_KEYS] if update is not None and update.desired is not None else []
         )
@@ -451,6 +453,7 @@ class ShadowService:
                 key_id=kid if isinstance(kid, str) and _KEY_ID.fullmatch(kid) else None,
             )
         )
+        return True
 
     def _take_overflow(self, now: float) -> None:
         """Lock held: once a window with refusals held back is over, their count is queued as one event."""
