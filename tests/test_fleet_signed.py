@@ -124,6 +124,8 @@ def test_a_signed_rollout_is_verified_canaried_and_served_by_every_board(
         assert rc == 0, err
         assert r["state"] == "succeeded" and r["counts"] == {"succeeded": 4} and r["waves"] == 2, r
         assert r["key_id"] and r["target"]["signature"] == sig.read_text().strip()
+        rc, text, _ = fleet_cli(capsys, "status", r["id"], "--db", str(tmp_path / "r.db"))
+        assert f"signed by key {r['key_id']}" in text and "with its signed manifest" in text, text
         assert fleet.serving() == {dev: "new.gguf" for dev in IDS}
         for dev, d in fleet.daemons.items():
             rep = d.daemon.parts.shadow.document.reported

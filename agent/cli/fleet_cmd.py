@@ -409,7 +409,9 @@ def render_status(r: Any) -> str:
     p = r.spec.policy
     lines = [
         f"rollout {r.id}: {r.state}" + (f" ({r.reason})" if r.reason else ""),
-        f"model     {t.path}  sha256 {t.sha256[:16]}...{'  from ' + t.url if t.url else ''}",
+        f"model     {t.path}  sha256 {t.sha256[:16]}...{'  from ' + t.url if t.url else ''}"
+        + ("  with its signed manifest" if t.signature else ""),
+        f"updates   signed by key {r.spec.key_id}" if r.spec.key_id else "updates   unsigned (no --key)",
         f"policy    waves {','.join(f'{w:g}%' for w in p.waves)}  max failures {p.max_failures}  min devices "
         f"{p.min_devices}  timeout per wave {p.timeout_per_wave_s:g} s  ({r.spec.selection})",
         f"progress  wave {max(r.wave, 0) + 1} of {r.waves()}  "
