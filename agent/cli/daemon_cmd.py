@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the result (default 300)")
     s.add_argument("--json", action="store_true", help="print the result message as JSON")
     s.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker (default 10)")
+    s.add_argument(
+        "--resend-after",
+        type=float,
+        default=30.0,
+        help="with --wait/--stream: send the job again (same job id: it never runs twice) when the device said "
+        "nothing about it for this many seconds, then after twice as long, ... (default 30; 0: never)",
+    )
     s.set_defaults(handler=_submit)
 
     j = sub.add_parser("jobs", help="read the local job store")
@@ -170,6 +177,10 @@ def _submit(args: argparse.Namespace) -> int:
             timeout=args.wait_timeout,
             on_status=on_status,
             on_piece=(lambda p: print(p["text"], end="", flush=True)) if args.stream else None,
+            resend_after_s=args.resend_after or None,
+            on_resend=lambda waited: print(
+                f"[no answer from the device after {waited:.0f} s: job {job_id} sent again, same id]", file=sys.stderr
+            ),
         )
         if result is None:
             why = client.silence_reason(last.get("status")).replace("JOB_ID", job_id)

@@ -114,7 +114,11 @@ class Intake:
             self._publish(self._topics.status(rec.job_id), msg.to_payload(), qos=1)
             self._job_queued()
         elif accepted.outcome == "duplicate_pending":
-            log.info("job %s received again while %s: ignored", rec.job_id, rec.status.value)
+            # A submitter resends a job whose QUEUED it did not see (lost with a broker's session, or in
+            # flight): it is not run twice, and the current status tells the submitter to stop resending.
+            log.info("job %s received again while %s: status sent again, not run twice", rec.job_id, rec.status.value)
+            msg = rec.status_message(self._topics.device_id, self._clock())
+            self._publish(self._topics.status(rec.job_id), msg.to_payload(), qos=1)
         else:  # finished earlier, or refused now (invalid, queue full, expired): (re)send the stored outcome
             if accepted.outcome != "duplicate_finished":
                 log.warning("job %s %s: %s", rec.job_id, rec.status.value, rec.error_code)

@@ -53,6 +53,8 @@ class JobClient:
             manual_ack=False,
         )
         self._connect_timeout = connect_timeout
+        self._sent: dict[str, tuple[str, bytes]] = {}  # job id -> (topic, payload), for resending
+        self.resends: dict[str, int] = {}  # job id -> how many times it was sent again
 
     def __enter__(self) -> JobClient:
         self.connect()
@@ -102,8 +104,19 @@ class JobClient:
         """Publish a job (QoS 1) and wait for the broker's PUBACK. Returns the job id."""
         job_id = job_id or uuid.uuid4().hex
         payload = json.dumps({"job_id": job_id, "kind": "generate", **request}).encode()
+        self._sent[job_id] = (topic or self.topics.submit, payload)
         self.publish_raw(topic or self.topics.submit, payload)
         return job_id
+
+    def resend(self, job_id: str) -> bool:
+        """Publish a submitted job again, same id and payload (safe: a device never runs an id twice, and
+        answers a duplicate with its current status). False when it could not be sent now (not connected,
+        or no PUBACK within the connect timeout): try again later."""
+        topic, payload = self._sent[job_id]
+        if not self.transport.publish(topic, payload, qos=1).wait(self._connect_timeout):
+            return False
+        self.resends[job_id] = self.resends.get(job_id, 0) + 1
+        return True
 
     def publish_raw(self, topic: str, payload: bytes, qos: int = 1) -> None:
         if not self.transport.publish(topic, payload, qos=qos).wait(self._connect_timeout):
@@ -125,14 +138,37 @@ class JobClient:
         timeout: float,
         on_status: Callable[[dict[str, Any]], None] | None = None,
         on_piece: Callable[[dict[str, Any]], None] | None = None,
+        resend_after_s: float | None = None,
+        on_resend: Callable[[float], None] | None = None,
     ) -> dict[str, Any] | None:
-        """Print-free follower: calls back on statuses and stream pieces; returns the result, or None at timeout."""
-        end = time.monotonic() + timeout
+        """Print-free follower: calls back on statuses and stream pieces; returns the result, or None at timeout.
+
+        ``resend_after_s``: when nothing about the job (no status, piece or result) arrived that long after it
+        was sent, send it again with the same id (``resend``), then after twice as long, and so on, until the
+        device answers: a job lost with a broker's session (a broker restart, a cluster node that died, a
+        session that expired) still runs. ``on_resend(waited_s)`` is told each time. Only for jobs this client
+        submitted."""
+        start = time.monotonic()
+        end = start + timeout
         want = {self.topics.status(job_id), self.topics.result(job_id), self.topics.stream(job_id)}
+        heard = False
+        interval = resend_after_s
+        next_resend = start + interval if interval and job_id in self._sent else None
         while (left := end - time.monotonic()) > 0:
+            if next_resend is not None and not heard:
+                now = time.monotonic()
+                if now >= next_resend:
+                    assert interval is not None
+                    if self.resend(job_id):
+                        interval *= 2
+                        if on_resend is not None:
+                            on_resend(now - start)
+                    next_resend = time.monotonic() + (interval or 1.0)
+                left = min(left, max(0.0, next_resend - time.monotonic()))
             msg = self.messages(left)
             if msg is None or msg.topic not in want:
                 continue
+            heard = True
             data: dict[str, Any] = json.loads(msg.payload)
             if msg.topic.endswith("/result"):
                 return data
