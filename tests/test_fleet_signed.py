@@ -188,6 +188,14 @@ def test_an_unsigned_rollout_is_refused_by_the_boards_and_changes_nothing(
         assert all("model" not in d.daemon.parts.shadow.document.desired for d in fleet.daemons.values())
         assert server.requests() == []  # nothing was fetched
 
+        # A refusal that comes after --reply-timeout (a slow board) fails the device as soon as it arrives,
+        # with its reason, not at the wave's timeout.
+        args = rollout(operator, tmp_path / "r2.db", server, new_model, "--signature", str(sig), "--reply-timeout", "0")
+        rc, late, err = fleet_cli(capsys, *args)
+        assert rc == 1 and late["state"] == "aborted", err
+        assert late["devices"][0]["message"].startswith("update rejected 403: "), late["devices"][0]
+        assert fleet.serving() == {dev: "model.gguf" for dev in IDS}
+
         # The same rollout resumed with a key it was not started with is refused before anything is sent.
         rc, _, err = fleet_cli(capsys, "rollout", "-c", str(operator), "--db", str(tmp_path / "r.db"), "--resume",
                                r["id"], "--key", str(key[0]))  # fmt: skip

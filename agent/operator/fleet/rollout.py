@@ -14,6 +14,8 @@ Given the operator's private key, every update and restore is signed as `edge-ag
 signs it (agent.signing.sign_update): for one device, at the document version its retained shadow
 shows, valid until the wave's time is up. Boards that trust operator keys refuse unsigned changes of
 model.* (403); a signed update that meets a newer version (409) is signed again at that version, once.
+An answer that comes after ``reply_timeout_s`` (a slow board, one that was offline) is taken at the next
+step: a refusal fails its device then, with its reason, rather than at the wave's timeout.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class RolloutDriver:
 
     def _step_running(self, r: Rollout) -> tuple[Rollout, bool]:
         now = self.clock()
+        if late := self._late_replies(r):
+            r = self.store.load(r.id)
         target = r.spec.target
         for d in r.devices:
             if d.state != "updating":
@@ -125,7 +129,7 @@ class RolloutDriver:
                 r.id, dev, state="failed", done_at=now, message=f"{why} ({d.message})" if d.message else why
             )
         if dec.action == "wait":
-            return self.store.load(r.id), bool(dec.timed_out)
+            return self.store.load(r.id), bool(dec.timed_out) or late
         if dec.action == "advance":
             wave = r.wave + 1
             self.store.set_rollout(r.id, wave=wave, wave_started=now, reason=dec.reason)
@@ -169,7 +173,8 @@ class RolloutDriver:
 
     def _step_aborting(self, r: Rollout) -> tuple[Rollout, bool]:
         now = self.clock()
-        acted = False
+        if acted := self._late_replies(r):
+            r = self.store.load(r.id)
         for d in r.devices:
             if d.state != "restoring":
                 continue
@@ -219,12 +224,7 @@ class RolloutDriver:
                 self._send_one(r, tokens[token], desired, token, version=version)
             replies.update(self.client.replies(list(again), self.reply_timeout_s))
         for token, (answer, body) in replies.items():
-            device = tokens[token]
-            if answer == "accepted":
-                field = "restore_version" if restore else "version"
-                self.store.set_device(rid, device, **{field: int(body["version"])})
-            else:
-                self._rejected(rid, device, kind, body, restore=restore)
+            self._answer(rid, tokens[token], kind, answer, body, restore=restore)
         for token, device in tokens.items():
             if token not in replies:
                 log.info(
@@ -244,6 +244,28 @@ class RolloutDriver:
         expires = iso(self.clock() + r.spec.policy.timeout_per_wave_s)  # a late delivery past the wave is refused
         signature = sign_update(desired, device=device, version=version, key=self.key, expires=expires)
         self.client.send_update(device, desired, token=token, version=version, signature=signature)
+
+    def _late_replies(self, r: Rollout) -> bool:
+        """Answers that came after ``reply_timeout_s`` (a slow board, or one that was offline), taken now:
+        a refusal fails its device at once rather than at the wave's timeout. True when there were any."""
+        restore = r.state == "aborting"
+        if restore:
+            waiting = [d.device for d in r.devices if d.state == "restoring" and d.restore_version is None]
+        else:
+            waiting = [d.device for d in r.devices if d.state == "updating" and d.version is None]
+        kind = "restore" if restore else "update"
+        tokens = {f"rollout-{r.id}-{kind}-{dev}": dev for dev in waiting}
+        replies = self.client.replies(list(tokens), 0.0) if tokens else {}
+        for token, (answer, body) in replies.items():
+            self._answer(r.id, tokens[token], kind, answer, body, restore=restore)
+        return bool(replies)
+
+    def _answer(self, rid: str, device: str, kind: str, answer: str, body: dict[str, Any], *, restore: bool) -> None:
+        if answer == "accepted":
+            field = "restore_version" if restore else "version"
+            self.store.set_device(rid, device, **{field: int(body["version"])})
+        else:
+            self._rejected(rid, device, kind, body, restore=restore)
 
     def _rejected(self, rid: str, device: str, kind: str, body: dict[str, Any], *, restore: bool) -> None:
         errors = body.get("errors") or {}
