@@ -47,12 +47,16 @@ class EjabberdBroker:
         session_expiry_s: int = 300,
         port: int | None = None,
         start_timeout_s: float = 30.0,
+        join: EjabberdBroker | None = None,
     ) -> None:
+        """``join``: a running node whose cluster this one joins (Mnesia extra_db_nodes: the MQTT
+        sessions and subscriptions are shared; the port mapper is that node's)."""
         self.dir = Path(tmp_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = HOST
         self.port = port if port is not None else free_port()
-        self.epmd_port = free_port()
+        self.join = join
+        self.epmd_port = join.epmd_port if join is not None else free_port()
         self.session_expiry_s = session_expiry_s
         self.start_timeout_s = start_timeout_s
         self.tls = None  # BrokerClient reads it
@@ -114,7 +118,7 @@ class EjabberdBroker:
         self._write_conf()
         out = open(self.dir / "erl.stdout", "ab")
         try:
-            if self._epmd is None or self._epmd.poll() is not None:
+            if self.join is None and (self._epmd is None or self._epmd.poll() is not None):
                 # In the foreground (no -daemon): a child of ours, ended by its pid.
                 self._epmd = subprocess.Popen(
                     [EPMD, "-port", str(self.epmd_port), "-address", HOST],
@@ -130,6 +134,9 @@ class EjabberdBroker:
                     "-noinput",
                     "-start_epmd",
                     "false",
+                    "-setcookie",
+                    "edgetest",
+                    *self._join_args(),
                     "-kernel",
                     "inet_dist_use_interface",
                     "{127,0,0,1}",
@@ -159,6 +166,16 @@ class EjabberdBroker:
         tail = self.log_tail()
         self._end_all()
         raise BrokerError(f"ejabberd did not listen on {self.port} within {self.start_timeout_s}s\n{tail}")
+
+    def _join_args(self) -> list[str]:
+        """A node joining a cluster: Mnesia starts with the other node as an extra db node (it copies the
+        schema) and makes its schema a disc copy before ejabberd starts, as ejabberdctl join_cluster does."""
+        if self.join is None:
+            return []
+        return [
+            "-mnesia", "extra_db_nodes", f"['{self.join.node}']",
+            "-eval", "ok = mnesia:start(), {atomic, ok} = mnesia:change_table_copy_type(schema, node(), disc_copies)",
+        ]  # fmt: skip
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to the Erlang VM (init:stop: listeners close, clients get no will), then epmd."""

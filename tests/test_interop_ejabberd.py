@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from agent.config import load_settings
 from agent.mqtt.transport import MqttTransport
+from agent.operator.jobs import JobClient
 from agent.ops.doctor import check_broker, probe_brokers
 from tests.broker import BrokerClient, TcpProxy
 from tests.daemon_harness import DaemonProcess, InProcessDaemon, wait_online, write_daemon_config
@@ -190,3 +192,44 @@ def test_will_on_ejabberd_when_the_daemon_is_killed(tmp_path: Path, tiny_model: 
             state = json.loads(cloud.expect("edge/dev-a/status", timeout=T).payload)["state"]
             if state == "offline":
                 break
+
+
+def test_cluster_failover_through_mqtt_hosts_loses_no_acknowledged_job(tmp_path: Path, tiny_model: Path) -> None:
+    """Two ejabberd nodes in one cluster; the daemon on node A (mqtt.hosts = [A, B]), the submitter on B.
+    A is killed (SIGKILL): the daemon fails over to B, and every job B acknowledged to the submitter, also
+    those sent while the daemon had no session anywhere, ends exactly once (the submitter resends what got
+    no answer; the board never runs an id twice)."""
+    a = EjabberdBroker(tmp_path / "a").start()
+    b: EjabberdBroker | None = None
+    try:
+        b = EjabberdBroker(tmp_path / "b", join=a).start()
+        hosts = [f"{a.host}:{a.port}", f"{b.host}:{b.port}"]
+        cfg = config(tmp_path, a, tiny_model, hosts=hosts, failback_s=3600)
+        file_settings = load_settings(cfg, environ={})
+        on_b = file_settings.model_copy(
+            update={"mqtt": file_settings.mqtt.model_copy(update={"hosts": [hosts[1]], "username": "cloud"})}
+        )
+        with peer(a, "watch-a") as watch:
+            watch.subscribe("edge/dev-a/status")
+            with InProcessDaemon(cfg) as d, JobClient(on_b, device_id="dev-a") as client:
+                wait_online(watch, "dev-a", timeout=60)
+                first = client.submit({"prompt": "Hello", "max_tokens": 2}, job_id="c-0")
+                result = client.follow(first, timeout=60)
+                assert result is not None and result["status"] == "SUCCEEDED"  # routed from B to the daemon on A
+                a.kill()
+                ids = [client.submit({"prompt": "Hello", "max_tokens": 2}, job_id=f"c-{i}") for i in range(1, 4)]
+                for job_id in ids:
+                    result = client.follow(job_id, timeout=90, resend_after_s=2.0)
+                    assert result is not None and result["status"] == "SUCCEEDED", job_id
+                assert d.daemon.parts.transport.broker == hosts[1]
+                for job_id in [first, *ids]:
+                    rec = d.daemon.parts.store.get(job_id)
+                    assert rec is not None and rec.attempt == 1, job_id
+                # the session died with node A: the board says so
+                problems = d.daemon.parts.reporter.reported_facts()["broker"]["problems"]
+                assert "session_lost" in [p["code"] for p in problems]
+                print(f"cluster failover: resends {client.resends}")
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()

@@ -119,8 +119,19 @@ class JobClient:
         return True
 
     def publish_raw(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        if not self.transport.publish(topic, payload, qos=qos).wait(self._connect_timeout):
-            raise TransportError(f"the broker did not acknowledge the publish to {topic}")
+        """Publish and wait for the PUBACK. A connection lost before it (a broker node going down can drop
+        its clients: ejabberd 23.01 does when a cluster peer dies) is waited out and the message sent again,
+        within the connect timeout; only an acknowledged message counts as taken by the broker."""
+        deadline = time.monotonic() + self._connect_timeout
+        while True:
+            handle = self.transport.publish(topic, payload, qos=qos)
+            if handle.wait(max(0.0, deadline - time.monotonic())):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0 or (handle.done and self.transport.connected):  # timed out, or refused (an ACL)
+                why = f": {handle.error}" if handle.error else ""
+                raise TransportError(f"the broker did not acknowledge the publish to {topic}{why}")
+            self.transport.wait_connected(left)
 
     def cancel(self, job_id: str) -> None:
         self.publish_raw(self.topics.cancel(job_id), b"")
