@@ -149,8 +149,14 @@ class FileHashes:
         ]
         try:
             atomic_write(self._cache_file, json.dumps({"files": files}, indent=1), durable=False)  # a cache
-        except OSError as e:  # the cache only saves hashing: losing a write costs one hash after a restart
-            log.warning("model sha256: cannot write %s: %s", self._cache_file, e.strerror or e)
+        except OSError as e:
+            # The cache only saves hashing: losing a write costs one hash after a restart. Not a warning: a
+            # full or read-only disk is told once by the job store's health, and a cache is no reason to repeat it.
+            log.info(
+                "model sha256: cannot write %s (%s); the digest is computed again after a restart",
+                self._cache_file,
+                e.strerror or e,
+            )
 
 
 __all__ = ["CACHE_FILE", "FileHashes", "identity"]
