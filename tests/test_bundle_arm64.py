@@ -1,4 +1,5 @@
-"""The aarch64 bundle proven on an emulated board (opt-in: 4 min 40 s of qemu on 2 quiet x86 cores).
+"""The aarch64 bundle proven on an emulated board (opt-in: 4 min 40 s of qemu on 2 quiet x86 cores; 8 min 20 s
+signed, with EDGE_AGENT_ARM64_TRUSTED_KEY, on 2 busy ones).
 
     sudo packaging/build-arm64-root.sh                   # once: the Debian bookworm arm64 root, no compiler
     .venv/bin/edge-agent bundle --demo-model --tests [--key KEY]   # the bundle (signed with --key)
