@@ -28,6 +28,7 @@ signs with agent/signing.py's key loading and the cryptography package (run it w
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import os
 import re
@@ -114,8 +115,6 @@ def verify_manifest(root: Path) -> list[str]:
 def sign_manifest(root: Path, private_key: Path) -> str:
     """Sign root's MANIFEST.sha256 with the operator's private key (PKCS#8 PEM, `edge-agent keys generate`):
     writes MANIFEST.sha256.sig and returns the key id."""
-    import base64
-
     from agent.signing import key_id, load_private_key
 
     key = load_private_key(private_key)
