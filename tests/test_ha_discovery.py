@@ -29,7 +29,10 @@ from agent.mqtt.transport import MqttTransport
 from tests.broker import BrokerClient, MosquittoBroker
 
 TOPIC_MATCHER = re.compile(r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config")
-REQUIRED = {"sensor": ("state_topic",), "select": ("command_topic", "options"), "switch": ("command_topic",)}
+REQUIRED = {
+    "sensor": ("state_topic",), "binary_sensor": ("state_topic",), "select": ("command_topic", "options"),
+    "switch": ("command_topic",),
+}  # fmt: skip
 ENV = jinja2.Environment()
 
 
@@ -56,7 +59,7 @@ def check_discovery(topic: str, payload: bytes, prefix: str = "homeassistant") -
     assert dev.get("identifiers") or dev.get("connections")
     assert cfg.get("unique_id")
     assert cfg["origin"]["name"]
-    for a in cfg["availability"]:
+    for a in cfg.get("availability", []):
         assert a["topic"] and "+" not in a["topic"] and "#" not in a["topic"]
     if "command_topic" in cfg:
         assert "+" not in cfg["command_topic"] and "#" not in cfg["command_topic"]
@@ -85,10 +88,11 @@ def test_every_message_follows_the_discovery_schema(tmp_path: Path):
     cfgs = [check_discovery(t, p) for t, p in msgs]
     comps = [TOPIC_MATCHER.fullmatch(t.split("/", 1)[1])["component"] for t, _ in msgs]
     assert comps.count("sensor") == len(SENSORS) == 8 and comps.count("select") == 1 and comps.count("switch") == 1
+    assert comps.count("binary_sensor") == 1
     assert len({c["unique_id"] for c in cfgs}) == len(cfgs)
     assert all(t.startswith("homeassistant/") and "/edge_agent_pi-kitchen/" in t for t, _ in msgs)
     topics = Topics("edge", "pi-kitchen")
-    assert all(c["availability"][0]["topic"] == topics.device_status for c in cfgs)
+    assert all(c["availability"][0]["topic"] == topics.device_status for c in cfgs if "availability" in c)
     names = {c["name"] for c in cfgs}
     for wanted in ("Memory available", "Agent RssAnon", "Memory pressure some (10 s)", "Tokens per second",
                    "Queue depth", "Running jobs", "Memory level", "Model", "Intake paused"):  # fmt: skip
@@ -120,6 +124,19 @@ def test_sensor_templates_read_the_telemetry_payload(tmp_path: Path):
         assert not missing
     else:  # before it is merged: only its new fields are absent
         assert missing <= {"last_job_tokens_per_s", "jobs_running", "governor_level", "psi_full_avg10"} - declared
+
+
+def test_the_online_sensor_expires_when_the_status_is_not_renewed(tmp_path: Path):
+    """A broker node that dies sends no will: its retained 'online' stays. The status is renewed every
+    mqtt.heartbeat_s and the sensor expires after 3 of them (Home Assistant's expire_after)."""
+    s = settings(tmp_path)
+    cfgs = {t: json.loads(p) for t, p in discovery_messages(s, [])}
+    online = cfgs["homeassistant/binary_sensor/edge_agent_pi-kitchen/online/config"]
+    assert online["state_topic"] == "edge/pi-kitchen/status" and online["device_class"] == "connectivity"
+    assert online["expire_after"] == 3 * s.mqtt.heartbeat_s == 180
+    for state, expect in (("online", "ON"), ("stopping", "OFF"), ("offline", "OFF")):
+        assert _render(online["value_template"], {"state": state}) == expect
+    assert "availability" not in online  # offline is OFF, not unavailable; unavailable means stale
 
 
 def test_availability_follows_the_device_status(tmp_path: Path):
@@ -226,7 +243,7 @@ def test_publisher_on_a_real_broker_publishes_then_removes_cleanly(tmp_path: Pat
     finally:
         transport.stop()
     seen = _retained(broker)
-    assert len(seen) == 10
+    assert len(seen) == 11
     for topic, payload in seen.items():
         check_discovery(topic, payload)
     marker = json.loads((tmp_path / "state" / "homeassistant.json").read_text())
@@ -243,7 +260,7 @@ def test_publisher_on_a_real_broker_publishes_then_removes_cleanly(tmp_path: Pat
         pub.wait_all()
     finally:
         transport.stop()
-    assert len(pub.handles) == 10
+    assert len(pub.handles) == 11
     assert _retained(broker) == {}
     assert not (tmp_path / "state" / "homeassistant.json").exists()
     # A board that never enabled discovery (or already removed it) publishes nothing.
@@ -264,6 +281,6 @@ def test_a_changed_prefix_removes_the_old_entities(tmp_path: Path, broker: Mosqu
         finally:
             transport.stop()
     assert _retained(broker, "homeassistant") == {}
-    assert len(_retained(broker, "ha2")) == 10
+    assert len(_retained(broker, "ha2")) == 11
     marker = json.loads((tmp_path / "state" / "homeassistant.json").read_text())
     assert all(t.startswith("ha2/") for t in marker["topics"])

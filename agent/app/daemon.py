@@ -133,6 +133,7 @@ class Daemon:
                 p.shadow.run_pending()
         p.reporter.tell_model_change(now)
         p.reporter.tell_broker(now)
+        p.reporter.heartbeat(now)
         if p.delivery.take_progress():
             p.shadow.refresh_facts()  # a model download's progress, at a bounded rate
         p.health.recheck()

@@ -56,12 +56,15 @@ _SESSION_LOST_FIX = (
 def device_status(settings: Any, state: str, *, store_writable: bool, ts: float) -> bytes:
     """The retained device status; only ``online`` names the model and the store's state."""
     online = state == "online"
+    heartbeat_s = settings.mqtt.heartbeat_s
     return DeviceStatus(
         state=state,
         device_id=settings.device.id,
         agent_version=__version__,
         model=str(settings.model.path) if online else None,
         store=("writable" if store_writable else "unwritable") if online else None,
+        heartbeat_s=heartbeat_s if online else None,
+        expires=ts + 3 * heartbeat_s if online else None,
         ts=ts,
     ).to_payload()
 
@@ -108,6 +111,7 @@ class Reporter:
         self.ready_at: float | None = None
         self._told_change: Any = None
         self._losses: list[str] = []  # the latest session the broker lost, for the reported facts
+        self._status_at = 0.0  # when the retained status was last published
         self._state_file_told = False
 
     def follow_shadow(self, shadow: ShadowService) -> None:
@@ -120,6 +124,23 @@ class Reporter:
 
     def device_status(self, state: str) -> bytes:
         return device_status(self.settings, state, store_writable=self.health.writable, ts=self._clock())
+
+    def publish_status(self) -> None:
+        """The retained device status (online, or how the store is), now: at each connect, on a store change,
+        and every mqtt.heartbeat_s (``heartbeat``), so that its expiry keeps moving while the board lives."""
+        now = self._clock()
+        self._status_at = now
+        self.transport.publish(
+            self.topics.device_status,
+            device_status(self.settings, "online", store_writable=self.health.writable, ts=now),
+            qos=1,
+            retain=True,
+        )
+
+    def heartbeat(self, now: float) -> None:
+        """The status again when mqtt.heartbeat_s passed since the last one (main loop)."""
+        if self.transport.connected and now - self._status_at >= self.settings.mqtt.heartbeat_s:
+            self.publish_status()
 
     def reported_facts(self) -> dict[str, Any]:
         sup, p = self.supervisor, self._parts

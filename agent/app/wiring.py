@@ -254,7 +254,7 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         p.tick.set()
 
     def publish_status() -> None:
-        p.transport.publish(p.topics.device_status, p.reporter.device_status("online"), qos=1, retain=True)
+        p.reporter.publish_status()
 
     def store_changed(writable: bool) -> None:
         if writable:

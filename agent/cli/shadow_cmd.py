@@ -186,6 +186,9 @@ def _get(args: argparse.Namespace) -> int:
         else (
             "the retained document: the device is offline"
             if client.device_state == "offline"
+            else "the retained document: the device's 'online' status is stale (not renewed before it expired: "
+            "the board, or the broker node it was on, is gone)"
+            if client.device_state == "stale"
             else "the retained document: the device did not answer"
         )
     )

@@ -118,6 +118,14 @@ class MQTTSettings(Section):
         description="Also take jobs from the shared subscription $share/{group}/{prefix}/fleet/jobs/submit.",
     )
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keep-alive, seconds.")
+    heartbeat_s: int = Field(
+        default=60,
+        ge=5,
+        le=3600,
+        description="How often the board publishes its retained 'online' status again, seconds. The status says "
+        "it expires after 3 x this: readers (`fleet list`, `shadow get`, Home Assistant) show a board whose "
+        "'online' is older as stale, since a broker node that dies sends no last will.",
+    )
     session_expiry_s: int = Field(
         default=86400,
         ge=0,

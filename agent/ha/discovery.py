@@ -10,9 +10,12 @@ The entities, all on one device (``edge-agent <device id>``):
   agent.ha.publisher), which writes the device shadow
   (``{root}/shadow/update``, ``{"state": {"desired": {"model": {"path": ...}}}}``) and shows the model in
   force from the shadow document (``{root}/shadow``, retained);
-- a ``switch`` for ``intake.paused``, through the shadow in the same way.
+- a ``switch`` for ``intake.paused``, through the shadow in the same way;
+- a connectivity ``binary_sensor`` "Online" from the retained device status, which expires (becomes
+  unavailable) when the status is not renewed within its expiry (3 x mqtt.heartbeat_s): a broker node
+  that dies sends no last will, so its retained "online" would otherwise stand forever.
 
-Every entity is available while the retained device status (``{root}/status``, whose last will is
+Every other entity is available while the retained device status (``{root}/status``, whose last will is
 "offline") says online. Sensors also expire after three telemetry periods without a reading.
 """
 
@@ -162,6 +165,25 @@ def _entities(settings: Any, models: Iterable[str]) -> list[tuple[str, dict[str,
         if s.icon:
             cfg["icon"] = s.icon
         out.append((_topic(settings, "sensor", s.object_id), cfg))
+
+    out.append(
+        (
+            _topic(settings, "binary_sensor", "online"),
+            {
+                "name": "Online",
+                "unique_id": f"{uid}_online",
+                "state_topic": topics.device_status,
+                "value_template": "{{ 'ON' if value_json.state == 'online' else 'OFF' }}",
+                "payload_on": "ON",
+                "payload_off": "OFF",
+                "device_class": "connectivity",
+                # The board renews its status every heartbeat_s; the status itself expires after 3 of them.
+                "expire_after": 3 * settings.mqtt.heartbeat_s,
+                "device": base["device"],
+                "origin": base["origin"],
+            },
+        )
+    )
 
     shadow_update, shadow_doc = _shadow_topics(topics)
     models_dir = str(Path(settings.device.models_dir)).rstrip("/") + "/"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -887,7 +888,40 @@ class DeviceStatus(Outbound):
         description="Whether the job store takes writes. unwritable (a full disk, a read-only filesystem): the "
         "device takes no new jobs; they stay with the broker and are taken once the store recovers.",
     )
+    heartbeat_s: int | None = Field(
+        default=None,
+        ge=1,
+        description="online: the device publishes this status again at least this often (mqtt.heartbeat_s).",
+    )
+    expires: AwareDatetime | None = Field(
+        default=None,
+        description="online: when this status goes stale, RFC 3339 UTC (ts + 3 x heartbeat_s). A retained "
+        "'online' older than this is not to be trusted: the device, or the broker node that held its last "
+        "will, is gone (a node that dies sends no will). `fleet list`, `shadow get` and Home Assistant show "
+        "such a device as stale / unavailable.",
+        json_schema_extra={"format": "date-time"},
+    )
     ts: AwareDatetime = TIMESTAMP
+
+    @field_serializer("expires")
+    def _ser_expires(self, v: datetime | None) -> str | None:
+        return format_dt(v) if v is not None else None
+
+
+def status_state(status: Mapping[str, Any] | None, now: float) -> str | None:
+    """The state a reader should show for a retained device status: its ``state``, or ``stale`` for an
+    'online' whose ``expires`` has passed. None: no status. Pure."""
+    if not status:
+        return None
+    state = status.get("state")
+    expires = status.get("expires")
+    if state == "online" and isinstance(expires, str):
+        try:
+            if datetime.fromisoformat(expires.replace("Z", "+00:00")).timestamp() < now:
+                return "stale"
+        except ValueError:
+            pass
+    return state if isinstance(state, str) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -931,4 +965,5 @@ __all__ = [
     "max_payload_bytes",
     "parse_submit",
     "rfc3339",
+    "status_state",
 ]

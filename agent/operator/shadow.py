@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.config import Settings
 from agent.errors import EdgeAgentError, TransportError
+from agent.jobs.protocol import status_state
 from agent.mqtt.topics import Topics
 from agent.mqtt.transport import InboundMessage, MqttTransport
 
@@ -50,7 +51,7 @@ class ShadowClient:
         )
         self._connect_timeout = connect_timeout
         self.latest: dict[str, Any] | None = None  # the newest document seen on {root}/shadow
-        self.device_state: str | None = None  # from the retained {root}/status: online, offline, stopping
+        self.device_state: str | None = None  # from the retained {root}/status: online, offline, stopping, stale
 
     def __enter__(self) -> ShadowClient:
         self.transport.connect_or_raise(self._connect_timeout)
@@ -71,7 +72,7 @@ class ShadowClient:
                 return data, "device"
             if data is not None and msg.topic == self.topics.shadow_get_rejected and _has_token(data, token):
                 raise ShadowClientError(f"the device refused the get: {data.get('message')}", code="shadow_rejected")
-            if self.device_state == "offline" and self.latest is not None:
+            if self.device_state in ("offline", "stale") and self.latest is not None:
                 return self.latest, "retained"
         if self.latest is not None:
             return self.latest, "retained"
@@ -153,7 +154,7 @@ class ShadowClient:
             if self.latest is None or _newer(data, self.latest):
                 self.latest = data
         elif msg.topic == self.topics.device_status:
-            self.device_state = data.get("state") if isinstance(data.get("state"), str) else None
+            self.device_state = status_state(data, time.time())  # "stale": an 'online' past its expiry
         return data
 
 

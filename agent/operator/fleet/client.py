@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from typing import Any
 
 from agent.config import Settings
 from agent.errors import TransportError
+from agent.jobs.protocol import status_state
 from agent.mqtt.transport import InboundMessage, MqttTransport
 
 
@@ -116,7 +118,7 @@ class FleetClient:
         seen = [t for t in (_ts((st or {}).get("ts")), _ts((doc or {}).get("ts"))) if t is not None]
         return DeviceInfo(
             device=device,
-            state=(st or {}).get("state"),
+            state=status_state(st, time.time()),  # "stale": an 'online' past its expiry (mqtt.heartbeat_s)
             model=serving.get("file") or (st or {}).get("model"),
             sha256=serving.get("sha256"),
             agent_version=board.get("agent_version") or (st or {}).get("agent_version"),

@@ -1,0 +1,109 @@
+"""Liveness that a dead broker node cannot fake (issue 18, point 4): the retained 'online' carries a
+heartbeat and an expiry, the daemon renews it every mqtt.heartbeat_s, and readers (`fleet list`,
+`shadow get`) show a device whose 'online' expired as stale. Home Assistant's side (expire_after) is in
+tests/test_ha_discovery.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent.config import Settings
+from agent.jobs.protocol import status_state
+from agent.operator.fleet.client import FleetClient
+from agent.operator.shadow import ShadowClient
+from tests.broker import BrokerClient, MosquittoBroker
+from tests.daemon_harness import InProcessDaemon, write_daemon_config
+
+T = 20.0
+
+
+class FakeClock:
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_status_state_is_stale_once_an_online_status_expired() -> None:
+    online = {"state": "online", "ts": "2026-01-01T00:00:00.000Z", "expires": "2026-01-01T00:03:00.000Z"}
+    t0 = _epoch("2026-01-01T00:00:00.000Z")
+    assert status_state(online, t0 + 179) == "online"
+    assert status_state(online, t0 + 181) == "stale"
+    assert status_state({"state": "offline", "ts": "2026-01-01T00:00:00.000Z"}, t0 + 999) == "offline"
+    assert status_state({"state": "online"}, t0) == "online"  # an older agent's status: no expiry, trusted
+    assert status_state(None, t0) is None
+
+
+def test_the_daemon_renews_its_online_status_every_heartbeat(
+    tmp_path: Path, tiny_model: Path, broker: MosquittoBroker
+) -> None:
+    clock = FakeClock(1_800_000_000.0)
+    cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, mqtt={"heartbeat_s": 60})
+    with BrokerClient(broker) as peer:
+        peer.subscribe("edge/dev-a/status")
+        with InProcessDaemon(cfg, clock=clock) as d:
+            while (first := json.loads(peer.expect("edge/dev-a/status", timeout=60).payload))["state"] != "online":
+                pass
+            assert first["heartbeat_s"] == 60
+            assert _epoch(first["expires"]) - _epoch(first["ts"]) == 180
+            clock.advance(61)
+            d.daemon.parts.tick.set()
+            renewed = json.loads(peer.expect("edge/dev-a/status", timeout=T).payload)
+            assert renewed["state"] == "online" and _epoch(renewed["ts"]) == _epoch(first["ts"]) + 61
+            assert _epoch(renewed["expires"]) == _epoch(renewed["ts"]) + 180
+
+
+def _settings(broker: MosquittoBroker, tmp_path: Path) -> Settings:
+    return Settings.model_validate(
+        {
+            "device": {"id": "ops", "state_dir": str(tmp_path / "ops")},
+            "mqtt": {"host": broker.host, "port": broker.port},
+        }
+    )
+
+
+def test_fleet_list_and_shadow_get_show_an_expired_online_as_stale(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """What a broker node that died leaves behind: a retained 'online' that nobody renews (no will)."""
+    now = time.time()
+
+    def status(expires: float) -> bytes:
+        fmt = "%Y-%m-%dT%H:%M:%S.000Z"
+        return json.dumps(
+            {
+                "state": "online",
+                "device_id": "gone",
+                "ts": time.strftime(fmt, time.gmtime(expires - 180)),
+                "heartbeat_s": 60,
+                "expires": time.strftime(fmt, time.gmtime(expires)),
+            }
+        ).encode()
+
+    doc: dict[str, Any] = {"version": 3, "ts": "2026-01-01T00:00:00.000Z", "state": {"reported": {}}}
+    with BrokerClient(broker) as peer:
+        peer.publish("edge/gone/status", status(now - 10), retain=True)
+        peer.publish("edge/gone/shadow", json.dumps(doc).encode(), retain=True)
+        peer.publish("edge/alive/status", status(now + 170), retain=True)
+    s = _settings(broker, tmp_path)
+    with FleetClient(s) as fleet:
+        fleet.sync()
+        assert fleet.info("gone").state == "stale"
+        assert fleet.info("alive").state == "online"
+    with ShadowClient(s, device_id="gone") as client:
+        got, source = client.get(timeout=5)
+    assert source == "retained" and client.device_state == "stale" and got["version"] == 3
