@@ -13,10 +13,11 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from agent.config import Settings
+from agent.config.inforce import DesiredInvalid, effective_settings
 from agent.config.live import live_keys
 from agent.config.tree import flatten
-from agent.shadow.desired import desired_model, effective_settings, section_models, validate_desired
-from agent.shadow.document import Accepted, DesiredInvalid, Rejected, ShadowDocument, handle_update
+from agent.shadow.desired import desired_model, section_models, validate_desired
+from agent.shadow.document import Accepted, Rejected, ShadowDocument, handle_update
 
 
 def write_q8_model(path: Path) -> Path:

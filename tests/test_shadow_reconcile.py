@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from agent.config import Settings
+from agent.config.inforce import effective_settings
 from agent.config.live import ApplyReport
-from agent.shadow.desired import effective_settings, live_values
+from agent.shadow.desired import live_values
 from agent.shadow.reconcile import Action, Settled, plan, settle, tidy
 
 BASE = Settings()

@@ -371,7 +371,7 @@ def test_facts_are_reported_and_republished_only_when_they_change(broker, settin
 
 
 def test_boot_settings_start_the_daemon_with_the_accepted_desired_state(broker, settings):
-    from agent.shadow.service import boot_settings
+    from agent.config.inforce import boot_settings
 
     board = ShadowBoard(broker, settings)
     peer = ShadowPeer(broker, board.topics)
@@ -383,7 +383,7 @@ def test_boot_settings_start_the_daemon_with_the_accepted_desired_state(broker, 
         peer.doc(applied(1))
         board.stop()
         with ShadowStore.from_settings(settings) as store:
-            boot = boot_settings(settings, store)
+            boot = boot_settings(settings, store.load().desired)
         assert boot.engine.n_ctx == 384 and str(boot.model.path) == "other.gguf" and boot.engine.type_v == "q8_0"
         # Started with them, the daemon has nothing left to apply: no model is loaded twice.
         ex = FakeExecutor(boot)
@@ -396,15 +396,15 @@ def test_boot_settings_start_the_daemon_with_the_accepted_desired_state(broker, 
 
 
 def test_boot_settings_leave_out_a_desired_key_the_config_file_no_longer_allows(settings):
+    from agent.config.inforce import boot_settings
     from agent.shadow.document import ShadowDocument
-    from agent.shadow.service import boot_settings
 
     with_fa = settings.model_copy(deep=True)
     with_fa.engine.flash_attn = True
     with ShadowStore.from_settings(settings) as store:
         store.save_desired(ShadowDocument(version=1, desired={"engine": {"n_ctx": 384, "type_v": "q8_0"}}))
-        assert boot_settings(with_fa, store).engine.type_v == "q8_0"
-        boot = boot_settings(settings, store)  # the file turned flash attention off since
+        assert boot_settings(with_fa, store.load().desired).engine.type_v == "q8_0"
+        boot = boot_settings(settings, store.load().desired)  # the file turned flash attention off since
     assert boot.engine.n_ctx == 384 and boot.engine.type_v == "f16"
 
 

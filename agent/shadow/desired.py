@@ -33,10 +33,10 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from agent.config import Settings
+from agent.config.inforce import DesiredInvalid, effective_settings, json_kind
 from agent.config.live import all_keys, live_keys
-from agent.config.tree import Tree, flatten, overlay
+from agent.config.tree import Tree
 from agent.errors import ModelError
-from agent.shadow.document import DesiredInvalid
 
 MODEL_PATH = "model.path"
 # A file name or a URL: no control characters. A newline or a tab in a name is never meant, and a URL
@@ -178,7 +178,7 @@ def _key_errors(merged: Mapping[str, Any]) -> dict[str, str]:
             else:
                 errors[section] = f"unknown section; run-time settings are in: {', '.join(sections)}"
         elif not isinstance(value, Mapping):
-            errors[section] = f"must be an object of settings, got {_json_kind(value)}"
+            errors[section] = f"must be an object of settings, got {json_kind(value)}"
         else:
             for name in value:
                 key = f"{section}.{name}"
@@ -195,18 +195,6 @@ def _control_chars(text: str) -> str | None:
         if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
             return f"contains the control character U+{ord(ch):04X} at character {pos}; a file name or URL has none"
     return None
-
-
-def _json_kind(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, (int, float)):
-        return f"the number {v!r}"
-    if isinstance(v, str):
-        return f"the string {v[:40]!r}"
-    return "an array" if isinstance(v, list) else type(v).__name__
 
 
 _EXPECTED = {
@@ -230,7 +218,7 @@ def _value_errors(err: ValidationError, section: str) -> dict[str, str]:
 
 def _explain(errs: list[ErrorDetails]) -> str:
     value = errs[0].get("input")
-    got = f", got {_json_kind(value)}"
+    got = f", got {json_kind(value)}"
     kinds = [e["type"] for e in errs]
     if all(k in _EXPECTED or k == "literal_error" for k in kinds):
         wanted = []
@@ -267,46 +255,6 @@ def _num(v: Any) -> str:
 
 # --------------------------------------------------------------------------------------------
 # The settings the board runs with
-
-
-def effective_settings(
-    file_settings: Settings, desired: Mapping[str, Any], *, touched: frozenset[str] | set[str] | None = None
-) -> Settings:
-    """The board's config (file, environment, credentials: ``file_settings``) overlaid by desired.
-
-    Validated by Settings itself. Raises DesiredInvalid naming the desired keys at fault: a field
-    error under its key; a section rule (cross-field) under the section's keys in ``touched``,
-    else under every desired key of that section.
-    """
-    data = overlay(file_settings.model_dump(), _copy(desired))
-    try:
-        return Settings.model_validate(data)
-    except ValidationError as e:
-        desired_keys = set(flatten(desired))
-        touched = set(touched) if touched is not None else desired_keys
-        errors: dict[str, str] = {}
-        for err in e.errors(include_url=False):
-            loc = tuple(str(p) for p in err["loc"])
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            key = ".".join(loc[:2])
-            if len(loc) >= 2 and key in all_keys():
-                if "input" in err and not isinstance(err["input"], (dict, list)):
-                    msg = f"{msg}, got {_json_kind(err['input'])}"
-                errors[key] = msg
-                continue
-            section = loc[0] if loc else ""
-            owners = (
-                sorted(k for k in touched if k.startswith(section + "."))
-                or sorted(k for k in desired_keys if k.startswith(section + "."))
-                or [section or "state.desired"]
-            )
-            for k in owners:
-                errors[k] = msg
-        raise DesiredInvalid(errors) from None
-
-
-def _copy(tree: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
 def check_model_file(settings: Settings, *, read_header: bool = True) -> str | None:
@@ -357,7 +305,6 @@ __all__ = [
     "check_model_file",
     "desired_model",
     "section_models",
-    "effective_settings",
     "live_values",
     "validate_desired",
 ]

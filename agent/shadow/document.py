@@ -29,6 +29,7 @@ from typing import Any
 
 # The JSON decoder of the job protocol: duplicate keys are kept for refusal, NaN/Infinity and
 # absurd numbers are refused. One set of reading rules for everything the device takes in.
+from agent.config.inforce import DesiredInvalid, summarise
 from agent.config.tree import Tree, flatten, same, unflatten
 from agent.mqtt.wire import SURROGATE_RE, JSONObject, Refuse, decoder, describe
 
@@ -38,7 +39,6 @@ MAX_CLIENT_TOKEN_BYTES = 64  # UTF-8 (AWS: 64)
 # Payloads above this are refused unparsed: a valid update holds at most 8 KB of state.
 MAX_PAYLOAD_BYTES = 65536
 _UPDATE_KEYS = ("state", "version", "client_token", "signature")
-_MAX_LISTED = 5
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,6 @@ class BadRequest(Exception):
 
     def rejected(self, version: int) -> Rejected:
         return Rejected(self.code, self.message, version, self.errors, self.client_token)
-
-
-class DesiredInvalid(Exception):
-    """Raised by a validator: ``errors`` maps each bad dotted key to what is wrong with it."""
-
-    def __init__(self, errors: Mapping[str, str]) -> None:
-        super().__init__(summarise(errors))
-        self.errors = dict(errors)
 
 
 Validator = Callable[[Tree, frozenset[str]], Tree]
@@ -183,14 +175,6 @@ def _deepest_path(v: Any, prefix: str = "") -> str:
         return prefix
     k, child = max(v.items(), key=lambda kv: _depth(kv[1]))
     return _deepest_path(child, f"{prefix}.{k}" if prefix else str(k))
-
-
-def summarise(errors: Mapping[str, str]) -> str:
-    items = list(errors.items())
-    text = "; ".join(f"{k}: {m}" for k, m in items[:_MAX_LISTED])
-    if len(items) > _MAX_LISTED:
-        text += f"; and {len(items) - _MAX_LISTED} more"
-    return text
 
 
 # --------------------------------------------------------------------------------------------

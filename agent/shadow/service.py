@@ -46,12 +46,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.config import Settings
+from agent.config.inforce import effective_settings, reread, settings_in_force
 from agent.config.live import ApplyReport, diff
 from agent.config.tree import Tree, flatten, same, unflatten
-from agent.errors import ModelError, StoreError
+from agent.errors import StoreError
 from agent.mqtt.topics import Topics
 from agent.mqtt.transport import InboundMessage
-from agent.shadow.desired import effective_settings, live_values, validate_desired
+from agent.shadow.desired import live_values, validate_desired
 from agent.shadow.document import (
     Accepted,
     BadRequest,
@@ -206,7 +207,7 @@ class ShadowService:
             version = self._doc.version
             base = self._file_settings
             settled = self._settled
-        target, conflicts = _target(base, desired)
+        target, conflicts = settings_in_force(base, desired)
         want = live_values(target)
         actions = plan(want, live_values(self._executor.settings), failed=settled.failed)
         done: list[tuple[Action, ApplyReport]] = []
@@ -237,14 +238,11 @@ class ShadowService:
         return done
 
     def reload_file(self, path: Path | None) -> None:
-        """Main thread, on SIGHUP: re-read the board's config file and ``reload()`` it, logging what was
-        applied and what needs a restart. A file that does not load is refused whole, with its error."""
-        from agent.config import load_settings
-
-        try:
-            new = load_settings(path)
-        except Exception as e:  # a bad edit must not take a running board down
-            log.error("reload refused, keeping the running configuration: %s", e)
+        """Main thread, on SIGHUP: re-read the board's config file (``agent.config.inforce.reread``) and
+        ``reload()`` it, logging what was applied and what needs a restart. A file that does not load is
+        refused whole, with its error."""
+        new = reread(path)
+        if new is None:
             return
         report = self.reload(new)  # desired keys still win over the file; logs what it applied
         log_report(ApplyReport(restart=report.restart), "reload")
@@ -269,7 +267,7 @@ class ShadowService:
             out.applied.update(report.applied)
             out.failed.update(report.failed)
             out.pending.update(report.pending)
-        target, _ = _target(file_settings, desired)
+        target, _ = settings_in_force(file_settings, desired)
         out.restart = [c.key for c in diff(self._executor.settings, target) if c.kind is None]
         return out
 
@@ -634,56 +632,6 @@ class ShadowService:
             self._published_delta = d
 
 
-def boot_settings(file_settings: Settings, store: ShadowStore) -> Settings:
-    """The settings to start the daemon with: the board's config overlaid by the last accepted
-    desired state (keys that no longer fit the config file are left out; run_pending reports them).
-
-    Starting with these loads the desired model at once instead of the file's model and then the
-    desired one. If the model they name does not load at start, start with ``file_settings``
-    instead (a remote change must never stop the daemon from starting): ``run_pending()`` then tries
-    the desired model through the executor and reports the failure under its keys. A desired model
-    with a model.url that is not downloaded yet is left to the reconcile the same way.
-    """
-    target, _ = _target(file_settings, store.load().desired)
-    m = target.model
-    if m.url is not None and m != file_settings.model:
-        try:
-            target.model_file()
-        except ModelError:
-            # Not downloaded yet: start with the file's model; the reconcile fetches the desired one.
-            return target.model_copy(update={"model": file_settings.model.model_copy()})
-    return target
-
-
-def _target(base: Settings, desired: Tree) -> tuple[Settings, dict[str, str]]:
-    """The settings wanted: base overlaid by desired. Desired keys that no longer fit the board's
-    config (the file changed since they were accepted) are left out, with why; a rule between keys
-    (a cross-field check) names them all, so each is tried back in and kept if it fits."""
-    try:
-        return effective_settings(base, desired), {}
-    except DesiredInvalid as e:
-        suspects = dict(e.errors)
-    keep = {k: v for k, v in flatten(desired).items() if k not in suspects}
-    try:
-        target = effective_settings(base, unflatten(keep))
-    except DesiredInvalid as e:  # should not happen: every key at fault was left out
-        return base, {
-            k: f"cannot be applied with the board's config file: {m}" for k, m in {**suspects, **e.errors}.items()
-        }
-    conflicts: dict[str, str] = {}
-    for key, why in suspects.items():
-        value = flatten(desired).get(key)
-        if value is None:
-            conflicts[key] = f"cannot be applied with the board's config file: {why}"
-            continue
-        try:
-            target = effective_settings(base, unflatten({**keep, key: value}))
-            keep[key] = value
-        except DesiredInvalid:
-            conflicts[key] = f"cannot be applied with the board's config file: {why}"
-    return target, conflicts
-
-
 def _token(token: str | None) -> dict[str, str]:
     return {"client_token": token} if token is not None else {}
 
@@ -711,4 +659,4 @@ def log_report(report: ApplyReport, why: str) -> None:
         log.warning("%s: %s changed; it takes effect after a restart", why, key)
 
 
-__all__ = ["Publish", "ShadowService", "boot_settings"]
+__all__ = ["Publish", "ShadowService"]
