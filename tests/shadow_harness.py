@@ -22,12 +22,12 @@ from typing import Any
 from agent.app.applier import SWAP_NOTE
 from agent.config import Settings
 from agent.config.live import ApplyReport, diff
-from agent.models.synth import sha256_file
 from agent.mqtt.topics import Topics
 from agent.mqtt.transport import MqttTransport
 from agent.shadow.desired import check_model_file
 from agent.shadow.service import ShadowService
 from agent.shadow.store import ShadowStore
+from agent.system.files import file_sha256
 from tests.broker import MosquittoBroker
 
 # What the real executor (agent.app.applier.LiveSettings) reports for a swap key: the fake says the same.
@@ -85,7 +85,7 @@ class FakeExecutor:
         path = s.model_file()
         if path.name in self.unloadable:
             return f"llama.cpp could not load {path.name}: unknown model architecture; the previous model serves"
-        if s.model.sha256 is not None and sha256_file(path) != s.model.sha256:
+        if s.model.sha256 is not None and file_sha256(path) != s.model.sha256:
             return f"{path.name} does not match model.sha256; the previous model serves"
         return None
 

@@ -12,6 +12,7 @@ import pytest
 
 from agent.cli import main
 from agent.errors import EXIT_CANNOT_START
+from agent.system.files import file_sha256
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import ROOT, DaemonProcess, InProcessDaemon, wait_online, write_daemon_config
 
@@ -206,7 +207,7 @@ def test_demo_replaces_a_real_model_file_that_does_not_match_its_sha256(tmp_path
     bad = tmp_path / "models" / demo.REAL_MODEL_NAME
     bad.write_bytes(b"GGUF but cut short by an interrupted copy")
     path = demo.ensure_demo_model(settings)
-    assert path == bad and demo._sha256(path) == settings.model.sha256
+    assert path == bad and file_sha256(path) == settings.model.sha256
     assert sorted(p.name for p in path.parent.iterdir()) == [demo.REAL_MODEL_NAME]
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.models.download import DownloadError, HttpLink, Progress, RetryPolicy, Source, download, redact
-from agent.models.synth import sha256_file, synth_model
+from agent.models.synth import synth_model
+from agent.system.files import file_sha256
 from tests.model_server import ModelServer
 
 FAST_RETRY = RetryPolicy(min_s=0.02, max_s=0.2, max_failures=1000)
@@ -41,7 +42,7 @@ def dest(tmp_path: Path) -> Path:
 
 
 def source(server: ModelServer, dest: Path, model_file: Path, **kw) -> Source:
-    return Source(url=server.url("m.gguf"), sha256=sha256_file(model_file), dest=dest, **kw)
+    return Source(url=server.url("m.gguf"), sha256=file_sha256(model_file), dest=dest, **kw)
 
 
 def test_a_download_cut_twice_resumes_and_fetches_each_byte_about_once(
@@ -71,7 +72,7 @@ def test_a_download_cut_twice_resumes_and_fetches_each_byte_about_once(
     t.join(60)
     assert "error" not in result, result
     r = result["ok"]
-    assert dest.is_file() and sha256_file(dest) == src.sha256 and not src.partial.exists()
+    assert dest.is_file() and file_sha256(dest) == src.sha256 and not src.partial.exists()
     sent = served.sent("m.gguf")
     assert sent <= 1.1 * size, f"the server sent {sent} bytes for a file of {size}"
     assert r.fetched == size and r.attempts >= 3
@@ -101,7 +102,7 @@ def test_a_partial_file_left_by_a_stopped_daemon_is_resumed_with_range(
     assert r.resumed_from == kept and r.fetched == size - kept
     assert served.sent("m.gguf") - before == size - kept
     assert served.requests("m.gguf")[-1].range == f"bytes={kept}-"
-    assert sha256_file(dest) == src.sha256
+    assert file_sha256(dest) == src.sha256
 
 
 def test_a_wrong_checksum_deletes_the_partial_file(served: ModelServer, dest: Path, model_file: Path) -> None:
@@ -110,7 +111,7 @@ def test_a_wrong_checksum_deletes_the_partial_file(served: ModelServer, dest: Pa
         download(src, HttpLink(), margin=0, retry=FAST_RETRY)
     assert e.value.code == "download_checksum_mismatch" and not e.value.retryable
     assert not src.partial.exists() and not dest.exists()
-    assert sha256_file(model_file) in str(e.value)
+    assert file_sha256(model_file) in str(e.value)
 
 
 def test_too_little_space_is_refused_before_any_request(served: ModelServer, dest: Path, model_file: Path) -> None:
@@ -130,7 +131,7 @@ def test_the_server_size_must_match_the_announced_size(served: ModelServer, dest
 
 
 def test_not_found_fails_at_once(served: ModelServer, dest: Path, model_file: Path) -> None:
-    src = Source(url=served.url("nope.gguf"), sha256=sha256_file(model_file), dest=dest)
+    src = Source(url=served.url("nope.gguf"), sha256=file_sha256(model_file), dest=dest)
     with pytest.raises(DownloadError) as e:
         download(src, HttpLink(), margin=0, retry=FAST_RETRY)
     assert e.value.code == "download_http" and "404" in str(e.value) and "model.url" in str(e.value)
@@ -173,7 +174,7 @@ def test_https_with_a_configured_ca_and_a_bearer_token_that_is_never_logged(
         assert server.cut.wait(30)
         server.start()
         t.join(60)
-        assert sha256_file(dest) == src.sha256
+        assert file_sha256(dest) == src.sha256
         auth = {q.authorization for q in server.requests("m.gguf") if q.status in (200, 206)}
         assert auth == {f"Bearer {secret}"}
     assert secret not in caplog.text
@@ -196,7 +197,7 @@ def test_a_server_that_ignores_range_starts_over_and_still_verifies(
         src.partial.write_bytes(b"\0" * 1000)  # bytes a range-less server cannot continue
         server.ignore_range = True
         r = download(src, HttpLink(), margin=0, retry=FAST_RETRY)
-    assert r.fetched == size and sha256_file(dest) == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert r.fetched == size and file_sha256(dest) == hashlib.sha256(model_file.read_bytes()).hexdigest()
 
 
 def test_urls_are_reported_without_user_info_or_query() -> None:

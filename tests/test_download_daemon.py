@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from agent.models.synth import sha256_file, synth_model
+from agent.models.synth import synth_model
 from agent.mqtt.topics import Topics
+from agent.system.files import file_sha256
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, wait_online, write_daemon_config
 from tests.model_server import ModelServer
@@ -69,7 +70,7 @@ def update(op: ShadowPeer, desired: dict, token: str) -> dict:
 
 
 def source(server: ModelServer, model: Path, name: str = "new.gguf", **extra: Any) -> dict:
-    return {"path": name, "url": server.url(name), "sha256": sha256_file(model), **extra}
+    return {"path": name, "url": server.url(name), "sha256": file_sha256(model), **extra}
 
 
 def reported(doc: dict) -> dict:
@@ -99,14 +100,14 @@ def test_a_download_cut_twice_resumes_is_verified_and_swapped(
             server.start()
         doc = op.doc(lambda x: (reported(x).get("serving") or {}).get("file") == "new.gguf", 60)
         rep = reported(doc)
-        assert rep["serving"]["sha256"] == sha256_file(new_model)
+        assert rep["serving"]["sha256"] == file_sha256(new_model)
         assert rep["model"]["path"] == "new.gguf" and not rep.get("errors") and not doc["state"].get("delta")
         assert rep["download"]["state"] == "done" and rep["download"]["fetched"] == size
         assert rep["model_change"]["outcome"] == "applied"
         sent = server.sent("new.gguf")
         assert sent <= 1.1 * size
         models = tmp_path / "d" / "models"
-        assert sha256_file(models / "new.gguf") == sha256_file(new_model)
+        assert file_sha256(models / "new.gguf") == file_sha256(new_model)
         assert not [p for p in models.iterdir() if p.name.endswith(".partial")]
         assert d.daemon.parts.supervisor.engine.report.model.endswith("new.gguf")
         attempts = rep["download"]["attempts"]

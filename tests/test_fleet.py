@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from agent.cli import main
-from agent.models.synth import sha256_file, synth_model
+from agent.models.synth import synth_model
+from agent.system.files import file_sha256
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import ROOT, InProcessDaemon, to_toml, write_daemon_config
 from tests.model_server import ModelServer
@@ -97,7 +98,7 @@ def fleet_cli(capsys, *args: str) -> tuple[int, Any, str]:
 
 def rollout_args(operator: Path, db: Path, server: ModelServer, model: Path, *extra: str) -> list[str]:
     return ["rollout", "-c", str(operator), "--db", str(db), "--model", server.url("new.gguf"), "--sha256",
-            sha256_file(model), "--size", str(model.stat().st_size), "--timeout-per-wave", "120", *extra]  # fmt: skip
+            file_sha256(model), "--size", str(model.stat().st_size), "--timeout-per-wave", "120", *extra]  # fmt: skip
 
 
 def test_a_rollout_in_three_waves_succeeds_on_all_eight(
@@ -130,7 +131,7 @@ def test_a_rollout_in_three_waves_succeeds_on_all_eight(
 
         rc, listing, _ = fleet_cli(capsys, "list", "-c", str(operator), "--json")
         assert {d["model"] for d in listing} == {"new.gguf"} and {d["sha256"] for d in listing} == {
-            sha256_file(new_model)
+            file_sha256(new_model)
         }
         rc, status, _ = fleet_cli(capsys, "status", r["id"], "--db", str(tmp_path / "r.db"), "--json")
         assert status["state"] == "succeeded" and status["counts"] == {"succeeded": 8}

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from agent.cli import main
-from agent.models.synth import sha256_file, synth_model
+from agent.models.synth import synth_model
 from agent.signing import generate_key, load_private_key, sign_model
+from agent.system.files import file_sha256
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, to_toml, write_daemon_config
 from tests.model_server import ModelServer
@@ -71,7 +72,7 @@ class SignedFleet:
                 models = tmp_path / dev / "models"
                 models.mkdir(parents=True)
                 shutil.copyfile(tiny_model, models / "model.gguf")
-                sig = sign_model(models / "model.gguf", private, sha256=sha256_file(tiny_model), version=2)
+                sig = sign_model(models / "model.gguf", private, sha256=file_sha256(tiny_model), version=2)
                 (models / "model.gguf.sig").write_text(json.dumps(sig))
                 cfg = write_daemon_config(tmp_path / dev, broker, tiny_model, device_id=dev, download=DOWNLOAD,
                                           canary=(canary or {}).get(dev, CANARY),
@@ -100,7 +101,7 @@ def fleet_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any,
 
 
 def manifest(tmp_path: Path, model: Path, key: Path, version: int) -> Path:
-    sig = sign_model(model, load_private_key(key), sha256=sha256_file(model), version=version)
+    sig = sign_model(model, load_private_key(key), sha256=file_sha256(model), version=version)
     path = tmp_path / "new.gguf.sig"
     path.write_text(json.dumps(sig))
     return path
@@ -108,7 +109,7 @@ def manifest(tmp_path: Path, model: Path, key: Path, version: int) -> Path:
 
 def rollout(operator: Path, db: Path, server: ModelServer, model: Path, *extra: str) -> list[str]:
     return ["rollout", "-c", str(operator), "--db", str(db), "--model", server.url("new.gguf"), "--sha256",
-            sha256_file(model), "--devices", "sig-*", "--waves", "25%,75%", "--timeout-per-wave", "120", "--wait",
+            file_sha256(model), "--devices", "sig-*", "--waves", "25%,75%", "--timeout-per-wave", "120", "--wait",
             "--json", *extra]  # fmt: skip
 
 
@@ -209,7 +210,7 @@ def test_signature_and_key_options_are_checked_before_anything_is_sent(
 ) -> None:
     sig = manifest(tmp_path, new_model, key[0], version=3)
     base = ["rollout", "-c", str(operator), "--db", str(tmp_path / "r.db"), "--devices", "*"]
-    sha = sha256_file(new_model)
+    sha = file_sha256(new_model)
     (tmp_path / "junk.sig").write_text("{not json")
     (tmp_path / "not-a-key").write_text("hello")
     for extra, why in (
@@ -264,7 +265,7 @@ def test_a_signed_update_that_meets_a_newer_version_is_signed_again_at_it_once(
         peer.send({"state": {"desired": {"engine": {"max_tokens_limit": 2048}}}, "client_token": "other-operator"})
         assert peer.reply("other-operator")[1]["version"] == 1
         settings = Settings.model_validate({"mqtt": {"host": broker.host, "port": broker.port}})
-        target = Target(path="new.gguf", sha256=sha256_file(new_model), url=server.url("new.gguf"),
+        target = Target(path="new.gguf", sha256=file_sha256(new_model), url=server.url("new.gguf"),
                         signature=sig.read_text().strip())  # fmt: skip
         with FleetClient(settings) as client:
             client.sync()

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from agent.models.synth import sha256_file, synth_model
+from agent.models.synth import synth_model
 from agent.mqtt.topics import Topics
 from agent.signing import generate_key, iso, load_private_key, sign_model, sign_update
+from agent.system.files import file_sha256
 from tests.broker import MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, write_daemon_config
 from tests.model_server import ModelServer
@@ -65,11 +66,11 @@ def op(broker: MosquittoBroker):
 def manifest(path: Path, key: Any, name: str | None = None, **kw: Any) -> str:
     """The manifest of ``path``'s bytes, signed as the file ``name`` (default: its own name)."""
     if name is None:
-        return json.dumps(sign_model(path, key, sha256=sha256_file(path), **kw))
+        return json.dumps(sign_model(path, key, sha256=file_sha256(path), **kw))
     src = path.parent / f"as-{name}" / name
     src.parent.mkdir(exist_ok=True)
     shutil.copyfile(path, src)
-    return json.dumps(sign_model(src, key, sha256=sha256_file(src), **kw))
+    return json.dumps(sign_model(src, key, sha256=file_sha256(src), **kw))
 
 
 def board(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, keys: dict, trusted: list[str]) -> Path:
@@ -94,7 +95,7 @@ def signed(desired: dict | None, version: int, key: Any, device: str = DEV, vali
 
 def source(server: ModelServer, models: dict[str, Path], name: str, file: str | None = None) -> dict:
     file = file or f"{name}.gguf"
-    return {"path": file, "url": server.url(f"{name}.gguf"), "sha256": sha256_file(models[name])}
+    return {"path": file, "url": server.url(f"{name}.gguf"), "sha256": file_sha256(models[name])}
 
 
 def test_every_attack_is_refused_and_the_honest_path_serves(
@@ -162,7 +163,7 @@ def test_every_attack_is_refused_and_the_honest_path_serves(
         doc = op.doc(lambda x: x["state"]["reported"].get("serving", {}).get("file") == "new.gguf", 60)
         rep = doc["state"]["reported"]
         assert rep["model_change"]["outcome"] == "applied" and rep["model_change"]["canary"]["passed"]
-        assert not rep.get("errors") and rep["serving"]["sha256"] == sha256_file(models["new"])
+        assert not rep.get("errors") and rep["serving"]["sha256"] == file_sha256(models["new"])
 
         # 10. Replaying the old signed update: the version it was signed for is gone.
         kind, r = send(op, honest, "replay")

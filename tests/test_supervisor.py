@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import Settings
-from agent.engine.supervisor import Applied, EngineConfig, Refused, Supervisor, file_sha256
+from agent.engine.supervisor import Applied, EngineConfig, Refused, Supervisor
 from agent.errors import EngineError, ModelError
+from agent.system.files import file_sha256
 from tests.fakes import FakeEngine
 
 

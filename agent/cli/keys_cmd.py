@@ -79,8 +79,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from agent.engine.supervisor import file_sha256
     from agent.signing import load_private_key, sign_model
+    from agent.system.files import file_sha256
 
     if args.downgrade and args.expires is None:
         print("edge-agent: --downgrade needs --expires: a downgrade permit must not hold forever", file=sys.stderr)

@@ -257,7 +257,8 @@ def _size(n: int) -> str:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from agent.models.synth import sha256_file, synth_model
+    from agent.models.synth import synth_model
+    from agent.system.files import file_sha256
 
     out: Path = args.out
     if out.exists() and not args.force:
@@ -276,6 +277,6 @@ def _synth(args: argparse.Namespace) -> int:
     size = out.stat().st_size
     print(f"path   {out.resolve()}")
     print(f"size   {size} bytes ({_size(size)})")
-    print(f"sha256 {sha256_file(out)}")
+    print(f"sha256 {file_sha256(out)}")
     print(f"time   {elapsed:.1f} s")
     return EXIT_OK

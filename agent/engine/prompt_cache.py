@@ -27,7 +27,7 @@ import llama_cpp
 import llama_cpp.llama_cpp as C
 
 from agent.engine.prefix import KVSequence
-from agent.system.files import atomic_write
+from agent.system.files import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,6 @@ def cache_key(llama: Any, model_digest: str, tokens: list[int]) -> dict[str, Any
     return key
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 class PromptCache:
     """One prefix's tokens and its state file. ``saved``: the file on disk holds them."""
 
@@ -123,7 +118,7 @@ class PromptCache:
             size = self.kv_path.stat().st_size
             if size != meta.get("kv_bytes"):
                 return self._discard(f"{size} bytes instead of {meta.get('kv_bytes')}")
-            if _sha256_file(self.kv_path) != meta.get("kv_sha256"):
+            if file_sha256(self.kv_path) != meta.get("kv_sha256"):
                 return self._discard("its checksum does not match")
         except OSError as e:
             return self._discard(str(e))
@@ -172,7 +167,7 @@ class PromptCache:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.kv_path)
-            meta = {"key": self.key, "kv_bytes": self.kv_path.stat().st_size, "kv_sha256": _sha256_file(self.kv_path)}
+            meta = {"key": self.key, "kv_bytes": self.kv_path.stat().st_size, "kv_sha256": file_sha256(self.kv_path)}
             atomic_write(self.meta_path, json.dumps(meta, indent=1).encode())
         except OSError as e:
             log.warning("prompt cache: cannot save %s: %s (the prefix stays cached in memory only)", self.kv_path, e)

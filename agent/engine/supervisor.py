@@ -12,7 +12,6 @@ change ended, for reported state.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from agent.engine.types import EngineLike, LoadReport, RequestLimits
 from agent.errors import EdgeAgentError, EngineError, ModelError
 from agent.models.paths import resolve_model_path
 from agent.signing import Trust, running_version, verify_model_file
+from agent.system.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,6 @@ class ModelChange:
             "rollback_ms": None if self.rollback_ms is None else round(self.rollback_ms, 1),
             "rolled_back": self.rolled_back,
         }
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Supervisor:
@@ -444,4 +436,4 @@ def load_engine(config: EngineConfig) -> EngineLike:
     )
 
 
-__all__ = ["Applied", "EngineConfig", "ModelChange", "Refused", "Supervisor", "file_sha256", "load_engine"]
+__all__ = ["Applied", "EngineConfig", "ModelChange", "Refused", "Supervisor", "load_engine"]

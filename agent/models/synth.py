@@ -13,7 +13,6 @@ Output is deterministic: the same preset and seed give the same bytes (for a giv
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import os
 import string
@@ -301,12 +300,3 @@ def _add_metadata(w: gguf.GGUFWriter, s: ModelShape, seed: int) -> None:
     w.add_eos_token_id(EOS_ID)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (files may be hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

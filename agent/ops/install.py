@@ -14,7 +14,6 @@ machine's units, not the image's); the user is created with ``systemd-sysusers -
 from __future__ import annotations
 
 import grp
-import hashlib
 import os
 import pwd
 import shutil
@@ -31,7 +30,7 @@ from pydantic import ValidationError
 from agent.config import Settings, load_settings
 from agent.errors import ConfigError, EdgeAgentError
 from agent.ops.units import memory_limits, plan_model, profile_budget, render_units
-from agent.system.files import atomic_file
+from agent.system.files import atomic_file, file_sha256
 from agent.system.progress import progress
 
 USER = "edge-agent"
@@ -179,7 +178,11 @@ class CopyModel(Step):
 
     def apply(self, ctx: Context) -> str:
         target = ctx.path(self.path)
-        if target.exists() and target.stat().st_size == self.source.stat().st_size and _sha256(target) == self.sha256:
+        if (
+            target.exists()
+            and target.stat().st_size == self.source.stat().st_size
+            and file_sha256(target) == self.sha256
+        ):
             return "unchanged"
         if ctx.dry_run:
             return "would copy"
@@ -324,14 +327,6 @@ class InstallOptions:
     command: str = ""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def config_text(opts: InstallOptions, model_sha256: str | None) -> str:
     """The board's config.toml: the profile with its comments, the service's own folders, and the
     options given; validated like the daemon will read it."""
@@ -394,7 +389,7 @@ def plan_install(opts: InstallOptions) -> list[Step]:
     plan = plan_model(settings, opts.model, budget) if opts.model is not None else None
     limits = memory_limits(budget, plan)
     units = render_units(limits, exec_path=opts.exec_path, units_dir=opts.units_dir, command=opts.command)
-    sha = _sha256(opts.model) if opts.model is not None else None
+    sha = file_sha256(opts.model) if opts.model is not None else None
     owner = (USER, USER)
 
     steps: list[Step] = [

@@ -10,7 +10,7 @@ kept in ``cache_file`` (``{device.state_dir}/model-hashes.json``). A file replac
 touched has a new identity and is hashed again. A file that changes while it is hashed is not
 cached, and hashed again when asked again.
 
-The hash is ``agent.engine.supervisor.file_sha256``, the same the model load checks
+The hash is ``agent.system.files.file_sha256``, the same the model load checks
 ``model.sha256`` with.
 """
 
@@ -24,8 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.engine.supervisor import file_sha256
-from agent.system.files import atomic_write
+from agent.system.files import atomic_write, file_sha256
 from agent.system.priority import current_tid, set_io, set_nice
 
 log = logging.getLogger(__name__)

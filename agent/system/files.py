@@ -9,12 +9,19 @@ costs little (a cache) on a card that wears with every write.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file (model files are hundreds of MiB: read in blocks, never whole)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fsync_dir(folder: Path) -> None:
