@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgeAgentError
 from agent.operator.fleet.plan import DeviceState, Policy, Row, Target, Threshold
+from agent.sqlite import Schema, SqliteFile, open_schema
 
-SCHEMA = """
+_TABLES = (
+    """
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -31,7 +33,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     wave_started REAL,
     reason TEXT,
     finished_at REAL
-);
+)""",
+    """
 CREATE TABLE IF NOT EXISTS devices (
     rollout_id TEXT NOT NULL REFERENCES rollouts(id),
     device TEXT NOT NULL,
@@ -45,8 +48,9 @@ CREATE TABLE IF NOT EXISTS devices (
     message TEXT,
     restore_version INTEGER,
     PRIMARY KEY (rollout_id, device)
-);
-"""
+)""",
+)
+SCHEMA = Schema(1, _TABLES)
 
 
 class RolloutStoreError(EdgeAgentError):
@@ -162,26 +166,33 @@ def default_path() -> Path:
     return Path(base) / "edge-agent" / "rollouts.db"
 
 
-class RolloutStore:
+class RolloutStore(SqliteFile):
+    """The rollout record: one SQLite file (``agent.sqlite``: WAL, FULL sync, schema versioned)."""
+
+    what = "the rollout record"
+    opening = "opening the rollout record"
+    no_folder = "it is created with the record; check the --db path"
+
     def __init__(self, path: Path) -> None:
-        self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as e:
-            raise RolloutStoreError(f"cannot open the rollout record {path}: {e}") from None
-        self._lock = threading.Lock()
+        except OSError as e:
+            raise RolloutStoreError(f"cannot open the rollout record {path}: {e.strerror or e}") from None
+        fix = f"move {path.name} aside; the rollouts it holds can then no longer be resumed"
+        prepare = partial(open_schema, path=path, schema=SCHEMA, what=self.what, fix=fix, busy_timeout_ms=10000)
+        self._attach(path, False, 10000, "FULL", no_file="", prepare=prepare)
+        self._db = self._connection()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def create(self, spec: Spec, devices: list[tuple[str, int]], now: float) -> Rollout:
         """A new rollout over ``devices`` ((device id, wave) in rollout order)."""
         rid = uuid.uuid4().hex[:10]
-        with self._tx() as db:
+        with self._write("writing the rollout record") as db:
             db.execute(
                 "INSERT INTO rollouts (id, created_at, spec, state) VALUES (?, ?, ?, 'running')",
                 (rid, now, spec.to_json()),
@@ -232,30 +243,8 @@ class RolloutStore:
 
     def _update(self, table: str, where: str, key: tuple[Any, ...], fields: dict[str, Any]) -> None:
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self._tx() as db:
+        with self._write("writing the rollout record") as db:
             db.execute(f"UPDATE {table} SET {cols} WHERE {where}", (*fields.values(), *key))
-
-    def _tx(self) -> Any:
-        store = self
-
-        class _Tx:
-            def __enter__(self) -> sqlite3.Connection:
-                store._lock.acquire()
-                store._db.execute("BEGIN IMMEDIATE")
-                return store._db
-
-            def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-                try:
-                    store._db.execute("ROLLBACK" if exc_type else "COMMIT")
-                except sqlite3.Error as e:
-                    if exc_type is None:
-                        raise RolloutStoreError(f"cannot write the rollout record {store.path}: {e}") from None
-                finally:
-                    store._lock.release()
-                if isinstance(exc, sqlite3.Error):
-                    raise RolloutStoreError(f"cannot write the rollout record {store.path}: {exc}") from None
-
-        return _Tx()
 
 
 __all__ = ["Device", "Rollout", "RolloutStore", "RolloutStoreError", "Spec", "default_path"]
