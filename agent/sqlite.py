@@ -1,7 +1,7 @@
-"""What the SQLite files of the agent share (the job store, the shadow state, the telemetry spool):
-one mapping of SQLite errors to ``StoreError`` codes with what to do about each, the one way to open
-one (``open_schema``: checks, write-ahead log, schema and migrations in one transaction), the write
-transaction they all use, and ``SqliteFile``: one connection behind a lock, opened and closed once.
+"""What the SQLite files of the agent share (the job store, the shadow state, the telemetry spool, the
+operator's rollout record): one mapping of SQLite errors to ``StoreError`` codes with what to do about
+each, the one way to open one (``open_schema``: checks, write-ahead log, schema and migrations in one
+transaction), the write transaction they all use, and ``SqliteFile``: one connection behind a lock.
 
 The codes are what the store's health (agent.jobs.health) and the CLI act on: store_full,
 store_readonly, store_corrupt, store_cantopen, store_busy, store_io.
