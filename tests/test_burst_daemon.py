@@ -145,7 +145,9 @@ def test_800_jobs_at_once_every_queued_status_and_result_arrives(
         ]
         started = time.monotonic()
         _publish_all(peer, jobs)
-        _drain(peer, take, done, timeout=50)
+        # A bound for a loaded machine: alone, the 800 take 7 s here; under a parallel test run and an
+        # emulator on the same 2 cores they took more than 50 s twice. What is asserted is that all arrive.
+        _drain(peer, take, done, timeout=180)
         elapsed = time.monotonic() - started
         queued = len(queued_ids & set(ids))
         when = f"{all_queued_after[0]:.1f} s" if all_queued_after else "never"
