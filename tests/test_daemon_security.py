@@ -955,7 +955,8 @@ def test_refused_password_is_reported_without_the_secret(
     everything = watch_log("", logging.DEBUG)  # root: every logger, paho's traces included
     with InProcessDaemon(cfg) as d:
         assert everything.wait_for(lambda rs: any(r.name == "agent.mqtt.transport" and r.levelno == logging.WARNING
-                                                  and "not authorised" in r.getMessage() for r in rs))  # fmt: skip
+                                                  and "not authorised" in r.getMessage() for r in rs)
+                                   and d.daemon.parts.transport.last_error is not None)  # fmt: skip
         err = d.daemon.parts.transport.last_error
         assert err is not None and err.code == "mqtt_auth"
     text = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in list(everything.records))

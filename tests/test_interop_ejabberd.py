@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from agent.config import load_settings
+from agent.errors import StoreError
 from agent.mqtt.transport import MqttTransport
 from agent.operator.jobs import JobClient
 from agent.ops.doctor import check_broker, probe_brokers
 from tests.broker import BrokerClient, TcpProxy
-from tests.daemon_harness import DaemonProcess, InProcessDaemon, wait_online, write_daemon_config
+from tests.daemon_harness import DaemonProcess, GatedEngine, InProcessDaemon, wait_online, write_daemon_config
 from tests.ejabberd_broker import EjabberdBroker, ejabberd_missing
 from tests.helpers import job_payload
 
@@ -59,7 +60,16 @@ def terminal(cloud: BrokerClient, job_id: str) -> dict[str, Any]:
 
 
 def reported(cloud: BrokerClient, want: str) -> dict[str, Any]:
-    """The shadow's reported state, from the next published document that has ``want`` in it."""
+    """The shadow's reported state, from the next document (the retained one first) that has ``want`` in it."""
+    reader = peer(cloud.broker, f"reader-{want}")  # type: ignore[arg-type]
+    try:
+        reader.subscribe("edge/dev-a/shadow")
+        return _reported(reader, want)
+    finally:
+        reader.close()
+
+
+def _reported(cloud: BrokerClient, want: str) -> dict[str, Any]:
     while True:
         doc = json.loads(cloud.expect("edge/dev-a/shadow", timeout=T).payload)
         rep: dict[str, Any] = doc.get("state", {}).get("reported", {})
@@ -117,9 +127,11 @@ def test_daemon_on_ejabberd_with_fleet_group_runs_own_jobs_cancels_and_reports_w
     tmp_path: Path, tiny_model: Path, ejabberd: EjabberdBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = config(tmp_path, ejabberd, tiny_model, fleet_group="g1")
+    gated: list[GatedEngine] = []
     with peer(ejabberd) as cloud:
         cloud.subscribe("edge/dev-a/#")
-        with InProcessDaemon(cfg, expect_errors=("shared subscriptions",)) as d:
+        wrap = lambda e: gated.append(GatedEngine(e)) or gated[0]  # noqa: E731
+        with InProcessDaemon(cfg, expect_errors=("shared subscriptions",), engine_wrapper=wrap) as d:
             wait_online(cloud, "dev-a", timeout=60)
             rep = reported(cloud, "broker")
             broker = rep["broker"]
@@ -127,15 +139,16 @@ def test_daemon_on_ejabberd_with_fleet_group_runs_own_jobs_cancels_and_reports_w
             codes = [p["code"] for p in broker["problems"]]
             assert codes == ["shared_subscriptions_unavailable", "session_expiry_shortened"]
             # its own jobs run
+            gated[0].gate.set()
             cloud.publish("edge/dev-a/jobs/submit", job_payload("own-1", max_tokens=4))
             assert terminal(cloud, "own-1")["status"] == "SUCCEEDED"
-            # a cancel reaches it (a job that would run long)
-            cloud.publish("edge/dev-a/jobs/submit", job_payload("long-1", max_tokens=400))
-            while json.loads(cloud.expect("edge/dev-a/jobs/long-1/status", timeout=60).payload)["status"] != (
-                "IN_PROGRESS"
-            ):
-                pass
+            # a cancel reaches it while a job runs (held at its first token)
+            gated[0].gate.clear()
+            cloud.publish("edge/dev-a/jobs/submit", job_payload("long-1", max_tokens=40))
+            assert gated[0].started.wait(T)
             cloud.publish("edge/dev-a/jobs/long-1/cancel", b"{}")
+            assert gated[0].cancel is not None and gated[0].cancel.wait(T)
+            gated[0].gate.set()
             assert terminal(cloud, "long-1")["status"] == "CANCELED"
             # the shadow answers a get
             cloud.publish("edge/dev-a/shadow/get", b"{}")
@@ -172,8 +185,8 @@ def test_ejabberd_restart_loses_the_session_and_the_daemon_says_so(
                 assert "new session" in event["message"] and "resend" in event["message"]
                 assert "fix" in event["details"]
                 # the shadow's reported facts say it too, and jobs run again
-                problems = reported(cloud, "broker")["broker"]["problems"]
-                assert "session_lost" in [p["code"] for p in problems]
+                while "session_lost" not in [p["code"] for p in _reported(cloud, "broker")["broker"]["problems"]]:
+                    pass
                 cloud.publish("edge/dev-a/jobs/submit", job_payload("after-1", max_tokens=2))
                 assert terminal(cloud, "after-1")["status"] == "SUCCEEDED"
     finally:
@@ -233,3 +246,29 @@ def test_cluster_failover_through_mqtt_hosts_loses_no_acknowledged_job(tmp_path:
         if b is not None:
             b.stop()
         a.stop()
+
+
+def test_control_messages_do_not_wait_behind_a_job_the_board_has_not_acknowledged(
+    tmp_path: Path, tiny_model: Path, ejabberd: EjabberdBroker
+) -> None:
+    """ejabberd hands a session one QoS 1 message at a time: a job left unacknowledged (the store is
+    unwritable) holds back every later message of that session. Cancels and the shadow come through the
+    board's control session (mqtt.control_session), so a shadow update is answered meanwhile."""
+    cfg = write_daemon_config(
+        tmp_path / "dev-a", ejabberd, tiny_model,  # type: ignore[arg-type]
+        mqtt={"username": "dev-a", "password": "x"}, store={"recheck_s": 3600},
+    )  # fmt: skip
+    update = {"state": {"desired": {"telemetry": {"interval_s": 30}}}, "client_token": "while-held"}
+    with peer(ejabberd) as cloud:
+        cloud.subscribe("edge/dev-a/#")
+        with InProcessDaemon(cfg, expect_errors=("job store unwritable",)) as d:
+            wait_online(cloud, "dev-a", timeout=60)
+            d.daemon.parts.health.failed(StoreError("test: the disk is full", code="store_full"))
+            cloud.publish("edge/dev-a/jobs/submit", job_payload("held-1", max_tokens=2))
+            cloud.publish("edge/dev-a/shadow/update", json.dumps(update).encode())
+            reply = json.loads(cloud.expect("edge/dev-a/shadow/update/accepted", timeout=T).payload)
+            assert reply["client_token"] == "while-held"
+            assert d.daemon.parts.store.get("held-1") is None  # the job is still held at the broker
+            # once the store takes writes again, the job comes and runs
+            assert d.daemon.parts.health.recheck(force=True)
+            assert terminal(cloud, "held-1")["status"] == "SUCCEEDED"

@@ -79,6 +79,8 @@ class Daemon:
             p.shadow.run_pending()  # desired keys the boot settings left out, before any broker
         p.runner.start(on_thread_start=lambda: apply_inference_priority(self.settings.priority))
         p.transport.start()
+        if p.control is not None:
+            p.control.start()
         self.notifier.ready(f"serving {self.settings.model.path}")
         p.reporter.ready_at = self.clock()
         p.reporter.write_state("ready", force=True)
@@ -94,6 +96,8 @@ class Daemon:
             # Model missing or will not fit, store unusable, a bad setting: a restart fails the same way.
             e.exit_code = EXIT_CANNOT_START  # type: ignore[attr-defined]
             p.transport.stop()
+            if p.control is not None:
+                p.control.stop()
             p.close_stores()
             raise
         try:
@@ -171,6 +175,8 @@ class Daemon:
                 log.warning(_WAITING, grace, len(jobs), ", ".join(jobs))
         p.runner.stop(grace, force=force)
         p.transport.stop(publish=(p.topics.device_status, p.reporter.device_status("stopping")))
+        if p.control is not None:
+            p.control.stop()
         p.delivery.stop()  # its partial file stays: the next start resumes it
         p.supervisor.unload()
         p.close_stores()

@@ -74,6 +74,7 @@ class Parts:
     reporter: Reporter
     shadow: ShadowService
     ha: DiscoveryPublisher
+    control: MqttTransport | None = None  # cancels and the shadow's topics (mqtt.control_session)
 
     def close_stores(self) -> None:
         """The job store, the shadow's and the telemetry spool: the last step of a stop."""
@@ -105,7 +106,10 @@ def build(
     store = JobStore.from_settings(s.store, clock=clock)
     results = JobResults(store, topics, clock=clock)
     health = StoreHealth(store, recheck_s=lambda: s.store.recheck_s, min_free_bytes=lambda: s.store.min_free_kb * 1024)
-    subscriptions = [(topics.submit, 1), (topics.cancel_filter, 1)]
+    # Cancels (and the shadow's topics, below) on a session of their own unless mqtt.control_session is off:
+    # they must not wait behind a job whose PUBACK the board holds back (ejabberd: one QoS 1 message at a time).
+    control = _control_transport(s, topics)
+    subscriptions = [(topics.submit, 1)] + ([] if control is not None else [(topics.cancel_filter, 1)])
     if s.mqtt.fleet_group:
         subscriptions.append((topics.fleet_submit(s.mqtt.fleet_group), 1))
     offline = device_status(s, "offline", store_writable=False, ts=clock())
@@ -117,6 +121,11 @@ def build(
         on_error=lambda _err: tick.set(),  # the main loop reads transport.fatal at once
     )
     outbox = Outbox(transport, on_store_error=health.failed, wake=tick.set, keepalive=notifier.watchdog)
+
+    def ack(msg: InboundMessage) -> bool:
+        """On the connection the message came through."""
+        return (control if control is not None and msg.source == control.client_id else transport).ack(msg)
+
     spool = TelemetrySpool.from_settings(s, clock=clock)
     outbox.add_source(results)
     outbox.add_source(spool)  # readings and events kept while offline, sent in order after the results
@@ -161,7 +170,7 @@ def build(
         store,
         topics,
         limits=lambda: s.engine,
-        ack=transport.ack,
+        ack=ack,
         publish=transport.publish,
         send_outcome=send_outcome,
         cancel_running=gate.cancel,
@@ -204,14 +213,14 @@ def build(
         store=shadow_store,
         file_settings=file_settings,
         executor=live,
-        ack=transport.ack,
+        ack=ack,
         publish=lambda t, p, q, r: transport.publish(t, p, qos=q, retain=r),
         facts=reporter.reported_facts,
         clock=clock,
         wake=tick.set,
         send_event=lambda e: uplink.send("event", topics.events, e.to_payload(), ts=e.ts.timestamp()),
     )
-    transport.add_subscriptions(shadow.subscriptions())
+    (control or transport).add_subscriptions(shadow.subscriptions())
     ha = DiscoveryPublisher(s, transport.publish)  # Home Assistant's entities (optional)
     parts = Parts(
         file_settings,
@@ -236,9 +245,23 @@ def build(
         reporter,
         shadow,
         ha,
+        control,
     )
     _connect(parts, sampler)
     return parts
+
+
+def _control_transport(s: Settings, topics: Topics) -> MqttTransport | None:
+    """The second connection for cancels and the shadow (mqtt.control_session), or None."""
+    if not s.mqtt.control_session:
+        return None
+    client_id = s.mqtt.client_id or f"edge-agent-{s.device.id}"
+    return MqttTransport(
+        s.mqtt.model_copy(update={"client_id": f"{client_id[:60]}-ctl"}),
+        will=None,  # the board's status and will are the job connection's
+        subscriptions=[(topics.cancel_filter, 1)],
+        tell_grants=False,  # the job connection tells them
+    )
 
 
 def _connect(p: Parts, sampler: Sampler) -> None:
@@ -248,9 +271,16 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         (p.shadow.on_message if p.shadow.handles(msg.topic) else p.intake.on_message)(msg)
 
     def on_connect() -> None:
-        publish_status()
+        # "online" says the board takes jobs and control messages: with a control connection, once its
+        # subscriptions are in place (control_ready says it then), or once it failed (not held back by it).
+        if p.control is None or (p.control.connected and p.control.subscribed) or p.control.last_error is not None:
+            status_held.clear()
+            publish_status()
+        else:
+            status_held.set()
         p.ha.on_connect()  # before the shadow document: Home Assistant checks its model against the options
         p.shadow.on_connect()
+        p.shadow.refresh_facts_soon()  # what this connection's broker granted (reported.broker)
         p.outbox.request_resend()
         p.tick.set()
 
@@ -271,6 +301,17 @@ def _connect(p: Parts, sampler: Sampler) -> None:
 
     p.health.listen(store_changed)
     p.transport.handle(on_message, on_connect)
+
+    status_held = threading.Event()  # the job connection is up, its "online" waits for the control connection
+
+    def control_ready() -> None:
+        if status_held.is_set() and p.transport.connected:
+            status_held.clear()
+            publish_status()
+            p.tick.set()
+
+    if p.control is not None:
+        p.control.handle(on_message, on_subscribed=control_ready)
     sampler.read_agent_state(p.reporter.agent_state)
     p.reporter.follow_shadow(p.shadow)
     p.delivery.follow(protected=p.shadow.protected_models, on_done=p.shadow.reconcile_soon)

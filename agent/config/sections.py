@@ -118,6 +118,13 @@ class MQTTSettings(Section):
         description="Also take jobs from the shared subscription $share/{group}/{prefix}/fleet/jobs/submit.",
     )
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keep-alive, seconds.")
+    control_session: bool = Field(
+        default=True,
+        description="Take cancels and shadow messages on a second connection (client id '{client_id}-ctl', a "
+        "session of its own), so they never wait behind a job the board has not acknowledged yet: some brokers "
+        "(ejabberd) hand a session one QoS 1 message at a time. The broker sees two clients of this board (an "
+        "ACL keyed on the client id must allow both). False: one connection for everything.",
+    )
     heartbeat_s: int = Field(
         default=60,
         ge=5,

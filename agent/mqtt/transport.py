@@ -219,6 +219,8 @@ class InboundMessage:
     # Which connection it arrived on: a PUBACK is only meaningful on that connection; after a
     # reconnect the broker redelivers the message with a fresh chance to ack.
     connection: int = 0
+    # The client id of the transport it came through (a daemon may run two: jobs, and control).
+    source: str = ""
 
 
 class PublishHandle:
@@ -344,9 +346,11 @@ class MqttTransport:
         rng: random.Random | None = None,
         session_file: Path | None = None,
         wall: Callable[[], float] = time.time,
+        tell_grants: bool = True,
     ) -> None:
         """``session_file``: where the transport remembers, across restarts, until when the broker should
-        keep this board's session (a session that should have resumed but is new is then told)."""
+        keep this board's session (a session that should have resumed but is new is then told). ``tell_grants``:
+        log what the grants cost (False for a second connection of the same board: the first says it)."""
         if not settings.client_id:
             # A random id would start a new session on every connect and lose queued jobs.
             raise TransportError(
@@ -362,6 +366,7 @@ class MqttTransport:
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self._on_error_cb = on_error
+        self._on_subscribed_cb: Callable[[], None] | None = None
         self._subscriptions = list(subscriptions)
         self._manual_ack = manual_ack
         self._max_queued = max(max_queued, settings.max_inflight)
@@ -402,7 +407,8 @@ class MqttTransport:
         self._reconnect_why: str | None = None
         # What the broker granted on the latest connection, what that costs, and what was told already.
         self._grants: BrokerGrants | None = None
-        self._told_problems: tuple[str, ...] = ()
+        self._told_problems: tuple[str, ...] = () if tell_grants else ("(not told)",)
+        self._tell_grants = tell_grants
         self._fatal: TransportError | None = None
         # Until when (wall clock) the broker should still hold this board's session: a connect before
         # then that gets a new session lost what was queued in it.
@@ -550,11 +556,30 @@ class MqttTransport:
         self._subscriptions.extend(subscriptions)
 
     def handle(
-        self, on_message: Callable[[InboundMessage], None], on_connect: Callable[[], None] | None = None
+        self,
+        on_message: Callable[[InboundMessage], None],
+        on_connect: Callable[[], None] | None = None,
+        *,
+        on_subscribed: Callable[[], None] | None = None,
     ) -> None:
         """Where inbound messages and each (re)connection go; called before ``start()`` when the receiver is
-        built after the transport."""
+        built after the transport. ``on_subscribed()``: each connection's subscriptions are acknowledged
+        (network thread)."""
         self._on_message_cb, self._on_connect_cb = on_message, on_connect
+        self._on_subscribed_cb = on_subscribed
+
+    @property
+    def subscribed(self) -> bool:
+        """This connection's subscriptions are acknowledged."""
+        return self._subscribed.is_set()
+
+    def _now_subscribed(self) -> None:
+        self._subscribed.set()
+        if self._on_subscribed_cb is not None:
+            try:
+                self._on_subscribed_cb()
+            except Exception:
+                log.exception("on_subscribed callback failed")
 
     def start(self) -> None:
         if self._thread is not None:
@@ -1081,7 +1106,7 @@ class MqttTransport:
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._sub_topics[mid] = [topic for topic, _ in subscriptions]
         else:
-            self._subscribed.set()
+            self._now_subscribed()
         self._connected.set()
         if self._on_connect_cb is not None:
             try:
@@ -1091,6 +1116,8 @@ class MqttTransport:
 
     def _tell_problems(self) -> None:
         """Log what the grants cost, once per change (a flapping connection does not repeat it)."""
+        if not self._tell_grants:
+            return
         problems = self.problems()
         codes = tuple(p.code for p in problems)
         if codes == self._told_problems:
@@ -1134,6 +1161,7 @@ class MqttTransport:
             dup=bool(message.dup),
             properties=_from_paho_properties(getattr(message, "properties", None)),
             connection=self._generation,
+            source=self.client_id,
         )
         with self._out:
             busy = bool(self._held or self._backlog)
@@ -1177,7 +1205,7 @@ class MqttTransport:
             if reason.is_failure:
                 log.warning("broker refused subscription to %s: %s", topic, reason)
         if not self._sub_topics:
-            self._subscribed.set()
+            self._now_subscribed()
 
     def _handle_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
