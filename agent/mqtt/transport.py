@@ -410,6 +410,7 @@ class MqttTransport:
         self._told_problems: tuple[str, ...] = () if tell_grants else ("(not told)",)
         self._tell_grants = tell_grants
         self._fatal: TransportError | None = None
+        self._closed_before_connack = 0  # attempts in a row closed after CONNECT without a CONNACK
         # Until when (wall clock) the broker should still hold this board's session: a connect before
         # then that gets a new session lost what was queued in it.
         self._wall = wall
@@ -537,6 +538,11 @@ class MqttTransport:
         while self._session_losses:
             out.append(self._session_losses.popleft())
         return out
+
+    def check_mqtt311(self) -> TransportError | None:
+        """After a connection closed without a CONNACK: the 3.1.1 probe now, for a one-shot check (doctor)
+        that cannot wait for the second close the network thread waits for. The error when confirmed."""
+        return self._mqtt311_error()
 
     @property
     def fatal(self) -> TransportError | None:
@@ -904,13 +910,19 @@ class MqttTransport:
             return connected_for, None
         err = self._attempt_error or self._lost_error(connected_for is not None)
         if connected_for is None and self._attempt_error is None and err.code == "mqtt_unreachable":
-            err = self._mqtt311_error() or err
+            # Closed after our CONNECT, without a CONNACK. Twice in a row before the probe: a broker that
+            # drops one connection (a restart, a rate limit) and speaks both versions is not called 3.1.1.
+            self._closed_before_connack += 1
+            if self._closed_before_connack >= 2:
+                err = self._mqtt311_error() or err
+        else:
+            self._closed_before_connack = 0
         self._last_error = err
         return connected_for, err
 
     def _mqtt311_error(self) -> TransportError | None:
-        """The broker took the TCP connection and closed it without a CONNACK: if a 3.1.1 CONNECT gets
-        one, it does not speak MQTT 5. Confirmed once, it is fatal (the daemon exits 78)."""
+        """The broker took the TCP connection and closed it without a CONNACK (twice in a row): if a 3.1.1
+        CONNECT gets one, it does not speak MQTT 5. Confirmed, it is fatal (the daemon exits 78)."""
         if self._fatal is not None:
             return self._fatal
         s = self.settings

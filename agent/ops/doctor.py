@@ -173,6 +173,8 @@ def probe_broker(mqtt: Any, timeout: float) -> tuple[str | None, list[Any]]:
         if t.connected:
             return None, t.problems()
         err = errors[0] if errors else t.last_error
+        if err is not None and err.code == "mqtt_unreachable" and "closed the connection" in str(err):
+            err = t.check_mqtt311() or err  # closed right after our MQTT 5 CONNECT: does it speak 3.1.1?
         if err is None:
             return f"no answer within {timeout:g} s", []
         return re.sub(r"^(cannot connect to )?MQTT \S+: ", "", str(err)), []
