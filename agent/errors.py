@@ -13,6 +13,7 @@ class EdgeAgentError(Exception):
     """Base of every error this project raises on purpose."""
 
     code = "internal"
+    exit_code: int | None = None  # set when the error ends the daemon: EXIT_CANNOT_START (the CLI exits with it)
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

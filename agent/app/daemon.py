@@ -24,6 +24,7 @@ from agent.system.sdnotify import Notifier
 from agent.system.swap import write_desired as write_desired_swap
 
 log = logging.getLogger(__name__)
+_STOPPING = "%s: stopping: no new jobs; running ones get up to %g s (service.shutdown_grace_s)"
 _WAITING = ("waiting up to %g s (service.shutdown_grace_s) for %d running job(s) to finish: %s; then they are "
             "stopped and requeued (a second SIGTERM or SIGINT stops them now)")  # fmt: skip
 
@@ -78,9 +79,7 @@ class Daemon:
         with self.notifier.keepalive():
             p.shadow.run_pending()  # desired keys the boot settings left out, before any broker
         p.runner.start(on_thread_start=lambda: apply_inference_priority(self.settings.priority))
-        p.transport.start()
-        if p.control is not None:
-            p.control.start()
+        p.start_connections()
         self.notifier.ready(f"serving {self.settings.model.path}")
         p.reporter.ready_at = self.clock()
         p.reporter.write_state("ready", force=True)
@@ -94,19 +93,15 @@ class Daemon:
             self.start()
         except EdgeAgentError as e:
             # Model missing or will not fit, store unusable, a bad setting: a restart fails the same way.
-            e.exit_code = EXIT_CANNOT_START  # type: ignore[attr-defined]
-            p.transport.stop()
-            if p.control is not None:
-                p.control.stop()
+            e.exit_code = EXIT_CANNOT_START
+            p.stop_connections()
             p.close_stores()
             raise
         try:
             n = 0
             while self._stop_requested == 0 and (passes is None or n < passes):
                 if (fatal := p.transport.fatal) is not None:
-                    # A broker that does not speak MQTT 5 (confirmed by a 3.1.1 probe): no retry cures it.
-                    fatal.exit_code = EXIT_CANNOT_START  # type: ignore[attr-defined]
-                    raise fatal
+                    raise fatal  # a broker that does not speak MQTT 5 (confirmed by a 3.1.1 probe): exit 78
                 try:
                     self.main_pass()
                 except Exception:  # a bug in one pass (a resend, a prune) must not end the service
@@ -119,8 +114,7 @@ class Daemon:
 
     def main_pass(self, *, wait_s: float | None = None) -> None:
         """One pass: watchdog, reload, store health, resends, retention, telemetry. Waits for a tick first."""
-        p = self.parts
-        s = self.settings
+        p, s = self.parts, self.settings
         interval = min(self.notifier.watchdog_interval_s or 5.0, s.telemetry.interval_s, s.governor.interval_s)
         if not p.health.writable:
             interval = min(interval, s.store.recheck_s)
@@ -174,9 +168,7 @@ class Daemon:
             else:
                 log.warning(_WAITING, grace, len(jobs), ", ".join(jobs))
         p.runner.stop(grace, force=force)
-        p.transport.stop(publish=(p.topics.device_status, p.reporter.device_status("stopping")))
-        if p.control is not None:
-            p.control.stop()
+        p.stop_connections(goodbye=(p.topics.device_status, p.reporter.device_status("stopping")))
         p.delivery.stop()  # its partial file stays: the next start resumes it
         p.supervisor.unload()
         p.close_stores()
@@ -188,11 +180,8 @@ class Daemon:
             self.request_stop()
             # At once: the main loop may be busy (a model swap) before shutdown() says what it waits for.
             name = signal.Signals(signum).name
-            grace = self.settings.service.shutdown_grace_s
             if self._stop_requested == 1:
-                log.info(
-                    "%s: stopping: no new jobs; running ones get up to %g s (service.shutdown_grace_s)", name, grace
-                )
+                log.info(_STOPPING, name, self.settings.service.shutdown_grace_s)
             else:
                 log.warning("%s again: stopping the running jobs now; they are requeued", name)
 

@@ -76,6 +76,18 @@ class Parts:
     ha: DiscoveryPublisher
     control: MqttTransport | None = None  # cancels and the shadow's topics (mqtt.control_session)
 
+    def start_connections(self) -> None:
+        """The broker connections: the jobs' and, with mqtt.control_session, the control one."""
+        self.transport.start()
+        if self.control is not None:
+            self.control.start()
+
+    def stop_connections(self, goodbye: tuple[str, bytes] | None = None) -> None:
+        """Both connections closed; ``goodbye`` (topic, payload) is published first on the jobs' one."""
+        self.transport.stop(publish=goodbye)
+        if self.control is not None:
+            self.control.stop()
+
     def close_stores(self) -> None:
         """The job store, the shadow's and the telemetry spool: the last step of a stop."""
         self.store.close()

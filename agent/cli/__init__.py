@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except EdgeAgentError as e:
         print(f"edge-agent: error [{e.code}]: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", EXIT_FAILURE)
+        return e.exit_code if e.exit_code is not None else EXIT_FAILURE
     except KeyboardInterrupt:
         print("edge-agent: interrupted", file=sys.stderr)
         return 130

@@ -125,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return daemon.serve()
     except EdgeAgentError as e:
-        if getattr(e, "exit_code", None) != EXIT_CANNOT_START:
+        if e.exit_code != EXIT_CANNOT_START:
             raise
         # The model, the memory budget or the store: one line that says what to fix, and the exit
         # status that makes systemd stop restarting (RestartPreventExitStatus=78).

@@ -55,7 +55,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config.sections import MQTTSettings
-from agent.errors import TransportError
+from agent.errors import EXIT_CANNOT_START, TransportError
 from agent.mqtt.grants import SHARE_PREFIX, BrokerGrants, GrantProblem, grant_problems
 from agent.mqtt.probe import probe_mqtt311
 from agent.system.files import atomic_write
@@ -948,6 +948,7 @@ class MqttTransport:
             "mqtt plugin, Mosquitto >= 1.6, EMQX, HiveMQ, VerneMQ, ejabberd) or point mqtt.host at one that has it",
             code="mqtt_protocol",
         )
+        self._fatal.exit_code = EXIT_CANNOT_START  # no retry cures it
         log.error("%s", self._fatal)
         return self._fatal
 
