@@ -22,6 +22,14 @@ _HWCAP2 = {1 << 1: "sve2", 1 << 13: "i8mm", 1 << 14: "bf16", 1 << 23: "sme"}
 _VARIANT = re.compile(r"/libggml-cpu-([A-Za-z0-9_.]+)\.so\b")
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def decode_hwcap(hwcap: int, hwcap2: int) -> set[str]:
     return {name for bit, name in _HWCAP.items() if hwcap & bit} | {
         name for bit, name in _HWCAP2.items() if hwcap2 & bit
@@ -48,12 +56,8 @@ def qemu_user_emulated(machine: str | None = None, cpuinfo: str | None = None) -
     "CPU implementer" and no x86 "vendor_id"/"flags" lines, so this is never true on one."""
     if (machine or platform.machine()) != "aarch64":
         return False
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
+    if cpuinfo is None and (cpuinfo := _read("/proc/cpuinfo")) is None:
+        return False
     x86 = re.search(r"^(vendor_id|flags)\s*:", cpuinfo, re.M) is not None
     return x86 and re.search(r"^CPU implementer\s*:", cpuinfo, re.M) is None
 
@@ -61,11 +65,7 @@ def qemu_user_emulated(machine: str | None = None, cpuinfo: str | None = None) -
 def llama_cpu_variant(maps: str | None = None) -> str | None:
     """The ggml CPU variant loaded into this process (armv8.2_2 ...), from /proc/self/maps; None when
     llama.cpp is a single build (one libggml-cpu.so) or not loaded."""
-    if maps is None:
-        try:
-            with open("/proc/self/maps") as f:
-                maps = f.read()
-        except OSError:
-            return None
+    if maps is None and (maps := _read("/proc/self/maps")) is None:
+        return None
     found = _VARIANT.search(maps)
     return found.group(1) if found else None
