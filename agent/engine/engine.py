@@ -222,18 +222,10 @@ class Engine:
                 )
             t0 = time.monotonic()
             try:
-                llama, lines = llamacpp.construct_llama(
-                    str(self.model_path),
-                    repack=(mode == "fast"),
-                    n_ctx=n_ctx,
-                    n_batch=n_batch,
-                    n_ubatch=ubatch_size(n_ctx, n_batch),
-                    n_threads=n_threads,
-                    type_k=s.type_k,
-                    type_v=s.type_v,
-                    flash_attn=s.flash_attn,
-                    slots=plan.slots,
+                ctx = llamacpp.ContextArgs(
+                    n_ctx, n_batch, ubatch_size(n_ctx, n_batch), n_threads, s.type_k, s.type_v, s.flash_attn, plan.slots
                 )
+                llama, lines = llamacpp.construct_llama(str(self.model_path), repack=(mode == "fast"), ctx=ctx)
             except EdgeAgentError:
                 raise
             except Exception as e:  # noqa: BLE001  llama-cpp-python raises ValueError/RuntimeError/OSError

@@ -153,19 +153,23 @@ def _default_params(*, use_extra_bufts: bool, n_outputs_max: int, n_seq_max: int
         C.llama_context_default_params = orig_context
 
 
-def construct_llama(
-    path: str,
-    *,
-    repack: bool,
-    n_ctx: int,
-    n_batch: int,
-    n_ubatch: int,
-    n_threads: int,
-    type_k: str,
-    type_v: str,
-    flash_attn: bool,
-    slots: int = 1,
-) -> tuple[llama_cpp.Llama, list[str]]:
+@dataclass(frozen=True)
+class ContextArgs:
+    """What a llama.cpp context is made with, as far as it decides memory: ``n_ctx`` per slot, ``slots``
+    sequences, batch sizes, threads, KV cache types and flash attention. The load and the probe use the
+    same value, so the probe's sizes are the load's."""
+
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_threads: int
+    type_k: str
+    type_v: str
+    flash_attn: bool
+    slots: int = 1
+
+
+def construct_llama(path: str, *, repack: bool, ctx: ContextArgs) -> tuple[llama_cpp.Llama, list[str]]:
     """Load ``path`` with mmap (never mlock) and return the Llama and llama.cpp's load log.
 
     verbose=True keeps llama-cpp-python from redirecting the process's stdout/stderr file
@@ -176,21 +180,21 @@ def construct_llama(
     LOG_SINK.install()
     with _CONSTRUCT_LOCK, LOG_SINK.capture() as lines:
         with (
-            _default_params(use_extra_bufts=repack, n_outputs_max=slots, n_seq_max=slots),
+            _default_params(use_extra_bufts=repack, n_outputs_max=ctx.slots, n_seq_max=ctx.slots),
             contextlib.redirect_stderr(io.StringIO()),
         ):
             llama = llama_cpp.Llama(
                 path,
-                n_ctx=n_ctx * slots,
-                n_batch=n_batch,
-                n_ubatch=n_ubatch,
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
+                n_ctx=ctx.n_ctx * ctx.slots,
+                n_batch=ctx.n_batch,
+                n_ubatch=ctx.n_ubatch,
+                n_threads=ctx.n_threads,
+                n_threads_batch=ctx.n_threads,
                 use_mmap=True,
                 use_mlock=False,
-                type_k=GGML_TYPES[type_k],
-                type_v=GGML_TYPES[type_v],
-                flash_attn=flash_attn,
+                type_k=GGML_TYPES[ctx.type_k],
+                type_v=GGML_TYPES[ctx.type_v],
+                flash_attn=ctx.flash_attn,
                 logits_all=False,
                 verbose=True,
             )
@@ -315,16 +319,7 @@ class BufferProbe:
         """Create and free one no_alloc context with the parameters ``construct_llama`` gives Llama()."""
         if self._model is None:
             raise RuntimeError("the probe is closed")
-        cp = _context_params(
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=n_ubatch,
-            n_threads=self.n_threads,
-            type_k=type_k,
-            type_v=type_v,
-            flash_attn=flash_attn,
-            slots=slots,
-        )
+        cp = _context_params(ContextArgs(n_ctx, n_batch, n_ubatch, self.n_threads, type_k, type_v, flash_attn, slots))
         t0 = time.monotonic()
         with _CONSTRUCT_LOCK, LOG_SINK.capture(quiet=True) as lines:
             ctx = C.llama_init_from_model(self._model, cp)
@@ -353,34 +348,24 @@ class BufferProbe:
         self.close()
 
 
-def _context_params(
-    *,
-    n_ctx: int,
-    n_batch: int,
-    n_ubatch: int,
-    n_threads: int,
-    type_k: str,
-    type_v: str,
-    flash_attn: bool,
-    slots: int = 1,
-) -> Any:
+def _context_params(a: ContextArgs) -> Any:
     """The context parameters Llama() builds from construct_llama's arguments, as far as they decide
     memory (n_ctx, batch sizes, KV types, flash attention, one output row). Everything else keeps
     llama.cpp's defaults in both, including ``swa_full`` (a full-size cache for sliding-window
     layers, which prefix reuse needs). tests/test_estimate.py checks that the probe's sizes equal
     the real load's."""
     cp = C.llama_context_default_params()
-    cp.n_ctx = n_ctx * slots
-    cp.n_seq_max = slots
+    cp.n_ctx = a.n_ctx * a.slots
+    cp.n_seq_max = a.slots
     cp.kv_unified = False
-    cp.n_batch = min(n_ctx, n_batch)
-    cp.n_ubatch = min(cp.n_batch, n_ubatch)
-    cp.n_threads = n_threads
-    cp.n_threads_batch = n_threads
-    cp.type_k = GGML_TYPES[type_k]
-    cp.type_v = GGML_TYPES[type_v]
-    cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    cp.n_outputs_max = slots
+    cp.n_batch = min(a.n_ctx, a.n_batch)
+    cp.n_ubatch = min(cp.n_batch, a.n_ubatch)
+    cp.n_threads = a.n_threads
+    cp.n_threads_batch = a.n_threads
+    cp.type_k = GGML_TYPES[a.type_k]
+    cp.type_v = GGML_TYPES[a.type_v]
+    cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if a.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.n_outputs_max = a.slots
     return cp
 
 
