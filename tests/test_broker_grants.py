@@ -23,7 +23,7 @@ from agent.mqtt.grants import BrokerGrants, grant_problems
 from agent.mqtt.outbox import Outbox
 from agent.mqtt.topics import Topics
 from agent.mqtt.transport import MqttTransport
-from tests.broker import MosquittoBroker
+from tests.broker import BrokerClient, MosquittoBroker
 from tests.fakes import FakeEngine, FakePublisher
 from tests.helpers import Clock
 
@@ -120,3 +120,25 @@ def test_hosts_parse_with_the_default_port() -> None:
     s = MQTTSettings(port=1884, hosts=["a", "b:1999", "[::1]:2000", "[fe80::1]"])
     assert s.brokers() == [("a", 1884), ("b", 1999), ("::1", 2000), ("fe80::1", 1884)]
     assert MQTTSettings(host="h", port=7).brokers() == [("h", 7)]
+
+
+def test_a_broker_without_retain_gets_the_will_and_the_status_without_it_instead_of_a_refusal_loop(
+    broker_factory: Any,
+) -> None:
+    """Mosquitto with retain_available false refuses a CONNECT whose will is retained (CONNACK 0x9A): the
+    daemon, whose will always was, never connected. Now it asks again at once with a plain will, and
+    publishes what it would retain without the flag (a retained PUBLISH would end the connection)."""
+    b: MosquittoBroker = broker_factory("noretain", extra_conf="retain_available false\nmax_qos 0")
+    t = MqttTransport(b.settings("noretain-1"), will=("edge/nr/status", b"offline"), manual_ack=False)
+    t.start()
+    try:
+        assert t.wait_connected(T)
+        assert t.grants is not None and not t.grants.retain_available and t.grants.maximum_qos == 0
+        with BrokerClient(b) as peer:
+            peer.subscribe("edge/nr/status", qos=0)
+            assert t.publish("edge/nr/status", b"online", qos=1, retain=True).wait(T)
+            msg = peer.expect("edge/nr/status")
+            assert (msg.payload, msg.retain, msg.qos) == (b"online", False, 0)
+        assert t.connected and t.last_error is None
+    finally:
+        t.stop(timeout=2)

@@ -152,6 +152,8 @@ _CONNACK_ERRORS: dict[int, tuple[str, str]] = {
     0x9C: ("mqtt_refused", "broker asks to use another server"),
     0x9D: ("mqtt_refused", "broker moved"),
     0x9F: ("mqtt_refused", "connection rate exceeded: the broker limits reconnects"),
+    0x9A: ("mqtt_refused", "the broker keeps no retained messages (retain not supported)"),
+    0x9B: ("mqtt_refused", "the broker takes no QoS 1 (QoS not supported)"),
 }
 
 
@@ -411,6 +413,8 @@ class MqttTransport:
         self._tell_grants = tell_grants
         self._fatal: TransportError | None = None
         self._closed_before_connack = 0  # attempts in a row closed after CONNECT without a CONNACK
+        self._no_retain = False  # the broker refused a retained will (CONNACK 0x9A): nothing is retained
+        self._will_qos = 1  # 0 once the broker refused a QoS 1 will (CONNACK 0x9B)
         # Until when (wall clock) the broker should still hold this board's session: a connect before
         # then that gets a new session lost what was queued in it.
         self._wall = wall
@@ -634,6 +638,12 @@ class MqttTransport:
         if not self._connected.is_set():
             return _failed_handle(topic, qos, "not connected: resend after reconnect")
         _check_publish(topic, qos)
+        grants = self._grants
+        if grants is not None:
+            # What the broker takes, not more: a retained or higher-QoS PUBLISH it does not allow is a protocol
+            # error that ends the connection (MQTT 5, 3.3.1.3 and 3.3.1.2). grant_problems says what it costs.
+            qos = min(qos, grants.maximum_qos)
+            retain = retain and grants.retain_available and not self._no_retain
         too_large = self._too_large(topic, payload)
         if too_large is not None:
             log.error("publish to %s refused: %s", topic, too_large)
@@ -909,7 +919,8 @@ class MqttTransport:
                 log.info("disconnected from %s", self._where)
             return connected_for, None
         err = self._attempt_error or self._lost_error(connected_for is not None)
-        if connected_for is None and self._attempt_error is None and err.code == "mqtt_unreachable":
+        asked_again = self._reconnect_why is not None  # e.g. the will without retain: not a close to judge
+        if connected_for is None and self._attempt_error is None and err.code == "mqtt_unreachable" and not asked_again:
             # Closed after our CONNECT, without a CONNACK. Twice in a row before the probe: a broker that
             # drops one connection (a restart, a rate limit) and speaks both versions is not called 3.1.1.
             self._closed_before_connack += 1
@@ -1069,6 +1080,11 @@ class MqttTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:
         if reason.is_failure:
+            if self._will is not None and self._will_downgraded(reason.value):
+                topic, payload = self._will
+                client.will_set(topic, payload, qos=self._will_qos, retain=not self._no_retain)
+                self._reconnect_why = "the will asked again as the broker takes it"
+                return
             self._attempt_error = connack_error(reason, f"{self._where} refused the connection")
             return
         self._generation += 1
@@ -1126,6 +1142,27 @@ class MqttTransport:
                 self._on_connect_cb()
             except Exception:
                 log.exception("on_connect callback failed")
+
+    def _will_downgraded(self, reason: int) -> bool:
+        """A broker that keeps no retained messages (0x9A) or takes no QoS 1 (0x9B) refuses the will as
+        such: ask again at once with a will it takes, and publish likewise from now on. True when changed."""
+        if reason == 0x9A and not self._no_retain:
+            self._no_retain = True
+            log.warning(
+                "%s keeps no retained messages (CONNACK 0x9A): the last will and the status are sent without "
+                "retain; a client that subscribes later sees no status until the next one",
+                self._where,
+            )
+            return True
+        if reason == 0x9B and self._will_qos > 0:
+            self._will_qos = 0
+            log.error(
+                "%s takes no QoS 1 (CONNACK 0x9B): the last will is sent at QoS 0, and so is every publish "
+                "(results can be lost); allow QoS 1 on the broker",
+                self._where,
+            )
+            return True
+        return False
 
     def _tell_problems(self) -> None:
         """Log what the grants cost, once per change (a flapping connection does not repeat it)."""
