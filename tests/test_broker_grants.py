@@ -6,6 +6,7 @@ tests/test_interop_ejabberd.py."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from agent.mqtt.outbox import Outbox
 from agent.mqtt.topics import Topics
 from agent.mqtt.transport import MqttTransport
 from tests.broker import BrokerClient, MosquittoBroker
+from tests.daemon_harness import InProcessDaemon, wait_online, write_daemon_config
 from tests.fakes import FakeEngine, FakePublisher
 from tests.helpers import Clock
 
@@ -142,3 +144,29 @@ def test_a_broker_without_retain_gets_the_will_and_the_status_without_it_instead
         assert t.connected and t.last_error is None
     finally:
         t.stop(timeout=2)
+
+
+def test_a_session_lost_while_the_daemon_was_stopped_is_told_after_its_restart(
+    tmp_path: Path, tiny_model: Path, broker_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's case: the daemon stopped, the broker restarted without keeping sessions, the daemon
+    started again. What it remembered (state_dir/mqtt-session.json) says the session should still be
+    there: a new one is a WARNING and a session_lost event, not an INFO 'new session'."""
+    b: MosquittoBroker = broker_factory("volatile", persistence=False)
+    cfg = write_daemon_config(tmp_path / "d", b, tiny_model)
+    with BrokerClient(b) as peer:
+        peer.subscribe("edge/dev-a/status")
+        with InProcessDaemon(cfg):
+            wait_online(peer, "dev-a")
+    remembered = json.loads((tmp_path / "d" / "state" / "mqtt-session.json").read_text())
+    assert remembered["client_id"] == "edge-agent-dev-a" and remembered["expiry_s"] == 86400
+    b.restart()
+    caplog.set_level(logging.WARNING, logger="agent.mqtt.transport")
+    with BrokerClient(b) as peer:
+        peer.subscribe("edge/dev-a/#")
+        with InProcessDaemon(cfg):
+            wait_online(peer, "dev-a")
+            while (event := json.loads(peer.expect("edge/dev-a/events", timeout=T).payload))["kind"] != "session_lost":
+                pass
+    assert "started a new session" in event["message"]
+    assert any("started a new session" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
