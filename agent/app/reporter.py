@@ -25,7 +25,7 @@ from typing import Any
 from agent import __version__
 from agent.app.state import DaemonState, StateWriter, from_daemon, state_path
 from agent.config import Settings
-from agent.engine.supervisor import Supervisor
+from agent.engine.supervisor import EngineConfig, Supervisor
 from agent.errors import EdgeAgentError
 from agent.governor.watch import MemoryWatch
 from agent.jobs.gate import Gate
@@ -53,7 +53,7 @@ _SESSION_LOST_FIX = (
 )
 
 
-def device_status(settings: Any, state: str, *, store_writable: bool, ts: float) -> bytes:
+def device_status(settings: Settings, state: str, *, store_writable: bool, ts: float) -> bytes:
     """The retained device status; only ``online`` names the model and the store's state."""
     online = state == "online"
     heartbeat_s = settings.mqtt.heartbeat_s
@@ -189,7 +189,7 @@ class Reporter:
             if self._shadow is not None:
                 self._shadow.refresh_facts_soon()
 
-    def _model_sha256(self, cfg: Any, loaded_at: float | None) -> tuple[str | None, bool]:
+    def _model_sha256(self, cfg: EngineConfig, loaded_at: float | None) -> tuple[str | None, bool]:
         """(sha256, still computing) of the model file in force, from the background hashing. The file
         is the one found at the first reading after each load: one replaced since (same path, another
         file) is not the one that runs, so it is not reported."""

@@ -7,11 +7,15 @@ Paths that are relative are resolved by ``agent.config.load`` against the config
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import fastjsonschema
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from agent.signing import parse_public_key
 
 
 def _int_or_auto(name: str, lo: int, hi: int) -> Any:
@@ -258,7 +262,6 @@ class ModelSettings(Section):
     @field_validator("trusted_keys")
     @classmethod
     def _keys_parse(cls, v: list[str]) -> list[str]:
-        from agent.signing import parse_public_key
 
         for text in v:
             parse_public_key(text)  # ValueError says which key and why
@@ -373,8 +376,8 @@ class EngineSettings(Section):
             return v
         # Parsed here so a typo stops the daemon at start with the line, not at the first chat job.
         import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        import jinja2.ext  # costly: only a chat template override needs jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # costly: see above
 
         class _Generation(jinja2.ext.Extension):
             # Hugging Face's {% generation %} tag, which llama-cpp-python's formatter passes through.
@@ -740,7 +743,6 @@ class FleetSettings(Section):
     @field_validator("groups")
     @classmethod
     def _group_names(cls, v: list[str]) -> list[str]:
-        import re
 
         bad = [g for g in v if not re.fullmatch(_ID_PATTERN[1:-1], g)]
         if bad:
@@ -856,7 +858,6 @@ class CanarySettings(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> CanarySettings:
-        import re
 
         if self.prompt is not None and self.messages is not None:
             raise ValueError("canary.prompt and canary.messages exclude each other")
@@ -868,8 +869,6 @@ class CanarySettings(Section):
             except re.error as e:
                 raise ValueError(f"canary.pattern is not a valid regular expression: {e}") from None
         if self.json_schema is not None:
-            import fastjsonschema
-
             try:
                 fastjsonschema.compile(self.json_schema)
             except Exception as e:  # noqa: BLE001  a schema can fail to compile in many ways; each is the user's to fix
