@@ -810,8 +810,10 @@ def test_a_flood_that_overflows_the_outgoing_queue_loses_no_result(
     is not acknowledging: the overflow waits in the transport's backlog, and every result must still
     arrive without waiting for a reconnect (which a full queue never causes)."""
     k = 100  # 3 messages per job (IN_PROGRESS, SUCCEEDED, result): 300 > 256 + 20
+    # No heartbeat renewal of "online" during the test: the last assertion reads any status as a reconnect.
     cfg = write_daemon_config(tmp_path / "flood", broker, tiny_model, device_id="dev-flood",
-                              store={"queue_max": k}, telemetry={"interval_s": 3600})  # fmt: skip
+                              store={"queue_max": k}, telemetry={"interval_s": 3600},
+                              mqtt={"heartbeat_s": 3600})  # fmt: skip
     gated: list[GatedEngine] = []
     with BrokerClient(broker) as cloud:
         cloud.subscribe("edge/dev-flood/status")
