@@ -295,6 +295,7 @@ def test_doctor_judges_the_signature_before_it_reads_the_models_header(
 ) -> None:
     import agent.engine.plan
     import agent.models.gguf_info
+    import agent.ops.doctor
     from agent.ops.doctor import run_doctor
     from tests.daemon_harness import to_toml
 
@@ -304,7 +305,7 @@ def test_doctor_judges_the_signature_before_it_reads_the_models_header(
         read.append(Path(path).name)
         return real(path)
 
-    for module in (agent.models.gguf_info, agent.engine.plan):
+    for module in (agent.models.gguf_info, agent.engine.plan, agent.ops.doctor):  # every module that reads headers
         monkeypatch.setattr(module, "read_model_info", recording)
     models = tmp_path / "models"
     models.mkdir()

@@ -302,6 +302,7 @@ def test_a_model_file_is_judged_by_its_signature_before_its_header_is_read(
     import agent.engine.engine
     import agent.engine.plan
     import agent.models.gguf_info
+    import agent.shadow.desired
 
     real = agent.models.gguf_info.read_model_info
     read: list[str] = []
@@ -310,7 +311,8 @@ def test_a_model_file_is_judged_by_its_signature_before_its_header_is_read(
         read.append(Path(path).name)
         return real(path)
 
-    for module in (agent.models.gguf_info, agent.engine.plan, agent.engine.engine):
+    # every module that reads headers (each binds the name at import)
+    for module in (agent.models.gguf_info, agent.engine.plan, agent.engine.engine, agent.shadow.desired):
         monkeypatch.setattr(module, "read_model_info", recording)
     opkey = keys["op"][0]
     models_dir = tmp_path / "d" / "models"

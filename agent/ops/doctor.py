@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shutil
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -31,9 +32,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.app.state import liveness, read_state, state_path
+from agent.config import Settings, load_settings
 from agent.engine.plan import PlanInputs
 from agent.engine.plan import plan as plan_load
-from agent.system import memory
+from agent.errors import ConfigError, EdgeAgentError, ModelError, StoreError, TransportError, WillNotFit
+from agent.jobs.store import JobStore
+from agent.models.gguf_info import check_quantization, read_model_info
+from agent.mqtt.transport import MqttTransport
+from agent.signing import SignatureError, Trust, check_claims, manifest_text, verify_manifest
+from agent.system import cpu, memory
+from agent.system.progress import progress
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
 MiB = 1024 * 1024
@@ -113,7 +122,6 @@ def _llama_system_info() -> str | None:
 
 
 def _cpu() -> Any:
-    from agent.system import cpu
 
     return cpu
 
@@ -140,8 +148,6 @@ def probe_brokers(mqtt: Any, timeout: float) -> list[BrokerProbe]:
 def probe_broker(mqtt: Any, timeout: float) -> tuple[str | None, list[Any]]:
     """Connect once with the configured host, port, TLS and credentials, asking for the configured session
     expiry (the session is ended at the disconnect); (None, what the grants cost) on success, else (why, [])."""
-    from agent.errors import TransportError
-    from agent.mqtt.transport import MqttTransport
 
     settings = mqtt.model_copy(
         update={
@@ -211,7 +217,6 @@ class Readers:
 
 
 def check_config(path: Path | None, load: Callable[[Path | None], Any]) -> tuple[Check, Any]:
-    from agent.errors import ConfigError
 
     where = str(path) if path else "the default location (/etc/edge-agent/config.toml, else built-in defaults)"
     try:
@@ -237,8 +242,6 @@ def check_config(path: Path | None, load: Callable[[Path | None], Any]) -> tuple
 
 def check_model_file(settings: Any) -> tuple[Check, Any]:
     """Present, inside the models folder, a readable GGUF, 4-bit. Returns the ModelInfo too."""
-    from agent.errors import ModelError
-    from agent.models.gguf_info import check_quantization, read_model_info
 
     name = "model"
     try:
@@ -281,7 +284,6 @@ def check_model_file(settings: Any) -> tuple[Check, Any]:
 
 
 def sha256_file(path: Path, progress_desc: str | None = None) -> str:
-    from agent.system.progress import progress
 
     h = hashlib.sha256()
     size = path.stat().st_size
@@ -295,7 +297,6 @@ def sha256_file(path: Path, progress_desc: str | None = None) -> str:
 def check_signature(settings: Any, hasher: Callable[[Path], str] | None = sha256_file) -> Check:
     """Which operator keys the board trusts, and whether its model's signature holds (agent/signing.py).
     ``hasher`` None (--no-sha256): the manifest is checked against the file's name and size only."""
-    from agent.signing import SignatureError, Trust, check_claims, manifest_text, verify_manifest
 
     keys = settings.model.trusted_keys
     if not keys:
@@ -325,7 +326,6 @@ def check_signature(settings: Any, hasher: Callable[[Path], str] | None = sha256
 def _signature_first(settings: Any, hasher: Callable[[Path], str] | None) -> Check | None:
     """The model signature check, when keys are trusted and the model file is there (None otherwise: the
     model check then says what is wrong with the file, without reading it)."""
-    from agent.errors import ModelError
 
     if not settings.model.trusted_keys:
         return None
@@ -357,7 +357,6 @@ def check_sha256(settings: Any, hasher: Callable[[Path], str] = sha256_file) -> 
 
 def check_fit(settings: Any, plan: Callable[[Any], Any] | None = None) -> Check:
     """The engine's own plan (agent.engine.plan) at the configured settings and budget."""
-    from agent.errors import EdgeAgentError, WillNotFit
 
     def default_plan(s: Any) -> Any:
         return plan_load(PlanInputs.from_settings(s))
@@ -429,8 +428,6 @@ def _broker_fail(m: Any, where: str, err: str) -> Check:
 
 def _ca_not_after(ca_file: Path) -> float | None:
     try:
-        import ssl
-
         info = ssl._ssl._test_decode_cert(str(ca_file))  # type: ignore[attr-defined]
         return ssl.cert_time_to_seconds(info["notAfter"])
     except Exception:
@@ -589,8 +586,6 @@ def _existing(p: Path) -> Path:
 def check_store(settings: Any) -> Check:
     """A real write next to the store (catches a read-only or full filesystem, a missing folder, wrong
     ownership for this user) and, when the store exists, opening it."""
-    from agent.errors import StoreError
-    from agent.jobs.store import JobStore
 
     path = Path(settings.store.path)
     folder = path.parent
@@ -813,8 +808,6 @@ def run_doctor(
     check_sha: bool = True,
     plan: Callable[[Any], Any] | None = None,
 ) -> DoctorReport:
-    from agent.app.state import liveness, read_state, state_path
-    from agent.config import load_settings
 
     r = readers or Readers()
     checks: list[Check] = []
@@ -870,6 +863,5 @@ def run_doctor(
 
 
 def _defaults() -> Any:
-    from agent.config import Settings
 
     return Settings()

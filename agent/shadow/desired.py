@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -37,6 +38,7 @@ from agent.config.inforce import DesiredInvalid, effective_settings, json_kind
 from agent.config.live import all_keys, live_keys
 from agent.config.tree import Tree
 from agent.errors import ModelError
+from agent.models.gguf_info import check_quantization, read_model_info
 
 MODEL_PATH = "model.path"
 # A file name or a URL: no control characters. A newline or a tab in a name is never meant, and a URL
@@ -260,7 +262,6 @@ def _num(v: Any) -> str:
 def check_model_file(settings: Settings, *, read_header: bool = True) -> str | None:
     """Why the configured model file cannot be used on this board (None: it can). ``read_header``
     False: only where it is (the 4-bit rule is checked at load)."""
-    from agent.models.gguf_info import check_quantization, read_model_info
 
     try:
         path = settings.model_file()  # inside device.models_dir, symlinks resolved, exists
@@ -278,7 +279,6 @@ def check_model_file(settings: Settings, *, read_header: bool = True) -> str | N
 
 
 def _download_target_problem(path: Any) -> str | None:
-    from pathlib import Path
 
     p = Path(path)
     if p.is_absolute() or len(p.parts) != 1 or p.name.startswith("."):
