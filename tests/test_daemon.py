@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,23 @@ def test_cancel_while_running(config, peer):
     assert seen[-1]["status"] == "CANCELED" and seen[-1]["reason"] == "canceled"
     assert result["status"] == "CANCELED" and result["finish_reason"] == "canceled"
     assert result["usage"]["completion_tokens"] < 200
+
+
+def test_a_cancel_published_before_its_job_cancels_it_when_it_arrives(config, peer):
+    """Cancels travel on the control session: one sent right after a submit can overtake it. Here the
+    cancel is handled first; the job must still end CANCELED, never run."""
+    with run_daemon(config(), peer) as d:
+        peer.publish(f"{ROOT}/jobs/early-1/cancel", b"")
+        store = d.daemon.parts.store
+        deadline = time.monotonic() + 30
+        while not store.canceled_early("early-1"):  # the cancel was handled before the job exists
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.01)  # poll pacing; the loop ends on the condition
+        peer.publish(f"{ROOT}/jobs/submit", job("early-1", max_tokens=200))
+        seen = statuses_until_terminal(peer, "early-1")
+        result = result_of(peer, "early-1")
+    assert [s["status"] for s in seen] == ["CANCELED"]
+    assert result["status"] == "CANCELED" and result["error"]["code"] == "canceled" and result["attempt"] == 0
 
 
 def test_cancel_while_queued_and_queue_order_by_priority(config, peer):

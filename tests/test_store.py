@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from agent.config.sections import StoreSettings
 from agent.errors import StoreError
 from agent.jobs.protocol import ErrorCode, ErrorInfo, JobOutcome, JobStatus, JobSubmit, Timings, Usage
-from agent.jobs.store import SCHEMA_VERSION, JobStore
+from agent.jobs.store import EARLY_CANCEL_KEEP_S, SCHEMA_VERSION, JobStore
 from tests.helpers import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,6 +313,29 @@ def test_cancel_outcomes(store: JobStore, clock: Clock) -> None:
                                               error=ErrorInfo(code=ErrorCode.canceled, message="x")))  # fmt: skip
     assert store.cancel("running") == "finished"
     assert store.cancel("nobody") == "unknown"
+
+
+def test_a_cancel_that_comes_before_its_job_cancels_it_on_arrival(store: JobStore, clock: Clock) -> None:
+    # Cancels may travel on a connection of their own (mqtt.control_session) and overtake the submit.
+    assert store.cancel("early") == "unknown"
+    acc = store.accept(job("early"))
+    assert acc.outcome == "canceled_before_arrival"
+    r = store.get("early")
+    assert r is not None and r.status is JobStatus.CANCELED and r.error_code == "canceled" and not r.delivered
+    assert store.claim_next() is None  # it never runs
+    # The cancel is used once: a later job with another id is not touched, and the id's record stays.
+    assert store.accept(job("other")).outcome == "new"
+    assert store.accept(job("early")).outcome == "duplicate_finished"
+
+
+def test_an_early_cancel_is_forgotten_after_an_hour(store: JobStore, clock: Clock) -> None:
+    assert store.cancel("late") == "unknown"
+    clock.advance(EARLY_CANCEL_KEEP_S + 1)
+    assert store.accept(job("late")).outcome == "new"
+    assert store.cancel("pruned") == "unknown"
+    clock.advance(EARLY_CANCEL_KEEP_S + 1)
+    store.prune()
+    assert store._db.execute("SELECT count(*) FROM early_cancels").fetchone()[0] == 0
 
 
 def test_expire_queued(store: JobStore, clock: Clock) -> None:

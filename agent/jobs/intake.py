@@ -25,7 +25,7 @@ from agent.config.sections import EngineSettings
 from agent.errors import StoreError
 from agent.jobs.health import StoreHealth
 from agent.jobs.protocol import InvalidJob, parse_submit
-from agent.jobs.store import Accepted, JobRecord, JobStore
+from agent.jobs.store import EARLY_CANCEL_KEEP_S, Accepted, JobRecord, JobStore
 from agent.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,10 @@ class Intake:
             log.info("job %s received again while %s: status sent again, not run twice", rec.job_id, rec.status.value)
             msg = rec.status_message(self._topics.device_id, self._clock())
             self._publish(self._topics.status(rec.job_id), msg.to_payload(), qos=1)
-        else:  # finished earlier, or refused now (invalid, queue full, expired): (re)send the stored outcome
-            if accepted.outcome != "duplicate_finished":
+        else:  # finished earlier, refused now (invalid, queue full, expired), or canceled before it came
+            if accepted.outcome == "canceled_before_arrival":
+                log.info("job %s CANCELED on arrival: its cancel came first", rec.job_id)
+            elif accepted.outcome != "duplicate_finished":
                 log.warning("job %s %s: %s", rec.job_id, rec.status.value, rec.error_code)
             self._send_outcome(rec)
 
@@ -132,7 +134,12 @@ class Intake:
             self._send_outcome(rec)
         elif what == "running":
             self._cancel_running(job_id)
-        log.info("cancel %s: %s", job_id, what)
+        if what == "unknown":
+            log.info(
+                "cancel %s: no such job yet; it is canceled if it arrives within %.0f s", job_id, EARLY_CANCEL_KEEP_S
+            )
+        else:
+            log.info("cancel %s: %s", job_id, what)
         return what
 
 

@@ -54,7 +54,7 @@ from agent.sqlite import Schema, SqliteFile, open_schema
 if TYPE_CHECKING:
     from agent.config.sections import StoreSettings
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # What each schema version adds to the one before, applied in order by _open (safe to re-run).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0",),
@@ -103,6 +103,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 )""",
     # Small facts about the store itself (the last write probe).
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
+    # Cancels that came before their job (cancels may travel on a connection of their own and overtake
+    # the submit): the job is CANCELED when it arrives. Forgotten after EARLY_CANCEL_KEEP_S.
+    "CREATE TABLE IF NOT EXISTS early_cancels (job_id TEXT PRIMARY KEY, at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, seq) WHERE status = 'QUEUED'",
     "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status)",
     "CREATE INDEX IF NOT EXISTS jobs_undelivered ON jobs (finished_at, seq) WHERE delivered = 0 AND finished_at IS NOT NULL",
@@ -112,9 +115,18 @@ CREATE TABLE IF NOT EXISTS jobs (
 _JOBS = Schema(SCHEMA_VERSION, _SCHEMA, _MIGRATIONS)
 
 Outcome = Literal[
-    "new", "duplicate_pending", "duplicate_finished", "rejected_queue_full", "rejected_expired", "rejected"
+    "new",
+    "duplicate_pending",
+    "duplicate_finished",
+    "rejected_queue_full",
+    "rejected_expired",
+    "rejected",
+    "canceled_before_arrival",
 ]
 CancelOutcome = Literal["canceled_queued", "running", "finished", "unknown"]
+# How long a cancel for a job not seen yet is remembered (the job is CANCELED if it arrives meanwhile).
+EARLY_CANCEL_KEEP_S = 3600.0
+EARLY_CANCEL_MAX = 10000
 RecoverAction = Literal["requeued", "failed_interrupted", "undelivered"]
 RequeueOutcome = Requeued | Literal["not_running"]
 
@@ -383,6 +395,11 @@ class JobStore(SqliteFile):
                 refused = JobOutcome.refused(
                     ErrorCode.expired, f"expires_at {rfc3339(expires)} had passed when the job arrived"
                 )
+            elif self._db.execute(
+                "DELETE FROM early_cancels WHERE job_id = ? AND at >= ?", (job.job_id, now - EARLY_CANCEL_KEEP_S)
+            ).rowcount:
+                outcome = "canceled_before_arrival"
+                refused = JobOutcome.refused(ErrorCode.canceled, "canceled before it arrived (the cancel came first)")
             elif self._queued_count() >= self.queue_max:
                 outcome = "rejected_queue_full"
                 refused = JobOutcome.refused(
@@ -548,12 +565,19 @@ class JobStore(SqliteFile):
         canceled_queued: it was waiting and is now CANCELED (publish status and result).
         running:         the caller must stop the engine, then finish(job_id, CANCELED, ...).
         finished:        it already had an outcome; nothing changed.
-        unknown:         no such job.
+        unknown:         no such job yet: the cancel is remembered for EARLY_CANCEL_KEEP_S, and the job
+                         is CANCELED if it arrives meanwhile (the newest EARLY_CANCEL_MAX are kept).
         """
         now = self._now(now)
         with self._write(f"canceling job {job_id}"):
             rec = self._get(job_id)
             if rec is None:
+                self._db.execute("INSERT OR REPLACE INTO early_cancels (job_id, at) VALUES (?, ?)", (job_id, now))
+                self._db.execute(
+                    "DELETE FROM early_cancels WHERE job_id IN "
+                    "(SELECT job_id FROM early_cancels ORDER BY at DESC LIMIT -1 OFFSET ?)",
+                    (EARLY_CANCEL_MAX,),
+                )
                 return "unknown"
             if rec.terminal:
                 return "finished"
@@ -561,6 +585,11 @@ class JobStore(SqliteFile):
                 return "running"
             self._terminate(job_id, JobOutcome.refused(ErrorCode.canceled, "canceled while queued"), now)
             return "canceled_queued"
+
+    def canceled_early(self, job_id: str) -> bool:
+        """Whether a cancel for ``job_id`` came before the job and is remembered (``cancel`` -> unknown)."""
+        with self._read(f"reading the early cancel of {job_id}") as c:
+            return c.execute("SELECT 1 FROM early_cancels WHERE job_id = ?", (job_id,)).fetchone() is not None
 
     def expire_queued(self, now: float | None = None) -> list[JobRecord]:
         """Reject (code expired) every queued job whose expires_at has passed; returns them, now terminal."""
@@ -712,6 +741,7 @@ class JobStore(SqliteFile):
                 {"cutoff": cutoff, "keep": self.keep_finished},
             )
             deleted = cur.rowcount
+            self._db.execute("DELETE FROM early_cancels WHERE at < ?", (now - EARLY_CANCEL_KEEP_S,))
         with self._read("compacting the store"):
             c = self._connection()
             if deleted:
@@ -776,4 +806,4 @@ def _raw(raw: bytes | None) -> bytes | None:
     return None if raw is None else bytes(raw[:RAW_KEEP_BYTES])
 
 
-__all__ = ["Accepted", "JobRecord", "JobStore", "QueuedJob", "SCHEMA_VERSION"]
+__all__ = ["EARLY_CANCEL_KEEP_S", "Accepted", "JobRecord", "JobStore", "QueuedJob", "SCHEMA_VERSION"]
