@@ -7,8 +7,10 @@ an in-memory one whose bookkeeping can be made to fail, and the real job store (
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +74,35 @@ def test_an_item_waiting_for_its_ack_is_never_sent_twice() -> None:
     assert [m.payload for m in pub.sent].count(b"p0") == 1
     assert pub.ack_all() == 3
     assert sorted(src.recorded) == ["k000", "k001", "k002"]
+
+
+def test_two_senders_at_the_same_moment_publish_an_item_once() -> None:
+    """The runner's send and a resend pass can reach one item at once (after a restart: the job just
+    finished, the connect asked for a resend). The second must see it in flight while the first is
+    still inside publish(), not publish a second copy."""
+    inside, release = threading.Event(), threading.Event()
+
+    class SlowPublisher(FakePublisher):
+        def publish(self, topic: str, payload: bytes, *args: Any, **kw: Any) -> Any:
+            if payload == b"p0" and not inside.is_set():
+                inside.set()
+                assert release.wait(10)  # the first sender is held inside publish()
+            return super().publish(topic, payload, *args, **kw)
+
+    pub = SlowPublisher(auto_ack=False)
+    box, src, _, _ = make(pub, 1)
+    item = src.items["k000"]
+    first = threading.Thread(target=box.send, args=(src, item))
+    first.start()
+    assert inside.wait(10)
+    second = box.send(src, item)  # while the first is inside publish()
+    assert not second.done
+    release.set()
+    first.join(10)
+    assert not first.is_alive()
+    assert [m.payload for m in pub.sent].count(b"p0") == 1
+    assert pub.ack_all() == 1 and second.wait(1) and second.delivered
+    assert src.recorded == ["k000"]
 
 
 def test_a_failure_to_record_delivery_causes_no_resend_storm() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -96,6 +97,34 @@ class _Settled:
         return True
 
 
+class _Claim:
+    """An item one thread is publishing right now: taken under the lock before the publish, so a second
+    sender (the runner's send and a resend pass, at the same moment) sees it in flight and does not
+    publish it again. It becomes that publish's handle once the publisher returns one."""
+
+    def __init__(self) -> None:
+        self._handle: Handle | None = None
+        self._bound = threading.Event()
+
+    def bind(self, handle: Handle) -> None:
+        self._handle = handle
+        self._bound.set()
+
+    @property
+    def done(self) -> bool:
+        return self._handle is not None and self._handle.done
+
+    @property
+    def delivered(self) -> bool:
+        return self._handle is not None and self._handle.delivered
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._bound.wait(timeout) or self._handle is None:
+            return False
+        return self._handle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
 class Outbox:
     """Publishes source items at least once. Thread-safe: ``send`` from any thread, ``run_pass``
     from the main loop; acknowledgements arrive on the transport's network thread.
@@ -154,18 +183,29 @@ class Outbox:
             pending = self._inflight.get(key)
             if pending is not None and not pending.done:
                 return pending
-        for topic, payload in item.before:
-            self._publisher.publish(topic, payload, qos=1)
+            claim = self._inflight[key] = _Claim()
 
         def acknowledged() -> None:
             self._acknowledged(source, item.key)
 
-        handle = self._publisher.publish(
-            item.topic, item.payload, qos=item.qos, retain=item.retain, on_delivered=acknowledged
-        )
+        try:
+            for topic, payload in item.before:
+                self._publisher.publish(topic, payload, qos=1)
+            handle = self._publisher.publish(
+                item.topic, item.payload, qos=item.qos, retain=item.retain, on_delivered=acknowledged
+            )
+        except BaseException:
+            with self._lock:
+                if self._inflight.get(key) is claim:
+                    del self._inflight[key]
+            raise
+        claim.bind(handle)
         with self._lock:
-            if not handle.done:
-                self._inflight[key] = handle
+            if self._inflight.get(key) is claim:
+                if handle.done:
+                    del self._inflight[key]  # settled at once (refused, or acknowledged already)
+                else:
+                    self._inflight[key] = handle
         if handle.done and not handle.delivered:
             # Refused at once. A full outgoing queue (a burst) is followed by no reconnect, so
             # waiting for the next connect could leave the item undelivered as long as the link holds.
