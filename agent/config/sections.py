@@ -15,8 +15,6 @@ from typing import Annotated, Any, Literal
 import fastjsonschema
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from agent.signing import parse_public_key
-
 
 def _int_or_auto(name: str, lo: int, hi: int) -> Any:
     """An integer within [lo, hi], or the string 'auto'."""
@@ -262,6 +260,10 @@ class ModelSettings(Section):
     @field_validator("trusted_keys")
     @classmethod
     def _keys_parse(cls, v: list[str]) -> list[str]:
+        if not v:
+            return v
+        # costly: cryptography (OpenSSL), loaded only when keys are configured; every process reads settings
+        from agent.signing import parse_public_key
 
         for text in v:
             parse_public_key(text)  # ValueError says which key and why

@@ -26,7 +26,6 @@ from agent.engine.canary import CanaryFailed, CanaryResult, run_canary
 from agent.engine.types import EngineLike, LoadReport, RequestLimits
 from agent.errors import EdgeAgentError, EngineError, ModelError
 from agent.models.paths import resolve_model_path
-from agent.signing import Trust, running_version, verify_model_file
 from agent.system.files import file_sha256
 
 log = logging.getLogger(__name__)
@@ -373,6 +372,9 @@ class Supervisor:
                     code="model_sha256_mismatch",
                 )
         if config.model.trusted_keys:  # signed models only: checked before llama.cpp reads a byte of the file
+            # costly: cryptography (OpenSSL), loaded only on a board with trusted keys
+            from agent.signing import running_version, verify_model_file
+
             sha, now, old = sha or file_sha256(path), time.time(), self._config
             floor = running_version(old.model, old.models_dir / old.model.path, _trust(config), now) if old else None
             verify_model_file(config.model, path, sha, running=floor, now=now)
@@ -408,6 +410,7 @@ class Supervisor:
 
 
 def _trust(config: EngineConfig) -> Any:
+    from agent.signing import Trust  # costly: see above
 
     return Trust.from_texts(config.model.trusted_keys)
 
