@@ -185,8 +185,10 @@ def test_estimate_matches_measured_rss_anon_qwen05(qwen05_model: Path, mode: str
     case = measure_case(qwen05_model, mode, n_ctx=1024, n_batch=128, tokens=16)
     _check(case, f"qwen-0.5b {mode}")
     if mode == "fit":
-        # The point of fit: the weights did not become anonymous memory.
-        assert case["peak_rss_anon"] < 0.5 * case["components"]["weights_mapped"]
+        # The point of fit: the weights did not become anonymous memory. Measured from before the load, so
+        # what the interpreter and its imports hold (which grows with the code) does not count.
+        grown = case["peak_rss_anon"] - case["rss_anon_before_load"]
+        assert grown < 0.5 * case["components"]["weights_mapped"], (grown, case["components"]["weights_mapped"])
 
 
 @pytest.mark.slow
