@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 
@@ -18,6 +19,22 @@ class Clock:
     def advance(self, s: float) -> float:
         self.t += s
         return self.t
+
+
+class FakeClock:
+    """A clock the test moves, read from the daemon's threads (so behind a lock); ``now`` is its time."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
 
 
 def job_payload(job_id: str, *, max_tokens: int = 8, **fields: Any) -> bytes:

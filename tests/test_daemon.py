@@ -19,7 +19,7 @@ import pytest
 from agent.jobs.store import JobStore
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import GatedEngine, InProcessDaemon, wait_online, write_daemon_config
-from tests.helpers import job_payload
+from tests.helpers import FakeClock, job_payload
 
 DEV = "dev-a"
 ROOT = f"edge/{DEV}"
@@ -27,20 +27,6 @@ ROOT = f"edge/{DEV}"
 
 def job(job_id: str, **kw: Any) -> bytes:
     return job_payload(job_id, **{"max_tokens": 8, **kw})
-
-
-class FakeClock:
-    def __init__(self, start: float) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 def statuses_until_terminal(peer: BrokerClient, job_id: str, timeout: float = 30.0) -> list[dict]:

@@ -6,7 +6,6 @@ tests/test_ha_discovery.py."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,22 +17,9 @@ from agent.operator.fleet.client import FleetClient
 from agent.operator.shadow import ShadowClient
 from tests.broker import BrokerClient, MosquittoBroker
 from tests.daemon_harness import InProcessDaemon, write_daemon_config
+from tests.helpers import FakeClock
 
 T = 20.0
-
-
-class FakeClock:
-    def __init__(self, start: float) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 def _epoch(text: str) -> float:
