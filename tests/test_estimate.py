@@ -18,6 +18,7 @@ from agent.engine.estimate import (
     SAMPLER_BYTES_PER_TOKEN,
     LlamaSizes,
     MiB,
+    Serving,
     choose_mode,
     compute_buffer_bytes,
     estimate_memory,
@@ -76,8 +77,9 @@ def test_kv_cache_formula(tiny_info) -> None:
 
 def test_estimate_components_and_modes(tiny_info) -> None:
     qwen = _shaped(tiny_info, **QWEN05, repackable_bytes=278 * 10**6, weights_bytes=278 * 10**6)
-    fit = estimate_memory(qwen, n_ctx=2048, mode="fit", n_batch=128, runtime_bytes=30 * MiB)
-    fast = estimate_memory(qwen, n_ctx=2048, mode="fast", n_batch=128, runtime_bytes=30 * MiB)
+    serving = Serving(n_batch=128, runtime_bytes=30 * MiB)
+    fit = estimate_memory(qwen, serving, n_ctx=2048, mode="fit")
+    fast = estimate_memory(qwen, serving, n_ctx=2048, mode="fast")
     assert fit.repacked_weights == 0 and fast.repacked_weights == 278 * 10**6
     assert fast.anon_bytes - fit.anon_bytes == 278 * 10**6
     assert fit.file_bytes == fit.weights_mapped and fast.file_bytes < fit.file_bytes
@@ -97,10 +99,10 @@ def test_estimate_components_and_modes(tiny_info) -> None:
     assert fit.kv_cache == 24 * MiB and fit.n_ubatch == 128
     assert fit.runtime >= 30 * MiB
     # Bigger context and batch cost more; the batch is clamped to the context.
-    assert estimate_memory(qwen, n_ctx=4096, mode="fit", n_batch=128).anon_bytes > fit.anon_bytes
-    assert estimate_memory(qwen, n_ctx=256, mode="fit", n_batch=2048).n_batch == 256
+    assert estimate_memory(qwen, Serving(n_batch=128), n_ctx=4096, mode="fit").anon_bytes > fit.anon_bytes
+    assert estimate_memory(qwen, Serving(n_batch=2048), n_ctx=256, mode="fit").n_batch == 256
     with pytest.raises(ValueError):
-        estimate_memory(qwen, n_ctx=256, mode="turbo", n_batch=8)  # type: ignore[arg-type]
+        estimate_memory(qwen, Serving(n_batch=8), n_ctx=256, mode="turbo")  # type: ignore[arg-type]
 
 
 def test_exact_plan_takes_llama_cpp_sizes_per_context(tiny_info) -> None:
@@ -121,9 +123,9 @@ def test_exact_plan_takes_llama_cpp_sizes_per_context(tiny_info) -> None:
             host_tables=20 * MiB,
         )
 
-    kw = dict(n_ctx=1000, n_batch=128, runtime_bytes=30 * MiB, sizer=sizer)
-    fit = estimate_memory(qwen, mode="fit", **kw)
-    fast = estimate_memory(qwen, mode="fast", **kw)
+    serving = Serving(n_batch=128, runtime_bytes=30 * MiB, sizer=sizer)
+    fit = estimate_memory(qwen, serving, n_ctx=1000, mode="fit")
+    fast = estimate_memory(qwen, serving, n_ctx=1000, mode="fast")
     assert asked == [1024, 1024]  # asked for the padded context
     assert fit.source == fast.source == "llama.cpp" and "exact plan" in fit.describe()
     assert fit.repacked_weights == 0 and fast.repacked_weights == 100 * MiB
@@ -133,31 +135,31 @@ def test_exact_plan_takes_llama_cpp_sizes_per_context(tiny_info) -> None:
     assert fit.file_bytes - fast.file_bytes == 70 * MiB
     assert fast.anon_bytes - fit.anon_bytes == 100 * MiB
     # The planner searches contexts through the same sizer.
-    budget = estimate_memory(qwen, mode="fit", n_ctx=1536, n_batch=128, runtime_bytes=30 * MiB, sizer=sizer).anon_bytes
-    assert largest_ctx_that_fits(qwen, budget, "fit", 128, cap=4096, runtime_bytes=30 * MiB, sizer=sizer) == 1536
-    header = estimate_memory(qwen, mode="fast", n_ctx=1000, n_batch=128)
+    budget = estimate_memory(qwen, serving, mode="fit", n_ctx=1536).anon_bytes
+    assert largest_ctx_that_fits(qwen, serving, budget, "fit", cap=4096) == 1536
+    header = estimate_memory(qwen, Serving(n_batch=128), mode="fast", n_ctx=1000)
     assert header.source == "header" and header.repacked_weights == 278 * 10**6 and header.notes
 
 
 def test_largest_ctx_that_fits(tiny_info) -> None:
     qwen = _shaped(tiny_info, **QWEN05, repackable_bytes=278 * 10**6, weights_bytes=278 * 10**6)
-    kw = dict(mode="fit", n_batch=128, runtime_bytes=30 * MiB)
-    at_2048 = estimate_memory(qwen, n_ctx=2048, **kw).anon_bytes
-    ctx = largest_ctx_that_fits(qwen, at_2048, cap=32768, **kw)
+    serving = Serving(n_batch=128, runtime_bytes=30 * MiB)
+    at_2048 = estimate_memory(qwen, serving, n_ctx=2048, mode="fit").anon_bytes
+    ctx = largest_ctx_that_fits(qwen, serving, at_2048, "fit", cap=32768)
     assert ctx == 2048  # exactly the budget of 2048 fits, 2304 does not
-    assert largest_ctx_that_fits(qwen, at_2048 - 1, cap=32768, **kw) == 1792
-    assert largest_ctx_that_fits(qwen, 10**12, cap=4096, **kw) == 4096  # the cap, not the training context
-    assert largest_ctx_that_fits(qwen, 10**12, cap=1000, **kw) == 768  # never above the cap
-    assert largest_ctx_that_fits(qwen, 10 * MiB, cap=4096, **kw) is None
+    assert largest_ctx_that_fits(qwen, serving, at_2048 - 1, "fit", cap=32768) == 1792
+    assert largest_ctx_that_fits(qwen, serving, 10**12, "fit", cap=4096) == 4096  # the cap, not the training context
+    assert largest_ctx_that_fits(qwen, serving, 10**12, "fit", cap=1000) == 768  # never above the cap
+    assert largest_ctx_that_fits(qwen, serving, 10 * MiB, "fit", cap=4096) is None
 
 
 def test_choose_mode_uses_the_headroom(tiny_info) -> None:
     qwen = _shaped(tiny_info, **QWEN05, repackable_bytes=278 * 10**6, weights_bytes=278 * 10**6)
-    kw = dict(n_ctx=1024, n_batch=128, runtime_bytes=30 * MiB)
-    fast = estimate_memory(qwen, mode="fast", **kw).anon_bytes
+    serving = Serving(n_batch=128, runtime_bytes=30 * MiB)
+    fast = estimate_memory(qwen, serving, n_ctx=1024, mode="fast").anon_bytes
     budget = int(fast / 0.85) + 2
-    assert choose_mode(qwen, budget_bytes=budget, headroom_pct=15, **kw).mode == "fast"
-    c = choose_mode(qwen, budget_bytes=budget - 100, headroom_pct=15, **kw)
+    assert choose_mode(qwen, serving, budget_bytes=budget, headroom_pct=15, n_ctx=1024).mode == "fast"
+    c = choose_mode(qwen, serving, budget_bytes=budget - 100, headroom_pct=15, n_ctx=1024)
     assert c.mode == "fit" and "headroom" in c.reason and c.fit.anon_bytes < c.fast.anon_bytes
 
 

@@ -11,6 +11,7 @@ loads the weights, so it is safe on a board that is short of memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -123,17 +124,10 @@ def _inspect(args: argparse.Namespace) -> int:
         raise ModelError(f"{e} (to inspect it anyway: --allow-non-4bit)", code=e.code) from None
 
     # Lazy: the estimator belongs to the engine, and importing it should not slow `model synth`.
-    from agent.engine.estimate import estimate_memory
+    from agent.engine.estimate import Serving, estimate_memory
 
     n_ctx = args.ctx or min(info.n_ctx_train or _ENGINE_DEFAULTS.auto_ctx_max, _ENGINE_DEFAULTS.auto_ctx_max)
-    kw: dict[str, Any] = dict(
-        n_ctx=n_ctx,
-        mode=args.mode,
-        n_batch=args.n_batch,
-        type_k=args.type_k,
-        type_v=args.type_v,
-        flash_attn=args.flash_attn,
-    )
+    serving = Serving(args.n_batch, args.type_k, args.type_v, args.flash_attn)
     plan_notes: list[str] = []
     est = None
     if args.header_only:
@@ -153,15 +147,22 @@ def _inspect(args: argparse.Namespace) -> int:
                     type_v=args.type_v,
                     flash_attn=args.flash_attn,
                 ) as sizer:
-                    est = estimate_memory(info, **kw, sizer=sizer)
+                    est = estimate_memory(info, dataclasses.replace(serving, sizer=sizer), n_ctx=n_ctx, mode=args.mode)
                 plan_notes += sizer.notes + [f"asking llama.cpp took {sizer.elapsed_ms():.0f} ms"]
             except RuntimeError as e:
                 plan_notes.append(
                     f"llama.cpp cannot load this file ({e}): header-only estimate; the engine will refuse it"
                 )
     if est is None:
-        est = estimate_memory(info, **kw)
-    settings = {k: v for k, v in kw.items()}
+        est = estimate_memory(info, serving, n_ctx=n_ctx, mode=args.mode)
+    settings = {
+        "n_ctx": n_ctx,
+        "mode": args.mode,
+        "n_batch": args.n_batch,
+        "type_k": args.type_k,
+        "type_v": args.type_v,
+        "flash_attn": args.flash_attn,
+    }
     if args.json:
         doc = {
             "model": info.as_dict(),

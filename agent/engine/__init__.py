@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from agent.engine.estimate import MemoryEstimate, ModeChoice, choose_mode, estimate_memory, largest_ctx_that_fits
+from agent.engine.estimate import (
+    MemoryEstimate,
+    ModeChoice,
+    Serving,
+    choose_mode,
+    estimate_memory,
+    largest_ctx_that_fits,
+)
 from agent.engine.residency import LayerResidency
 from agent.engine.types import (
     ChatMessage,
@@ -52,6 +59,7 @@ __all__ = [
     "ModeChoice",
     "RequestLimits",
     "ResponseFormat",
+    "Serving",
     "choose_mode",
     "estimate_memory",
     "largest_ctx_that_fits",

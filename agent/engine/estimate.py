@@ -19,8 +19,8 @@ n_batch 32-512; docs/memory-modes.md has the formulas, the data and the command 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from agent.models.gguf_info import ModelInfo
 
@@ -215,37 +215,40 @@ def _token_embd_bytes(info: ModelInfo) -> int:
     return 0
 
 
-def estimate_memory(
-    info: ModelInfo,
-    *,
-    n_ctx: int,
-    mode: Mode,
-    n_batch: int,
-    type_k: str = "f16",
-    type_v: str = "f16",
-    flash_attn: bool = False,
-    runtime_bytes: int | None = None,
-    sizer: Sizer | None = None,
-    slots: int = 1,
-) -> MemoryEstimate:
-    """Estimate the steady-state memory of serving ``info`` with these settings, ``slots`` jobs at
-    a time (each with its own ``n_ctx`` of KV cache and its own row of logits).
+@dataclass(frozen=True)
+class Serving:
+    """How a model is served, besides its context and load mode: the settings every estimate, and
+    every search over contexts, modes and slots, is made with.
 
     ``runtime_bytes`` is the process's anonymous memory before the load; the engine passes its own
     RssAnon, `model inspect` leaves the measured default. With ``sizer`` (the exact plan) the
     repacked weights, KV cache, compute and output buffers are llama.cpp's own sizes for this CPU;
     without it they come from the header by the formulas above, repacking as an upper bound.
+    ``slots`` jobs are served at a time, each with its own ``n_ctx`` of KV cache and row of logits.
     """
+
+    n_batch: int
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+    runtime_bytes: int | None = None
+    sizer: Sizer | None = None
+    slots: int = 1
+
+
+def estimate_memory(info: ModelInfo, serving: Serving, *, n_ctx: int, mode: Mode) -> MemoryEstimate:
+    """Estimate the steady-state memory of serving ``info`` at ``n_ctx`` in ``mode`` as ``serving`` says."""
     if mode not in ("fit", "fast"):
         raise ValueError(f"mode must be 'fit' or 'fast', not {mode!r}")
-    if type_k not in KV_BYTES or type_v not in KV_BYTES:
+    if serving.type_k not in KV_BYTES or serving.type_v not in KV_BYTES:
         raise ValueError(f"KV cache types must be one of {', '.join(KV_BYTES)}")
     ctx = pad_ctx(n_ctx)
-    batch = max(1, min(n_batch, ctx))
-    ub = ubatch_size(ctx, n_batch)
+    batch = max(1, min(serving.n_batch, ctx))
+    ub = ubatch_size(ctx, serving.n_batch)
+    slots, flash_attn, runtime_bytes = serving.slots, serving.flash_attn, serving.runtime_bytes
     notes: list[str] = []
-    if sizer is not None:
-        sizes = sizer(ctx, slots)
+    if serving.sizer is not None:
+        sizes = serving.sizer(ctx, slots)
         repacked = sizes.repacked if mode == "fast" else 0
         # A repacked duplicate (the tied output matrix) leaves its source in use from the file.
         leaves_file = repacked - (sizes.repacked_duplicates if mode == "fast" else 0)
@@ -257,7 +260,7 @@ def estimate_memory(
         repacked = int(info.repackable_bytes) if mode == "fast" else 0
         tied_dup = _token_embd_bytes(info) if (mode == "fast" and getattr(info, "tied_embeddings", False)) else 0
         leaves_file = repacked - tied_dup
-        kv = kv_cache_bytes(info, ctx, type_k, type_v) * slots
+        kv = kv_cache_bytes(info, ctx, serving.type_k, serving.type_v) * slots
         compute = compute_buffer_bytes(info, ctx, ub, flash_attn=flash_attn)
         logits = int(info.n_vocab) * LOGITS_BYTES_PER_TOKEN * slots
         vocab = int(info.n_vocab) * VOCAB_BYTES_PER_TOKEN
@@ -287,18 +290,7 @@ def estimate_memory(
 
 
 def largest_ctx_that_fits(
-    info: ModelInfo,
-    budget_bytes: int,
-    mode: Mode,
-    n_batch: int,
-    type_k: str = "f16",
-    type_v: str = "f16",
-    cap: int = 4096,
-    *,
-    flash_attn: bool = False,
-    runtime_bytes: int | None = None,
-    sizer: Sizer | None = None,
-    slots: int = 1,
+    info: ModelInfo, serving: Serving, budget_bytes: int, mode: Mode, cap: int = 4096
 ) -> int | None:
     """The largest context (a multiple of 256, at most ``cap`` rounded down to 256, and at least
     256) whose anonymous estimate fits ``budget_bytes``; None when not even the smallest does.
@@ -308,19 +300,7 @@ def largest_ctx_that_fits(
     """
 
     def fits(ctx: int) -> bool:
-        est = estimate_memory(
-            info,
-            n_ctx=ctx,
-            mode=mode,
-            n_batch=n_batch,
-            type_k=type_k,
-            type_v=type_v,
-            flash_attn=flash_attn,
-            runtime_bytes=runtime_bytes,
-            sizer=sizer,
-            slots=slots,
-        )
-        return est.anon_bytes <= budget_bytes
+        return estimate_memory(info, serving, n_ctx=ctx, mode=mode).anon_bytes <= budget_bytes
 
     hi = max(1, cap // CTX_PAD)
     if not fits(CTX_PAD):
@@ -343,38 +323,15 @@ class ModeChoice:
     fit: MemoryEstimate
 
 
-def choose_mode(
-    info: ModelInfo,
-    *,
-    budget_bytes: int,
-    headroom_pct: float,
-    n_ctx: int,
-    n_batch: int,
-    type_k: str = "f16",
-    type_v: str = "f16",
-    flash_attn: bool = False,
-    runtime_bytes: int | None = None,
-    sizer: Sizer | None = None,
-    slots: int = 1,
-) -> ModeChoice:
+def choose_mode(info: ModelInfo, serving: Serving, *, budget_bytes: int, headroom_pct: float, n_ctx: int) -> ModeChoice:
     """load_mode 'auto': fast only when its estimate stays headroom_pct under the budget.
 
     The headroom absorbs what the estimate cannot see (other processes growing, a BPE merges
     table, allocator fragmentation); fit needs little anonymous memory, so choosing it wrongly
     costs speed, while choosing fast wrongly costs an OOM kill.
     """
-    kw: dict[str, Any] = dict(
-        n_ctx=n_ctx,
-        n_batch=n_batch,
-        type_k=type_k,
-        type_v=type_v,
-        flash_attn=flash_attn,
-        runtime_bytes=runtime_bytes,
-        sizer=sizer,
-        slots=slots,
-    )
-    fast = estimate_memory(info, mode="fast", **kw)
-    fit = estimate_memory(info, mode="fit", **kw)
+    fast = estimate_memory(info, serving, n_ctx=n_ctx, mode="fast")
+    fit = estimate_memory(info, serving, n_ctx=n_ctx, mode="fit")
     limit = int(budget_bytes * (1 - headroom_pct / 100))
     if fast.anon_bytes <= limit:
         return ModeChoice(
@@ -394,35 +351,14 @@ def choose_mode(
 
 
 def most_slots_that_fit(
-    info: ModelInfo,
-    budget_bytes: int,
-    mode: Mode,
-    *,
-    n_ctx: int,
-    cap: int,
-    n_batch: int,
-    type_k: str = "f16",
-    type_v: str = "f16",
-    flash_attn: bool = False,
-    runtime_bytes: int | None = None,
-    sizer: Sizer | None = None,
+    info: ModelInfo, serving: Serving, budget_bytes: int, mode: Mode, *, n_ctx: int, cap: int
 ) -> int | None:
     """engine.max_parallel 'auto': the most slots, up to ``cap``, whose estimate at ``n_ctx`` per
-    slot fits ``budget_bytes``; None when not even one does. The estimate grows with each slot."""
+    slot fits ``budget_bytes``; None when not even one does (``serving.slots`` is not read). The
+    estimate grows with each slot."""
     best = None
     for slots in range(1, max(1, cap) + 1):
-        est = estimate_memory(
-            info,
-            n_ctx=n_ctx,
-            mode=mode,
-            n_batch=n_batch,
-            type_k=type_k,
-            type_v=type_v,
-            flash_attn=flash_attn,
-            runtime_bytes=runtime_bytes,
-            sizer=sizer,
-            slots=slots,
-        )
+        est = estimate_memory(info, replace(serving, slots=slots), n_ctx=n_ctx, mode=mode)
         if est.anon_bytes > budget_bytes:
             break
         best = slots

@@ -20,6 +20,7 @@ from agent.engine.estimate import (
     CTX_PAD,
     MemoryEstimate,
     Mode,
+    Serving,
     choose_mode,
     estimate_memory,
     largest_ctx_that_fits,
@@ -82,14 +83,7 @@ def plan(inputs: PlanInputs, *, runtime_bytes: int | None = None, exact: bool = 
 def plan_with(inputs: PlanInputs, info: ModelInfo, runtime_bytes: int | None, sizer: Any) -> LoadPlan:
     s = inputs.engine
     budget = inputs.budget or resolve_budget(inputs.memory)
-    kw: dict[str, Any] = dict(
-        n_batch=s.n_batch,
-        type_k=s.type_k,
-        type_v=s.type_v,
-        flash_attn=s.flash_attn,
-        runtime_bytes=runtime_bytes,
-        sizer=sizer,
-    )
+    serving = Serving(s.n_batch, s.type_k, s.type_v, s.flash_attn, runtime_bytes=runtime_bytes, sizer=sizer)
     headroom = float(inputs.memory.headroom_pct)
     mode: Mode
     if s.n_ctx == "auto":
@@ -98,7 +92,7 @@ def plan_with(inputs: PlanInputs, info: ModelInfo, runtime_bytes: int | None, si
             f", training context {info.n_ctx_train}" if info.n_ctx_train and info.n_ctx_train < s.auto_ctx_max else ""
         )
         if s.load_mode == "auto":
-            choice = choose_mode(info, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=cap, **kw)
+            choice = choose_mode(info, serving, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=cap)
             mode, mode_reason = choice.mode, choice.reason + f" at n_ctx {pad_ctx(cap)}"
         else:
             mode, mode_reason = s.load_mode, "engine.load_mode"
@@ -109,7 +103,7 @@ def plan_with(inputs: PlanInputs, info: ModelInfo, runtime_bytes: int | None, si
         # memory fills its limit while every token re-reads the weights gets OOM-killed (the
         # real Gemma file planned at 98 % of a 145 MiB limit was; at 91 % it ran). Only if even that
         # leaves nothing is the whole budget used.
-        file_share = min(estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw).file_bytes, budget.bytes // 2)
+        file_share = min(estimate_memory(info, serving, n_ctx=CTX_PAD, mode=mode).file_bytes, budget.bytes // 2)
         headroom_share = int(budget.bytes * headroom / 100)
         ctx, ctx_reason = None, ""
         for reserve, why in (
@@ -117,13 +111,13 @@ def plan_with(inputs: PlanInputs, info: ModelInfo, runtime_bytes: int | None, si
             (headroom_share, f"less memory.headroom_pct ({headroom:g} %): no room for the weights' page cache"),
             (0, "(no room left for the weights' page cache or the headroom)"),
         ):
-            ctx = largest_ctx_that_fits(info, budget.bytes - reserve, mode, cap=cap, **kw)
+            ctx = largest_ctx_that_fits(info, serving, budget.bytes - reserve, mode, cap=cap)
             if ctx is not None:
                 ctx_reason = f"auto: the largest that fits the budget {why}"
                 break
         if ctx is None:
             if not inputs.force:
-                est = estimate_memory(info, n_ctx=CTX_PAD, mode=mode, **kw)
+                est = estimate_memory(info, serving, n_ctx=CTX_PAD, mode=mode)
                 raise WillNotFit(will_not_fit(est, budget, f"even the smallest context ({CTX_PAD})"))
             ctx = CTX_PAD
             ctx_reason = "auto: the smallest context (forced: even it does not fit the budget)"
@@ -136,12 +130,12 @@ def plan_with(inputs: PlanInputs, info: ModelInfo, runtime_bytes: int | None, si
         n_ctx = pad_ctx(int(s.n_ctx))
         ctx_reason = "engine.n_ctx" + (f" {s.n_ctx} rounded up to a multiple of 256" if n_ctx != s.n_ctx else "")
         if s.load_mode == "auto":
-            choice = choose_mode(info, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=n_ctx, **kw)
+            choice = choose_mode(info, serving, budget_bytes=budget.bytes, headroom_pct=headroom, n_ctx=n_ctx)
             mode, mode_reason = choice.mode, choice.reason
         else:
             mode, mode_reason = s.load_mode, "engine.load_mode"
-    slots, slots_reason = _plan_slots(inputs, info, mode, n_ctx, budget, kw)
-    est = estimate_memory(info, n_ctx=n_ctx, mode=mode, slots=slots, **kw)
+    slots, slots_reason = _plan_slots(inputs, info, serving, mode, n_ctx, budget)
+    est = estimate_memory(info, dataclasses.replace(serving, slots=slots), n_ctx=n_ctx, mode=mode)
     if est.anon_bytes > budget.bytes and not inputs.force:
         what = f"n_ctx {n_ctx}" + (f" x {slots} slots (engine.max_parallel)" if slots > 1 else "")
         raise WillNotFit(will_not_fit(est, budget, what))
@@ -149,7 +143,7 @@ def plan_with(inputs: PlanInputs, info: ModelInfo, runtime_bytes: int | None, si
 
 
 def _plan_slots(
-    inputs: PlanInputs, info: ModelInfo, mode: Mode, n_ctx: int, budget: Budget, kw: dict[str, Any]
+    inputs: PlanInputs, info: ModelInfo, serving: Serving, mode: Mode, n_ctx: int, budget: Budget
 ) -> tuple[int, str]:
     """How many jobs are decoded together: engine.max_parallel, or with 'auto' as many as fit
     the budget at n_ctx each (leaving the weights their page cache, as an automatic context
@@ -158,10 +152,10 @@ def _plan_slots(
     if s.max_parallel != "auto":
         return int(s.max_parallel), "engine.max_parallel"
     cap = s.auto_parallel_max
-    file_share = min(estimate_memory(info, n_ctx=n_ctx, mode=mode, **kw).file_bytes, budget.bytes // 2)
+    file_share = min(estimate_memory(info, serving, n_ctx=n_ctx, mode=mode).file_bytes, budget.bytes // 2)
     headroom_share = int(budget.bytes * float(inputs.memory.headroom_pct) / 100)
     for reserve in (max(file_share, headroom_share), headroom_share, 0):
-        best = most_slots_that_fit(info, budget.bytes - reserve, mode, n_ctx=n_ctx, cap=cap, **kw)
+        best = most_slots_that_fit(info, serving, budget.bytes - reserve, mode, n_ctx=n_ctx, cap=cap)
         if best is not None:
             break
     best = best or 1
