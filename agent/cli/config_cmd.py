@@ -1,4 +1,4 @@
-"""`edge-agent config validate|show|schema|docs`, and the -c option every command shares.
+"""`edge-agent config validate|show|schema|docs`, and what every command shares: the -c option, the ACTION of a group.
 
 Which settings a command reads: ``-c FILE``; else /etc/edge-agent/config.toml when it exists; else
 the settings the last `run --demo` of this user recorded (agent.app.demo.recorded_demo), so the
@@ -33,6 +33,14 @@ def add_config_option(p: argparse.ArgumentParser, *, demo_fallback: bool = True)
     p.set_defaults(config_overrides=None, demo_fallback=demo_fallback)
 
 
+def add_group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """``edge-agent NAME ACTION``: a command group, whose actions each set their own handler."""
+    p = sub.add_parser(name, help=help)
+    return p.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+
+
 def resolve_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
     """No -c and no /etc/edge-agent/config.toml: point ``args.config`` at the demo's profile and
     ``args.config_overrides`` at what locates the demo, and say so on stderr. Else nothing changes."""
@@ -64,8 +72,7 @@ def settings_from(args: argparse.Namespace, overrides: Mapping[str, Any] | None 
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("config", help="validate, show and describe the configuration")
-    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    csub = add_group(sub, "config", "validate, show and describe the configuration")
 
     v = csub.add_parser(
         "validate",

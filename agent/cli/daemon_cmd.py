@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.config_cmd import add_config_option, settings_from
+from agent.cli.config_cmd import add_config_option, add_group, settings_from
 from agent.config import Settings
 from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EdgeAgentError
 
@@ -59,8 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     s.set_defaults(handler=_submit)
 
-    j = sub.add_parser("jobs", help="read the local job store")
-    jsub = j.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    jsub = add_group(sub, "jobs", "read the local job store")
     jl = jsub.add_parser("list", help="recent jobs, newest first")
     add_config_option(jl)
     jl.add_argument("--status", help="only this status (QUEUED, IN_PROGRESS, SUCCEEDED, ...)")

@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from agent.cli.config_cmd import add_config_option, settings_from
+from agent.cli.config_cmd import add_config_option, add_group, settings_from
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ModelError
 
 INTERRUPTED = 130
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("fleet", help="list a fleet's devices; roll a model out in waves with automatic rollback")
-    fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    fsub = add_group(sub, "fleet", "list a fleet's devices; roll a model out in waves with automatic rollback")
 
     ls = fsub.add_parser("list", help="devices from their retained status and shadow documents")
     _broker(ls)

@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+from agent.cli.config_cmd import add_group
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("keys", help="operator signing keys (Ed25519) for models and shadow changes")
-    ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    ksub = add_group(sub, "keys", "operator signing keys (Ed25519) for models and shadow changes")
     g = ksub.add_parser("generate", help="write a new private key (0600) and its public key (KEY.pub)")
     g.add_argument("key", type=Path, metavar="KEY", help="the private key file to create (never overwritten)")
     g.set_defaults(handler=_generate)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.cli.config_cmd import add_group
 from agent.cli.keys_cmd import register_sign
 from agent.config.sections import EngineSettings
 from agent.errors import EXIT_OK, ConfigError, ModelError
@@ -34,8 +35,7 @@ _REPACK_NOTE = "fast mode on this CPU: "  # agent.engine.llamacpp.ExactSizer's n
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("model", help="inspect GGUF models and write synthetic ones")
-    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    msub = add_group(sub, "model", "inspect GGUF models and write synthetic ones")
 
     i = msub.add_parser(
         "inspect",

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cli.config_cmd import add_config_option
+from agent.cli.config_cmd import add_config_option, add_group
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from agent.ops.units import DEFAULT_UNITS_DIR
 
-    s = sub.add_parser("systemd", help="render the systemd units for a board profile and a model")
-    ssub = s.add_subparsers(dest="systemd_command", metavar="ACTION", required=True)
+    ssub = add_group(sub, "systemd", "render the systemd units for a board profile and a model")
     r = ssub.add_parser(
         "render",
         help="write the units (main, and the swap units when present) with MemoryHigh/MemoryMax from the profile "

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.cli.config_cmd import add_config_option, settings_from
+from agent.cli.config_cmd import add_config_option, add_group, settings_from
 from agent.config import Settings
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
@@ -23,8 +23,7 @@ _WIDTH = 26
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("shadow", help="read and change a board's desired state (the device shadow)")
-    ssub = p.add_subparsers(dest="shadow_command", metavar="ACTION", required=True)
+    ssub = add_group(sub, "shadow", "read and change a board's desired state (the device shadow)")
 
     g = ssub.add_parser("get", help="print desired, reported and delta of a board, through the broker")
     _common(g)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cli.config_cmd import add_config_option, settings_from
+from agent.cli.config_cmd import add_config_option, add_group, settings_from
 from agent.config import Settings
 from agent.errors import EXIT_FAILURE, EXIT_USAGE
 
@@ -27,8 +27,7 @@ MiB = 1024 * 1024
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("swap", help="list swap devices; apply the swap policy (root)")
-    ssub = p.add_subparsers(dest="swap_command", metavar="ACTION", required=True)
+    ssub = add_group(sub, "swap", "list swap devices; apply the swap policy (root)")
 
     st = ssub.add_parser("status", help="list every swap device and mark the agent's")
     add_config_option(st)
