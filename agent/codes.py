@@ -8,20 +8,25 @@ it is reported with; an ``EngineError`` carries its code, so an outcome never re
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Self
 
 
-class JobStatus(StrEnum):
-    """A job's state. Every status message and result carries one."""
+class _Documented(StrEnum):
+    """A string enum whose every member is given as ``"VALUE", "its doc"``: the doc tables read ``doc``."""
 
-    # The defaults only let a type checker see ``JobStatus("QUEUED")`` (a lookup by value, which
+    # The default only lets a type checker see ``JobStatus("QUEUED")`` (a lookup by value, which
     # never calls this) as valid; every member gives its doc.
-    def __new__(cls, value: str, doc: str = "") -> JobStatus:
+    def __new__(cls, value: str, doc: str = "") -> Self:
         obj = str.__new__(cls, value)
         obj._value_ = value
         obj.doc = doc
         return obj
 
     doc: str
+
+
+class JobStatus(_Documented):
+    """A job's state. Every status message and result carries one."""
 
     QUEUED = "QUEUED", "Stored durably and waiting to run. The submit message was acknowledged only after this."
     IN_PROGRESS = "IN_PROGRESS", "Running on the engine. `attempt` counts the runs started."
@@ -40,17 +45,9 @@ class JobStatus(StrEnum):
     TIMED_OUT = "TIMED_OUT", "Ran longer than its timeout_s; a partial text may be included. Terminal."
 
 
-class WaitReason(StrEnum):
+class WaitReason(_Documented):
     """Why a queued job is not running yet: the ``waiting_for`` of its QUEUED status, ``jobs show`` and
     ``status``. Every wait is bounded (docs/protocol.md, "Waiting")."""
-
-    def __new__(cls, value: str, doc: str = "") -> WaitReason:
-        obj = str.__new__(cls, value)
-        obj._value_ = value
-        obj.doc = doc
-        return obj
-
-    doc: str
 
     slot = (
         "slot",
