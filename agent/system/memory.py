@@ -286,6 +286,19 @@ def _v2_pressure_file(mounts: list[_Mount], v2_path: str | None) -> Path | None:
     return d / "memory.pressure"
 
 
+def _in_mount(version: Literal[1, 2], cg_path: str, mount: _Mount, pressure_file: Path | None) -> CgroupMemory:
+    """The cgroup ``cg_path`` of a hierarchy mounted at ``mount``, or why its directory is not there."""
+    d = _cgroup_dir(mount, cg_path)
+    if d is None:
+        return CgroupMemory(
+            version,
+            path=cg_path,
+            reason=f"cgroup directory for {cg_path} not found under {mount.point}",
+            pressure_file=pressure_file,
+        )
+    return CgroupMemory(version, path=cg_path, directory=d, pressure_file=pressure_file, mount_point=mount.point)
+
+
 def locate_cgroup(
     pid: int | str = "self",
     *,
@@ -323,15 +336,7 @@ def locate_cgroup(
             return CgroupMemory(
                 None, path=v1_path, reason="cgroup v1 memory controller is not mounted", pressure_file=pressure_file
             )
-        d = _cgroup_dir(mount, v1_path)
-        if d is None:
-            return CgroupMemory(
-                1,
-                path=v1_path,
-                reason=f"cgroup directory for {v1_path} not found under {mount.point}",
-                pressure_file=pressure_file,
-            )
-        return CgroupMemory(1, path=v1_path, directory=d, pressure_file=pressure_file, mount_point=mount.point)
+        return _in_mount(1, v1_path, mount, pressure_file)
 
     if v2_path is not None:
         mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
@@ -350,15 +355,7 @@ def locate_cgroup(
                 "'cgroup_enable=memory' to /boot/firmware/cmdline.txt)",
                 pressure_file=pressure_file,
             )
-        d = _cgroup_dir(mount, v2_path)
-        if d is None:
-            return CgroupMemory(
-                2,
-                path=v2_path,
-                reason=f"cgroup directory for {v2_path} not found under {mount.point}",
-                pressure_file=pressure_file,
-            )
-        return CgroupMemory(2, path=v2_path, directory=d, pressure_file=pressure_file, mount_point=mount.point)
+        return _in_mount(2, v2_path, mount, pressure_file)
 
     return CgroupMemory(
         None,
@@ -384,37 +381,25 @@ def read_cgroup(where: CgroupMemory) -> CgroupMemory:
         high = _read_int(d / "memory.soft_limit_in_bytes")
         if high is not None and high >= _V1_UNLIMITED:
             high = None
-        usage = _read_int(d / "memory.usage_in_bytes")
-        return replace(
-            where,
-            limit=limit,
-            usage=usage,
-            peak=_read_int(d / "memory.max_usage_in_bytes"),
-            high=high,
-            working_set=_working_set(usage, _stat_value(d, "total_inactive_file", "inactive_file")),
-        )
-    limit = high = None
-    node = d
-    # memory.max and memory.high only bound the cgroup itself; an ancestor's smaller value wins.
-    while True:
-        lim = _read_int(node / "memory.max")
-        if lim is not None:
-            limit = lim if limit is None else min(limit, lim)
-        hi = _read_int(node / "memory.high")
-        if hi is not None:
-            high = hi if high is None else min(high, hi)
-        if node == where.mount_point or node.parent == node:
-            break
-        node = node.parent
-    usage = _read_int(d / "memory.current")
-    return replace(
-        where,
-        limit=limit,
-        usage=usage,
-        peak=_read_int(d / "memory.peak"),
-        high=high,
-        working_set=_working_set(usage, _stat_value(d, "inactive_file")),
-    )
+        usage, peak = _read_int(d / "memory.usage_in_bytes"), _read_int(d / "memory.max_usage_in_bytes")
+        inactive = _stat_value(d, "total_inactive_file", "inactive_file")
+    else:
+        limit = high = None
+        node = d
+        # memory.max and memory.high only bound the cgroup itself; an ancestor's smaller value wins.
+        while True:
+            lim = _read_int(node / "memory.max")
+            if lim is not None:
+                limit = lim if limit is None else min(limit, lim)
+            hi = _read_int(node / "memory.high")
+            if hi is not None:
+                high = hi if high is None else min(high, hi)
+            if node == where.mount_point or node.parent == node:
+                break
+            node = node.parent
+        usage, peak = _read_int(d / "memory.current"), _read_int(d / "memory.peak")
+        inactive = _stat_value(d, "inactive_file")
+    return replace(where, limit=limit, usage=usage, peak=peak, high=high, working_set=_working_set(usage, inactive))
 
 
 def cgroup_memory(
