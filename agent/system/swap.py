@@ -319,6 +319,11 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
     steps: list[PlanStep] = []
     active = {d.path: d for d in world.active}
 
+    def removal(op: Op, e: Created, dev: SwapDevice | None, why: str) -> PlanStep:
+        """Switching off and removing a recorded swap area: refused while memory is too short for it."""
+        refused = _swapoff_refusal(dev, world, desired.swapoff_min_available_pct)
+        return PlanStep(op, e.path, e.size, reason=why, refused=refused)
+
     # Records that no longer describe anything: a zram device of another boot, a file gone or replaced.
     zrams, files = [], []
     for e in record.entries:
@@ -359,15 +364,7 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
                 f"{dev.priority} -> {desired.zram_priority}"
             )
         )
-        steps.append(
-            PlanStep(
-                "remove_zram",
-                e.path,
-                e.size,
-                reason=why,
-                refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct),
-            )
-        )
+        steps.append(removal("remove_zram", e, dev, why))
     kept_zram = [
         e for e in zrams if not any(s.op == "remove_zram" and s.target == e.path and s.refused is None for s in steps)
     ]
@@ -406,15 +403,7 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
                     )
                 )
             elif dev.priority != desired.file_priority:
-                steps.append(
-                    PlanStep(
-                        "remove_file",
-                        e.path,
-                        e.size,
-                        reason=f"priority {dev.priority} -> {desired.file_priority}",
-                        refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct),
-                    )
-                )
+                steps.append(removal("remove_file", e, dev, f"priority {dev.priority} -> {desired.file_priority}"))
             continue
         why = (
             "swap.policy has no swap file"
@@ -425,15 +414,7 @@ def plan(desired: Desired, record: Record, world: World) -> list[PlanStep]:
                 else f"resize {e.size // MiB} -> {desired.file_bytes // MiB} MiB"
             )
         )
-        steps.append(
-            PlanStep(
-                "remove_file",
-                e.path,
-                e.size,
-                reason=why,
-                refused=_swapoff_refusal(dev, world, desired.swapoff_min_available_pct),
-            )
-        )
+        steps.append(removal("remove_file", e, dev, why))
     removing = {s.target for s in steps if s.op == "remove_file" and s.refused is None}
     blocked = any(s.op == "remove_file" and s.refused for s in steps)
     have = any(e.path == target and e.size == desired.file_bytes and e.path not in removing for e in files)
