@@ -245,14 +245,18 @@ def _levels(
     missing: list[str] = []
     hyst = s.hysteresis_pct
 
+    def latch(name: str, level: Level, reason: str) -> None:
+        """Keep ``name``'s level for the next reading; a level above ok gives ``reason``."""
+        latches[name] = level
+        if level > Level.ok:
+            reasons.append(reason)
+
     pct = sig.mem_available_pct
-    latches["mem_available"] = _latch_low(
-        state.latch("mem_available"), pct, s.mem_available_warn_pct, s.mem_available_act_pct, hyst
+    latch(
+        "mem_available",
+        _latch_low(state.latch("mem_available"), pct, s.mem_available_warn_pct, s.mem_available_act_pct, hyst),
+        f"MemAvailable {pct:.1f} % (warn below {s.mem_available_warn_pct:g}, act below {s.mem_available_act_pct:g})",
     )
-    if latches["mem_available"] > Level.ok:
-        reasons.append(
-            f"MemAvailable {pct:.1f} % (warn below {s.mem_available_warn_pct:g}, act below {s.mem_available_act_pct:g})"
-        )
 
     if sig.psi_some_avg10 is None and sig.psi_full_avg10 is None:
         missing.append("psi")
@@ -275,12 +279,12 @@ def _levels(
             level = Level.critical
         elif some_warn or (prev >= Level.warn and some > s.psi_some_warn_pct - hyst):
             level = Level.warn
-        latches["psi"] = level
-        if level > Level.ok:
-            reasons.append(
-                f"PSI memory some {some:g} / full {full:g} % avg10 (warn: some {s.psi_some_warn_pct:g}; act: some "
-                f"{s.psi_some_act_pct:g} or full {s.psi_full_act_pct:g}, held {s.psi_hold_s:g} s)"
-            )
+        latch(
+            "psi",
+            level,
+            f"PSI memory some {some:g} / full {full:g} % avg10 (warn: some {s.psi_some_warn_pct:g}; act: some "
+            f"{s.psi_some_act_pct:g} or full {s.psi_full_act_pct:g}, held {s.psi_hold_s:g} s)",
+        )
 
     w = sig.weights_in_ram_pct
     if w is not None:
@@ -294,12 +298,12 @@ def _levels(
             level = Level.critical
         elif warn_low or (prev >= Level.warn and w < s.weights_warn_pct + hyst):
             level = Level.warn
-        latches["weights"] = level
-        if level > Level.ok:
-            reasons.append(
-                f"weights in RAM {w:.0f} % (warn below {s.weights_warn_pct:g}, act below {s.weights_act_pct:g}, "
-                f"held {s.psi_hold_s:g} s)"
-            )
+        latch(
+            "weights",
+            level,
+            f"weights in RAM {w:.0f} % (warn below {s.weights_warn_pct:g}, act below {s.weights_act_pct:g}, "
+            f"held {s.psi_hold_s:g} s)",
+        )
     else:
         for name in ("weights_warn", "weights_act"):
             over.pop(name, None)
@@ -308,12 +312,12 @@ def _levels(
     if cg is None:
         missing.append("cgroup_memory" if sig.cgroup_working_set is None else "cgroup_limit")
     else:
-        latches["cgroup"] = _latch_high(state.latch("cgroup"), cg, s.cgroup_warn_pct, s.cgroup_act_pct, hyst)
-        if latches["cgroup"] > Level.ok:
-            reasons.append(
-                f"cgroup working set {cg:.1f} % of its {'limit' if sig.cgroup_bound == sig.cgroup_limit else 'high mark'} "
-                f"{(sig.cgroup_bound or 0) // MiB} MiB (warn {s.cgroup_warn_pct:g}, act {s.cgroup_act_pct:g})"
-            )
+        latch(
+            "cgroup",
+            _latch_high(state.latch("cgroup"), cg, s.cgroup_warn_pct, s.cgroup_act_pct, hyst),
+            f"cgroup working set {cg:.1f} % of its {'limit' if sig.cgroup_bound == sig.cgroup_limit else 'high mark'} "
+            f"{(sig.cgroup_bound or 0) // MiB} MiB (warn {s.cgroup_warn_pct:g}, act {s.cgroup_act_pct:g})",
+        )
     return latches, over, reasons, missing
 
 
