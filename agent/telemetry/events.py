@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer
@@ -70,34 +71,34 @@ def _when(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
 
 
+def _event(
+    kind: EventKind, message: str, details: dict[str, Any], *, device_id: str, ts: float, level: str | None = None
+) -> Event:
+    """An event of ``device_id`` at ``ts`` (epoch seconds) without readings: what most builders make."""
+    return Event(device_id=device_id, ts=_when(ts), kind=kind, level=level, message=message, details=details)
+
+
 def decision_events(decision: Decision, readings: Telemetry | None, *, device_id: str, ts: float) -> list[Event]:
     """The events a governor decision calls for: a level change, then each action taken or undone."""
+    event = partial(Event, device_id=device_id, ts=_when(ts), level=decision.level.name, readings=readings)
     out: list[Event] = []
     if decision.level_changed:
         why = "; ".join(decision.reasons) or "all signals below their thresholds"
         out.append(
-            Event(
-                device_id=device_id,
-                ts=_when(ts),
+            event(
                 kind=EventKind.level_changed,
-                level=decision.level.name,
                 previous_level=decision.previous_level.name,
                 message=f"memory level {decision.previous_level.name} -> {decision.level.name}: {why}",
                 details={"reasons": list(decision.reasons), "missing": list(decision.missing)},
-                readings=readings,
             )
         )
     for step in decision.actions:
         out.append(
-            Event(
-                device_id=device_id,
-                ts=_when(ts),
+            event(
                 kind=EventKind.action,
-                level=decision.level.name,
                 action=step.action.value,
                 message=step.message,
                 details={"undo": step.undo, "rung": decision.posture.rung},
-                readings=readings,
             )
         )
     return out
@@ -109,13 +110,13 @@ def signals_missing_event(
     """Once at start: the governor works without these signals, and how to enable them."""
     if not missing:
         return None
-    return Event(
+    return _event(
+        EventKind.signals_missing,
+        "memory governor works without: " + "; ".join(f"{k} ({v})" for k, v in sorted(missing.items())),
+        {"missing": dict(sorted(missing.items()))},
         device_id=device_id,
-        ts=_when(ts),
-        kind=EventKind.signals_missing,
+        ts=ts,
         level=level,
-        message="memory governor works without: " + "; ".join(f"{k} ({v})" for k, v in sorted(missing.items())),
-        details={"missing": dict(sorted(missing.items()))},
     )
 
 
@@ -173,14 +174,14 @@ def spool_dropped_event(
     """The spool ran full while offline: how many readings and events it dropped since the last report."""
     if readings <= 0 and events <= 0:
         return None
-    return Event(
-        device_id=device_id,
-        ts=_when(ts),
-        kind=EventKind.spool_dropped,
-        level=level,
-        message=f"offline spool full: dropped {readings} oldest readings and {events} events "
+    return _event(
+        EventKind.spool_dropped,
+        f"offline spool full: dropped {readings} oldest readings and {events} events "
         "(telemetry.spool_max_rows / spool_max_mb)",
-        details={"readings": readings, "events": events},
+        {"readings": readings, "events": events},
+        device_id=device_id,
+        ts=ts,
+        level=level,
     )
 
 
@@ -205,14 +206,7 @@ def model_change_event(change: Any, *, device_id: str, ts: float, level: str | N
     else:
         back = "the previous model serves again" if change.rolled_back else "no model is loaded"
         message = f"model change to {change.path} failed ({change.outcome}): {change.message}; {back}"
-    return Event(
-        device_id=device_id,
-        ts=_when(ts),
-        kind=EventKind.model_change,
-        level=level,
-        message=message,
-        details=change.as_dict(),
-    )
+    return _event(EventKind.model_change, message, change.as_dict(), device_id=device_id, ts=ts, level=level)
 
 
 class RateLimit:
@@ -261,22 +255,22 @@ def update_refused_event(
     version that is gone (409: a replay, or two operators at once). Names the keys it tried to change,
     never their values (a URL may carry a token), and the signing key's id when it names one."""
     what = ", ".join(keys) if keys else "the desired state"
-    return Event(
+    return _event(
+        EventKind.update_refused,
+        f"shadow update of {what} refused {code}: {reason}"[:_REASON_MAX],
+        {"code": code, "keys": keys, "key_id": key_id, "reason": reason[:_REASON_MAX]},
         device_id=device_id,
-        ts=_when(ts),
-        kind=EventKind.update_refused,
-        message=f"shadow update of {what} refused {code}: {reason}"[:_REASON_MAX],
-        details={"code": code, "keys": keys, "key_id": key_id, "reason": reason[:_REASON_MAX]},
+        ts=ts,
     )
 
 
 def updates_suppressed_event(count: int, window_s: float, *, device_id: str, ts: float) -> Event:
     """The refusals held back by the rate limit in the window that ended."""
-    return Event(
-        device_id=device_id,
-        ts=_when(ts),
-        kind=EventKind.update_refused,
-        message=f"{count} more shadow update(s) refused within {window_s:g} s, not reported one by one "
+    return _event(
+        EventKind.update_refused,
+        f"{count} more shadow update(s) refused within {window_s:g} s, not reported one by one "
         "(a flood of bad updates: someone with broker credentials and no operator key?)",
-        details={"suppressed": count, "window_s": window_s},
+        {"suppressed": count, "window_s": window_s},
+        device_id=device_id,
+        ts=ts,
     )

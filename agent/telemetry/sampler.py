@@ -16,9 +16,10 @@ import logging
 import mmap
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from agent.system.memory import (
     CgroupMemory,
@@ -61,6 +62,12 @@ class AgentState:
     store_writable: bool | None = None
     spool_rows: int | None = None
     spool_dropped: int | None = None
+
+    def readings(self) -> dict[str, Any]:
+        """The fields a reading carries as they are, under the same names: all but weights_bytes and
+        rss_file_before_load, which only go into weights_in_ram_pct."""
+        skip = ("weights_bytes", "rss_file_before_load")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 def _pct(part: float | None, whole: float | None) -> float | None:
@@ -198,24 +205,10 @@ class Sampler:
             rss_file_bytes=proc.rss_file,
             vm_swap_bytes=proc.vm_swap,
             major_faults_per_s=majors,
-            model_loaded=st.model_loaded,
+            **st.readings(),
             model_resident_pct=resident,
             weights_in_ram_pct=weights_in_ram,
-            kv_cache_bytes=st.kv_cache_bytes,
-            kv_cache_size_tokens=st.kv_cache_size_tokens,
-            kv_cache_used_tokens=st.kv_cache_used_tokens,
             kv_cache_fill_pct=kv_fill,
-            queue_depth=st.queue_depth,
-            jobs_running=st.jobs_running,
-            slots=st.slots,
-            last_job_slot_wait_ms=st.last_job_slot_wait_ms,
-            running_job=st.running_job,
-            last_job_tokens_per_s=st.last_job_tokens_per_s,
-            governor_level=st.governor_level,
-            governor_action=st.governor_action,
-            store_writable=st.store_writable,
-            spool_rows=st.spool_rows,
-            spool_dropped=st.spool_dropped,
             unavailable=sorted(missing),
             soc_temp_c=heat.soc_temp_c,
             cpu_freq_mhz=heat.cpu_freq_mhz,
