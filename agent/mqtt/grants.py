@@ -12,7 +12,7 @@ client asked for, Receive Maximum 65,535, Maximum QoS 2, retain available, no pa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -180,15 +180,11 @@ class BrokerReport(BaseModel):
 
 
 def broker_report(grants: BrokerGrants, settings: MQTTSettings, host: str, extra: list[GrantProblem]) -> BrokerReport:
+    """The report carries each grant it has a field for, under the grant's own name."""
+    granted = {f.name: getattr(grants, f.name) for f in fields(grants) if f.name in BrokerReport.model_fields}
     return BrokerReport(
         host=host,
-        session_present=grants.session_present,
-        session_expiry_s=grants.session_expiry_s,
-        shared_subscriptions=grants.shared_subscriptions,
-        receive_maximum=grants.receive_maximum,
-        maximum_qos=grants.maximum_qos,
-        retain_available=grants.retain_available,
-        maximum_packet_size=grants.maximum_packet_size,
+        **granted,
         problems=[
             BrokerProblemReport(code=p.code, level=p.level, message=p.message, fix=p.fix)
             for p in [*grant_problems(grants, settings), *extra]
