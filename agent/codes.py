@@ -43,6 +43,13 @@ class JobStatus(_Documented):
     )
     CANCELED = "CANCELED", "Stopped by a cancel request; a partial text may be included. Terminal."
     TIMED_OUT = "TIMED_OUT", "Ran longer than its timeout_s; a partial text may be included. Terminal."
+    RELEASED = (
+        "RELEASED",
+        "A fleet job this device no longer holds, never started here: handed to the board named in "
+        "handed_to (which sends its own statuses next), or, without handed_to, given back because this device "
+        "was away from the broker for mqtt.fleet_lease_s / 2: the submitter sends it again to the fleet topic. "
+        "Status only (no result from this device).",
+    )
 
 
 class WaitReason(_Documented):

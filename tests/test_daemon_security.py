@@ -67,6 +67,7 @@ SUBMIT_KEYS = (
     "priority",
     "expires_at",
     "timeout_s",
+    "handed_from",
 )  # fmt: skip  (the documented field table, in order)
 CHAT_KEYS = (
     "messages",
@@ -238,6 +239,7 @@ WRONG: dict[str, st.SearchStrategy[Any]] = {
     ),
     "timeout_s": _oneof(0, -1, 86401, "5", True, [1])
     | st.floats(min_value=86400, exclude_min=True, allow_infinity=False),
+    "handed_from": _oneof(1, "", "a/b", "board+", "x" * 65, True, ["b"]),
 }
 # Defects with a code of their own (when nothing else is wrong).
 SIZED: dict[str, tuple[str, st.SearchStrategy[Any]]] = {
@@ -274,6 +276,7 @@ def _documented_valid(name: str, v: Any) -> bool:
         "priority": integer and -100 <= v <= 100,
         "expires_at": v is None or isinstance(v, str),
         "timeout_s": v is None or num and 0 < v <= 86400,
+        "handed_from": v is None or isinstance(v, str) and _ID_RE.fullmatch(v),
     }[name])  # fmt: skip
 
 

@@ -552,9 +552,10 @@ def test_rfc3339_rounds_to_milliseconds_in_utc() -> None:
 
 def test_statuses_and_terminal_set() -> None:
     assert [s.value for s in JobStatus] == [
-        "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT"
+        "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT", "RELEASED"
     ]  # fmt: skip
-    assert TERMINAL == set(JobStatus) - {JobStatus.QUEUED, JobStatus.IN_PROGRESS}
+    # RELEASED is a fleet job's status on a board that let go of it: no result there, not terminal.
+    assert TERMINAL == set(JobStatus) - {JobStatus.QUEUED, JobStatus.IN_PROGRESS, JobStatus.RELEASED}
     assert str(JobStatus.QUEUED) == "QUEUED" and JobStatus("FAILED") is JobStatus.FAILED
 
 

@@ -424,7 +424,7 @@ def test_queries(store: JobStore) -> None:
     assert [r.job_id for r in store.list_jobs(JobStatus.IN_PROGRESS)] == ["j0"]
     assert [r.job_id for r in store.list_jobs("QUEUED")] == ["j3", "j2", "j1"]
     assert store.counts() == {"QUEUED": 3, "IN_PROGRESS": 1, "SUCCEEDED": 0, "FAILED": 0, "REJECTED": 1,
-                              "CANCELED": 0, "TIMED_OUT": 0}  # fmt: skip
+                              "CANCELED": 0, "TIMED_OUT": 0, "RELEASED": 0}  # fmt: skip
     assert store.queued_count() == 3
     assert store.get("nope") is None
 
@@ -598,7 +598,7 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
         "ALTER TABLE jobs DROP COLUMN preemptions; ALTER TABLE jobs DROP COLUMN prompt_tokens; "
         "ALTER TABLE jobs DROP COLUMN measured_for; ALTER TABLE jobs DROP COLUMN waiting_for; "
         "ALTER TABLE jobs DROP COLUMN waiting_since; ALTER TABLE jobs DROP COLUMN waiting_detail; "
-        "PRAGMA user_version = 1;"
+        "ALTER TABLE jobs DROP COLUMN via; PRAGMA user_version = 1;"
     )
     c.close()
     with JobStore(path) as s:

@@ -43,9 +43,7 @@ class Daemon:
         """``settings`` are the board's own (file, environment, credentials); the device shadow's last
         accepted desired state is overlaid on them. ``clock`` is wall time (job timestamps, expiry);
         ``monotonic`` must be the engine's clock, on which job deadlines are handed to it."""
-        self.config_path = config_path
-        self.clock = clock
-        self.notifier = notifier or Notifier()
+        self.config_path, self.clock, self.notifier = config_path, clock, notifier or Notifier()
         self.parts: Parts = build(
             settings,
             engine_factory=engine_factory,
@@ -71,6 +69,7 @@ class Daemon:
         write_desired_swap(self.settings.swap, self.settings.device.state_dir)  # for the root swap unit
         for job_id, action in p.store.recover(self.clock()):
             log.warning("recovered job %s after an unclean stop: %s", job_id, action)
+        p.fleet.start()  # fleet jobs the lease no longer covers are given back before the runner starts
         desired = EngineConfig.from_settings(self.settings)
         if p.supervisor.start(desired, fallback=EngineConfig.from_settings(p.file_settings)) is not desired:
             p.live.reset_reload_keys(p.file_settings)  # the desired model failed: the file's serves

@@ -28,9 +28,10 @@ from agent.config import Settings
 from agent.engine.supervisor import EngineConfig, Supervisor
 from agent.errors import EdgeAgentError
 from agent.governor.watch import MemoryWatch
+from agent.jobs.fleet import FleetShare
 from agent.jobs.gate import Gate
 from agent.jobs.health import StoreHealth
-from agent.jobs.protocol import DeviceStatus
+from agent.jobs.protocol import DeviceStatus, FleetLoad
 from agent.jobs.runner import Runner
 from agent.jobs.store import JobStore
 from agent.models.library import ModelDelivery
@@ -53,8 +54,10 @@ _SESSION_LOST_FIX = (
 )
 
 
-def device_status(settings: Settings, state: str, *, store_writable: bool, ts: float) -> bytes:
-    """The retained device status; only ``online`` names the model and the store's state."""
+def device_status(
+    settings: Settings, state: str, *, store_writable: bool, ts: float, fleet: FleetLoad | None = None
+) -> bytes:
+    """The retained device status; only ``online`` names the model, the store's state and the fleet load."""
     online = state == "online"
     heartbeat_s = settings.mqtt.heartbeat_s
     return DeviceStatus(
@@ -65,6 +68,7 @@ def device_status(settings: Settings, state: str, *, store_writable: bool, ts: f
         store=("writable" if store_writable else "unwritable") if online else None,
         heartbeat_s=heartbeat_s if online else None,
         expires=ts + 3 * heartbeat_s if online else None,
+        fleet=fleet if online else None,
         ts=ts,
     ).to_payload()
 
@@ -83,6 +87,7 @@ class ReporterParts:
     memory: MemoryWatch
     delivery: ModelDelivery
     uplink: Uplink
+    fleet: FleetShare
 
 
 class Reporter:
@@ -130,9 +135,10 @@ class Reporter:
         and every mqtt.heartbeat_s (``heartbeat``), so that its expiry keeps moving while the board lives."""
         now = self._clock()
         self._status_at = now
+        load = self._parts.fleet.load()
         self.transport.publish(
             self.topics.device_status,
-            device_status(self.settings, "online", store_writable=self.health.writable, ts=now),
+            device_status(self.settings, "online", store_writable=self.health.writable, ts=now, fleet=load),
             qos=1,
             retain=True,
         )

@@ -1,18 +1,20 @@
 """Builds every part of the daemon, bottom-up, in one function: ``build()`` returns a frozen ``Parts``.
 
-Each part receives only parts built before it. Three run-time loops cannot be built in one direction,
+Each part receives only parts built before it. Four run-time loops cannot be built in one direction,
 and each is closed at the end, by name, after every part exists (``_connect``):
 
 - the store's health tells intake, the gate, the outbox and the transport (all built after it);
 - the transport hands inbound messages to the intake and the shadow, and each connection to them;
 - the memory governor's readings carry the reporter's agent state; the reporter and the model delivery
-  follow the shadow (which is built last, from the reporter's facts and the live settings).
+  follow the shadow (which is built last, from the reporter's facts and the live settings);
+- the fleet part's load goes into the reporter's status, which the fleet part asks for when it changes.
 
 No part receives the daemon or this module's ``Parts``: each gets the parts it uses, typed.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from agent.engine.types import EngineLike
 from agent.errors import StoreError
 from agent.governor.watch import AgentActions, MemoryWatch
 from agent.ha import DiscoveryPublisher
+from agent.jobs.fleet import FleetShare
 from agent.jobs.gate import Gate
 from agent.jobs.health import StoreHealth
 from agent.jobs.intake import Intake
@@ -67,6 +70,7 @@ class Parts:
     supervisor: Supervisor
     uplink: Uplink
     memory: MemoryWatch
+    fleet: FleetShare
     runner: Runner
     intake: Intake
     delivery: ModelDelivery
@@ -75,15 +79,21 @@ class Parts:
     shadow: ShadowService
     ha: DiscoveryPublisher
     control: MqttTransport | None = None  # cancels and the shadow's topics (mqtt.control_session)
+    fleet_link: MqttTransport | None = None  # the fleet group's jobs (mqtt.fleet_group), a short session
 
     def start_connections(self) -> None:
-        """The broker connections: the jobs' and, with mqtt.control_session, the control one."""
+        """The broker connections: the jobs', the control one (mqtt.control_session), the fleet's (fleet_group)."""
         self.transport.start()
-        if self.control is not None:
-            self.control.start()
+        for link in (self.control, self.fleet_link):
+            if link is not None:
+                link.start()
 
     def stop_connections(self, goodbye: tuple[str, bytes] | None = None) -> None:
-        """Both connections closed; ``goodbye`` (topic, payload) is published first on the jobs' one."""
+        """Every connection closed; ``goodbye`` (topic, payload) is published first on the jobs' one. The
+        fleet part stops first (it records the last contact with the broker while it still has it)."""
+        self.fleet.stop()
+        if self.fleet_link is not None:
+            self.fleet_link.stop()  # first: no fleet job taken that the stop would leave unstarted
         self.transport.stop(publish=goodbye)
         if self.control is not None:
             self.control.stop()
@@ -122,8 +132,7 @@ def build(
     # they must not wait behind a job whose PUBACK the board holds back (ejabberd: one QoS 1 message at a time).
     control = _control_transport(s, topics)
     subscriptions = [(topics.submit, 1)] + ([] if control is not None else [(topics.cancel_filter, 1)])
-    if s.mqtt.fleet_group:
-        subscriptions.append((topics.fleet_submit(s.mqtt.fleet_group), 1))
+    fleet_link = _fleet_transport(s, topics)
     offline = device_status(s, "offline", store_writable=False, ts=clock())
     transport = MqttTransport(
         s.mqtt,
@@ -136,14 +145,12 @@ def build(
 
     def ack(msg: InboundMessage) -> bool:
         """On the connection the message came through."""
-        return (control if control is not None and msg.source == control.client_id else transport).ack(msg)
+        links = [link for link in (control, fleet_link) if link is not None and msg.source == link.client_id]
+        return (links[0] if links else transport).ack(msg)
 
     spool = TelemetrySpool.from_settings(s, clock=clock)
     outbox.add_source(results)
     outbox.add_source(spool)  # readings and events kept while offline, sent in order after the results
-
-    def send_outcome(rec: JobRecord) -> object:
-        return outbox.send(results, results.item(rec))
 
     gate = Gate()
     supervisor = Supervisor(engine_factory, gate, grace_s=lambda: s.service.shutdown_grace_s, canary=lambda: s.canary)
@@ -163,6 +170,25 @@ def build(
         parked_need=supervisor.parked_need,
         clock=clock,
     )
+    fleet = FleetShare(
+        store,
+        topics,
+        settings=lambda: s.mqtt,
+        model=lambda: str(s.model.path),
+        publish=transport.publish,
+        connected=lambda: transport.connected,
+        capacity=lambda: memory.parallel(supervisor.slots),
+        running=lambda: gate.running,
+        clock=clock,
+        monotonic=monotonic,
+    )
+    transport.add_subscriptions(fleet.subscriptions)  # the peers' load
+    gate.on_slots(fleet.poke)
+
+    def send_outcome(rec: JobRecord) -> object:
+        fleet.job_ended(rec)
+        return outbox.send(results, results.item(rec))
+
     runner = Runner(
         store,
         results,
@@ -178,6 +204,11 @@ def build(
         governor=lambda: s.governor,
         max_result_bytes=transport.max_payload_bytes,
     )
+
+    def job_queued() -> None:
+        runner.wake()
+        fleet.poke()  # the board's load changed
+
     intake = Intake(
         store,
         topics,
@@ -186,7 +217,7 @@ def build(
         publish=transport.publish,
         send_outcome=send_outcome,
         cancel_running=gate.cancel,
-        job_queued=runner.wake,
+        job_queued=job_queued,
         health=health,
         clock=clock,
     )
@@ -218,6 +249,7 @@ def build(
             memory=memory,
             delivery=delivery,
             uplink=uplink,
+            fleet=fleet,
         ),
     )
     shadow = ShadowService(
@@ -250,6 +282,7 @@ def build(
         supervisor,
         uplink,
         memory,
+        fleet,
         runner,
         intake,
         delivery,
@@ -258,6 +291,7 @@ def build(
         shadow,
         ha,
         control,
+        fleet_link,
     )
     _connect(parts, sampler)
     return parts
@@ -276,10 +310,33 @@ def _control_transport(s: Settings, topics: Topics) -> MqttTransport | None:
     )
 
 
+def _fleet_transport(s: Settings, topics: Topics) -> MqttTransport | None:
+    """The connection that takes the fleet group's jobs (mqtt.fleet_group), or None. Its session lasts half
+    of mqtt.fleet_lease_s: Mosquitto deals a shared subscription's messages to a member's session while it
+    is offline too, so a board that died stops taking its share once that session expires, when it would
+    give back what it holds anyway (the jobs dealt to it meanwhile are lost with the session, and their
+    submitters send them again: docs/protocol.md, Fleet jobs)."""
+    if not s.mqtt.fleet_group:
+        return None
+    client_id = s.mqtt.client_id or f"edge-agent-{s.device.id}"
+    return MqttTransport(
+        s.mqtt.model_copy(
+            update={"client_id": f"{client_id[:58]}-fleet", "session_expiry_s": math.ceil(s.mqtt.fleet_lease_s / 2)}
+        ),
+        will=None,
+        subscriptions=[(topics.fleet_submit(s.mqtt.fleet_group), 1)],
+        tell_grants=False,
+    )
+
+
 def _connect(p: Parts, sampler: Sampler) -> None:
     """The run-time loops, closed once every part exists (see the module's docstring)."""
 
     def on_message(msg: InboundMessage) -> None:
+        if p.fleet.handles(msg.topic):  # a peer's status: its load
+            p.fleet.on_peer_status(msg.topic, msg.payload)
+            p.transport.ack(msg)
+            return
         (p.shadow.on_message if p.shadow.handles(msg.topic) else p.intake.on_message)(msg)
 
     def on_connect() -> None:
@@ -304,7 +361,9 @@ def _connect(p: Parts, sampler: Sampler) -> None:
             p.intake.resume()
             p.gate.release("store")
             p.outbox.request_resend()
-            p.transport.reconnect("the job store takes writes again: the broker delivers what was left unacknowledged")
+            for link in (p.transport, p.fleet_link):
+                if link is not None:
+                    link.reconnect("the job store takes writes again: the broker delivers what was left unacknowledged")
         else:
             p.intake.pause()
             p.gate.hold("store")
@@ -324,6 +383,9 @@ def _connect(p: Parts, sampler: Sampler) -> None:
 
     if p.control is not None:
         p.control.handle(on_message, on_subscribed=control_ready)
+    if p.fleet_link is not None:
+        p.fleet_link.handle(p.intake.on_message)
     sampler.read_agent_state(p.reporter.agent_state)
     p.reporter.follow_shadow(p.shadow)
+    p.fleet.follow(on_load=lambda: None if status_held.is_set() else publish_status())
     p.delivery.follow(protected=p.shadow.protected_models, on_done=p.shadow.reconcile_soon)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_option(s)
     s.add_argument("prompt")
     s.add_argument("--device", help="target device id (default: device.id of the config)")
+    s.add_argument(
+        "--fleet",
+        action="store_true",
+        help="publish to the fleet topic ({prefix}/fleet/jobs/submit) instead: one board of the group runs it; with "
+        "--wait, follow it to that board and send it again by the fleet rules (docs/protocol.md, Fleet jobs)",
+    )
     s.add_argument("--job-id", help="job id (default: a new unique id)")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float)
@@ -163,6 +170,8 @@ def _submit(args: argparse.Namespace) -> int:
         waiting = f" (waiting for {status['waiting_for']})" if status.get("waiting_for") else ""
         print(f"[{status['status']}]{reason}{waiting}", file=sys.stderr)
 
+    if args.fleet:
+        return _submit_fleet(args, settings, request, on_status)
     device = args.device or settings.device.id
     with JobClient(settings, device_id=device, connect_timeout=args.connect_timeout) as client:
         job_id = client.submit(request, job_id=args.job_id)
@@ -185,6 +194,11 @@ def _submit(args: argparse.Namespace) -> int:
             why = client.silence_reason(last.get("status")).replace("JOB_ID", job_id)
             print(f"\nno result within {args.wait_timeout:g} s: {why}", file=sys.stderr)
             return EXIT_FAILURE
+    return _show(args, result)
+
+
+def _show(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    """The result: its text on stdout (or the whole message with --json), the summary on stderr."""
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -195,6 +209,32 @@ def _submit(args: argparse.Namespace) -> int:
         for line in result_summary(result):
             print(line, file=sys.stderr)
     return 0 if result["status"] == "SUCCEEDED" else EXIT_FAILURE
+
+
+def _submit_fleet(
+    args: argparse.Namespace, settings: Settings, request: dict[str, Any], on_status: Callable[[dict[str, Any]], None]
+) -> int:
+    """`submit --fleet`: one board of the group runs it, wherever the boards hand it."""
+    from agent.operator.fleet_jobs import FleetJobs
+
+    if args.stream:
+        raise EdgeAgentError("--stream follows one device's stream; with --fleet use --wait")
+    with FleetJobs(settings, resend_after_s=args.resend_after or 1e9, connect_timeout=args.connect_timeout) as fleet:
+        job_id = fleet.submit(request, job_id=args.job_id)
+        print(f"submitted {job_id} to {fleet.topic}", file=sys.stderr)
+        if not args.wait:
+            return 0
+
+        def on_board_status(device: str, status: dict[str, Any]) -> None:
+            on_status({**status, "status": f"{status['status']} on {device}"})
+
+        result = fleet.wait([job_id], args.wait_timeout, on_status=on_board_status).get(job_id)
+        for resent, why in fleet.resends:
+            print(f"[job {resent} was sent again to the fleet topic, same id: {why}]", file=sys.stderr)
+    if result is None:
+        print(f"\nno result within {args.wait_timeout:g} s from any board of the fleet", file=sys.stderr)
+        return EXIT_FAILURE
+    return _show(args, result)
 
 
 def result_summary(result: dict[str, Any]) -> list[str]:

@@ -119,6 +119,21 @@ class MQTTSettings(Section):
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="Also take jobs from the shared subscription $share/{group}/{prefix}/fleet/jobs/submit.",
     )
+    fleet_share: bool = Field(
+        default=True,
+        description="With fleet_group: hand fleet jobs this board has not started to a board of the group that "
+        "would end them sooner (boards read each other's load and measured speed from their retained status), so "
+        "a shared queue over boards of unequal speed ends close to the ideal. False: keep every fleet job dealt "
+        "to it.",
+    )
+    fleet_lease_s: float = Field(
+        default=120.0,
+        ge=2,
+        le=86400,
+        description="With fleet_group: a board away from the broker for half of this gives back the fleet jobs it "
+        "has not started (it announces them RELEASED when back, and does not run them); submitters send a fleet "
+        "job again when the board holding it has been offline or stale this long. Published in the status.",
+    )
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keep-alive, seconds.")
     control_session: bool = Field(
         default=True,

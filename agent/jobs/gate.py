@@ -40,10 +40,19 @@ class Gate:
         self._cancel_requests: set[str] = set()
         self._holds: set[str] = set()
         self._on_release: list[Callable[[], None]] = []
+        self._on_slots: list[Callable[[], None]] = []
 
     def on_release(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever a hold is released (the runner looks at the queue again)."""
         self._on_release.append(callback)
+
+    def on_slots(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a job takes a slot or leaves one (the board's load changed)."""
+        self._on_slots.append(callback)
+
+    def _slots_changed(self) -> None:
+        for callback in self._on_slots:
+            callback()
 
     # ------------------------------------------------------------------ holds
 
@@ -85,6 +94,7 @@ class Gate:
             if job_id in self._cancel_requests:
                 slot.stop = StopReason.CANCEL
                 slot.cancel.set()
+        self._slots_changed()
         return slot
 
     def leave(self, job_id: str) -> None:
@@ -93,6 +103,7 @@ class Gate:
             self._slots.pop(job_id, None)
             self._cancel_requests.discard(job_id)
             self._idle.notify_all()
+        self._slots_changed()
 
     def cancel(self, job_id: str) -> bool:
         """A cancel request for a job the store says is running: stop it (it ends CANCELED). The

@@ -105,7 +105,8 @@ class Intake:
             log.warning("job %s refused: %s [%s]", e.job_id, e.message, e.code.value)
             self._after_accept(self._store.reject(e.job_id, e.code, e.message, now, raw=payload))
             return
-        self._after_accept(self._store.accept(job, payload, now))
+        via = "handed" if job.handed_from is not None else "fleet" if topic == self._topics.fleet_publish else None
+        self._after_accept(self._store.accept(job, payload, now, via=via))
 
     def _after_accept(self, accepted: Accepted) -> None:
         rec = accepted.record
@@ -134,7 +135,12 @@ class Intake:
             self._send_outcome(rec)
         elif what == "running":
             self._cancel_running(job_id)
-        if what == "unknown":
+        handoff = self._store.get_handoff(job_id) if what == "unknown" else None
+        if handoff is not None and handoff.to is not None:
+            # Handed to a peer of the fleet: the cancel follows it (and is kept here too, should it come back).
+            self._publish(Topics(self._topics.prefix, handoff.to).cancel(job_id), b"", qos=1)
+            log.info("cancel %s: the job was handed to %s; the cancel is sent on there", job_id, handoff.to)
+        elif what == "unknown":
             log.info(
                 "cancel %s: no such job yet; it is canceled if it arrives within %.0f s", job_id, EARLY_CANCEL_KEEP_S
             )

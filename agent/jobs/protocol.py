@@ -365,6 +365,12 @@ class JobSubmit(BaseModel):
         description="Longest run time, seconds (>0 to 86400), counted from the start of the run; queue time is "
         "bounded by expires_at instead. Exceeded: TIMED_OUT. null: bounded by max_tokens only.",
     )
+    handed_from: str | None = Field(
+        default=None,
+        pattern=JOB_ID_PATTERN,
+        description="Set by a board of the fleet that hands this fleet job to this one (its device id; see "
+        "RELEASED): a handed job is not handed on again. Clients leave it out.",
+    )
 
     @field_validator("expires_at", mode="before")
     @classmethod
@@ -717,6 +723,11 @@ class StatusMessage(Outbound):
         "QUEUED status is sent when it changes, with the detail in message.",
     )
     message: str | None = Field(default=None, description="Human-readable detail.")
+    handed_to: str | None = Field(
+        default=None,
+        description="RELEASED only: the board of the fleet the job was handed to; absent: given back to the "
+        "submitter, who sends it again to the fleet topic.",
+    )
 
     @field_validator("message", mode="before")
     @classmethod
@@ -872,6 +883,24 @@ class StreamChunk(Outbound):
         return _clean_text(v)
 
 
+class FleetLoad(BaseModel):
+    """A board's load as its fleet peers read it (in DeviceStatus.fleet)."""
+
+    model_config = ConfigDict(extra="ignore")  # read from peers, which may be newer
+
+    group: str = Field(pattern=JOB_ID_PATTERN, description="mqtt.fleet_group.")
+    free: int = Field(ge=0, description="Slots free with no job waiting: fleet jobs it could start now.")
+    queued: int = Field(ge=0, description="Jobs waiting in its queue.")
+    ms_per_token: float | None = Field(
+        default=None, gt=0, description="Its measured run time per generated token, ms (null: none run yet)."
+    )
+    lease_s: float = Field(
+        gt=0,
+        description="mqtt.fleet_lease_s: a submitter sends a fleet job again when the board holding it has been "
+        "offline or stale this long; the board gives back the ones it has not started after half of it.",
+    )
+
+
 class DeviceStatus(Outbound):
     """Retained on {root}/status; 'offline' is also the MQTT last will."""
 
@@ -900,6 +929,12 @@ class DeviceStatus(Outbound):
         "will, is gone (a node that dies sends no will). `fleet list`, `shadow get` and Home Assistant show "
         "such a device as stale / unavailable.",
         json_schema_extra={"format": "date-time"},
+    )
+    fleet: FleetLoad | None = Field(
+        default=None,
+        description="online, with mqtt.fleet_group: how loaded and how fast the board is, so that boards of the "
+        "group hand unstarted fleet jobs to the one that ends them first (docs/mqtt-transport.md, Fleet jobs by "
+        "each board's speed).",
     )
     ts: AwareDatetime = TIMESTAMP
 
@@ -949,6 +984,7 @@ __all__ = [
     "JobOutcome",
     "TERMINAL",
     "DeviceStatus",
+    "FleetLoad",
     "ErrorCode",
     "ErrorInfo",
     "ChatMessage",

@@ -54,7 +54,7 @@ from agent.sqlite import Schema, SqliteFile, open_schema
 if TYPE_CHECKING:
     from agent.config.sections import StoreSettings
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # What each schema version adds to the one before, applied in order by _open (safe to re-run).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE jobs ADD COLUMN preemptions INTEGER NOT NULL DEFAULT 0",),
@@ -65,6 +65,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN waiting_since REAL",
         "ALTER TABLE jobs ADD COLUMN waiting_detail TEXT",
     ),
+    5: ("ALTER TABLE jobs ADD COLUMN via TEXT",),
 }
 # Enough of a refused payload to see what the client sent, without letting junk fill the card.
 RAW_KEEP_BYTES = 65536
@@ -98,6 +99,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     waiting_for   TEXT,               -- QUEUED: why it does not run yet (agent.codes.WaitReason)
     waiting_since REAL,               -- since when, for that reason
     waiting_detail TEXT,              -- the wait in words
+    via         TEXT,                 -- 'fleet': taken from the fleet topic; 'handed': handed by a peer; NULL: own
     -- the invariant everything else relies on: terminal <=> has an outcome
     CHECK ((status IN {_TERMINAL_SQL}) = (result IS NOT NULL AND finished_at IS NOT NULL))
 )""",
@@ -106,6 +108,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     # Cancels that came before their job (cancels may travel on a connection of their own and overtake
     # the submit): the job is CANCELED when it arrives. Forgotten after EARLY_CANCEL_KEEP_S.
     "CREATE TABLE IF NOT EXISTS early_cancels (job_id TEXT PRIMARY KEY, at REAL NOT NULL)",
+    # Fleet jobs this board let go of without starting them (agent/jobs/fleet.py): handed to a peer
+    # (to_device) or given back (NULL). Each is announced (RELEASED) and, to a peer, sent; sent = 1 once
+    # the broker acknowledged all of it. A job id that comes back later is a new job here.
+    "CREATE TABLE IF NOT EXISTS handoffs (job_id TEXT PRIMARY KEY, to_device TEXT, request TEXT NOT NULL, "
+    "at REAL NOT NULL, sent INTEGER NOT NULL DEFAULT 0)",
     "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, seq) WHERE status = 'QUEUED'",
     "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status)",
     "CREATE INDEX IF NOT EXISTS jobs_undelivered ON jobs (finished_at, seq) WHERE delivered = 0 AND finished_at IS NOT NULL",
@@ -154,6 +161,7 @@ class JobRecord:
     waiting_for: str | None = None
     waiting_since: float | None = None
     waiting_detail: str | None = None
+    via: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -205,12 +213,23 @@ class QueuedJob:
     measured_for: str | None
     waiting_for: str | None
     waiting_since: float | None
+    via: str | None = None
 
     def memory_wait_s(self, now: float) -> float:
         """How long it has been waiting for memory without a break (0: it is not)."""
         if self.waiting_for != "memory" or self.waiting_since is None:
             return 0.0
         return max(0.0, now - self.waiting_since)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A fleet job this board let go of (``JobStore.release``): to a peer, or given back (``to`` None)."""
+
+    job_id: str
+    to: str | None
+    request: dict[str, Any]
+    at: float
 
 
 @dataclass(frozen=True)
@@ -368,8 +387,11 @@ class JobStore(SqliteFile):
     # ----------------------------------------------------------------------------------------
     # Transitions
 
-    def accept(self, job: JobSubmit, raw: bytes | None = None, now: float | None = None) -> Accepted:
-        """Store a submitted job durably (or find it already stored). Acknowledge the message only after this returns."""
+    def accept(
+        self, job: JobSubmit, raw: bytes | None = None, now: float | None = None, *, via: str | None = None
+    ) -> Accepted:
+        """Store a submitted job durably (or find it already stored). Acknowledge the message only after this returns.
+        ``via``: 'fleet' for a job taken from the fleet topic, 'handed' for one a peer handed over."""
         now = self._now(now)
         request = _dump(job.model_dump(mode="json"))
         with self._write(f"accepting job {job.job_id}"):
@@ -386,7 +408,11 @@ class JobStore(SqliteFile):
                 raw=_raw(raw),
                 attempt=0,
                 delivered=0,
+                via=via,
             )
+            # A fleet job this board let go of comes back (its new holder died): a new job here. A hand-off
+            # not yet sent is called off: the job stays here instead.
+            self._db.execute("DELETE FROM handoffs WHERE job_id = ? AND sent = 0", (job.job_id,))
             outcome: Outcome = "new"
             refused: JobOutcome | None = None
             expires = job.expires_epoch()
@@ -486,7 +512,7 @@ class JobStore(SqliteFile):
         with self._read("reading the queue"):
             rows = self._db.execute(
                 "SELECT job_id, json_extract(request, '$.max_tokens'), prompt_tokens, measured_for, waiting_for, "
-                "waiting_since FROM jobs WHERE status = 'QUEUED' AND (expires_at IS NULL OR expires_at > ?) "
+                "waiting_since, via FROM jobs WHERE status = 'QUEUED' AND (expires_at IS NULL OR expires_at > ?) "
                 "ORDER BY priority DESC, seq LIMIT ?",
                 (now, limit),
             ).fetchall()
@@ -706,11 +732,12 @@ class JobStore(SqliteFile):
             )
 
     def counts(self) -> dict[str, int]:
-        """Jobs per status, every status present (zero included)."""
+        """Jobs per status, every status present (zero included); RELEASED counts the fleet jobs let go of."""
         with self._read("counting jobs"):
             out = {s.value: 0 for s in JobStatus}
             for row in self._db.query("SELECT status, count(*) AS n FROM jobs GROUP BY status"):
                 out[row["status"]] = row["n"]
+            out[JobStatus.RELEASED.value] = int(self._db.execute("SELECT count(*) FROM handoffs").fetchone()[0])
             return out
 
     def queued_count(self) -> int:
@@ -719,6 +746,55 @@ class JobStore(SqliteFile):
 
     def _queued_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM jobs WHERE status = 'QUEUED'").fetchone()[0])
+
+    # ----------------------------------------------------------------------------------------
+    # Fleet jobs let go of (agent/jobs/fleet.py)
+
+    def release(self, job_id: str, to: str | None, now: float | None = None) -> Handoff | None:
+        """Let go of a queued fleet job (``via`` 'fleet') that is not running: out of the queue and into
+        ``handoffs`` in one transaction, so that it is never both run here and announced as let go of.
+        ``to``: the peer it is handed to; None: given back. None when it is not a queued fleet job (the
+        runner started it, a cancel ended it)."""
+        now = self._now(now)
+        with self._write(f"releasing fleet job {job_id}"):
+            rec = self._get(job_id)
+            if rec is None or rec.status is not JobStatus.QUEUED or rec.via != "fleet" or rec.request is None:
+                return None
+            self._db.execute("DELETE FROM jobs WHERE job_id = ? AND status = 'QUEUED'", (job_id,))
+            request = _dump(rec.request)
+            self._db.execute(
+                "INSERT OR REPLACE INTO handoffs (job_id, to_device, request, at, sent) VALUES (?, ?, ?, ?, 0)",
+                (job_id, to, request, now),
+            )
+            return Handoff(job_id, to, rec.request, now)
+
+    def unsent_handoffs(self) -> list[Handoff]:
+        """Fleet jobs let go of whose announcement (and hand-over) the broker has not acknowledged, oldest first."""
+        with self._read("reading fleet hand-offs"):
+            rows = self._db.execute(
+                "SELECT job_id, to_device, request, at FROM handoffs WHERE sent = 0 ORDER BY at"
+            ).fetchall()
+        return [Handoff(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+
+    def handoff_sent(self, job_id: str) -> bool:
+        with self._write(f"marking the hand-off of {job_id} sent"):
+            return self._db.execute("UPDATE handoffs SET sent = 1 WHERE job_id = ?", (job_id,)).rowcount == 1
+
+    def get_handoff(self, job_id: str) -> Handoff | None:
+        with self._read(f"reading the hand-off of {job_id}"):
+            r = self._db.execute(
+                "SELECT job_id, to_device, request, at FROM handoffs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if r is None else Handoff(r[0], r[1], json.loads(r[2]), r[3])
+
+    def meta(self, key: str) -> Any:
+        with self._read(f"reading {key}"):
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._write(f"writing {key}"):
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # ----------------------------------------------------------------------------------------
     # Retention
@@ -742,6 +818,7 @@ class JobStore(SqliteFile):
             )
             deleted = cur.rowcount
             self._db.execute("DELETE FROM early_cancels WHERE at < ?", (now - EARLY_CANCEL_KEEP_S,))
+            self._db.execute("DELETE FROM handoffs WHERE sent = 1 AND at < ?", (cutoff,))
         with self._read("compacting the store"):
             c = self._connection()
             if deleted:
@@ -795,6 +872,7 @@ def _record(row: dict[str, Any]) -> JobRecord:
         waiting_for=row.get("waiting_for"),
         waiting_since=row.get("waiting_since"),
         waiting_detail=row.get("waiting_detail"),
+        via=row.get("via"),
     )
 
 

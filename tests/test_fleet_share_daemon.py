@@ -1,0 +1,134 @@
+"""Fleet jobs by each board's speed, with real daemons on a private Mosquitto (issue 18, point 7).
+
+A board hands fleet jobs it has not started to an idle peer that would end them sooner; a board that
+dies holding fleet jobs loses them to the fleet after its lease (the submitter sends them again), and
+when it comes back it gives them back instead of running them. The submitter is the operator's
+client (agent/operator/fleet_jobs.py). Speeds are set by pacing the real engine's tokens
+(tests/helpers.Paced); every job must end exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.cli import main
+from agent.config import load_settings
+from agent.jobs.store import JobStore
+from agent.operator.fleet_jobs import FleetJobs
+from tests.broker import BrokerClient, MosquittoBroker
+from tests.daemon_harness import DaemonProcess, InProcessDaemon, wait_online, write_daemon_config
+from tests.helpers import Paced
+
+
+def _statuses(
+    cloud: BrokerClient, device: str, status: str, n: int, timeout: float = 60.0
+) -> dict[str, dict[str, Any]]:
+    """The next ``n`` job statuses ``status`` from ``device``, by job id."""
+    seen: dict[str, dict[str, Any]] = {}
+    while len(seen) < n:
+        msg = cloud.expect(None, timeout=timeout)
+        parts = msg.topic.split("/")
+        if len(parts) == 5 and parts[1] == device and parts[4] == "status":
+            data = json.loads(msg.payload)
+            if data["status"] == status:
+                seen[data["job_id"]] = data
+    return seen
+
+
+def test_a_slow_board_hands_its_queued_fleet_jobs_to_an_idle_fast_peer(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    fleet_cfg = {"fleet_group": "g", "fleet_lease_s": 60}
+    slow_cfg = write_daemon_config(tmp_path / "slow", broker, tiny_model, device_id="slow", mqtt=fleet_cfg)
+    fast_cfg = write_daemon_config(tmp_path / "fast", broker, tiny_model, device_id="fast", mqtt=fleet_cfg)
+    with BrokerClient(broker, client_id="cloud") as cloud:
+        cloud.subscribe("edge/+/status")
+        cloud.subscribe("edge/+/jobs/+/status")
+        slow = InProcessDaemon(slow_cfg, engine_wrapper=lambda e: Paced(e, 10)).start()
+        fast: InProcessDaemon | None = None
+        try:
+            wait_online(cloud, "slow")
+            with FleetJobs(load_settings(slow_cfg), resend_after_s=120) as fleet:
+                ids = [fleet.submit({"prompt": "Hello", "max_tokens": 16}, job_id=f"f{i}") for i in range(4)]
+                _statuses(cloud, "slow", "QUEUED", 4)  # the only member of the group: it holds all four
+                # 1.6 s a job there; a peer 40 times faster comes online with a free slot.
+                fast = InProcessDaemon(fast_cfg, engine_wrapper=lambda e: Paced(e, 400)).start()
+                results = fleet.wait(ids, timeout=120)
+                assert set(results) == set(ids), f"jobs that never ended: {set(ids) - set(results)}"
+                assert fleet.duplicates == 0 and fleet.resends == []
+                ran_on = {j: fleet.jobs[j].ran_on for j in ids}
+        finally:
+            slow.stop()
+            if fast is not None:
+                fast.stop()
+    handed = [j for j in ids if ran_on[j] == "fast"]
+    assert handed, f"the slow board ran every job itself: {ran_on}"
+    assert fleet.handed == set(handed)  # each announced RELEASED to 'fast', and run there once
+    assert ran_on["f0"] == "slow"  # the job it started first stayed
+
+
+def test_fleet_jobs_of_a_board_that_died_run_elsewhere_and_not_again_when_it_comes_back(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    lease = 2.0
+    keep = {"fleet_group": "g", "fleet_lease_s": lease, "fleet_share": False}  # the lease alone moves them
+    a_cfg = write_daemon_config(tmp_path / "a", broker, tiny_model, device_id="a", mqtt=keep, intake={"paused": True})
+    b_cfg = write_daemon_config(tmp_path / "b", broker, tiny_model, device_id="b", mqtt={"fleet_group": "g"})
+    with BrokerClient(broker, client_id="cloud") as cloud:
+        cloud.subscribe("edge/+/status")
+        cloud.subscribe("edge/+/jobs/+/status")
+        a = DaemonProcess(a_cfg).start()
+        b: InProcessDaemon | None = None
+        try:
+            wait_online(cloud, "a", timeout=60)
+            with FleetJobs(load_settings(a_cfg), resend_after_s=120) as fleet:
+                ids = [fleet.submit({"prompt": "Hello", "max_tokens": 8}, job_id=f"d{i}") for i in range(3)]
+                assert set(_statuses(cloud, "a", "QUEUED", 3)) == set(ids)  # stored on a, held (paused)
+                b = InProcessDaemon(b_cfg).start()
+                wait_online(cloud, "b")
+                a.kill()  # for good: its will says offline; its session keeps nothing it has not acknowledged
+                results = fleet.wait(ids, timeout=60)
+                assert set(results) == set(ids), f"jobs that never ended: {set(ids) - set(results)}"
+                assert {fleet.jobs[j].ran_on for j in ids} == {"b"}
+                assert sorted(j for j, _ in fleet.resends) == ids
+                assert all(why.startswith("a has been away") for _, why in fleet.resends), fleet.resends
+                # a comes back, its intake open: away for more than half its lease, it gives the three back.
+                write_daemon_config(tmp_path / "a", broker, tiny_model, device_id="a", mqtt=keep)
+                a.start()
+                released = _statuses(cloud, "a", "RELEASED", 3)
+                assert set(released) == set(ids) and all("handed_to" not in r for r in released.values())
+                assert fleet.duplicates == 0
+            assert a.terminate() == 0
+        finally:
+            if a.alive():
+                a.kill()
+            if b is not None:
+                b.stop()
+    with JobStore(tmp_path / "a" / "state" / "jobs.db") as store:  # never run there: not in its jobs at all
+        assert [store.get(j) for j in ids] == [None] * 3
+        assert all((h := store.get_handoff(j)) is not None and h.to is None for j in ids)
+
+
+def test_submit_fleet_runs_the_job_on_a_board_of_the_group_and_says_which(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_daemon_config(tmp_path / "b1", broker, tiny_model, device_id="b1", mqtt={"fleet_group": "g"})
+    with BrokerClient(broker, client_id="cloud") as cloud:
+        cloud.subscribe("edge/+/status")
+        board = InProcessDaemon(cfg).start()
+        try:
+            wait_online(cloud, "b1")
+            rc = main(["submit", "-c", str(cfg), "Hello", "--fleet", "--job-id", "cli-fleet", "--max-tokens", "4",
+                       "--wait", "--json"])  # fmt: skip
+        finally:
+            board.stop()
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out)["job_id"] == "cli-fleet" and json.loads(out)["status"] == "SUCCEEDED"
+    assert "submitted cli-fleet to edge/fleet/jobs/submit" in err and "[QUEUED on b1]" in err
+    assert main(["submit", "-c", str(cfg), "Hello", "--fleet", "--stream"]) == 1
+    assert "with --fleet use --wait" in capsys.readouterr().err
