@@ -41,7 +41,9 @@ SETTLE_S = 1.5  # a measurement of what arrives: the broker has this long to sen
 class Holder:
     """A subscriber that acknowledges only when told (manual_ack)."""
 
-    def __init__(self, broker: Any, client_id: str, receive_maximum: int, user: str | None) -> None:
+    def __init__(
+        self, broker: Any, client_id: str, receive_maximum: int, user: str | None, expiry: int = 0, resume: bool = False
+    ) -> None:
         self.got: list[tuple[str, int, bytes]] = []
         self.c = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True
@@ -52,9 +54,9 @@ class Holder:
         self.c.on_connect = lambda *a: ready.set()
         self.c.on_message = lambda _c, _u, m: self.got.append((m.topic, m.mid, bytes(m.payload)))
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 0
+        props.SessionExpiryInterval = expiry
         props.ReceiveMaximum = receive_maximum
-        self.c.connect(broker.host, broker.port, clean_start=True, properties=props)
+        self.c.connect(broker.host, broker.port, clean_start=not resume, properties=props)
         self.c.loop_start()
         ready.wait(5)
 
@@ -148,6 +150,29 @@ def unsubscribe(broker: Any, user: str | None) -> str:
     )
 
 
+def offline(broker: Any, user: str | None) -> str:
+    """A member goes away (a dead board) while its session lives (expiry 60 s): is it still dealt its share?"""
+    gone = Holder(broker, "gone", 20, user, expiry=60)
+    live = Holder(broker, "live", 20, user)
+    for h in (gone, live):
+        h.c._manual_ack = False
+        h.subscribe(("$share/g/fleet/jobs", 1))
+    gone.c.disconnect()  # its session stays with the broker for 60 s
+    gone.c.loop_stop()
+    kw: dict[str, Any] = {"username": "pub", "password": "x"} if user else {}
+    with BrokerClient(broker, client_id="pubber3", **kw) as pub:
+        for i in range(12):
+            pub.publish("fleet/jobs", f"{i}".encode())
+        time.sleep(SETTLE_S)
+        got = len(live.got)
+    live.close()
+    back = Holder(broker, "gone", 20, user, expiry=60, resume=True)  # what was queued in its session?
+    time.sleep(SETTLE_S)
+    queued = len(back.got)
+    back.close()
+    return f"12 published while one member was offline with a live session: the live one got {got}; queued for the offline one: {queued}"
+
+
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="broker-window-"))
     try:
@@ -156,6 +181,7 @@ def main() -> None:
             print("mosquitto window:", window(m, None))
             print("mosquitto shared:", shared(m, None))
             print("mosquitto unsubscribe:", unsubscribe(m, None))
+            print("mosquitto offline:", offline(m, None))
         finally:
             m.stop()
         if (why := ejabberd_missing()) is not None:

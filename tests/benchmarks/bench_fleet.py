@@ -1,27 +1,34 @@
 """Benchmark: fleet jobs shared by boards of unequal speed (issue 18, point 7). Not a test.
 
-Run:  .venv/bin/python tests/benchmarks/bench_fleet.py [--jobs 24] [--tokens 48] [--speeds 200,50]
-          [--kill-after 0]
+Run:  .venv/bin/python tests/benchmarks/bench_fleet.py [--mode paced|cgroup] [--jobs 24] [--tokens 48]
+          [--speeds 200,50] [--cpu 100,25] [--preset qwen-0.5b] [--kill-after 0] [--lease 6]
+          [--no-share]
 
-Boards are real daemons (agent.app.daemon, in this process) on a private Mosquitto, all in one
-mqtt.fleet_group, on the tiny synthetic model; each board's speed is set by pacing its engine's tokens
-(``--speeds`` tokens/s per board: "the fake engine with set speeds" of the issue; CPU cgroups would need
-root and a real model). ``--jobs`` jobs of ``--tokens`` tokens are published at once to the fleet topic.
-Printed: which board ran each job, the makespan (publish to the last result), each board's measured
-speed (its jobs x tokens over its busy time), the ideal makespan those speeds allow (all jobs' tokens
-over the sum of the speeds) and the ratio. ``--kill-after N``: the first board's daemon is stopped
-hard (its network connection dropped, no clean stop) once N results arrived; the jobs it held are
-then counted as lost or late.
+Two modes, both real daemons in one ``mqtt.fleet_group`` on a private Mosquitto:
 
-What it shows today (round-robin dealing, acknowledgement on store): docs/mqtt-transport.md, "Fleet
-jobs by each board's speed".
+- ``paced`` (default, any user): daemons in this process on the tiny synthetic model, each board's
+  tokens paced to ``--speeds`` tokens/s (a fake engine speed over the real engine).
+- ``cgroup`` (root, cgroup v1 or v2 cpu controller): ``edge-agent run`` child processes on the
+  ``--preset`` synthetic model (qwen-0.5b: real shapes, random 4-bit weights), board i limited by a
+  CPU cgroup to ``--cpu`` percent of one core (100: no limit). The issue's acceptance set-up is
+  ``--mode cgroup --cpu 100,25``.
+
+``--jobs`` jobs of ``--tokens`` tokens are published at once to the fleet topic by a submitter that
+keeps the fleet rule (agent/operator/fleet_jobs.py: it sends a job again when the board holding it
+has been away for its lease). Printed: which board ran each job and how many were handed over, the
+makespan (publish to the last result), each board's measured speed (its tokens over its busy time),
+the ideal makespan those speeds allow (all tokens over the sum of the speeds) and the ratio.
+``--model FILE``: any GGUF instead of the synthetic model (the real Gemma 3 270M, for instance).
+``--kill-after N``: the first board is killed for good (SIGKILL, or its connection cut in-process)
+once N results arrived; every job must still end once, on the other board. ``--no-share``: boards
+keep every job dealt to them (mqtt.fleet_share false): today's round-robin for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import queue
+import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -31,103 +38,160 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from agent.config import load_settings  # noqa: E402
 from agent.models.synth import synth_model  # noqa: E402
+from agent.operator.fleet_jobs import FleetJobs  # noqa: E402
 from tests.broker import BrokerClient, MosquittoBroker  # noqa: E402
-from tests.daemon_harness import InProcessDaemon, wait_online, write_daemon_config  # noqa: E402
+from tests.daemon_harness import DaemonProcess, InProcessDaemon, wait_online, write_daemon_config  # noqa: E402
+from tests.helpers import Paced  # noqa: E402
 
 
-class Paced:
-    """The real engine, its tokens paced to ``tokens_per_s`` (a board of that speed)."""
+class CpuCgroup:
+    """A CPU cgroup limiting its processes to ``percent`` of one core (v1 cpu controller, or v2)."""
 
-    def __init__(self, engine: Any, tokens_per_s: float) -> None:
-        object.__setattr__(self, "_engine", engine)
-        object.__setattr__(self, "_delay", 1.0 / tokens_per_s)
+    def __init__(self, name: str, percent: int) -> None:
+        v1 = Path("/sys/fs/cgroup/cpu")
+        self.v2 = not v1.is_dir()
+        self.path = (Path("/sys/fs/cgroup") if self.v2 else v1) / name
+        self.path.mkdir(exist_ok=True)
+        quota = percent * 1000
+        if self.v2:
+            (self.path / "cpu.max").write_text(f"{quota} 100000")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text("100000")
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
 
-    def generate(self, req: Any, *, on_token: Any = None, **kw: Any) -> Any:
-        def paced(index: int, text: str) -> None:
-            time.sleep(self._delay)  # the board's compute time for this token (a set speed, not a wait)
-            if on_token is not None:
-                on_token(index, text)
-
-        return self._engine.generate(req, on_token=paced, **kw)
+    def remove(self) -> None:
+        parent = self.path.parent / "cgroup.procs"
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            try:
+                parent.write_text(pid)
+            except OSError:
+                pass
+        self.path.rmdir()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("paced", "cgroup"), default="paced")
     ap.add_argument("--jobs", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--speeds", default="200,50", help="tokens/s of each board, comma-separated")
+    ap.add_argument("--speeds", default="200,50", help="paced: tokens/s of each board, comma-separated")
+    ap.add_argument("--cpu", default="100,25", help="cgroup: percent of one core for each board (100: no limit)")
+    ap.add_argument("--preset", default="qwen-0.5b", help="cgroup: the synthetic model preset")
+    ap.add_argument("--model", type=Path, help="any GGUF file instead of the synthetic model (e.g. Gemma 3 270M)")
     ap.add_argument("--kill-after", type=int, default=0)
+    ap.add_argument("--lease", type=float, default=6.0, help="mqtt.fleet_lease_s of the boards")
+    ap.add_argument("--no-share", action="store_true", help="mqtt.fleet_share false: keep what the broker deals")
+    ap.add_argument("--verbose", action="store_true", help="log each hand-off and give-back")
     args = ap.parse_args()
-    speeds = [float(x) for x in args.speeds.split(",")]
+    if args.verbose:
+        logging.basicConfig(format="%(relativeCreated)8.0f ms %(threadName)s %(name)s: %(message)s")
+        logging.getLogger("agent.jobs.fleet").setLevel(logging.INFO)
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     broker = MosquittoBroker(tmp / "broker").start()
-    daemons: list[InProcessDaemon] = []
+    inproc: list[InProcessDaemon] = []
+    procs: list[DaemonProcess] = []
+    groups: list[CpuCgroup] = []
+    mqtt = {"fleet_group": "bench", "fleet_lease_s": args.lease, "fleet_share": not args.no_share}
     try:
-        model = synth_model("tiny", tmp / "tiny.gguf")
-        results: queue.Queue[tuple[float, str, dict[str, Any]]] = queue.Queue()
-        with BrokerClient(broker, client_id="bench-cloud") as cloud:
-            cloud.subscribe("edge/+/status")
-            for i, speed in enumerate(speeds):
-                cfg = write_daemon_config(
-                    tmp / f"board{i}", broker, model, device_id=f"board{i}",
-                    mqtt={"fleet_group": "bench"}, engine={"max_tokens_limit": 4096},
+        cloud = BrokerClient(broker, client_id="bench-cloud").connect()
+        cloud.subscribe("edge/+/status")
+        if args.mode == "paced":
+            model = args.model or synth_model("tiny", tmp / "tiny.gguf")
+            boards = [float(x) for x in args.speeds.split(",")]
+        else:
+            model = args.model or synth_model(args.preset, tmp / f"{args.preset}.gguf")
+            boards = [float(x) for x in args.cpu.split(",")]
+        configs = []
+        for i, _ in enumerate(boards):
+            configs.append(
+                write_daemon_config(
+                    tmp / f"board{i}",
+                    broker,
+                    model,
+                    device_id=f"board{i}",
+                    mqtt=mqtt,
+                    engine={"max_tokens_limit": 4096, "n_ctx": 512},
                     telemetry={"interval_s": 3600},
                 )  # fmt: skip
-                d = InProcessDaemon(cfg, engine_wrapper=lambda e, s=speed: Paced(e, s)).start()  # type: ignore[misc]
-                daemons.append(d)
-                wait_online(cloud, f"board{i}", timeout=60)
-            watcher = BrokerClient(broker, client_id="bench-results").connect()
-            watcher.client.on_message = lambda _c, _u, m: results.put(
-                (time.monotonic(), m.topic.split("/")[1], json.loads(m.payload))
             )
-            watcher.subscribe("edge/+/jobs/+/result")
+        for i, (cfg, x) in enumerate(zip(configs, boards, strict=True)):
+            if args.mode == "paced":
+                inproc.append(InProcessDaemon(cfg, engine_wrapper=lambda e, s=x: Paced(e, s)).start())  # type: ignore[misc]
+            else:
+                proc = DaemonProcess(cfg).start()
+                procs.append(proc)
+                if x < 100:
+                    group = CpuCgroup(f"bench-fleet-board{i}", int(x))
+                    groups.append(group)
+                    group.add(proc.pid)
+            wait_online(cloud, f"board{i}", timeout=600)
+        settings = load_settings(configs[0])
+        with FleetJobs(settings, resend_after_s=60) as fleet:
             t0 = time.monotonic()
-            for n in range(args.jobs):
-                payload = {"job_id": f"fleet-{n:03d}", "kind": "generate", "prompt": "Hello", "max_tokens": args.tokens}
-                cloud.publish("edge/fleet/jobs/submit", json.dumps(payload).encode())
-            seen: dict[str, tuple[float, str, dict[str, Any]]] = {}
+            ids = [
+                fleet.submit(
+                    {"prompt": "Once upon a time", "max_tokens": args.tokens, "seed": n}, job_id=f"fleet-{n:03d}"
+                )
+                for n in range(args.jobs)
+            ]
+            ended: dict[str, float] = {}
             killed = False
-            while len(seen) < args.jobs:
-                try:
-                    at, board, res = results.get(timeout=120)
-                except queue.Empty:
-                    print(f"no result for 120 s: {args.jobs - len(seen)} jobs never ended (lost)")
-                    break
-                seen.setdefault(res["job_id"], (at, board, res))
-                if args.kill_after and not killed and len(seen) >= args.kill_after:
+
+            def on_result(job_id: str, _res: dict[str, Any]) -> None:
+                nonlocal killed
+                ended[job_id] = time.monotonic() - t0
+                if args.kill_after and not killed and len(ended) >= args.kill_after:
                     killed = True
-                    # A hard stop: the connection is cut (the will fires), the daemon never says goodbye.
-                    daemons[0].daemon.parts.transport._client.socket().close()  # noqa: SLF001
-                    daemons[0].daemon.request_stop()
-                    print(f"board0 killed after {len(seen)} results")
-            watcher.close()
-        makespan = max(at for at, _, _ in seen.values()) - t0 if seen else float("nan")
+                    if procs:
+                        procs[0].kill()
+                    else:  # a hard stop: the connection is cut (the will fires), no goodbye
+                        inproc[0].daemon.parts.transport._client.socket().close()  # noqa: SLF001
+                        inproc[0].daemon.request_stop()
+                    print(f"board0 killed after {len(ended)} results")
+
+            results = fleet.wait(ids, timeout=600, on_result=on_result)
+            resends, duplicates, handoffs = list(fleet.resends), fleet.duplicates, len(fleet.handed)
+            ran_on = {j: fleet.jobs[j].ran_on for j in results}
+        makespan = max(ended.values()) if ended else float("nan")
         per_board: dict[str, list[dict[str, Any]]] = {}
-        for _, board, res in seen.values():
-            per_board.setdefault(board, []).append(res)
+        for job_id, res in results.items():
+            per_board.setdefault(str(ran_on[job_id]), []).append(res)
         measured = {}
         for board, rs in sorted(per_board.items()):
             busy = sum((r["timings"]["prompt_ms"] + r["timings"]["generation_ms"]) / 1000 for r in rs if r["timings"])
             toks = sum(r["usage"]["completion_tokens"] for r in rs if r["usage"])
             measured[board] = toks / busy if busy else 0.0
-            print(f"{board}: {len(rs)} jobs, {toks} tokens in {busy:.1f} s busy: {measured[board]:.0f} tok/s")
+            print(f"{board}: {len(rs)} jobs, {toks} tokens in {busy:.1f} s busy: {measured[board]:.1f} tok/s")
         total_tokens = sum(r["usage"]["completion_tokens"] for rs in per_board.values() for r in rs if r["usage"])
         ideal = total_tokens / sum(measured.values()) if measured else float("nan")
         print(
-            f"jobs {len(seen)}/{args.jobs}; makespan {makespan:.1f} s; ideal {ideal:.1f} s; ratio {makespan / ideal:.2f}x"
+            f"hand-offs: {handoffs}; resends: {len(resends)} ({'; '.join(f'{j}: {why}' for j, why in resends[:5])}); duplicate results: {duplicates}"
+        )
+        print(
+            f"jobs ended {len(results)}/{args.jobs}; makespan {makespan:.1f} s; ideal {ideal:.1f} s; "
+            f"ratio {makespan / ideal:.2f}x"
         )
     finally:
-        for d in daemons:
+        for d in inproc:
             try:
                 d.stop(timeout=60)
             except Exception as e:  # a killed board: its thread may already be gone
                 print(f"stopping a board: {e}")
+        for p in procs:
+            if p.alive():
+                p.terminate()
+        for g in groups:
+            g.remove()
         broker.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
