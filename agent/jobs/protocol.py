@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -123,6 +124,13 @@ def _parse_rfc3339(value: Any) -> datetime:
 # Inbound: job submission
 
 
+def _at_most(n: int, limit: int | None, code: str, template: str) -> None:
+    """Refuse a size ``n`` above ``limit`` (None: no limit) as pydantic error ``code``; ``template`` names
+    ``{n}`` and ``{limit}``."""
+    if limit is not None and n > limit:
+        raise PydanticCustomError(code, template, {"n": n, "limit": limit})
+
+
 def _check_text(value: str, what: str) -> str:
     # JSON "\ud800" escapes decode to lone surrogates, which cannot be encoded as UTF-8: they
     # would fail later in the store, the tokenizer or the result payload, so refuse them here.
@@ -217,12 +225,9 @@ class ResponseFormat(BaseModel):
         if err is not None:
             raise err
         n = len(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-        if n > MAX_SCHEMA_BYTES:
-            raise PydanticCustomError(
-                "schema_too_large",
-                "response_format.schema is {n} bytes of JSON, more than {limit}",
-                {"n": n, "limit": MAX_SCHEMA_BYTES},
-            )
+        _at_most(
+            n, MAX_SCHEMA_BYTES, "schema_too_large", "response_format.schema is {n} bytes of JSON, more than {limit}"
+        )
         return v
 
     @model_validator(mode="after")
@@ -383,15 +388,12 @@ class JobSubmit(BaseModel):
         if v is None:
             return v
         _check_text(v, "prompt")
-        limit = (info.context or {}).get("max_prompt_bytes")
-        if limit is not None:
-            n = len(v.encode("utf-8"))
-            if n > limit:
-                raise PydanticCustomError(
-                    "prompt_too_large",
-                    "prompt is {n} UTF-8 bytes, exceeds the limit {limit} (engine.max_prompt_bytes)",
-                    {"n": n, "limit": limit},
-                )
+        _at_most(
+            len(v.encode("utf-8")),
+            (info.context or {}).get("max_prompt_bytes"),
+            "prompt_too_large",
+            "prompt is {n} UTF-8 bytes, exceeds the limit {limit} (engine.max_prompt_bytes)",
+        )
         return v
 
     @field_validator("messages")
@@ -401,15 +403,12 @@ class JobSubmit(BaseModel):
             return v
         for i, m in enumerate(v):
             _check_text(m.content, f"messages[{i}].content")
-        limit = (info.context or {}).get("max_prompt_bytes")
-        if limit is not None:
-            n = sum(len(m.content.encode("utf-8")) for m in v)
-            if n > limit:
-                raise PydanticCustomError(
-                    "prompt_too_large",
-                    "messages hold {n} UTF-8 bytes of content, exceeds the limit {limit} (engine.max_prompt_bytes)",
-                    {"n": n, "limit": limit},
-                )
+        _at_most(
+            sum(len(m.content.encode("utf-8")) for m in v),
+            (info.context or {}).get("max_prompt_bytes"),
+            "prompt_too_large",
+            "messages hold {n} UTF-8 bytes of content, exceeds the limit {limit} (engine.max_prompt_bytes)",
+        )
         return v
 
     @model_validator(mode="after")
@@ -706,6 +705,10 @@ def _clean_text(v: Any) -> Any:
     return SURROGATE_RE.sub("\ufffd", v) if isinstance(v, str) else v
 
 
+# Outbound text from the engine or an error: lone surrogates replaced before validation.
+CleanText = Annotated[str, BeforeValidator(_clean_text)]
+
+
 class StatusMessage(Outbound):
     """Published on {root}/jobs/{job_id}/status (QoS 1) at every state change."""
 
@@ -722,17 +725,12 @@ class StatusMessage(Outbound):
         description="QUEUED only: what the job waits for (slot, memory, reserved, model, paused; see Waiting); a new "
         "QUEUED status is sent when it changes, with the detail in message.",
     )
-    message: str | None = Field(default=None, description="Human-readable detail.")
+    message: CleanText | None = Field(default=None, description="Human-readable detail.")
     handed_to: str | None = Field(
         default=None,
         description="RELEASED only: the board of the fleet the job was handed to; absent: given back to the "
         "submitter, who sends it again to the fleet topic.",
     )
-
-    @field_validator("message", mode="before")
-    @classmethod
-    def _clean(cls, v: Any) -> Any:
-        return _clean_text(v)
 
 
 class Usage(BaseModel):
@@ -795,12 +793,7 @@ class ErrorInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     code: ErrorCode = Field(description="Machine-readable reason; see the error code table.")
-    message: str = Field(description="Human-readable detail: what was wrong and the limit involved.")
-
-    @field_validator("message", mode="before")
-    @classmethod
-    def _clean(cls, v: Any) -> Any:
-        return _clean_text(v)
+    message: CleanText = Field(description="Human-readable detail: what was wrong and the limit involved.")
 
 
 class JobOutcome(BaseModel):
@@ -810,7 +803,7 @@ class JobOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     status: JobStatus = Field(description="A terminal status: SUCCEEDED, FAILED, REJECTED, CANCELED, TIMED_OUT.")
-    text: str | None = Field(
+    text: CleanText | None = Field(
         default=None, description="Generated text; partial for CANCELED and TIMED_OUT; null if nothing was generated."
     )
     finish_reason: Literal["stop", "length", "canceled", "timeout"] | None = Field(
@@ -822,11 +815,6 @@ class JobOutcome(BaseModel):
     usage: Usage | None = Field(default=None, description="Token counts, null when the job never ran.")
     timings: Timings | None = Field(default=None, description="Durations, null when the job never ran.")
     error: ErrorInfo | None = Field(default=None, description="null on SUCCEEDED; the reason otherwise.")
-
-    @field_validator("text", mode="before")
-    @classmethod
-    def _clean(cls, v: Any) -> Any:
-        return _clean_text(v)
 
     @model_validator(mode="after")
     def _one_outcome(self) -> JobOutcome:
@@ -875,12 +863,7 @@ class StreamChunk(Outbound):
 
     job_id: str = Field(pattern=JOB_ID_PATTERN, description="The job.")
     index: int = Field(ge=0, description="0, 1, 2 ... in generation order; a gap means a lost piece.")
-    text: str = Field(description="The next piece of text (one or more tokens).")
-
-    @field_validator("text", mode="before")
-    @classmethod
-    def _clean(cls, v: Any) -> Any:
-        return _clean_text(v)
+    text: CleanText = Field(description="The next piece of text (one or more tokens).")
 
 
 class FleetLoad(BaseModel):
