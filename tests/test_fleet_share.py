@@ -258,3 +258,17 @@ def test_a_board_back_within_half_its_lease_keeps_its_fleet_jobs(store: JobStore
     board.mono.advance(0.2)  # 5.1 s: half the lease
     board.fleet.run_pass()
     assert store.queue_view() == [] and board.pub.sent == []  # announced once connected
+
+
+def test_a_stored_job_goes_to_a_much_faster_idle_peer_before_it_starts_in_a_free_slot_here(store: JobStore) -> None:
+    board = _Board(store, Clock())  # one free slot here, 10 ms a token
+    board.peer("fast", free=1, ms=1.0)
+    job = parse_submit(job_payload("f0", max_tokens=64), max_prompt_bytes=65536, max_tokens_limit=4096)
+    store.accept(job, via="fleet")
+    board.fleet.place()  # what the intake calls before it wakes the runner
+    assert store.queue_view() == [] and [m.topic for m in board.pub.sent][0] == "edge/fast/jobs/submit"
+    # A peer only a little faster does not get it: starting here now ends about as soon.
+    board.peer("fast", free=1, ms=9.5)
+    _accept(store, "f1")
+    board.fleet.place()
+    assert [q.job_id for q in store.queue_view()] == ["f1"]

@@ -206,8 +206,8 @@ def build(
     )
 
     def job_queued() -> None:
+        fleet.place()  # a fleet job a faster peer would end sooner leaves before the runner sees it
         runner.wake()
-        fleet.poke()  # the board's load changed
 
     intake = Intake(
         store,

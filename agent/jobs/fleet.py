@@ -75,7 +75,8 @@ class FleetShare:
         self._capacity, self._running, self._clock, self._monotonic = capacity, running, clock, monotonic
         self.group = settings().fleet_group  # fixed for the life of the connection's subscriptions
         self._peers: dict[str, _Peer] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the peers' view and the measured speed
+        self._acting = threading.Lock()  # one hand-off pass at a time (the fleet thread, or the intake's)
         self._ms_per_token: float | None = None
         self._contact = monotonic()  # the last moment in touch with the broker (monotonic)
         self._contact_saved = 0.0
@@ -129,8 +130,17 @@ class FleetShare:
             self._save_contact(force=True)
 
     def poke(self) -> None:
-        """Something changed (a job stored, started or ended, a peer's load): look again soon."""
+        """Something changed (a job started or ended, a peer's load): look again soon."""
         self._wake.set()
+
+    def place(self) -> None:
+        """A job was just stored: hand it on now if a peer would end it sooner, before the runner (woken
+        after this) starts it in a free slot here; a job started here can no longer move. Called on the
+        intake's thread; the runner may still win the race, and the job then runs here."""
+        if self.active and self._connected() and self._settings().fleet_share:
+            with self._acting:
+                self._hand_off()
+        self.poke()
 
     # ------------------------------------------------------------------ inputs
 
@@ -215,9 +225,10 @@ class FleetShare:
         if self._connected():
             self._contact = self._monotonic()
             self._save_contact()
-            self._send_unsent()
-            if self._settings().fleet_share:
-                self._hand_off()
+            with self._acting:
+                self._send_unsent()
+                if self._settings().fleet_share:
+                    self._hand_off()
         else:
             self._check_lease()
         load = self.load()

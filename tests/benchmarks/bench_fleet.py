@@ -16,7 +16,8 @@ Two modes, both real daemons in one ``mqtt.fleet_group`` on a private Mosquitto:
 ``--jobs`` jobs of ``--tokens`` tokens are published at once to the fleet topic by a submitter that
 keeps the fleet rule (agent/operator/fleet_jobs.py: it sends a job again when the board holding it
 has been away for its lease). Printed: which board ran each job and how many were handed over, the
-makespan (publish to the last result), each board's measured speed (its tokens over its busy time),
+makespan (publish to the last result), each board's measured speed (its tokens over the time its runs
+cover, parallel runs counted once),
 the ideal makespan those speeds allow (all tokens over the sum of the speeds) and the ratio.
 ``--model FILE``: any GGUF instead of the synthetic model (the real Gemma 3 270M, for instance).
 ``--kill-after N``: the first board is killed for good (SIGKILL, or its connection cut in-process)
@@ -74,6 +75,16 @@ class CpuCgroup:
         self.path.rmdir()
 
 
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the spans."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("paced", "cgroup"), default="paced")
@@ -84,6 +95,7 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen-0.5b", help="cgroup: the synthetic model preset")
     ap.add_argument("--model", type=Path, help="any GGUF file instead of the synthetic model (e.g. Gemma 3 270M)")
     ap.add_argument("--kill-after", type=int, default=0)
+    ap.add_argument("--slots", default="1", help="engine.max_parallel of the boards (1-16, or auto)")
     ap.add_argument("--lease", type=float, default=6.0, help="mqtt.fleet_lease_s of the boards")
     ap.add_argument("--no-share", action="store_true", help="mqtt.fleet_share false: keep what the broker deals")
     ap.add_argument("--verbose", action="store_true", help="log each hand-off and give-back")
@@ -115,7 +127,11 @@ def main() -> None:
                     model,
                     device_id=f"board{i}",
                     mqtt=mqtt,
-                    engine={"max_tokens_limit": 4096, "n_ctx": 512},
+                    engine={
+                        "max_tokens_limit": 4096,
+                        "n_ctx": 512,
+                        "max_parallel": args.slots if args.slots == "auto" else int(args.slots),
+                    },
                     telemetry={"interval_s": 3600},
                 )  # fmt: skip
             )
@@ -163,7 +179,17 @@ def main() -> None:
             per_board.setdefault(str(ran_on[job_id]), []).append(res)
         measured = {}
         for board, rs in sorted(per_board.items()):
-            busy = sum((r["timings"]["prompt_ms"] + r["timings"]["generation_ms"]) / 1000 for r in rs if r["timings"])
+            # Busy: the time its runs cover (overlapping runs of parallel slots counted once), each run
+            # ending when its result arrived and lasting its prompt + generation time.
+            runs = [
+                (
+                    ended[r["job_id"]] - (r["timings"]["prompt_ms"] + r["timings"]["generation_ms"]) / 1000,
+                    ended[r["job_id"]],
+                )
+                for r in rs
+                if r["timings"]
+            ]
+            busy = _covered(runs)
             toks = sum(r["usage"]["completion_tokens"] for r in rs if r["usage"])
             measured[board] = toks / busy if busy else 0.0
             print(f"{board}: {len(rs)} jobs, {toks} tokens in {busy:.1f} s busy: {measured[board]:.1f} tok/s")
