@@ -132,3 +132,19 @@ def test_submit_fleet_runs_the_job_on_a_board_of_the_group_and_says_which(
     assert "submitted cli-fleet to edge/fleet/jobs/submit" in err and "[QUEUED on b1]" in err
     assert main(["submit", "-c", str(cfg), "Hello", "--fleet", "--stream"]) == 1
     assert "with --fleet use --wait" in capsys.readouterr().err
+
+
+def test_submit_fleet_says_when_no_board_takes_fleet_jobs(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_daemon_config(tmp_path / "solo", broker, tiny_model, device_id="solo")  # no fleet_group
+    with BrokerClient(broker, client_id="cloud") as cloud:
+        cloud.subscribe("edge/+/status")
+        board = InProcessDaemon(cfg).start()
+        try:
+            wait_online(cloud, "solo")
+            rc = main(["submit", "-c", str(cfg), "Hello", "--fleet", "--max-tokens", "4"])
+        finally:
+            board.stop()
+    assert rc == 0
+    assert "no board online says it takes fleet jobs" in capsys.readouterr().err

@@ -222,6 +222,13 @@ def _submit_fleet(
     with FleetJobs(settings, resend_after_s=args.resend_after or 1e9, connect_timeout=args.connect_timeout) as fleet:
         job_id = fleet.submit(request, job_id=args.job_id)
         print(f"submitted {job_id} to {fleet.topic}", file=sys.stderr)
+        if not fleet.takers():
+            print(
+                "note: no board online says it takes fleet jobs (no retained status with a fleet group under "
+                f"{settings.mqtt.prefix}/+/status): set mqtt.fleet_group on the boards; a fleet job published "
+                "while no board is subscribed is dropped by the broker",
+                file=sys.stderr,
+            )
         if not args.wait:
             return 0
 

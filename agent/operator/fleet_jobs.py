@@ -89,6 +89,7 @@ class FleetJobs:
         self.handed: set[str] = set()  # jobs with a RELEASED status naming a peer (handed to a faster board)
         self.resends: list[tuple[str, str]] = []  # (job id, why), in order
         self._following: set[str] = set()
+        self._early: list[str] = []  # first results taken by takers(), not told to wait()'s on_result yet
         self._on_status: Callable[[str, dict[str, Any]], None] | None = None
 
     def __enter__(self) -> FleetJobs:
@@ -124,6 +125,10 @@ class FleetJobs:
         self._on_status = on_status
         want = self._following = set(job_ids)
         end = self._monotonic() + timeout
+        for early in self._early:
+            if on_result is not None and early in want:
+                on_result(early, self.jobs[early].result or {})
+        self._early.clear()
         while (left := end - self._monotonic()) > 0 and any(self.jobs[j].result is None for j in want):
             try:
                 msg: InboundMessage | None = self._inbox.get(timeout=min(left, 0.5))
@@ -135,6 +140,21 @@ class FleetJobs:
                     on_result(done, self.jobs[done].result or {})
             self._resend_due()
         return {j: r for j in want if (r := self.jobs[j].result) is not None}
+
+    def takers(self) -> list[str]:
+        """The boards whose retained status says they are online and in a fleet group, from what has
+        arrived so far (the broker sends retained statuses before it acknowledges a later publish)."""
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if (done := self._take(msg)) is not None:
+                self._early.append(done)  # wait() tells on_result about it
+        now = self._clock()
+        return sorted(
+            d for d, b in self._boards.items() if b.status.get("fleet") and status_state(b.status, now) == "online"
+        )
 
     # ------------------------------------------------------------------ what came in
 
