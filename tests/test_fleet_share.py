@@ -110,9 +110,13 @@ def test_release_takes_a_queued_fleet_job_out_of_the_queue_once(store: JobStore)
     assert store.get("f1") is None and [q.job_id for q in store.queue_view()] == ["own"]
     assert store.release("f1", "peer") is None  # not queued here any more
     assert store.release("own", "peer") is None  # sent to this board: never handed on
-    assert store.counts()["RELEASED"] == 1
-    assert [h.job_id for h in store.unsent_handoffs()] == ["f1"]
-    assert store.handoff_sent("f1") and store.unsent_handoffs() == []
+    assert store.release("own", None) is None  # nor given back
+    _accept(store, "h1", via="handed")
+    assert store.release("h1", "other") is None  # handed here: not handed on
+    assert store.release("h1", None) is not None  # but given back when the lease lapses
+    assert store.counts()["RELEASED"] == 2
+    assert [h.job_id for h in store.unsent_handoffs()] == ["f1", "h1"]
+    assert store.handoff_sent("f1") and [h.job_id for h in store.unsent_handoffs()] == ["h1"]
 
 
 def test_a_running_fleet_job_is_not_released(store: JobStore) -> None:
@@ -234,6 +238,7 @@ def test_a_hand_off_not_acknowledged_is_sent_again(store: JobStore) -> None:
 def test_a_board_back_after_half_its_lease_gives_back_unstarted_fleet_jobs(store: JobStore) -> None:
     clock = Clock()
     _accept(store, "f1")
+    _accept(store, "h1", via="handed")  # handed here by a peer: its submitter may send it again too
     _accept(store, "own", via=None)
     store.set_meta(CONTACT_KEY, clock() - 6.0)  # last in touch 6 s ago; lease 10 s
     board = _Board(store, clock, lease_s=10.0, connected=False)
@@ -241,8 +246,9 @@ def test_a_board_back_after_half_its_lease_gives_back_unstarted_fleet_jobs(store
     assert [q.job_id for q in store.queue_view()] == ["own"]  # not run here
     board.connected = True
     board.fleet.run_pass()
-    [released] = board.sent("/jobs/f1/status")
-    assert released["status"] == "RELEASED" and "handed_to" not in released
+    for job_id in ("f1", "h1"):
+        [released] = board.sent(f"/jobs/{job_id}/status")
+        assert released["status"] == "RELEASED" and "handed_to" not in released
 
 
 def test_a_board_back_within_half_its_lease_keeps_its_fleet_jobs(store: JobStore) -> None:

@@ -230,6 +230,11 @@ def _submit_fleet(
                 file=sys.stderr,
             )
         if not args.wait:
+            print(
+                "note: without --wait nothing sends the job again if the board that takes it dies (docs/protocol.md, "
+                "Fleet jobs)",
+                file=sys.stderr,
+            )
             return 0
 
         def on_board_status(device: str, status: dict[str, Any]) -> None:

@@ -12,12 +12,13 @@ broker deals round-robin. This part evens that out and keeps the group's promise
   ``handed_from`` set) and is announced with a RELEASED status naming the peer; both are sent again
   until the broker acknowledged them, and the peer never runs an id twice.
 - **Lease.** A board away from the broker for ``mqtt.fleet_lease_s / 2`` (counted across restarts
-  from the last contact it recorded) gives back its unstarted fleet jobs: they leave the queue, are
-  not run here, and are announced RELEASED (no ``handed_to``) once it is back. Submitters send a
-  fleet job again when its board has been offline or stale for the whole lease (``agent.operator.
-  jobs.FleetFollower``), so a job held by a board that died runs elsewhere within the broker's
-  notice of the death (at most 1.5 x keepalive) + ``fleet_lease_s``, and a board that comes back
-  after half the lease does not run what may have been sent again.
+  from the last contact it recorded) gives back its unstarted fleet jobs (from the fleet topic or
+  handed to it): they leave the queue, are not run here, and are announced RELEASED (no
+  ``handed_to``) once it is back. Submitters send a fleet job again when its board has been offline
+  or stale for the whole lease (``agent.operator.fleet_jobs.FleetJobs``), so a job held by a board
+  that died runs elsewhere within the broker's notice of the death (at most 1.5 x keepalive) +
+  ``fleet_lease_s``, and a board that comes back after half the lease does not run what may have
+  been sent again.
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ class FleetShare:
         half = self._settings().fleet_lease_s / 2
         if away < half:
             return
-        given = [h for q in self._store.queue_view() if q.via == "fleet" if (h := self._store.release(q.job_id, None))]
+        view = self._store.queue_view()
+        given = [h for q in view if q.via in ("fleet", "handed") if (h := self._store.release(q.job_id, None))]
         if given:
             log.warning(
                 "fleet: away from the broker for %.0f s (mqtt.fleet_lease_s / 2 = %g s): gave back %d fleet job(s) "

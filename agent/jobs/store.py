@@ -751,14 +751,16 @@ class JobStore(SqliteFile):
     # Fleet jobs let go of (agent/jobs/fleet.py)
 
     def release(self, job_id: str, to: str | None, now: float | None = None) -> Handoff | None:
-        """Let go of a queued fleet job (``via`` 'fleet') that is not running: out of the queue and into
-        ``handoffs`` in one transaction, so that it is never both run here and announced as let go of.
-        ``to``: the peer it is handed to; None: given back. None when it is not a queued fleet job (the
-        runner started it, a cancel ended it)."""
+        """Let go of a queued fleet job that is not running: out of the queue and into ``handoffs`` in one
+        transaction, so that it is never both run here and announced as let go of. ``to``: the peer it is
+        handed to (only a job taken from the fleet topic, ``via`` 'fleet': a handed job is not handed on);
+        None: given back (a job from the fleet topic or handed here: its submitter may send either again).
+        None when it is no such queued job (the runner started it, a cancel ended it)."""
         now = self._now(now)
         with self._write(f"releasing fleet job {job_id}"):
             rec = self._get(job_id)
-            if rec is None or rec.status is not JobStatus.QUEUED or rec.via != "fleet" or rec.request is None:
+            movable = ("fleet",) if to is not None else ("fleet", "handed")
+            if rec is None or rec.status is not JobStatus.QUEUED or rec.via not in movable or rec.request is None:
                 return None
             self._db.execute("DELETE FROM jobs WHERE job_id = ? AND status = 'QUEUED'", (job_id,))
             request = _dump(rec.request)
@@ -772,7 +774,7 @@ class JobStore(SqliteFile):
         """Fleet jobs let go of whose announcement (and hand-over) the broker has not acknowledged, oldest first."""
         with self._read("reading fleet hand-offs"):
             rows = self._db.execute(
-                "SELECT job_id, to_device, request, at FROM handoffs WHERE sent = 0 ORDER BY at"
+                "SELECT job_id, to_device, request, at FROM handoffs WHERE sent = 0 ORDER BY at, rowid"
             ).fetchall()
         return [Handoff(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
 
