@@ -240,9 +240,10 @@ def _submit_fleet(
         def on_board_status(device: str, status: dict[str, Any]) -> None:
             on_status({**status, "status": f"{status['status']} on {device}"})
 
-        result = fleet.wait([job_id], args.wait_timeout, on_status=on_board_status).get(job_id)
-        for resent, why in fleet.resends:
-            print(f"[job {resent} was sent again to the fleet topic, same id: {why}]", file=sys.stderr)
+        def on_resend(resent: str, why: str) -> None:
+            print(f"[{why}: job {resent} sent again to the fleet topic, same id]", file=sys.stderr)
+
+        result = fleet.wait([job_id], args.wait_timeout, on_status=on_board_status, on_resend=on_resend).get(job_id)
     if result is None:
         print(f"\nno result within {args.wait_timeout:g} s from any board of the fleet", file=sys.stderr)
         return EXIT_FAILURE

@@ -256,7 +256,7 @@ class FleetShare:
         if given:
             log.warning(
                 "fleet: away from the broker for %.0f s (mqtt.fleet_lease_s / 2 = %g s): gave back %d fleet job(s) "
-                "not started here (%s); they are announced RELEASED when the broker is back, and submitters send "
+                "not running here (%s); they are announced RELEASED when the broker is back, and submitters send "
                 "them again",
                 away,
                 half,

@@ -91,6 +91,7 @@ class FleetJobs:
         self._following: set[str] = set()
         self._early: list[str] = []  # first results taken by takers(), not told to wait()'s on_result yet
         self._on_status: Callable[[str, dict[str, Any]], None] | None = None
+        self._on_resend: Callable[[str, str], None] | None = None
 
     def __enter__(self) -> FleetJobs:
         self.transport.start()
@@ -119,10 +120,12 @@ class FleetJobs:
         timeout: float,
         on_result: Callable[[str, dict[str, Any]], None] | None = None,
         on_status: Callable[[str, dict[str, Any]], None] | None = None,
+        on_resend: Callable[[str, str], None] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Follow the jobs until each has a result or ``timeout`` passed; returns the results by job id.
-        ``on_status(device, status)`` sees each job status, ``on_result(job_id, result)`` each first result."""
-        self._on_status = on_status
+        ``on_status(device, status)`` sees each job status, ``on_result(job_id, result)`` each first result,
+        ``on_resend(job_id, why)`` each time a job is sent again."""
+        self._on_status, self._on_resend = on_status, on_resend
         want = self._following = set(job_ids)
         end = self._monotonic() + timeout
         for early in self._early:
@@ -232,6 +235,8 @@ class FleetJobs:
         job = self.jobs[job_id]
         if why is not None:
             self.resends.append((job_id, why))
+            if self._on_resend is not None:
+                self._on_resend(job_id, why)
             job.sends += 1
             job.holder, job.heard = None, False
         job.sent_at = self._monotonic()
