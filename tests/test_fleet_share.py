@@ -72,6 +72,15 @@ def test_a_peer_that_has_not_measured_its_speed_gets_one_job_if_idle() -> None:
     assert [(h.job_id, h.to) for h in plan] == [("j4", "new-idle")]
 
 
+def test_a_held_board_hands_every_fleet_job_on_measured_or_not() -> None:
+    # Intake paused (or a model change, the governor, a full disk): nothing ends here soon.
+    queue = [*_queue(3), Waiting("own", 48, False)]
+    plan = plan_handoffs(
+        queue, running_left=[], slots=1, ms_per_token=None, peers=[PeerLoad("p", 1, 10.0)], hop_s=0.05, held=True
+    )
+    assert sorted(h.job_id for h in plan) == ["j0", "j1", "j2"] and {h.to for h in plan} == {"p"}
+
+
 def test_only_fleet_jobs_move_and_a_peer_s_queue_counts() -> None:
     queue = [*_queue(3, movable=False), Waiting("fleet", 48, True)]
     peers = [PeerLoad("fast-but-full", 0, 5.0, queued=100), PeerLoad("idle", 1, 20.0)]
@@ -160,6 +169,7 @@ class _Board:
         self.mono = Clock(1000.0)
         self.connected = connected
         self.running: list[str] = []
+        self.holds: frozenset[str] = frozenset()
         self.loads = 0
         self.fleet = FleetShare(
             store,
@@ -170,6 +180,7 @@ class _Board:
             connected=lambda: self.connected,
             capacity=lambda: 1,
             running=lambda: self.running,
+            holds=lambda: self.holds,
             clock=clock,
             monotonic=self.mono,
         )
@@ -179,10 +190,12 @@ class _Board:
     def _told(self) -> None:
         self.loads += 1
 
-    def peer(self, device: str, *, free: int, ms: float | None = 10.0, model: str = "/other/model.gguf") -> None:
+    def peer(
+        self, device: str, *, free: int, ms: float | None = 10.0, model: str = "/other/model.gguf", held: bool = False
+    ) -> None:
         expires = datetime.fromtimestamp(self.clock() + 60, UTC).isoformat()
         status = {"state": "online", "device_id": device, "model": model, "expires": expires,
-                  "fleet": {"group": "g", "free": free, "queued": 0, "ms_per_token": ms, "lease_s": 10.0}}  # fmt: skip
+                  "fleet": {"group": "g", "free": free, "held": held, "queued": 0, "ms_per_token": ms, "lease_s": 10.0}}  # fmt: skip
         self.fleet.on_peer_status(f"edge/{device}/status", json.dumps(status).encode())
 
     def sent(self, topic_end: str) -> list[dict]:
@@ -278,3 +291,17 @@ def test_a_stored_job_goes_to_a_much_faster_idle_peer_before_it_starts_in_a_free
     _accept(store, "f1")
     board.fleet.place()
     assert [q.job_id for q in store.queue_view()] == ["f1"]
+
+
+def test_a_held_board_says_so_hands_its_fleet_jobs_on_and_gets_none(store: JobStore) -> None:
+    board = _Board(store, Clock())
+    _accept(store, "f0")
+    board.holds = frozenset({"intake.paused"})
+    load = board.fleet.load()
+    assert load is not None and (load.free, load.held, load.queued) == (0, True, 1)
+    board.peer("busy-too", free=1, held=True)
+    board.fleet.run_pass()
+    assert board.sent("/jobs/submit") == []  # a held peer gets nothing
+    board.peer("idle", free=1)
+    board.fleet.run_pass()
+    assert [m.topic for m in board.pub.sent if m.topic.endswith("/submit")] == ["edge/idle/jobs/submit"]

@@ -179,6 +179,7 @@ def build(
         connected=lambda: transport.connected,
         capacity=lambda: memory.parallel(supervisor.slots),
         running=lambda: gate.running,
+        holds=lambda: gate.holds,
         clock=clock,
         monotonic=monotonic,
     )

@@ -68,12 +68,14 @@ class FleetShare:
         connected: Callable[[], bool],
         capacity: Callable[[], int],
         running: Callable[[], list[str]],
+        holds: Callable[[], frozenset[str]] = frozenset,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store, self._topics = store, topics
         self._settings, self._model, self._publish, self._connected = settings, model, publish, connected
         self._capacity, self._running, self._clock, self._monotonic = capacity, running, clock, monotonic
+        self._holds = holds
         self.group = settings().fleet_group  # fixed for the life of the connection's subscriptions
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()  # the peers' view and the measured speed
@@ -192,10 +194,11 @@ class FleetShare:
         if self.group is None:
             return None
         queued = self._store.queued_count()
-        free = max(0, max(1, self._capacity()) - len(self._running()) - queued)
+        held = bool(self._holds())
         return FleetLoad(
             group=self.group,
-            free=free,
+            free=0 if held else max(0, max(1, self._capacity()) - len(self._running()) - queued),
+            held=held,
             queued=queued,
             ms_per_token=round(self._ms_per_token, 3) if self._ms_per_token else None,
             lease_s=self._settings().fleet_lease_s,
@@ -271,7 +274,7 @@ class FleetShare:
             peers = [
                 PeerLoad(d, p.load.free, p.load.ms_per_token, p.load.queued)
                 for d, p in self._peers.items()
-                if p.model == mine and status_state(p.status, now) == "online"
+                if p.model == mine and not p.load.held and status_state(p.status, now) == "online"
             ]
             ms = self._ms_per_token
         if not peers:
@@ -289,6 +292,7 @@ class FleetShare:
             ms_per_token=ms,
             peers=peers,
             hop_s=HOP_S,
+            held=bool(self._holds()),
         )
         for step in plan:
             handoff = self._store.release(step.job_id, step.to, now)

@@ -873,6 +873,11 @@ class FleetLoad(BaseModel):
 
     group: str = Field(pattern=JOB_ID_PATTERN, description="mqtt.fleet_group.")
     free: int = Field(ge=0, description="Slots free with no job waiting: fleet jobs it could start now.")
+    held: bool = Field(
+        default=False,
+        description="It starts no job now (intake paused, a model change, the memory governor, an unwritable "
+        "store): peers hand it nothing, and it hands its unstarted fleet jobs to them.",
+    )
     queued: int = Field(ge=0, description="Jobs waiting in its queue.")
     ms_per_token: float | None = Field(
         default=None, gt=0, description="Its measured run time per generated token, ms (null: none run yet)."

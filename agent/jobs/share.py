@@ -10,6 +10,7 @@ its next status says otherwise, so a burst is spread in one look, not one job pe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ def plan_handoffs(
     ms_per_token: float | None,
     peers: Sequence[PeerLoad],
     hop_s: float,
+    held: bool = False,
 ) -> list[Handoff]:
     """The hand-offs to make now: from the job that would end last here, each movable job goes to the
     peer where it would end first, if that is more than ``hop_s`` sooner than here (``hop_s``: the time
@@ -73,11 +75,15 @@ def plan_handoffs(
     Nothing moves before this board has measured its speed (a job run): boards that know nothing of
     their speeds would only trade jobs on statuses a burst has already made stale. A peer that has not
     measured its own yet (new, or restarted) gets one job if it is idle, counted at this board's speed,
-    and measures itself on it."""
-    if not ms_per_token:
+    and measures itself on it. ``held``: this board starts nothing now (intake paused, a model change,
+    the governor, an unwritable store): its jobs end here at no known time, so each goes to a peer,
+    measured or not."""
+    if not ms_per_token and not held:
         return []
-    mine = ms_per_token
+    mine = ms_per_token or max([p.ms_per_token or 0.0 for p in peers] + [1.0])
     ends = finish_times(queue, running_left=running_left, slots=slots, ms_per_token=mine)
+    if held:
+        ends = dict.fromkeys(ends, math.inf)
     takers = [p for p in peers if p.ms_per_token or p.free > 0]
     speed = {p.device_id: p.ms_per_token or mine for p in takers}
     probe = {p.device_id for p in takers if not p.ms_per_token}  # one job each, to learn their speed
