@@ -305,3 +305,17 @@ def test_a_held_board_says_so_hands_its_fleet_jobs_on_and_gets_none(store: JobSt
     board.peer("idle", free=1)
     board.fleet.run_pass()
     assert [m.topic for m in board.pub.sent if m.topic.endswith("/submit")] == ["edge/idle/jobs/submit"]
+
+
+def test_a_store_that_takes_no_writes_leaves_the_job_stored_here_and_is_told_once(
+    store: JobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    board = _Board(store, Clock())
+    board.peer("fast", free=1, ms=1.0)
+    _accept(store, "f0")
+    store.close()  # every store call now raises StoreError, as a full disk makes writes do
+    with caplog.at_level("WARNING", logger="agent.jobs.fleet"):
+        board.fleet.place()  # from the intake: must not raise (the job is stored; the message gets its PUBACK)
+        board.fleet.place()
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "store" in caplog.records[0].getMessage()
+    assert board.pub.sent == []

@@ -34,6 +34,7 @@ from typing import Any
 
 from agent.codes import JobStatus
 from agent.config.sections import MQTTSettings
+from agent.errors import StoreError
 from agent.jobs.protocol import FleetLoad, JobSubmit, StatusMessage, status_state
 from agent.jobs.share import PeerLoad, Waiting, plan_handoffs
 from agent.jobs.store import Handoff, JobRecord, JobStore
@@ -90,6 +91,7 @@ class FleetShare:
         self._told: FleetLoad | None = None
         self._told_at = -LOAD_EVERY_S
         self._load_held = False  # a load change not published yet (LOAD_EVERY_S)
+        self._store_told = False  # a store error was logged; cleared by a pass that succeeds
         self._on_load: Callable[[], None] = lambda: None
 
     @property
@@ -141,8 +143,11 @@ class FleetShare:
         after this) starts it in a free slot here; a job started here can no longer move. Called on the
         intake's thread; the runner may still win the race, and the job then runs here."""
         if self.active and self._connected() and self._settings().fleet_share:
-            with self._acting:
-                self._hand_off()
+            try:
+                with self._acting:
+                    self._hand_off()
+            except StoreError as e:  # the job is stored: it stays here, and the intake acknowledges it
+                self._store_failed(e)
         self.poke()
 
     # ------------------------------------------------------------------ inputs
@@ -221,8 +226,18 @@ class FleetShare:
                 return
             try:
                 self.run_pass()
-            except Exception:  # a store error: the health part sees it on the next write; try again next pass
+            except StoreError as e:
+                self._store_failed(e)
+            except Exception:  # a bug in one pass must not end the fleet part: the next pass tries again
                 log.exception("fleet pass failed; trying again")
+            else:
+                self._store_told = False
+
+    def _store_failed(self, e: StoreError) -> None:
+        """The store takes no writes (a full disk): once in the log; the store's health part says the rest."""
+        if not self._store_told:
+            self._store_told = True
+            log.warning("fleet: %s; hand-offs, the lease and the load wait until the store takes writes again", e)
 
     def run_pass(self) -> None:
         """One look: the lease, hand-offs not yet acknowledged, new hand-offs, the load in the status."""
