@@ -39,6 +39,15 @@ def _statuses(
     return seen
 
 
+def _started(cloud: BrokerClient, job_id: str, timeout: float = 60.0) -> str:
+    """The board whose IN_PROGRESS status for ``job_id`` comes next."""
+    while True:
+        msg = cloud.expect(None, timeout=timeout)
+        parts = msg.topic.split("/")
+        if parts[2:] == ["jobs", job_id, "status"] and json.loads(msg.payload)["status"] == "IN_PROGRESS":
+            return parts[1]
+
+
 def test_a_slow_board_hands_its_queued_fleet_jobs_to_an_idle_fast_peer(
     tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
 ) -> None:
@@ -148,3 +157,48 @@ def test_submit_fleet_says_when_no_board_takes_fleet_jobs(
             board.stop()
     assert rc == 0
     assert "no board online says it takes fleet jobs" in capsys.readouterr().err
+
+
+def test_a_fleet_of_unequal_boards_gives_every_job_one_outcome_ordinary_and_odd_requests_mixed(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    """Ordinary jobs, an invalid one, a payload with no readable id and a long job canceled on the
+    board that holds it, all to the fleet topic of a slow and a fast board: each job the submitter
+    follows ends once, with the outcome it should have, and the boards go on serving."""
+    fleet_cfg = {"fleet_group": "g", "fleet_lease_s": 60}
+    no_id = (r"refused a message on edge/fleet/jobs/submit with no readable job_id",)
+    cfgs = {
+        name: write_daemon_config(tmp_path / name, broker, tiny_model, device_id=name, mqtt=fleet_cfg)
+        for name in ("slow", "fast")
+    }
+    with BrokerClient(broker, client_id="cloud") as cloud:
+        cloud.subscribe("edge/+/status")
+        slow = InProcessDaemon(cfgs["slow"], engine_wrapper=lambda e: Paced(e, 20), expect_errors=no_id).start()
+        fast = InProcessDaemon(cfgs["fast"], engine_wrapper=lambda e: Paced(e, 100), expect_errors=no_id).start()
+        try:
+            wait_online(cloud, "slow")
+            wait_online(cloud, "fast")
+            with FleetJobs(load_settings(cfgs["slow"]), resend_after_s=120) as fleet:
+                ordinary = [fleet.submit({"prompt": "Hello", "max_tokens": 16}, job_id=f"o{i}") for i in range(6)]
+                invalid = fleet.submit({"prompt": "Hello", "max_tokens": -1}, job_id="invalid")
+                cloud.publish("edge/fleet/jobs/submit", b"{not json at all")
+                cloud.subscribe("edge/+/jobs/long/status")
+                long = fleet.submit(
+                    {"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0.0}, job_id="long"
+                )
+                holder = _started(cloud, long)  # greedy, 10 s at the faster board's pace: canceled long before
+                assert fleet.cancel(long) == holder
+                ids = [*ordinary, invalid, long]
+                results = fleet.wait(ids, timeout=120)
+                assert set(results) == set(ids), f"jobs that never ended: {set(ids) - set(results)}"
+                assert fleet.duplicates == 0 and fleet.resends == []
+                assert {results[j]["status"] for j in ordinary} == {"SUCCEEDED"}
+                assert (
+                    results[invalid]["status"] == "REJECTED" and results[invalid]["error"]["code"] == "invalid_payload"
+                )
+                assert results[long]["status"] == "CANCELED"
+                after = fleet.submit({"prompt": "Still there?", "max_tokens": 4}, job_id="after")
+                assert fleet.wait([after], timeout=60)[after]["status"] == "SUCCEEDED"
+        finally:
+            slow.stop()
+            fast.stop()

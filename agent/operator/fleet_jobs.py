@@ -63,7 +63,7 @@ class FleetJobs:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        prefix = settings.mqtt.prefix
+        prefix = self._prefix = settings.mqtt.prefix
         self.topic = Topics(prefix, "fleet-client").fleet_publish
         self.resend_after_s = resend_after_s
         self._clock, self._monotonic = clock, monotonic
@@ -113,6 +113,24 @@ class FleetJobs:
         self.jobs[job_id] = _Job(payload, self._monotonic())
         self._send(job_id, None)
         return job_id
+
+    def cancel(self, job_id: str, timeout: float = 10.0) -> str | None:
+        """Cancel a job on the board that holds it (a board that handed it on sends the cancel after it).
+        Returns that board, or None when no board said it holds the job within ``timeout`` (nothing sent)."""
+        end = self._monotonic() + timeout
+        self.takers()  # what has arrived so far: the latest holder
+        while (holder := self.jobs[job_id].holder) is None and (left := end - self._monotonic()) > 0:
+            try:
+                msg = self._inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if (done := self._take(msg)) is not None:
+                self._early.append(done)
+        if holder is not None:
+            topic = Topics(self._prefix, holder).cancel(job_id)
+            if not self.transport.publish(topic, b"", qos=1).wait(self._connect_timeout):
+                raise TransportError(f"the broker did not acknowledge the cancel on {topic}")
+        return holder
 
     def wait(
         self,
