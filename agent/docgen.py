@@ -5,12 +5,38 @@ drift from it (a test compares). Used by ``agent.ops.protocol_doc`` and ``agent.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _BLOCK_RE = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
+
+
+def cell(text: str) -> str:
+    """``text`` as one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def schema_type(prop: dict[str, Any], sep: str = " \\| ") -> str:
+    """A JSON Schema property's type in words (``sep`` between the alternatives of a union)."""
+    if "$ref" in prop:
+        return str(prop["$ref"]).rsplit("/", 1)[-1]
+    if "enum" in prop:
+        return sep.join(json.dumps(v) for v in prop["enum"])
+    if "const" in prop:
+        return json.dumps(prop["const"])
+    if "anyOf" in prop:
+        return sep.join(schema_type(p, sep) for p in prop["anyOf"])
+    t = prop.get("type", "any")
+    if t == "array":
+        return f"array of {schema_type(prop.get('items', {}), sep)}"
+    if t == "string" and prop.get("format") == "date-time":
+        return "string (RFC 3339)"
+    return str(t)
 
 
 def render_blocks(text: str, renderers: Mapping[str, Callable[[], str]], doc_name: str) -> str:
@@ -50,3 +76,21 @@ def main(
         doc.write_text(wanted, encoding="utf-8")
         print(f"updated {doc}")
     return 0
+
+
+@dataclass(frozen=True)
+class GeneratedDoc:
+    """One document with generated blocks: ``render(text)`` brings them up to date, ``main(argv)`` is
+    its ``python -m {module} [--check]``."""
+
+    path: Path
+    renderers: Callable[[], Mapping[str, Callable[[], str]]]
+    module: str
+    description: str
+
+    def render(self, text: str) -> str:
+        """The document with every generated block brought up to date."""
+        return render_blocks(text, self.renderers(), f"docs/{self.path.name}")
+
+    def main(self, argv: list[str] | None = None) -> int:
+        return main(self.path, self.render, module=self.module, description=self.description, argv=argv)

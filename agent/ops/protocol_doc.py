@@ -21,8 +21,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from agent.codes import WaitReason
-from agent.docgen import main as docgen_main
-from agent.docgen import render_blocks
+from agent.docgen import GeneratedDoc
+from agent.docgen import cell as _cell
+from agent.docgen import schema_type as _type
 from agent.jobs.protocol import TERMINAL, ErrorCode, JobStatus, json_schemas
 from agent.mqtt.topics import Topics
 from agent.shadow import messages
@@ -32,27 +33,6 @@ from agent.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "protocol.md"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _type(prop: dict[str, Any]) -> str:
-    if "$ref" in prop:
-        return str(prop["$ref"]).rsplit("/", 1)[-1]
-    if "enum" in prop:
-        return " \\| ".join(json.dumps(v) for v in prop["enum"])
-    if "const" in prop:
-        return json.dumps(prop["const"])
-    if "anyOf" in prop:
-        return " \\| ".join(_type(p) for p in prop["anyOf"])
-    t = prop.get("type", "any")
-    if t == "array":
-        return f"array of {_type(prop.get('items', {}))}"
-    if t == "string" and prop.get("format") == "date-time":
-        return "string (RFC 3339)"
-    return str(t)
 
 
 def _bounds(prop: dict[str, Any]) -> str:
@@ -243,13 +223,8 @@ def _desired_keys() -> str:
     return "\n".join(rows)
 
 
-def render(text: str) -> str:
-    """The document with every generated block brought up to date."""
-    return render_blocks(text, _renderers(), "docs/protocol.md")
-
-
-def main(argv: list[str] | None = None) -> int:
-    return docgen_main(DOC, render, module="agent.ops.protocol_doc", description=__doc__.splitlines()[0], argv=argv)
+_GENERATED = GeneratedDoc(DOC, _renderers, "agent.ops.protocol_doc", __doc__.splitlines()[0])
+render, main = _GENERATED.render, _GENERATED.main
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from agent.docgen import main as docgen_main
-from agent.docgen import render_blocks
+from agent.docgen import GeneratedDoc, schema_type
+from agent.docgen import cell as _cell
 from agent.telemetry.events import Event, EventKind
 from agent.telemetry.fields import GROUPS, Telemetry, field_meta
 
@@ -46,23 +45,8 @@ _KIND_DOCS = {
 }
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _json_type(prop: dict[str, Any]) -> str:
-    if "anyOf" in prop:
-        return " or ".join(_json_type(p) for p in prop["anyOf"])
-    t = prop.get("type", "any")
-    if t == "array":
-        return f"array of {_json_type(prop.get('items', {}))}"
-    if t == "string" and prop.get("format") == "date-time":
-        return "string (RFC 3339)"
-    return str(t)
-
-
 def _type(name: str) -> str:
-    return _cell(_json_type(_SCHEMA["properties"][name]))
+    return _cell(schema_type(_SCHEMA["properties"][name], " or "))
 
 
 def fields_table() -> str:
@@ -95,13 +79,8 @@ def _renderers() -> dict[str, Callable[[], str]]:
     return {"telemetry-fields": fields_table, "event-fields": event_table, "event-kinds": event_kinds}
 
 
-def render(text: str) -> str:
-    """The document with every generated block brought up to date."""
-    return render_blocks(text, _renderers(), "docs/telemetry.md")
-
-
-def main(argv: list[str] | None = None) -> int:
-    return docgen_main(DOC, render, module="agent.telemetry.doc", description=__doc__.splitlines()[0], argv=argv)
+_GENERATED = GeneratedDoc(DOC, _renderers, "agent.telemetry.doc", __doc__.splitlines()[0])
+render, main = _GENERATED.render, _GENERATED.main
 
 
 if __name__ == "__main__":
