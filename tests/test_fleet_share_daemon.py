@@ -81,7 +81,7 @@ def test_a_slow_board_hands_its_queued_fleet_jobs_to_an_idle_fast_peer(
 
 
 def test_fleet_jobs_of_a_board_that_died_run_elsewhere_and_not_again_when_it_comes_back(
-    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lease = 2.0
     keep = {"fleet_group": "g", "fleet_lease_s": lease, "fleet_share": False}  # the lease alone moves them
@@ -120,6 +120,10 @@ def test_fleet_jobs_of_a_board_that_died_run_elsewhere_and_not_again_when_it_com
     with JobStore(tmp_path / "a" / "state" / "jobs.db") as store:  # never run there: not in its jobs at all
         assert [store.get(j) for j in ids] == [None] * 3
         assert all((h := store.get_handoff(j)) is not None and h.to is None for j in ids)
+    capsys.readouterr()
+    assert main(["jobs", "show", "-c", str(a_cfg), ids[0]]) == 0  # what an operator sees on that board
+    out, err = capsys.readouterr()
+    assert json.loads(out)["status"] == "RELEASED" and "given back" in err
 
 
 def test_submit_fleet_runs_the_job_on_a_board_of_the_group_and_says_which(

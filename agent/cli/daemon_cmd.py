@@ -315,8 +315,16 @@ def _jobs_show(args: argparse.Namespace) -> int:
     store = _open_store(_settings(args))
     try:
         rec = store.get(args.job_id)
+        handoff = store.get_handoff(args.job_id) if rec is None else None
     finally:
         store.close()
+    if handoff is not None:  # a fleet job this board let go of (docs/protocol.md, Fleet jobs)
+        where = f"handed to {handoff.to}" if handoff.to else "given back (away from the broker for half the lease)"
+        at = datetime.fromtimestamp(handoff.at, UTC).isoformat(timespec="seconds")
+        shown = {"job_id": handoff.job_id, "status": "RELEASED", "handed_to": handoff.to, "released_at": at}
+        print(json.dumps({**shown, "request": handoff.request}, indent=2))
+        print(f"RELEASED at {at}: {where}; this board does not run it", file=sys.stderr)
+        return 0
     if rec is None:
         print(f"edge-agent: no job {args.job_id!r} in the store", file=sys.stderr)
         return EXIT_FAILURE
