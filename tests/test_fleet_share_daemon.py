@@ -137,10 +137,13 @@ def test_submit_fleet_runs_the_job_on_a_board_of_the_group_and_says_which(
             wait_online(cloud, "b1")
             rc = main(["submit", "-c", str(cfg), "Hello", "--fleet", "--job-id", "cli-fleet", "--max-tokens", "4",
                        "--wait", "--json"])  # fmt: skip
+            out, err = capsys.readouterr()
+            assert main(["fleet", "list", "-c", str(cfg)]) == 0
+            listing = capsys.readouterr().out
         finally:
             board.stop()
-    out, err = capsys.readouterr()
     assert rc == 0, err
+    assert "FLEET JOBS" in listing and "g: " in listing and " queued" in listing  # the board's fleet load
     assert json.loads(out)["job_id"] == "cli-fleet" and json.loads(out)["status"] == "SUCCEEDED"
     assert "submitted cli-fleet to edge/fleet/jobs/submit" in err and "[QUEUED on b1]" in err
     assert main(["submit", "-c", str(cfg), "Hello", "--fleet", "--stream"]) == 1

@@ -146,7 +146,7 @@ def _list(args: argparse.Namespace) -> int:
         print("no devices (none has published a status or shadow document with this prefix on this broker)")
         return EXIT_OK
     now = time.time()
-    rows = [("DEVICE", "STATE", "MODEL", "SHA256", "AGENT", "SHADOW", "LEVEL", "GROUPS", "LAST SEEN")]
+    rows = [("DEVICE", "STATE", "MODEL", "SHA256", "AGENT", "SHADOW", "LEVEL", "GROUPS", "FLEET JOBS", "LAST SEEN")]
     for i in infos:
         rows.append(
             (
@@ -158,6 +158,7 @@ def _list(args: argparse.Namespace) -> int:
                 "-" if i.shadow_version is None else f"v{i.shadow_version}/{i.applied_version}",
                 i.level or "-",
                 ",".join(i.groups) or "-",
+                _fleet_jobs(i.fleet_jobs),
                 _ago(now, i.last_seen),
             )
         )
@@ -168,6 +169,16 @@ def _list(args: argparse.Namespace) -> int:
         if i.problem:
             print(f"{i.device}: model.path: {i.problem}")
     return EXIT_OK
+
+
+def _fleet_jobs(load: dict[str, Any] | None) -> str:
+    """Its mqtt.fleet_group and load: 'kitchen: 1 free, 0 queued, 42 tok/s', or '-' outside a fleet."""
+    if not load:
+        return "-"
+    ms = load.get("ms_per_token")
+    speed = f", {1000 / ms:.0f} tok/s" if isinstance(ms, int | float) and ms > 0 else ""
+    state = "held" if load.get("held") else f"{load.get('free', 0)} free"
+    return f"{load.get('group', '?')}: {state}, {load.get('queued', 0)} queued{speed}"
 
 
 def _ago(now: float, t: float | None) -> str:

@@ -40,6 +40,7 @@ class DeviceInfo:
     groups: tuple[str, ...]
     last_seen: float | None  # epoch seconds: the newest ts of its status or shadow document
     problem: str | None  # an error under model.path, or a model change that is pending
+    fleet_jobs: dict[str, Any] | None = None  # its load in mqtt.fleet_group (the status's "fleet"), online only
 
     def as_dict(self) -> dict[str, Any]:
         return {**vars(self), "groups": list(self.groups)}
@@ -128,6 +129,7 @@ class FleetClient:
             groups=tuple((reported.get("fleet") or {}).get("groups") or ()),
             last_seen=max(seen) if seen else None,
             problem=errors.get("model.path") or pending.get("model.path"),
+            fleet_jobs=(st or {}).get("fleet") if (st or {}).get("state") == "online" else None,
         )
 
     def select(self, *, pattern: str | None = None, group: str | None = None) -> list[str]:
