@@ -319,3 +319,17 @@ def test_a_store_that_takes_no_writes_leaves_the_job_stored_here_and_is_told_onc
         board.fleet.place()
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "store" in caplog.records[0].getMessage()
     assert board.pub.sent == []
+
+
+def test_the_measured_speed_outlives_a_restart(store: JobStore) -> None:
+    board = _Board(store, Clock())  # measured 10 ms a token
+    board.fleet.run_pass()  # connected: records the contact and the speed
+    again = FleetShare(
+        store, Topics("edge", "slow"), settings=lambda: MQTTSettings(fleet_group="g"), model=lambda: "m.gguf",
+        publish=FakePublisher().publish, connected=lambda: False, capacity=lambda: 1, running=list,
+    )  # fmt: skip
+    first = again.load()
+    assert first is not None and first.ms_per_token is None  # not read before recover()
+    again.recover()
+    load = again.load()
+    assert load is not None and load.ms_per_token == pytest.approx(10.0)

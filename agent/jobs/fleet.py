@@ -43,6 +43,7 @@ from agent.mqtt.topics import Topics
 log = logging.getLogger(__name__)
 
 CONTACT_KEY = "fleet_contact"  # store meta: the last time this board was in touch with its broker (epoch s)
+SPEED_KEY = "fleet_ms_per_token"  # store meta: the measured run time per token, kept across restarts
 HOP_S = 0.05  # what a hand-off costs (two publishes and the peer's store), seconds, for plan_handoffs
 _EWMA = 0.3  # weight of the newest job in the run time per token
 # The status goes to every board of the prefix: a load change is published at most this often (the
@@ -119,10 +120,13 @@ class FleetShare:
 
     def recover(self) -> None:
         """The time away counts from the last contact recorded before a stop or a crash; past half the
-        lease, the unstarted fleet jobs are given back."""
+        lease, the unstarted fleet jobs are given back. The speed measured before is taken up again."""
         last = self._store.meta(CONTACT_KEY)
         if isinstance(last, int | float):
             self._contact = self._monotonic() - max(0.0, self._clock() - float(last))
+        speed = self._store.meta(SPEED_KEY)  # what this board measured before the restart, until a job runs
+        if isinstance(speed, int | float) and speed > 0 and self._ms_per_token is None:
+            self._ms_per_token = float(speed)
         self._check_lease()
 
     def stop(self) -> None:
@@ -262,6 +266,8 @@ class FleetShare:
         if force or now - self._contact_saved >= self._settings().fleet_lease_s / 8:
             self._contact_saved = now
             self._store.set_meta(CONTACT_KEY, now)
+            if (ms := self._ms_per_token) is not None:
+                self._store.set_meta(SPEED_KEY, ms)
 
     def _check_lease(self) -> None:
         """Away for half the lease: every unstarted fleet job is given back (announced once connected)."""
