@@ -304,8 +304,9 @@ class FleetShare:
         if not any(q.via == "fleet" for q in view):
             return
         running = self._running()
-        jobs = [r.job() if r is not None else None for r in (self._store.get(j) for j in running)]
-        running_left = [job.max_tokens // 2 if job is not None else 0 for job in jobs]  # about half-way on average
+        records = [self._store.get(j) for j in running]
+        # about half-way on average; the stored request's max_tokens, without decoding it again
+        running_left = [int((r.request or {}).get("max_tokens", 0)) // 2 if r is not None else 0 for r in records]
         plan = plan_handoffs(
             [Waiting(q.job_id, q.max_tokens, q.via == "fleet") for q in view],
             running_left=running_left,
