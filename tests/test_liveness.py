@@ -6,13 +6,17 @@ tests/test_ha_discovery.py."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.config import Settings
 from agent.jobs.protocol import status_state
+from agent.mqtt.transport import MqttTransport
 from agent.operator.fleet.client import FleetClient
 from agent.operator.shadow import ShadowClient
 from tests.broker import BrokerClient, MosquittoBroker
@@ -53,6 +57,52 @@ def test_the_daemon_renews_its_online_status_every_heartbeat(
             renewed = json.loads(peer.expect("edge/dev-a/status", timeout=T).payload)
             assert renewed["state"] == "online" and _epoch(renewed["ts"]) == _epoch(first["ts"]) + 61
             assert _epoch(renewed["expires"]) == _epoch(renewed["ts"]) + 180
+
+
+def test_online_and_the_shadow_document_wait_for_the_control_connection_even_at_a_heartbeat(
+    tmp_path: Path, tiny_model: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "online" status and the shadow document say the board takes control messages: with a control connection
+    (the default), neither is published before its subscriptions are acknowledged, not by the connect, a
+    store change or a heartbeat that comes due meanwhile (a race that published "online" twice)."""
+    subscribed = threading.Event()
+    published: list[tuple[str, str]] = []
+    real_subscribed, real_publish = MqttTransport._now_subscribed, MqttTransport.publish
+
+    def held_subscribed(self: MqttTransport) -> None:
+        if self.client_id.endswith("-ctl"):
+            assert subscribed.wait(T), "the test never let the control connection finish subscribing"
+        real_subscribed(self)
+
+    def recorded_publish(self: MqttTransport, topic: str, payload: bytes, **kw: Any) -> Any:
+        published.append((self.client_id, topic))
+        return real_publish(self, topic, payload, **kw)
+
+    monkeypatch.setattr(MqttTransport, "_now_subscribed", held_subscribed)
+    monkeypatch.setattr(MqttTransport, "publish", recorded_publish)
+    clock = FakeClock(1_800_000_000.0)
+    cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, mqtt={"heartbeat_s": 60})
+    held = {"edge/dev-a/status", "edge/dev-a/shadow"}
+    with BrokerClient(broker) as peer:
+        peer.subscribe("edge/dev-a/status")
+        with InProcessDaemon(cfg, clock=clock) as d:
+            parts = d.daemon.parts
+            deadline = time.monotonic() + T
+            while not parts.reporter.status_waits:  # the job connection is up, the control one subscribing
+                assert time.monotonic() < deadline, "the job connection did not come up"
+                threading.Event().wait(0.01)  # poll pacing; the loop ends on the condition
+            clock.advance(3600)
+            parts.reporter.heartbeat(clock())  # due by the clock: it must still wait
+            parts.reporter.publish_status()  # as a store change or a peer's load would
+            assert not [t for _, t in published if t in held], published
+            subscribed.set()
+            first = json.loads(peer.expect("edge/dev-a/status", timeout=T).payload)
+            assert first["state"] == "online"
+            deadline = time.monotonic() + T
+            while "edge/dev-a/shadow" not in [t for _, t in published]:
+                assert time.monotonic() < deadline, published
+                threading.Event().wait(0.01)  # poll pacing; the loop ends on the condition
+            assert [t for _, t in published].count("edge/dev-a/status") == 1, published
 
 
 def _settings(broker: MosquittoBroker, tmp_path: Path) -> Settings:

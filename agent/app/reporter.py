@@ -15,6 +15,7 @@ The daemon's main thread calls all but ``agent_state`` (the sampler, on the main
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,10 @@ class Reporter:
         self._told_change: Any = None
         self._losses: list[str] = []  # the latest session the broker lost, for the reported facts
         self._status_at = 0.0  # when the retained status was last published
+        # The job connection is up but "online" waits (for the control connection's subscriptions):
+        # the status is not published meanwhile, not even by the heartbeat. Guarded by _status_lock.
+        self._status_lock = threading.Lock()
+        self._status_waits = False
         self._state_file_told = False
 
     def follow_shadow(self, shadow: ShadowService) -> None:
@@ -132,7 +137,14 @@ class Reporter:
 
     def publish_status(self) -> None:
         """The retained device status (online, or how the store is), now: at each connect, on a store change,
-        and every mqtt.heartbeat_s (``heartbeat``), so that its expiry keeps moving while the board lives."""
+        and every mqtt.heartbeat_s (``heartbeat``), so that its expiry keeps moving while the board lives.
+        Nothing while "online" waits (``status_after_connect``)."""
+        with self._status_lock:
+            if self._status_waits:
+                return
+        self._publish_status()
+
+    def _publish_status(self) -> None:
         now = self._clock()
         self._status_at = now
         load = self._parts.fleet.load()
@@ -143,9 +155,36 @@ class Reporter:
             retain=True,
         )
 
+    def status_after_connect(self, ready: Callable[[], bool]) -> bool:
+        """The job connection is up: publish "online" now when ``ready()`` (the board takes control messages),
+        else hold it until ``status_ready()``. True when it was published. ``ready`` is read under the same lock
+        as ``status_ready`` takes, so a control connection that becomes ready meanwhile is never missed."""
+        with self._status_lock:
+            self._status_waits = not ready()
+            if self._status_waits:
+                return False
+        self._publish_status()
+        return True
+
+    def status_ready(self) -> bool:
+        """The control connection is subscribed: publish the held "online" (if the job connection is up).
+        True when it was published."""
+        with self._status_lock:
+            if not (self._status_waits and self.transport.connected):
+                return False
+            self._status_waits = False
+        self._publish_status()
+        return True
+
+    @property
+    def status_waits(self) -> bool:
+        """The job connection is up and "online" waits for the control connection."""
+        return self._status_waits
+
     def heartbeat(self, now: float) -> None:
-        """The status again when mqtt.heartbeat_s passed since the last one (main loop)."""
-        if self.transport.connected and now - self._status_at >= self.settings.mqtt.heartbeat_s:
+        """The status again when mqtt.heartbeat_s passed since the last one (main loop); never the first one
+        (the connect publishes it) nor one that waits for the control connection."""
+        if self._status_at and self.transport.connected and now - self._status_at >= self.settings.mqtt.heartbeat_s:
             self.publish_status()
 
     def reported_facts(self) -> dict[str, Any]:

@@ -330,6 +330,11 @@ def _fleet_transport(s: Settings, topics: Topics) -> MqttTransport | None:
     )
 
 
+def control_ready_or_failed(control: MqttTransport | None) -> bool:
+    """No control connection, or its subscriptions are in place, or it failed (nothing waits for it)."""
+    return control is None or (control.connected and control.subscribed) or control.last_error is not None
+
+
 def _connect(p: Parts, sampler: Sampler) -> None:
     """The run-time loops, closed once every part exists (see the module's docstring)."""
 
@@ -341,15 +346,13 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         (p.shadow.on_message if p.shadow.handles(msg.topic) else p.intake.on_message)(msg)
 
     def on_connect() -> None:
-        # "online" says the board takes jobs and control messages: with a control connection, once its
-        # subscriptions are in place (control_ready says it then), or once it failed (not held back by it).
-        if p.control is None or (p.control.connected and p.control.subscribed) or p.control.last_error is not None:
-            status_held.clear()
-            publish_status()
-        else:
-            status_held.set()
+        # "online" says the board takes jobs and control messages, and the shadow document says it takes
+        # updates: with a control connection, both once its subscriptions are in place (control_ready), or
+        # once it failed (not held back by it).
+        ready = p.reporter.status_after_connect(lambda: control_ready_or_failed(p.control))
         p.ha.on_connect()  # before the shadow document: Home Assistant checks its model against the options
-        p.shadow.on_connect()
+        if ready:
+            p.shadow.on_connect()
         p.shadow.refresh_facts_soon()  # what this connection's broker granted (reported.broker)
         p.outbox.request_resend()
         p.tick.set()
@@ -374,12 +377,9 @@ def _connect(p: Parts, sampler: Sampler) -> None:
     p.health.listen(store_changed)
     p.transport.handle(on_message, on_connect)
 
-    status_held = threading.Event()  # the job connection is up, its "online" waits for the control connection
-
     def control_ready() -> None:
-        if status_held.is_set() and p.transport.connected:
-            status_held.clear()
-            publish_status()
+        if p.reporter.status_ready():
+            p.shadow.on_connect()
             p.tick.set()
 
     if p.control is not None:
@@ -388,5 +388,5 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         p.fleet_link.handle(p.intake.on_message)
     sampler.read_agent_state(p.reporter.agent_state)
     p.reporter.follow_shadow(p.shadow)
-    p.fleet.follow(on_load=lambda: None if status_held.is_set() else publish_status())
+    p.fleet.follow(on_load=publish_status)
     p.delivery.follow(protected=p.shadow.protected_models, on_done=p.shadow.reconcile_soon)
