@@ -349,10 +349,9 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         # "online" says the board takes jobs and control messages, and the shadow document says it takes
         # updates: with a control connection, both once its subscriptions are in place (control_ready), or
         # once it failed (not held back by it).
-        ready = p.reporter.status_after_connect(lambda: control_ready_or_failed(p.control))
         p.ha.on_connect()  # before the shadow document: Home Assistant checks its model against the options
-        if ready:
-            p.shadow.on_connect()
+        if p.reporter.status_after_connect(lambda: control_ready_or_failed(p.control)):
+            p.shadow.on_connect()  # else control_ready publishes it, maybe at once on the control's thread
         p.shadow.refresh_facts_soon()  # what this connection's broker granted (reported.broker)
         p.outbox.request_resend()
         p.tick.set()
