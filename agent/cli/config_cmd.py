@@ -33,6 +33,15 @@ def add_config_option(p: argparse.ArgumentParser, *, demo_fallback: bool = True)
     p.set_defaults(config_overrides=None, demo_fallback=demo_fallback)
 
 
+def add_broker_options(p: argparse.ArgumentParser, *, device: bool = False) -> None:
+    """What every command that talks to a board over the broker shares: --config, --connect-timeout and,
+    with ``device``, --device."""
+    add_config_option(p)
+    if device:
+        p.add_argument("--device", help="target device id (default: device.id of the config)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker (default 10)")
+
+
 def add_group(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
 ) -> argparse._SubParsersAction[argparse.ArgumentParser]:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.config_cmd import add_config_option, add_group, settings_from
+from agent.cli.config_cmd import add_broker_options, add_config_option, add_group, settings_from
 from agent.config import Settings
 from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EdgeAgentError
 
@@ -29,9 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.set_defaults(handler=_run)
 
     s = sub.add_parser("submit", help="publish a job to a device and print its statuses and result")
-    add_config_option(s)
+    add_broker_options(s, device=True)
     s.add_argument("prompt")
-    s.add_argument("--device", help="target device id (default: device.id of the config)")
     s.add_argument(
         "--fleet",
         action="store_true",
@@ -56,7 +55,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     s.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the result (default 300)")
     s.add_argument("--json", action="store_true", help="print the result message as JSON")
-    s.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker (default 10)")
     s.add_argument(
         "--resend-after",
         type=float,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from agent.cli.config_cmd import add_config_option, add_group, settings_from
+from agent.cli.config_cmd import add_broker_options, add_group, settings_from
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ModelError
 
 INTERRUPTED = 130
@@ -113,9 +113,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _broker(p: argparse.ArgumentParser) -> None:
-    add_config_option(p)
+    add_broker_options(p)
     p.add_argument("--prefix", help="the topic prefix of the fleet (default: mqtt.prefix of the config)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker (default 10)")
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.cli.config_cmd import add_config_option, add_group, settings_from
+from agent.cli.config_cmd import add_broker_options, add_config_option, add_group, settings_from
 from agent.config import Settings
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
@@ -104,9 +104,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    add_config_option(p)
-    p.add_argument("--device", help="target device id (default: device.id of the config)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker (default 10)")
+    add_broker_options(p, device=True)
 
 
 def _assignment(text: str) -> tuple[str, Any]:
