@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from agent.config import Settings
+from agent.errors import TransportError
 from agent.jobs.protocol import status_state
 from agent.mqtt.transport import MqttTransport
 from agent.operator.fleet.client import FleetClient
@@ -103,6 +104,36 @@ def test_online_and_the_shadow_document_wait_for_the_control_connection_even_at_
                 assert time.monotonic() < deadline, published
                 threading.Event().wait(0.01)  # poll pacing; the loop ends on the condition
             assert [t for _, t in published].count("edge/dev-a/status") == 1, published
+
+
+def test_a_control_connection_that_fails_does_not_hold_back_online(
+    tmp_path: Path, tiny_model: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The board takes jobs on its job connection while the control one is refused (here: every attempt
+    fails, as a broker that allows one connection per user would): "online" and the document go out then."""
+    refuse = threading.Event()
+    real_serve = MqttTransport._serve_one_connection
+
+    def refused(self: MqttTransport) -> Any:
+        if not self.client_id.endswith("-ctl"):
+            return real_serve(self)
+        refuse.wait(T)
+        return None, TransportError("connection refused: not authorised (test)", code="mqtt_not_authorized")
+
+    monkeypatch.setattr(MqttTransport, "_serve_one_connection", refused)
+    cfg = write_daemon_config(tmp_path / "d", broker, tiny_model)
+    with BrokerClient(broker) as peer:
+        peer.subscribe("edge/dev-a/status")
+        peer.subscribe("edge/dev-a/shadow")
+        with InProcessDaemon(cfg) as d:
+            deadline = time.monotonic() + T
+            while not d.daemon.parts.reporter.status_waits:
+                assert time.monotonic() < deadline, "the job connection did not come up"
+                threading.Event().wait(0.01)  # poll pacing; the loop ends on the condition
+            refuse.set()
+            first = json.loads(peer.expect("edge/dev-a/status", timeout=T).payload)
+            assert first["state"] == "online"
+            assert json.loads(peer.expect("edge/dev-a/shadow", timeout=T).payload)["state"]["reported"]
 
 
 def _settings(broker: MosquittoBroker, tmp_path: Path) -> Settings:

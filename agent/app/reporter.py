@@ -167,8 +167,8 @@ class Reporter:
         return True
 
     def status_ready(self) -> bool:
-        """The control connection is subscribed: publish the held "online" (if the job connection is up).
-        True when it was published."""
+        """The control connection is subscribed, or it failed: publish the held "online" (if the job
+        connection is up). True when it was published."""
         with self._status_lock:
             if not (self._status_waits and self.transport.connected):
                 return False

@@ -376,13 +376,13 @@ def _connect(p: Parts, sampler: Sampler) -> None:
     p.health.listen(store_changed)
     p.transport.handle(on_message, on_connect)
 
-    def control_ready() -> None:
+    def control_ready() -> None:  # its subscriptions are in place, or it failed: nothing waits for it
         if p.reporter.status_ready():
             p.shadow.on_connect()
             p.tick.set()
 
     if p.control is not None:
-        p.control.handle(on_message, on_subscribed=control_ready)
+        p.control.handle(on_message, on_subscribed=control_ready, on_error=lambda _err: control_ready())
     if p.fleet_link is not None:
         p.fleet_link.handle(p.intake.on_message)
     sampler.read_agent_state(p.reporter.agent_state)

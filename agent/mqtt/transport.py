@@ -571,12 +571,15 @@ class MqttTransport:
         on_connect: Callable[[], None] | None = None,
         *,
         on_subscribed: Callable[[], None] | None = None,
+        on_error: Callable[[TransportError], None] | None = None,
     ) -> None:
         """Where inbound messages and each (re)connection go; called before ``start()`` when the receiver is
         built after the transport. ``on_subscribed()``: each connection's subscriptions are acknowledged
-        (network thread)."""
+        (network thread). ``on_error``, when given, replaces the one given at construction."""
         self._on_message_cb, self._on_connect_cb = on_message, on_connect
         self._on_subscribed_cb = on_subscribed
+        if on_error is not None:
+            self._on_error_cb = on_error
 
     @property
     def subscribed(self) -> bool:
