@@ -34,14 +34,18 @@ from typing import Any, Literal
 
 from agent.app.state import liveness, read_state, state_path
 from agent.config import Settings, load_settings
+from agent.config.sections import MQTTSettings
 from agent.engine.plan import PlanInputs
 from agent.engine.plan import plan as plan_load
+from agent.engine.types import LoadPlan
 from agent.errors import ConfigError, EdgeAgentError, ModelError, StoreError, TransportError, WillNotFit
 from agent.jobs.store import JobStore
-from agent.models.gguf_info import check_quantization, read_model_info
+from agent.models.gguf_info import ModelInfo, check_quantization, read_model_info
+from agent.mqtt.grants import GrantProblem
 from agent.mqtt.transport import MqttTransport
 from agent.signing import SignatureError, Trust, check_claims, manifest_text, verify_manifest
 from agent.system import cpu, memory
+from agent.system.memory import CgroupMemory, MemInfo, PsiMemory
 from agent.system.progress import progress
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
@@ -132,10 +136,10 @@ class BrokerProbe:
 
     where: str
     error: str | None
-    problems: list[Any]  # agent.mqtt.grants.GrantProblem
+    problems: list[GrantProblem]
 
 
-def probe_brokers(mqtt: Any, timeout: float) -> list[BrokerProbe]:
+def probe_brokers(mqtt: MQTTSettings, timeout: float) -> list[BrokerProbe]:
     """Each broker the daemon would use, probed once in turn."""
     out = []
     for host, port in mqtt.brokers():
@@ -145,7 +149,7 @@ def probe_brokers(mqtt: Any, timeout: float) -> list[BrokerProbe]:
     return out
 
 
-def probe_broker(mqtt: Any, timeout: float) -> tuple[str | None, list[Any]]:
+def probe_broker(mqtt: MQTTSettings, timeout: float) -> tuple[str | None, list[GrantProblem]]:
     """Connect once with the configured host, port, TLS and credentials, asking for the configured session
     expiry (the session is ended at the disconnect); (None, what the grants cost) on success, else (why, [])."""
 
@@ -193,9 +197,9 @@ def probe_broker(mqtt: Any, timeout: float) -> tuple[str | None, list[Any]]:
 class Readers:
     """Everything the checks read from the machine; tests pass fixtures."""
 
-    psi: Callable[[], Any] = lambda: memory.psi_memory()
-    cgroup: Callable[[int | str], Any] = lambda pid: memory.cgroup_memory(pid)
-    meminfo: Callable[[], Any] = lambda: memory.meminfo()
+    psi: Callable[[], PsiMemory] = lambda: memory.psi_memory()
+    cgroup: Callable[[int | str], CgroupMemory] = lambda pid: memory.cgroup_memory(pid)
+    meminfo: Callable[[], MemInfo] = lambda: memory.meminfo()
     swaps: Callable[[], str | None] = lambda: _read("/proc/swaps")
     cmdline: Callable[[], str | None] = lambda: _read("/proc/cmdline")
     cpuinfo: Callable[[], str | None] = lambda: _read("/proc/cpuinfo")
@@ -209,14 +213,14 @@ class Readers:
     ntp_synchronized: Callable[[], bool | None] = _ntp_synchronized
     systemctl: Callable[[list[str]], subprocess.CompletedProcess[str] | None] = _systemctl
     disk_free: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free
-    broker: Callable[[Any, float], list[BrokerProbe]] = probe_brokers
+    broker: Callable[[MQTTSettings, float], list[BrokerProbe]] = probe_brokers
     geteuid: Callable[[], int] = os.geteuid
 
 
 # ------------------------------------------------------------------------------------ checks
 
 
-def check_config(path: Path | None, load: Callable[[Path | None], Any]) -> tuple[Check, Any]:
+def check_config(path: Path | None, load: Callable[[Path | None], Settings]) -> tuple[Check, Settings | None]:
 
     where = str(path) if path else "the default location (/etc/edge-agent/config.toml, else built-in defaults)"
     try:
@@ -240,7 +244,7 @@ def check_config(path: Path | None, load: Callable[[Path | None], Any]) -> tuple
     return _ok("config", f"valid: {where}"), settings
 
 
-def check_model_file(settings: Any) -> tuple[Check, Any]:
+def check_model_file(settings: Settings) -> tuple[Check, ModelInfo | None]:
     """Present, inside the models folder, a readable GGUF, 4-bit. Returns the ModelInfo too."""
 
     name = "model"
@@ -294,7 +298,7 @@ def sha256_file(path: Path, progress_desc: str | None = None) -> str:
     return h.hexdigest()
 
 
-def check_signature(settings: Any, hasher: Callable[[Path], str] | None = sha256_file) -> Check:
+def check_signature(settings: Settings, hasher: Callable[[Path], str] | None = sha256_file) -> Check:
     """Which operator keys the board trusts, and whether its model's signature holds (agent/signing.py).
     ``hasher`` None (--no-sha256): the manifest is checked against the file's name and size only."""
 
@@ -323,7 +327,7 @@ def check_signature(settings: Any, hasher: Callable[[Path], str] | None = sha256
     )
 
 
-def _signature_first(settings: Any, hasher: Callable[[Path], str] | None) -> Check | None:
+def _signature_first(settings: Settings, hasher: Callable[[Path], str] | None) -> Check | None:
     """The model signature check, when keys are trusted and the model file is there (None otherwise: the
     model check then says what is wrong with the file, without reading it)."""
 
@@ -336,7 +340,7 @@ def _signature_first(settings: Any, hasher: Callable[[Path], str] | None) -> Che
     return check_signature(settings, hasher)
 
 
-def check_sha256(settings: Any, hasher: Callable[[Path], str] = sha256_file) -> Check:
+def check_sha256(settings: Settings, hasher: Callable[[Path], str] = sha256_file) -> Check:
     expected = settings.model.sha256
     path = settings.model_file()
     if expected is None:
@@ -355,10 +359,10 @@ def check_sha256(settings: Any, hasher: Callable[[Path], str] = sha256_file) -> 
     return _ok("model sha256", f"matches model.sha256 ({expected[:16]}...)")
 
 
-def check_fit(settings: Any, plan: Callable[[Any], Any] | None = None) -> Check:
+def check_fit(settings: Settings, plan: Callable[[Settings], LoadPlan] | None = None) -> Check:
     """The engine's own plan (agent.engine.plan) at the configured settings and budget."""
 
-    def default_plan(s: Any) -> Any:
+    def default_plan(s: Settings) -> LoadPlan:
         return plan_load(PlanInputs.from_settings(s))
 
     try:
@@ -387,7 +391,9 @@ def check_fit(settings: Any, plan: Callable[[Any], Any] | None = None) -> Check:
     return _ok("memory plan", summary)
 
 
-def check_broker(settings: Any, probe: Callable[[Any, float], list[BrokerProbe]], timeout: float) -> Check:
+def check_broker(
+    settings: Settings, probe: Callable[[MQTTSettings, float], list[BrokerProbe]], timeout: float
+) -> Check:
     m = settings.mqtt
     how = (" (TLS)" if m.tls.enabled else "") + (f" as {m.username}" if m.username else "")
     probes = probe(m, timeout)
@@ -408,7 +414,7 @@ def check_broker(settings: Any, probe: Callable[[Any, float], list[BrokerProbe]]
     return _ok("broker", f"connected to {where}")
 
 
-def _broker_fail(m: Any, where: str, err: str) -> Check:
+def _broker_fail(m: MQTTSettings, where: str, err: str) -> Check:
     low = err.lower()
     if "not authorised" in low or "bad user name" in low or "banned" in low:
         fix = "check mqtt.username and the password (/etc/edge-agent/mqtt_password, credential mqtt_password) and the broker's ACL"
@@ -435,7 +441,7 @@ def _ca_not_after(ca_file: Path) -> float | None:
 
 
 def check_clock(
-    settings: Any,
+    settings: Settings,
     now: float,
     ntp: bool | None,
     *,
@@ -468,7 +474,7 @@ def _pi_hint(flag: str) -> str:
     return f"add `{flag}` to the kernel command line and reboot (Raspberry Pi OS: the one line of {PI_CMDLINE})"
 
 
-def check_psi(psi: Any, cmdline: str | None) -> Check:
+def check_psi(psi: PsiMemory, cmdline: str | None) -> Check:
     if psi.available:
         return _ok(
             "PSI", f"memory pressure readable (some avg10 {psi.some_avg10:.1f} %, full avg10 {psi.full_avg10:.1f} %)"
@@ -482,7 +488,7 @@ def check_psi(psi: Any, cmdline: str | None) -> Check:
     )
 
 
-def check_cgroup(cg: Any, cmdline: str | None, *, of_service: bool) -> Check:
+def check_cgroup(cg: CgroupMemory, cmdline: str | None, *, of_service: bool) -> Check:
     whose = "the service's" if of_service else "this shell's (the service is not running)"
     if not cg.available:
         args = (cmdline or "").split()
@@ -507,7 +513,7 @@ def check_cgroup(cg: Any, cmdline: str | None, *, of_service: bool) -> Check:
     return _ok("memory cgroup", f"cgroup v{cg.version}, {whose} limit {_mib(cg.limit)}{usage}")
 
 
-def check_swap(settings: Any, mem: Any, swaps: str | None) -> Check:
+def check_swap(settings: Settings, mem: MemInfo, swaps: str | None) -> Check:
     policy = settings.swap.policy
     devices = [line.split() for line in (swaps or "").splitlines()[1:] if line.strip()]
     kinds = ", ".join(f"{d[0]} ({d[1]}, {int(d[2]) // 1024} MiB, priority {d[-1]})" for d in devices if len(d) >= 5)
@@ -534,9 +540,10 @@ def check_swap(settings: Any, mem: Any, swaps: str | None) -> Check:
     return _ok("swap", summary)
 
 
-def check_disk(settings: Any, free: Callable[[Path], int], model_size: int | None) -> list[Check]:
+def check_disk(settings: Settings, free: Callable[[Path], int], model_size: int | None) -> list[Check]:
     out: list[Check] = []
-    store_dir = Path(settings.store.path).parent
+    # Settings derives store.path from device.state_dir; a tree built by hand may leave it out.
+    store_dir = Path(settings.store.path).parent if settings.store.path else Path(settings.device.state_dir)
     need = settings.store.min_free_kb * 1024
     try:
         f = free(_existing(store_dir))
@@ -583,10 +590,12 @@ def _existing(p: Path) -> Path:
     return p
 
 
-def check_store(settings: Any) -> Check:
+def check_store(settings: Settings) -> Check:
     """A real write next to the store (catches a read-only or full filesystem, a missing folder, wrong
     ownership for this user) and, when the store exists, opening it."""
 
+    if settings.store.path is None:
+        return _fail("store", "store.path is not set", "set store.path, or device.state_dir for the default")
     path = Path(settings.store.path)
     folder = path.parent
     if not folder.is_dir():
@@ -639,7 +648,9 @@ def check_store(settings: Any) -> Check:
     return _ok("store", f"{path} writable; {sum(counts.values())} jobs, {waiting} queued")
 
 
-def check_service(systemctl: Callable[[list[str]], Any], state_line: str | None) -> Check:
+def check_service(
+    systemctl: Callable[[list[str]], subprocess.CompletedProcess[str] | None], state_line: str | None
+) -> Check:
     p = systemctl(
         ["show", "edge-agent.service", "-p", "LoadState,ActiveState,SubState,UnitFileState,ExecMainStatus,NRestarts"]
     )
@@ -803,15 +814,15 @@ def run_doctor(
     config: Path | None,
     *,
     readers: Readers | None = None,
-    load: Callable[[Path | None], Any] | None = None,
+    load: Callable[[Path | None], Settings] | None = None,
     broker_timeout: float = 5.0,
     check_sha: bool = True,
-    plan: Callable[[Any], Any] | None = None,
+    plan: Callable[[Settings], LoadPlan] | None = None,
 ) -> DoctorReport:
 
     r = readers or Readers()
     checks: list[Check] = []
-    info: Any = None
+    info: ModelInfo | None = None
     c, settings = check_config(config, load or load_settings)
     checks.append(c)
     dependent = ("model", "model sha256", "memory plan", "broker", "disk (store)", "disk (models)", "store")
@@ -862,6 +873,6 @@ def run_doctor(
     return DoctorReport(checks)
 
 
-def _defaults() -> Any:
+def _defaults() -> Settings:
 
     return Settings()
