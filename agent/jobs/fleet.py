@@ -39,6 +39,7 @@ from agent.jobs.protocol import FleetLoad, JobSubmit, StatusMessage, status_stat
 from agent.jobs.share import PeerLoad, Waiting, plan_handoffs
 from agent.jobs.store import Handoff, JobRecord, JobStore
 from agent.mqtt.topics import Topics
+from agent.mqtt.transport import PublishHandle
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class FleetShare:
         *,
         settings: Callable[[], MQTTSettings],
         model: Callable[[], str],
-        publish: Callable[..., Any],
+        publish: Callable[..., PublishHandle],
         connected: Callable[[], bool],
         capacity: Callable[[], int],
         running: Callable[[], list[str]],
@@ -85,7 +86,7 @@ class FleetShare:
         self._ms_per_token: float | None = None
         self._contact = monotonic()  # the last moment in touch with the broker (monotonic)
         self._contact_saved = 0.0
-        self._inflight: dict[str, list[Any]] = {}  # job id -> publish handles of its hand-off
+        self._inflight: dict[str, list[PublishHandle]] = {}  # job id -> publish handles of its hand-off
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None

@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from agent.config.sections import EngineSettings
 from agent.errors import StoreError
@@ -27,6 +26,7 @@ from agent.jobs.health import StoreHealth
 from agent.jobs.protocol import InvalidJob, parse_submit
 from agent.jobs.store import EARLY_CANCEL_KEEP_S, Accepted, JobRecord, JobStore
 from agent.mqtt.topics import Topics
+from agent.mqtt.transport import InboundMessage, PublishHandle
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ class Intake:
         topics: Topics,
         *,
         limits: Callable[[], EngineSettings],
-        ack: Callable[[Any], bool],
-        publish: Callable[..., Any],
-        send_outcome: Callable[[JobRecord], Any],
+        ack: Callable[[InboundMessage], bool],
+        publish: Callable[..., PublishHandle],
+        send_outcome: Callable[[JobRecord], object],
         cancel_running: Callable[[str], bool],
         job_queued: Callable[[], None],
         health: StoreHealth,
@@ -73,8 +73,8 @@ class Intake:
     def paused(self) -> bool:
         return self._paused.is_set()
 
-    def on_message(self, msg: Any) -> None:
-        """An inbound submit or cancel (an ``agent.mqtt.transport.InboundMessage``)."""
+    def on_message(self, msg: InboundMessage) -> None:
+        """An inbound submit or cancel."""
         if self._paused.is_set():
             log.debug("intake paused: %s (mid %d) left unacknowledged", msg.topic, msg.mid)
             return

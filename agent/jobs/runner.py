@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from agent.codes import ErrorCode, JobStatus, WaitReason
 from agent.config.live import INTAKE_PAUSED
@@ -35,6 +34,7 @@ from agent.jobs.protocol import ErrorInfo, JobOutcome, JobSubmit, ResultMessage,
 from agent.jobs.results import JobResults
 from agent.jobs.schedule import RUN, Pick, Queued, Verdict, held, pick
 from agent.jobs.store import JobRecord, JobStore, QueuedJob
+from agent.mqtt.transport import PublishHandle
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class Runner:
         gate: Gate,
         *,
         engine: Callable[[], EngineLike | None],
-        publish: Callable[..., Any],
-        send_outcome: Callable[[JobRecord], Any],
+        publish: Callable[..., PublishHandle],
+        send_outcome: Callable[[JobRecord], object],
         health: StoreHealth,
         admit: Callable[[int], Admission] | None = None,
         clock: Callable[[], float] = time.time,
@@ -94,7 +94,7 @@ class Runner:
         self._told: dict[str, set[WaitReason]] = {}  # the wait reasons logged per queued job
         self._lock = threading.Lock()
         self._claim_lock = threading.Lock()  # one claim at a time: slot count and queue order hold
-        self._on_thread_start: Callable[[], Any] = lambda: None
+        self._on_thread_start: Callable[[], object] = lambda: None
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -104,7 +104,7 @@ class Runner:
 
     # ------------------------------------------------------------------ control
 
-    def start(self, *, on_thread_start: Callable[[], Any] = lambda: None) -> None:
+    def start(self, *, on_thread_start: Callable[[], object] = lambda: None) -> None:
         """Start the worker threads; ``on_thread_start`` runs first on each (its priority)."""
         self._on_thread_start = on_thread_start
         self._add_workers(self._capacity())
