@@ -29,7 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from agent.codes import TERMINAL, ErrorCode, JobStatus, WaitReason
 from agent.mqtt.wire import ID_PATTERN as JOB_ID_PATTERN
@@ -244,7 +244,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-def _kind_problems(kind: Any, has_prompt: bool, has_messages: bool) -> list[str]:
+def _kind_problems(kind: object, has_prompt: bool, has_messages: bool) -> list[str]:
     """What is wrong with the text fields for this kind: prompt and messages belong to one kind each."""
     if kind == "generate":
         return (["kind 'generate' needs 'prompt'"] if not has_prompt else []) + (
@@ -506,7 +506,7 @@ _CODE_OF_ERROR = {
 _MAX_LISTED = 10
 
 
-def _explain(e: Any) -> str:
+def _explain(e: ErrorDetails) -> str:
     """One pydantic error as a sentence naming the field, the problem and the limit."""
     field, kind, ctx, value = _field(e["loc"]), e["type"], e.get("ctx") or {}, e.get("input")
     if kind == "missing":
@@ -568,7 +568,7 @@ def _from_validation_error(err: ValidationError, job_id: str | None, fields: dic
         ):
             errors.append({"type": "kind_fields", "loc": (), "msg": problem, "input": None})
 
-    def bad_key(e: Any) -> bool:
+    def bad_key(e: ErrorDetails) -> bool:
         # A key that is not valid Unicode (a lone surrogate escape) is reported by pydantic at no
         # location, with the key as input: it cannot be a known key, so it is named as unknown.
         return e["type"] == "string_unicode" and not e["loc"] and isinstance(e.get("input"), str)

@@ -54,6 +54,9 @@ from agent.sqlite import Schema, SqliteFile, open_schema
 if TYPE_CHECKING:
     from agent.config.sections import StoreSettings
 
+# What a column holds in SQLite: one of its storage classes (the meta table's value column has no type).
+SqlValue = int | float | str | bytes | None
+
 SCHEMA_VERSION = 5
 # What each schema version adds to the one before, applied in order by _open (safe to re-run).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -359,14 +362,14 @@ class JobStore(SqliteFile):
     # ----------------------------------------------------------------------------------------
     # Rows
 
-    def _rows(self, sql: str, params: dict[str, Any] | tuple[Any, ...] = ()) -> list[JobRecord]:
+    def _rows(self, sql: str, params: dict[str, SqlValue] | tuple[SqlValue, ...] = ()) -> list[JobRecord]:
         return [_record(r) for r in self._db.query(sql, params)]
 
     def _get(self, job_id: str) -> JobRecord | None:
         rows = self._rows("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
         return rows[0] if rows else None
 
-    def _insert(self, **row: Any) -> None:
+    def _insert(self, **row: SqlValue) -> None:
         self._db.table("jobs").insert(row)
 
     def _terminate(self, job_id: str, outcome: JobOutcome, now: float) -> bool:
@@ -398,7 +401,7 @@ class JobStore(SqliteFile):
             existing = self._get(job.job_id)
             if existing is not None:
                 return Accepted(existing, "duplicate_finished" if existing.terminal else "duplicate_pending")
-            row: dict[str, Any] = dict(
+            row: dict[str, SqlValue] = dict(
                 job_id=job.job_id,
                 priority=job.priority,
                 created_at=now,
@@ -789,12 +792,12 @@ class JobStore(SqliteFile):
             ).fetchone()
         return None if r is None else Handoff(r[0], r[1], json.loads(r[2]), r[3])
 
-    def meta(self, key: str) -> Any:
+    def meta(self, key: str) -> SqlValue:
         with self._read(f"reading {key}"):
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 
-    def set_meta(self, key: str, value: Any) -> None:
+    def set_meta(self, key: str, value: SqlValue) -> None:
         with self._write(f"writing {key}"):
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
