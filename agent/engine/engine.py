@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import llama_cpp.llama_cpp as C
 
@@ -59,7 +59,7 @@ from agent.engine.types import (
     fit_context,
 )
 from agent.errors import ContextTooLong, EdgeAgentError, EngineError, WillNotFit
-from agent.models.gguf_info import read_model_info
+from agent.models.gguf_info import ModelInfo, read_model_info
 from agent.system.libc import LIBC
 from agent.system.memory import Budget, MiB, proc_status, process_cpu_count
 
@@ -73,6 +73,16 @@ _PREFIX_SLACK = 8
 # ---------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------
+
+
+class EngineOptions(TypedDict, total=False):
+    """``Engine``'s keyword arguments that ``Engine.from_settings`` does not take from the settings
+    (state_dir it defaults to device.state_dir)."""
+
+    budget: Budget | None
+    force: bool
+    clock: Callable[[], float]
+    state_dir: Path | str | None
 
 
 class Engine:
@@ -105,8 +115,8 @@ class Engine:
         self._clock = clock
         self._lock = threading.RLock()
         self._closing = threading.Event()
-        self._llama: Any = None
-        self._info: Any = None
+        self._llama: Any = None  # llama_cpp.Llama: llama-cpp-python's objects are used untyped here
+        self._info: ModelInfo | None = None
         self._report: LoadReport | None = None
         self._sched: Scheduler | None = None
         # llama.cpp keeps only the function pointer: this object must live as long as the context.
@@ -117,14 +127,15 @@ class Engine:
         self._prompt_cache: PromptCache | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, **kw: Any) -> Engine:
+    def from_settings(cls, settings: Settings, **kw: Unpack[EngineOptions]) -> Engine:
         """The daemon's engine: the model from model.path, which must lie inside device.models_dir."""
+        options: EngineOptions = {"state_dir": settings.device.state_dir, **kw}
         return cls(
             settings.model_file(),
             engine=settings.engine,
             memory=settings.memory,
             allow_non_4bit=settings.model.allow_non_4bit,
-            **{"state_dir": settings.device.state_dir, **kw},
+            **options,
         )
 
     # ------------------------------------------------------------------ state
@@ -138,7 +149,7 @@ class Engine:
         return self._report
 
     @property
-    def info(self) -> Any:
+    def info(self) -> ModelInfo | None:
         return self._info
 
     @property
@@ -487,7 +498,7 @@ class Engine:
 
     # ------------------------------------------------------------------ residency / warm-up
 
-    def _model_info(self) -> Any:
+    def _model_info(self) -> ModelInfo:
         # Reading the header maps the file's first pages (and the kernel reads ahead around them):
         # read it once, so residency() does not disturb what it measures.
         if self._info is None:

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 _CONTEXT_FIELDS = ("n_seq_max", "type_k", "type_v", "flash_attn_type", "swa_full", "kv_unified", "offload_kqv")
 
+# What a prefix's KV cells depend on, as written to its sidecar (JSON: strings and integers).
+CacheKey = dict[str, str | int]
+
 
 def model_sha256(model: Path, folder: Path | None) -> str:
     """The model file's sha256, remembered in ``folder`` by (path, size, mtime, inode) so that a
@@ -59,10 +62,10 @@ def model_sha256(model: Path, folder: Path | None) -> str:
     return digest
 
 
-def cache_key(llama: Any, model_digest: str, tokens: list[int]) -> dict[str, Any]:
+def cache_key(llama: Any, model_digest: str, tokens: list[int]) -> CacheKey:
     """Everything the prefix's KV cells depend on."""
     params = llama.context_params
-    key: dict[str, Any] = {
+    key: CacheKey = {
         "format": FORMAT,
         "llama_cpp_python": llama_cpp.__version__,
         "model_sha256": model_digest,
@@ -83,7 +86,7 @@ def cache_key(llama: Any, model_digest: str, tokens: list[int]) -> dict[str, Any
 class PromptCache:
     """One prefix's tokens and its state file. ``saved``: the file on disk holds them."""
 
-    def __init__(self, folder: Path, key: dict[str, Any], tokens: list[int]) -> None:
+    def __init__(self, folder: Path, key: CacheKey, tokens: list[int]) -> None:
         self.folder = folder
         self.key = key
         self.tokens = list(tokens)
