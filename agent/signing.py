@@ -34,13 +34,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import ModelError
+
+if TYPE_CHECKING:
+    # For annotations only: agent.config sits above this module and imports it (to parse trusted keys),
+    # so a run-time import would be a cycle.
+    from agent.config import Settings
+    from agent.config.sections import ModelSettings
 
 PrivateKey = Ed25519PrivateKey  # an operator's private key, as load_private_key returns it
 
@@ -284,7 +290,7 @@ def manifest_text(signature: str | None, model_file: Path) -> str | bytes:
         raise SignatureError(f"cannot read {sig.name}: {e.strerror or e}") from None
 
 
-def running_version(model: Any, model_file: Path, trust: Trust, now: float) -> int | None:
+def running_version(model: ModelSettings, model_file: Path, trust: Trust, now: float) -> int | None:
     """The signed version of the model in force (None: unsigned, unversioned or unreadable)."""
     try:
         return verify_manifest(manifest_text(model.signature, model_file), trust, now).version
@@ -292,7 +298,7 @@ def running_version(model: Any, model_file: Path, trust: Trust, now: float) -> i
         return None
 
 
-def verify_model_file(model: Any, path: Path, sha256: str, *, running: int | None, now: float) -> ModelClaims:
+def verify_model_file(model: ModelSettings, path: Path, sha256: str, *, running: int | None, now: float) -> ModelClaims:
     """Before a model is loaded (``model``: its ModelSettings, with trusted keys): its manifest verifies,
     is for exactly these bytes and is not a rollback below ``running``. SignatureError otherwise."""
     claims = verify_manifest(manifest_text(model.signature, path), Trust.from_texts(model.trusted_keys), now)
@@ -300,7 +306,7 @@ def verify_model_file(model: Any, path: Path, sha256: str, *, running: int | Non
     return claims
 
 
-def desired_model_problem(settings: Any, *, running: int | None, now: float) -> str | None:
+def desired_model_problem(settings: Settings, *, running: int | None, now: float) -> str | None:
     """Why the model that ``settings`` (a board's Settings with desired applied) names may not be fetched
     or loaded, judged from its manifest before any byte of it is downloaded (None: it may)."""
     m = settings.model
