@@ -21,6 +21,9 @@ from agent.telemetry.fields import Telemetry
 from agent.telemetry.heat import FREQ_CAPPED, NOW_MASK, SOFT_TEMP_LIMIT, THROTTLED, UNDER_VOLTAGE
 
 if TYPE_CHECKING:
+    # For annotations only: the governor sits above telemetry, and the engine beside it (independent layers),
+    # so neither may be imported here at run time (import-linter's layers contract).
+    from agent.engine.supervisor import ModelChange
     from agent.governor.policy import Decision
 
 
@@ -199,7 +202,7 @@ __all__ = [
 ]
 
 
-def model_change_event(change: Any, *, device_id: str, ts: float, level: str | None = None) -> Event:
+def model_change_event(change: ModelChange, *, device_id: str, ts: float, level: str | None = None) -> Event:
     """A model change ended (agent.engine.supervisor.ModelChange): applied, or rolled back."""
     if change.outcome == "applied":
         message = f"model {change.path} in force after {change.took_ms:.0f} ms ({change.preempted} job(s) preempted)"
