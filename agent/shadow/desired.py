@@ -278,7 +278,7 @@ def check_model_file(settings: Settings, *, read_header: bool = True) -> str | N
     return None
 
 
-def _download_target_problem(path: Any) -> str | None:
+def _download_target_problem(path: Path) -> str | None:
 
     p = Path(path)
     if p.is_absolute() or len(p.parts) != 1 or p.name.startswith("."):

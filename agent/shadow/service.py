@@ -88,7 +88,7 @@ _SEEN_MAX = 64
 
 
 class Publish(Protocol):
-    def __call__(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any: ...
+    def __call__(self, topic: str, payload: bytes, qos: int, retain: bool) -> object: ...
 
 
 class ShadowService:
@@ -100,12 +100,12 @@ class ShadowService:
         file_settings: Settings,
         executor: Executor,
         publish: Publish,
-        ack: Callable[[InboundMessage], Any] | None = None,
+        ack: Callable[[InboundMessage], object] | None = None,
         facts: Callable[[], Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.time,
         wake: Callable[[], None] | None = None,
         check_board: bool = True,
-        send_event: Callable[[Event], Any] | None = None,
+        send_event: Callable[[Event], object] | None = None,
         refusal_limit: RateLimit | None = None,
     ) -> None:
         """``file_settings``: the board's own configuration (file, environment, credentials), which

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -58,7 +59,7 @@ class ShadowStore(SqliteFile):
         readonly: bool = False,
         busy_timeout_ms: int = 5000,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
-        clock: Any = time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``readonly``: read an existing file only (the CLI, while the daemon runs)."""
         self.path = Path(path)
