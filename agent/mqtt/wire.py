@@ -10,7 +10,7 @@ import json
 import math
 import re
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
@@ -41,7 +41,7 @@ class Refuse(ValueError):
     """Raised from the JSON decoder hooks with a finished message."""
 
 
-def _refuse_constant(name: str) -> Any:
+def _refuse_constant(name: str) -> NoReturn:
     raise Refuse(f"payload contains {name}; JSON numbers must be finite")
 
 
