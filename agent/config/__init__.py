@@ -150,13 +150,13 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
                 node[keys[-1]] = str((base / p).resolve())
 
 
-def _field_path(loc: tuple[Any, ...]) -> tuple[tuple[str, ...], str | None]:
+def _field_path(loc: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
     """The part of an error location that names settings fields, and that field's description.
 
     Pydantic appends union member tags (``int``, ``literal['auto']``) to the location; they are
     not keys a user can write, so they are cut off here.
     """
-    model: Any = Settings
+    model: object = Settings  # a settings model, then a field's annotation: read by reflection
     path: list[str] = []
     info = None
     for part in loc:

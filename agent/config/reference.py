@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -45,7 +44,7 @@ def _default(info: FieldInfo) -> str:
         return "(derived)"
     if info.default is PydanticUndefined:
         return "(required)"
-    value: Any = info.default
+    value: object = info.default
     if isinstance(value, BaseModel):
         return "(section)"
     if value is not None and not isinstance(value, (int, float, str, bool)):
