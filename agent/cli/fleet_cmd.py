@@ -16,11 +16,20 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from agent.cli.config_cmd import add_broker_options, add_group, settings_from
 from agent.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ModelError
+
+if TYPE_CHECKING:
+    # Imported where they are used, as the handlers do: the operator's fleet modules and
+    # cryptography cost every other command's start-up.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.operator.fleet.client import FleetClient
+    from agent.operator.fleet.plan import Target
+    from agent.operator.fleet.store import Rollout, RolloutStore
 
 INTERRUPTED = 130
 
@@ -117,13 +126,13 @@ def _broker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", help="the topic prefix of the fleet (default: mqtt.prefix of the config)")
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace) -> FleetClient:
     from agent.operator.fleet.client import FleetClient
 
     return FleetClient(settings_from(args), prefix=args.prefix, connect_timeout=args.connect_timeout)
 
 
-def _store(args: argparse.Namespace) -> Any:
+def _store(args: argparse.Namespace) -> RolloutStore:
     from agent.operator.fleet.store import RolloutStore, default_path
 
     return RolloutStore(args.db or default_path())
@@ -191,7 +200,7 @@ def _ago(now: float, t: float | None) -> str:
 # rollout
 
 
-def _target(args: argparse.Namespace) -> Any:
+def _target(args: argparse.Namespace) -> Target:
     from agent.operator.fleet.plan import PlanError, Target
 
     if not args.model or not args.sha256:
@@ -241,7 +250,7 @@ def _signature(args: argparse.Namespace, name: str) -> str | None:
     return text.strip()
 
 
-def _key(args: argparse.Namespace) -> Any:
+def _key(args: argparse.Namespace) -> Ed25519PrivateKey | None:
     from agent.signing import load_private_key
 
     return load_private_key(args.key) if args.key is not None else None
@@ -319,7 +328,7 @@ def _rollout(args: argparse.Namespace) -> int:
     return _report(r, args.json)
 
 
-def _resume_key_problem(recorded: str | None, key: Any) -> str | None:
+def _resume_key_problem(recorded: str | None, key: Ed25519PrivateKey | None) -> str | None:
     """A resumed rollout signs with the key it started with, or stays unsigned."""
     from agent.signing import key_id
 
@@ -331,7 +340,7 @@ def _resume_key_problem(recorded: str | None, key: Any) -> str | None:
     return f"signs with key {recorded}: give that key with --key" + (f" (this one is {given})" if given else "")
 
 
-def _report(r: Any, as_json: bool) -> int:
+def _report(r: Rollout, as_json: bool) -> int:
     if as_json:
         json.dump(r.as_dict(), sys.stdout, indent=2)
         print()
@@ -350,7 +359,7 @@ def _report(r: Any, as_json: bool) -> int:
     return EXIT_FAILURE
 
 
-def _wave_text(r: Any) -> str:
+def _wave_text(r: Rollout) -> str:
     sizes = [sum(1 for d in r.devices if d.wave == w) for w in range(r.waves())]
     return "(" + " + ".join(str(n) for n in sizes) + ")"
 
@@ -360,9 +369,9 @@ class _Progress:
 
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
-        self._bar: Any = None
+        self._bar: Any = None  # a tqdm bar (tqdm has no type information)
 
-    def update(self, r: Any) -> None:
+    def update(self, r: Rollout) -> None:
         if not self.enabled:
             return
         if self._bar is None:
@@ -413,7 +422,7 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def render_status(r: Any) -> str:
+def render_status(r: Rollout) -> str:
     t = r.spec.target
     p = r.spec.policy
     lines = [

@@ -17,12 +17,16 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 from agent.cli.config_cmd import add_config_option, settings_from
 
 EXIT_CANCELED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -79,10 +83,10 @@ def _ctx_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {text!r}") from None
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, int | str]]:
     # One prompt: plan and load one slot, not the daemon's engine.max_parallel (whose 'auto' takes
     # as many as the budget allows, each with a KV cache of its own).
-    eng: dict[str, Any] = {"max_parallel": 1}
+    eng: dict[str, int | str] = {"max_parallel": 1}
     if args.mode is not None:
         eng["load_mode"] = args.mode
     if args.ctx is not None:
@@ -141,6 +145,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
         if error is not None:
             raise error
+        assert result is not None  # the worker returned without an error: it has the result
         after = proc_status()
         if args.json:
             doc = {**result.as_dict(), **report.as_dict()}
@@ -162,10 +167,10 @@ def _generate(args: argparse.Namespace) -> int:
         engine.unload()
 
 
-def _run_cancellable(fn: Any, cancel: threading.Event) -> tuple[Any, BaseException | None]:
+def _run_cancellable(fn: Callable[[], T], cancel: threading.Event) -> tuple[T | None, BaseException | None]:
     """Run ``fn`` on a worker thread; the first SIGINT sets ``cancel`` (the engine stops at its next
     abort check), a second one raises KeyboardInterrupt here as usual."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {}  # "result": what fn returned (a T), "error": what it raised
 
     def work() -> None:
         try:
@@ -173,7 +178,7 @@ def _run_cancellable(fn: Any, cancel: threading.Event) -> tuple[Any, BaseExcepti
         except BaseException as e:  # noqa: BLE001  handed back to the main thread
             out["error"] = e
 
-    def on_sigint(_signum: int, _frame: Any) -> None:
+    def on_sigint(_signum: int, _frame: FrameType | None) -> None:
         if cancel.is_set():
             raise KeyboardInterrupt
         cancel.set()
