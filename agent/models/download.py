@@ -32,10 +32,11 @@ import shutil
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 from agent import __version__
@@ -43,6 +44,12 @@ from agent.errors import EdgeAgentError
 from agent.system.files import fsync_dir
 
 if TYPE_CHECKING:
+    # _hashlib (hashlib's OpenSSL backend) is absent from a CPython built without OpenSSL, and
+    # urllib3 is costly to import: both are for the annotations only.
+    from _hashlib import HASH
+
+    from urllib3 import BaseHTTPResponse, HTTPHeaderDict
+
     from agent.config.sections import DownloadSettings
 
 log = logging.getLogger(__name__)
@@ -201,14 +208,14 @@ class HttpLink:
 class Response:
     """One streamed answer; ``chunks()`` converts urllib3's errors."""
 
-    def __init__(self, resp: Any, urllib3: Any, url: str) -> None:
+    def __init__(self, resp: BaseHTTPResponse, urllib3: ModuleType, url: str) -> None:
         self._resp = resp
         self._urllib3 = urllib3
         self._url = url
         self.status: int = resp.status
-        self.headers: Any = resp.headers
+        self.headers: HTTPHeaderDict = resp.headers
 
-    def chunks(self) -> Any:
+    def chunks(self) -> Iterator[bytes]:
         try:
             yield from self._resp.stream(CHUNK, decode_content=False)
         except self._urllib3.exceptions.HTTPError as e:
@@ -293,7 +300,7 @@ class _State:
     """Where the partial file stands; every attempt moves it forward, even one that fails midway."""
 
     have: int
-    h: Any
+    h: HASH
     total: int | None
 
 
@@ -431,7 +438,7 @@ def _fetch(
 def _attempt(
     source: Source,
     link: HttpLink,
-    out: Any,
+    out: BinaryIO,
     st: _State,
     margin: int,
     progress: Progress,
@@ -509,7 +516,7 @@ def _attempt(
         resp.close()
 
 
-def _start_over(out: Any, st: _State, progress: Progress) -> None:
+def _start_over(out: BinaryIO, st: _State, progress: Progress) -> None:
     out.flush()
     out.truncate(0)  # the file is opened for appending: the next write lands at byte 0
     st.have, st.h = 0, hashlib.sha256()
@@ -530,7 +537,7 @@ def _hint(status: int, url: str) -> str:
     return ""
 
 
-def _hash_file(path: Path, cancel: threading.Event) -> Any:
+def _hash_file(path: Path, cancel: threading.Event) -> HASH:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

@@ -35,7 +35,7 @@ _DEFAULT_ALIGNMENT = 32
 # Arrays longer than this are walked but not kept: only their length is needed (vocabularies, merges).
 _KEEP_ARRAY_MAX = 4096
 
-_T: Any = gguf.GGMLQuantizationType  # indexed by type name, not a generic
+_T: type[gguf.GGMLQuantizationType] = gguf.GGMLQuantizationType  # a variable (indexed by type name), not an alias
 
 # Weight types that count as "4-bit or smaller": at most 5.0 stored bits per weight including
 # block scales (Q4_1 is exactly 5.0; Q5_0 is 5.5). Smaller types (Q2_K, Q3_K, IQ1-IQ3, TQ) are
@@ -539,7 +539,7 @@ def _build_info(path: Path, size: int, h: _Header) -> ModelInfo:
     )
 
 
-def _file_type_name(value: Any) -> str | None:
+def _file_type_name(value: object) -> str | None:
     if not isinstance(value, int):
         return None
     try:
@@ -548,7 +548,7 @@ def _file_type_name(value: Any) -> str | None:
         return f"unknown ({value})"
 
 
-def _quant_verdict(tensors: list[TensorEntry], file_type_value: Any) -> QuantVerdict:
+def _quant_verdict(tensors: list[TensorEntry], file_type_value: object) -> QuantVerdict:
     # The repeating blocks decide: that is where the per-layer weights and their bulk are once the
     # vocabulary is small relative to the model. A file with no blk.N tensors is judged whole.
     blocks = [t for t in tensors if _BLOCK_RE.match(t.name) and len(t.shape) >= 2]
