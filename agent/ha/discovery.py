@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.config import Settings
 from agent.mqtt.topics import Topics
 
 CLIENT_TOKEN = "homeassistant"
@@ -61,15 +62,15 @@ SENSORS: tuple[Sensor, ...] = (
 )  # fmt: skip
 
 
-def node_id(settings: Any) -> str:
+def node_id(settings: Settings) -> str:
     return "edge_agent_" + _SAFE.sub("_", settings.device.id)
 
 
-def _topic(settings: Any, component: str, object_id: str) -> str:
+def _topic(settings: Settings, component: str, object_id: str) -> str:
     return f"{settings.homeassistant.discovery_prefix}/{component}/{node_id(settings)}/{object_id}/config"
 
 
-def _device(settings: Any) -> dict[str, Any]:
+def _device(settings: Settings) -> dict[str, Any]:
     ha = settings.homeassistant
     return {
         "identifiers": [f"edge-agent-{settings.device.id}"],
@@ -126,7 +127,7 @@ def list_models(models_dir: Path) -> list[str]:
     )
 
 
-def select_options(settings: Any, models: Iterable[str]) -> list[str]:
+def select_options(settings: Settings, models: Iterable[str]) -> list[str]:
     """The model select's options: the models folder's files, and the model in force."""
     options = list(models)
     current = str(settings.model.path)
@@ -139,7 +140,7 @@ def _shadow_update(desired: dict[str, Any]) -> str:
     return json.dumps({"state": {"desired": desired}, "client_token": CLIENT_TOKEN}, separators=(",", ":"))
 
 
-def _entities(settings: Any, models: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+def _entities(settings: Settings, models: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
     topics = Topics(settings.mqtt.prefix, settings.device.id)
     base = {"availability": _availability(topics), "device": _device(settings),
             "origin": {"name": "edge-agent", "sw_version": __version__}}  # fmt: skip
@@ -229,18 +230,18 @@ def _entities(settings: Any, models: Iterable[str]) -> list[tuple[str, dict[str,
     return out
 
 
-def discovery_messages(settings: Any, models: Iterable[str]) -> list[tuple[str, bytes]]:
+def discovery_messages(settings: Settings, models: Iterable[str]) -> list[tuple[str, bytes]]:
     """(topic, retained payload) for every entity; ``models``: the select's options (``list_models``)."""
     return [(t, json.dumps(cfg, separators=(",", ":")).encode()) for t, cfg in _entities(settings, models)]
 
 
-def model_select_message(settings: Any, models: Iterable[str]) -> tuple[str, bytes]:
+def model_select_message(settings: Settings, models: Iterable[str]) -> tuple[str, bytes]:
     """(topic, retained payload) of the model select alone: republished when its options change."""
     topic = _topic(settings, "select", "model")
     return next((t, p) for t, p in discovery_messages(settings, models) if t == topic)
 
 
-def removal_messages(settings: Any, models: Iterable[str] = ()) -> list[tuple[str, bytes]]:
+def removal_messages(settings: Settings, models: Iterable[str] = ()) -> list[tuple[str, bytes]]:
     """An empty retained payload on every entity's config topic: Home Assistant removes the entities and
     the broker drops the retained configs."""
     return [(t, b"") for t, _ in _entities(settings, models)]
