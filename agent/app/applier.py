@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
 
 from agent.config import Settings
 from agent.config.live import INTAKE_PAUSED, ApplyReport, Change, diff
@@ -30,6 +29,7 @@ from agent.jobs.store import JobStore
 from agent.models.library import ModelDelivery
 from agent.system.priority import apply_inference_priority, apply_process_priority, process_threads
 from agent.system.swap import write_desired as write_desired_swap
+from agent.telemetry.spool import TelemetrySpool
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class LiveSettings:
         supervisor: Supervisor,
         store: JobStore,
         hold_intake: Callable[[bool], None],
-        spool: Any = None,
+        spool: TelemetrySpool | None = None,
         inference_threads: Callable[[], list[int]] = lambda: [],
         delivery: ModelDelivery | None = None,
     ) -> None:
@@ -184,9 +184,9 @@ class LiveSettings:
         return ("pending" if status.state == "fetching" else "failed"), status.message
 
 
-def _set(settings: Settings, key: str, value: Any) -> None:
+def _set(settings: Settings, key: str, value: object) -> None:
     *path, name = key.split(".")
-    node: Any = settings
+    node: object = settings  # Settings, then the section the dotted key names
     for part in path:
         node = getattr(node, part)
     setattr(node, name, value)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,6 +30,10 @@ from agent.config import Settings
 from agent.config.live import INTAKE_PAUSED
 from agent.engine.types import LoadReport
 from agent.system.files import atomic_write
+
+if TYPE_CHECKING:
+    # agent.app.reporter imports this module: a run-time import would be a cycle.
+    from agent.app.reporter import Reporter
 
 STATE_FILE_NAME = "state.json"
 SCHEMA = 1
@@ -135,7 +140,7 @@ class StateWriter:
 
     RETRY_S = 5.0  # after a failed write (a full disk), the next try at the earliest
 
-    def __init__(self, path: Path, *, heartbeat_s: float = 30.0, clock: Any = time.time) -> None:
+    def __init__(self, path: Path, *, heartbeat_s: float = 30.0, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self.heartbeat_s = heartbeat_s
         self._clock = clock
@@ -185,8 +190,8 @@ def liveness(
     snap: StateSnapshot,
     now: float,
     *,
-    alive: Any = pid_alive,
-    start_ticks: Any = process_start_ticks,
+    alive: Callable[[int], bool] = pid_alive,
+    start_ticks: Callable[[int], int | None] = process_start_ticks,
 ) -> tuple[Liveness, str]:
     """Is the daemon that wrote ``snap`` running? (verdict, one line of explanation). Pure given the readers.
 
@@ -231,17 +236,28 @@ def model_state(report: LoadReport, models_dir: Path | None = None, *, loaded_at
     )
 
 
+class SnapshotExtras(TypedDict, total=False):
+    """The fields of a snapshot that ``from_daemon`` does not read from the daemon's parts."""
+
+    telemetry: dict[str, Any] | None
+    memory_level: str | None
+    memory_action: str | None
+    shadow_version: int | None
+    shadow_applied_version: int | None
+
+
 def from_daemon(
-    daemon: Any,
+    daemon: Reporter,
     state: DaemonState,
     *,
     started_at: float,
     ready_at: float | None = None,
     pid_start: int | None = None,
-    **extra: Any,
+    **extra: Unpack[SnapshotExtras],
 ) -> StateSnapshot:
-    """A snapshot of a running ``agent.app.daemon.Daemon`` from its parts (the settings, the supervisor's
-    engine, the store, the run gate, the store's health, the transport). ``extra`` sets the other fields
+    """A snapshot of a running ``agent.app.daemon.Daemon`` from its parts, as its ``Reporter`` holds them (the
+    settings, the supervisor's engine, the store, the run gate, the store's health, the transport). ``extra`` sets
+    the other fields
     (telemetry, memory_level, memory_action, shadow_version, shadow_applied_version)."""
     s = daemon.settings
     engine = daemon.supervisor.engine
