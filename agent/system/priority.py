@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from agent.config.sections import PrioritySettings
@@ -36,14 +36,17 @@ _IOPRIO_CLASS_SHIFT = 13
 _IOPRIO_CLASSES = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
 _IOPRIO_NAMES = {v: k for k, v in _IOPRIO_CLASSES.items()}
 
+# A setting's value: a niceness or oom_score_adj, an I/O class ("best-effort/4"), a CPU list.
+PriorityValue = int | str | list[int]
+
 
 @dataclass(frozen=True)
 class Applied:
     """One setting on one target: what was wanted, what is in force now, and if it differs, why."""
 
     setting: str  # "nice", "inference_nice", "io", "oom_score_adj", "cpus"
-    wanted: Any
-    actual: Any
+    wanted: PriorityValue
+    actual: PriorityValue | None  # None: it could not be read
     ok: bool
     note: str  # what happened; when not ok: why, and what to set in the unit
 
@@ -62,7 +65,7 @@ class PriorityReport:
     def lines(self) -> list[str]:
         return [r.line() for r in self.results]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, dict[str, PriorityValue | bool | None]]:
         """For the shadow's reported state: per setting, what is in force and any problem."""
         return {r.setting: {"wanted": r.wanted, "actual": r.actual, "ok": r.ok, "note": r.note} for r in self.results}
 

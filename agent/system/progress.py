@@ -16,13 +16,30 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, Any, Literal
+from types import TracebackType
+from typing import IO, Literal, Protocol
 
 from tqdm import tqdm
 
 Mode = Literal["bar", "log", "off"]
 
 log = logging.getLogger("agent.progress")
+
+
+class ProgressBar(Protocol):
+    """What ``progress`` returns: a tqdm bar, a ``LogProgress`` or one that shows nothing."""
+
+    def update(self, n: float = 1) -> object: ...
+
+    def set_postfix_str(self, text: str, /, refresh: bool = False) -> object: ...  # tqdm names it s
+
+    def close(self) -> object: ...
+
+    def __enter__(self) -> ProgressBar: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
+    ) -> None: ...
 
 
 def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
@@ -103,7 +120,7 @@ class LogProgress:
     def __enter__(self) -> LogProgress:
         return self
 
-    def __exit__(self, exc_type: Any, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None:
             self.close()
 
@@ -137,7 +154,7 @@ def progress(
     interval_s: float = 5.0,
     stream: IO[str] | None = None,
     logger: logging.Logger = log,
-) -> Any:
+) -> ProgressBar:
     """A context manager with ``update(n)`` and ``set_postfix_str(text)``: a tqdm bar, log lines or nothing
     (``mode`` forces one; default: ``choose_mode``). ``unit="B"`` scales bytes to KiB/MiB/GiB."""
     mode = mode or choose_mode(stream, enabled=enabled)
@@ -147,4 +164,5 @@ def progress(
         return LogProgress(total, desc, unit=unit, interval_s=interval_s, logger=logger)
 
     scale = dict(unit_scale=True, unit_divisor=1024) if unit == "B" else {}
-    return tqdm(total=total, desc=desc, unit=unit, file=stream or sys.stderr, leave=False, **scale)
+    bar: ProgressBar = tqdm(total=total, desc=desc, unit=unit, file=stream or sys.stderr, leave=False, **scale)
+    return bar
