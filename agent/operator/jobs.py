@@ -60,7 +60,7 @@ class JobClient:
         self.connect()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.transport.stop()
 
     def connect(self) -> None:

@@ -57,7 +57,7 @@ class ShadowClient:
         self.transport.connect_or_raise(self._connect_timeout)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.transport.stop()
 
     # ------------------------------------------------------------------ requests

@@ -87,7 +87,7 @@ class FleetClient:
             )
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.transport.stop()
 
     # ------------------------------------------------------------------ reading

@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -233,15 +234,15 @@ class RolloutStore(SqliteFile):
             ).fetchall()
         return [(r[0], r[1], r[2], json.loads(r[3])["target"]["path"]) for r in rows]
 
-    def set_rollout(self, rid: str, **fields: Any) -> None:
+    def set_rollout(self, rid: str, **fields: str | int | float | None) -> None:
         self._update("rollouts", "id = ?", (rid,), fields)
 
-    def set_device(self, rid: str, device: str, **fields: Any) -> None:
+    def set_device(self, rid: str, device: str, **fields: Any) -> None:  # columns, and previous (JSON)
         if "previous" in fields:
             fields["previous"] = json.dumps(fields["previous"]) if fields["previous"] is not None else None
         self._update("devices", "rollout_id = ? AND device = ?", (rid, device), fields)
 
-    def _update(self, table: str, where: str, key: tuple[Any, ...], fields: dict[str, Any]) -> None:
+    def _update(self, table: str, where: str, key: tuple[str, ...], fields: Mapping[str, object]) -> None:
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._write("writing the rollout record") as db:
             db.execute(f"UPDATE {table} SET {cols} WHERE {where}", (*fields.values(), *key))
