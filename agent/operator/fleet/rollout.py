@@ -36,7 +36,7 @@ from agent.operator.fleet.plan import (
     restore_observe,
     wave_sizes,
 )
-from agent.operator.fleet.store import Rollout, RolloutStore, Spec
+from agent.operator.fleet.store import Device, Rollout, RolloutStore, Spec
 from agent.signing import PrivateKey, iso, key_id, sign_update
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class RolloutDriver:
         return max(0.05, min(5.0, left))
 
 
-def _refused(d: Any) -> bool:
+def _refused(d: Device) -> bool:
     """The board answered the rollout's update with a refusal: it was never applied."""
     return d.state == "failed" and d.version is None and (d.message or "").startswith(f"update {REJECTED} ")
 
