@@ -55,6 +55,7 @@ class ModelServer:
         self.port = _free_port()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._cutting: threading.Thread | None = None  # the cut's stop, on a thread of its own
 
     @property
     def base_url(self) -> str:
@@ -78,6 +79,11 @@ class ModelServer:
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> ModelServer:
+        """Listen (again). After a cut, once the cut's stop has run: else that stop would take down the
+        server started here instead of the one it cut."""
+        if self._cutting is not None:
+            self._cutting.join()
+            self._cutting = None
         server = self
 
         class Handler(_Handler):
@@ -124,7 +130,8 @@ class ModelServer:
             self.stop()
             self.cut.set()
 
-        threading.Thread(target=stop, daemon=True).start()
+        self._cutting = threading.Thread(target=stop, daemon=True)
+        self._cutting.start()
 
     def __enter__(self) -> ModelServer:
         return self.start()
@@ -195,12 +202,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         o.counters.body_bytes[name] = o.counters.body_bytes.get(name, 0) + give
                 left -= give
                 if cut and left > 0:
+                    o._do_cut()  # before the client can see the drop: a start() it causes waits for this stop
                     self.close_connection = True
                     try:
                         self.connection.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
-                    o._do_cut()
                     return
 
     def _plain(self, rec: Request, status: int, body: bytes) -> None:
