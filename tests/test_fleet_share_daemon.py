@@ -140,14 +140,46 @@ def test_submit_fleet_runs_the_job_on_a_board_of_the_group_and_says_which(
             out, err = capsys.readouterr()
             assert main(["fleet", "list", "-c", str(cfg)]) == 0
             listing = capsys.readouterr().out
+            # --stream prints the pieces of the board that runs it (with or without --wait).
+            streamed_rc = main(["submit", "-c", str(cfg), "Hello", "--fleet", "--stream", "--job-id", "cli-stream",
+                                "--max-tokens", "8"])  # fmt: skip
+            streamed, streamed_err = capsys.readouterr()
+            record = board.daemon.parts.store.get("cli-stream")
         finally:
             board.stop()
     assert rc == 0, err
     assert "FLEET JOBS" in listing and "g: " in listing and " queued" in listing  # the board's fleet load
     assert json.loads(out)["job_id"] == "cli-fleet" and json.loads(out)["status"] == "SUCCEEDED"
     assert "submitted cli-fleet to edge/fleet/jobs/submit" in err and "[QUEUED on b1]" in err
-    assert main(["submit", "-c", str(cfg), "Hello", "--fleet", "--stream"]) == 1
-    assert "with --fleet use --wait" in capsys.readouterr().err
+    assert streamed_rc == 0, streamed_err
+    assert record is not None and record.outcome is not None and record.outcome.text
+    assert streamed == record.outcome.text + "\n"  # every piece, in order, then the end of the line
+    assert "[SUCCEEDED on b1]" in streamed_err and "without --wait" not in streamed_err
+
+
+def test_a_streamed_fleet_job_prints_the_pieces_of_the_board_that_holds_it_only(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    """A job handed from x to y: y's pieces are the job's; pieces from x (a copy it kept running after it
+    lost the broker) are not mixed in. The boards are played by a plain client, in one ordered stream."""
+    cfg = write_daemon_config(tmp_path / "op", broker, tiny_model, device_id="op")  # the operator's settings
+    pieces: list[tuple[str, str]] = []
+    with BrokerClient(broker, client_id="boards") as boards, FleetJobs(load_settings(cfg), stream_of=["s1"]) as fleet:
+        fleet.submit({"prompt": "Hello", "stream": True}, job_id="s1")
+
+        def send(device: str, what: str, body: dict[str, Any]) -> None:
+            boards.publish(f"edge/{device}/jobs/s1/{what}", json.dumps({"job_id": "s1", **body}).encode())
+
+        send("x", "status", {"status": "QUEUED"})
+        send("x", "status", {"status": "RELEASED", "handed_to": "y"})
+        send("y", "status", {"status": "IN_PROGRESS"})
+        send("x", "stream", {"index": 0, "text": "stale "})
+        send("y", "stream", {"index": 0, "text": "Hello"})
+        send("y", "stream", {"index": 1, "text": " there"})
+        send("y", "result", {"status": "SUCCEEDED", "text": "Hello there"})
+        results = fleet.wait(["s1"], timeout=30, on_piece=lambda device, p: pieces.append((device, p["text"])))
+    assert results["s1"]["text"] == "Hello there"
+    assert pieces == [("y", "Hello"), ("y", " there")]
 
 
 def test_submit_fleet_says_when_no_board_takes_fleet_jobs(

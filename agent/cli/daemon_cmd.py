@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +36,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--fleet",
         action="store_true",
         help="publish to the fleet topic ({prefix}/fleet/jobs/submit) instead: one board of the group runs it; with "
-        "--wait, follow it to that board and send it again by the fleet rules (docs/protocol.md, Fleet jobs)",
+        "--wait or --stream, follow it to that board (printing the pieces of the board that holds it) and send it "
+        "again by the fleet rules (docs/protocol.md, Fleet jobs)",
     )
     s.add_argument("--job-id", help="job id (default: a new unique id)")
     s.add_argument("--max-tokens", type=int, default=64)
@@ -215,10 +217,14 @@ def _submit_fleet(
     """`submit --fleet`: one board of the group runs it, wherever the boards hand it."""
     from agent.operator.fleet_jobs import FleetJobs
 
-    if args.stream:
-        raise EdgeAgentError("--stream follows one device's stream; with --fleet use --wait")
-    with FleetJobs(settings, resend_after_s=args.resend_after or 1e9, connect_timeout=args.connect_timeout) as fleet:
-        job_id = fleet.submit(request, job_id=args.job_id)
+    job_id = args.job_id or uuid.uuid4().hex  # known before connecting: --stream subscribes to its pieces
+    with FleetJobs(
+        settings,
+        resend_after_s=args.resend_after or 1e9,
+        connect_timeout=args.connect_timeout,
+        stream_of=[job_id] if args.stream else (),
+    ) as fleet:
+        fleet.submit(request, job_id=job_id)
         print(f"submitted {job_id} to {fleet.topic}", file=sys.stderr)
         if not fleet.takers():
             print(
@@ -227,7 +233,7 @@ def _submit_fleet(
                 "while no board is subscribed is dropped by the broker",
                 file=sys.stderr,
             )
-        if not args.wait:
+        if not (args.wait or args.stream):
             print(
                 "note: without --wait nothing sends the job again if the board that takes it dies (docs/protocol.md, "
                 "Fleet jobs)",
@@ -241,7 +247,13 @@ def _submit_fleet(
         def on_resend(resent: str, why: str) -> None:
             print(f"[{why}: job {resent} sent again to the fleet topic, same id]", file=sys.stderr)
 
-        result = fleet.wait([job_id], args.wait_timeout, on_status=on_board_status, on_resend=on_resend).get(job_id)
+        result = fleet.wait(
+            [job_id],
+            args.wait_timeout,
+            on_status=on_board_status,
+            on_resend=on_resend,
+            on_piece=(lambda _device, p: print(p["text"], end="", flush=True)) if args.stream else None,
+        ).get(job_id)
     if result is None:
         print(f"\nno result within {args.wait_timeout:g} s from any board of the fleet", file=sys.stderr)
         return EXIT_FAILURE

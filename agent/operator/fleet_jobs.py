@@ -14,6 +14,8 @@ The rule a submitter keeps (docs/protocol.md, "Fleet jobs"), which this client i
      unless it was already running there.
 - The first result of a job is its result; a second (a job that was running on a board that lost the
   broker, and ran again elsewhere) is counted in ``duplicates`` and otherwise ignored.
+- A streamed job's pieces (``stream_of``) are taken from its holder only: pieces of a copy still running
+  on a board that lost it are not mixed in.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class FleetJobs:
         *,
         resend_after_s: float = 30.0,
         connect_timeout: float = 10.0,
+        stream_of: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -79,6 +82,8 @@ class FleetJobs:
                 (f"{prefix}/+/jobs/+/status", 1),
                 (f"{prefix}/+/jobs/+/result", 1),
                 (f"{prefix}/+/status", 1),
+                # The pieces of the jobs to stream, from whichever board runs them (QoS 0, as published).
+                *((f"{prefix}/+/jobs/{job_id}/stream", 0) for job_id in stream_of),
             ],
             manual_ack=False,
         )
@@ -92,6 +97,7 @@ class FleetJobs:
         self._early: list[str] = []  # first results taken by takers(), not told to wait()'s on_result yet
         self._on_status: Callable[[str, dict[str, Any]], None] | None = None
         self._on_resend: Callable[[str, str], None] | None = None
+        self._on_piece: Callable[[str, dict[str, Any]], None] | None = None
 
     def __enter__(self) -> FleetJobs:
         self.transport.start()
@@ -139,11 +145,13 @@ class FleetJobs:
         on_result: Callable[[str, dict[str, Any]], None] | None = None,
         on_status: Callable[[str, dict[str, Any]], None] | None = None,
         on_resend: Callable[[str, str], None] | None = None,
+        on_piece: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Follow the jobs until each has a result or ``timeout`` passed; returns the results by job id.
         ``on_status(device, status)`` sees each job status, ``on_result(job_id, result)`` each first result,
-        ``on_resend(job_id, why)`` each time a job is sent again."""
-        self._on_status, self._on_resend = on_status, on_resend
+        ``on_resend(job_id, why)`` each time a job is sent again, ``on_piece(device, chunk)`` each stream
+        piece from the board holding the job (jobs given in ``stream_of``)."""
+        self._on_status, self._on_resend, self._on_piece = on_status, on_resend, on_piece
         want = self._following = set(job_ids)
         end = self._monotonic() + timeout
         for early in self._early:
@@ -198,6 +206,10 @@ class FleetJobs:
                 return None
             job.result, job.ran_on = data, device
             return job_id
+        if parts[4] == "stream":
+            if job.result is None and device == job.holder and job_id in self._following and self._on_piece:
+                self._on_piece(device, data)
+            return None
         if parts[4] == "status" and job.result is None:
             if self._on_status is not None and job_id in self._following:
                 self._on_status(device, data)
