@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from agent.config import Settings
-from agent.errors import TransportError
 from agent.jobs.protocol import status_state
 from agent.mqtt.transport import MqttTransport
 from agent.operator.fleet.client import FleetClient
@@ -60,19 +59,21 @@ def test_the_daemon_renews_its_online_status_every_heartbeat(
             assert _epoch(renewed["expires"]) == _epoch(renewed["ts"]) + 180
 
 
-def test_online_and_the_shadow_document_wait_for_the_control_connection_even_at_a_heartbeat(
-    tmp_path: Path, tiny_model: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("link", ["-ctl", "-fleet"])
+def test_online_and_the_shadow_document_wait_for_the_other_connections_even_at_a_heartbeat(
+    tmp_path: Path, tiny_model: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch, link: str
 ) -> None:
-    """The "online" status and the shadow document say the board takes control messages: with a control connection
-    (the default), neither is published before its subscriptions are acknowledged, not by the connect, a
-    store change or a heartbeat that comes due meanwhile (a race that published "online" twice)."""
+    """The "online" status and the shadow document say the board takes control messages and, in a fleet
+    group, fleet jobs: neither is published before the control connection's (the default) and the fleet
+    connection's subscriptions are acknowledged, not by the connect, a store change or a heartbeat that
+    comes due meanwhile (a race that published "online" twice, and fleet jobs sent on seeing it were lost)."""
     subscribed = threading.Event()
     published: list[tuple[str, str]] = []
     real_subscribed, real_publish = MqttTransport._now_subscribed, MqttTransport.publish
 
     def held_subscribed(self: MqttTransport) -> None:
-        if self.client_id.endswith("-ctl"):
-            assert subscribed.wait(T), "the test never let the control connection finish subscribing"
+        if self.client_id.endswith(link):
+            assert subscribed.wait(T), f"the test never let the {link} connection finish subscribing"
         real_subscribed(self)
 
     def recorded_publish(self: MqttTransport, topic: str, payload: bytes, **kw: Any) -> Any:
@@ -82,7 +83,7 @@ def test_online_and_the_shadow_document_wait_for_the_control_connection_even_at_
     monkeypatch.setattr(MqttTransport, "_now_subscribed", held_subscribed)
     monkeypatch.setattr(MqttTransport, "publish", recorded_publish)
     clock = FakeClock(1_800_000_000.0)
-    cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, mqtt={"heartbeat_s": 60})
+    cfg = write_daemon_config(tmp_path / "d", broker, tiny_model, mqtt={"heartbeat_s": 60, "fleet_group": "g"})
     held = {"edge/dev-a/status", "edge/dev-a/shadow"}
     with BrokerClient(broker) as peer:
         peer.subscribe("edge/dev-a/status")
@@ -98,7 +99,7 @@ def test_online_and_the_shadow_document_wait_for_the_control_connection_even_at_
             assert not [t for _, t in published if t in held], published
             subscribed.set()
             first = json.loads(peer.expect("edge/dev-a/status", timeout=T).payload)
-            assert first["state"] == "online"
+            assert first["state"] == "online" and first["fleet"]["group"] == "g"
             deadline = time.monotonic() + T
             while "edge/dev-a/shadow" not in [t for _, t in published]:
                 assert time.monotonic() < deadline, published
@@ -115,10 +116,14 @@ def test_a_control_connection_that_fails_does_not_hold_back_online(
     real_serve = MqttTransport._serve_one_connection
 
     def refused(self: MqttTransport) -> Any:
-        if not self.client_id.endswith("-ctl"):
-            return real_serve(self)
-        refuse.wait(T)
-        return None, TransportError("connection refused: not authorised (test)", code="mqtt_not_authorized")
+        if self.client_id.endswith("-ctl"):
+            refuse.wait(T)
+
+            def no_listener() -> None:
+                raise ConnectionRefusedError(111, "Connection refused")
+
+            self._client.reconnect = no_listener  # the transport's own path for a refused connection
+        return real_serve(self)
 
     monkeypatch.setattr(MqttTransport, "_serve_one_connection", refused)
     cfg = write_daemon_config(tmp_path / "d", broker, tiny_model)

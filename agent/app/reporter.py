@@ -118,10 +118,11 @@ class Reporter:
         self._told_change: Any = None
         self._losses: list[str] = []  # the latest session the broker lost, for the reported facts
         self._status_at = 0.0  # when the retained status was last published
-        # The job connection is up but "online" waits (for the control connection's subscriptions):
+        # The job connection is up but "online" waits (for the control and fleet connections' subscriptions):
         # the status is not published meanwhile, not even by the heartbeat. Guarded by _status_lock.
         self._status_lock = threading.Lock()
         self._status_waits = False
+        self._links_ready: Callable[[], bool] = lambda: True  # wait_for_links
         self._state_file_told = False
 
     def follow_shadow(self, shadow: ShadowService) -> None:
@@ -138,7 +139,7 @@ class Reporter:
     def publish_status(self) -> None:
         """The retained device status (online, or how the store is), now: at each connect, on a store change,
         and every mqtt.heartbeat_s (``heartbeat``), so that its expiry keeps moving while the board lives.
-        Nothing while "online" waits (``status_after_connect``)."""
+        Nothing while "online" waits for the board's other connections (``status_after_connect``)."""
         with self._status_lock:
             if self._status_waits:
                 return
@@ -155,22 +156,27 @@ class Reporter:
             retain=True,
         )
 
-    def status_after_connect(self, ready: Callable[[], bool]) -> bool:
-        """The job connection is up: publish "online" now when ``ready()`` (the board takes control messages),
-        else hold it until ``status_ready()``. True when it was published. ``ready`` is read under the same lock
-        as ``status_ready`` takes, so a control connection that becomes ready meanwhile is never missed."""
+    def wait_for_links(self, ready: Callable[[], bool]) -> None:
+        """What "online" waits for besides the job connection: ``ready()`` is true once the board's other
+        connections (control, fleet) have their subscriptions in place or have failed."""
+        self._links_ready = ready
+
+    def status_after_connect(self) -> bool:
+        """The job connection is up: publish "online" now when the other connections are ready, else hold
+        it until ``status_ready()``. True when it was published. Readiness is read under the lock that
+        ``status_ready`` takes, so a connection that becomes ready meanwhile is never missed."""
         with self._status_lock:
-            self._status_waits = not ready()
+            self._status_waits = not self._links_ready()
             if self._status_waits:
                 return False
         self._publish_status()
         return True
 
     def status_ready(self) -> bool:
-        """The control connection is subscribed, or it failed: publish the held "online" (if the job
-        connection is up). True when it was published."""
+        """One of the other connections is subscribed, or it failed: publish the held "online" if the job
+        connection is up and every other connection is ready too. True when it was published."""
         with self._status_lock:
-            if not (self._status_waits and self.transport.connected):
+            if not (self._status_waits and self.transport.connected and self._links_ready()):
                 return False
             self._status_waits = False
         self._publish_status()
@@ -178,7 +184,7 @@ class Reporter:
 
     @property
     def status_waits(self) -> bool:
-        """The job connection is up and "online" waits for the control connection."""
+        """The job connection is up and "online" waits for the board's other connections."""
         return self._status_waits
 
     def heartbeat(self, now: float) -> None:

@@ -330,9 +330,9 @@ def _fleet_transport(s: Settings, topics: Topics) -> MqttTransport | None:
     )
 
 
-def control_ready_or_failed(control: MqttTransport | None) -> bool:
-    """No control connection, or its subscriptions are in place, or it failed (nothing waits for it)."""
-    return control is None or (control.connected and control.subscribed) or control.last_error is not None
+def link_ready_or_failed(link: MqttTransport | None) -> bool:
+    """No such connection, or its subscriptions are in place, or it failed (nothing waits for it)."""
+    return link is None or (link.connected and link.subscribed) or link.last_error is not None
 
 
 def _connect(p: Parts, sampler: Sampler) -> None:
@@ -346,12 +346,12 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         (p.shadow.on_message if p.shadow.handles(msg.topic) else p.intake.on_message)(msg)
 
     def on_connect() -> None:
-        # "online" says the board takes jobs and control messages, and the shadow document says it takes
-        # updates: with a control connection, both once its subscriptions are in place (control_ready), or
-        # once it failed (not held back by it).
+        # "online" says the board takes jobs, control messages and (in a fleet group) fleet jobs, and the
+        # shadow document says it takes updates: both once the control and fleet connections have their
+        # subscriptions in place (link_ready), or failed (not held back by them).
         p.ha.on_connect()  # before the shadow document: Home Assistant checks its model against the options
-        if p.reporter.status_after_connect(lambda: control_ready_or_failed(p.control)):
-            p.shadow.on_connect()  # else control_ready publishes it, maybe at once on the control's thread
+        if p.reporter.status_after_connect():
+            p.shadow.on_connect()  # else link_ready publishes it, maybe at once on another connection's thread
         p.shadow.refresh_facts_soon()  # what this connection's broker granted (reported.broker)
         p.outbox.request_resend()
         p.tick.set()
@@ -376,15 +376,16 @@ def _connect(p: Parts, sampler: Sampler) -> None:
     p.health.listen(store_changed)
     p.transport.handle(on_message, on_connect)
 
-    def control_ready() -> None:  # its subscriptions are in place, or it failed: nothing waits for it
+    def link_ready() -> None:  # a connection's subscriptions are in place, or it failed: nothing waits for it
         if p.reporter.status_ready():
             p.shadow.on_connect()
             p.tick.set()
 
+    p.reporter.wait_for_links(lambda: link_ready_or_failed(p.control) and link_ready_or_failed(p.fleet_link))
     if p.control is not None:
-        p.control.handle(on_message, on_subscribed=control_ready, on_error=lambda _err: control_ready())
+        p.control.handle(on_message, on_subscribed=link_ready, on_error=lambda _err: link_ready())
     if p.fleet_link is not None:
-        p.fleet_link.handle(p.intake.on_message)
+        p.fleet_link.handle(p.intake.on_message, on_subscribed=link_ready, on_error=lambda _err: link_ready())
     sampler.read_agent_state(p.reporter.agent_state)
     p.reporter.follow_shadow(p.shadow)
     p.fleet.follow(on_load=publish_status)

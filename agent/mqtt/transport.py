@@ -1137,9 +1137,9 @@ class MqttTransport:
             rc, mid = client.subscribe([(topic, qos) for topic, qos in subscriptions])
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._sub_topics[mid] = [topic for topic, _ in subscriptions]
-        else:
-            self._now_subscribed()
         self._connected.set()
+        if not subscriptions:  # nothing to wait for; after connected, which on_subscribed may read
+            self._now_subscribed()
         if self._on_connect_cb is not None:
             try:
                 self._on_connect_cb()
