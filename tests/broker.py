@@ -125,7 +125,7 @@ class MosquittoBroker:
         acl: str | None = None,
         allow_anonymous: bool = True,
         extra_conf: str = "",
-        start_timeout_s: float = 10.0,
+        start_timeout_s: float = 30.0,
     ) -> None:
         self.dir = Path(tmp_dir)
         self.dir.mkdir(parents=True, exist_ok=True)

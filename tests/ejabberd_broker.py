@@ -46,7 +46,7 @@ class EjabberdBroker:
         *,
         session_expiry_s: int = 300,
         port: int | None = None,
-        start_timeout_s: float = 30.0,
+        start_timeout_s: float = 90.0,  # an Erlang VM boots in seconds, far slower on a loaded machine
         join: EjabberdBroker | None = None,
     ) -> None:
         """``join``: a running node whose cluster this one joins (Mnesia extra_db_nodes: the MQTT
