@@ -70,6 +70,18 @@ def test_submit_wait_and_jobs_commands(cfg, broker, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["request"]["prompt"] == "Hello" and shown["result"]["text"] == result["text"]
     assert main(["jobs", "show", "-c", str(cfg), "nope"]) == 1
+    capsys.readouterr()
+    assert main(["jobs", "list", "-c", str(cfg), "--status", "succeeded"]) == 0  # any case
+    assert "cli-1" in capsys.readouterr().out
+    assert main(["jobs", "list", "-c", str(cfg), "--status", "queued"]) == 0
+    assert "cli-1" not in capsys.readouterr().out
+    for bad, says in (
+        (["--status", "done"], "'done' is not a job status; one of QUEUED"),
+        (["--limit", "0"], "0 must"),
+    ):
+        with pytest.raises(SystemExit) as e:  # a usage error, not a traceback
+            main(["jobs", "list", "-c", str(cfg), *bad])
+        assert e.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_submit_without_a_broker_says_so(tmp_path, tiny_model, broker, capsys):

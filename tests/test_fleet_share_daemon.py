@@ -124,6 +124,13 @@ def test_fleet_jobs_of_a_board_that_died_run_elsewhere_and_not_again_when_it_com
     assert main(["jobs", "show", "-c", str(a_cfg), ids[0]]) == 0  # what an operator sees on that board
     out, err = capsys.readouterr()
     assert json.loads(out)["status"] == "RELEASED" and "given back" in err
+    assert main(["jobs", "list", "-c", str(a_cfg)]) == 0  # listed, though no longer in its jobs
+    out, err = capsys.readouterr()
+    released = [line.split() for line in out.splitlines() if "RELEASED" in line]
+    assert sorted(row[0] for row in released) == ids and all(row[-2:] == ["given", "back"] for row in released)
+    assert "RELEASED 3" in err
+    assert main(["jobs", "list", "-c", str(a_cfg), "--status", "released", "--limit", "2"]) == 0
+    assert sum("RELEASED" in line for line in capsys.readouterr().out.splitlines()) == 2
 
 
 def test_submit_fleet_runs_the_job_on_a_board_of_the_group_and_says_which(

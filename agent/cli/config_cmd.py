@@ -33,6 +33,17 @@ def add_config_option(p: argparse.ArgumentParser, *, demo_fallback: bool = True)
     p.set_defaults(config_overrides=None, demo_fallback=demo_fallback)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def add_broker_options(p: argparse.ArgumentParser, *, device: bool = False) -> None:
     """What every command that talks to a board over the broker shares: --config, --connect-timeout and,
     with ``device``, --device."""

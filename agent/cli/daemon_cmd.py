@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.config_cmd import add_broker_options, add_config_option, add_group, settings_from
+from agent.cli.config_cmd import add_broker_options, add_config_option, add_group, positive_int, settings_from
+from agent.codes import JobStatus
 from agent.config import Settings
 from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EdgeAgentError
 
@@ -69,8 +70,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     jsub = add_group(sub, "jobs", "read the local job store")
     jl = jsub.add_parser("list", help="recent jobs, newest first")
     add_config_option(jl)
-    jl.add_argument("--status", help="only this status (QUEUED, IN_PROGRESS, SUCCEEDED, ...)")
-    jl.add_argument("--limit", type=int, default=50)
+    jl.add_argument(
+        "--status",
+        type=_status_arg,
+        help=f"only this status ({', '.join(s.value for s in JobStatus)}; any case)",
+    )
+    jl.add_argument("--limit", type=positive_int, default=50, help="at most this many rows (default 50)")
     jl.set_defaults(handler=_jobs_list)
     js = jsub.add_parser("show", help="one job with its request and result, as JSON")
     add_config_option(js)
@@ -304,19 +309,44 @@ def _ts(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _status_arg(text: str) -> JobStatus:
+    try:
+        return JobStatus(text.upper())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a job status; one of {', '.join(s.value for s in JobStatus)}"
+        ) from None
+
+
 def _jobs_list(args: argparse.Namespace) -> int:
+    """The store's jobs and, as RELEASED, the fleet jobs this board let go of (not in its jobs any more),
+    newest first."""
+    status: JobStatus | None = args.status
     store = _open_store(_settings(args))
     try:
-        rows = store.list_jobs(status=args.status.upper() if args.status else None, limit=args.limit)
+        rows = [] if status is JobStatus.RELEASED else store.list_jobs(status=status, limit=args.limit)
+        handoffs = store.list_handoffs(limit=args.limit) if status in (None, JobStatus.RELEASED) else []
         counts = store.counts()
     finally:
         store.close()
-    print(f"{'JOB ID':<36} {'STATUS':<12} {'ATT':>3} {'PRI':>4} {'CREATED (UTC)':<19} {'DELIV':<5} ERROR")
-    for r in rows:
-        print(
+    lines = [
+        (
+            r.created_at,
             f"{r.job_id:<36} {r.status:<12} {r.attempt:>3} {r.priority:>4} {_ts(r.created_at):<19} "
-            f"{'yes' if r.delivered else 'no':<5} {r.error_code or ''}"
+            f"{'yes' if r.delivered else 'no':<5} {r.error_code or ''}",
         )
+        for r in rows
+    ]
+    for h in handoffs:
+        priority = h.request.get("priority", 0) if isinstance(h.request, dict) else 0
+        where = f"handed to {h.to}" if h.to else "given back"
+        lines.append(
+            (h.at, f"{h.job_id:<36} {'RELEASED':<12} {'-':>3} {priority!s:>4} {_ts(h.at):<19} {'-':<5} {where}")
+        )
+    lines.sort(key=lambda line: line[0], reverse=True)
+    print(f"{'JOB ID':<36} {'STATUS':<12} {'ATT':>3} {'PRI':>4} {'CREATED (UTC)':<19} {'DELIV':<5} ERROR")
+    for _, line in lines[: args.limit]:
+        print(line)
     print("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=sys.stderr)
     return 0
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.config_cmd import add_group
+from agent.cli.config_cmd import add_group, positive_int
 from agent.cli.keys_cmd import register_sign
 from agent.config.sections import EngineSettings
 from agent.errors import EXIT_OK, ConfigError, ModelError
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     i.add_argument("file", type=Path, metavar="FILE")
     i.add_argument(
         "--ctx",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"context size for the estimate, tokens (default: the training context, at most "
         f"{_ENGINE_DEFAULTS.auto_ctx_max})",
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     i.add_argument(
         "--n-batch",
-        type=_positive_int,
+        type=positive_int,
         default=_ENGINE_DEFAULTS.n_batch,
         help=f"prompt batch size for the estimate, tokens (default: {_ENGINE_DEFAULTS.n_batch})",
     )
@@ -100,16 +100,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(handler=_synth)
     register_sign(msub)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -785,6 +785,14 @@ class JobStore(SqliteFile):
         with self._write(f"marking the hand-off of {job_id} sent"):
             return self._db.execute("UPDATE handoffs SET sent = 1 WHERE job_id = ?", (job_id,)).rowcount == 1
 
+    def list_handoffs(self, limit: int = 50) -> list[Handoff]:
+        """The fleet jobs this board let go of (RELEASED), most recent first."""
+        with self._read("listing fleet hand-offs"):
+            rows = self._db.execute(
+                "SELECT job_id, to_device, request, at FROM handoffs ORDER BY at DESC, rowid DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [Handoff(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+
     def get_handoff(self, job_id: str) -> Handoff | None:
         with self._read(f"reading the hand-off of {job_id}"):
             r = self._db.execute(
