@@ -84,6 +84,24 @@ def test_submit_wait_and_jobs_commands(cfg, broker, capsys):
         assert e.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_submit_refuses_a_job_the_device_would_reject_before_sending_it(tmp_path, tiny_model, broker, capsys):
+    """Types, ranges and the job id are checked locally, so a job sent without --wait is not lost to a REJECTED
+    nobody reads; the size limits stay the device's (its settings may differ from this config's)."""
+    broker.stop()  # nothing is sent: no broker needed to say so
+    cfg = write_daemon_config(tmp_path / "d", broker, tiny_model)
+    for extra, says in (
+        (["--max-tokens", "-1"], "max_tokens"),
+        (["--job-id", "no spaces please"], "job_id"),
+        (["--temperature", "7"], "temperature"),
+    ):
+        assert main(["submit", "-c", str(cfg), "Hello", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert "not sent: the job is invalid [invalid_payload]" in err and says in err, err
+    with pytest.raises(SystemExit) as e:
+        main(["submit", "-c", str(cfg), "Hello", "--json-schema", "{bad"])
+    assert e.value.code == 2 and "not a JSON Schema file or inline JSON object" in capsys.readouterr().err
+
+
 def test_submit_without_a_broker_says_so(tmp_path, tiny_model, broker, capsys):
     broker.stop()
     cfg = write_daemon_config(tmp_path / "d", broker, tiny_model)

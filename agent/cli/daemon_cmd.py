@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from agent.cli.config_cmd import add_broker_options, add_config_option, add_group, positive_int, settings_from
 from agent.codes import JobStatus
 from agent.config import Settings
-from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EdgeAgentError
+from agent.errors import EXIT_CANNOT_START, EXIT_FAILURE, EXIT_USAGE, EdgeAgentError
 
 if TYPE_CHECKING:
     from agent.jobs.store import JobStore
@@ -54,7 +54,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fmt = s.add_mutually_exclusive_group()
     fmt.add_argument("--json-object", action="store_true", help="constrain the answer to one JSON object")
     fmt.add_argument(
-        "--json-schema", metavar="SCHEMA", help="constrain the answer to a JSON Schema: a file, or the schema inline"
+        "--json-schema",
+        metavar="SCHEMA",
+        type=_schema_arg,
+        help="constrain the answer to a JSON Schema: a file, or the schema inline",
     )
     s.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for the result (default 300)")
     s.add_argument("--json", action="store_true", help="print the result message as JSON")
@@ -161,12 +164,16 @@ def _submit(args: argparse.Namespace) -> int:
     if args.json_object:
         request["response_format"] = {"type": "json_object"}
     elif args.json_schema is not None:
-        request["response_format"] = {"type": "json_schema", "schema": _schema_arg(args.json_schema)}
+        request["response_format"] = {"type": "json_schema", "schema": args.json_schema}
     for key in ("temperature", "seed", "stop", "priority", "timeout_s"):
         if getattr(args, key) is not None:
             request[key] = getattr(args, key)
     if args.stream:
         request["stream"] = True
+    args.job_id = args.job_id or uuid.uuid4().hex
+    if (invalid := _invalid(args.job_id, request)) is not None:
+        print(f"edge-agent: not sent: {invalid}", file=sys.stderr)
+        return EXIT_USAGE
     last: dict[str, Any] = {}
 
     def on_status(status: dict[str, Any]) -> None:
@@ -222,7 +229,7 @@ def _submit_fleet(
     """`submit --fleet`: one board of the group runs it, wherever the boards hand it."""
     from agent.operator.fleet_jobs import FleetJobs
 
-    job_id = args.job_id or uuid.uuid4().hex  # known before connecting: --stream subscribes to its pieces
+    job_id = args.job_id  # known before connecting: --stream subscribes to its pieces
     with FleetJobs(
         settings,
         resend_after_s=args.resend_after or 1e9,
@@ -289,12 +296,25 @@ def result_summary(result: dict[str, Any]) -> list[str]:
 
 
 def _schema_arg(value: str) -> Any:
-    """--json-schema: inline JSON when it starts with '{', else a file holding it."""
+    """--json-schema: inline JSON when it starts with '{', else a file holding it (a usage error otherwise)."""
     try:
         text = value if value.lstrip().startswith("{") else Path(value).read_text(encoding="utf-8")
         return json.loads(text)
     except (OSError, ValueError) as e:
-        raise EdgeAgentError(f"--json-schema {value!r}: not a JSON Schema file or inline JSON object: {e}") from None
+        raise argparse.ArgumentTypeError(f"{value!r}: not a JSON Schema file or inline JSON object: {e}") from None
+
+
+def _invalid(job_id: str, request: dict[str, Any]) -> str | None:
+    """What the device would refuse in this job whatever its limits (types, ranges, the job id), checked
+    before sending; None when only the device can tell (the size limits of its settings)."""
+    from agent.jobs.protocol import InvalidJob, parse_submit
+
+    payload = json.dumps({"job_id": job_id, "kind": "generate", **request}).encode()
+    try:
+        parse_submit(payload, max_prompt_bytes=2**40, max_tokens_limit=2**31)
+    except InvalidJob as e:
+        return f"the job is invalid [{e.code}]: {e.message}"
+    return None
 
 
 def _open_store(settings: Settings) -> JobStore:
