@@ -309,5 +309,7 @@ def test_cli_submit_sends_a_chat_job_with_a_schema(
     request = json.loads(capsys.readouterr().out)["request"]
     assert request["kind"] == "chat" and [m["role"] for m in request["messages"]] == ["system", "user"]
     assert request["response_format"] == {"type": "json_schema", "schema": {"enum": ["yes", "no"]}}
-    assert main(["submit", "-c", str(config), "x", "--json-schema", "{not json"]) == 1
-    assert "--json-schema '{not json': not a JSON Schema file or inline JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a usage error, before anything is sent
+        main(["submit", "-c", str(config), "x", "--json-schema", "{not json"])
+    assert e.value.code == 2
+    assert "--json-schema: '{not json': not a JSON Schema file or inline JSON object" in capsys.readouterr().err
