@@ -189,7 +189,7 @@ class Reporter:
 
     def heartbeat(self, now: float) -> None:
         """The status again when mqtt.heartbeat_s passed since the last one (main loop); never the first one
-        (the connect publishes it) nor one that waits for the control connection."""
+        (the connect publishes it) nor one that waits for the board's other connections."""
         if self._status_at and self.transport.connected and now - self._status_at >= self.settings.mqtt.heartbeat_s:
             self.publish_status()
 

@@ -356,9 +356,6 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         p.outbox.request_resend()
         p.tick.set()
 
-    def publish_status() -> None:
-        p.reporter.publish_status()
-
     def store_changed(writable: bool) -> None:
         if writable:
             p.intake.resume()
@@ -370,7 +367,7 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         else:
             p.intake.pause()
             p.gate.hold("store")
-        publish_status()
+        p.reporter.publish_status()
         p.tick.set()
 
     p.health.listen(store_changed)
@@ -388,5 +385,5 @@ def _connect(p: Parts, sampler: Sampler) -> None:
         p.fleet_link.handle(p.intake.on_message, on_subscribed=link_ready, on_error=lambda _err: link_ready())
     sampler.read_agent_state(p.reporter.agent_state)
     p.reporter.follow_shadow(p.shadow)
-    p.fleet.follow(on_load=publish_status)
+    p.fleet.follow(on_load=p.reporter.publish_status)
     p.delivery.follow(protected=p.shadow.protected_models, on_done=p.shadow.reconcile_soon)
